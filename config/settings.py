@@ -1,0 +1,187 @@
+"""The settings schema: one TOML file plus ``TELEHEALTH_*`` environment overrides.
+
+Environment variables use ``__`` between section and key, for example
+``TELEHEALTH_SERVER__PORT=9000`` or ``TELEHEALTH_QUEUE__TICK_S=0.5``. They take precedence over
+the TOML file, which takes precedence over the defaults below (the embedded defaults).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+Priority = Literal["routine", "urgent", "asap", "stat"]
+PRIORITIES: tuple[Priority, ...] = ("stat", "asap", "urgent", "routine")
+
+CONFIG_ENV = "TELEHEALTH_CONFIG"
+
+
+class ConfigError(Exception):
+    """A configuration value is missing or wrong; the message names key, value and expectation."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    """Address the HTTP and socket.io server listens on. Default 127.0.0.1 (this machine only)."""
+    port: int = Field(default=8080, ge=0, le=65535)
+    """TCP port; 0 picks a free port (tests). Default 8080."""
+    public_url: str = ""
+    """Base URL printed in sign-in links; default derived from host and port."""
+
+
+class SecuritySettings(_Section):
+    token_secret: str = ""
+    """HS256 secret for access tokens. Empty (default): generated once into the data directory."""
+    token_ttl_s: int = Field(default=12 * 3600, gt=0)
+    """Lifetime of issued access tokens, seconds. Default 12 hours (one shift)."""
+    metrics_token: str = ""
+    """Static bearer token a Prometheus scraper may present at /metrics.
+    Empty (default): only admin and coordinator access tokens may read metrics."""
+
+    @field_validator("token_secret")
+    @classmethod
+    def _secret_long_enough(cls, value: str) -> str:
+        if value and len(value) < 32:
+            raise ValueError(f"must be at least 32 characters, got {len(value)}")
+        return value
+
+
+class StorageSettings(_Section):
+    data_dir: Path = Path("var")
+    """Directory for the SQLite records, the generated token secret and the demo directory."""
+
+
+class DirectorySettings(_Section):
+    file: Path | None = None
+    """TOML file listing sites and clinicians. Default: none; `serve` then creates a demo one."""
+
+
+def _per_priority(
+    stat: float, asap: float, urgent: float, routine: float
+) -> dict[Priority, float]:
+    return {"stat": stat, "asap": asap, "urgent": urgent, "routine": routine}
+
+
+class QueueSettings(_Section):
+    escalate_after_s: dict[Priority, float] = Field(
+        default_factory=lambda: _per_priority(60, 180, 600, 3600)
+    )
+    """Seconds a request may wait before it escalates (coordinators alerted, all central
+    specialists see it). Default stat 60, asap 180, urgent 600, routine 3600."""
+    expire_after_s: dict[Priority, float] = Field(
+        default_factory=lambda: _per_priority(1800, 3600, 4 * 3600, 24 * 3600)
+    )
+    """Seconds after which an unaccepted request expires. Default stat 1800, asap 3600,
+    urgent 14400, routine 86400."""
+    tick_s: float = Field(default=1.0, gt=0, le=60)
+    """How often waiting requests are checked for escalation and expiry. Default 1 s."""
+
+    @field_validator("escalate_after_s", "expire_after_s")
+    @classmethod
+    def _positive(cls, value: dict[str, float]) -> dict[str, float]:
+        for priority, seconds in value.items():
+            if seconds <= 0:
+                raise ValueError(f"{priority} must be > 0 seconds, got {seconds}")
+        return value
+
+
+class PresenceSettings(_Section):
+    ping_interval_s: float = Field(default=20.0, gt=0)
+    """socket.io ping interval: how often the server checks each connection. Default 20 s."""
+    ping_timeout_s: float = Field(default=20.0, gt=0)
+    """A connection that does not answer a ping within this time is offline. Default 20 s."""
+    reconnect_grace_s: float = Field(default=30.0, ge=0)
+    """A participant who reconnects within this time keeps their place. Default 30 s."""
+
+
+class LiveSettings(_Section):
+    backend: Literal["memory"] = "memory"
+    """Where live state (presence, membership) lives. Default and only value for now: memory."""
+
+
+class LoggingSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Settings(BaseSettings):
+    """All settings of a `telehealth serve` process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TELEHEALTH_",
+        env_nested_delimiter="__",
+        extra="forbid",
+    )
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    directory: DirectorySettings = Field(default_factory=DirectorySettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
+    presence: PresenceSettings = Field(default_factory=PresenceSettings)
+    live: LiveSettings = Field(default_factory=LiveSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment overrides beat the TOML file (passed as init kwargs) beat defaults.
+        return (env_settings, init_settings)
+
+    def public_base_url(self) -> str:
+        if self.server.public_url:
+            return self.server.public_url.rstrip("/")
+        return f"http://{self.server.host}:{self.server.port}"
+
+
+def _describe(error: Any, source_hint: str) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    value = error.get("input")
+    shown = "(missing)" if error["type"] == "missing" else repr(value)
+    if isinstance(value, dict):
+        shown = "(a table)"
+    return f"{key} = {shown}: {error['msg']}{source_hint}"
+
+
+def load_settings(
+    path: Path | str | None = None, *, overrides: dict[str, Any] | None = None
+) -> Settings:
+    """Load settings from ``path`` (or ``$TELEHEALTH_CONFIG``), environment and ``overrides``.
+
+    Raises ConfigError naming every wrong key, its value and what was expected.
+    """
+    if path is None and os.environ.get(CONFIG_ENV):
+        path = os.environ[CONFIG_ENV]
+    data: dict[str, Any] = {}
+    hint = ""
+    if path is not None:
+        path = Path(path)
+        hint = f" (in {path} or TELEHEALTH_* environment)"
+        try:
+            with path.open("rb") as handle:
+                data = tomllib.load(handle)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    for section, values in (overrides or {}).items():
+        data.setdefault(section, {}).update(values)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        lines = [_describe(error, hint) for error in exc.errors()]
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None

@@ -1,0 +1,1 @@
+"""The media relay (SFU). Signaling and the recorder reach it only through ``relay.api``."""

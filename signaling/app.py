@@ -1,0 +1,132 @@
+"""The app factory: ``create_app(settings)`` wires the directory, the record store, live state,
+the relays and the socket.io gateway into one aiohttp application. Background resources live in
+``cleanup_ctx`` and are reached through typed AppKeys; nothing is module-level state."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import socketio
+from aiohttp import web
+
+from config.settings import Settings
+from relay.embedded import EmbeddedRelay
+from signaling.consultations import Consultations
+from signaling.demo import ensure_demo_directory
+from signaling.directory import Directory
+from signaling.handlers import SocketGateway, SocketIONotifier
+from signaling.http_api import add_routes, json_errors, make_auth_middleware
+from signaling.live import MemoryLiveStore
+from signaling.metrics import Metrics
+from signaling.pairing import Pairing
+from signaling.presence import Presence
+from signaling.queue import ConsultQueue
+from signaling.relays import RelayDirectory
+from signaling.store import RecordStore
+from signaling.tokens import TokenAuthority, load_or_create_secret
+
+logger = logging.getLogger(__name__)
+
+RECORDS_FILE = "records.sqlite3"
+
+
+@dataclass
+class Services:
+    settings: Settings
+    directory: Directory
+    tokens: TokenAuthority
+    store: RecordStore
+    relays: RelayDirectory
+    metrics: Metrics
+    pairing: Pairing
+    consultations: Consultations
+    presence: Presence
+    gateway: SocketGateway
+    sio: socketio.AsyncServer
+
+
+SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
+
+
+def directory_path(settings: Settings) -> Path:
+    if settings.directory.file is not None:
+        return settings.directory.file
+    return ensure_demo_directory(settings.storage.data_dir)
+
+
+def create_app(settings: Settings) -> web.Application:
+    data_dir = settings.storage.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    directory = Directory.load(directory_path(settings))
+    secret = load_or_create_secret(settings.security.token_secret, data_dir)
+    tokens = TokenAuthority(secret, directory, settings.security.token_ttl_s)
+    metrics = Metrics()
+
+    sio = socketio.AsyncServer(
+        async_mode="aiohttp",
+        ping_interval=settings.presence.ping_interval_s,
+        ping_timeout=settings.presence.ping_timeout_s,
+        logger=False,
+        engineio_logger=False,
+    )
+    notifier = SocketIONotifier(sio)
+    store = RecordStore(data_dir / RECORDS_FILE)
+    live = MemoryLiveStore()
+    relays = RelayDirectory()
+    relays.register(EmbeddedRelay())
+    pairing = Pairing(store=store, queue=ConsultQueue(), directory=directory, relays=relays,
+                      notifier=notifier, metrics=metrics, settings=settings.queue)
+    consultations = Consultations(store=store, live=live, directory=directory, relays=relays,
+                                  notifier=notifier, metrics=metrics,
+                                  reconnect_grace_s=settings.presence.reconnect_grace_s)
+    presence = Presence(live, directory, notifier, metrics)
+    gateway = SocketGateway(sio, tokens=tokens, pairing=pairing, consultations=consultations,
+                            presence=presence, metrics=metrics)
+
+    app = web.Application(middlewares=[
+        json_errors,
+        make_auth_middleware(tokens.verify, settings.security.metrics_token),
+    ])
+    app[SERVICES] = Services(settings, directory, tokens, store, relays, metrics, pairing,
+                             consultations, presence, gateway, sio)
+    sio.attach(app)
+    add_routes(app, SERVICES)
+    app.cleanup_ctx.append(_records)
+    app.cleanup_ctx.append(_timers)
+    return app
+
+
+async def _records(app: web.Application) -> AsyncIterator[None]:
+    services = app[SERVICES]
+    await services.store.open()
+    await services.store.mirror_directory(services.directory)
+    waiting = await services.pairing.restore()
+    active = await services.consultations.restore()
+    logger.info("restored %d waiting requests and %d open consultations", waiting, active)
+    yield
+    await services.store.close()
+
+
+async def _timers(app: web.Application) -> AsyncIterator[None]:
+    services = app[SERVICES]
+    task = asyncio.create_task(_tick_forever(services), name="signaling-timers")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _tick_forever(services: Services) -> None:
+    interval = services.settings.queue.tick_s
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await services.pairing.tick()
+            await services.consultations.tick()
+        except Exception:
+            logger.exception("timer tick failed; trying again in %.1f s", interval)

@@ -1,0 +1,269 @@
+"""The consultation lifecycle: join, leave, invite a site, chat, end with the minutes, and
+the reconnect grace period that lets a participant keep their place."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from signaling.directory import Directory
+from signaling.errors import Forbidden, InvalidState, NotFound
+from signaling.live import LiveStore, Participant
+from signaling.metrics import Metrics
+from signaling.models import ChatMessage, Consultation, Minutes
+from signaling.notify import Notifier, clinician_room, consultation_room, site_room
+from signaling.pairing import new_id
+from signaling.relays import RelayDirectory
+from signaling.store import RecordStore
+from signaling.tokens import Principal
+
+logger = logging.getLogger(__name__)
+
+
+def can_join(principal: Principal, consultation: Consultation) -> bool:
+    return (
+        principal.id in consultation.clinician_ids
+        or principal.site.id in consultation.invited_site_ids
+        or principal.has("coordinator")
+    )
+
+
+def can_manage(principal: Principal, consultation: Consultation) -> bool:
+    """Host or coordinator: may invite sites and end the consultation."""
+    return principal.id == consultation.host_id or principal.has("coordinator")
+
+
+def can_read(principal: Principal, consultation: Consultation) -> bool:
+    """Who may read the record (minutes, chat): those who may join, and admins."""
+    return can_join(principal, consultation) or principal.has("admin")
+
+
+class Consultations:
+    def __init__(self, *, store: RecordStore, live: LiveStore, directory: Directory,
+                 relays: RelayDirectory, notifier: Notifier, metrics: Metrics,
+                 reconnect_grace_s: float) -> None:
+        self._store = store
+        self._live = live
+        self._directory = directory
+        self._relays = relays
+        self._notifier = notifier
+        self._metrics = metrics
+        self._grace_s = reconnect_grace_s
+
+    async def restore(self) -> int:
+        """After a start: reopen the rooms of consultations that had not ended."""
+        active = await self._store.active_consultations()
+        for consultation in active:
+            site = self._directory.site(consultation.site_ids[0])
+            relay = await self._relays.adopt(consultation.id, consultation.relay_id,
+                                             site.region if site else "")
+            if relay.info.id != consultation.relay_id:
+                consultation.relay_id = relay.info.id
+                await self._store.save_consultation(consultation)
+        self._metrics.live_consultations.set(len(active))
+        return len(active)
+
+    async def _get(self, consultation_id: str) -> Consultation:
+        consultation = await self._store.get_consultation(consultation_id)
+        if consultation is None:
+            raise NotFound(f"no consultation {consultation_id!r}")
+        return consultation
+
+    async def _open_for(self, principal: Principal, consultation_id: str) -> Consultation:
+        consultation = await self._get(consultation_id)
+        if not can_join(principal, consultation):
+            raise Forbidden(f"clinician {principal.id!r} is not a participant of "
+                            f"consultation {consultation_id!r}")
+        if consultation.state == "ended":
+            raise InvalidState(f"consultation {consultation_id!r} has ended")
+        return consultation
+
+    async def _participants_wire(self, consultation_id: str) -> list[dict[str, object]]:
+        people = await self._live.participants(consultation_id)
+        return [p.to_wire() for p in sorted(people, key=lambda p: p.joined_at)]
+
+    async def _announce(self, consultation_id: str, event: str, participant: Participant) -> None:
+        await self._notifier.emit(
+            "consult:participant",
+            {"consultation_id": consultation_id, "event": event,
+             "participant": participant.to_wire()},
+            consultation_room(consultation_id),
+        )
+
+    # -- join / leave ----------------------------------------------------------------------
+    async def join(self, principal: Principal, sid: str, consultation_id: str) -> dict[str, Any]:
+        consultation = await self._open_for(principal, consultation_id)
+        now = time.time()
+        participant = await self._live.get_participant(consultation_id, principal.id)
+        fresh = participant is None
+        if participant is None:
+            participant = Participant(consultation_id, principal.id, principal.site.id, now)
+        returning = participant.state == "reconnecting"
+        participant.sids.add(sid)
+        participant.state = "present"
+        participant.away_since = None
+        await self._live.put_participant(participant)
+        await self._notifier.enter(sid, consultation_room(consultation_id))
+        if fresh:
+            await self._store.record_join(consultation_id, principal.id, principal.site.id, now)
+            logger.info("consultation %s: %s joined", consultation_id, principal.id)
+        if fresh or returning:
+            await self._announce(consultation_id, "returned" if returning else "joined",
+                                 participant)
+        present = [p for p in await self._live.participants(consultation_id)
+                   if p.state == "present"]
+        if consultation.state == "open" and len(present) >= 2:
+            consultation.state = "live"
+            consultation.started_at = now
+            await self._store.save_consultation(consultation)
+            await self._notifier.emit("consult:updated",
+                                      {"consultation": consultation.to_wire()},
+                                      consultation_room(consultation_id))
+        chat = await self._store.chat_of(consultation_id)
+        return {
+            "consultation": consultation.to_wire(),
+            "participants": await self._participants_wire(consultation_id),
+            "chat": [m.to_wire() for m in chat],
+        }
+
+    async def leave(self, principal: Principal, sid: str, consultation_id: str) -> dict[str, Any]:
+        participant = await self._live.get_participant(consultation_id, principal.id)
+        if participant is None:
+            raise InvalidState(f"clinician {principal.id!r} is not in consultation "
+                               f"{consultation_id!r}")
+        for other_sid in participant.sids | {sid}:
+            await self._notifier.leave(other_sid, consultation_room(consultation_id))
+        await self._remove(participant)
+        return {"consultation_id": consultation_id}
+
+    async def _remove(self, participant: Participant) -> None:
+        await self._live.remove_participant(participant.consultation_id, participant.clinician_id)
+        await self._store.record_leave(participant.consultation_id, participant.clinician_id,
+                                       time.time())
+        logger.info("consultation %s: %s left", participant.consultation_id,
+                    participant.clinician_id)
+        await self._announce(participant.consultation_id, "left", participant)
+
+    # -- connections come and go ----------------------------------------------------------
+    async def connection_lost(self, sid: str, clinician_id: str) -> None:
+        """A connection closed: its participant waits ``reconnect_grace_s`` for a return."""
+        for participant in await self._live.memberships_of(clinician_id):
+            if sid not in participant.sids:
+                continue
+            participant.sids.discard(sid)
+            if participant.sids:
+                await self._live.put_participant(participant)
+                continue
+            participant.state = "reconnecting"
+            participant.away_since = time.time()
+            await self._live.put_participant(participant)
+            await self._announce(participant.consultation_id, "reconnecting", participant)
+
+    async def connection_made(self, sid: str, principal: Principal) -> list[str]:
+        """A clinician connected: give back the places they held in consultations."""
+        restored = []
+        for participant in await self._live.memberships_of(principal.id):
+            if participant.state != "reconnecting":
+                continue
+            participant.sids.add(sid)
+            participant.state = "present"
+            participant.away_since = None
+            await self._live.put_participant(participant)
+            await self._notifier.enter(sid, consultation_room(participant.consultation_id))
+            await self._announce(participant.consultation_id, "returned", participant)
+            restored.append(participant.consultation_id)
+        return restored
+
+    async def tick(self, now: float | None = None) -> None:
+        """Participants away longer than the grace period leave."""
+        now = time.time() if now is None else now
+        for participant in await self._live.reconnecting():
+            if participant.away_since is not None and now - participant.away_since >= self._grace_s:
+                await self._remove(participant)
+
+    # -- invite / chat / end --------------------------------------------------------------
+    async def invite(self, principal: Principal, consultation_id: str,
+                     site_id: str) -> dict[str, Any]:
+        consultation = await self._get(consultation_id)
+        if not can_manage(principal, consultation):
+            raise Forbidden(f"only the host or a coordinator may invite sites into "
+                            f"consultation {consultation_id!r}")
+        if consultation.state == "ended":
+            raise InvalidState(f"consultation {consultation_id!r} has ended")
+        site = self._directory.site(site_id)
+        if site is None:
+            raise NotFound(f"no site {site_id!r} in the directory")
+        if site_id in consultation.site_ids:
+            raise InvalidState(f"site {site_id!r} already takes part in consultation "
+                               f"{consultation_id!r}")
+        consultation.site_ids.append(site_id)
+        consultation.invited_site_ids.append(site_id)
+        await self._store.save_consultation(consultation)
+        logger.info("consultation %s: site %s invited by %s", consultation_id, site_id,
+                    principal.id)
+        wire = consultation.to_wire()
+        await self._notifier.emit("consult:invited",
+                                  {"consultation": wire, "invited_by": principal.id},
+                                  site_room(site_id))
+        await self._notifier.emit("consult:updated", {"consultation": wire},
+                                  consultation_room(consultation_id))
+        return {"consultation": wire}
+
+    async def chat(self, principal: Principal, consultation_id: str, text: str) -> dict[str, Any]:
+        consultation = await self._open_for(principal, consultation_id)
+        participant = await self._live.get_participant(consultation.id, principal.id)
+        if participant is None:
+            raise InvalidState(f"join consultation {consultation_id!r} before chatting")
+        message = ChatMessage(new_id("msg"), consultation.id, principal.id, principal.site.id,
+                              text, time.time())
+        await self._store.add_chat(message)
+        await self._notifier.emit("chat:message", {"message": message.to_wire()},
+                                  consultation_room(consultation.id))
+        return {"message": message.to_wire()}
+
+    async def end(self, principal: Principal, consultation_id: str,
+                  conclusion: str) -> dict[str, Any]:
+        consultation = await self._get(consultation_id)
+        if not can_manage(principal, consultation):
+            raise Forbidden(f"only the host or a coordinator may end consultation "
+                            f"{consultation_id!r}")
+        if consultation.state == "ended":
+            raise InvalidState(f"consultation {consultation_id!r} has already ended")
+        minutes = Minutes(conclusion, principal.id, time.time())
+        await self._store.end_consultation(consultation, minutes)
+        consultation.state = "ended"
+        consultation.ended_at = minutes.signed_at
+        consultation.minutes = minutes
+        await self._live.drop_consultation(consultation.id)
+        await self._relays.release(consultation.id)
+        self._metrics.live_consultations.dec()
+        logger.info("consultation %s ended by %s", consultation.id, principal.id)
+        wire = consultation.to_wire()
+        rooms = [consultation_room(consultation.id)]
+        rooms += [clinician_room(c) for c in consultation.clinician_ids]
+        await self._notifier.emit("consult:ended", {"consultation": wire}, rooms)
+        await self._notifier.close(consultation_room(consultation.id))
+        return {"consultation": wire}
+
+    # -- records --------------------------------------------------------------------------
+    async def list_for(self, principal: Principal) -> list[dict[str, Any]]:
+        everything = principal.has("coordinator") or principal.has("admin")
+        found = await self._store.consultations_for(principal.id, principal.site.id,
+                                                    everything=everything)
+        return [c.to_wire() for c in found]
+
+    async def record(self, principal: Principal, consultation_id: str) -> dict[str, Any]:
+        consultation = await self._get(consultation_id)
+        if not can_read(principal, consultation):
+            raise Forbidden(f"clinician {principal.id!r} may not read consultation "
+                            f"{consultation_id!r}")
+        chat = await self._store.chat_of(consultation_id)
+        attendance = await self._store.attendance_of(consultation_id)
+        return {
+            "consultation": consultation.to_wire(),
+            "chat": [m.to_wire() for m in chat],
+            "attendance": attendance,
+            "participants": await self._participants_wire(consultation_id),
+        }
+

@@ -1,0 +1,58 @@
+"""Errors of the signaling package. Each carries a stable ``code`` for clients and a message
+that names the value that was wrong (never patient data)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class SignalingError(Exception):
+    """Root of every error signaling reports to a client."""
+
+    code = "error"
+    http_status = 400
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+class InvalidPayload(SignalingError):
+    code = "invalid_payload"
+    http_status = 400
+
+
+class Unauthenticated(SignalingError):
+    code = "unauthenticated"
+    http_status = 401
+
+    def __init__(self, message: str, *, code: str = "unauthenticated") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Forbidden(SignalingError):
+    code = "forbidden"
+    http_status = 403
+
+
+class NotFound(SignalingError):
+    code = "not_found"
+    http_status = 404
+
+
+class AlreadyTaken(SignalingError):
+    code = "already_taken"
+    http_status = 409
+
+
+class InvalidState(SignalingError):
+    code = "invalid_state"
+    http_status = 409
+
+
+class DirectoryError(Exception):
+    """The directory file (sites and clinicians) is wrong; the message names the entry."""

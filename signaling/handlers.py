@@ -1,0 +1,203 @@
+"""The socket.io face of signaling: authenticate connections, validate each event's payload,
+call the domain, answer with an ack. Thin by design: no domain logic lives here."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import socketio
+
+from signaling.consultations import Consultations
+from signaling.errors import InvalidPayload, SignalingError, Unauthenticated
+from signaling.metrics import Metrics
+from signaling.notify import (
+    CENTRAL_SPECIALISTS,
+    COORDINATORS,
+    clinician_room,
+    site_room,
+    specialty_room,
+)
+from signaling.pairing import Pairing, is_central_specialist
+from signaling.presence import Presence
+from signaling.schemas import (
+    Chat,
+    ConsultationRef,
+    Empty,
+    End,
+    Invite,
+    Payload,
+    RequestConsult,
+    RequestRef,
+    parse,
+)
+from signaling.tokens import Principal, TokenAuthority
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[Principal, str, Any], Awaitable[dict[str, Any]]]
+
+
+class SocketIONotifier:
+    """Notifier over a python-socketio AsyncServer."""
+
+    def __init__(self, sio: socketio.AsyncServer) -> None:
+        self._sio = sio
+
+    async def emit(self, event: str, payload: dict[str, Any], to: str | list[str]) -> None:
+        await self._sio.emit(event, payload, to=to)
+
+    async def enter(self, sid: str, room: str) -> None:
+        await self._sio.enter_room(sid, room)
+
+    async def leave(self, sid: str, room: str) -> None:
+        await self._sio.leave_room(sid, room)
+
+    async def close(self, room: str) -> None:
+        await self._sio.close_room(room)
+
+
+class SocketGateway:
+    """Binds the domain services to socket.io events (see docs/protocol.md)."""
+
+    def __init__(self, sio: socketio.AsyncServer, *, tokens: TokenAuthority,
+                 pairing: Pairing, consultations: Consultations, presence: Presence,
+                 metrics: Metrics) -> None:
+        self._sio = sio
+        self._tokens = tokens
+        self._pairing = pairing
+        self._consultations = consultations
+        self._presence = presence
+        self._metrics = metrics
+        self._principals: dict[str, Principal] = {}
+        sio.on("connect", self._on_connect)
+        sio.on("disconnect", self._on_disconnect)
+        sio.on("*", self._on_unknown)
+        self._route("consult:request", RequestConsult, self._request)
+        self._route("consult:cancel", RequestRef, self._cancel)
+        self._route("consult:accept", RequestRef, self._accept)
+        self._route("queue:get", Empty, self._queue)
+        self._route("consult:join", ConsultationRef, self._join)
+        self._route("consult:leave", ConsultationRef, self._leave)
+        self._route("consult:invite", Invite, self._invite)
+        self._route("chat:send", Chat, self._chat)
+        self._route("consult:end", End, self._end)
+        self._route("presence:list", Empty, self._presence_list)
+
+    @property
+    def connected(self) -> int:
+        return len(self._principals)
+
+    # -- connection ------------------------------------------------------------------------
+    async def _on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
+        token = auth.get("token") if isinstance(auth, dict) else None
+        try:
+            principal = self._tokens.verify(token)
+        except Unauthenticated as exc:
+            logger.info("connection %s refused: %s", sid, exc.code)
+            raise socketio.exceptions.ConnectionRefusedError(
+                {"code": exc.code, "message": exc.message}
+            ) from None
+        self._principals[sid] = principal
+        rooms = [clinician_room(principal.id), site_room(principal.site.id)]
+        if principal.has("coordinator"):
+            rooms.append(COORDINATORS)
+        if is_central_specialist(principal):
+            rooms.append(CENTRAL_SPECIALISTS)
+            rooms += [specialty_room(s) for s in principal.specialties]
+        for room in rooms:
+            await self._sio.enter_room(sid, room)
+        await self._presence.connected(sid, principal)
+        await self._consultations.connection_made(sid, principal)
+        logger.info("connection %s: clinician %s of site %s", sid, principal.id,
+                    principal.site.id)
+
+    async def _on_disconnect(self, sid: str, reason: Any = None) -> None:
+        principal = self._principals.pop(sid, None)
+        if principal is None:
+            return
+        try:
+            await self._presence.disconnected(sid)
+            await self._consultations.connection_lost(sid, principal.id)
+        except Exception:
+            logger.exception("connection %s: cleanup after disconnect failed", sid)
+        logger.info("connection %s closed (%s)", sid, reason)
+
+    async def _on_unknown(self, event: str, sid: str, *args: Any) -> dict[str, Any]:
+        logger.info("connection %s: unknown event %r", sid, event[:64])
+        self._metrics.rejected_events.labels(event="unknown", code="unknown_event").inc()
+        return {"error": {"code": "unknown_event",
+                          "message": f"unknown event {event[:64]!r}; see docs/protocol.md"}}
+
+    # -- dispatch ----------------------------------------------------------------------------
+    def _route(self, event: str, model: type[Payload],
+               handler: Callable[[Principal, str, Any], Awaitable[dict[str, Any]]]) -> None:
+        async def dispatch(sid: str, *args: Any) -> dict[str, Any]:
+            return await self._dispatch(event, model, handler, sid, args)
+
+        self._sio.on(event, dispatch)
+
+    async def _dispatch(self, event: str, model: type[Payload], handler: Handler, sid: str,
+                        args: tuple[Any, ...]) -> dict[str, Any]:
+        principal = self._principals.get(sid)
+        try:
+            if principal is None:
+                raise Unauthenticated("this connection is not signed in")
+            if principal.expires_at <= time.time():
+                await self._sio.disconnect(sid)
+                raise Unauthenticated("the access token has expired; sign in again",
+                                      code="token_expired")
+            if len(args) > 1:
+                raise InvalidPayload(
+                    f"event {event!r} takes one payload object, got {len(args)} arguments"
+                )
+            payload = parse(model, args[0] if args else None)
+            result = await handler(principal, sid, payload)
+        except SignalingError as exc:
+            who = principal.id if principal else "-"
+            logger.info("event %s from %s (%s) refused: %s", event, sid, who, exc.code)
+            self._metrics.rejected_events.labels(event=event, code=exc.code).inc()
+            return exc.to_wire()
+        except Exception:
+            logger.exception("event %s from %s failed", event, sid)
+            self._metrics.rejected_events.labels(event=event, code="internal").inc()
+            return {"error": {"code": "internal", "message": "internal error; the event was "
+                              "not applied, please retry"}}
+        return {"ok": True, **result}
+
+    # -- events --------------------------------------------------------------------------------
+    async def _request(self, p: Principal, sid: str, m: RequestConsult) -> dict[str, Any]:
+        return await self._pairing.request(p, specialty=m.specialty, priority=m.priority,
+                                           reason=m.reason, patient_pseudonym=m.patient_pseudonym)
+
+    async def _cancel(self, p: Principal, sid: str, m: RequestRef) -> dict[str, Any]:
+        return await self._pairing.cancel(p, m.request_id)
+
+    async def _accept(self, p: Principal, sid: str, m: RequestRef) -> dict[str, Any]:
+        return await self._pairing.accept(p, m.request_id)
+
+    async def _queue(self, p: Principal, sid: str, m: Empty) -> dict[str, Any]:
+        if p.has("referring") and not (p.has("specialist") or p.has("coordinator")):
+            return {"queue": [], "mine": await self._pairing.my_requests(p)}
+        mine = await self._pairing.my_requests(p) if p.has("referring") else []
+        return {"queue": self._pairing.visible_queue(p), "mine": mine}
+
+    async def _join(self, p: Principal, sid: str, m: ConsultationRef) -> dict[str, Any]:
+        return await self._consultations.join(p, sid, m.consultation_id)
+
+    async def _leave(self, p: Principal, sid: str, m: ConsultationRef) -> dict[str, Any]:
+        return await self._consultations.leave(p, sid, m.consultation_id)
+
+    async def _invite(self, p: Principal, sid: str, m: Invite) -> dict[str, Any]:
+        return await self._consultations.invite(p, m.consultation_id, m.site_id)
+
+    async def _chat(self, p: Principal, sid: str, m: Chat) -> dict[str, Any]:
+        return await self._consultations.chat(p, m.consultation_id, m.text)
+
+    async def _end(self, p: Principal, sid: str, m: End) -> dict[str, Any]:
+        return await self._consultations.end(p, m.consultation_id, m.conclusion)
+
+    async def _presence_list(self, p: Principal, sid: str, m: Empty) -> dict[str, Any]:
+        return {"sites": await self._presence.snapshot()}

@@ -1,0 +1,158 @@
+"""Live state: presence (who is connected, from which site) and room membership (who is in
+which consultation, present or reconnecting). It is rebuilt as clients reconnect, so it may live
+in memory; ``LiveStore`` is the narrow interface a Redis implementation will also answer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+ParticipantState = Literal["present", "reconnecting"]
+
+
+@dataclass
+class Connection:
+    sid: str
+    clinician_id: str
+    site_id: str
+    connected_at: float
+
+
+@dataclass
+class Participant:
+    consultation_id: str
+    clinician_id: str
+    site_id: str
+    joined_at: float
+    sids: set[str] = field(default_factory=set)
+    state: ParticipantState = "present"
+    away_since: float | None = None
+
+    def to_wire(self) -> dict[str, object]:
+        return {
+            "clinician_id": self.clinician_id,
+            "site_id": self.site_id,
+            "joined_at": self.joined_at,
+            "state": self.state,
+        }
+
+
+class LiveStore(Protocol):
+    """Presence and membership. Every method is a coroutine so that a networked store fits."""
+
+    async def add_connection(self, connection: Connection) -> bool:
+        """Record a connection; True if it is the clinician's site's first one."""
+
+    async def remove_connection(self, sid: str) -> tuple[Connection | None, bool]:
+        """Forget a connection; returns it and True if its site has no connection left."""
+
+    async def connections_of(self, clinician_id: str) -> list[Connection]: ...
+
+    async def connections_at(self, site_id: str) -> list[Connection]: ...
+
+    async def online_sites(self) -> dict[str, int]:
+        """Site id -> number of connections, for every site with at least one."""
+
+    async def put_participant(self, participant: Participant) -> None: ...
+
+    async def get_participant(self, consultation_id: str,
+                              clinician_id: str) -> Participant | None: ...
+
+    async def participants(self, consultation_id: str) -> list[Participant]: ...
+
+    async def remove_participant(self, consultation_id: str, clinician_id: str) -> None: ...
+
+    async def memberships_of(self, clinician_id: str) -> list[Participant]: ...
+
+    async def drop_consultation(self, consultation_id: str) -> list[Participant]: ...
+
+    async def reconnecting(self) -> list[Participant]: ...
+
+
+class MemoryLiveStore:
+    """LiveStore in this process's memory: the embedded default."""
+
+    def __init__(self) -> None:
+        self._connections: dict[str, Connection] = {}
+        self._by_clinician: dict[str, set[str]] = {}
+        self._by_site: dict[str, set[str]] = {}
+        self._rooms: dict[str, dict[str, Participant]] = {}
+        self._memberships: dict[str, set[str]] = {}
+
+    async def add_connection(self, connection: Connection) -> bool:
+        self._connections[connection.sid] = connection
+        self._by_clinician.setdefault(connection.clinician_id, set()).add(connection.sid)
+        at_site = self._by_site.setdefault(connection.site_id, set())
+        at_site.add(connection.sid)
+        return len(at_site) == 1
+
+    async def remove_connection(self, sid: str) -> tuple[Connection | None, bool]:
+        connection = self._connections.pop(sid, None)
+        if connection is None:
+            return None, False
+        mine = self._by_clinician.get(connection.clinician_id, set())
+        mine.discard(sid)
+        if not mine:
+            self._by_clinician.pop(connection.clinician_id, None)
+        at_site = self._by_site.get(connection.site_id, set())
+        at_site.discard(sid)
+        if not at_site:
+            self._by_site.pop(connection.site_id, None)
+            return connection, True
+        return connection, False
+
+    async def connections_of(self, clinician_id: str) -> list[Connection]:
+        return [self._connections[s] for s in self._by_clinician.get(clinician_id, ())]
+
+    async def connections_at(self, site_id: str) -> list[Connection]:
+        return [self._connections[s] for s in self._by_site.get(site_id, ())]
+
+    async def online_sites(self) -> dict[str, int]:
+        return {site: len(sids) for site, sids in self._by_site.items()}
+
+    async def put_participant(self, participant: Participant) -> None:
+        room = self._rooms.setdefault(participant.consultation_id, {})
+        room[participant.clinician_id] = participant
+        self._memberships.setdefault(participant.clinician_id, set()).add(
+            participant.consultation_id
+        )
+
+    async def get_participant(self, consultation_id: str,
+                              clinician_id: str) -> Participant | None:
+        return self._rooms.get(consultation_id, {}).get(clinician_id)
+
+    async def participants(self, consultation_id: str) -> list[Participant]:
+        return list(self._rooms.get(consultation_id, {}).values())
+
+    async def remove_participant(self, consultation_id: str, clinician_id: str) -> None:
+        room = self._rooms.get(consultation_id)
+        if room is not None:
+            room.pop(clinician_id, None)
+            if not room:
+                del self._rooms[consultation_id]
+        mine = self._memberships.get(clinician_id)
+        if mine is not None:
+            mine.discard(consultation_id)
+            if not mine:
+                del self._memberships[clinician_id]
+
+    async def memberships_of(self, clinician_id: str) -> list[Participant]:
+        return [
+            self._rooms[c][clinician_id]
+            for c in self._memberships.get(clinician_id, ())
+            if clinician_id in self._rooms.get(c, {})
+        ]
+
+    async def drop_consultation(self, consultation_id: str) -> list[Participant]:
+        room = self._rooms.pop(consultation_id, {})
+        for clinician_id in room:
+            mine = self._memberships.get(clinician_id)
+            if mine is not None:
+                mine.discard(consultation_id)
+                if not mine:
+                    del self._memberships[clinician_id]
+        return list(room.values())
+
+    async def reconnecting(self) -> list[Participant]:
+        return [p for room in self._rooms.values() for p in room.values()
+                if p.state == "reconnecting"]

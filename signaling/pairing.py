@@ -1,0 +1,235 @@
+"""Consult requests and pairing: request, cancel, accept (atomic claim), escalation, expiry."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+from config.settings import QueueSettings
+from signaling.directory import Directory
+from signaling.errors import AlreadyTaken, Forbidden, InvalidPayload, InvalidState, NotFound
+from signaling.metrics import Metrics
+from signaling.models import Consultation, ConsultRequest, Priority
+from signaling.notify import (
+    CENTRAL_SPECIALISTS,
+    COORDINATORS,
+    Notifier,
+    clinician_room,
+    specialty_room,
+)
+from signaling.queue import ConsultQueue
+from signaling.relays import RelayDirectory
+from signaling.store import RecordStore
+from signaling.tokens import Principal
+
+logger = logging.getLogger(__name__)
+
+EXPIRED_MESSAGE = (
+    "No specialist accepted this request in time; it has expired. Please call the "
+    "coordination desk or send a new request."
+)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:20]}"
+
+
+def is_central_specialist(principal: Principal) -> bool:
+    return principal.has("specialist") and principal.site.tier == "central"
+
+
+def can_accept(principal: Principal, request: ConsultRequest) -> bool:
+    if principal.has("coordinator"):
+        return True
+    if not is_central_specialist(principal):
+        return False
+    return request.specialty in principal.specialties or request.escalated_at is not None
+
+
+class Pairing:
+    def __init__(self, *, store: RecordStore, queue: ConsultQueue, directory: Directory,
+                 relays: RelayDirectory, notifier: Notifier, metrics: Metrics,
+                 settings: QueueSettings) -> None:
+        self._store = store
+        self._queue = queue
+        self._directory = directory
+        self._relays = relays
+        self._notifier = notifier
+        self._metrics = metrics
+        self._settings = settings
+
+    async def restore(self) -> int:
+        """Rebuild the queue from the store after a start or restart."""
+        for request in await self._store.waiting_requests():
+            self._queue.add(request)
+        self._metrics.set_queue(self._queue.counts_by_priority())
+        return len(self._queue)
+
+    # -- audiences -----------------------------------------------------------------------
+    def _audience(self, request: ConsultRequest) -> list[str]:
+        rooms = [specialty_room(request.specialty), COORDINATORS]
+        if request.escalated_at is not None:
+            rooms.append(CENTRAL_SPECIALISTS)
+        return rooms
+
+    async def _queue_changed(self, action: str, request: ConsultRequest) -> None:
+        await self._notifier.emit(
+            "queue:update", {"action": action, "request": request.to_wire()},
+            self._audience(request),
+        )
+        self._metrics.set_queue(self._queue.counts_by_priority())
+
+    async def _tell_requester(self, request: ConsultRequest, **extra: Any) -> None:
+        payload = {"request": request.to_wire(), "position": self._queue.position(request.id)}
+        payload.update(extra)
+        await self._notifier.emit("request:update", payload, clinician_room(request.requester_id))
+
+    async def _tell_positions(self, requests: list[ConsultRequest]) -> None:
+        for other in requests:
+            await self._tell_requester(other)
+
+    # -- request / cancel ----------------------------------------------------------------
+    async def request(self, principal: Principal, *, specialty: str, priority: Priority,
+                      reason: str, patient_pseudonym: str | None) -> dict[str, Any]:
+        if not principal.has("referring"):
+            raise Forbidden(f"clinician {principal.id!r} has no 'referring' role: only "
+                            "referring doctors request consultations")
+        offered = self._directory.specialties()
+        if specialty not in offered:
+            raise InvalidPayload(
+                f"specialty {specialty!r} is not offered by any specialist; "
+                f"known: {', '.join(sorted(offered))}"
+            )
+        request = ConsultRequest(
+            id=new_id("req"), site_id=principal.site.id, requester_id=principal.id,
+            specialty=specialty, priority=priority, reason=reason,
+            patient_pseudonym=patient_pseudonym, status="waiting", created_at=time.time(),
+        )
+        await self._store.add_request(request)
+        self._queue.add(request)
+        self._metrics.requests.labels(outcome="created").inc()
+        logger.info("request %s created by %s (%s, %s)", request.id, principal.id,
+                    request.specialty, request.priority)
+        await self._queue_changed("added", request)
+        await self._tell_positions(self._queue.behind(request))
+        return {"request": request.to_wire(), "position": self._queue.position(request.id)}
+
+    async def cancel(self, principal: Principal, request_id: str) -> dict[str, Any]:
+        request = await self._waiting(request_id)
+        if request.requester_id != principal.id and not principal.has("coordinator"):
+            raise Forbidden(f"only the requester or a coordinator may cancel {request_id!r}")
+        await self._finish(request, "cancelled")
+        logger.info("request %s cancelled by %s", request.id, principal.id)
+        return {"request": request.to_wire()}
+
+    async def _waiting(self, request_id: str) -> ConsultRequest:
+        request = self._queue.get(request_id)
+        if request is not None:
+            return request
+        stored = await self._store.get_request(request_id)
+        if stored is None:
+            raise NotFound(f"no consult request {request_id!r}")
+        if stored.status in ("accepted", "closed"):
+            raise AlreadyTaken(f"consult request {request_id!r} was already taken")
+        raise InvalidState(f"consult request {request_id!r} is {stored.status}, not waiting")
+
+    async def _finish(self, request: ConsultRequest, status: str, **extra: Any) -> None:
+        now = time.time()
+        if not await self._store.finish_request(request.id, status, now):
+            # Claimed or finished meanwhile (another node): the store decides.
+            self._queue.remove(request.id)
+            raise InvalidState(f"consult request {request.id!r} is no longer waiting")
+        behind = self._queue.behind(request)
+        self._queue.remove(request.id)
+        request.status = status  # type: ignore[assignment]
+        request.closed_at = now
+        self._metrics.requests.labels(outcome=status).inc()
+        await self._queue_changed("removed", request)
+        await self._tell_requester(request, **extra)
+        await self._tell_positions(behind)
+
+    # -- accept --------------------------------------------------------------------------
+    async def accept(self, principal: Principal, request_id: str) -> dict[str, Any]:
+        started = time.perf_counter()
+        request = await self._waiting(request_id)
+        if not can_accept(principal, request):
+            raise Forbidden(
+                f"clinician {principal.id!r} may not accept a {request.specialty!r} request: "
+                "a central specialist of that specialty or a coordinator may"
+            )
+        requester_site = self._directory.site(request.site_id)
+        region = requester_site.region if requester_site else ""
+        relay = self._relays.choose(region)
+        now = time.time()
+        site_ids = [request.site_id]
+        if principal.site.id not in site_ids:
+            site_ids.append(principal.site.id)
+        consultation = Consultation(
+            id=new_id("con"), request_id=request.id, host_id=principal.id,
+            relay_id=relay.info.id, state="open", created_at=now, site_ids=site_ids,
+            clinician_ids=[request.requester_id, principal.id],
+        )
+        await self._store.claim(request.id, principal.id, consultation, now)
+        behind = self._queue.behind(request)
+        self._queue.remove(request.id)
+        request.status = "accepted"
+        request.accepted_by = principal.id
+        request.accepted_at = now
+        request.consultation_id = consultation.id
+        await self._relays.place(consultation.id, region)
+        self._metrics.requests.labels(outcome="accepted").inc()
+        self._metrics.wait_seconds.labels(priority=request.priority).observe(
+            now - request.created_at
+        )
+        self._metrics.live_consultations.inc()
+        logger.info("request %s accepted by %s: consultation %s on relay %s",
+                    request.id, principal.id, consultation.id, relay.info.id)
+        ready = {"consultation": consultation.to_wire(), "request": request.to_wire()}
+        await self._notifier.emit(
+            "consult:ready", ready,
+            [clinician_room(request.requester_id), clinician_room(principal.id)],
+        )
+        await self._queue_changed("removed", request)
+        await self._tell_positions(behind)
+        self._metrics.pairing_seconds.observe(time.perf_counter() - started)
+        return ready
+
+    # -- timers --------------------------------------------------------------------------
+    async def tick(self, now: float | None = None) -> None:
+        """Escalate and expire waiting requests whose time has come."""
+        now = time.time() if now is None else now
+        for request in self._queue.all():
+            age = now - request.created_at
+            if age >= self._settings.expire_after_s[request.priority]:
+                try:
+                    await self._finish(request, "expired", message=EXPIRED_MESSAGE)
+                except InvalidState:
+                    continue
+                logger.info("request %s expired after %.0f s", request.id, age)
+            elif (request.escalated_at is None
+                  and age >= self._settings.escalate_after_s[request.priority]):
+                await self._store.mark_escalated(request.id, now)
+                request.escalated_at = now
+                logger.info("request %s escalated after %.0f s", request.id, age)
+                await self._notifier.emit(
+                    "queue:escalated", {"request": request.to_wire(), "waited_s": age},
+                    COORDINATORS,
+                )
+                await self._queue_changed("escalated", request)
+                await self._tell_requester(request)
+
+    def visible_queue(self, principal: Principal) -> list[dict[str, Any]]:
+        requests = self._queue.visible_to(
+            principal.specialties,
+            everything=principal.has("coordinator"),
+            central_specialist=is_central_specialist(principal),
+        )
+        return [{**r.to_wire(), "position": self._queue.position(r.id)} for r in requests]
+
+    async def my_requests(self, principal: Principal) -> list[dict[str, Any]]:
+        return [
+            {**r.to_wire(), "position": self._queue.position(r.id)}
+            for r in await self._store.requests_of(principal.id)
+        ]

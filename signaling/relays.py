@@ -1,0 +1,72 @@
+"""RelayDirectory: the relays signaling knows and where each consultation's Room is placed.
+
+Placement: a relay of the requesting site's region with room to spare, least loaded first;
+otherwise the least loaded relay anywhere (the embedded relay serves every region).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from relay.api import Relay
+from signaling.errors import SignalingError
+
+logger = logging.getLogger(__name__)
+
+
+class NoRelayAvailable(SignalingError):
+    code = "no_relay"
+    http_status = 503
+
+
+class RelayDirectory:
+    def __init__(self) -> None:
+        self._relays: dict[str, Relay] = {}
+        self._placements: dict[str, str] = {}
+
+    def register(self, relay: Relay) -> None:
+        self._relays[relay.info.id] = relay
+        logger.info("relay %s registered (region %r, capacity %d)",
+                    relay.info.id, relay.info.region, relay.info.capacity)
+
+    def unregister(self, relay_id: str) -> None:
+        self._relays.pop(relay_id, None)
+
+    def get(self, relay_id: str) -> Relay | None:
+        return self._relays.get(relay_id)
+
+    def relays(self) -> list[Relay]:
+        return list(self._relays.values())
+
+    def choose(self, region: str) -> Relay:
+        candidates = [r for r in self._relays.values() if r.info.has_room]
+        if not candidates:
+            raise NoRelayAvailable("no relay has capacity for another consultation")
+
+        def rank(relay: Relay) -> tuple[int, float, str]:
+            local = 0 if relay.info.region == region else 1
+            return (local, relay.info.load / relay.info.capacity, relay.info.id)
+
+        return min(candidates, key=rank)
+
+    async def place(self, room_id: str, region: str) -> Relay:
+        """Open the room on the chosen relay and remember where it is."""
+        relay = self.choose(region)
+        await relay.open_room(room_id)
+        self._placements[room_id] = relay.info.id
+        return relay
+
+    async def adopt(self, room_id: str, relay_id: str, region: str) -> Relay:
+        """After a restart: reopen a live consultation's room where it was, else place it."""
+        relay = self._relays.get(relay_id)
+        if relay is None or not relay.info.has_room:
+            return await self.place(room_id, region)
+        await relay.open_room(room_id)
+        self._placements[room_id] = relay.info.id
+        return relay
+
+    async def release(self, room_id: str) -> None:
+        relay_id = self._placements.pop(room_id, None)
+        relay = self._relays.get(relay_id) if relay_id else None
+        if relay is not None:
+            await relay.close_room(room_id)

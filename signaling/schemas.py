@@ -1,0 +1,80 @@
+"""Pydantic models of every client payload (socket.io events and HTTP bodies)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
+
+from signaling.errors import InvalidPayload
+from signaling.models import Priority
+
+Id = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+Specialty = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")]
+
+
+def _text(max_length: int) -> Any:
+    return Annotated[
+        str, StringConstraints(strip_whitespace=True, min_length=1, max_length=max_length)
+    ]
+
+
+class Payload(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+M = TypeVar("M", bound="Payload")
+
+
+class Empty(Payload):
+    pass
+
+
+class RequestConsult(Payload):
+    specialty: Specialty
+    priority: Priority
+    reason: _text(2000)  # type: ignore[valid-type]
+    patient_pseudonym: Annotated[
+        str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    ] | None = None
+
+
+class RequestRef(Payload):
+    request_id: Id
+
+
+class ConsultationRef(Payload):
+    consultation_id: Id
+
+
+class Invite(Payload):
+    consultation_id: Id
+    site_id: Id
+
+
+class Chat(Payload):
+    consultation_id: Id
+    text: _text(4000)  # type: ignore[valid-type]
+
+
+class End(Payload):
+    consultation_id: Id
+    conclusion: _text(20000)  # type: ignore[valid-type]
+
+
+def parse(model: type[M], data: object) -> M:
+    """Validate ``data`` against ``model``; InvalidPayload names each bad field but never
+    echoes the value (it may hold patient data)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InvalidPayload(f"payload must be a JSON object, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors(include_input=False, include_url=False):
+            field = ".".join(str(p) for p in error["loc"]) or "payload"
+            problems.append(f"{field}: {error['msg']}")
+        raise InvalidPayload("; ".join(problems)) from None
+

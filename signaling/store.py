@@ -1,0 +1,410 @@
+"""Durable records in SQLite: directory mirror, consult requests, consultations, minutes, chat
+and attendance. Every write is committed (WAL, synchronous=FULL) before the call returns, so an
+acknowledged request survives a kill -9 of the server.
+
+All database work runs on one dedicated thread: the event loop never blocks on disk, and writes
+of this process are serialized. A claim (accept) is a conditional UPDATE inside a write
+transaction, so exactly one claimant wins even across processes sharing the file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from signaling.directory import Directory
+from signaling.errors import AlreadyTaken, InvalidState, NotFound
+from signaling.models import ChatMessage, Consultation, ConsultRequest, Minutes
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sites (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, tier TEXT NOT NULL, region TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS clinicians (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, site_id TEXT NOT NULL,
+    roles TEXT NOT NULL, specialties TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS requests (
+    id TEXT PRIMARY KEY, site_id TEXT NOT NULL, requester_id TEXT NOT NULL,
+    specialty TEXT NOT NULL, priority TEXT NOT NULL, reason TEXT NOT NULL,
+    patient_pseudonym TEXT, status TEXT NOT NULL, created_at REAL NOT NULL,
+    escalated_at REAL, accepted_by TEXT, accepted_at REAL, consultation_id TEXT, closed_at REAL
+);
+CREATE INDEX IF NOT EXISTS requests_status ON requests (status);
+CREATE TABLE IF NOT EXISTS consultations (
+    id TEXT PRIMARY KEY, request_id TEXT NOT NULL UNIQUE, host_id TEXT NOT NULL,
+    relay_id TEXT NOT NULL, state TEXT NOT NULL, created_at REAL NOT NULL,
+    started_at REAL, ended_at REAL, site_ids TEXT NOT NULL, clinician_ids TEXT NOT NULL,
+    invited_site_ids TEXT NOT NULL, conclusion TEXT, signed_by TEXT, signed_at REAL
+);
+CREATE TABLE IF NOT EXISTS chat (
+    id TEXT PRIMARY KEY, consultation_id TEXT NOT NULL, sender_id TEXT NOT NULL,
+    site_id TEXT NOT NULL, text TEXT NOT NULL, sent_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS chat_consultation ON chat (consultation_id, sent_at);
+CREATE TABLE IF NOT EXISTS attendance (
+    consultation_id TEXT NOT NULL, clinician_id TEXT NOT NULL, site_id TEXT NOT NULL,
+    joined_at REAL NOT NULL, left_at REAL
+);
+CREATE INDEX IF NOT EXISTS attendance_consultation ON attendance (consultation_id);
+"""
+
+_REQUEST_COLUMNS = (
+    "id, site_id, requester_id, specialty, priority, reason, patient_pseudonym, status, "
+    "created_at, escalated_at, accepted_by, accepted_at, consultation_id, closed_at"
+)
+_CONSULTATION_COLUMNS = (
+    "id, request_id, host_id, relay_id, state, created_at, started_at, ended_at, site_ids, "
+    "clinician_ids, invited_site_ids, conclusion, signed_by, signed_at"
+)
+
+
+@contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """A write transaction: BEGIN IMMEDIATE, COMMIT on success, ROLLBACK on any error."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def _request_from_row(row: tuple[Any, ...]) -> ConsultRequest:
+    return ConsultRequest(*row)
+
+
+def _consultation_from_row(row: tuple[Any, ...]) -> Consultation:
+    (cid, request_id, host_id, relay_id, state, created_at, started_at, ended_at, site_ids,
+     clinician_ids, invited, conclusion, signed_by, signed_at) = row
+    minutes = Minutes(conclusion, signed_by, signed_at) if conclusion is not None else None
+    return Consultation(
+        id=cid, request_id=request_id, host_id=host_id, relay_id=relay_id, state=state,
+        created_at=created_at, site_ids=json.loads(site_ids),
+        clinician_ids=json.loads(clinician_ids), invited_site_ids=json.loads(invited),
+        started_at=started_at, ended_at=ended_at, minutes=minutes,
+    )
+
+
+class RecordStore:
+    """The SQLite file under the data directory. Open with ``await open()``, close with
+    ``await close()`` (idempotent)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="records")
+        self._db: sqlite3.Connection | None = None
+        self._closed = False
+
+    # -- plumbing -------------------------------------------------------------------------
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._call, fn)
+
+    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._db is None:
+            raise RuntimeError(f"record store {self.path} is closed")
+        return fn(self._db)
+
+    def _open_sync(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                             timeout=10.0)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.executescript(SCHEMA)
+        self._db = db
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._open_sync)
+        logger.info("records at %s", self.path)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+
+        def _close() -> None:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, _close)
+        self._executor.shutdown(wait=True)
+
+    # -- directory ------------------------------------------------------------------------
+    async def mirror_directory(self, directory: Directory) -> None:
+        def _write(db: sqlite3.Connection) -> None:
+            with _transaction(db):
+                db.executemany(
+                    "INSERT OR REPLACE INTO sites (id, name, tier, region) VALUES (?, ?, ?, ?)",
+                    [(s.id, s.name, s.tier, s.region) for s in directory.sites.values()],
+                )
+                db.executemany(
+                    "INSERT OR REPLACE INTO clinicians (id, name, site_id, roles, specialties) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    [(c.id, c.name, c.site_id, json.dumps(sorted(c.roles)),
+                      json.dumps(sorted(c.specialties))) for c in directory.clinicians.values()],
+                )
+
+        await self._run(_write)
+
+    # -- requests -------------------------------------------------------------------------
+    async def add_request(self, request: ConsultRequest) -> None:
+        def _write(db: sqlite3.Connection) -> None:
+            with _transaction(db):
+                db.execute(
+                    f"INSERT INTO requests ({_REQUEST_COLUMNS}) VALUES "
+                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (request.id, request.site_id, request.requester_id, request.specialty,
+                     request.priority, request.reason, request.patient_pseudonym,
+                     request.status, request.created_at, request.escalated_at,
+                     request.accepted_by, request.accepted_at, request.consultation_id,
+                     request.closed_at),
+                )
+
+        await self._run(_write)
+
+    async def get_request(self, request_id: str) -> ConsultRequest | None:
+        def _read(db: sqlite3.Connection) -> ConsultRequest | None:
+            row = db.execute(
+                f"SELECT {_REQUEST_COLUMNS} FROM requests WHERE id = ?", (request_id,)
+            ).fetchone()
+            return _request_from_row(row) if row else None
+
+        return await self._run(_read)
+
+    async def waiting_requests(self) -> list[ConsultRequest]:
+        def _read(db: sqlite3.Connection) -> list[ConsultRequest]:
+            rows = db.execute(
+                f"SELECT {_REQUEST_COLUMNS} FROM requests WHERE status = 'waiting'"
+            ).fetchall()
+            return [_request_from_row(r) for r in rows]
+
+        return await self._run(_read)
+
+    async def requests_of(self, requester_id: str, limit: int = 50) -> list[ConsultRequest]:
+        def _read(db: sqlite3.Connection) -> list[ConsultRequest]:
+            rows = db.execute(
+                f"SELECT {_REQUEST_COLUMNS} FROM requests WHERE requester_id = ? "
+                "ORDER BY created_at DESC LIMIT ?", (requester_id, limit),
+            ).fetchall()
+            return [_request_from_row(r) for r in rows]
+
+        return await self._run(_read)
+
+    async def finish_request(self, request_id: str, status: str, at: float) -> bool:
+        """Move a waiting request to ``cancelled`` or ``expired``; False if it was not waiting."""
+
+        def _write(db: sqlite3.Connection) -> bool:
+            with _transaction(db):
+                cursor = db.execute(
+                    "UPDATE requests SET status = ?, closed_at = ? "
+                    "WHERE id = ? AND status = 'waiting'", (status, at, request_id),
+                )
+                return cursor.rowcount == 1
+
+        return await self._run(_write)
+
+    async def mark_escalated(self, request_id: str, at: float) -> None:
+        def _write(db: sqlite3.Connection) -> None:
+            with _transaction(db):
+                db.execute(
+                    "UPDATE requests SET escalated_at = ? WHERE id = ? AND escalated_at IS NULL",
+                    (at, request_id),
+                )
+
+        await self._run(_write)
+
+    async def claim(self, request_id: str, clinician_id: str, consultation: Consultation,
+                    at: float) -> None:
+        """Atomically accept a waiting request and create its consultation.
+
+        Raises AlreadyTaken if someone else accepted it first, InvalidState if it is no longer
+        waiting for another reason, NotFound if there is no such request.
+        """
+
+        def _write(db: sqlite3.Connection) -> None:
+            with _transaction(db):
+                cursor = db.execute(
+                    "UPDATE requests SET status = 'accepted', accepted_by = ?, accepted_at = ?, "
+                    "consultation_id = ? WHERE id = ? AND status = 'waiting'",
+                    (clinician_id, at, consultation.id, request_id),
+                )
+                if cursor.rowcount != 1:
+                    row = db.execute(
+                        "SELECT status FROM requests WHERE id = ?", (request_id,)
+                    ).fetchone()
+                    if row is None:
+                        raise NotFound(f"no consult request {request_id!r}")
+                    if row[0] in ("accepted", "closed"):
+                        raise AlreadyTaken(
+                            f"consult request {request_id!r} was already taken by another "
+                            "specialist"
+                        )
+                    raise InvalidState(f"consult request {request_id!r} is {row[0]}")
+                _insert_consultation(db, consultation)
+
+        await self._run(_write)
+
+    # -- consultations ---------------------------------------------------------------------
+    async def get_consultation(self, consultation_id: str) -> Consultation | None:
+        def _read(db: sqlite3.Connection) -> Consultation | None:
+            row = db.execute(
+                f"SELECT {_CONSULTATION_COLUMNS} FROM consultations WHERE id = ?",
+                (consultation_id,),
+            ).fetchone()
+            return _consultation_from_row(row) if row else None
+
+        return await self._run(_read)
+
+    async def active_consultations(self) -> list[Consultation]:
+        def _read(db: sqlite3.Connection) -> list[Consultation]:
+            rows = db.execute(
+                f"SELECT {_CONSULTATION_COLUMNS} FROM consultations WHERE state != 'ended'"
+            ).fetchall()
+            return [_consultation_from_row(r) for r in rows]
+
+        return await self._run(_read)
+
+    async def consultations_for(self, clinician_id: str, site_id: str, *, everything: bool,
+                                limit: int = 100) -> list[Consultation]:
+        """Consultations the clinician is named on or whose sites were invited (all of them
+        when ``everything``), newest first."""
+
+        def _read(db: sqlite3.Connection) -> list[Consultation]:
+            if everything:
+                rows = db.execute(
+                    f"SELECT {_CONSULTATION_COLUMNS} FROM consultations "
+                    "ORDER BY created_at DESC LIMIT ?", (limit,),
+                ).fetchall()
+            else:
+                rows = db.execute(
+                    f"SELECT {_CONSULTATION_COLUMNS} FROM consultations WHERE id IN ("
+                    " SELECT c.id FROM consultations c, json_each(c.clinician_ids) j"
+                    " WHERE j.value = ?"
+                    " UNION SELECT c.id FROM consultations c, json_each(c.invited_site_ids) j"
+                    " WHERE j.value = ?) ORDER BY created_at DESC LIMIT ?",
+                    (clinician_id, site_id, limit),
+                ).fetchall()
+            return [_consultation_from_row(r) for r in rows]
+
+        return await self._run(_read)
+
+    async def save_consultation(self, consultation: Consultation) -> None:
+        def _write(db: sqlite3.Connection) -> None:
+            with _transaction(db):
+                db.execute(
+                    "UPDATE consultations SET state = ?, started_at = ?, ended_at = ?, "
+                    "site_ids = ?, clinician_ids = ?, invited_site_ids = ?, relay_id = ? "
+                    "WHERE id = ?",
+                    (consultation.state, consultation.started_at, consultation.ended_at,
+                     json.dumps(consultation.site_ids), json.dumps(consultation.clinician_ids),
+                     json.dumps(consultation.invited_site_ids), consultation.relay_id,
+                     consultation.id),
+                )
+
+        await self._run(_write)
+
+    async def end_consultation(self, consultation: Consultation, minutes: Minutes) -> None:
+        """Store the minutes, end the consultation and close its request, in one transaction."""
+
+        def _write(db: sqlite3.Connection) -> None:
+            with _transaction(db):
+                cursor = db.execute(
+                    "UPDATE consultations SET state = 'ended', ended_at = ?, conclusion = ?, "
+                    "signed_by = ?, signed_at = ? WHERE id = ? AND state != 'ended'",
+                    (minutes.signed_at, minutes.conclusion, minutes.signed_by,
+                     minutes.signed_at, consultation.id),
+                )
+                if cursor.rowcount != 1:
+                    raise InvalidState(f"consultation {consultation.id!r} has already ended")
+                db.execute(
+                    "UPDATE requests SET status = 'closed', closed_at = ? WHERE id = ?",
+                    (minutes.signed_at, consultation.request_id),
+                )
+                db.execute(
+                    "UPDATE attendance SET left_at = ? WHERE consultation_id = ? "
+                    "AND left_at IS NULL", (minutes.signed_at, consultation.id),
+                )
+
+        await self._run(_write)
+
+    # -- chat and attendance ---------------------------------------------------------------
+    async def add_chat(self, message: ChatMessage) -> None:
+        def _write(db: sqlite3.Connection) -> None:
+            with _transaction(db):
+                db.execute(
+                    "INSERT INTO chat (id, consultation_id, sender_id, site_id, text, sent_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (message.id, message.consultation_id, message.sender_id, message.site_id,
+                     message.text, message.sent_at),
+                )
+
+        await self._run(_write)
+
+    async def chat_of(self, consultation_id: str) -> list[ChatMessage]:
+        def _read(db: sqlite3.Connection) -> list[ChatMessage]:
+            rows = db.execute(
+                "SELECT id, consultation_id, sender_id, site_id, text, sent_at FROM chat "
+                "WHERE consultation_id = ? ORDER BY sent_at, id", (consultation_id,),
+            ).fetchall()
+            return [ChatMessage(*r) for r in rows]
+
+        return await self._run(_read)
+
+    async def record_join(self, consultation_id: str, clinician_id: str, site_id: str,
+                          at: float) -> None:
+        def _write(db: sqlite3.Connection) -> None:
+            with _transaction(db):
+                db.execute(
+                    "INSERT INTO attendance (consultation_id, clinician_id, site_id, joined_at) "
+                    "VALUES (?, ?, ?, ?)", (consultation_id, clinician_id, site_id, at),
+                )
+
+        await self._run(_write)
+
+    async def record_leave(self, consultation_id: str, clinician_id: str, at: float) -> None:
+        def _write(db: sqlite3.Connection) -> None:
+            with _transaction(db):
+                db.execute(
+                    "UPDATE attendance SET left_at = ? WHERE consultation_id = ? "
+                    "AND clinician_id = ? AND left_at IS NULL", (at, consultation_id, clinician_id),
+                )
+
+        await self._run(_write)
+
+    async def attendance_of(self, consultation_id: str) -> list[dict[str, Any]]:
+        def _read(db: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = db.execute(
+                "SELECT clinician_id, site_id, joined_at, left_at FROM attendance "
+                "WHERE consultation_id = ? ORDER BY joined_at", (consultation_id,),
+            ).fetchall()
+            return [{"clinician_id": r[0], "site_id": r[1], "joined_at": r[2], "left_at": r[3]}
+                    for r in rows]
+
+        return await self._run(_read)
+
+
+def _insert_consultation(db: sqlite3.Connection, c: Consultation) -> None:
+    db.execute(
+        f"INSERT INTO consultations ({_CONSULTATION_COLUMNS}) VALUES "
+        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (c.id, c.request_id, c.host_id, c.relay_id, c.state, c.created_at, c.started_at,
+         c.ended_at, json.dumps(c.site_ids), json.dumps(c.clinician_ids),
+         json.dumps(c.invited_site_ids), None, None, None),
+    )
