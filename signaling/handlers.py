@@ -3,6 +3,7 @@ call the domain, answer with an ack. Thin by design: no domain logic lives here.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -36,6 +37,9 @@ from signaling.schemas import (
 from signaling.tokens import Principal, TokenAuthority
 
 logger = logging.getLogger(__name__)
+
+LOG_OFF_DELAY_S = 0.2
+"""How long after refusing an event for an expired token the connection is closed."""
 
 Handler = Callable[[Principal, str, Any], Awaitable[dict[str, Any]]]
 
@@ -72,6 +76,7 @@ class SocketGateway:
         self._presence = presence
         self._metrics = metrics
         self._principals: dict[str, Principal] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         sio.on("connect", self._on_connect)
         sio.on("disconnect", self._on_disconnect)
         sio.on("*", self._on_unknown)
@@ -98,7 +103,7 @@ class SocketGateway:
         except Unauthenticated as exc:
             logger.info("connection %s refused: %s", sid, exc.code)
             raise socketio.exceptions.ConnectionRefusedError(
-                {"code": exc.code, "message": exc.message}
+                exc.message, {"code": exc.code, "message": exc.message}
             ) from None
         self._principals[sid] = principal
         rooms = [clinician_room(principal.id), site_room(principal.site.id)]
@@ -125,6 +130,17 @@ class SocketGateway:
             logger.exception("connection %s: cleanup after disconnect failed", sid)
         logger.info("connection %s closed (%s)", sid, reason)
 
+    def _log_off_soon(self, sid: str) -> None:
+        """Close a connection whose token expired, once the refusal's ack has gone out."""
+
+        async def log_off() -> None:
+            await asyncio.sleep(LOG_OFF_DELAY_S)
+            await self._sio.disconnect(sid)
+
+        task = asyncio.create_task(log_off(), name=f"log-off-{sid}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def _on_unknown(self, event: str, sid: str, *args: Any) -> dict[str, Any]:
         logger.info("connection %s: unknown event %r", sid, event[:64])
         self._metrics.rejected_events.labels(event="unknown", code="unknown_event").inc()
@@ -146,7 +162,7 @@ class SocketGateway:
             if principal is None:
                 raise Unauthenticated("this connection is not signed in")
             if principal.expires_at <= time.time():
-                await self._sio.disconnect(sid)
+                self._log_off_soon(sid)
                 raise Unauthenticated("the access token has expired; sign in again",
                                       code="token_expired")
             if len(args) > 1:
@@ -179,8 +195,6 @@ class SocketGateway:
         return await self._pairing.accept(p, m.request_id)
 
     async def _queue(self, p: Principal, sid: str, m: Empty) -> dict[str, Any]:
-        if p.has("referring") and not (p.has("specialist") or p.has("coordinator")):
-            return {"queue": [], "mine": await self._pairing.my_requests(p)}
         mine = await self._pairing.my_requests(p) if p.has("referring") else []
         return {"queue": self._pairing.visible_queue(p), "mine": mine}
 

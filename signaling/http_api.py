@@ -115,9 +115,7 @@ def add_routes(app: web.Application, services_key: web.AppKey[Services]) -> None
         services = request.app[services_key]
         p = principal_of(request)
         mine = await services.pairing.my_requests(p) if p.has("referring") else []
-        visible = (services.pairing.visible_queue(p)
-                   if p.has("specialist") or p.has("coordinator") else [])
-        return web.json_response({"queue": visible, "mine": mine})
+        return web.json_response({"queue": services.pairing.visible_queue(p), "mine": mine})
 
     async def consultations(request: web.Request) -> web.Response:
         services = request.app[services_key]

@@ -221,6 +221,9 @@ class Pairing:
                 await self._tell_requester(request)
 
     def visible_queue(self, principal: Principal) -> list[dict[str, Any]]:
+        """What the clinician may accept: nothing unless a central specialist or coordinator."""
+        if not (principal.has("coordinator") or is_central_specialist(principal)):
+            return []
         requests = self._queue.visible_to(
             principal.specialties,
             everything=principal.has("coordinator"),

@@ -9,6 +9,8 @@ import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -208,8 +210,6 @@ def start_server_process(config: Path, timeout: float = 20.0) -> ServerProcess:
     )
     lines: list[str] = []
     assert process.stdout is not None
-    import time
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         line = process.stdout.readline()
@@ -218,9 +218,17 @@ def start_server_process(config: Path, timeout: float = 20.0) -> ServerProcess:
         lines.append(line)
         match = re.match(r"READY (\S+)", line)
         if match:
+            threading.Thread(target=_drain, args=(process, lines), daemon=True).start()
             return ServerProcess(match.group(1), process, lines)
     process.kill()
     raise RuntimeError("server did not start:\n" + "".join(lines))
+
+
+def _drain(process: subprocess.Popen[str], lines: list[str]) -> None:
+    """Keep reading the server's output so that a full pipe never blocks it."""
+    assert process.stdout is not None
+    for line in process.stdout:
+        lines.append(line)
 
 
 class Client:

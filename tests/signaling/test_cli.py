@@ -1,0 +1,64 @@
+"""The `telehealth` command: token, check-config, and the embedded serve with its demo."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+
+from tests.support import start_server_process, write_config
+
+
+def telehealth(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "signaling.cli", *args], capture_output=True,
+                          text=True, timeout=60, cwd=cwd)
+
+
+def test_token_prints_a_token_that_signs_in(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    done = telehealth("--config", str(config), "token", "cardio1")
+    assert done.returncode == 0, done.stderr
+    token = done.stdout.strip()
+    assert token.count(".") == 2
+    assert f"#token={token}" in done.stderr
+    unknown = telehealth("--config", str(config), "token", "nobody")
+    assert unknown.returncode == 2 and "nobody" in unknown.stderr
+
+
+def test_check_config_validates_the_directory(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    done = telehealth("--config", str(config), "check-config")
+    assert done.returncode == 0 and "configuration OK" in done.stdout
+    (tmp_path / "directory.toml").write_text(
+        '[[sites]]\nid = "a"\nname = "A"\ntier = "capital"\nregion = "01"\n')
+    bad = telehealth("--config", str(config), "check-config")
+    assert bad.returncode == 2
+    assert "sites.0.tier = 'capital'" in bad.stderr
+
+
+async def test_serve_without_a_directory_creates_the_demo_and_prints_working_links(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "embedded.toml"
+    config.write_text(f'[server]\nport = 0\n[storage]\ndata_dir = "{tmp_path / "var"}"\n')
+    server = start_server_process(config)
+    try:
+        links = [line.strip() for line in server.output if "#token=" in line]
+        assert len(links) == 7  # a clinician of each role across the demo sites
+        secret = tmp_path / "var" / "token-secret"
+        assert secret.stat().st_mode & 0o777 == 0o600
+        token = links[0].split("#token=")[1]
+        async with aiohttp.ClientSession() as session:
+            headers = {"Authorization": f"Bearer {token}"}
+            async with session.get(f"{server.url}/api/me", headers=headers) as response:
+                assert response.status == 200
+                me = await response.json()
+            async with session.get(f"{server.url}/") as response:
+                assert response.status == 200
+                assert "Telehealth Bridge" in await response.text()
+        assert me["site"]["tier"] in ("district", "commune", "central")
+    finally:
+        server.process.terminate()
+        server.process.wait(timeout=10)

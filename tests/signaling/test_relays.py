@@ -1,0 +1,41 @@
+"""RelayDirectory placement: the requesting site's region first, then the least loaded."""
+
+from __future__ import annotations
+
+import pytest
+
+from relay.embedded import EmbeddedRelay
+from signaling.relays import NoRelayAvailable, RelayDirectory
+
+
+async def test_a_room_goes_to_a_relay_of_the_region_then_to_the_least_loaded() -> None:
+    relays = RelayDirectory()
+    hanoi = EmbeddedRelay("hn-1", region="01", capacity=2)
+    saigon = EmbeddedRelay("hcm-1", region="79", capacity=2)
+    anywhere = EmbeddedRelay("embedded", capacity=10)
+    for relay in (hanoi, saigon, anywhere):
+        relays.register(relay)
+    assert (await relays.place("r1", "79")).info.id == "hcm-1"
+    assert (await relays.place("r2", "79")).info.id == "hcm-1"
+    # hcm-1 is full: the least loaded of the rest (by share of capacity, then id).
+    assert (await relays.place("r3", "79")).info.id == "embedded"
+    assert (await relays.place("r4", "22")).info.id == "hn-1"
+    assert (await relays.place("r6", "01")).info.id == "hn-1"
+    assert saigon.info.load == 2 and anywhere.info.load == 1 and hanoi.info.load == 2
+    await relays.release("r1")
+    assert saigon.info.load == 1 and "r1" not in saigon.rooms
+    await relays.release("r1")  # idempotent
+    assert (await relays.place("r5", "79")).info.id == "hcm-1"
+
+
+async def test_no_capacity_anywhere_is_a_clear_error() -> None:
+    relays = RelayDirectory()
+    relays.register(EmbeddedRelay("only", capacity=1))
+    await relays.place("r1", "01")
+    with pytest.raises(NoRelayAvailable, match="capacity"):
+        await relays.place("r2", "01")
+
+
+def test_a_relay_must_have_capacity() -> None:
+    with pytest.raises(ValueError, match="capacity must be > 0, got 0"):
+        EmbeddedRelay("x", capacity=0)
