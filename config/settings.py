@@ -95,9 +95,9 @@ class QueueSettings(_Section):
 
 
 class PresenceSettings(_Section):
-    ping_interval_s: float = Field(default=20.0, gt=0)
+    ping_interval_s: float = Field(default=20.0, ge=1)
     """socket.io ping interval: how often the server checks each connection. Default 20 s."""
-    ping_timeout_s: float = Field(default=20.0, gt=0)
+    ping_timeout_s: float = Field(default=20.0, ge=1)
     """A connection that does not answer a ping within this time is offline. Default 20 s."""
     reconnect_grace_s: float = Field(default=30.0, ge=0)
     """A participant who reconnects within this time keeps their place. Default 30 s."""
