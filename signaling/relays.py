@@ -49,21 +49,22 @@ class RelayDirectory:
 
         return min(candidates, key=rank)
 
-    async def place(self, room_id: str, region: str) -> Relay:
-        """Open the room on the chosen relay and remember where it is."""
-        relay = self.choose(region)
+    async def open(self, room_id: str, relay: Relay) -> Relay:
+        """Open the room on ``relay`` (as returned by ``choose``) and remember where it is."""
         await relay.open_room(room_id)
         self._placements[room_id] = relay.info.id
         return relay
+
+    async def place(self, room_id: str, region: str) -> Relay:
+        """Open the room on the relay ``choose`` picks."""
+        return await self.open(room_id, self.choose(region))
 
     async def adopt(self, room_id: str, relay_id: str, region: str) -> Relay:
         """After a restart: reopen a live consultation's room where it was, else place it."""
         relay = self._relays.get(relay_id)
         if relay is None or not relay.info.has_room:
             return await self.place(room_id, region)
-        await relay.open_room(room_id)
-        self._placements[room_id] = relay.info.id
-        return relay
+        return await self.open(room_id, relay)
 
     async def release(self, room_id: str) -> None:
         relay_id = self._placements.pop(room_id, None)
