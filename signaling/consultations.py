@@ -183,14 +183,21 @@ class Consultations:
                 await self._remove(participant)
 
     # -- invite / chat / end --------------------------------------------------------------
-    async def invite(self, principal: Principal, consultation_id: str,
-                     site_id: str) -> dict[str, Any]:
+    async def _managed_by(self, principal: Principal, consultation_id: str,
+                          action: str) -> Consultation:
+        """The consultation, if it has not ended and ``principal`` is its host or a
+        coordinator."""
         consultation = await self._get(consultation_id)
         if not can_manage(principal, consultation):
-            raise Forbidden(f"only the host or a coordinator may invite sites into "
-                            f"consultation {consultation_id!r}")
+            raise Forbidden(f"only the host or a coordinator may {action} consultation "
+                            f"{consultation_id!r}")
         if consultation.state == "ended":
-            raise InvalidState(f"consultation {consultation_id!r} has ended")
+            raise InvalidState(f"consultation {consultation_id!r} has already ended")
+        return consultation
+
+    async def invite(self, principal: Principal, consultation_id: str,
+                     site_id: str) -> dict[str, Any]:
+        consultation = await self._managed_by(principal, consultation_id, "invite sites into")
         site = self._directory.site(site_id)
         if site is None:
             raise NotFound(f"no site {site_id!r} in the directory")
@@ -224,12 +231,7 @@ class Consultations:
 
     async def end(self, principal: Principal, consultation_id: str,
                   conclusion: str) -> dict[str, Any]:
-        consultation = await self._get(consultation_id)
-        if not can_manage(principal, consultation):
-            raise Forbidden(f"only the host or a coordinator may end consultation "
-                            f"{consultation_id!r}")
-        if consultation.state == "ended":
-            raise InvalidState(f"consultation {consultation_id!r} has already ended")
+        consultation = await self._managed_by(principal, consultation_id, "end")
         minutes = Minutes(conclusion, principal.id, time.time())
         await self._store.end_consultation(consultation, minutes)
         consultation.state = "ended"
