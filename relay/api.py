@@ -1,13 +1,13 @@
 """The narrow interface between signaling and a relay node, embedded or standalone.
 
-Signaling places each consultation's Room on one relay through this interface and never knows
-which kind it talks to. This module imports nothing from aiortc.
-"""
+Signaling places each consultation's Room on one relay and drives its media through ``Relay``;
+the relay reports back through ``RelayEvents``. Signaling never knows which kind of relay it
+talks to, and this module imports nothing from aiortc."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass
@@ -31,9 +31,27 @@ class RelayInfo:
     def has_room(self) -> bool:
         return self.load < self.capacity
 
+    def to_wire(self) -> dict[str, Any]:
+        return {"id": self.id, "region": self.region, "public_address": self.public_address,
+                "capacity": self.capacity, "load": self.load, "embedded": self.embedded}
+
+
+class RelayEvents(Protocol):
+    """What a relay tells signaling."""
+
+    async def offer(self, room_id: str, participant_id: str, offer: dict[str, Any]) -> None:
+        """A new subscribe offer ``{transport_id, type, sdp, tracks}`` for the participant."""
+
+    async def publication(self, room_id: str, event: str, publication: dict[str, Any]) -> None:
+        """A publication was ``added`` or ``removed`` in the room."""
+
+    async def notice(self, room_id: str, participant_id: str, notice: dict[str, Any]) -> None:
+        """Something the participant should know (``{code, ...}``: video paused/resumed)."""
+
 
 class Relay(Protocol):
-    """What signaling asks of a relay."""
+    """What signaling asks of a relay. Errors are raised as ``relay.errors.RelayError`` (with a
+    ``code``), the same for the embedded relay and a remote node."""
 
     info: RelayInfo
 
@@ -42,3 +60,29 @@ class Relay(Protocol):
 
     async def close_room(self, room_id: str) -> None:
         """Close the Room and everything in it (idempotent)."""
+
+    async def join(self, room_id: str, participant_id: str) -> None:
+        """Add a participant's media presence; a second join starts it afresh (reconnect)."""
+
+    async def leave(self, room_id: str, participant_id: str) -> None:
+        """Close exactly this participant's publications, subscriptions and connections."""
+
+    async def publish(self, room_id: str, participant_id: str, sdp: str,
+                      sources: dict[str, str]) -> dict[str, Any]:
+        """Answer a publish offer: ``{transport_id, type: "answer", sdp, publications}``."""
+
+    async def unpublish(self, room_id: str, participant_id: str, source: str) -> None: ...
+
+    async def subscribe(self, room_id: str, participant_id: str) -> dict[str, Any]:
+        """The first subscribe offer ``{transport_id, type: "offer", sdp, tracks}``."""
+
+    async def answer(self, room_id: str, participant_id: str, transport_id: str,
+                     sdp: str) -> None: ...
+
+    async def add_ice_candidate(self, room_id: str, participant_id: str, transport_id: str,
+                                candidate: dict[str, Any]) -> None: ...
+
+    async def set_audio_only(self, room_id: str, participant_id: str,
+                             audio_only: bool) -> None: ...
+
+    async def stats(self, room_id: str) -> dict[str, Any]: ...

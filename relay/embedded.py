@@ -1,31 +1,98 @@
-"""The relay that runs inside the `serve` process. For now it keeps the set of open rooms
-(placement and load); the media plane is added on top of the same interface."""
+"""LocalRelay: the relay that runs inside this process: the embedded relay of `serve`, and the
+engine of a standalone `telehealth relay` node."""
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
-from relay.api import RelayInfo
+from relay.api import RelayEvents, RelayInfo
+from relay.config import MediaConfig
+from relay.errors import UnknownRoom
+from relay.room import Room
 
 logger = logging.getLogger(__name__)
 
 
-class EmbeddedRelay:
+class NullEvents:
+    """RelayEvents for a relay nobody listens to (placement-only uses, tools)."""
+
+    async def offer(self, room_id: str, participant_id: str, offer: dict[str, Any]) -> None:
+        return None
+
+    async def publication(self, room_id: str, event: str, publication: dict[str, Any]) -> None:
+        return None
+
+    async def notice(self, room_id: str, participant_id: str, notice: dict[str, Any]) -> None:
+        return None
+
+
+class LocalRelay:
     def __init__(self, relay_id: str = "embedded", *, region: str = "",
-                 public_address: str = "", capacity: int = 500) -> None:
+                 public_address: str = "", capacity: int = 500,
+                 config: MediaConfig | None = None, events: RelayEvents | None = None,
+                 embedded: bool = True) -> None:
         self.info = RelayInfo(id=relay_id, region=region, public_address=public_address,
-                              capacity=capacity, embedded=True, heartbeat_at=time.time())
-        self.rooms: set[str] = set()
+                              capacity=capacity, embedded=embedded, heartbeat_at=time.time())
+        self.config = config or MediaConfig()
+        self.events: RelayEvents = events or NullEvents()
+        self.rooms: dict[str, Room] = {}
+
+    def _room(self, room_id: str) -> Room:
+        room = self.rooms.get(room_id)
+        if room is None:
+            raise UnknownRoom(f"relay {self.info.id!r} has no room {room_id!r}")
+        return room
 
     async def open_room(self, room_id: str) -> None:
         if room_id not in self.rooms:
-            self.rooms.add(room_id)
+            self.rooms[room_id] = Room(room_id, self.config, self.events)
             self.info.load = len(self.rooms)
-            logger.info("EmbeddedRelay(%s) room %s opened", self.info.id, room_id)
+            logger.info("LocalRelay(%s) room %s opened", self.info.id, room_id)
 
     async def close_room(self, room_id: str) -> None:
-        if room_id in self.rooms:
-            self.rooms.discard(room_id)
+        room = self.rooms.pop(room_id, None)
+        if room is not None:
             self.info.load = len(self.rooms)
-            logger.info("EmbeddedRelay(%s) room %s closed", self.info.id, room_id)
+            await room.close()
+
+    async def join(self, room_id: str, participant_id: str) -> None:
+        await self._room(room_id).join(participant_id)
+
+    async def leave(self, room_id: str, participant_id: str) -> None:
+        room = self.rooms.get(room_id)
+        if room is not None:
+            await room.leave(participant_id)
+
+    async def publish(self, room_id: str, participant_id: str, sdp: str,
+                      sources: dict[str, str]) -> dict[str, Any]:
+        return await self._room(room_id).get(participant_id).publish(sdp, sources)
+
+    async def unpublish(self, room_id: str, participant_id: str, source: str) -> None:
+        await self._room(room_id).get(participant_id).unpublish(source)
+
+    async def subscribe(self, room_id: str, participant_id: str) -> dict[str, Any]:
+        return await self._room(room_id).get(participant_id).subscribe()
+
+    async def answer(self, room_id: str, participant_id: str, transport_id: str,
+                     sdp: str) -> None:
+        await self._room(room_id).get(participant_id).answer(transport_id, sdp)
+
+    async def add_ice_candidate(self, room_id: str, participant_id: str, transport_id: str,
+                                candidate: dict[str, Any]) -> None:
+        await self._room(room_id).get(participant_id).add_ice_candidate(transport_id, candidate)
+
+    async def set_audio_only(self, room_id: str, participant_id: str,
+                             audio_only: bool) -> None:
+        self._room(room_id).get(participant_id).set_audio_only(audio_only)
+
+    async def stats(self, room_id: str) -> dict[str, Any]:
+        return self._room(room_id).stats()
+
+    async def close(self) -> None:
+        for room_id in list(self.rooms):
+            await self.close_room(room_id)
+
+
+EmbeddedRelay = LocalRelay
