@@ -108,6 +108,49 @@ class LiveSettings(_Section):
     """Where live state (presence, membership) lives. Default and only value for now: memory."""
 
 
+VideoCodec = Literal["VP8", "H264"]
+VIDEO_CODECS: tuple[VideoCodec, ...] = ("VP8", "H264")
+
+
+class IceServer(_Section):
+    urls: str = Field(pattern=r"^(stun|turn|turns):")
+    username: str | None = None
+    credential: str | None = None
+
+
+class RelaySettings(_Section):
+    embedded: bool = True
+    """Run a relay inside `serve` (the embedded default). Standalone nodes may register too."""
+    id: str = Field(default="embedded", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    """This relay's id (embedded relay, or a standalone node's default)."""
+    region: str = ""
+    """Province code the relay serves; empty: any region."""
+    capacity: int = Field(default=200, gt=0)
+    """Consultations (rooms) this relay accepts at most."""
+    host_addresses: list[str] = Field(default_factory=list)
+    """Addresses to gather ICE host candidates on; empty: every address but loopback.
+    Tests and single-machine demos use ["127.0.0.1"]."""
+    announced_address: str = ""
+    """Public address written into the relay's host candidates (1:1 NAT); empty: none."""
+    ice_servers: list[IceServer] = Field(default_factory=list)
+    """STUN/TURN servers the relay's own ICE agent uses."""
+    client_ice_servers: list[IceServer] = Field(default_factory=list)
+    """STUN/TURN servers handed to browsers with `media:join`."""
+    video_codecs: list[VideoCodec] = Field(default_factory=lambda: list(VIDEO_CODECS),
+                                           min_length=1)
+    """Video codecs accepted from publishers, most preferred first. Default VP8, then H264."""
+    keyframe_interval_s: float = Field(default=0.3, gt=0, le=5)
+    """At most one keyframe request to a publisher per this many seconds. Default 0.3."""
+    max_backlog_bytes: int = Field(default=512 * 1024, ge=0)
+    """A subscriber whose send backlog passes this skips to the next keyframe. 0: no bound."""
+    bandwidth_floor_bps: int = Field(default=150_000, ge=0)
+    """Pause video toward a subscriber whose estimate stays below this. 0: never."""
+    bandwidth_window_s: float = Field(default=4.0, gt=0)
+    bandwidth_retry_s: float = Field(default=20.0, gt=0)
+    heartbeat_s: float = Field(default=5.0, gt=0)
+    """Standalone nodes heartbeat this often; one silent for 3 heartbeats is dropped."""
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -128,6 +171,7 @@ class Settings(BaseSettings):
     queue: QueueSettings = Field(default_factory=QueueSettings)
     presence: PresenceSettings = Field(default_factory=PresenceSettings)
     live: LiveSettings = Field(default_factory=LiveSettings)
+    relay: RelaySettings = Field(default_factory=RelaySettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @classmethod

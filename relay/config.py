@@ -1,9 +1,10 @@
-"""Media settings of a relay (embedded or standalone); a plain dataclass so that the relay
-does not depend on the server's settings schema."""
+"""Media settings of a relay (embedded or standalone), taken from the ``[relay]`` settings."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from config.settings import IceServer, RelaySettings
 
 
 @dataclass
@@ -26,3 +27,23 @@ class MediaConfig:
     """How long the estimate must stay below the floor before video is paused."""
     bandwidth_retry_s: float = 20.0
     """After this long paused for bandwidth, video is tried again."""
+
+
+
+def from_settings(relay: RelaySettings) -> MediaConfig:
+    """The media part of the ``[relay]`` settings."""
+
+    def servers(items: list[IceServer]) -> list[dict[str, str]]:
+        return [item.model_dump(exclude_none=True) for item in items]
+
+    return MediaConfig(
+        host_addresses=list(relay.host_addresses),
+        announced_address=relay.announced_address,
+        ice_servers=servers(relay.ice_servers),
+        video_codecs=list(relay.video_codecs),
+        keyframe_interval_s=relay.keyframe_interval_s,
+        max_backlog_bytes=relay.max_backlog_bytes,
+        bandwidth_floor_bps=relay.bandwidth_floor_bps,
+        bandwidth_window_s=relay.bandwidth_window_s,
+        bandwidth_retry_s=relay.bandwidth_retry_s,
+    )

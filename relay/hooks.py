@@ -23,7 +23,15 @@ from typing import Any
 import aioice.ice
 import aiortc
 from aiortc import RTCPeerConnection, RTCRtpReceiver, RTCRtpSender
-from aiortc.rtp import RTCP_PSFB_APP, RTP_HISTORY_SIZE, RtcpPsfbPacket, RtpPacket, unpack_remb_fci
+from aiortc.rtp import (
+    RTCP_PSFB_APP,
+    RTP_HISTORY_SIZE,
+    RtcpPsfbPacket,
+    RtcpRrPacket,
+    RtcpSrPacket,
+    RtpPacket,
+    unpack_remb_fci,
+)
 
 from relay.errors import HookMissing
 
@@ -150,20 +158,25 @@ class SenderLeg:
 
 
 def intercept_feedback(sender: RTCRtpSender, *, on_keyframe_request: Callable[[], None],
-                       on_remb: Callable[[int], None]) -> None:
-    """Route a subscriber's PLI/FIR and REMB for this sender to the relay. NACKs and receiver
-    reports still reach aiortc's own handling (retransmission from the history, RTT)."""
+                       on_remb: Callable[[int, list[int]], None],
+                       on_loss: Callable[[float], None]) -> None:
+    """Route a subscriber's PLI/FIR, REMB and reported loss for this sender to the relay.
+    NACKs and receiver reports still reach aiortc's own handling (retransmission, RTT)."""
     original = sender._handle_rtcp_packet
     ssrc = sender._ssrc
 
     async def handle(packet: Any) -> None:
+        if isinstance(packet, (RtcpRrPacket, RtcpSrPacket)):
+            for report in packet.reports:
+                if report.ssrc == ssrc:
+                    on_loss(report.fraction_lost / 256)
         if isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
             try:
                 bitrate, ssrcs = unpack_remb_fci(packet.fci)
             except ValueError:
                 return
             if ssrc in ssrcs:
-                on_remb(bitrate)
+                on_remb(bitrate, list(ssrcs))
             return
         await original(packet)
 

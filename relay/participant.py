@@ -5,6 +5,7 @@ renegotiates as publications come and go), its Publications and Subscriptions.""
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import re
 import time
@@ -12,6 +13,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from aiortc import (
+    RTCBundlePolicy,
     RTCConfiguration,
     RTCIceServer,
     RTCPeerConnection,
@@ -34,6 +36,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_SDP_BYTES = 64 * 1024
+LOSS_WINDOW_S = 3.0
+CONGESTION_LOSS = 0.05
+"""Reported loss (fraction) at or above which a low bandwidth estimate counts as congestion."""
 
 
 def parse_sdp(sdp: object, kind: str) -> SessionDescription:
@@ -50,10 +55,11 @@ def parse_sdp(sdp: object, kind: str) -> SessionDescription:
     return parsed
 
 
-def _configuration(config: MediaConfig) -> RTCConfiguration:
+def _configuration(config: MediaConfig, *, max_bundle: bool = False) -> RTCConfiguration:
     servers = [RTCIceServer(urls=s["urls"], username=s.get("username"),
                             credential=s.get("credential")) for s in config.ice_servers]
-    return RTCConfiguration(iceServers=servers)
+    policy = RTCBundlePolicy.MAX_BUNDLE if max_bundle else RTCBundlePolicy.BALANCED
+    return RTCConfiguration(iceServers=servers, bundlePolicy=policy)
 
 
 def _announce(sdp: str, config: MediaConfig) -> str:
@@ -97,10 +103,14 @@ class Participant:
         self._negotiating = False
         self._dirty = False
         self._offered: set[str] = set()
+        self._pending: list[Publication] = []
         self._low_since: float | None = None
         self._bandwidth_paused = False
         self._retry: asyncio.TimerHandle | None = None
         self.remb_bps: int | None = None
+        self._losses: collections.deque[tuple[float, float]] = collections.deque(maxlen=64)
+        self._rate_marks: dict[tuple[int, ...], tuple[float, int]] = {}
+        self._rates: dict[tuple[int, ...], float] = {}
 
     def _log(self, message: str, *args: object) -> None:
         logger.info("Participant(%s/%s) " + message, self.room.id, self.id, *args)
@@ -211,9 +221,13 @@ class Participant:
     async def subscribe(self) -> dict[str, Any]:
         """Start (or restart) the subscribe connection; returns the first offer."""
         if self.subscribe_pc is None:
-            self.subscribe_pc = RTCPeerConnection(_configuration(self.config))
-            # The first offer must not be empty (an empty BUNDLE group is refused by browsers).
-            self.subscribe_pc.createDataChannel("relay")
+            # Every sender shares the first one's transport (max-bundle). aiortc's balanced
+            # bundling leaves a sender that joined a non-primary transport on a transport it
+            # then discards. The first sender is an (inactive) audio leg: it keeps the first
+            # offer from being empty (an empty BUNDLE group is refused by browsers) and is
+            # reused by the first audio subscription.
+            self.subscribe_pc = RTCPeerConnection(_configuration(self.config, max_bundle=True))
+            self._free_leg("audio")
             self._watch(self.subscribe_pc, self.subscribe_id)
         for publication in self.room.publications_for(self):
             self._attach(publication)
@@ -246,6 +260,7 @@ class Participant:
             transceiver.sender,
             on_keyframe_request=lambda: self._keyframe_wanted(leg),
             on_remb=self._on_remb,
+            on_loss=self._on_loss,
         )
         self.legs.append(leg)
         return leg
@@ -256,6 +271,12 @@ class Participant:
 
     def publication_added(self, publication: Publication) -> None:
         if self.subscribe_pc is None or self.closed:
+            return
+        if self._negotiating:
+            # No sender may be added while an offer is in flight: aiortc would give it a
+            # transport that the pending answer's BUNDLE then discards. Attach after it.
+            self._pending.append(publication)
+            self._dirty = True
             return
         if self._attach(publication) is not None:
             self._renegotiate()
@@ -331,6 +352,9 @@ class Participant:
             raise BadSdp(f"the answer cannot be applied: {exc}") from None
         finally:
             self._negotiating = False
+        pending, self._pending = self._pending, []
+        for publication in pending:
+            self._attach(publication)
         for subscription in self.subscriptions.values():
             if subscription.publication.id in self._offered and not subscription.ready:
                 subscription.ready = True
@@ -365,13 +389,43 @@ class Participant:
                 subscription.resume("audio_only")
         self._log("audio only %s", "on" if audio_only else "off")
 
-    def _on_remb(self, bitrate: int) -> None:
+    def _send_rate(self, now: float, ssrcs: list[int]) -> float | None:
+        """Bits per second the relay sent on the legs ``ssrcs`` since the last report on
+        the same legs."""
+        key = tuple(sorted(ssrcs))
+        total = sum(s.forwarded_bytes for s in self.subscriptions.values()
+                    if s.leg.sender.ssrc in ssrcs)
+        previous = self._rate_marks.get(key)
+        if previous is not None and now - previous[0] < 0.5:
+            return self._rates.get(key)
+        self._rate_marks[key] = (now, total)
+        if previous is None:
+            return None
+        self._rates[key] = (total - previous[1]) * 8 / (now - previous[0])
+        return self._rates[key]
+
+    def _on_loss(self, fraction: float) -> None:
+        self._losses.append((time.monotonic(), fraction))
+
+    def _recent_loss(self, now: float) -> float:
+        while self._losses and now - self._losses[0][0] > LOSS_WINDOW_S:
+            self._losses.popleft()
+        return max((f for _, f in self._losses), default=0.0)
+
+    def _on_remb(self, bitrate: int, ssrcs: list[int]) -> None:
+        """A receiver estimate (REMB) from the subscriber. Video is paused when the estimate
+        stays under the floor while the subscriber reports loss: a low estimate alone is no
+        proof (aiortc's estimator reports about half of what it receives, and a still screen
+        is simply sent little)."""
         self.remb_bps = bitrate
         floor = self.config.bandwidth_floor_bps
+        now = time.monotonic()
+        rate = self._send_rate(now, ssrcs)
+        logger.debug("Participant(%s/%s) REMB %d bps for %d legs sent %s bps", self.room.id,
+                     self.id, bitrate, len(ssrcs), rate)
         if not floor or self._bandwidth_paused:
             return
-        now = time.monotonic()
-        if bitrate >= floor:
+        if bitrate >= floor or self._recent_loss(now) < CONGESTION_LOSS:
             self._low_since = None
             return
         if self._low_since is None:
@@ -414,6 +468,7 @@ class Participant:
                                                  "paused": sorted(s.paused_reasons)}
                               for s in self.subscriptions.values()},
             "remb_bps": self.remb_bps,
+            "send_bps": sum(self._rates.values()) if self._rates else None,
         }
 
     async def close(self) -> None:

@@ -72,6 +72,7 @@ class Subscription:
         self.paused_reasons: set[str] = set()
         self.waiting_keyframe = True
         self.forwarded = 0
+        self.forwarded_bytes = 0
         self.skipped = 0
         self.restarts = 0
         self._max_backlog = max_backlog_bytes
@@ -153,6 +154,7 @@ class Subscription:
             self.waiting_keyframe = True
             return
         self.forwarded += 1
+        self.forwarded_bytes += len(packet.payload)
 
     def close(self) -> None:
         if self.closed:

@@ -15,13 +15,16 @@ import socketio
 from aiohttp import web
 
 from config.settings import Settings
-from relay.embedded import EmbeddedRelay
+from relay import hooks
+from relay.config import from_settings
+from relay.embedded import LocalRelay
 from signaling.consultations import Consultations
 from signaling.demo import ensure_demo_directory
 from signaling.directory import Directory
 from signaling.handlers import SocketGateway, SocketIONotifier
 from signaling.http_api import add_routes, json_errors, make_auth_middleware
 from signaling.live import MemoryLiveStore
+from signaling.media import Media, MediaEvents
 from signaling.metrics import Metrics
 from signaling.pairing import Pairing
 from signaling.presence import Presence
@@ -48,6 +51,8 @@ class Services:
     presence: Presence
     gateway: SocketGateway
     sio: socketio.AsyncServer
+    media: Media
+    embedded: LocalRelay | None
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
@@ -78,27 +83,50 @@ def create_app(settings: Settings) -> web.Application:
     store = RecordStore(data_dir / RECORDS_FILE)
     live = MemoryLiveStore()
     relays = RelayDirectory()
-    relays.register(EmbeddedRelay())
+    media = Media(relays=relays, live=live, notifier=notifier,
+                  client_ice_servers=[s.model_dump(exclude_none=True)
+                                      for s in settings.relay.client_ice_servers])
+    embedded: LocalRelay | None = None
+    if settings.relay.embedded:
+        embedded = LocalRelay(settings.relay.id, region=settings.relay.region,
+                              capacity=settings.relay.capacity,
+                              public_address=settings.relay.announced_address,
+                              config=from_settings(settings.relay),
+                              events=MediaEvents(media, notifier))
+        relays.register(embedded)
     pairing = Pairing(store=store, queue=ConsultQueue(), directory=directory, relays=relays,
                       notifier=notifier, metrics=metrics, settings=settings.queue)
     consultations = Consultations(store=store, live=live, directory=directory, relays=relays,
                                   notifier=notifier, metrics=metrics,
-                                  reconnect_grace_s=settings.presence.reconnect_grace_s)
+                                  reconnect_grace_s=settings.presence.reconnect_grace_s,
+                                  media=media)
     presence = Presence(live, directory, notifier, metrics)
     gateway = SocketGateway(sio, tokens=tokens, pairing=pairing, consultations=consultations,
-                            presence=presence, metrics=metrics)
+                            presence=presence, media=media, metrics=metrics)
 
     app = web.Application(middlewares=[
         json_errors,
         make_auth_middleware(tokens.verify, settings.security.metrics_token),
     ])
     app[SERVICES] = Services(settings, directory, tokens, store, relays, metrics, pairing,
-                             consultations, presence, gateway, sio)
+                             consultations, presence, gateway, sio, media, embedded)
     sio.attach(app)
     add_routes(app, SERVICES)
+    app.cleanup_ctx.append(_embedded_relay)
     app.cleanup_ctx.append(_records)
     app.cleanup_ctx.append(_timers)
     return app
+
+
+async def _embedded_relay(app: web.Application) -> AsyncIterator[None]:
+    """Check aiortc's internals before any media flows; close every room at the end."""
+    services = app[SERVICES]
+    if services.embedded is not None:
+        await hooks.check()
+        hooks.set_host_addresses(services.settings.relay.host_addresses)
+    yield
+    if services.embedded is not None:
+        await services.embedded.close()
 
 
 async def _records(app: web.Application) -> AsyncIterator[None]:

@@ -10,6 +10,7 @@ from typing import Any
 from signaling.directory import Directory
 from signaling.errors import Forbidden, InvalidState, NotFound
 from signaling.live import LiveStore, Participant
+from signaling.media import Media
 from signaling.metrics import Metrics
 from signaling.models import ChatMessage, Consultation, Minutes
 from signaling.notify import Notifier, clinician_room, consultation_room, site_room
@@ -42,7 +43,7 @@ def can_read(principal: Principal, consultation: Consultation) -> bool:
 class Consultations:
     def __init__(self, *, store: RecordStore, live: LiveStore, directory: Directory,
                  relays: RelayDirectory, notifier: Notifier, metrics: Metrics,
-                 reconnect_grace_s: float) -> None:
+                 reconnect_grace_s: float, media: Media) -> None:
         self._store = store
         self._live = live
         self._directory = directory
@@ -50,6 +51,7 @@ class Consultations:
         self._notifier = notifier
         self._metrics = metrics
         self._grace_s = reconnect_grace_s
+        self._media = media
 
     async def restore(self) -> int:
         """After a start: reopen the rooms of consultations that had not ended."""
@@ -139,6 +141,7 @@ class Consultations:
 
     async def _remove(self, participant: Participant) -> None:
         await self._live.remove_participant(participant.consultation_id, participant.clinician_id)
+        await self._media.leave(participant.consultation_id, participant.clinician_id)
         await self._store.record_leave(participant.consultation_id, participant.clinician_id,
                                        time.time())
         logger.info("consultation %s: %s left", participant.consultation_id,
@@ -238,6 +241,7 @@ class Consultations:
         consultation.ended_at = minutes.signed_at
         consultation.minutes = minutes
         await self._live.drop_consultation(consultation.id)
+        self._media.forget(consultation.id)
         await self._relays.release(consultation.id)
         self._metrics.live_consultations.dec()
         logger.info("consultation %s ended by %s", consultation.id, principal.id)

@@ -13,6 +13,7 @@ import socketio
 
 from signaling.consultations import Consultations
 from signaling.errors import InvalidPayload, SignalingError, Unauthenticated
+from signaling.media import Media
 from signaling.metrics import Metrics
 from signaling.notify import (
     CENTRAL_SPECIALISTS,
@@ -24,14 +25,20 @@ from signaling.notify import (
 from signaling.pairing import Pairing, is_central_specialist
 from signaling.presence import Presence
 from signaling.schemas import (
+    Answer,
     Chat,
     ConsultationRef,
     Empty,
     End,
+    Ice,
     Invite,
+    MediaRef,
+    Mode,
     Payload,
+    Publish,
     RequestConsult,
     RequestRef,
+    Unpublish,
     parse,
 )
 from signaling.tokens import Principal, TokenAuthority
@@ -68,12 +75,13 @@ class SocketGateway:
 
     def __init__(self, sio: socketio.AsyncServer, *, tokens: TokenAuthority,
                  pairing: Pairing, consultations: Consultations, presence: Presence,
-                 metrics: Metrics) -> None:
+                 media: Media, metrics: Metrics) -> None:
         self._sio = sio
         self._tokens = tokens
         self._pairing = pairing
         self._consultations = consultations
         self._presence = presence
+        self._media = media
         self._metrics = metrics
         self._principals: dict[str, Principal] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -90,6 +98,13 @@ class SocketGateway:
         self._route("chat:send", Chat, self._chat)
         self._route("consult:end", End, self._end)
         self._route("presence:list", Empty, self._presence_list)
+        self._route("media:join", MediaRef, self._media_join)
+        self._route("media:publish", Publish, self._media_publish)
+        self._route("media:unpublish", Unpublish, self._media_unpublish)
+        self._route("media:subscribe", MediaRef, self._media_subscribe)
+        self._route("media:answer", Answer, self._media_answer)
+        self._route("media:ice", Ice, self._media_ice)
+        self._route("media:mode", Mode, self._media_mode)
 
     @property
     def connected(self) -> int:
@@ -215,3 +230,25 @@ class SocketGateway:
 
     async def _presence_list(self, p: Principal, sid: str, m: Empty) -> dict[str, Any]:
         return {"sites": await self._presence.snapshot()}
+
+    async def _media_join(self, p: Principal, sid: str, m: MediaRef) -> dict[str, Any]:
+        return await self._media.join(p, sid, m.consultation_id)
+
+    async def _media_publish(self, p: Principal, sid: str, m: Publish) -> dict[str, Any]:
+        return await self._media.publish(p, sid, m.consultation_id, m.sdp, dict(m.sources))
+
+    async def _media_unpublish(self, p: Principal, sid: str, m: Unpublish) -> dict[str, Any]:
+        return await self._media.unpublish(p, sid, m.consultation_id, m.source)
+
+    async def _media_subscribe(self, p: Principal, sid: str, m: MediaRef) -> dict[str, Any]:
+        return await self._media.subscribe(p, sid, m.consultation_id)
+
+    async def _media_answer(self, p: Principal, sid: str, m: Answer) -> dict[str, Any]:
+        return await self._media.answer(p, sid, m.consultation_id, m.transport_id, m.sdp)
+
+    async def _media_ice(self, p: Principal, sid: str, m: Ice) -> dict[str, Any]:
+        candidate = m.candidate.model_dump() if m.candidate is not None else {}
+        return await self._media.ice(p, sid, m.consultation_id, m.transport_id, candidate)
+
+    async def _media_mode(self, p: Principal, sid: str, m: Mode) -> dict[str, Any]:
+        return await self._media.mode(p, sid, m.consultation_id, m.audio_only)

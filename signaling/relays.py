@@ -35,6 +35,10 @@ class RelayDirectory:
     def get(self, relay_id: str) -> Relay | None:
         return self._relays.get(relay_id)
 
+    def for_room(self, room_id: str) -> Relay | None:
+        relay_id = self._placements.get(room_id)
+        return self._relays.get(relay_id) if relay_id else None
+
     def relays(self) -> list[Relay]:
         return list(self._relays.values())
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from signaling.errors import InvalidPayload
 from signaling.models import Priority
@@ -78,3 +78,47 @@ def parse(model: type[M], data: object) -> M:
             problems.append(f"{field}: {error['msg']}")
         raise InvalidPayload("; ".join(problems)) from None
 
+
+
+Sdp = Annotated[str, StringConstraints(min_length=1, max_length=64 * 1024)]
+Mid = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,32}$")]
+Source = Literal["microphone", "camera", "screen"]
+
+
+class MediaRef(Payload):
+    consultation_id: Id
+
+
+class Publish(Payload):
+    consultation_id: Id
+    sdp: Sdp
+    sources: dict[Mid, Source] = Field(min_length=1, max_length=3)
+
+
+class Unpublish(Payload):
+    consultation_id: Id
+    source: Source
+
+
+class Answer(Payload):
+    consultation_id: Id
+    transport_id: Id
+    sdp: Sdp
+
+
+class Candidate(Payload):
+    candidate: Annotated[str, StringConstraints(max_length=1024)] = ""
+    sdpMid: Mid | None = None
+    sdpMLineIndex: Annotated[int, Field(ge=0, le=64)] | None = None
+    usernameFragment: Annotated[str, StringConstraints(max_length=256)] | None = None
+
+
+class Ice(Payload):
+    consultation_id: Id
+    transport_id: Id
+    candidate: Candidate | None = None
+
+
+class Mode(Payload):
+    consultation_id: Id
+    audio_only: bool

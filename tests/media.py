@@ -14,6 +14,7 @@ from typing import Any
 import av
 from aiortc import (
     MediaStreamTrack,
+    RTCBundlePolicy,
     RTCConfiguration,
     RTCPeerConnection,
     RTCSessionDescription,
@@ -168,7 +169,10 @@ class MediaPeer:
         return answer
 
     async def subscribe(self) -> None:
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        # max-bundle: with aiortc's default (balanced) bundling, an answerer that creates
+        # several receivers of one kind at once leaves some on a transport it discards.
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[],
+                                                bundlePolicy=RTCBundlePolicy.MAX_BUNDLE))
         self.subscribe_pc = pc
 
         @pc.on("track")

@@ -138,6 +138,7 @@ def write_config(tmp: Path, **sections: dict[str, Any]) -> Path:
         "directory": {"file": str(tmp / "directory.toml")},
         "queue": {"tick_s": 0.1},
         "presence": {"reconnect_grace_s": 1.0, "ping_interval_s": 5, "ping_timeout_s": 5},
+        "relay": {"host_addresses": ["127.0.0.1"]},
         "logging": {"level": "INFO"},
     }
     for name, values in sections.items():
@@ -158,6 +159,8 @@ def _toml(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'

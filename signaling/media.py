@@ -1,0 +1,158 @@
+"""Media signaling: the SDP/ICE exchange between a participant's browser and the relay that
+hosts the consultation's Room. Signaling checks who may do what; the relay (embedded or a
+remote node, behind ``relay.api.Relay``) does the media."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from relay.api import Relay
+from relay.errors import RelayError
+from signaling.errors import InvalidState, NotFound, SignalingError
+from signaling.live import LiveStore
+from signaling.notify import Notifier, consultation_room
+from signaling.relays import RelayDirectory
+from signaling.tokens import Principal
+
+logger = logging.getLogger(__name__)
+
+
+class MediaRefused(SignalingError):
+    """A relay refused a media step; carries the relay's code (bad_sdp, already_published...)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Media:
+    def __init__(self, *, relays: RelayDirectory, live: LiveStore, notifier: Notifier,
+                 client_ice_servers: list[dict[str, str]]) -> None:
+        self._relays = relays
+        self._live = live
+        self._notifier = notifier
+        self._client_ice_servers = client_ice_servers
+        self._sessions: dict[tuple[str, str], str] = {}
+        """(consultation, clinician) -> the connection (sid) that carries its media."""
+
+    async def _relay_for(self, principal: Principal, consultation_id: str) -> Relay:
+        participant = await self._live.get_participant(consultation_id, principal.id)
+        if participant is None or participant.state != "present":
+            raise InvalidState(f"join consultation {consultation_id!r} before its media")
+        relay = self._relays.for_room(consultation_id)
+        if relay is None:
+            raise NotFound(f"consultation {consultation_id!r} has no relay")
+        return relay
+
+    async def _call(self, what: str, consultation_id: str, step: Any) -> Any:
+        try:
+            return await step
+        except RelayError as exc:
+            logger.info("media %s in %s refused by the relay: %s", what, consultation_id,
+                        exc.code)
+            raise MediaRefused(exc.code, exc.message) from None
+
+    # -- client steps ----------------------------------------------------------------------
+    async def join(self, principal: Principal, sid: str, consultation_id: str) -> dict[str, Any]:
+        relay = await self._relay_for(principal, consultation_id)
+        await self._call("join", consultation_id, relay.join(consultation_id, principal.id))
+        self._sessions[(consultation_id, principal.id)] = sid
+        logger.info("media of %s joined %s on relay %s", principal.id, consultation_id,
+                    relay.info.id)
+        return {"relay": relay.info.to_wire(), "ice_servers": self._client_ice_servers}
+
+    async def _session_relay(self, principal: Principal, sid: str,
+                             consultation_id: str) -> Relay:
+        relay = await self._relay_for(principal, consultation_id)
+        if self._sessions.get((consultation_id, principal.id)) != sid:
+            raise InvalidState(f"send media:join for {consultation_id!r} on this connection "
+                               "first")
+        return relay
+
+    async def publish(self, principal: Principal, sid: str, consultation_id: str, sdp: str,
+                      sources: dict[str, str]) -> dict[str, Any]:
+        relay = await self._session_relay(principal, sid, consultation_id)
+        result: dict[str, Any] = await self._call(
+            "publish", consultation_id,
+            relay.publish(consultation_id, principal.id, sdp, sources))
+        return result
+
+    async def unpublish(self, principal: Principal, sid: str, consultation_id: str,
+                        source: str) -> dict[str, Any]:
+        relay = await self._session_relay(principal, sid, consultation_id)
+        await self._call("unpublish", consultation_id,
+                         relay.unpublish(consultation_id, principal.id, source))
+        return {}
+
+    async def subscribe(self, principal: Principal, sid: str,
+                        consultation_id: str) -> dict[str, Any]:
+        relay = await self._session_relay(principal, sid, consultation_id)
+        result: dict[str, Any] = await self._call(
+            "subscribe", consultation_id, relay.subscribe(consultation_id, principal.id))
+        return result
+
+    async def answer(self, principal: Principal, sid: str, consultation_id: str,
+                     transport_id: str, sdp: str) -> dict[str, Any]:
+        relay = await self._session_relay(principal, sid, consultation_id)
+        await self._call("answer", consultation_id,
+                         relay.answer(consultation_id, principal.id, transport_id, sdp))
+        return {}
+
+    async def ice(self, principal: Principal, sid: str, consultation_id: str,
+                  transport_id: str, candidate: dict[str, Any]) -> dict[str, Any]:
+        relay = await self._session_relay(principal, sid, consultation_id)
+        await self._call("ice", consultation_id, relay.add_ice_candidate(
+            consultation_id, principal.id, transport_id, candidate))
+        return {}
+
+    async def mode(self, principal: Principal, sid: str, consultation_id: str,
+                   audio_only: bool) -> dict[str, Any]:
+        relay = await self._session_relay(principal, sid, consultation_id)
+        await self._call("mode", consultation_id,
+                         relay.set_audio_only(consultation_id, principal.id, audio_only))
+        return {"audio_only": audio_only}
+
+    async def leave(self, consultation_id: str, clinician_id: str) -> None:
+        """The participant left the consultation (or its grace period ran out)."""
+        self._sessions.pop((consultation_id, clinician_id), None)
+        relay = self._relays.for_room(consultation_id)
+        if relay is not None:
+            try:
+                await relay.leave(consultation_id, clinician_id)
+            except RelayError as exc:
+                logger.info("media leave of %s in %s: %s", clinician_id, consultation_id,
+                            exc.code)
+
+    def session_of(self, consultation_id: str, clinician_id: str) -> str | None:
+        return self._sessions.get((consultation_id, clinician_id))
+
+    def forget(self, consultation_id: str) -> None:
+        for key in [k for k in self._sessions if k[0] == consultation_id]:
+            del self._sessions[key]
+
+
+class MediaEvents:
+    """RelayEvents that pass what relays say on to the clients."""
+
+    def __init__(self, media: Media, notifier: Notifier) -> None:
+        self._media = media
+        self._notifier = notifier
+
+    async def offer(self, room_id: str, participant_id: str, offer: dict[str, Any]) -> None:
+        sid = self._media.session_of(room_id, participant_id)
+        if sid is not None:
+            await self._notifier.emit("media:offer", {"consultation_id": room_id, **offer}, sid)
+
+    async def publication(self, room_id: str, event: str, publication: dict[str, Any]) -> None:
+        await self._notifier.emit(
+            "media:publication",
+            {"consultation_id": room_id, "event": event, "publication": publication},
+            consultation_room(room_id),
+        )
+
+    async def notice(self, room_id: str, participant_id: str, notice: dict[str, Any]) -> None:
+        sid = self._media.session_of(room_id, participant_id)
+        if sid is not None:
+            await self._notifier.emit("media:notice", {"consultation_id": room_id, **notice},
+                                      sid)
