@@ -62,8 +62,14 @@ class LocalRelay:
 
     async def leave(self, room_id: str, participant_id: str) -> None:
         room = self.rooms.get(room_id)
-        if room is not None:
-            await room.leave(participant_id)
+        if room is None:
+            return
+        await room.leave(participant_id)
+        if not room.participants:
+            # The last one out closes the room and everything in it; the consultation keeps
+            # its place on this relay, so a fresh room takes the next join.
+            await room.close()
+            self.rooms[room_id] = Room(room_id, self.config, self.events)
 
     async def publish(self, room_id: str, participant_id: str, sdp: str,
                       sources: dict[str, str]) -> dict[str, Any]:

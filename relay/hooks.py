@@ -26,6 +26,7 @@ from aiortc import RTCPeerConnection, RTCRtpReceiver, RTCRtpSender
 from aiortc.rtp import (
     RTCP_PSFB_APP,
     RTP_HISTORY_SIZE,
+    RtcpByePacket,
     RtcpPsfbPacket,
     RtcpRrPacket,
     RtcpSrPacket,
@@ -182,6 +183,14 @@ def intercept_feedback(sender: RTCRtpSender, *, on_keyframe_request: Callable[[]
 
     sender._handle_rtcp_packet = handle  # type: ignore[method-assign]
     sender._send_keyframe = on_keyframe_request  # type: ignore[method-assign]
+
+
+async def send_bye(sender: RTCRtpSender) -> None:
+    """RTCP BYE for the sender's SSRC: the subscriber's receiving track ends."""
+    try:
+        await sender.transport._send_rtp(bytes(RtcpByePacket(sources=[sender._ssrc])))
+    except ConnectionError:
+        pass
 
 
 def backlog_bytes(sender: RTCRtpSender) -> int:

@@ -251,7 +251,7 @@ class Participant:
 
     def _free_leg(self, kind: str) -> Leg:
         for leg in self.legs:
-            if leg.kind == kind and leg.subscription is None:
+            if leg.kind == kind and leg.subscription is None and not leg.retired:
                 return leg
         assert self.subscribe_pc is not None
         transceiver = self.subscribe_pc.addTransceiver(kind, direction="sendonly")
@@ -285,9 +285,16 @@ class Participant:
         subscription = self.subscriptions.pop(publication.id, None)
         if subscription is None:
             return
+        leg = subscription.leg
         subscription.close()
-        if not self.closed:
-            self._renegotiate()
+        if self.closed:
+            return
+        # The subscriber's track ends (RTCP BYE) and the m-line goes inactive. The leg is not
+        # reused: an ended receiver does not come back to life in every client (aiortc's
+        # does not), so a later publication gets a fresh m-line.
+        leg.retired = True
+        self.room.spawn(hooks.send_bye(leg.transceiver.sender))
+        self._renegotiate()
 
     def _renegotiate(self) -> None:
         """Send a new offer, or merge the change into the next one if an offer is in flight."""

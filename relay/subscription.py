@@ -55,6 +55,8 @@ class Leg:
         self.payload_type: int | None = None
         self.mid: str | None = None
         self.subscription: Subscription | None = None
+        self.retired = False
+        """Its subscription ended: the m-line stays inactive for good."""
 
     @property
     def connected(self) -> bool:

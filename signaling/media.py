@@ -9,7 +9,7 @@ from typing import Any
 
 from relay.api import Relay
 from relay.errors import RelayError
-from signaling.errors import InvalidState, NotFound, SignalingError
+from signaling.errors import Forbidden, InvalidState, NotFound, SignalingError
 from signaling.live import LiveStore
 from signaling.notify import Notifier, consultation_room
 from signaling.relays import RelayDirectory
@@ -38,8 +38,12 @@ class Media:
 
     async def _relay_for(self, principal: Principal, consultation_id: str) -> Relay:
         participant = await self._live.get_participant(consultation_id, principal.id)
-        if participant is None or participant.state != "present":
-            raise InvalidState(f"join consultation {consultation_id!r} before its media")
+        if participant is None:
+            raise Forbidden(f"clinician {principal.id!r} is not in consultation "
+                            f"{consultation_id!r}: consult:join it before its media")
+        if participant.state != "present":
+            raise InvalidState(f"clinician {principal.id!r} is reconnecting to "
+                               f"{consultation_id!r}")
         relay = self._relays.for_room(consultation_id)
         if relay is None:
             raise NotFound(f"consultation {consultation_id!r} has no relay")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints, ValidationError
 
 from signaling.errors import InvalidPayload
 from signaling.models import Priority
@@ -121,4 +121,4 @@ class Ice(Payload):
 
 class Mode(Payload):
     consultation_id: Id
-    audio_only: bool
+    audio_only: StrictBool
