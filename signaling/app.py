@@ -29,6 +29,7 @@ from signaling.metrics import Metrics
 from signaling.pairing import Pairing
 from signaling.presence import Presence
 from signaling.queue import ConsultQueue
+from signaling.relay_nodes import RelayNodes
 from signaling.relays import RelayDirectory
 from signaling.store import RecordStore
 from signaling.tokens import TokenAuthority, load_or_create_secret
@@ -53,6 +54,7 @@ class Services:
     sio: socketio.AsyncServer
     media: Media
     embedded: LocalRelay | None
+    nodes: RelayNodes
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
@@ -86,13 +88,13 @@ def create_app(settings: Settings) -> web.Application:
     media = Media(relays=relays, live=live, notifier=notifier,
                   client_ice_servers=[s.model_dump(exclude_none=True)
                                       for s in settings.relay.client_ice_servers])
+    media_events = MediaEvents(media, notifier)
     embedded: LocalRelay | None = None
     if settings.relay.embedded:
         embedded = LocalRelay(settings.relay.id, region=settings.relay.region,
                               capacity=settings.relay.capacity,
                               public_address=settings.relay.announced_address,
-                              config=from_settings(settings.relay),
-                              events=MediaEvents(media, notifier))
+                              config=from_settings(settings.relay), events=media_events)
         relays.register(embedded)
     pairing = Pairing(store=store, queue=ConsultQueue(), directory=directory, relays=relays,
                       notifier=notifier, metrics=metrics, settings=settings.queue)
@@ -101,6 +103,9 @@ def create_app(settings: Settings) -> web.Application:
                                   reconnect_grace_s=settings.presence.reconnect_grace_s,
                                   media=media)
     presence = Presence(live, directory, notifier, metrics)
+    nodes = RelayNodes(sio, tokens=tokens, relays=relays, events=media_events,
+                       on_moved=consultations.relay_moved,
+                       heartbeat_s=settings.relay.heartbeat_s)
     gateway = SocketGateway(sio, tokens=tokens, pairing=pairing, consultations=consultations,
                             presence=presence, media=media, metrics=metrics)
 
@@ -109,7 +114,7 @@ def create_app(settings: Settings) -> web.Application:
         make_auth_middleware(tokens.verify, settings.security.metrics_token),
     ])
     app[SERVICES] = Services(settings, directory, tokens, store, relays, metrics, pairing,
-                             consultations, presence, gateway, sio, media, embedded)
+                             consultations, presence, gateway, sio, media, embedded, nodes)
     sio.attach(app)
     add_routes(app, SERVICES)
     app.cleanup_ctx.append(_embedded_relay)
@@ -156,5 +161,6 @@ async def _tick_forever(services: Services) -> None:
         try:
             await services.pairing.tick()
             await services.consultations.tick()
+            await services.nodes.sweep()
         except Exception:
             logger.exception("timer tick failed; trying again in %.1f s", interval)

@@ -32,6 +32,16 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("clinician", help="clinician id from the directory")
     token.add_argument("--ttl", type=int, default=None, help="lifetime in seconds")
     commands.add_parser("check-config", help="validate the configuration and directory")
+    node = commands.add_parser("relay", help="run a standalone relay node that dials out to "
+                                             "signaling")
+    node.add_argument("--signaling", required=True, help="signaling base URL")
+    node.add_argument("--node-token", required=True,
+                      help="node token from `telehealth node-token`")
+    node.add_argument("--region", default="", help="province code this relay serves")
+    node_token = commands.add_parser("node-token",
+                                     help="issue the token a standalone relay node presents")
+    node_token.add_argument("relay_id", help="the node's id, e.g. bv-bachmai-relay-1")
+    node_token.add_argument("--ttl-days", type=int, default=365)
     return parser
 
 
@@ -56,6 +66,15 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_serve(settings))
         if args.command == "token":
             return _token(settings, args.clinician, args.ttl)
+        if args.command == "relay":
+            from relay.node import serve_node
+
+            return asyncio.run(serve_node(settings, signaling_url=args.signaling,
+                                          node_token=args.node_token, region=args.region))
+        if args.command == "node-token":
+            _, authority = _authority(settings)
+            print(authority.issue_node(args.relay_id, ttl_s=args.ttl_days * 86400))
+            return 0
         return _check(settings)
     except (ConfigError, DirectoryError) as exc:
         print(f"telehealth: {exc}", file=sys.stderr)

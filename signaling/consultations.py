@@ -7,6 +7,7 @@ import logging
 import time
 from typing import Any
 
+from relay.api import Relay
 from signaling.directory import Directory
 from signaling.errors import Forbidden, InvalidState, NotFound
 from signaling.live import LiveStore, Participant
@@ -251,6 +252,22 @@ class Consultations:
         await self._notifier.emit("consult:ended", {"consultation": wire}, rooms)
         await self._notifier.close(consultation_room(consultation.id))
         return {"consultation": wire}
+
+    async def relay_moved(self, consultation_id: str, relay: Relay | None) -> None:
+        """The consultation's relay went away: record the new one and tell the participants
+        to set up their media again (``media:join``)."""
+        consultation = await self._store.get_consultation(consultation_id)
+        if consultation is None or consultation.state == "ended":
+            return
+        self._media.forget(consultation_id)
+        if relay is not None:
+            consultation.relay_id = relay.info.id
+            await self._store.save_consultation(consultation)
+        await self._notifier.emit(
+            "media:moved",
+            {"consultation_id": consultation_id,
+             "relay": relay.info.to_wire() if relay is not None else None},
+            consultation_room(consultation_id))
 
     # -- records --------------------------------------------------------------------------
     async def list_for(self, principal: Principal) -> list[dict[str, Any]]:

@@ -178,7 +178,7 @@ class Pairing:
         request.accepted_by = principal.id
         request.accepted_at = now
         request.consultation_id = consultation.id
-        await self._relays.open(consultation.id, relay)
+        await self._relays.open(consultation.id, relay, region)
         self._metrics.requests.labels(outcome="accepted").inc()
         self._metrics.wait_seconds.labels(priority=request.priority).observe(
             now - request.created_at

@@ -23,6 +23,7 @@ class RelayDirectory:
     def __init__(self) -> None:
         self._relays: dict[str, Relay] = {}
         self._placements: dict[str, str] = {}
+        self._regions: dict[str, str] = {}
 
     def register(self, relay: Relay) -> None:
         self._relays[relay.info.id] = relay
@@ -53,25 +54,32 @@ class RelayDirectory:
 
         return min(candidates, key=rank)
 
-    async def open(self, room_id: str, relay: Relay) -> Relay:
+    async def open(self, room_id: str, relay: Relay, region: str = "") -> Relay:
         """Open the room on ``relay`` (as returned by ``choose``) and remember where it is."""
         await relay.open_room(room_id)
         self._placements[room_id] = relay.info.id
+        self._regions[room_id] = region
         return relay
 
     async def place(self, room_id: str, region: str) -> Relay:
         """Open the room on the relay ``choose`` picks."""
-        return await self.open(room_id, self.choose(region))
+        return await self.open(room_id, self.choose(region), region)
+
+    def rooms_on(self, relay_id: str) -> list[tuple[str, str]]:
+        """(room, region) of every room placed on the relay."""
+        return [(room, self._regions.get(room, "")) for room, where in self._placements.items()
+                if where == relay_id]
 
     async def adopt(self, room_id: str, relay_id: str, region: str) -> Relay:
         """After a restart: reopen a live consultation's room where it was, else place it."""
         relay = self._relays.get(relay_id)
         if relay is None or not relay.info.has_room:
             return await self.place(room_id, region)
-        return await self.open(room_id, relay)
+        return await self.open(room_id, relay, region)
 
     async def release(self, room_id: str) -> None:
         relay_id = self._placements.pop(room_id, None)
+        self._regions.pop(room_id, None)
         relay = self._relays.get(relay_id) if relay_id else None
         if relay is not None:
             await relay.close_room(room_id)

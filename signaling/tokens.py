@@ -58,6 +58,9 @@ class Principal:
         return role in self.roles
 
 
+NODE_KIND = "relay-node"
+
+
 class TokenAuthority:
     """Issues and verifies access tokens against the directory."""
 
@@ -118,3 +121,27 @@ class TokenAuthority:
             frozenset(str(s) for s in claims.get("specialties") or []) & clinician.specialties
         )
         return Principal(clinician, site, roles, specialties, float(claims["exp"]))
+
+    def issue_node(self, relay_id: str, *, ttl_s: int = 365 * 24 * 3600,
+                   now: float | None = None) -> str:
+        """A token a standalone relay node presents when it dials in."""
+        issued = int(now if now is not None else time.time())
+        claims = {"iss": ISSUER, "sub": relay_id, "kind": NODE_KIND, "iat": issued,
+                  "exp": issued + ttl_s}
+        return jwt.encode(claims, self._secret, algorithm=ALGORITHM)
+
+    def verify_node(self, token: object) -> str:
+        """The relay id a node token names, or Unauthenticated."""
+        if not token or not isinstance(token, str):
+            raise Unauthenticated("a node token is required", code="token_missing")
+        try:
+            claims = jwt.decode(token, self._secret, algorithms=[ALGORITHM], issuer=ISSUER,
+                                options={"require": ["exp", "sub", "iss"]})
+        except jwt.ExpiredSignatureError:
+            raise Unauthenticated("the node token has expired", code="token_expired") from None
+        except jwt.InvalidTokenError as exc:
+            raise Unauthenticated(f"the node token is invalid: {exc}",
+                                  code="token_invalid") from None
+        if claims.get("kind") != NODE_KIND:
+            raise Unauthenticated("this is not a relay node token", code="token_invalid")
+        return str(claims["sub"])

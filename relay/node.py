@@ -1,0 +1,165 @@
+"""`telehealth relay`: a standalone relay node. It dials out to signaling, registers its
+region and capacity, heartbeats, and carries out room commands on a LocalRelay."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import Any
+
+import jwt
+import socketio
+
+from config.settings import Settings
+from relay import hooks
+from relay.config import from_settings
+from relay.embedded import LocalRelay
+from relay.errors import RelayError
+from relay.remote import COMMANDS, NAMESPACE
+
+logger = logging.getLogger(__name__)
+
+
+class NodeEvents:
+    """RelayEvents sent up the node's signaling connection."""
+
+    def __init__(self, sio: socketio.AsyncClient) -> None:
+        self._sio = sio
+
+    async def _emit(self, event: str, payload: dict[str, Any]) -> None:
+        if self._sio.connected:
+            await self._sio.emit(event, payload, namespace=NAMESPACE)
+
+    async def offer(self, room_id: str, participant_id: str, offer: dict[str, Any]) -> None:
+        await self._emit("relay:offer", {"room_id": room_id, "participant_id": participant_id,
+                                         "offer": offer})
+
+    async def publication(self, room_id: str, event: str, publication: dict[str, Any]) -> None:
+        await self._emit("relay:publication", {"room_id": room_id, "event": event,
+                                               "publication": publication})
+
+    async def notice(self, room_id: str, participant_id: str, notice: dict[str, Any]) -> None:
+        await self._emit("relay:notice", {"room_id": room_id,
+                                          "participant_id": participant_id, "notice": notice})
+
+
+class RelayNode:
+    def __init__(self, settings: Settings, *, signaling_url: str, node_token: str,
+                 region: str, relay_id: str | None = None) -> None:
+        if relay_id is None:
+            # The token names the node; signaling verifies it, here it only names the logs.
+            relay_id = str(jwt.decode(node_token, options={"verify_signature": False})
+                           .get("sub") or settings.relay.id)
+        self.settings = settings
+        self.signaling_url = signaling_url.rstrip("/")
+        self.node_token = node_token
+        self.region = region
+        self.sio = socketio.AsyncClient(reconnection=True, reconnection_delay=1,
+                                        reconnection_delay_max=10)
+        self.relay = LocalRelay(relay_id, region=region,
+                                capacity=settings.relay.capacity,
+                                public_address=settings.relay.announced_address,
+                                config=from_settings(settings.relay),
+                                events=NodeEvents(self.sio), embedded=False)
+        self.sio.on("connect", self._connected, namespace=NAMESPACE)
+        self.sio.on("disconnect", self._disconnected, namespace=NAMESPACE)
+        for command in COMMANDS:
+            self.sio.on(command, self._handler(command), namespace=NAMESPACE)
+
+    def _handler(self, command: str) -> Any:
+        method = getattr(self.relay, command)
+
+        async def handle(payload: Any = None) -> dict[str, Any]:
+            if not isinstance(payload, dict):
+                return {"error": {"code": "invalid_payload",
+                                  "message": f"{command} takes an object"}}
+            try:
+                result = await method(**payload)
+            except RelayError as exc:
+                return {"error": {"code": exc.code, "message": exc.message}}
+            except TypeError as exc:
+                return {"error": {"code": "invalid_payload", "message": str(exc)}}
+            except Exception:
+                logger.exception("relay command %s failed", command)
+                return {"error": {"code": "internal", "message": f"{command} failed"}}
+            return {"ok": True, "result": result}
+
+        return handle
+
+    async def _connected(self) -> None:
+        logger.info("relay node %s registered with %s (region %r)", self.relay.info.id,
+                    self.signaling_url, self.region)
+
+    async def _disconnected(self, *args: Any) -> None:
+        # Signaling re-places the rooms this node held; nothing here outlives the link.
+        logger.warning("relay node %s lost signaling; closing %d rooms", self.relay.info.id,
+                       len(self.relay.rooms))
+        await self.relay.close()
+
+    async def _dial(self, stop: asyncio.Event) -> bool:
+        """Connect to signaling, retrying while it is unreachable. False if signaling refused
+        this node (bad token, duplicate id): retrying would not help."""
+        auth = {"token": self.node_token, "region": self.region,
+                "capacity": self.settings.relay.capacity,
+                "public_address": self.settings.relay.announced_address}
+        refusals: list[Any] = []
+        self.sio.on("connect_error", refusals.append, namespace=NAMESPACE)
+        delay = 1.0
+        while not stop.is_set():
+            refusals.clear()
+            try:
+                await self.sio.connect(self.signaling_url, auth=auth, namespaces=[NAMESPACE],
+                                       transports=["websocket"], wait_timeout=10)
+                return True
+            except socketio.exceptions.ConnectionError as exc:
+                refusal = next((r for r in refusals if isinstance(r, dict)), None)
+                if refusal is not None and "data" in refusal:
+                    logger.error("signaling refused relay node %s: %s", self.relay.info.id,
+                                 refusal.get("message"))
+                    return False
+                logger.warning("signaling at %s unreachable (%s); retrying in %.0f s",
+                               self.signaling_url, exc, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            delay = min(delay * 2, 30.0)
+        return False
+
+    async def run(self, stop: asyncio.Event) -> int:
+        await hooks.check()
+        hooks.set_host_addresses(self.settings.relay.host_addresses)
+        if not await self._dial(stop):
+            return 0 if stop.is_set() else 2
+        print(f"READY relay {self.relay.info.id} -> {self.signaling_url}", flush=True)
+        beat = asyncio.create_task(self._heartbeat(stop))
+        try:
+            await stop.wait()
+        finally:
+            beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beat
+            await self.sio.disconnect()
+            await self.relay.close()
+        return 0
+
+    async def _heartbeat(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                if self.sio.connected:
+                    await self.sio.emit("relay:heartbeat", {"load": len(self.relay.rooms)},
+                                        namespace=NAMESPACE)
+            except Exception:
+                logger.exception("heartbeat failed; trying again")
+            await asyncio.sleep(self.settings.relay.heartbeat_s)
+
+
+async def serve_node(settings: Settings, *, signaling_url: str, node_token: str,
+                     region: str, relay_id: str | None = None) -> int:
+    node = RelayNode(settings, signaling_url=signaling_url, node_token=node_token,
+                     region=region, relay_id=relay_id)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    return await node.run(stop)
