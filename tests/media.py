@@ -17,6 +17,7 @@ from aiortc import (
     RTCBundlePolicy,
     RTCConfiguration,
     RTCPeerConnection,
+    RTCRtpSender,
     RTCSessionDescription,
 )
 from aiortc.mediastreams import MediaStreamError
@@ -148,7 +149,8 @@ class MediaPeer:
         self.offers = 0
 
     async def publish(self, video: bool = True, audio: bool = True, fps: int = 15,
-                      source: str = "camera") -> dict[str, Any]:
+                      source: str = "camera", video_codec: str | None = None
+                      ) -> dict[str, Any]:
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.publish_pc = pc
         sources: dict[str, str] = {}
@@ -158,7 +160,14 @@ class MediaPeer:
                                  "microphone"))
         if video:
             self.video = CounterTrack(fps)
-            transceivers.append((pc.addTransceiver(self.video, direction="sendonly"), source))
+            transceiver = pc.addTransceiver(self.video, direction="sendonly")
+            if video_codec is not None:
+                capabilities = RTCRtpSender.getCapabilities("video")
+                assert capabilities is not None
+                transceiver.setCodecPreferences([
+                    c for c in capabilities.codecs
+                    if c.mimeType.lower() in (f"video/{video_codec.lower()}", "video/rtx")])
+            transceivers.append((transceiver, source))
         offer = await pc.createOffer()
         await pc.setLocalDescription(offer)
         for transceiver, name in transceivers:

@@ -80,3 +80,9 @@ def test_serve_with_a_bad_value_stops_with_exit_code_2(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert "server.port = 'eighty'" in done.stderr
+
+
+def test_the_shipped_relay_example_is_valid() -> None:
+    settings = load_settings(REPO / "config" / "relay.example.toml")
+    assert settings.relay.capacity == 50
+    assert settings.relay.host_addresses == ["10.11.0.20"]

@@ -49,7 +49,7 @@ async def start_media(client: Client, cid: str, **publish: Any) -> MediaPeer:
     peer = media_peer(client, cid)
     await peer.subscribe()
     if publish.get("publish", True):
-        await peer.publish(fps=publish.get("fps", 15))
+        await peer.publish(fps=publish.get("fps", 15), video_codec=publish.get("video_codec"))
     return peer
 
 
@@ -113,3 +113,25 @@ async def test_a_late_joiner_gets_its_first_frame_within_a_second(server: Server
             for peer in (first, second, late):
                 if peer is not None:
                     await peer.close()
+
+
+async def test_h264_from_the_publisher_reaches_the_subscriber_as_h264(server: Server) -> None:
+    names = ("cardio1", "ref1")
+    async with clients(server.url, {n: server.token(n) for n in names}) as c:
+        cid = await open_consultation(c)
+        sender = await start_media(c["cardio1"], cid, video_codec="H264")
+        viewer = await start_media(c["ref1"], cid, publish=False)
+        try:
+            await wait_for(lambda: (v := viewer.video_from("cardio1")) is not None
+                           and len(v.counters) >= 30, 30, "H.264 video")
+            video = viewer.video_from("cardio1")
+            assert video is not None and video.info["codec"].lower() == "video/h264"
+            check_stream(video, at_least=30)
+            # The subscriber's leg was negotiated with H.264 only: the same codec both ways.
+            assert viewer.subscribe_pc is not None
+            sdp = viewer.subscribe_pc.remoteDescription.sdp
+            video_section = sdp[sdp.index("m=video"):]
+            assert "H264/90000" in video_section and "VP8/90000" not in video_section
+        finally:
+            await sender.close()
+            await viewer.close()
