@@ -12,6 +12,7 @@ from pathlib import Path
 from aiohttp import web
 
 from config.settings import ConfigError, Settings, load_settings
+from relay.errors import HookMissing
 from signaling.errors import DirectoryError
 
 logger = logging.getLogger("telehealth")
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             print(authority.issue_node(args.relay_id, ttl_s=args.ttl_days * 86400))
             return 0
         return _check(settings)
-    except (ConfigError, DirectoryError) as exc:
+    except (ConfigError, DirectoryError, HookMissing) as exc:
         print(f"telehealth: {exc}", file=sys.stderr)
         return EXIT_CONFIG
 
