@@ -5,7 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: run test lint bench-signaling clean
+NODE_STAMP := web_client/node_modules/.package-lock.json
+
+.PHONY: run test lint bench-signaling bench-relay system-deps test-system-deps clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version' 
@@ -16,12 +18,23 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
+# The web client's npm packages (socket.io-client), exactly as the committed lockfile says.
+$(NODE_STAMP): web_client/package-lock.json | system-deps
+	cd web_client && npm ci --no-audit --no-fund
+
+system-deps:
+	@command -v npm >/dev/null || (apt-get update && apt-get install -y nodejs npm)
+
+# Browser tests use Debian's Chromium (never a downloaded browser).
+test-system-deps: system-deps
+	@test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
+
 ## run: the product on its embedded defaults (no Redis, no external services)
-run: $(STAMP)
+run: $(STAMP) $(NODE_STAMP)
 	$(BIN)/telehealth serve
 
 ## test: lint, type-check and the whole test suite
-test: $(STAMP)
+test: $(STAMP) $(NODE_STAMP) test-system-deps
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/pytest
@@ -33,5 +46,8 @@ lint: $(STAMP)
 bench-signaling: $(STAMP)
 	$(BIN)/python bench/signaling_load.py --sites 1000 --rate 50
 
+bench-relay: $(STAMP)
+	$(BIN)/python bench/relay_fanout.py
+
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache web_client/node_modules

@@ -82,15 +82,25 @@ class Consultations:
             raise InvalidState(f"consultation {consultation_id!r} has ended")
         return consultation
 
+    def _wire(self, participant: Participant) -> dict[str, object]:
+        """A participant as clients show it: with name, roles and site name."""
+        wire = participant.to_wire()
+        clinician = self._directory.clinician(participant.clinician_id)
+        site = self._directory.site(participant.site_id)
+        wire["name"] = clinician.name if clinician else participant.clinician_id
+        wire["roles"] = sorted(clinician.roles) if clinician else []
+        wire["site_name"] = site.name if site else participant.site_id
+        return wire
+
     async def _participants_wire(self, consultation_id: str) -> list[dict[str, object]]:
         people = await self._live.participants(consultation_id)
-        return [p.to_wire() for p in sorted(people, key=lambda p: p.joined_at)]
+        return [self._wire(p) for p in sorted(people, key=lambda p: p.joined_at)]
 
     async def _announce(self, consultation_id: str, event: str, participant: Participant) -> None:
         await self._notifier.emit(
             "consult:participant",
             {"consultation_id": consultation_id, "event": event,
-             "participant": participant.to_wire()},
+             "participant": self._wire(participant)},
             consultation_room(consultation_id),
         )
 

@@ -23,11 +23,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-STATIC_DIR = Path(__file__).parent / "static"
+WEB_CLIENT_DIR = Path(__file__).resolve().parent.parent / "web_client"
+SOCKET_IO_CLIENT = WEB_CLIENT_DIR / "node_modules" / "socket.io-client" / "dist"
 
 PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal", Principal)
 
 OPEN_PATHS = frozenset({"/", "/healthz", "/favicon.ico"})
+OPEN_PREFIXES = ("/app/", "/vendor/", "/socket.io")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -40,7 +42,7 @@ def make_auth_middleware(verify: Callable[[object], Principal], metrics_token: s
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         path = request.path
-        if path in OPEN_PATHS or path.startswith("/static/") or path.startswith("/socket.io"):
+        if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
             return await handler(request)
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
@@ -89,7 +91,20 @@ def require_role(request: web.Request, *roles: str) -> Principal:
 # -- routes -------------------------------------------------------------------------------
 def add_routes(app: web.Application, services_key: web.AppKey[Services]) -> None:
     async def index(request: web.Request) -> web.StreamResponse:
-        return web.FileResponse(STATIC_DIR / "index.html")
+        return web.FileResponse(WEB_CLIENT_DIR / "index.html",
+                                headers={"Cache-Control": "no-cache"})
+
+    async def vendor(request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        path = SOCKET_IO_CLIENT / name
+        if name not in ("socket.io.esm.min.js", "socket.io.esm.min.js.map") or not path.exists():
+            return web.json_response(
+                {"error": {"code": "not_built", "message": f"{name} is missing: run `make run` "
+                           "(it installs the web client's npm packages)"}}, status=404)
+        return web.FileResponse(path, headers={"Content-Type": "text/javascript"})
+
+    async def favicon(request: web.Request) -> web.Response:
+        return web.Response(status=204)
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -105,10 +120,12 @@ def add_routes(app: web.Application, services_key: web.AppKey[Services]) -> None
 
     async def me(request: web.Request) -> web.Response:
         p = principal_of(request)
+        directory = request.app[services_key].directory
         return web.json_response({
             "clinician": p.clinician.to_wire(), "site": p.site.to_wire(),
             "roles": sorted(p.roles), "specialties": sorted(p.specialties),
             "expires_at": p.expires_at,
+            "offered_specialties": sorted(directory.specialties()),
         })
 
     async def queue(request: web.Request) -> web.Response:
@@ -138,10 +155,12 @@ def add_routes(app: web.Application, services_key: web.AppKey[Services]) -> None
 
     app.router.add_get("/", index)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/favicon.ico", favicon)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/me", me)
     app.router.add_get("/api/queue", queue)
     app.router.add_get("/api/consultations", consultations)
     app.router.add_get(r"/api/consultations/{id:[A-Za-z0-9_.-]{1,64}}", consultation)
     app.router.add_get("/api/sites", sites)
-    app.router.add_static("/static/", STATIC_DIR)
+    app.router.add_get("/vendor/{name}", vendor)
+    app.router.add_static("/app/", WEB_CLIENT_DIR, append_version=False)

@@ -1,0 +1,225 @@
+"""The web client end to end in a real Chromium: request, accept, room, media both ways."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from playwright.async_api import Browser, Page, expect
+
+from signaling.app import SERVICES
+from tests.support import run_server, write_config
+from tests.web.conftest import Site
+
+STATS_TIMEOUT_MS = 20_000
+
+
+async def open_page(browser: Browser, url: str) -> Page:
+    context = await browser.new_context(viewport={"width": 1366, "height": 768})
+    page = await context.new_page()
+    page.on("console", lambda message: print(f"[{url[-6:]}] {message.type}: {message.text}")
+            if message.type in ("error", "warning") else None)
+    await page.goto(url, wait_until="commit")
+    return page
+
+
+async def decoded_from(page: Page, participant: str) -> int:
+    return int(await page.evaluate(
+        """(who) => Object.values((window.telehealthStats || {}).inbound || {})
+             .filter((s) => s.kind === 'video' && s.participant === who)
+             .reduce((n, s) => n + s.framesDecoded, 0)""", participant))
+
+
+async def audio_bytes_from(page: Page, participant: str) -> int:
+    return int(await page.evaluate(
+        """(who) => Object.values((window.telehealthStats || {}).inbound || {})
+             .filter((s) => s.kind === 'audio' && s.participant === who)
+             .reduce((n, s) => n + s.bytesReceived, 0)""", participant))
+
+
+async def wait_decoding(page: Page, participant: str, frames: int = 10) -> None:
+    await page.wait_for_function(
+        """([who, n]) => Object.values((window.telehealthStats || {}).inbound || {})
+             .some((s) => s.kind === 'video' && s.participant === who && s.framesDecoded >= n)""",
+        arg=[participant, frames], timeout=STATS_TIMEOUT_MS, polling=250)
+
+
+async def request_and_accept(district: Page, specialist: Page) -> float:
+    await district.select_option("#request-specialty", "cardiology")
+    await district.select_option("#request-priority", "stat")
+    await district.fill("#request-reason", "Chest pain, ST elevation")
+    await district.click("#request-send")
+    accept = specialist.locator("#queue li.request .accept").first
+    await expect(accept).to_be_visible(timeout=10_000)
+    accepted_at = time.monotonic()
+    await accept.click()
+    await specialist.click("#precheck-join")
+    await district.locator("#my-requests .join").first.click()
+    await district.click("#precheck-join")
+    return accepted_at
+
+
+async def test_a_district_doctor_and_a_specialist_see_and_hear_each_other(
+    site: Site, browser: Browser
+) -> None:
+    district = await open_page(browser, site.link("ref1"))
+    specialist = await open_page(browser, site.link("cardio1"))
+    await expect(district.locator("#request-form")).to_be_visible()
+    await expect(specialist.locator("#queue")).to_be_visible()
+    accepted_at = await request_and_accept(district, specialist)
+    await wait_decoding(specialist, "ref1")
+    await wait_decoding(district, "cardio1")
+    first_frame_s = time.monotonic() - accepted_at
+    print(f"time to first remote frames on both sides after accept: {first_frame_s:.2f} s")
+    # Both keep decoding, and both hear audio.
+    for page, other in ((district, "cardio1"), (specialist, "ref1")):
+        frames, sound = await decoded_from(page, other), await audio_bytes_from(page, other)
+        await page.wait_for_timeout(1500)
+        assert await decoded_from(page, other) > frames + 10
+        assert await audio_bytes_from(page, other) > sound + 2000
+    await expect(district.locator("#room-state")).to_have_attribute("data-state", "connected")
+
+
+async def outbound_audio_bytes(page: Page) -> int:
+    return int(await page.evaluate(
+        "() => ((window.telehealthStats || {}).outbound || {})['camera:audio']?.bytesSent || 0"))
+
+
+def screenshot_is_not_blank(path: str) -> tuple[float, float]:
+    """Mean and spread of the screenshot's luma, decoded with PyAV."""
+    import av
+
+    with av.open(path) as container:
+        frame = next(container.decode(video=0))
+    gray = frame.reformat(format="gray")
+    plane = gray.planes[0]
+    data = bytes(plane)
+    values = [data[y * plane.line_size + x] for y in range(0, gray.height, 8)
+              for x in range(0, gray.width, 8)]
+    mean = sum(values) / len(values)
+    spread = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+    return mean, spread
+
+
+async def test_three_sites_chat_mute_and_screen_share(site: Site, browser: Browser,
+                                                      tmp_path: object) -> None:
+    district = await open_page(browser, site.link("ref1"))
+    specialist = await open_page(browser, site.link("cardio1"))
+    third = await open_page(browser, site.link("ref3"))
+    await expect(specialist.locator("#queue")).to_be_visible()
+    await expect(third.locator("#request-form")).to_be_visible()
+    await request_and_accept(district, specialist)
+    await wait_decoding(district, "cardio1")
+    # The host invites a third site (district d3) from the dashboard of a coordinator-less
+    # room: the host uses the protocol through the page's own client.
+    consultation = await specialist.get_attribute("#room", "data-consultation")
+    await specialist.evaluate(
+        "(id) => window.telehealthMedia.signaling.invite(id, 'd3')", consultation)
+    join = third.locator(f"#consultations li[data-consultation='{consultation}'] .join")
+    await expect(join).to_be_visible(timeout=10_000)
+    await join.click()
+    await third.click("#precheck-join")
+    pages = {"ref1": district, "cardio1": specialist, "ref3": third}
+    for name, page in pages.items():
+        for other in pages:
+            if other != name:
+                await wait_decoding(page, other)
+
+    # Chat reaches everyone.
+    await third.fill("#chat-input", "Xin chào từ Cô Tô")
+    await third.click("#chat-send")
+    for page in pages.values():
+        await expect(page.locator("#chat li", has_text="Xin chào từ Cô Tô")).to_be_visible()
+
+    # A screenshot of the room with three participants, kept as a test artifact.
+    shot = f"{tmp_path}/room-three-sites.png"
+    await specialist.screenshot(path=shot)
+    mean, spread = screenshot_is_not_blank(shot)
+    print(f"room screenshot {shot}: luma mean {mean:.0f}, spread {spread:.0f}")
+    assert spread > 10, "the room screenshot is blank"
+    assert await specialist.locator("#tiles figure.tile").count() == 3  # self + two remote
+
+    # Mute stops the outbound audio.
+    before = await outbound_audio_bytes(district)
+    await district.click("#mute")
+    await district.wait_for_timeout(1500)
+    muted_at = await outbound_audio_bytes(district)
+    assert muted_at > before
+    await district.wait_for_timeout(2000)
+    assert await outbound_audio_bytes(district) - muted_at < 500
+    await district.click("#mute")
+    await district.wait_for_timeout(2000)
+    assert await outbound_audio_bytes(district) > muted_at + 2000
+
+    # Screen share (Chromium's fake capture) appears, large, on the other side.
+    await specialist.click("#share")
+    for page in (district, third):
+        await expect(page.locator("#screens video.screen")).to_have_count(1, timeout=15_000)
+        await page.wait_for_function(
+            """() => Object.values((window.telehealthStats || {}).inbound || {})
+                 .some((s) => s.source === 'screen' && s.framesDecoded > 5)""",
+            timeout=STATS_TIMEOUT_MS, polling=250)
+    await specialist.click("#share")
+    await expect(district.locator("#screens video.screen")).to_have_count(0, timeout=10_000)
+
+    # The host ends the consultation with the minutes.
+    await specialist.fill("#conclusion", "Chuyển tuyến trên trong 2 giờ.")
+    await specialist.click("#end")
+    for page in pages.values():
+        await expect(page.locator("#room")).to_have_count(0, timeout=10_000)
+
+
+async def test_an_invalid_or_expired_token_is_refused_and_nothing_connects(
+    site: Site, browser: Browser
+) -> None:
+    expired = site.tokens.issue("ref1", ttl_s=60, now=time.time() - 3600)
+    page = await open_page(browser, f"{site.url}/#token={expired}")
+    await expect(page.locator("#sign-in-error")).to_contain_text("hết hạn")
+    assert await page.evaluate("() => window.telehealthStats === undefined")
+    page = await open_page(browser, f"{site.url}/#token=not-a-token")
+    await expect(page.locator("#sign-in-error")).to_contain_text("không hợp lệ")
+    await expect(page.locator("#request-form")).to_have_count(0)
+    # The English switch.
+    await page.select_option("#language", "en")
+    await expect(page.locator("#sign-in h2")).to_have_text("Sign in")
+
+
+async def test_the_page_reconnects_by_itself_when_its_relay_connections_are_cut(
+    tmp_path: Path, browser: Browser
+) -> None:
+    # The server runs in this process here, so the test can cut the relay side of one
+    # participant's peer connections, as a dropped link would.
+    config = write_config(tmp_path, presence={"reconnect_grace_s": 20.0})
+    async with run_server(config) as server:
+        assert server.app is not None
+        relay = server.app[SERVICES].embedded
+        assert relay is not None
+        district = await open_page(browser, f"{server.url}/#token={server.token('ref1')}")
+        specialist = await open_page(browser, f"{server.url}/#token={server.token('cardio1')}")
+        await expect(specialist.locator("#queue")).to_be_visible()
+        await request_and_accept(district, specialist)
+        await wait_decoding(district, "cardio1")
+        await wait_decoding(specialist, "ref1")
+        consultation = await specialist.get_attribute("#room", "data-consultation")
+        assert consultation is not None
+        participant = relay.rooms[consultation].participants["ref1"]
+        cut_at = time.monotonic()
+        for pc in [participant.subscribe_pc, *participant.publish_pcs.values()]:
+            if pc is not None:
+                await pc.close()
+        await expect(district.locator("#room-state")).to_have_attribute(
+            "data-state", "reconnecting", timeout=10_000)
+        before = await decoded_from(district, "cardio1")
+        await district.wait_for_function(
+            """(n) => Object.values((window.telehealthStats || {}).inbound || {})
+                 .some((s) => s.kind === 'video' && s.participant === 'cardio1'
+                              && s.framesDecoded > 5)
+               && window.telehealthStats.state === 'connected'""",
+            arg=before, timeout=10_000, polling=200)
+        took = time.monotonic() - cut_at
+        print(f"reconnected and decoding again {took:.1f} s after the cut")
+        assert took < 10
+        await wait_decoding(specialist, "ref1", frames=5)
+        await expect(district.locator("#room-state")).to_have_attribute("data-state", "connected")
+        for page in (district, specialist):  # before the server stops: no sockets left open
+            await page.context.close()

@@ -1,0 +1,524 @@
+// The user interface. It speaks to the server only through protocol.js and media.js.
+import { Signaling, ProtocolRefusal } from "./protocol.js";
+import { MediaSession } from "./media.js";
+import { t, getLanguage, setLanguage } from "./i18n.js";
+
+/** Tiny element builder: h("div", {class: "x", onclick}, child, ...) */
+function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs || {})) {
+    if (value === undefined || value === null || value === false) continue;
+    if (key.startsWith("on")) el.addEventListener(key.slice(2), value);
+    else if (key === "class") el.className = value;
+    else el.setAttribute(key, value === true ? "" : value);
+  }
+  for (const child of children.flat()) {
+    if (child === null || child === undefined || child === false) continue;
+    el.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return el;
+}
+
+const root = document.getElementById("app");
+const state = {
+  signaling: null, me: null, sites: {}, queue: [], mine: [], consultations: [],
+  room: null, lastError: null,
+};
+
+function flash(message, kind = "error") {
+  const bar = document.getElementById("flash");
+  bar.textContent = message;
+  bar.className = `flash ${kind}`;
+  bar.hidden = !message;
+  if (message) setTimeout(() => { if (bar.textContent === message) bar.hidden = true; }, 6000);
+}
+
+function describeError(error) {
+  if (error instanceof ProtocolRefusal) {
+    if (error.code === "token_expired") return t("tokenExpired");
+    if (error.code === "already_taken") return t("alreadyTaken");
+    return error.message;
+  }
+  return String(error && error.message ? error.message : error);
+}
+
+function roleName(role) {
+  return t({ referring: "roleReferring", specialist: "roleSpecialist",
+             coordinator: "roleCoordinator", admin: "roleAdmin" }[role] || role);
+}
+
+function siteName(id) { return (state.sites[id] && state.sites[id].name) || id; }
+
+function minutesAgo(seconds) {
+  const m = Math.max(0, Math.round((Date.now() / 1000 - seconds) / 60));
+  return getLanguage() === "vi" ? `${m} phút` : `${m} min`;
+}
+
+// -- sign in ------------------------------------------------------------------------------
+function tokenFromLocation() {
+  const params = new URLSearchParams(location.hash.slice(1));
+  const token = params.get("token");
+  if (token) {
+    sessionStorage.setItem("telehealth.token", token);
+    history.replaceState(null, "", location.pathname);
+  }
+  return token || sessionStorage.getItem("telehealth.token");
+}
+
+function renderSignIn(message) {
+  const input = h("textarea", { id: "token-input", rows: 3, placeholder: "eyJ…" });
+  root.replaceChildren(h("section", { class: "card narrow", id: "sign-in" },
+    h("h2", {}, t("signIn")),
+    message ? h("p", { class: "error", id: "sign-in-error" }, message) : null,
+    h("label", {}, t("tokenLabel"), input),
+    h("button", { id: "sign-in-button", onclick: () => {
+      const token = input.value.trim();
+      if (token) { sessionStorage.setItem("telehealth.token", token); start(token); }
+    } }, t("signIn"))));
+}
+
+async function start(token) {
+  root.replaceChildren(h("p", { class: "muted" }, t("connecting")));
+  const signaling = new Signaling(token);
+  try {
+    await signaling.ready();
+    state.me = await signaling.http("/api/me");
+  } catch (error) {
+    signaling.close();
+    sessionStorage.removeItem("telehealth.token");
+    const code = error && error.code;
+    renderSignIn(code === "token_expired" ? t("tokenExpired") : `${t("tokenInvalid")} (${describeError(error)})`);
+    return;
+  }
+  state.signaling = signaling;
+  const sites = await signaling.http("/api/sites");
+  for (const site of sites.sites) state.sites[site.id] = site;
+  bindEvents(signaling);
+  renderHeader();
+  await refresh();
+}
+
+function renderHeader() {
+  const me = state.me;
+  const header = document.getElementById("who");
+  header.replaceChildren(
+    h("span", { id: "who-name" }, me.clinician.name), " · ",
+    h("span", {}, me.site.name), " · ",
+    h("span", { class: "muted" }, me.roles.map(roleName).join(", ")),
+    " ",
+    h("button", { class: "link", id: "sign-out", onclick: () => {
+      sessionStorage.removeItem("telehealth.token");
+      location.reload();
+    } }, t("signOut")));
+}
+
+function bindEvents(signaling) {
+  const reload = () => refresh().catch((e) => flash(describeError(e)));
+  signaling.on("queue:update", (event) => {
+    if (event.action === "added" && state.me.roles.includes("specialist")) flash(t("newRequest"), "info");
+    reload();
+  });
+  signaling.on("request:update", (event) => {
+    if (event.message) flash(event.message, "info");
+    reload();
+  });
+  signaling.on("queue:escalated", reload);
+  signaling.on("consult:ready", (event) => { flash(`${t("accepted")}: ${event.request.specialty}`, "info"); reload(); });
+  signaling.on("consult:invited", () => { flash(t("invited"), "info"); reload(); });
+  signaling.on("consult:ended", (event) => {
+    if (state.room && state.room.id === event.consultation.id) closeRoom(event.consultation);
+    reload();
+  });
+  signaling.on("presence:update", (event) => {
+    if (state.sites[event.site_id]) state.sites[event.site_id].online = event.online;
+    if (!state.room) renderDashboard();
+  });
+  signaling.on("consult:participant", (event) => roomParticipant(event));
+  signaling.on("consult:updated", (event) => {
+    if (state.room && state.room.id === event.consultation.id) {
+      state.room.consultation = event.consultation;
+      renderRoomSide();
+    }
+  });
+  signaling.on("chat:message", (event) => roomChat(event.message));
+  signaling.socket.on("connect", () => {
+    // A dropped signaling link came back: take the room up again.
+    if (state.room) rejoinRoom();
+  });
+}
+
+async function refresh() {
+  const { queue, mine } = await state.signaling.queue();
+  state.queue = queue;
+  state.mine = mine;
+  state.consultations = (await state.signaling.http("/api/consultations")).consultations;
+  if (!state.room) renderDashboard();
+}
+
+// -- dashboards ---------------------------------------------------------------------------
+function renderDashboard() {
+  const roles = state.me.roles;
+  const parts = [];
+  if (roles.includes("referring")) parts.push(renderRequestForm(), renderMine());
+  if (roles.includes("specialist") || roles.includes("coordinator")) parts.push(renderQueue());
+  parts.push(renderConsultations());
+  if (roles.includes("coordinator")) parts.push(renderSites());
+  root.replaceChildren(h("div", { class: "dashboard" }, parts));
+}
+
+function renderRequestForm() {
+  const specialty = h("select", { id: "request-specialty" },
+    state.me.offered_specialties.map((s) => h("option", { value: s }, s)));
+  const priority = h("select", { id: "request-priority" },
+    ["routine", "urgent", "asap", "stat"].map((p) => h("option", { value: p }, t(p))));
+  const reason = h("textarea", { id: "request-reason", rows: 3, maxlength: 2000 });
+  const pseudonym = h("input", { id: "request-pseudonym", maxlength: 64, pattern: "[A-Za-z0-9][A-Za-z0-9_.-]*" });
+  return h("section", { class: "card", id: "request-form" },
+    h("h2", {}, t("requestTitle")),
+    h("label", {}, t("specialty"), specialty),
+    h("label", {}, t("priority"), priority),
+    h("label", {}, t("reason"), reason),
+    h("label", {}, t("pseudonym"), pseudonym),
+    h("button", { id: "request-send", onclick: async () => {
+      try {
+        await state.signaling.request(specialty.value, priority.value, reason.value.trim(),
+                                      pseudonym.value.trim() || undefined);
+        reason.value = "";
+        pseudonym.value = "";
+        await refresh();
+      } catch (error) { flash(describeError(error)); }
+    } }, t("send")));
+}
+
+function statusBadge(status) { return h("span", { class: `badge status-${status}` }, t(status)); }
+function priorityBadge(priority) { return h("span", { class: `badge priority-${priority}` }, t(priority)); }
+
+function renderMine() {
+  const rows = state.mine.slice(0, 20).map((r) => h("li", { class: "request", "data-request": r.id },
+    priorityBadge(r.priority), " ", h("strong", {}, r.specialty), " ", statusBadge(r.status),
+    r.status === "waiting" ? h("span", { class: "position" }, ` ${t("position")}: ${r.position}`) : null,
+    r.escalated ? h("span", { class: "badge" }, t("escalated")) : null,
+    r.status === "waiting" ? h("button", { class: "small", onclick: async () => {
+      try { await state.signaling.cancel(r.id); await refresh(); } catch (e) { flash(describeError(e)); }
+    } }, t("cancel")) : null,
+    r.status === "accepted" && r.consultation_id
+      ? h("button", { class: "small primary join", onclick: () => precheck(r.consultation_id) }, t("join")) : null));
+  return h("section", { class: "card", id: "my-requests" }, h("h2", {}, t("myRequests")), h("ul", {}, rows));
+}
+
+function renderQueue() {
+  const rows = state.queue.map((r) => h("li", { class: `request prio-${r.priority}`, "data-request": r.id },
+    priorityBadge(r.priority), " ", h("strong", {}, r.specialty), " · ", siteName(r.site_id),
+    " · ", minutesAgo(r.created_at), r.escalated ? h("span", { class: "badge" }, t("escalated")) : null,
+    h("p", { class: "reason" }, r.reason),
+    h("button", { class: "small primary accept", onclick: async () => {
+      try {
+        const { consultation } = await state.signaling.accept(r.id);
+        await refresh();
+        await precheck(consultation.id);
+      } catch (error) { flash(describeError(error)); await refresh(); }
+    } }, t("accept"))));
+  return h("section", { class: "card", id: "queue" }, h("h2", {}, t("queueTitle")), h("ul", {}, rows));
+}
+
+function renderConsultations() {
+  const today = new Date().setHours(0, 0, 0, 0) / 1000;
+  const rows = state.consultations.filter((c) => c.state !== "ended" || c.created_at >= today)
+    .map((c) => h("li", { class: "consultation", "data-consultation": c.id },
+      statusBadge(c.state), " ", c.site_ids.map(siteName).join(" ↔ "),
+      c.minutes ? h("p", { class: "minutes" }, `${t("minutes")}: ${c.minutes.conclusion}`) : null,
+      c.state !== "ended" ? h("button", { class: "small primary join", onclick: () => precheck(c.id) }, t("join")) : null,
+      c.state !== "ended" && state.me.roles.includes("coordinator") ? renderInvite(c) : null));
+  return h("section", { class: "card", id: "consultations" }, h("h2", {}, t("myConsultations")), h("ul", {}, rows));
+}
+
+function renderInvite(consultation) {
+  const choices = Object.values(state.sites).filter((s) => !consultation.site_ids.includes(s.id));
+  const select = h("select", { class: "invite-site" }, choices.map((s) => h("option", { value: s.id }, `${s.region} · ${s.name}`)));
+  return h("span", { class: "invite" }, select, h("button", { class: "small invite-button", onclick: async () => {
+    try { await state.signaling.invite(consultation.id, select.value); await refresh(); }
+    catch (error) { flash(describeError(error)); }
+  } }, t("invite")));
+}
+
+function renderSites() {
+  const byRegion = {};
+  for (const site of Object.values(state.sites)) (byRegion[site.region] ||= []).push(site);
+  return h("section", { class: "card", id: "sites" }, h("h2", {}, t("sitesTitle")),
+    Object.keys(byRegion).sort().map((region) => h("div", { class: "region" },
+      h("h3", {}, region),
+      h("ul", {}, byRegion[region].map((s) => h("li", { class: s.online ? "online" : "offline", "data-site": s.id },
+        h("span", { class: "dot" }), ` ${s.name} (${s.online ? t("online") : t("offline")})`))))));
+}
+
+// -- pre-call check -----------------------------------------------------------------------
+async function precheck(consultationId) {
+  const video = h("video", { autoplay: true, muted: true, playsinline: true, class: "preview" });
+  const results = h("ul", { class: "checks" });
+  const joinButton = h("button", { class: "primary", id: "precheck-join", disabled: true }, t("join"));
+  root.replaceChildren(h("section", { class: "card narrow", id: "precheck" },
+    h("h2", {}, t("precheck")), video, results, joinButton));
+  let stream = null;
+  const line = (label, ok) => results.append(h("li", { class: ok ? "ok" : "bad" }, `${label}: ${ok ? t("checkOk") : t("checkFail")}`));
+  try {
+    stream = await navigator.mediaDevices.getUserMedia({ audio: true, video: true });
+    video.srcObject = stream;
+    line(t("camera"), stream.getVideoTracks().length > 0);
+    line(t("microphone"), stream.getAudioTracks().length > 0);
+  } catch (error) {
+    line(t("camera"), false);
+    line(t("microphone"), false);
+  }
+  const started = performance.now();
+  try {
+    await fetch("/healthz");
+    line(`${t("connection")} (${Math.round(performance.now() - started)} ms)`, true);
+  } catch { line(t("connection"), false); }
+  joinButton.disabled = false;
+  joinButton.onclick = () => enterRoom(consultationId, stream);
+  if (new URLSearchParams(location.search).has("autojoin")) enterRoom(consultationId, stream);
+}
+
+// -- the room -----------------------------------------------------------------------------
+async function enterRoom(consultationId, stream) {
+  const joined = await state.signaling.join(consultationId);
+  const room = {
+    id: consultationId, consultation: joined.consultation, participants: {}, tiles: {},
+    chat: [], media: null, stream,
+  };
+  for (const p of joined.participants) room.participants[p.clinician_id] = p;
+  state.room = room;
+  renderRoom();
+  for (const message of joined.chat) roomChat(message);
+  room.media = new MediaSession(state.signaling, consultationId, {
+    onTrack: ({ publication, track }) => attachTrack(publication, track),
+    onTrackGone: (publicationId) => detachTrack(publicationId),
+    onState: (mediaState) => setRoomState(mediaState),
+    onNotice: (notice) => flash(notice.code === "video_paused" ? t("videoPaused") : notice.code, "info"),
+  });
+  window.telehealthMedia = room.media;
+  if (stream) addLocalTile(stream);
+  try {
+    await room.media.start(stream);
+  } catch (error) { flash(describeError(error)); }
+}
+
+async function rejoinRoom() {
+  const room = state.room;
+  if (!room) return;
+  try {
+    const joined = await state.signaling.join(room.id);
+    for (const p of joined.participants) room.participants[p.clinician_id] = p;
+    renderRoomSide();
+    await room.media.rebuild("signaling reconnected");
+  } catch (error) { flash(describeError(error)); }
+}
+
+function setRoomState(mediaState) {
+  const el = document.getElementById("room-state");
+  if (!el) return;
+  el.dataset.state = mediaState;
+  el.textContent = mediaState === "reconnecting" ? t("reconnecting")
+    : mediaState === "connected" ? t("connected") : mediaState;
+  el.className = `room-state state-${mediaState}`;
+}
+
+function renderRoom() {
+  const room = state.room;
+  const isHost = room.consultation.host_id === state.me.clinician.id || state.me.roles.includes("coordinator");
+  const conclusion = h("textarea", { id: "conclusion", rows: 3, placeholder: t("conclusion") });
+  const chatInput = h("input", { id: "chat-input", maxlength: 4000 });
+  const sendChat = async () => {
+    const text = chatInput.value.trim();
+    if (!text) return;
+    try { await state.signaling.chat(room.id, text); chatInput.value = ""; } catch (e) { flash(describeError(e)); }
+  };
+  const toggle = (id, on, off, handler) => {
+    const button = h("button", { id, "aria-pressed": "false" }, on);
+    button.onclick = async () => {
+      const pressed = button.getAttribute("aria-pressed") !== "true";
+      try {
+        await handler(pressed);
+        button.setAttribute("aria-pressed", String(pressed));
+        button.textContent = pressed ? off : on;
+      } catch (error) { flash(describeError(error)); }
+    };
+    return button;
+  };
+  const devices = h("select", { id: "device-picker", title: t("devices") });
+  navigator.mediaDevices.enumerateDevices().then((list) => {
+    for (const d of list.filter((x) => x.kind === "videoinput" || x.kind === "audioinput")) {
+      devices.append(h("option", { value: `${d.kind}|${d.deviceId}` }, `${d.kind === "videoinput" ? t("camera") : t("microphone")}: ${d.label || d.deviceId.slice(0, 8)}`));
+    }
+  });
+  devices.onchange = async () => {
+    const [kind, id] = devices.value.split("|");
+    try { await room.media.useDevice(kind === "videoinput" ? "video" : "audio", id); } catch (e) { flash(describeError(e)); }
+  };
+  root.replaceChildren(h("div", { class: "room", id: "room", "data-consultation": room.id },
+    h("div", { class: "stage" },
+      h("div", { class: "room-bar" },
+        h("span", { id: "room-state", class: "room-state" }, t("connecting")),
+        h("span", { id: "quality", class: "quality" }, ""),
+        room.consultation.recording ? h("span", { class: "recording", id: "recording" }, `● ${t("recording")}`) : null),
+      h("div", { id: "screens", class: "screens" }),
+      h("div", { id: "tiles", class: "tiles" }),
+      h("div", { class: "controls" },
+        toggle("mute", t("mute"), t("unmute"), (on) => room.media.setMuted(on)),
+        toggle("camera", t("cameraOff"), t("cameraOn"), (on) => room.media.setCameraOff(on)),
+        toggle("share", t("shareScreen"), t("stopShare"), (on) => on ? room.media.shareScreen() : room.media.stopScreen()),
+        toggle("audio-only", t("audioOnly"), t("videoBack"), (on) => room.media.setAudioOnly(on)),
+        devices,
+        h("button", { id: "leave", class: "danger", onclick: async () => {
+          await state.signaling.leave(room.id).catch(() => {});
+          closeRoom();
+        } }, t("leave")))),
+    h("aside", { class: "side" },
+      h("h3", {}, t("participants")), h("ul", { id: "participants" }),
+      h("h3", {}, t("chat")), h("ul", { id: "chat" }),
+      h("div", { class: "chat-input" }, chatInput, h("button", { id: "chat-send", onclick: sendChat }, t("sendChat"))),
+      isHost ? h("div", { class: "end", id: "end-box" }, conclusion, h("button", { id: "end", class: "danger", onclick: async () => {
+        const text = conclusion.value.trim();
+        if (!text) { conclusion.focus(); return; }
+        try { await state.signaling.end(room.id, text); } catch (e) { flash(describeError(e)); }
+      } }, t("endConsultation"))) : null)));
+  chatInput.addEventListener("keydown", (e) => { if (e.key === "Enter") sendChat(); });
+  renderRoomSide();
+  room.qualityTimer = setInterval(updateQuality, 1000);
+}
+
+function updateQuality() {
+  const room = state.room;
+  const el = document.getElementById("quality");
+  if (!room || !room.media || !el) return;
+  const s = room.media.stats;
+  el.textContent = `${t("quality")}: ${t(s.quality)} · ${Math.round(s.bitrateKbps)} kbps · ${s.rttMs === null ? "–" : Math.round(s.rttMs)} ms · ${s.lossPct.toFixed(1)}%`;
+  el.dataset.quality = s.quality;
+  // Active speaker: the loudest remote audio above a floor.
+  let loudest = null;
+  let level = 0.02;
+  for (const inbound of Object.values(s.inbound)) {
+    if (inbound.kind === "audio" && inbound.audioLevel > level) { level = inbound.audioLevel; loudest = inbound.participant; }
+  }
+  for (const [participant, tile] of Object.entries(room.tiles)) tile.classList.toggle("speaking", participant === loudest);
+}
+
+function renderRoomSide() {
+  const room = state.room;
+  const list = document.getElementById("participants");
+  if (!room || !list) return;
+  list.replaceChildren(...Object.values(room.participants).map((p) => h("li", { "data-participant": p.clinician_id, class: `participant ${p.state}` },
+    `${p.name || p.clinician_id} · ${p.site_name || siteName(p.site_id)}`,
+    p.clinician_id === room.consultation.host_id ? h("span", { class: "badge" }, t("host")) : null,
+    p.state === "reconnecting" ? h("span", { class: "badge" }, t("reconnecting")) : null)));
+}
+
+function roomParticipant(event) {
+  const room = state.room;
+  if (!room || event.consultation_id !== room.id) return;
+  const p = event.participant;
+  if (event.event === "left") delete room.participants[p.clinician_id];
+  else room.participants[p.clinician_id] = p;
+  renderRoomSide();
+}
+
+function roomChat(message) {
+  const room = state.room;
+  const list = document.getElementById("chat");
+  if (!room || !list || message.consultation_id !== room.id) return;
+  const sender = room.participants[message.sender_id];
+  list.append(h("li", { class: "chat-message" },
+    h("strong", {}, sender ? sender.name : message.sender_id), ": ", message.text));
+  list.scrollTop = list.scrollHeight;
+}
+
+function tileFor(participantId) {
+  const room = state.room;
+  if (room.tiles[participantId]) return room.tiles[participantId];
+  const p = room.participants[participantId] || { name: participantId, site_id: "" };
+  const video = h("video", { autoplay: true, playsinline: true });
+  const audio = h("audio", { autoplay: true });
+  const stream = new MediaStream();
+  const tile = h("figure", { class: "tile", "data-participant": participantId },
+    video, audio, h("figcaption", {}, `${p.name || participantId} · ${p.site_name || siteName(p.site_id)} · ${(p.roles || []).map(roleName).join(", ")}`));
+  tile.stream = stream;
+  tile.video = video;
+  tile.audio = audio;
+  room.tiles[participantId] = tile;
+  document.getElementById("tiles").append(tile);
+  return tile;
+}
+
+function attachTrack(publication, track) {
+  const room = state.room;
+  if (!room) return;
+  track.publicationId = publication.id;
+  if (publication.source === "screen") {
+    const screens = document.getElementById("screens");
+    if (screens.querySelector(`[data-publication="${publication.id}"]`)) return;
+    const video = h("video", { autoplay: true, playsinline: true, muted: true, class: "screen", "data-publication": publication.id });
+    video.srcObject = new MediaStream([track]);
+    screens.append(video);
+    return;
+  }
+  const tile = tileFor(publication.participant_id);
+  const element = track.kind === "video" ? tile.video : tile.audio;
+  if (element.srcObject && element.srcObject.getTracks()[0] === track) return;
+  if (track.kind === "video") {
+    tile.video.srcObject = new MediaStream([track]);
+    tile.video.dataset.publication = publication.id;
+  } else {
+    tile.audio.srcObject = new MediaStream([track]);
+    tile.audio.dataset.publication = publication.id;
+  }
+}
+
+function detachTrack(publicationId) {
+  const room = state.room;
+  if (!room) return;
+  const screen = document.querySelector(`#screens [data-publication="${publicationId}"]`);
+  if (screen) screen.remove();
+  for (const [participant, tile] of Object.entries(room.tiles)) {
+    for (const media of [tile.video, tile.audio]) {
+      if (media.dataset.publication === publicationId) { media.srcObject = null; delete media.dataset.publication; }
+    }
+    if (!tile.video.dataset.publication && !tile.audio.dataset.publication && participant !== "self") {
+      tile.remove();
+      delete room.tiles[participant];
+    }
+  }
+}
+
+function addLocalTile(stream) {
+  const video = h("video", { autoplay: true, muted: true, playsinline: true });
+  video.srcObject = stream;
+  const tile = h("figure", { class: "tile self", "data-participant": "self" }, video, h("figcaption", {}, t("you")));
+  tile.video = video;
+  tile.audio = h("audio");
+  state.room.tiles.self = tile;
+  document.getElementById("tiles").prepend(tile);
+}
+
+function closeRoom(ended) {
+  const room = state.room;
+  if (!room) return;
+  clearInterval(room.qualityTimer);
+  if (room.media) room.media.close();
+  if (room.stream) for (const track of room.stream.getTracks()) track.stop();
+  state.room = null;
+  if (ended && ended.minutes) flash(`${t("minutes")}: ${ended.minutes.conclusion}`, "info");
+  refresh().catch((e) => flash(describeError(e)));
+}
+
+// -- boot -----------------------------------------------------------------------------------
+function boot() {
+  setLanguage(getLanguage());
+  const switcher = document.getElementById("language");
+  switcher.value = getLanguage();
+  switcher.onchange = () => { setLanguage(switcher.value); location.reload(); };
+  document.getElementById("title").textContent = t("title");
+  const token = tokenFromLocation();
+  if (token) start(token); else renderSignIn();
+}
+
+boot();

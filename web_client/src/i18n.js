@@ -1,0 +1,69 @@
+// Interface strings: Vietnamese by default, English on request (shared/CONTEXT.md).
+const STRINGS = {
+  vi: {
+    title: "Hội chẩn từ xa", signIn: "Đăng nhập", tokenLabel: "Mã truy cập", signOut: "Đăng xuất",
+    tokenExpired: "Mã truy cập đã hết hạn. Vui lòng xin mã mới.",
+    tokenInvalid: "Mã truy cập không hợp lệ.", connecting: "Đang kết nối…",
+    requestTitle: "Yêu cầu hội chẩn", specialty: "Chuyên khoa", priority: "Mức độ ưu tiên",
+    reason: "Lý do", pseudonym: "Mã bệnh nhân (ẩn danh, không bắt buộc)", send: "Gửi yêu cầu",
+    routine: "Thường quy", urgent: "Khẩn", asap: "Rất khẩn", stat: "Cấp cứu",
+    myRequests: "Yêu cầu của tôi", position: "Thứ tự", cancel: "Hủy", join: "Vào phòng",
+    waiting: "Đang chờ", accepted: "Đã nhận", closed: "Đã kết thúc", cancelled: "Đã hủy",
+    expired: "Hết hạn", live: "Đang diễn ra", open: "Đã nhận", ended: "Đã kết thúc",
+    queueTitle: "Hàng chờ hội chẩn", accept: "Nhận hội chẩn", alreadyTaken: "Yêu cầu đã có người nhận.",
+    myConsultations: "Hội chẩn của tôi", escalated: "Đã chuyển cấp",
+    sitesTitle: "Điểm cầu trực tuyến", online: "trực tuyến", offline: "ngoại tuyến",
+    invite: "Mời điểm cầu", precheck: "Kiểm tra trước khi vào phòng",
+    camera: "Camera", microphone: "Micrô", connection: "Kết nối", checkOk: "Tốt", checkFail: "Lỗi",
+    mute: "Tắt tiếng", unmute: "Bật tiếng", cameraOff: "Tắt camera", cameraOn: "Bật camera",
+    shareScreen: "Chia sẻ màn hình", stopShare: "Dừng chia sẻ", audioOnly: "Chỉ âm thanh",
+    videoBack: "Bật lại hình ảnh", leave: "Rời phòng", endConsultation: "Kết thúc hội chẩn",
+    conclusion: "Kết luận (biên bản hội chẩn)", chat: "Trò chuyện", participants: "Người tham gia",
+    sendChat: "Gửi", quality: "Chất lượng", good: "Tốt", fair: "Trung bình", poor: "Kết nối yếu",
+    reconnecting: "Đang kết nối lại…", connected: "Đã kết nối", recording: "Đang ghi hình",
+    videoPaused: "Kết nối yếu: tạm dừng hình ảnh, chỉ âm thanh", invited: "Bạn được mời vào hội chẩn",
+    minutes: "Biên bản hội chẩn", host: "Chủ trì", devices: "Thiết bị", roleReferring: "Bác sĩ tuyến dưới",
+    roleSpecialist: "Chuyên gia", roleCoordinator: "Điều phối", roleAdmin: "Quản trị",
+    you: "Bạn", error: "Lỗi", newRequest: "Có yêu cầu hội chẩn mới",
+  },
+  en: {
+    title: "Remote consultation", signIn: "Sign in", tokenLabel: "Access token", signOut: "Sign out",
+    tokenExpired: "The access token has expired. Please ask for a new one.",
+    tokenInvalid: "The access token is not valid.", connecting: "Connecting…",
+    requestTitle: "Request a consultation", specialty: "Specialty", priority: "Priority",
+    reason: "Reason", pseudonym: "Patient pseudonym (optional)", send: "Send request",
+    routine: "Routine", urgent: "Urgent", asap: "ASAP", stat: "Emergency",
+    myRequests: "My requests", position: "Position", cancel: "Cancel", join: "Join",
+    waiting: "Waiting", accepted: "Accepted", closed: "Ended", cancelled: "Cancelled",
+    expired: "Expired", live: "In progress", open: "Accepted", ended: "Ended",
+    queueTitle: "Consultation queue", accept: "Accept", alreadyTaken: "Someone else accepted it.",
+    myConsultations: "My consultations", escalated: "Escalated",
+    sitesTitle: "Online sites", online: "online", offline: "offline",
+    invite: "Invite a site", precheck: "Check before joining",
+    camera: "Camera", microphone: "Microphone", connection: "Connection", checkOk: "OK", checkFail: "Failed",
+    mute: "Mute", unmute: "Unmute", cameraOff: "Camera off", cameraOn: "Camera on",
+    shareScreen: "Share screen", stopShare: "Stop sharing", audioOnly: "Audio only",
+    videoBack: "Video back on", leave: "Leave", endConsultation: "End consultation",
+    conclusion: "Conclusion (minutes)", chat: "Chat", participants: "Participants",
+    sendChat: "Send", quality: "Quality", good: "Good", fair: "Fair", poor: "Poor connection",
+    reconnecting: "Reconnecting…", connected: "Connected", recording: "Recording",
+    videoPaused: "Poor connection: video paused, audio only", invited: "You are invited to a consultation",
+    minutes: "Minutes", host: "Host", devices: "Devices", roleReferring: "Referring doctor",
+    roleSpecialist: "Specialist", roleCoordinator: "Coordinator", roleAdmin: "Administrator",
+    you: "You", error: "Error", newRequest: "New consultation request",
+  },
+};
+
+let language = localStorage.getItem("telehealth.lang") || "vi";
+
+export function t(key) {
+  return (STRINGS[language] && STRINGS[language][key]) || STRINGS.vi[key] || key;
+}
+
+export function getLanguage() { return language; }
+
+export function setLanguage(lang) {
+  language = STRINGS[lang] ? lang : "vi";
+  localStorage.setItem("telehealth.lang", language);
+  document.documentElement.lang = language;
+}

@@ -1,0 +1,342 @@
+// A participant's media in a consultation: one publish connection for camera + microphone,
+// one for a shared screen, one subscribe connection the relay renegotiates. Reconnects by
+// rebuilding the connections (media:join again) when the network drops.
+
+const GATHER_WAIT_MS = 2000;
+const DISCONNECTED_GRACE_MS = 2500;
+
+/** Wait (bounded) until the connection has gathered its candidates, so the SDP carries them. */
+function gathered(pc) {
+  if (pc.iceGatheringState === "complete") return Promise.resolve();
+  return new Promise((resolve) => {
+    const timer = setTimeout(done, GATHER_WAIT_MS);
+    function done() {
+      clearTimeout(timer);
+      pc.removeEventListener("icegatheringstatechange", check);
+      resolve();
+    }
+    function check() { if (pc.iceGatheringState === "complete") done(); }
+    pc.addEventListener("icegatheringstatechange", check);
+  });
+}
+
+/**
+ * @typedef {{publication: import("./protocol.js").Publication, track: MediaStreamTrack, mid: string}} RemoteTrack
+ */
+
+export class MediaSession {
+  /**
+   * @param {import("./protocol.js").Signaling} signaling
+   * @param {string} consultationId
+   * @param {{onTrack: (t: RemoteTrack) => void, onTrackGone: (publicationId: string) => void,
+   *          onState: (state: string) => void, onNotice: (notice: any) => void}} handlers
+   */
+  constructor(signaling, consultationId, handlers) {
+    this.signaling = signaling;
+    this.consultationId = consultationId;
+    this.handlers = handlers;
+    this.iceServers = [];
+    this.stream = null;       // camera + microphone
+    this.screen = null;       // display capture
+    this.publishPc = null;
+    this.screenPc = null;
+    this.subscribePc = null;
+    this.subscribeId = null;
+    this.tracks = {};          // mid -> publication
+    this.muted = false;
+    this.cameraOff = false;
+    this.audioOnly = false;
+    this.state = "idle";
+    this.closed = false;
+    this.stats = { inbound: {}, outbound: {}, rttMs: null, lossPct: 0, bitrateKbps: 0, quality: "good" };
+    this._lastBytes = null;
+    this._watchdog = null;
+    this._rebuilding = null;
+    this._statsTimer = null;
+    this._answering = Promise.resolve();
+    signaling.on("media:offer", (offer) => {
+      if (offer.consultation_id !== this.consultationId) return;
+      this._answering = this._answering.then(() => this._answer(offer)).catch((e) => console.warn("offer", e));
+    });
+    signaling.on("media:publication", (event) => {
+      if (event.consultation_id === this.consultationId && event.event === "removed") {
+        this.handlers.onTrackGone(event.publication.id);
+      }
+    });
+    signaling.on("media:notice", (notice) => {
+      if (notice.consultation_id === this.consultationId) this.handlers.onNotice(notice);
+    });
+    signaling.on("media:moved", (event) => {
+      if (event.consultation_id === this.consultationId) this.rebuild("relay moved");
+    });
+  }
+
+  _setState(state) {
+    if (state !== this.state) {
+      this.state = state;
+      this.handlers.onState(state);
+    }
+  }
+
+  /** Start with a camera/microphone stream (may be null: receive only). */
+  async start(stream) {
+    this.stream = stream;
+    await this._connect();
+    this._statsTimer = setInterval(() => this._collectStats(), 1000);
+  }
+
+  async _connect() {
+    this._setState("connecting");
+    const joined = await this.signaling.mediaJoin(this.consultationId);
+    this.iceServers = joined.ice_servers || [];
+    await this._subscribe();
+    if (this.stream) await this._publishCamera();
+    if (this.screen) this.screenPc = await this._publish(this.screen, { video: "screen" });
+    if (this.audioOnly) await this.signaling.mode(this.consultationId, true);
+  }
+
+  _newPc() {
+    return new RTCPeerConnection({ iceServers: this.iceServers, bundlePolicy: "max-bundle" });
+  }
+
+  _watch(pc) {
+    pc.addEventListener("connectionstatechange", () => {
+      const state = pc.connectionState;
+      if (state === "connected" && this._allConnected()) this._setState("connected");
+      if (state === "failed") this.rebuild("connection failed");
+      if (state === "disconnected") {
+        this._setState("reconnecting");
+        clearTimeout(this._watchdog);
+        this._watchdog = setTimeout(() => {
+          if (pc.connectionState !== "connected") this.rebuild("connection lost");
+        }, DISCONNECTED_GRACE_MS);
+      }
+    });
+  }
+
+  _allConnected() {
+    return [this.publishPc, this.screenPc, this.subscribePc]
+      .filter(Boolean).every((pc) => pc.connectionState === "connected");
+  }
+
+  async _subscribe() {
+    const pc = this._newPc();
+    this.subscribePc = pc;
+    this._watch(pc);
+    pc.addEventListener("track", (event) => {
+      const mid = event.transceiver.mid;
+      const publication = this.tracks[mid];
+      if (publication) this.handlers.onTrack({ publication, track: event.track, mid });
+    });
+    pc.addEventListener("icecandidate", (event) => {
+      if (event.candidate && this.subscribeId) {
+        this.signaling.ice(this.consultationId, this.subscribeId, event.candidate.toJSON()).catch(() => {});
+      }
+    });
+    const offer = await this.signaling.subscribe(this.consultationId);
+    await this._answer(offer);
+  }
+
+  async _answer(offer) {
+    const pc = this.subscribePc;
+    if (!pc || pc.signalingState === "closed") return;
+    this.subscribeId = offer.transport_id;
+    // Each offer lists every track the relay sends now; a mid missing from it has ended.
+    const current = offer.tracks || {};
+    for (const [mid, publication] of Object.entries(this.tracks)) {
+      if (!current[mid]) this.handlers.onTrackGone(publication.id);
+    }
+    this.tracks = { ...current };
+    await pc.setRemoteDescription({ type: "offer", sdp: offer.sdp });
+    // A "track" event fires only for new m-lines: announce the others that carry a track.
+    for (const transceiver of pc.getTransceivers()) {
+      const publication = current[transceiver.mid];
+      if (publication && transceiver.receiver.track) {
+        this.handlers.onTrack({ publication, track: transceiver.receiver.track, mid: transceiver.mid });
+      }
+    }
+    await pc.setLocalDescription(await pc.createAnswer());
+    await gathered(pc);
+    await this.signaling.answer(this.consultationId, offer.transport_id, pc.localDescription.sdp);
+  }
+
+  async _publishCamera() {
+    const tracks = {};
+    const audio = this.stream.getAudioTracks()[0];
+    const video = this.stream.getVideoTracks()[0];
+    if (audio) tracks.audio = "microphone";
+    if (video) tracks.video = "camera";
+    this.publishPc = await this._publish(this.stream, tracks);
+    if (this.muted) await this.setMuted(true);
+    if (this.cameraOff) await this.setCameraOff(true);
+  }
+
+  /** One publish connection: the client offers, the relay answers. */
+  async _publish(stream, kinds) {
+    const pc = this._newPc();
+    this._watch(pc);
+    const sourceOf = new Map();
+    for (const track of stream.getTracks()) {
+      if (!kinds[track.kind]) continue;
+      const transceiver = pc.addTransceiver(track, { direction: "sendonly", streams: [stream] });
+      sourceOf.set(transceiver, kinds[track.kind]);
+    }
+    let transportId = null;
+    const early = [];
+    pc.addEventListener("icecandidate", (event) => {
+      if (!event.candidate) return;
+      if (transportId) {
+        this.signaling.ice(this.consultationId, transportId, event.candidate.toJSON()).catch(() => {});
+      } else {
+        early.push(event.candidate.toJSON());
+      }
+    });
+    await pc.setLocalDescription(await pc.createOffer());
+    await gathered(pc);
+    const sources = {};
+    for (const [transceiver, source] of sourceOf) sources[transceiver.mid] = source;
+    const answer = await this.signaling.publish(this.consultationId, pc.localDescription.sdp, sources);
+    transportId = answer.transport_id;
+    await pc.setRemoteDescription({ type: "answer", sdp: answer.sdp });
+    pc.transportId = transportId;
+    return pc;
+  }
+
+  /** Mute: stop sending audio altogether (the sender sends nothing without a track). */
+  async setMuted(muted) {
+    this.muted = muted;
+    await this._toggle("audio", !muted);
+  }
+
+  async setCameraOff(off) {
+    this.cameraOff = off;
+    await this._toggle("video", !off);
+  }
+
+  async _toggle(kind, on) {
+    if (!this.publishPc || !this.stream) return;
+    const track = kind === "audio" ? this.stream.getAudioTracks()[0] : this.stream.getVideoTracks()[0];
+    const transceiver = this.publishPc.getTransceivers().find((t) => t.receiver.track.kind === kind);
+    if (transceiver) await transceiver.sender.replaceTrack(on ? track : null);
+  }
+
+  /** Switch camera or microphone to another device. */
+  async useDevice(kind, deviceId) {
+    const constraints = kind === "audio" ? { audio: { deviceId: { exact: deviceId } } }
+                                         : { video: { deviceId: { exact: deviceId } } };
+    const fresh = await navigator.mediaDevices.getUserMedia(constraints);
+    const track = fresh.getTracks()[0];
+    const old = kind === "audio" ? this.stream.getAudioTracks()[0] : this.stream.getVideoTracks()[0];
+    if (old) { this.stream.removeTrack(old); old.stop(); }
+    this.stream.addTrack(track);
+    const on = kind === "audio" ? !this.muted : !this.cameraOff;
+    const transceiver = this.publishPc &&
+      this.publishPc.getTransceivers().find((t) => t.receiver.track.kind === kind);
+    if (transceiver && on) await transceiver.sender.replaceTrack(track);
+    return this.stream;
+  }
+
+  async shareScreen() {
+    this.screen = await navigator.mediaDevices.getDisplayMedia({ video: true, audio: false });
+    this.screen.getVideoTracks()[0].addEventListener("ended", () => this.stopScreen());
+    this.screenPc = await this._publish(this.screen, { video: "screen" });
+    return this.screen;
+  }
+
+  async stopScreen() {
+    if (!this.screen) return;
+    for (const track of this.screen.getTracks()) track.stop();
+    this.screen = null;
+    if (this.screenPc) {
+      this.screenPc.close();
+      this.screenPc = null;
+      await this.signaling.unpublish(this.consultationId, "screen").catch(() => {});
+    }
+  }
+
+  async setAudioOnly(audioOnly) {
+    this.audioOnly = audioOnly;
+    await this.signaling.mode(this.consultationId, audioOnly);
+  }
+
+  /** Tear the connections down and build them again over the same signaling session. */
+  rebuild(reason) {
+    if (this.closed) return Promise.resolve();
+    if (this._rebuilding) return this._rebuilding;
+    console.info("media: rebuilding after", reason);
+    this._setState("reconnecting");
+    this._rebuilding = (async () => {
+      for (let attempt = 0; attempt < 20 && !this.closed; attempt += 1) {
+        this._closePcs();
+        try {
+          await this._connect();
+          return;
+        } catch (error) {
+          console.warn("media: reconnect attempt failed", error);
+          await new Promise((resolve) => setTimeout(resolve, Math.min(500 * 2 ** attempt, 5000)));
+        }
+      }
+      this._setState("failed");
+    })().finally(() => { this._rebuilding = null; });
+    return this._rebuilding;
+  }
+
+  _closePcs() {
+    for (const pc of [this.publishPc, this.screenPc, this.subscribePc]) if (pc) pc.close();
+    this.publishPc = this.screenPc = this.subscribePc = null;
+    for (const publication of Object.values(this.tracks)) this.handlers.onTrackGone(publication.id);
+    this.tracks = {};
+  }
+
+  async _collectStats() {
+    const inbound = {};
+    let bytes = 0;
+    let lost = 0;
+    let received = 0;
+    let rtt = null;
+    if (this.subscribePc) {
+      const report = await this.subscribePc.getStats();
+      report.forEach((s) => {
+        if (s.type === "inbound-rtp") {
+          const publication = this.tracks[s.mid] || {};
+          inbound[s.mid] = {
+            kind: s.kind, source: publication.source, participant: publication.participant_id,
+            framesDecoded: s.framesDecoded || 0, bytesReceived: s.bytesReceived || 0,
+            audioLevel: s.audioLevel || 0, packetsLost: s.packetsLost || 0,
+          };
+          bytes += s.bytesReceived || 0;
+          lost += Math.max(0, s.packetsLost || 0);
+          received += s.packetsReceived || 0;
+        }
+        if (s.type === "candidate-pair" && s.nominated && s.currentRoundTripTime !== undefined) {
+          rtt = s.currentRoundTripTime * 1000;
+        }
+      });
+    }
+    const outbound = {};
+    for (const [name, pc] of [["camera", this.publishPc], ["screen", this.screenPc]]) {
+      if (!pc) continue;
+      const report = await pc.getStats();
+      report.forEach((s) => {
+        if (s.type === "outbound-rtp") outbound[`${name}:${s.kind}`] = { bytesSent: s.bytesSent || 0, framesSent: s.framesSent || 0 };
+      });
+    }
+    const now = performance.now();
+    const kbps = this._lastBytes ? ((bytes - this._lastBytes.bytes) * 8) / (now - this._lastBytes.at) : 0;
+    this._lastBytes = { bytes, at: now };
+    const lossPct = received + lost > 0 ? (100 * lost) / (received + lost) : 0;
+    const quality = lossPct > 5 || (rtt !== null && rtt > 600) ? "poor"
+      : lossPct > 1 || (rtt !== null && rtt > 300) ? "fair" : "good";
+    this.stats = { inbound, outbound, rttMs: rtt, lossPct, bitrateKbps: Math.max(0, kbps), quality, state: this.state };
+    window.telehealthStats = this.stats;
+  }
+
+  close() {
+    this.closed = true;
+    clearInterval(this._statsTimer);
+    clearTimeout(this._watchdog);
+    this._closePcs();
+    if (this.stream) for (const track of this.stream.getTracks()) track.stop();
+    if (this.screen) for (const track of this.screen.getTracks()) track.stop();
+  }
+}
