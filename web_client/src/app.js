@@ -22,7 +22,7 @@ function h(tag, attrs = {}, ...children) {
 const root = document.getElementById("app");
 const state = {
   signaling: null, me: null, sites: {}, queue: [], mine: [], consultations: [],
-  room: null, lastError: null,
+  room: null, view: "dashboard",
 };
 
 function flash(message, kind = "error") {
@@ -131,7 +131,7 @@ function bindEvents(signaling) {
   });
   signaling.on("presence:update", (event) => {
     if (state.sites[event.site_id]) state.sites[event.site_id].online = event.online;
-    if (!state.room) renderDashboard();
+    if (state.view === "dashboard") renderDashboard();
   });
   signaling.on("consult:participant", (event) => roomParticipant(event));
   signaling.on("consult:updated", (event) => {
@@ -152,11 +152,12 @@ async function refresh() {
   state.queue = queue;
   state.mine = mine;
   state.consultations = (await state.signaling.http("/api/consultations")).consultations;
-  if (!state.room) renderDashboard();
+  if (state.view === "dashboard") renderDashboard();
 }
 
 // -- dashboards ---------------------------------------------------------------------------
 function renderDashboard() {
+  state.view = "dashboard";
   const roles = state.me.roles;
   const parts = [];
   if (roles.includes("referring")) parts.push(renderRequestForm(), renderMine());
@@ -214,7 +215,7 @@ function renderQueue() {
     h("button", { class: "small primary accept", onclick: async () => {
       try {
         const { consultation } = await state.signaling.accept(r.id);
-        await refresh();
+        refresh().catch(() => {});
         await precheck(consultation.id);
       } catch (error) { flash(describeError(error)); await refresh(); }
     } }, t("accept"))));
@@ -253,6 +254,7 @@ function renderSites() {
 
 // -- pre-call check -----------------------------------------------------------------------
 async function precheck(consultationId) {
+  state.view = "precheck";
   const video = h("video", { autoplay: true, muted: true, playsinline: true, class: "preview" });
   const results = h("ul", { class: "checks" });
   const joinButton = h("button", { class: "primary", id: "precheck-join", disabled: true }, t("join"));
@@ -260,20 +262,22 @@ async function precheck(consultationId) {
     h("h2", {}, t("precheck")), video, results, joinButton));
   let stream = null;
   const line = (label, ok) => results.append(h("li", { class: ok ? "ok" : "bad" }, `${label}: ${ok ? t("checkOk") : t("checkFail")}`));
-  try {
-    stream = await navigator.mediaDevices.getUserMedia({ audio: true, video: true });
+  const started = performance.now();
+  // Devices and the link to the server are checked side by side.
+  const [media, link] = await Promise.allSettled([
+    navigator.mediaDevices.getUserMedia({ audio: true, video: true }),
+    fetch("/healthz"),
+  ]);
+  if (media.status === "fulfilled") {
+    stream = media.value;
     video.srcObject = stream;
     line(t("camera"), stream.getVideoTracks().length > 0);
     line(t("microphone"), stream.getAudioTracks().length > 0);
-  } catch (error) {
+  } else {
     line(t("camera"), false);
     line(t("microphone"), false);
   }
-  const started = performance.now();
-  try {
-    await fetch("/healthz");
-    line(`${t("connection")} (${Math.round(performance.now() - started)} ms)`, true);
-  } catch { line(t("connection"), false); }
+  line(`${t("connection")} (${Math.round(performance.now() - started)} ms)`, link.status === "fulfilled" && link.value.ok);
   joinButton.disabled = false;
   joinButton.onclick = () => enterRoom(consultationId, stream);
   if (new URLSearchParams(location.search).has("autojoin")) enterRoom(consultationId, stream);
@@ -281,6 +285,7 @@ async function precheck(consultationId) {
 
 // -- the room -----------------------------------------------------------------------------
 async function enterRoom(consultationId, stream) {
+  state.view = "room";
   const joined = await state.signaling.join(consultationId);
   const room = {
     id: consultationId, consultation: joined.consultation, participants: {}, tiles: {},
@@ -467,10 +472,20 @@ function attachTrack(publication, track) {
   if (track.kind === "video") {
     tile.video.srcObject = new MediaStream([track]);
     tile.video.dataset.publication = publication.id;
+    noteFirstFrame(tile.video, publication.participant_id);
   } else {
     tile.audio.srcObject = new MediaStream([track]);
     tile.audio.dataset.publication = publication.id;
   }
+}
+
+/** Remember (epoch ms) when a participant's video first showed a frame on this page. */
+function noteFirstFrame(video, participantId) {
+  const shown = (window.telehealthFirstFrame ||= {});
+  if (shown[participantId] || !video.requestVideoFrameCallback) return;
+  video.requestVideoFrameCallback(() => {
+    shown[participantId] = performance.timeOrigin + performance.now();
+  });
 }
 
 function detachTrack(publicationId) {
@@ -506,6 +521,7 @@ function closeRoom(ended) {
   if (room.media) room.media.close();
   if (room.stream) for (const track of room.stream.getTracks()) track.stop();
   state.room = null;
+  state.view = "dashboard";
   if (ended && ended.minutes) flash(`${t("minutes")}: ${ended.minutes.conclusion}`, "info");
   refresh().catch((e) => flash(describeError(e)));
 }

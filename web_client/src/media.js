@@ -54,6 +54,8 @@ export class MediaSession {
     this._rebuilding = null;
     this._statsTimer = null;
     this._answering = Promise.resolve();
+    /** Milestones of the current connection, for the quality panel and diagnosis. */
+    this.timeline = [];
     signaling.on("media:offer", (offer) => {
       if (offer.consultation_id !== this.consultationId) return;
       this._answering = this._answering.then(() => this._answer(offer)).catch((e) => console.warn("offer", e));
@@ -85,13 +87,23 @@ export class MediaSession {
     this._statsTimer = setInterval(() => this._collectStats(), 1000);
   }
 
+  _mark(label) {
+    this.timeline.push([label, Math.round(performance.now())]);
+    window.telehealthTimeline = this.timeline;
+  }
+
   async _connect() {
     this._setState("connecting");
+    this._mark("connect");
     const joined = await this.signaling.mediaJoin(this.consultationId);
+    this._mark("media:join");
     this.iceServers = joined.ice_servers || [];
-    await this._subscribe();
-    if (this.stream) await this._publishCamera();
-    if (this.screen) this.screenPc = await this._publish(this.screen, { video: "screen" });
+    // Receive and send are independent connections: set them up side by side.
+    await Promise.all([
+      this._subscribe(),
+      this.stream ? this._publishCamera() : null,
+      this.screen ? this._publish(this.screen, { video: "screen" }).then((pc) => { this.screenPc = pc; }) : null,
+    ]);
     if (this.audioOnly) await this.signaling.mode(this.consultationId, true);
   }
 
@@ -102,6 +114,7 @@ export class MediaSession {
   _watch(pc) {
     pc.addEventListener("connectionstatechange", () => {
       const state = pc.connectionState;
+      if (state === "connected") this._mark("pc connected");
       if (state === "connected" && this._allConnected()) this._setState("connected");
       if (state === "failed") this.rebuild("connection failed");
       if (state === "disconnected") {
@@ -124,17 +137,21 @@ export class MediaSession {
     this.subscribePc = pc;
     this._watch(pc);
     pc.addEventListener("track", (event) => {
+      this._mark(`track ${event.track.kind}`);
       const mid = event.transceiver.mid;
       const publication = this.tracks[mid];
       if (publication) this.handlers.onTrack({ publication, track: event.track, mid });
     });
+    // Candidates gathered before the answer went out are in its SDP; trickle only later ones.
     pc.addEventListener("icecandidate", (event) => {
-      if (event.candidate && this.subscribeId) {
+      if (event.candidate && pc.answerSent && this.subscribeId) {
         this.signaling.ice(this.consultationId, this.subscribeId, event.candidate.toJSON()).catch(() => {});
       }
     });
     const offer = await this.signaling.subscribe(this.consultationId);
+    this._mark("subscribe offer");
     await this._answer(offer);
+    this._mark("subscribe answered");
   }
 
   async _answer(offer) {
@@ -158,6 +175,7 @@ export class MediaSession {
     await pc.setLocalDescription(await pc.createAnswer());
     await gathered(pc);
     await this.signaling.answer(this.consultationId, offer.transport_id, pc.localDescription.sdp);
+    pc.answerSent = true;
   }
 
   async _publishCamera() {
@@ -182,21 +200,20 @@ export class MediaSession {
       sourceOf.set(transceiver, kinds[track.kind]);
     }
     let transportId = null;
-    const early = [];
+    // Candidates gathered before the offer went out are in its SDP; trickle only later ones.
     pc.addEventListener("icecandidate", (event) => {
-      if (!event.candidate) return;
-      if (transportId) {
+      if (event.candidate && transportId) {
         this.signaling.ice(this.consultationId, transportId, event.candidate.toJSON()).catch(() => {});
-      } else {
-        early.push(event.candidate.toJSON());
       }
     });
     await pc.setLocalDescription(await pc.createOffer());
     await gathered(pc);
+    this._mark(`publish gathered ${Object.values(kinds).join("+")}`);
     const sources = {};
     for (const [transceiver, source] of sourceOf) sources[transceiver.mid] = source;
     const answer = await this.signaling.publish(this.consultationId, pc.localDescription.sdp, sources);
     transportId = answer.transport_id;
+    this._mark(`publish answered ${Object.values(kinds).join("+")}`);
     await pc.setRemoteDescription({ type: "answer", sdp: answer.sdp });
     pc.transportId = transportId;
     return pc;
