@@ -1,7 +1,7 @@
 // The user interface. It speaks to the server only through protocol.js and media.js.
 import { Signaling, ProtocolRefusal } from "./protocol.js";
 import { MediaSession } from "./media.js";
-import { t, getLanguage, setLanguage } from "./i18n.js";
+import { t, getLanguage, setLanguage, specialtyName } from "./i18n.js";
 
 /** Tiny element builder: h("div", {class: "x", onclick}, child, ...) */
 function h(tag, attrs = {}, ...children) {
@@ -123,7 +123,7 @@ function bindEvents(signaling) {
     reload();
   });
   signaling.on("queue:escalated", reload);
-  signaling.on("consult:ready", (event) => { flash(`${t("accepted")}: ${event.request.specialty}`, "info"); reload(); });
+  signaling.on("consult:ready", (event) => { flash(`${t("accepted")}: ${specialtyName(event.request.specialty)}`, "info"); reload(); });
   signaling.on("consult:invited", () => { flash(t("invited"), "info"); reload(); });
   signaling.on("consult:ended", (event) => {
     if (state.room && state.room.id === event.consultation.id) closeRoom(event.consultation);
@@ -169,10 +169,10 @@ function renderDashboard() {
 
 function renderRequestForm() {
   const specialty = h("select", { id: "request-specialty" },
-    state.me.offered_specialties.map((s) => h("option", { value: s }, s)));
+    state.me.offered_specialties.map((s) => h("option", { value: s }, specialtyName(s))));
   const priority = h("select", { id: "request-priority" },
     ["routine", "urgent", "asap", "stat"].map((p) => h("option", { value: p }, t(p))));
-  const reason = h("textarea", { id: "request-reason", rows: 3, maxlength: 2000 });
+  const reason = h("textarea", { id: "request-reason", rows: 3, maxlength: 2000, required: true });
   const pseudonym = h("input", { id: "request-pseudonym", maxlength: 64, pattern: "[A-Za-z0-9][A-Za-z0-9_.-]*" });
   return h("section", { class: "card", id: "request-form" },
     h("h2", {}, t("requestTitle")),
@@ -180,7 +180,8 @@ function renderRequestForm() {
     h("label", {}, t("priority"), priority),
     h("label", {}, t("reason"), reason),
     h("label", {}, t("pseudonym"), pseudonym),
-    h("button", { id: "request-send", onclick: async () => {
+    h("button", { id: "request-send", class: "primary", onclick: async () => {
+      if (!reason.value.trim()) { reason.focus(); return; }
       try {
         await state.signaling.request(specialty.value, priority.value, reason.value.trim(),
                                       pseudonym.value.trim() || undefined);
@@ -196,7 +197,7 @@ function priorityBadge(priority) { return h("span", { class: `badge priority-${p
 
 function renderMine() {
   const rows = state.mine.slice(0, 20).map((r) => h("li", { class: "request", "data-request": r.id },
-    priorityBadge(r.priority), " ", h("strong", {}, r.specialty), " ", statusBadge(r.status),
+    priorityBadge(r.priority), " ", h("strong", {}, specialtyName(r.specialty)), " ", statusBadge(r.status),
     r.status === "waiting" ? h("span", { class: "position" }, ` ${t("position")}: ${r.position}`) : null,
     r.escalated ? h("span", { class: "badge" }, t("escalated")) : null,
     r.status === "waiting" ? h("button", { class: "small", onclick: async () => {
@@ -209,7 +210,7 @@ function renderMine() {
 
 function renderQueue() {
   const rows = state.queue.map((r) => h("li", { class: `request prio-${r.priority}`, "data-request": r.id },
-    priorityBadge(r.priority), " ", h("strong", {}, r.specialty), " · ", siteName(r.site_id),
+    priorityBadge(r.priority), " ", h("strong", {}, specialtyName(r.specialty)), " · ", siteName(r.site_id),
     " · ", minutesAgo(r.created_at), r.escalated ? h("span", { class: "badge" }, t("escalated")) : null,
     h("p", { class: "reason" }, r.reason),
     h("button", { class: "small primary accept", onclick: async () => {

@@ -54,7 +54,22 @@ const STRINGS = {
   },
 };
 
+const SPECIALTIES = {
+  vi: {
+    cardiology: "Tim mạch", "internal-medicine": "Nội khoa", "infectious-disease": "Truyền nhiễm",
+    "intensive-care": "Hồi sức tích cực", neurology: "Thần kinh", surgery: "Ngoại khoa",
+    pediatrics: "Nhi khoa", obstetrics: "Sản khoa", radiology: "Chẩn đoán hình ảnh",
+    oncology: "Ung bướu", pulmonology: "Hô hấp", nephrology: "Thận", dermatology: "Da liễu",
+  },
+  en: {},
+};
+
 let language = localStorage.getItem("telehealth.lang") || "vi";
+
+/** A specialty's name in the interface language (its id when none is known). */
+export function specialtyName(id) {
+  return (SPECIALTIES[language] && SPECIALTIES[language][id]) || id.replace(/-/g, " ");
+}
 
 export function t(key) {
   return (STRINGS[language] && STRINGS[language][key]) || STRINGS.vi[key] || key;
