@@ -36,6 +36,17 @@ class ServerSettings(_Section):
     """TCP port; 0 picks a free port (tests). Default 8080."""
     public_url: str = ""
     """Base URL printed in sign-in links; default derived from host and port."""
+    gc_thresholds: tuple[int, int, int] = (50_000, 20, 10)
+    """CPython collector thresholds for `serve`. With thousands of connections a full
+    collection stops the event loop for 200-330 ms (docs/benchmarks.md); these make it rare.
+    Python's default is (700, 10, 10)."""
+
+    @field_validator("gc_thresholds")
+    @classmethod
+    def _thresholds(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
+        if min(value) <= 0:
+            raise ValueError(f"every threshold must be > 0, got {list(value)}")
+        return value
 
 
 class SecuritySettings(_Section):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -114,9 +115,13 @@ def _check(settings: Settings) -> int:
 async def _serve(settings: Settings) -> int:
     from signaling.app import SERVICES, create_app
 
+    gc.set_threshold(*settings.server.gc_thresholds)
     app = create_app(settings)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
+    # Everything loaded so far lives as long as the process: keep it out of every collection.
+    gc.collect()
+    gc.freeze()
     site = web.TCPSite(runner, settings.server.host, settings.server.port)
     await site.start()
     port = int(runner.addresses[0][1])

@@ -64,6 +64,7 @@ class Directory:
                     "which is not in the directory"
                 )
             self.clinicians[clinician.id] = clinician
+        self._specialties = frozenset(s for c in self.clinicians.values() for s in c.specialties)
 
     def site(self, site_id: str) -> Site | None:
         return self.sites.get(site_id)
@@ -71,8 +72,9 @@ class Directory:
     def clinician(self, clinician_id: str) -> Clinician | None:
         return self.clinicians.get(clinician_id)
 
-    def specialties(self) -> set[str]:
-        return {s for c in self.clinicians.values() for s in c.specialties}
+    def specialties(self) -> frozenset[str]:
+        """Every specialty some clinician of the directory offers."""
+        return self._specialties
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any], source: str = "directory") -> Directory:

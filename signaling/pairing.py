@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -59,6 +60,8 @@ class Pairing:
         self._notifier = notifier
         self._metrics = metrics
         self._settings = settings
+        self._claims: dict[str, asyncio.Future[None]] = {}
+        """Claims under way in this process, by request: later accepts wait for the first."""
 
     async def restore(self) -> int:
         """Rebuild the queue from the store after a start or restart."""
@@ -153,6 +156,11 @@ class Pairing:
     # -- accept --------------------------------------------------------------------------
     async def accept(self, principal: Principal, request_id: str) -> dict[str, Any]:
         started = time.perf_counter()
+        under_way = self._claims.get(request_id)
+        if under_way is not None:
+            # Another accept of this request is being written: wait for its outcome instead of
+            # racing it to the database (the store still decides across processes).
+            await asyncio.wait([under_way])
         request = await self._waiting(request_id)
         if not can_accept(principal, request):
             raise Forbidden(
@@ -171,7 +179,13 @@ class Pairing:
             relay_id=relay.info.id, state="open", created_at=now, site_ids=site_ids,
             clinician_ids=[request.requester_id, principal.id],
         )
-        await self._store.claim(request.id, principal.id, consultation, now)
+        claim = asyncio.get_running_loop().create_future()
+        self._claims[request.id] = claim
+        try:
+            await self._store.claim(request.id, principal.id, consultation, now)
+        finally:
+            del self._claims[request.id]
+            claim.set_result(None)
         behind = self._queue.behind(request)
         self._queue.remove(request.id)
         request.status = "accepted"
