@@ -15,6 +15,7 @@ from aiortc.rtp import RtpPacket
 
 from relay import hooks
 from relay.keyframes import is_keyframe_start, vp8_keyframe_size
+from relay.timing import ntp_now
 
 if TYPE_CHECKING:
     from relay.subscription import Subscription
@@ -67,8 +68,9 @@ class Publication:
             self.keyframes += 1
             if self.mime_type.lower() == "video/vp8":
                 self.size = vp8_keyframe_size(packet.payload) or self.size
+        ntp = ntp_now()
         for subscription in tuple(self.subscriptions):
-            await subscription.forward(packet, keyframe)
+            await subscription.forward(packet, keyframe, ntp)
 
     def request_keyframe(self) -> None:
         """Ask the publisher for a keyframe, at most once per ``keyframe_interval_s``."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from typing import TYPE_CHECKING, Any
 
 from aiortc import RTCRtpTransceiver
@@ -25,6 +24,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+BACKLOG_CHECK_EVERY = 8
+"""The send backlog is looked at every this many packets of a subscription."""
 _SEQ_MOD = 1 << 16
 _TS_MOD = 1 << 32
 
@@ -32,13 +33,6 @@ _TS_MOD = 1 << 32
 def seq_newer(a: int, b: int) -> bool:
     """True if sequence number ``a`` comes after ``b`` (modulo 2^16)."""
     return a != b and ((a - b) % _SEQ_MOD) < 0x8000
-
-
-def ntp_now() -> int:
-    """Current time as a 64-bit NTP timestamp."""
-    now = time.time() + 2208988800
-    seconds = int(now)
-    return (seconds << 32) | int((now - seconds) * (1 << 32))
 
 
 class Leg:
@@ -57,10 +51,6 @@ class Leg:
         self.subscription: Subscription | None = None
         self.retired = False
         """Its subscription ended: the m-line stays inactive for good."""
-
-    @property
-    def connected(self) -> bool:
-        return bool(self.transceiver.sender.transport.state == "connected")
 
 
 class Subscription:
@@ -111,13 +101,12 @@ class Subscription:
             self.restarts += 1
         self.publication.request_keyframe()
 
-    async def forward(self, packet: RtpPacket, keyframe: bool) -> None:
+    async def forward(self, packet: RtpPacket, keyframe: bool, ntp: int) -> None:
+        """Send one packet of the publication on this leg. ``ntp`` is the arrival time (NTP
+        format), computed once per packet for every subscription."""
         if self.closed or self.paused or not self.ready:
             return
         leg = self.leg
-        if not leg.connected:
-            self.waiting_keyframe = True
-            return
         in_seq = packet.sequence_number
         if self.waiting_keyframe:
             if not keyframe:
@@ -129,7 +118,8 @@ class Subscription:
             self._start_seq = in_seq
         elif self._start_seq is not None and seq_newer(self._start_seq, in_seq):
             return  # a retransmission from before this subscription (re)started
-        if self._max_backlog and hooks.backlog_bytes(leg.transceiver.sender) > self._max_backlog:
+        if (self._max_backlog and not self.forwarded % BACKLOG_CHECK_EVERY
+                and hooks.backlog_bytes(leg.transceiver.sender) > self._max_backlog):
             # The subscriber's path cannot take more: skip to the next keyframe rather than
             # queue without bound or slow the others.
             self.skipped += 1
@@ -144,17 +134,18 @@ class Subscription:
             ssrc=leg.sender.ssrc,
             payload=packet.payload,
         )
-        ntp = ntp_now()
         out.extensions.mid = leg.mid
         out.extensions.abs_send_time = (ntp >> 14) & 0x00FFFFFF
         out.extensions.audio_level = packet.extensions.audio_level
-        if seq_newer(out_seq, (leg.next_seq - 1) % _SEQ_MOD):
-            leg.next_seq = (out_seq + 1) % _SEQ_MOD
         try:
+            # Not yet (or no longer) connected: the transport refuses, and the subscription
+            # starts again at a keyframe once it is.
             await leg.sender.send(out, ntp)
         except ConnectionError:
             self.waiting_keyframe = True
             return
+        if seq_newer(out_seq, (leg.next_seq - 1) % _SEQ_MOD):
+            leg.next_seq = (out_seq + 1) % _SEQ_MOD
         self.forwarded += 1
         self.forwarded_bytes += len(packet.payload)
 
