@@ -156,10 +156,9 @@ class Pairing:
     # -- accept --------------------------------------------------------------------------
     async def accept(self, principal: Principal, request_id: str) -> dict[str, Any]:
         started = time.perf_counter()
-        under_way = self._claims.get(request_id)
-        if under_way is not None:
-            # Another accept of this request is being written: wait for its outcome instead of
-            # racing it to the database (the store still decides across processes).
+        # Another accept of this request being written: wait for its outcome instead of
+        # racing it to the database (the store still decides across processes).
+        while (under_way := self._claims.get(request_id)) is not None:
             await asyncio.wait([under_way])
         request = await self._waiting(request_id)
         if not can_accept(principal, request):
@@ -169,7 +168,7 @@ class Pairing:
             )
         requester_site = self._directory.site(request.site_id)
         region = requester_site.region if requester_site else ""
-        relay = self._relays.choose(region)
+        relay = self._relays.reserve(region)
         now = time.time()
         site_ids = [request.site_id]
         if principal.site.id not in site_ids:
@@ -183,8 +182,12 @@ class Pairing:
         self._claims[request.id] = claim
         try:
             await self._store.claim(request.id, principal.id, consultation, now)
+        except BaseException:
+            self._relays.unreserve(relay)
+            raise
         finally:
-            del self._claims[request.id]
+            if self._claims.get(request.id) is claim:
+                del self._claims[request.id]
             claim.set_result(None)
         behind = self._queue.behind(request)
         self._queue.remove(request.id)
@@ -192,7 +195,7 @@ class Pairing:
         request.accepted_by = principal.id
         request.accepted_at = now
         request.consultation_id = consultation.id
-        await self._relays.open(consultation.id, relay, region)
+        await self._relays.open(consultation.id, relay, region, reserved=True)
         self._metrics.requests.labels(outcome="accepted").inc()
         self._metrics.wait_seconds.labels(priority=request.priority).observe(
             now - request.created_at

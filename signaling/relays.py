@@ -24,6 +24,8 @@ class RelayDirectory:
         self._relays: dict[str, Relay] = {}
         self._placements: dict[str, str] = {}
         self._regions: dict[str, str] = {}
+        self._reserved: dict[str, int] = {}
+        """Rooms promised to a relay by ``reserve`` and not opened yet."""
 
     def register(self, relay: Relay) -> None:
         self._relays[relay.info.id] = relay
@@ -43,8 +45,11 @@ class RelayDirectory:
     def relays(self) -> list[Relay]:
         return list(self._relays.values())
 
+    def _free(self, relay: Relay) -> bool:
+        return relay.info.load + self._reserved.get(relay.info.id, 0) < relay.info.capacity
+
     def choose(self, region: str) -> Relay:
-        candidates = [r for r in self._relays.values() if r.info.has_room]
+        candidates = [r for r in self._relays.values() if self._free(r)]
         if not candidates:
             raise NoRelayAvailable("no relay has capacity for another consultation")
 
@@ -54,8 +59,26 @@ class RelayDirectory:
 
         return min(candidates, key=rank)
 
-    async def open(self, room_id: str, relay: Relay, region: str = "") -> Relay:
-        """Open the room on ``relay`` (as returned by ``choose``) and remember where it is."""
+    def reserve(self, region: str) -> Relay:
+        """Choose a relay and hold a room on it until ``open`` (or ``unreserve``), so that
+        accepts running at the same time cannot overfill it."""
+        relay = self.choose(region)
+        self._reserved[relay.info.id] = self._reserved.get(relay.info.id, 0) + 1
+        return relay
+
+    def unreserve(self, relay: Relay) -> None:
+        left = self._reserved.get(relay.info.id, 0) - 1
+        if left > 0:
+            self._reserved[relay.info.id] = left
+        else:
+            self._reserved.pop(relay.info.id, None)
+
+    async def open(self, room_id: str, relay: Relay, region: str = "", *,
+                   reserved: bool = False) -> Relay:
+        """Open the room on ``relay`` (from ``choose``, or from ``reserve`` with
+        ``reserved=True``) and remember where it is."""
+        if reserved:
+            self.unreserve(relay)
         await relay.open_room(room_id)
         self._placements[room_id] = relay.info.id
         self._regions[room_id] = region

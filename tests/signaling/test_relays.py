@@ -39,3 +39,17 @@ async def test_no_capacity_anywhere_is_a_clear_error() -> None:
 def test_a_relay_must_have_capacity() -> None:
     with pytest.raises(ValueError, match="capacity must be > 0, got 0"):
         EmbeddedRelay("x", capacity=0)
+
+
+async def test_a_reserved_room_counts_until_it_is_opened_or_given_back() -> None:
+    relays = RelayDirectory()
+    relays.register(EmbeddedRelay("only", capacity=1))
+    held = relays.reserve("01")
+    with pytest.raises(NoRelayAvailable):
+        relays.reserve("01")  # a concurrent accept cannot overfill the relay
+    relays.unreserve(held)
+    held = relays.reserve("01")
+    await relays.open("r1", held, "01", reserved=True)
+    assert held.info.load == 1
+    with pytest.raises(NoRelayAvailable):
+        relays.reserve("01")
