@@ -6,9 +6,9 @@ collection) logged to stderr, for ``bench/signaling_load.py --gc-trace``.
 Each pause is one line ``GC gen<g> <ms> ms collected=<n> at=<time.monotonic()>``; the monotonic
 clock is the machine's, so the benchmark lines the pauses up with its own timeline. With
 ``BENCH_GC_THRESHOLD=a,b,c`` in the environment the thresholds are set with
-``gc.set_threshold(a, b, c)`` first: an experiment on the server's GC tuning that changes nothing
-in the server's code.
-"""
+``gc.set_threshold(a, b, c)`` first: an experiment on the collector's tuning that changes nothing
+in the server's code. It is only for servers older than 0ed36e8: since then `serve` sets the
+thresholds itself from ``server.gc_thresholds``, which the benchmark writes into its config."""
 
 from __future__ import annotations
 

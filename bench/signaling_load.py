@@ -25,9 +25,10 @@ What happens:
 Server RSS and CPU come from psutil on the server pid; every worker reports its own CPU time and
 GC pauses, and the machine-wide CPU use is printed so that a saturated load generator (or another
 job on the machine) is visible. Diagnostics: ``--gc-trace`` logs the server's GC pauses,
-``--py-spy FILE`` profiles it, ``--gc-threshold`` and ``--ping-interval`` are experiments that
-change settings, never the server's code. The last line printed is
-``RESULT sites=<n> pair_p50_ms=<x> pair_p99_ms=<y> rss_mb=<z>``; docs/benchmarks.md has figures.
+``--py-spy FILE`` profiles it, ``--gc-threshold`` (the server's collector thresholds) and
+``--ping-interval`` are experiments that change settings, never the server's code. The last
+line printed is ``RESULT sites=<n> pair_p50_ms=<x> pair_p99_ms=<y> rss_mb=<z>``;
+docs/benchmarks.md has figures.
 """
 
 from __future__ import annotations
@@ -216,12 +217,14 @@ def build_population(sites: int, central: int, specialists: int,
 
 
 def config_toml(data_dir: Path, directory_file: Path, secret: str, metrics_token: str,
-                ping_interval_s: float | None = None) -> str:
+                ping_interval_s: float | None = None,
+                gc_thresholds: tuple[int, ...] | None = None) -> str:
     def q(value: str) -> str:
         return json.dumps(value)  # a JSON string is a valid TOML basic string
 
     return "\n".join([
-        "[server]", f"host = {q(HOST)}", "port = 0", "",
+        "[server]", f"host = {q(HOST)}", "port = 0",
+        *([f"gc_thresholds = {list(gc_thresholds)}"] if gc_thresholds else []), "",
         "[security]", f"token_secret = {q(secret)}", "token_ttl_s = 7200",
         f"metrics_token = {q(metrics_token)}", "",
         "[storage]", f"data_dir = {q(str(data_dir))}", "",
@@ -581,11 +584,11 @@ class Server:
     """``python -m signaling.cli --config CFG serve`` as a subprocess."""
 
     def __init__(self, config: Path, log: Path, *, gc_trace: bool = False,
-                 gc_threshold: str = "") -> None:
+                 wrapper_gc_threshold: str = "") -> None:
         self.config = config
         self.log_path = log
-        self.gc_trace = gc_trace or bool(gc_threshold)
-        self.gc_threshold = gc_threshold
+        self.gc_trace = gc_trace or bool(wrapper_gc_threshold)
+        self.wrapper_gc_threshold = wrapper_gc_threshold
         self.process: subprocess.Popen[str] | None = None
         self.url = ""
         self._lines: Queue[str] = Queue()
@@ -596,8 +599,8 @@ class Server:
         entry = ["-m", "signaling.cli"]
         if self.gc_trace:
             entry = [str(Path(__file__).with_name("gc_trace_server.py"))]
-        if self.gc_threshold:
-            env["BENCH_GC_THRESHOLD"] = self.gc_threshold
+        if self.wrapper_gc_threshold:
+            env["BENCH_GC_THRESHOLD"] = self.wrapper_gc_threshold
         with self.log_path.open("w") as log:
             self.process = subprocess.Popen(
                 [sys.executable, *entry, "--config", str(self.config), "serve"],
@@ -681,6 +684,18 @@ class Sampler:
                 self.peak_cpu_percent = max(self.peak_cpu_percent,
                                             self._process.cpu_percent(None))
                 self.peak_rss = max(self.peak_rss, self._process.memory_info().rss)
+
+
+def server_gc_thresholds() -> tuple[int, ...] | None:
+    """The server's own collector thresholds (``server.gc_thresholds``, set by `serve` since
+    0ed36e8), or None if this version of the server has no such setting."""
+    try:
+        from config.settings import ServerSettings
+
+        value = getattr(ServerSettings(), "gc_thresholds", None)
+    except Exception:
+        return None
+    return tuple(int(v) for v in value) if value is not None else None
 
 
 def relay_capacity() -> int | None:
@@ -806,6 +821,9 @@ class Results:
     profile_top: list[tuple[str, float]] = field(default_factory=list)
     gc_trace: bool = False
     gc_threshold: str = ""
+    """--gc-threshold as given; empty: the server's own collector settings."""
+    server_gc_thresholds: tuple[int, ...] | None = None
+    """``server.gc_thresholds`` of this server version (None: no such setting, Python's)."""
     ping_interval_s: float | None = None
     gc_pauses_run: list[tuple[int, float, float]] = field(default_factory=list)
     """(generation, ms, ended at s after the start) of each logged server GC pause during the
@@ -897,11 +915,17 @@ def run(args: argparse.Namespace) -> Results:
                   hold_s=args.hold, connect_concurrency=args.connect_concurrency,
                   clients=len(population.clients), cores=psutil.cpu_count() or 0,
                   gc_trace=args.gc_trace or bool(args.gc_threshold),
-                  gc_threshold=args.gc_threshold, ping_interval_s=args.ping_interval,
+                  gc_threshold=args.gc_threshold, server_gc_thresholds=server_gc_thresholds(),
+                  ping_interval_s=args.ping_interval,
                   code=code_version(), relay_capacity=relay_capacity())
     workdir = Path(tempfile.mkdtemp(prefix="telehealth-bench-", dir=args.tmp_dir))
-    server = Server(workdir / "config.toml", workdir / "server.log", gc_trace=args.gc_trace,
-                    gc_threshold=args.gc_threshold)
+    # Since 0ed36e8 `serve` sets the collector thresholds from its config: an experiment goes
+    # there. Older servers have no such setting: gc_trace_server.py sets them before start-up.
+    own_gc = server_gc_thresholds()
+    wanted_gc = tuple(int(v) for v in args.gc_threshold.split(",")) if args.gc_threshold else None
+    server = Server(workdir / "config.toml", workdir / "server.log",
+                    gc_trace=args.gc_trace or bool(wanted_gc),
+                    wrapper_gc_threshold=args.gc_threshold if own_gc is None else "")
     processes: list[mp.process.BaseProcess] = []
     conns: list[Connection] = []
     profiler: subprocess.Popen[bytes] | None = None
@@ -914,8 +938,9 @@ def run(args: argparse.Namespace) -> Results:
         metrics_token = secrets.token_urlsafe(32)
         directory_file = workdir / "directory.toml"
         directory_file.write_text(population.directory_toml, encoding="utf-8")
-        server.config.write_text(config_toml(workdir / "data", directory_file, secret,
-                                             metrics_token, args.ping_interval))
+        server.config.write_text(config_toml(
+            workdir / "data", directory_file, secret, metrics_token, args.ping_interval,
+            wanted_gc if own_gc is not None else None))
         clients = mint_tokens(population, directory_file, secret)
 
         server.start()
@@ -1108,6 +1133,14 @@ def slowest_seconds(pairings: Sequence[tuple[float, float]], count: int = 3) -> 
     ) or "n/a"
 
 
+def _gc_setting(res: Results) -> str:
+    if res.server_gc_thresholds is None:
+        return (f", gc.set_threshold({res.gc_threshold}) via bench/gc_trace_server.py"
+                if res.gc_threshold else ", Python's collector thresholds")
+    chosen = res.gc_threshold or ",".join(map(str, res.server_gc_thresholds))
+    return f", server.gc_thresholds = {chosen}" + ("" if res.gc_threshold else " (default)")
+
+
 def describe_pauses(pauses: Sequence[tuple[int, float, float]]) -> str:
     full = sorted((at, ms) for gen, ms, at in pauses if gen == 2)
     young = [ms for gen, ms, _ in pauses if gen < 2]
@@ -1129,8 +1162,7 @@ def render(res: Results) -> list[str]:
         ("server settings", "defaults, logging WARNING"
          + (f", presence.ping_interval_s = {res.ping_interval_s:g}"
             if res.ping_interval_s is not None else "")
-         + (f", gc.set_threshold({res.gc_threshold}) via bench/gc_trace_server.py"
-            if res.gc_threshold else "")),
+         + _gc_setting(res)),
         ("", ""),
         ("clients connected", f"{res.connected} / {res.clients} (websocket transport, "
                               f"{res.workers} x {res.connect_concurrency} at a time)"),
@@ -1250,8 +1282,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="start the server through bench/gc_trace_server.py and report its "
                              "garbage-collector pauses during the run")
     parser.add_argument("--gc-threshold", default="", metavar="A,B,C",
-                        help="experiment: gc.set_threshold(A, B, C) in the server before it "
-                             "starts (implies --gc-trace; the server code is unchanged)")
+                        help="experiment: the server's collector thresholds (server.gc_thresholds"
+                             " where the server has that setting, else gc.set_threshold(A, B, C) "
+                             "before it starts); implies --gc-trace; the server code is unchanged")
     parser.add_argument("--py-spy", type=Path, default=None, metavar="RAW_FILE",
                         help="profile the server with py-spy during the requests "
                              "(collapsed stacks written here, top functions printed)")
@@ -1277,8 +1310,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         problems.append("--rate and --duration must be > 0, --hold and --drain >= 0")
     if args.workers < 1 or args.connect_concurrency < 1:
         problems.append("--workers and --connect-concurrency must be >= 1")
-    if args.gc_threshold and not re.fullmatch(r"\d+(,\d+){0,2}", args.gc_threshold):
-        problems.append("--gc-threshold takes one to three integers: A,B,C")
+    if args.gc_threshold and not re.fullmatch(r"[1-9]\d*,[1-9]\d*,[1-9]\d*", args.gc_threshold):
+        problems.append("--gc-threshold takes three positive integers: A,B,C")
     if problems:
         parser.error("; ".join(problems))
     return args
