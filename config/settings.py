@@ -162,6 +162,34 @@ class RelaySettings(_Section):
     """Standalone nodes heartbeat this often; one silent for 3 heartbeats is dropped."""
 
 
+RecordingPolicy = Literal["always", "with_consent", "never"]
+
+
+class RecordingSettings(_Section):
+    """The recorder: archives consultations (Circular 49/2017/TT-BYT: recorded at a connection
+    point, minutes kept, stored for at least ten years)."""
+
+    archive_dir: Path | None = None
+    """Where recordings, manifests and the audit log go. Default: <storage.data_dir>/archive."""
+    policy: RecordingPolicy = "with_consent"
+    """``always``: recorded from the start, no question asked; ``with_consent``: every
+    participant is asked and recording starts only when all present agree; ``never``."""
+    site_policies: dict[str, RecordingPolicy] = Field(default_factory=dict)
+    """Per-site policy (site id -> policy). A consultation follows the strictest policy among
+    its sites (never > with_consent > always)."""
+    retention_years: float = Field(default=10, gt=0)
+    """How long archives are kept after the consultation ended; `telehealth archive prune`
+    removes only what is older."""
+    fsync_interval_s: float = Field(default=1.0, gt=0, le=60)
+    """Recorded files are fsync'ed this often (data reaches the page cache continuously)."""
+    cluster_ms: int = Field(default=500, ge=100, le=5000)
+    """Matroska cluster length: the most a kill -9 can lose of a file (plus the reorder
+    window)."""
+    hold_s: float = Field(default=1.5, gt=0, le=10)
+    """How long a participant's file waits for the first keyframe of their camera before it is
+    opened without video."""
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -183,6 +211,7 @@ class Settings(BaseSettings):
     presence: PresenceSettings = Field(default_factory=PresenceSettings)
     live: LiveSettings = Field(default_factory=LiveSettings)
     relay: RelaySettings = Field(default_factory=RelaySettings)
+    recording: RecordingSettings = Field(default_factory=RecordingSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @classmethod
@@ -196,6 +225,9 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Environment overrides beat the TOML file (passed as init kwargs) beat defaults.
         return (env_settings, init_settings)
+
+    def archive_dir(self) -> Path:
+        return self.recording.archive_dir or self.storage.data_dir / "archive"
 
     def public_base_url(self) -> str:
         if self.server.public_url:

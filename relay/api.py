@@ -49,6 +49,22 @@ class RelayEvents(Protocol):
         """Something the participant should know (``{code, ...}``: video paused/resumed)."""
 
 
+class MediaSink(Protocol):
+    """Receives a room's encoded media as it arrives, never decoded: the recorder. Called on
+    the relay's event loop for every packet, so it must return quickly and never block."""
+
+    def publication_added(self, publication: dict[str, Any]) -> None:
+        """``{id, participant_id, source, kind, codec, clock_rate}`` of a publication in the
+        room (every existing one when the sink is attached, then each new one)."""
+
+    def publication_removed(self, publication_id: str) -> None: ...
+
+    def packet(self, publication_id: str, sequence_number: int, timestamp: int, marker: bool,
+               payload: bytes, arrival: float) -> None:
+        """One RTP packet of the publication, as received (RTX unwrapped; retransmissions
+        arrive late and out of order). ``arrival`` is the wall-clock time (``time.time()``)."""
+
+
 class Relay(Protocol):
     """What signaling asks of a relay. Errors are raised as ``relay.errors.RelayError`` (with a
     ``code``), the same for the embedded relay and a remote node."""
@@ -86,3 +102,13 @@ class Relay(Protocol):
                              audio_only: bool) -> None: ...
 
     async def stats(self, room_id: str) -> dict[str, Any]: ...
+
+    async def attach_sink(self, room_id: str, sink: MediaSink) -> None:
+        """Give ``sink`` every publication of the room, present and future, until detached.
+        A relay that cannot hand media to this process raises RelayError
+        (``recording_unavailable``)."""
+
+    async def detach_sink(self, room_id: str, sink: MediaSink) -> None: ...
+
+    async def request_keyframe(self, room_id: str, publication_id: str) -> None:
+        """Ask the publisher of a video publication for a keyframe (rate limited)."""

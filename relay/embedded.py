@@ -7,7 +7,7 @@ import logging
 import time
 from typing import Any
 
-from relay.api import RelayEvents, RelayInfo
+from relay.api import MediaSink, RelayEvents, RelayInfo
 from relay.config import MediaConfig
 from relay.errors import UnknownRoom
 from relay.room import Room
@@ -69,7 +69,10 @@ class LocalRelay:
             # The last one out closes the room and everything in it; the consultation keeps
             # its place on this relay, so a fresh room takes the next join.
             await room.close()
-            self.rooms[room_id] = Room(room_id, self.config, self.events)
+            fresh = Room(room_id, self.config, self.events)
+            for sink in room.sinks:
+                fresh.attach_sink(sink)
+            self.rooms[room_id] = fresh
 
     async def publish(self, room_id: str, participant_id: str, sdp: str,
                       sources: dict[str, str]) -> dict[str, Any]:
@@ -95,6 +98,19 @@ class LocalRelay:
 
     async def stats(self, room_id: str) -> dict[str, Any]:
         return self._room(room_id).stats()
+
+    async def attach_sink(self, room_id: str, sink: MediaSink) -> None:
+        self._room(room_id).attach_sink(sink)
+
+    async def detach_sink(self, room_id: str, sink: MediaSink) -> None:
+        room = self.rooms.get(room_id)
+        if room is not None:
+            room.detach_sink(sink)
+
+    async def request_keyframe(self, room_id: str, publication_id: str) -> None:
+        room = self.rooms.get(room_id)
+        if room is not None:
+            room.request_keyframe(publication_id)
 
     async def close(self) -> None:
         for room_id in list(self.rooms):

@@ -14,6 +14,7 @@ from aiortc import RTCRtpReceiver
 from aiortc.rtp import RtpPacket
 
 from relay import hooks
+from relay.api import MediaSink
 from relay.keyframes import is_keyframe_start, vp8_keyframe_size
 from relay.timing import ntp_now
 
@@ -38,6 +39,8 @@ class Publication:
         self.clock_rate = clock_rate
         self.receiver = receiver
         self.subscriptions: set[Subscription] = set()
+        self.sinks: tuple[MediaSink, ...] = ()
+        """Receivers of every packet as it arrives (the recorder)."""
         self.media_ssrc: int | None = None
         self.size: tuple[int, int] | None = None
         self.packets = 0
@@ -58,9 +61,22 @@ class Publication:
             "codec": self.mime_type,
         }
 
+    def sink_info(self) -> dict[str, Any]:
+        return {**self.to_wire(), "clock_rate": self.clock_rate}
+
     async def _on_packet(self, packet: RtpPacket, arrival_ms: int) -> None:
         if self.closed:
             return
+        if self.sinks:
+            now = time.time()
+            for sink in self.sinks:
+                try:
+                    sink.packet(self.id, packet.sequence_number, packet.timestamp,
+                                bool(packet.marker), packet.payload, now)
+                except Exception:
+                    # A sink's trouble (a full disk under the recorder) never stops the media.
+                    logger.exception("Publication(%s): media sink failed; detached", self.id)
+                    self.sinks = tuple(s for s in self.sinks if s is not sink)
         self.media_ssrc = packet.ssrc
         self.packets += 1
         keyframe = is_keyframe_start(self.mime_type, packet.payload)
@@ -93,6 +109,12 @@ class Publication:
         self.closed = True
         ended = list(self.subscriptions)
         self.subscriptions.clear()
+        sinks, self.sinks = self.sinks, ()
+        for sink in sinks:
+            try:
+                sink.publication_removed(self.id)
+            except Exception:
+                logger.exception("Publication(%s): media sink failed on removal", self.id)
         for task in self._tasks:
             task.cancel()
         logger.info("Publication(%s) %s of %s closed after %d packets", self.id, self.source,

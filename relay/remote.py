@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from relay.api import RelayInfo
+from relay.api import MediaSink, RelayInfo
 from relay.errors import RelayError
 
 NAMESPACE = "/relay"
@@ -103,3 +103,15 @@ class RemoteRelay:
     async def stats(self, room_id: str) -> dict[str, Any]:
         result: dict[str, Any] = await self._command("stats", room_id=room_id)
         return result
+
+    async def attach_sink(self, room_id: str, sink: MediaSink) -> None:
+        raise RemoteRelayError(
+            "recording_unavailable",
+            f"consultation {room_id!r} runs on standalone relay {self.info.id!r}; this "
+            "version records consultations on the embedded relay only")
+
+    async def detach_sink(self, room_id: str, sink: MediaSink) -> None:
+        return None
+
+    async def request_keyframe(self, room_id: str, publication_id: str) -> None:
+        return None

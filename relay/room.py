@@ -8,7 +8,7 @@ import logging
 from collections.abc import Coroutine
 from typing import Any
 
-from relay.api import RelayEvents
+from relay.api import MediaSink, RelayEvents
 from relay.config import MediaConfig
 from relay.errors import NotInRoom
 from relay.participant import Participant
@@ -23,6 +23,7 @@ class Room:
         self.config = config
         self.events = events
         self.participants: dict[str, Participant] = {}
+        self.sinks: list[MediaSink] = []
         self.closed = False
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -65,7 +66,42 @@ class Room:
         return [p for other in self.participants.values() if other is not participant
                 for p in other.publications.values()]
 
+    def publications(self) -> list[Publication]:
+        return [p for participant in self.participants.values()
+                for p in participant.publications.values()]
+
+    def attach_sink(self, sink: MediaSink) -> None:
+        if sink in self.sinks:
+            return
+        self.sinks.append(sink)
+        for publication in self.publications():
+            self._give(sink, publication)
+
+    def detach_sink(self, sink: MediaSink) -> None:
+        if sink in self.sinks:
+            self.sinks.remove(sink)
+        for publication in self.publications():
+            publication.sinks = tuple(s for s in publication.sinks if s is not sink)
+
+    def _give(self, sink: MediaSink, publication: Publication) -> None:
+        try:
+            sink.publication_added(publication.sink_info())
+        except Exception:
+            logger.exception("Room(%s): media sink refused publication %s", self.id,
+                             publication.id)
+            return
+        publication.sinks = (*publication.sinks, sink)
+        # The sink starts at a keyframe: ask for one now rather than wait for the next.
+        publication.request_keyframe()
+
+    def request_keyframe(self, publication_id: str) -> None:
+        for publication in self.publications():
+            if publication.id == publication_id:
+                publication.request_keyframe()
+
     def publication_added(self, publication: Publication) -> None:
+        for sink in self.sinks:
+            self._give(sink, publication)
         for participant in self.participants.values():
             if participant.id != publication.participant_id:
                 participant.publication_added(publication)

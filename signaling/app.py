@@ -29,6 +29,7 @@ from signaling.metrics import Metrics
 from signaling.pairing import Pairing
 from signaling.presence import Presence
 from signaling.queue import ConsultQueue
+from signaling.recording import RecordingControl
 from signaling.relay_nodes import RelayNodes
 from signaling.relays import RelayDirectory
 from signaling.store import RecordStore
@@ -55,6 +56,7 @@ class Services:
     media: Media
     embedded: LocalRelay | None
     nodes: RelayNodes
+    recording: RecordingControl
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
@@ -102,23 +104,30 @@ def create_app(settings: Settings) -> web.Application:
                                   notifier=notifier, metrics=metrics,
                                   reconnect_grace_s=settings.presence.reconnect_grace_s,
                                   media=media)
+    recording = RecordingControl(archive=settings.archive_dir(), store=store, live=live,
+                                 directory=directory, relays=relays, notifier=notifier,
+                                 settings=settings.recording)
+    consultations.recording = recording
     presence = Presence(live, directory, notifier, metrics)
     nodes = RelayNodes(sio, tokens=tokens, relays=relays, events=media_events,
                        on_moved=consultations.relay_moved,
                        heartbeat_s=settings.relay.heartbeat_s)
     gateway = SocketGateway(sio, tokens=tokens, pairing=pairing, consultations=consultations,
-                            presence=presence, media=media, metrics=metrics)
+                            presence=presence, media=media, metrics=metrics,
+                            recording=recording)
 
     app = web.Application(middlewares=[
         json_errors,
         make_auth_middleware(tokens.verify, settings.security.metrics_token),
     ])
     app[SERVICES] = Services(settings, directory, tokens, store, relays, metrics, pairing,
-                             consultations, presence, gateway, sio, media, embedded, nodes)
+                             consultations, presence, gateway, sio, media, embedded, nodes,
+                             recording)
     sio.attach(app)
     add_routes(app, SERVICES)
     app.cleanup_ctx.append(_embedded_relay)
     app.cleanup_ctx.append(_records)
+    app.cleanup_ctx.append(_recording)
     app.cleanup_ctx.append(_timers)
     return app
 
@@ -143,6 +152,16 @@ async def _records(app: web.Application) -> AsyncIterator[None]:
     logger.info("restored %d waiting requests and %d open consultations", waiting, active)
     yield
     await services.store.close()
+
+
+async def _recording(app: web.Application) -> AsyncIterator[None]:
+    """Mark what a dead process was recording as interrupted; finish every file at the end."""
+    recorder = app[SERVICES].recording.recorder
+    interrupted = await recorder.restore()
+    if interrupted:
+        logger.warning("%d recordings were interrupted by the last stop", len(interrupted))
+    yield
+    await recorder.close()
 
 
 async def _timers(app: web.Application) -> AsyncIterator[None]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relay.api import Relay
 from signaling.directory import Directory
@@ -19,6 +19,9 @@ from signaling.pairing import new_id
 from signaling.relays import RelayDirectory
 from signaling.store import RecordStore
 from signaling.tokens import Principal
+
+if TYPE_CHECKING:
+    from signaling.recording import RecordingControl
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +56,8 @@ class Consultations:
         self._metrics = metrics
         self._grace_s = reconnect_grace_s
         self._media = media
+        self.recording: RecordingControl | None = None
+        """Set by the app: consent and recording follow who is present."""
 
     async def restore(self) -> int:
         """After a start: reopen the rooms of consultations that had not ended."""
@@ -134,10 +139,13 @@ class Consultations:
                                       {"consultation": consultation.to_wire()},
                                       consultation_room(consultation_id))
         chat = await self._store.chat_of(consultation_id)
+        recording = (await self.recording.joined(consultation, principal)
+                     if self.recording is not None else None)
         return {
             "consultation": consultation.to_wire(),
             "participants": await self._participants_wire(consultation_id),
             "chat": [m.to_wire() for m in chat],
+            "recording": recording,
         }
 
     async def leave(self, principal: Principal, sid: str, consultation_id: str) -> dict[str, Any]:
@@ -153,6 +161,8 @@ class Consultations:
     async def _remove(self, participant: Participant) -> None:
         await self._live.remove_participant(participant.consultation_id, participant.clinician_id)
         await self._media.leave(participant.consultation_id, participant.clinician_id)
+        if self.recording is not None:
+            await self.recording.left(participant.consultation_id, participant.clinician_id)
         await self._store.record_leave(participant.consultation_id, participant.clinician_id,
                                        time.time())
         logger.info("consultation %s: %s left", participant.consultation_id,
@@ -251,6 +261,10 @@ class Consultations:
         consultation.state = "ended"
         consultation.ended_at = minutes.signed_at
         consultation.minutes = minutes
+        if self.recording is not None:
+            # The files are finished and the manifest (with the minutes) written before the
+            # room closes.
+            await self.recording.ended(consultation.id)
         await self._live.drop_consultation(consultation.id)
         self._media.forget(consultation.id)
         await self._relays.release(consultation.id)

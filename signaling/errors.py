@@ -39,6 +39,10 @@ class Forbidden(SignalingError):
     http_status = 403
 
 
+class RecordingNotAllowed(Forbidden):
+    code = "recording_not_allowed"
+
+
 class NotFound(SignalingError):
     code = "not_found"
     http_status = 404

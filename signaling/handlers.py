@@ -24,9 +24,11 @@ from signaling.notify import (
 )
 from signaling.pairing import Pairing, is_central_specialist
 from signaling.presence import Presence
+from signaling.recording import RecordingControl
 from signaling.schemas import (
     Answer,
     Chat,
+    Consent,
     ConsultationRef,
     Empty,
     End,
@@ -75,7 +77,7 @@ class SocketGateway:
 
     def __init__(self, sio: socketio.AsyncServer, *, tokens: TokenAuthority,
                  pairing: Pairing, consultations: Consultations, presence: Presence,
-                 media: Media, metrics: Metrics) -> None:
+                 media: Media, metrics: Metrics, recording: RecordingControl) -> None:
         self._sio = sio
         self._tokens = tokens
         self._pairing = pairing
@@ -83,6 +85,7 @@ class SocketGateway:
         self._presence = presence
         self._media = media
         self._metrics = metrics
+        self._recording = recording
         self._principals: dict[str, Principal] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         sio.on("connect", self._on_connect)
@@ -105,6 +108,9 @@ class SocketGateway:
         self._route("media:answer", Answer, self._media_answer)
         self._route("media:ice", Ice, self._media_ice)
         self._route("media:mode", Mode, self._media_mode)
+        self._route("recording:consent", Consent, self._recording_consent)
+        self._route("recording:start", ConsultationRef, self._recording_start)
+        self._route("recording:stop", ConsultationRef, self._recording_stop)
 
     @property
     def connected(self) -> int:
@@ -252,3 +258,14 @@ class SocketGateway:
 
     async def _media_mode(self, p: Principal, sid: str, m: Mode) -> dict[str, Any]:
         return await self._media.mode(p, sid, m.consultation_id, m.audio_only)
+
+    async def _recording_consent(self, p: Principal, sid: str, m: Consent) -> dict[str, Any]:
+        return await self._recording.consent(p, m.consultation_id, m.agree)
+
+    async def _recording_start(self, p: Principal, sid: str,
+                               m: ConsultationRef) -> dict[str, Any]:
+        return await self._recording.start(p, m.consultation_id)
+
+    async def _recording_stop(self, p: Principal, sid: str,
+                              m: ConsultationRef) -> dict[str, Any]:
+        return await self._recording.stop(p, m.consultation_id)

@@ -16,6 +16,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from signaling.errors import Forbidden, SignalingError, Unauthenticated
+from signaling.recording import CONTENT_TYPES
 from signaling.tokens import Principal
 
 if TYPE_CHECKING:
@@ -149,6 +150,31 @@ def add_routes(app: web.Application, services_key: web.AppKey[Services]) -> None
             return error_response(exc)
         return web.json_response(record)
 
+    async def recordings(request: web.Request) -> web.Response:
+        services = request.app[services_key]
+        try:
+            listing = await services.recording.recordings(principal_of(request),
+                                                          request.match_info["id"])
+        except SignalingError as exc:
+            logger.info("HTTP GET recordings refused: %s", exc.code)
+            return error_response(exc)
+        return web.json_response(listing)
+
+    async def recording_file(request: web.Request) -> web.StreamResponse:
+        services = request.app[services_key]
+        name = request.match_info["name"]
+        try:
+            path = await services.recording.file(principal_of(request),
+                                                 request.match_info["id"], name)
+        except SignalingError as exc:
+            logger.info("HTTP GET recording file refused: %s", exc.code)
+            return error_response(exc)
+        return web.FileResponse(path, headers={
+            "Content-Type": CONTENT_TYPES.get(path.suffix, "application/octet-stream"),
+            "Content-Disposition": f'attachment; filename="{name}"',
+            "Cache-Control": "no-store",
+        })
+
     async def sites(request: web.Request) -> web.Response:
         services = request.app[services_key]
         return web.json_response({"sites": await services.presence.snapshot()})
@@ -161,6 +187,9 @@ def add_routes(app: web.Application, services_key: web.AppKey[Services]) -> None
     app.router.add_get("/api/queue", queue)
     app.router.add_get("/api/consultations", consultations)
     app.router.add_get(r"/api/consultations/{id:[A-Za-z0-9_.-]{1,64}}", consultation)
+    app.router.add_get(r"/api/consultations/{id:[A-Za-z0-9_.-]{1,64}}/recordings", recordings)
+    app.router.add_get(r"/api/consultations/{id:[A-Za-z0-9_.-]{1,64}}/recordings/"
+                       r"{name:[A-Za-z0-9][A-Za-z0-9_.-]{0,127}}", recording_file)
     app.router.add_get("/api/sites", sites)
     app.router.add_get("/vendor/{name}", vendor)
     app.router.add_static("/app/", WEB_CLIENT_DIR, append_version=False)

@@ -122,3 +122,8 @@ class Ice(Payload):
 class Mode(Payload):
     consultation_id: Id
     audio_only: StrictBool
+
+
+class Consent(Payload):
+    consultation_id: Id
+    agree: StrictBool

@@ -149,14 +149,14 @@ class MediaPeer:
         self.offers = 0
 
     async def publish(self, video: bool = True, audio: bool = True, fps: int = 15,
-                      source: str = "camera", video_codec: str | None = None
-                      ) -> dict[str, Any]:
+                      source: str = "camera", video_codec: str | None = None,
+                      audio_hz: float = 440.0) -> dict[str, Any]:
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.publish_pc = pc
         sources: dict[str, str] = {}
         transceivers = []
         if audio:
-            transceivers.append((pc.addTransceiver(ToneTrack(), direction="sendonly"),
+            transceivers.append((pc.addTransceiver(ToneTrack(audio_hz), direction="sendonly"),
                                  "microphone"))
         if video:
             self.video = CounterTrack(fps)

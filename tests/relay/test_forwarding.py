@@ -49,7 +49,8 @@ async def start_media(client: Client, cid: str, **publish: Any) -> MediaPeer:
     peer = media_peer(client, cid)
     await peer.subscribe()
     if publish.get("publish", True):
-        await peer.publish(fps=publish.get("fps", 15), video_codec=publish.get("video_codec"))
+        await peer.publish(fps=publish.get("fps", 15), video_codec=publish.get("video_codec"),
+                           audio_hz=publish.get("audio_hz", 440.0))
     return peer
 
 

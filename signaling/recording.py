@@ -1,0 +1,180 @@
+"""Recording as signaling sees it: who may consent, start, stop and read recordings; what the
+manifest says about the consultation. The recorder itself (``recorder.service.Recorder``) knows
+clinicians by id only.
+
+Reading recordings is for the consultation's participants (named on it or attended) and
+admins; every access, allowed or refused, goes into the hash-chained audit log."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from config.settings import RecordingSettings
+from recorder.service import Recorder, strictest
+from signaling.directory import Directory
+from signaling.errors import Forbidden, InvalidState, NotFound, RecordingNotAllowed
+from signaling.live import LiveStore
+from signaling.models import Consultation
+from signaling.notify import Notifier, consultation_room
+from signaling.relays import RelayDirectory
+from signaling.store import RecordStore
+from signaling.tokens import Principal
+
+logger = logging.getLogger(__name__)
+
+CONTENT_TYPES = {".webm": "video/webm", ".mkv": "video/x-matroska"}
+
+
+class RecordingControl:
+    def __init__(self, *, archive: Path, store: RecordStore, live: LiveStore,
+                 directory: Directory, relays: RelayDirectory, notifier: Notifier,
+                 settings: RecordingSettings) -> None:
+        self._store = store
+        self._live = live
+        self._directory = directory
+        self._notifier = notifier
+        self._settings = settings
+        self.recorder = Recorder(
+            archive, relay_for=relays.for_room, describe=self.describe, notify=self._notify,
+            retention_years=settings.retention_years, hold_s=settings.hold_s,
+            cluster_ms=settings.cluster_ms, fsync_interval_s=settings.fsync_interval_s)
+
+    def policy_for(self, consultation: Consultation) -> str:
+        """The strictest policy among the consultation's sites."""
+        return strictest([self._settings.site_policies.get(s, self._settings.policy)
+                          for s in consultation.site_ids] or [self._settings.policy])
+
+    async def describe(self, consultation_id: str) -> dict[str, Any]:
+        """What the manifest says of the consultation (ids, names, times, minutes)."""
+        consultation = await self._store.get_consultation(consultation_id)
+        if consultation is None:
+            return {}
+        request = await self._store.get_request(consultation.request_id)
+        attendance = await self._store.attendance_of(consultation_id)
+        clinician_ids = sorted(set(consultation.clinician_ids)
+                               | {a["clinician_id"] for a in attendance})
+        sites = [s.to_wire() for s in (self._directory.site(i) for i in consultation.site_ids)
+                 if s is not None]
+        clinicians = []
+        for clinician_id in clinician_ids:
+            clinician = self._directory.clinician(clinician_id)
+            if clinician is not None:
+                clinicians.append({"id": clinician.id, "name": clinician.name,
+                                   "site_id": clinician.site_id,
+                                   "roles": sorted(clinician.roles)})
+        wire = consultation.to_wire()
+        minutes = wire.pop("minutes")
+        return {
+            "consultation": wire,
+            "request": request.to_wire() if request is not None else None,
+            "sites": sites,
+            "clinicians": clinicians,
+            "attendance": attendance,
+            "minutes": minutes,
+        }
+
+    async def _notify(self, consultation_id: str, state: dict[str, Any]) -> None:
+        """Every participant sees whether recording is on (``recording:state``)."""
+        await self._notifier.emit("recording:state", state, consultation_room(consultation_id))
+
+    # -- from the consultation's lifecycle -------------------------------------------------
+    async def joined(self, consultation: Consultation, principal: Principal) -> dict[str, Any]:
+        return await self.recorder.joined(consultation.id, self.policy_for(consultation),
+                                          principal.id, principal.site.id)
+
+    async def left(self, consultation_id: str, clinician_id: str) -> None:
+        await self.recorder.left(consultation_id, clinician_id)
+
+    async def ended(self, consultation_id: str) -> None:
+        await self.recorder.ended(consultation_id)
+
+    # -- clients' requests ---------------------------------------------------------------------
+    async def _present(self, principal: Principal, consultation_id: str) -> Consultation:
+        consultation = await self._store.get_consultation(consultation_id)
+        if consultation is None:
+            raise NotFound(f"no consultation {consultation_id!r}")
+        if consultation.state == "ended":
+            raise InvalidState(f"consultation {consultation_id!r} has ended")
+        if await self._live.get_participant(consultation_id, principal.id) is None:
+            raise Forbidden(f"clinician {principal.id!r} is not in consultation "
+                            f"{consultation_id!r}")
+        return consultation
+
+    async def consent(self, principal: Principal, consultation_id: str,
+                      agree: bool) -> dict[str, Any]:
+        consultation = await self._present(principal, consultation_id)
+        if self.policy_for(consultation) != "with_consent":
+            raise InvalidState(f"consultation {consultation_id!r} records under the "
+                               f"{self.policy_for(consultation)!r} policy: no consent is asked")
+        return {"recording": await self.recorder.consent(consultation_id, principal.id, agree)}
+
+    async def start(self, principal: Principal, consultation_id: str) -> dict[str, Any]:
+        consultation = await self._present(principal, consultation_id)
+        self._check_host(principal, consultation, "start")
+        if self.policy_for(consultation) == "never":
+            raise RecordingNotAllowed(f"the sites of consultation {consultation_id!r} do not "
+                                      "allow recording (policy 'never')")
+        return {"recording": await self.recorder.start(consultation_id, principal.id)}
+
+    async def stop(self, principal: Principal, consultation_id: str) -> dict[str, Any]:
+        consultation = await self._present(principal, consultation_id)
+        self._check_host(principal, consultation, "stop")
+        return {"recording": await self.recorder.stop(consultation_id, principal.id)}
+
+    @staticmethod
+    def _check_host(principal: Principal, consultation: Consultation, action: str) -> None:
+        if principal.id != consultation.host_id and not principal.has("coordinator"):
+            raise Forbidden(f"only the host or a coordinator may {action} the recording of "
+                            f"consultation {consultation.id!r}")
+
+    # -- reading recordings ----------------------------------------------------------------
+    async def _readable(self, principal: Principal, consultation_id: str,
+                        what: str) -> Consultation:
+        consultation = await self._store.get_consultation(consultation_id)
+        if consultation is None:
+            raise NotFound(f"no consultation {consultation_id!r}")
+        allowed = principal.has("admin") or principal.id in consultation.clinician_ids
+        if not allowed:
+            attendance = await self._store.attendance_of(consultation_id)
+            allowed = any(a["clinician_id"] == principal.id for a in attendance)
+        if not allowed:
+            await self.recorder.audit.append_async(principal.id, "recording.denied",
+                                                   consultation_id, {"what": what})
+            raise Forbidden(f"clinician {principal.id!r} took no part in consultation "
+                            f"{consultation_id!r}: its recordings are for its participants "
+                            "and admins")
+        return consultation
+
+    async def recordings(self, principal: Principal, consultation_id: str) -> dict[str, Any]:
+        await self._readable(principal, consultation_id, "list")
+        manifest = self.recorder.manifest_of(consultation_id)
+        files = []
+        for entry in (manifest or {}).get("files", []):
+            files.append({**{k: entry.get(k) for k in (
+                "name", "participant_id", "site_id", "source", "tracks", "started_at",
+                "ended_at", "duration_s", "bytes", "sha256", "status")},
+                "url": f"/api/consultations/{consultation_id}/recordings/{entry['name']}"})
+        await self.recorder.audit.append_async(principal.id, "recording.list", consultation_id,
+                                               {"files": len(files)})
+        return {
+            "consultation_id": consultation_id,
+            "recording": (manifest or {}).get("recording"),
+            "retention": (manifest or {}).get("retention"),
+            "files": files,
+        }
+
+    async def file(self, principal: Principal, consultation_id: str, name: str) -> Path:
+        await self._readable(principal, consultation_id, name)
+        manifest = self.recorder.manifest_of(consultation_id) or {}
+        names = {f["name"] for f in manifest.get("files", [])}
+        if name not in names:
+            raise NotFound(f"consultation {consultation_id!r} has no recording {name!r}")
+        path = self.recorder.manifest_path(consultation_id).parent / name
+        if not path.is_file():
+            raise NotFound(f"recording {name!r} of {consultation_id!r} is missing from the "
+                           "archive")
+        await self.recorder.audit.append_async(principal.id, "recording.download",
+                                               consultation_id, {"file": name})
+        return path
