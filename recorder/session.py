@@ -219,9 +219,14 @@ class RoomRecording:
                 tracks.append(TrackSpec("audio", pub.codec, sample_rate=pub.clock_rate))
         origin = min(f.arrival for _, f in group.held)
         key = (group.participant_id, group.name)
-        self._parts[key] = group.parts = group.parts + 1
-        name = f"{group.participant_id}-{group.name}-{group.parts}{extension_for(tracks)}"
-        path = self.directory / name
+        while True:
+            # Parts count on across stops, restarts and reconnects: never overwrite a file.
+            group.parts += 1
+            name = f"{group.participant_id}-{group.name}-{group.parts}{extension_for(tracks)}"
+            path = self.directory / name
+            if not path.with_suffix(".webm").exists() and not path.with_suffix(".mkv").exists():
+                break
+        self._parts[key] = group.parts
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             media = MediaFile(path, tracks, cluster_ms=self._cluster_ms)

@@ -134,23 +134,76 @@ async def test_two_participants_are_recorded_without_transcoding(server: Server,
     assert report.ok, report.problems
 
 
+async def test_a_screen_share_goes_into_its_own_file(server: Server) -> None:
+    names = ("cardio1", "ref1")
+    async with clients(server.url, {n: server.token(n) for n in names}) as c:
+        cid = await open_consultation(c, guests=("ref1",))
+        peers = await peers_for(c, cid, names)
+
+        async def call(command: str, payload: dict[str, Any]) -> dict[str, Any]:
+            return await c["ref1"].ok(f"media:{command}", {"consultation_id": cid, **payload})
+
+        screen = MediaPeer("ref1-screen", call)
+        try:
+            await wait_for(lambda: len(manifest_of(server, cid)["files"]) == 2, 15, "files")
+            await screen.publish(audio=False, source="screen")
+            await wait_for(lambda: len(files_of(manifest_of(server, cid), "ref1")) == 2, 15,
+                           "the screen's file")
+            await asyncio.sleep(2.0)
+            await c["ref1"].ok("media:unpublish", {"consultation_id": cid, "source": "screen"})
+            await wait_for(lambda: any(
+                f["source"] == "screen" and f["status"] == "complete"
+                for f in manifest_of(server, cid)["files"]), 10, "the screen's file closed")
+        finally:
+            await screen.close()
+            await close_all(peers)
+        await c["cardio1"].ok("consult:end", {"consultation_id": cid, "conclusion": "ok"})
+    manifest = manifest_of(server, cid)
+    by_source = {f["source"]: f for f in files_of(manifest, "ref1")}
+    assert set(by_source) == {"camera", "screen"}
+    assert [t["kind"] for t in by_source["screen"]["tracks"]] == ["video"]
+    assert [t["kind"] for t in by_source["camera"]["tracks"]] == ["video", "audio"]
+    # The camera file went on while the screen came and went.
+    assert by_source["camera"]["status"] == "complete"
+    decoded = decode(archive_of(server, cid) / by_source["screen"]["name"])
+    assert len(decoded.counters) >= 1.5 * FPS
+    assert decoded.audio == []
+
+
 async def test_recording_is_shown_and_the_host_stops_and_starts_it(server: Server) -> None:
     names = ("cardio1", "ref1")
     async with clients(server.url, {n: server.token(n) for n in names}) as c:
         cid = await open_consultation(c, guests=("ref1",))
         joined = c["ref1"].drain("recording:state")
         assert joined and joined[-1]["status"] == "on"
-        await c["ref1"].refused("recording:stop", {"consultation_id": cid}, "forbidden")
-        stopped = await c["cardio1"].ok("recording:stop", {"consultation_id": cid})
-        assert stopped["recording"]["status"] == "stopped"
-        seen = await c["ref1"].next_matching("recording:state",
-                                             lambda s: s["status"] == "stopped")
-        assert seen["consultation_id"] == cid
-        started = await c["cardio1"].ok("recording:start", {"consultation_id": cid})
-        assert started["recording"]["status"] == "on"
+        peers = await peers_for(c, cid, names)
+        try:
+            await wait_for(lambda: len(manifest_of(server, cid)["files"]) == 2, 15, "files")
+            await c["ref1"].refused("recording:stop", {"consultation_id": cid}, "forbidden")
+            stopped = await c["cardio1"].ok("recording:stop", {"consultation_id": cid})
+            assert stopped["recording"]["status"] == "stopped"
+            seen = await c["ref1"].next_matching("recording:state",
+                                                 lambda s: s["status"] == "stopped")
+            assert seen["consultation_id"] == cid
+            assert {f["status"] for f in manifest_of(server, cid)["files"]} == {"complete"}
+            await asyncio.sleep(1.0)
+            started = await c["cardio1"].ok("recording:start", {"consultation_id": cid})
+            assert started["recording"]["status"] == "on"
+            # A second part for each participant; the first is never overwritten.
+            await wait_for(lambda: len(manifest_of(server, cid)["files"]) == 4, 15, "parts")
+            await asyncio.sleep(1.0)
+        finally:
+            await close_all(peers)
         await c["cardio1"].ok("consult:end", {"consultation_id": cid, "conclusion": "ok"})
-    events = [e["event"] for e in manifest_of(server, cid)["recording"]["events"]]
-    assert events[:3] == ["started", "stopped", "requested"]
+    manifest = manifest_of(server, cid)
+    events = [e["event"] for e in manifest["recording"]["events"]]
+    assert events[:4] == ["started", "stopped", "requested", "started"]
+    names_written = sorted(f["name"] for f in manifest["files"])
+    assert names_written == ["cardio1-camera-1.webm", "cardio1-camera-2.webm",
+                             "ref1-camera-1.webm", "ref1-camera-2.webm"]
+    for entry in manifest["files"]:
+        assert entry["status"] == "complete"
+        assert decode(archive_of(server, cid) / entry["name"]).counters
 
 
 @pytest.mark.parametrize("config_path", ["with_consent"], indirect=True)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 
+import av
 from playwright.async_api import Browser, Page, expect
 
 from signaling.app import SERVICES
@@ -95,6 +97,45 @@ async def test_a_district_doctor_and_a_specialist_see_and_hear_each_other(
         assert await decoded_from(page, other) > frames + 10
         assert await audio_bytes_from(page, other) > sound + 2000
     await expect(district.locator("#room-state")).to_have_attribute("data-state", "connected")
+
+
+async def test_both_are_asked_to_consent_then_see_recording_and_the_archive_holds_both(
+    site: Site, browser: Browser, tmp_path: Path
+) -> None:
+    district = await open_page(browser, site.link("ref1"))
+    specialist = await open_page(browser, site.link("cardio1"))
+    await expect(district.locator("#request-form")).to_be_visible()
+    await request_and_accept(district, specialist)
+    await wait_decoding(specialist, "ref1")
+    for page in (district, specialist):
+        await expect(page.locator("#consent-prompt")).to_be_visible(timeout=10_000)
+        await expect(page.locator("#recording")).to_have_class("recording pending")
+    await specialist.click("#consent-agree")
+    await expect(specialist.locator("#consent-prompt")).to_be_hidden()
+    await expect(specialist.locator("#recording")).to_have_class("recording pending")
+    await district.click("#consent-agree")
+    for page in (district, specialist):
+        await expect(page.locator("#recording")).to_have_class("recording on", timeout=10_000)
+        await expect(page.locator("#recording")).to_contain_text("Đang ghi hình")
+    await expect(district.locator("#recording-toggle")).to_have_count(0)
+    await expect(specialist.locator("#recording-toggle")).to_be_visible()
+    await specialist.wait_for_timeout(3000)
+    await specialist.fill("#end-box textarea", "Theo dõi tại tuyến huyện.")
+    await specialist.click("#end")
+    await expect(specialist.locator("#room")).to_have_count(0, timeout=10_000)
+    archive = tmp_path / "data" / "archive"
+    (manifest_path,) = archive.glob("*/manifest.json")
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["minutes"]["conclusion"] == "Theo dõi tại tuyến huyện."
+    by_participant = {f["participant_id"]: f for f in manifest["files"]}
+    assert set(by_participant) == {"ref1", "cardio1"}
+    for entry in by_participant.values():
+        # Chromium's own VP8 and Opus, muxed as received: 640x480 fake camera, a beep.
+        assert entry["status"] == "complete"
+        assert [t["codec"] for t in entry["tracks"]] == ["vp8", "opus"]
+        with av.open(str(manifest_path.parent / entry["name"])) as container:
+            frames = sum(1 for _ in container.decode(video=0))
+        assert frames >= 20, frames
 
 
 async def outbound_audio_bytes(page: Page) -> int:

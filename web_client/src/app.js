@@ -141,6 +141,12 @@ function bindEvents(signaling) {
     }
   });
   signaling.on("chat:message", (event) => roomChat(event.message));
+  signaling.on("recording:state", (event) => {
+    if (state.room && state.room.id === event.consultation_id) {
+      state.room.recording = event;
+      renderRecording();
+    }
+  });
   signaling.socket.on("connect", () => {
     // A dropped signaling link came back: take the room up again.
     if (state.room) rejoinRoom();
@@ -290,7 +296,7 @@ async function enterRoom(consultationId, stream) {
   const joined = await state.signaling.join(consultationId);
   const room = {
     id: consultationId, consultation: joined.consultation, participants: {}, tiles: {},
-    chat: [], media: null, stream,
+    chat: [], media: null, stream, recording: joined.recording,
   };
   for (const p of joined.participants) room.participants[p.clinician_id] = p;
   state.room = room;
@@ -366,7 +372,7 @@ function renderRoom() {
       h("div", { class: "room-bar" },
         h("span", { id: "room-state", class: "room-state" }, t("connecting")),
         h("span", { id: "quality", class: "quality" }, ""),
-        room.consultation.recording ? h("span", { class: "recording", id: "recording" }, `● ${t("recording")}`) : null),
+        h("span", { id: "recording-box", class: "recording-box" })),
       h("div", { id: "screens", class: "screens" }),
       h("div", { id: "tiles", class: "tiles" }),
       h("div", { class: "controls" },
@@ -390,7 +396,51 @@ function renderRoom() {
       } }, t("endConsultation"))) : null)));
   chatInput.addEventListener("keydown", (e) => { if (e.key === "Enter") sendChat(); });
   renderRoomSide();
+  renderRecording();
   room.qualityTimer = setInterval(updateQuality, 1000);
+}
+
+/** Recording: everyone sees whether it is on; with consent each participant is asked (later
+ * joiners too); the host starts and stops it. */
+function renderRecording() {
+  const room = state.room;
+  const box = document.getElementById("recording-box");
+  if (!room || !box) return;
+  const rec = room.recording || { status: "off", consent: [], policy: null };
+  box.dataset.status = rec.status;
+  const label = { on: `● ${t("recording")}`, pending: t("recordingPending"), failed: t("recordingFailed"),
+                  declined: t("recordingDeclined"), stopped: t("recordingStopped") }[rec.status];
+  const parts = [];
+  if (label) {
+    parts.push(h("span", { id: "recording", class: `recording ${rec.status}`, title: rec.error || "" }, label));
+  }
+  const me = state.me.clinician.id;
+  const mine = (rec.consent || []).find((c) => c.clinician_id === me);
+  if (rec.policy === "with_consent" && mine && mine.answer === "pending" && rec.status !== "stopped") {
+    const answer = async (agree) => {
+      try {
+        const result = await state.signaling.recordingConsent(room.id, agree);
+        room.recording = result.recording;
+        renderRecording();
+      } catch (e) { flash(describeError(e)); }
+    };
+    parts.push(h("div", { id: "consent-prompt", class: "consent", role: "dialog" },
+      h("p", {}, t("consentQuestion")),
+      h("button", { id: "consent-agree", class: "primary", onclick: () => answer(true) }, t("agree")),
+      h("button", { id: "consent-decline", onclick: () => answer(false) }, t("decline"))));
+  }
+  const isHost = room.consultation.host_id === me || state.me.roles.includes("coordinator");
+  if (isHost && rec.status !== "disabled") {
+    const recording = rec.status === "on" || rec.status === "pending";
+    parts.push(h("button", { id: "recording-toggle", onclick: async () => {
+      try {
+        const result = recording ? await state.signaling.recordingStop(room.id) : await state.signaling.recordingStart(room.id);
+        room.recording = result.recording;
+        renderRecording();
+      } catch (e) { flash(describeError(e)); }
+    } }, recording ? t("stopRecording") : t("startRecording")));
+  }
+  box.replaceChildren(...parts);
 }
 
 function updateQuality() {

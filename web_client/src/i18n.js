@@ -25,6 +25,11 @@ const STRINGS = {
     minutes: "Biên bản hội chẩn", host: "Chủ trì", devices: "Thiết bị", roleReferring: "Bác sĩ tuyến dưới",
     roleSpecialist: "Chuyên gia", roleCoordinator: "Điều phối", roleAdmin: "Quản trị",
     you: "Bạn", error: "Lỗi", newRequest: "Có yêu cầu hội chẩn mới",
+    recordingPending: "Chờ đồng ý ghi hình", recordingFailed: "Ghi hình lỗi",
+    recordingDeclined: "Không ghi hình: có người không đồng ý", recordingStopped: "Đã dừng ghi hình",
+    consentQuestion: "Hội chẩn này sẽ được ghi hình và lưu trữ theo quy định. Bạn có đồng ý ghi hình không?",
+    agree: "Đồng ý", decline: "Không đồng ý", startRecording: "Bắt đầu ghi hình",
+    stopRecording: "Dừng ghi hình",
   },
   en: {
     title: "Remote consultation", signIn: "Sign in", tokenLabel: "Access token", signOut: "Sign out",
@@ -51,6 +56,11 @@ const STRINGS = {
     minutes: "Minutes", host: "Host", devices: "Devices", roleReferring: "Referring doctor",
     roleSpecialist: "Specialist", roleCoordinator: "Coordinator", roleAdmin: "Administrator",
     you: "You", error: "Error", newRequest: "New consultation request",
+    recordingPending: "Waiting for consent to record", recordingFailed: "Recording failed",
+    recordingDeclined: "Not recording: a participant declined", recordingStopped: "Recording stopped",
+    consentQuestion: "This consultation will be recorded and archived as the regulations require. Do you consent to recording?",
+    agree: "I agree", decline: "I decline", startRecording: "Start recording",
+    stopRecording: "Stop recording",
   },
 };
 

@@ -15,6 +15,9 @@ import { io } from "/vendor/socket.io.esm.min.js";
  * @typedef {{id: string, consultation_id: string, sender_id: string, site_id: string, text: string, sent_at: number}} ChatMessage
  * @typedef {{id: string, participant_id: string, source: "microphone"|"camera"|"screen", kind: "audio"|"video", codec: string}} Publication
  * @typedef {{transport_id: string, type: "offer"|"answer", sdp: string, tracks?: Object<string, Publication>, publications?: Publication[]}} MediaDescription
+ * @typedef {{consultation_id: string, status: "off"|"pending"|"on"|"declined"|"stopped"|"failed"|"disabled",
+ *   policy: "always"|"with_consent"|"never"|null, consent: {clinician_id: string, answer: "pending"|"agreed"|"declined"}[],
+ *   since: number|null, error: string|null}} RecordingState
  * @typedef {{code: string, message: string}} ProtocolError
  */
 
@@ -78,7 +81,7 @@ export class Signaling {
   presence() { return this.call("presence:list", {}); }
 
   // -- consultation -------------------------------------------------------------------
-  /** @returns {Promise<{consultation: Consultation, participants: Participant[], chat: ChatMessage[]}>} */
+  /** @returns {Promise<{consultation: Consultation, participants: Participant[], chat: ChatMessage[], recording: RecordingState}>} */
   join(consultationId) { return this.call("consult:join", { consultation_id: consultationId }); }
   leave(consultationId) { return this.call("consult:leave", { consultation_id: consultationId }); }
   invite(consultationId, siteId) {
@@ -109,6 +112,16 @@ export class Signaling {
   mode(consultationId, audioOnly) {
     return this.call("media:mode", { consultation_id: consultationId, audio_only: audioOnly });
   }
+
+  // -- recording --------------------------------------------------------------------------
+  /** @returns {Promise<{recording: RecordingState}>} */
+  recordingConsent(consultationId, agree) {
+    return this.call("recording:consent", { consultation_id: consultationId, agree });
+  }
+  /** @returns {Promise<{recording: RecordingState}>} */
+  recordingStart(consultationId) { return this.call("recording:start", { consultation_id: consultationId }); }
+  /** @returns {Promise<{recording: RecordingState}>} */
+  recordingStop(consultationId) { return this.call("recording:stop", { consultation_id: consultationId }); }
 
   /** HTTP API with the same token. */
   async http(path) {
