@@ -222,6 +222,19 @@ class Recorder:
         logger.info("archive of consultation %s written (%d files, recording %s)",
                     consultation_id, len(data["files"]), data["recording"]["status"])
 
+    async def relay_changed(self, consultation_id: str) -> None:
+        """The consultation moved to another relay (its relay node died): the files of the old
+        one end there, and recording goes on from the new relay in new files."""
+        state = self._states.get(consultation_id)
+        if state is None:
+            return
+        async with state.lock:
+            session, state.session = state.session, None
+            if session is not None:
+                await session.close()
+                self._event(state, "relay_changed", "system")
+            await self._apply(state, by="system")
+
     async def close(self) -> None:
         """The process stops: finish every file (the manifests say ``complete`` for what was
         closed cleanly; the consultation goes on after a restart)."""

@@ -4,9 +4,11 @@ region and capacity, heartbeats, and carries out room commands on a LocalRelay."
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import jwt
@@ -17,7 +19,7 @@ from relay import hooks
 from relay.config import from_settings
 from relay.embedded import LocalRelay
 from relay.errors import RelayError
-from relay.remote import COMMANDS, NAMESPACE
+from relay.remote import COMMANDS, NAMESPACE, RECORD_COMMANDS, pack_packets
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,81 @@ class NodeEvents:
                                           "participant_id": participant_id, "notice": notice})
 
 
+class ForwardingSink:
+    """The recorder's MediaSink on a node: streams a recorded room's packets up to signaling
+    as ``relay:media`` messages, a batch every ``FLUSH_S``. What signaling cannot take (the
+    link is down or slow) is dropped past ``MAX_QUEUED_BYTES``, never queued without bound:
+    the recorder then waits for the next keyframe."""
+
+    FLUSH_S = 0.05
+    MAX_QUEUED_BYTES = 8 * 1024 * 1024
+
+    def __init__(self, room_id: str, sio: socketio.AsyncClient) -> None:
+        self.room_id = room_id
+        self._sio = sio
+        self._ids: list[str] = []
+        self._index: dict[str, int] = {}
+        self._batch: list[tuple[int, int, int, bool, bytes, float]] = []
+        self._messages: collections.deque[tuple[dict[str, Any], int]] = collections.deque()
+        self._queued_bytes = 0
+        self.dropped = 0
+        self.sent = 0
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def publication_added(self, publication: dict[str, Any]) -> None:
+        self._flush()
+        self._put({"room_id": self.room_id, "added": publication}, 0)
+
+    def publication_removed(self, publication_id: str) -> None:
+        self._flush()
+        self._put({"room_id": self.room_id, "removed": publication_id}, 0)
+
+    def packet(self, publication_id: str, sequence_number: int, timestamp: int, marker: bool,
+               payload: bytes, arrival: float) -> None:
+        if self._queued_bytes > self.MAX_QUEUED_BYTES:
+            self.dropped += 1
+            return
+        index = self._index.get(publication_id)
+        if index is None:
+            index = self._index[publication_id] = len(self._ids)
+            self._ids.append(publication_id)
+        self._batch.append((index, sequence_number, timestamp, marker, payload, arrival))
+        self._queued_bytes += len(payload)
+
+    def _flush(self) -> None:
+        if not self._batch:
+            return
+        size = sum(len(p[4]) for p in self._batch)
+        self._messages.append(({"room_id": self.room_id, "publications": list(self._ids),
+                                "packets": pack_packets(self._batch)}, size))
+        self._batch = []
+
+    def _put(self, message: dict[str, Any], size: int) -> None:
+        self._messages.append((message, size))
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.FLUSH_S)
+            self._flush()
+            while self._messages:
+                message, size = self._messages.popleft()
+                self._queued_bytes -= size
+                if not self._sio.connected:
+                    self.dropped += 1
+                    continue
+                try:
+                    await self._sio.emit("relay:media", message, namespace=NAMESPACE)
+                    self.sent += 1
+                except Exception:
+                    self.dropped += 1
+                    logger.warning("room %s: a relay:media batch was lost", self.room_id)
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
 class RelayNode:
     def __init__(self, settings: Settings, *, signaling_url: str, node_token: str,
                  region: str, relay_id: str | None = None) -> None:
@@ -63,14 +140,39 @@ class RelayNode:
                                 public_address=settings.relay.announced_address,
                                 config=from_settings(settings.relay),
                                 events=NodeEvents(self.sio), embedded=False)
+        self.sinks: dict[str, ForwardingSink] = {}
         self.sio.on("connect", self._connected, namespace=NAMESPACE)
         self.sio.on("disconnect", self._disconnected, namespace=NAMESPACE)
         for command in COMMANDS:
-            self.sio.on(command, self._handler(command), namespace=NAMESPACE)
+            self.sio.on(command, self._handler(command, getattr(self.relay, command)),
+                        namespace=NAMESPACE)
+        for command in RECORD_COMMANDS:
+            self.sio.on(command, self._handler(command, getattr(self, command)),
+                        namespace=NAMESPACE)
 
-    def _handler(self, command: str) -> Any:
-        method = getattr(self.relay, command)
+    async def record_start(self, room_id: str) -> None:
+        """Stream the room's media up to signaling's recorder."""
+        if room_id in self.sinks:
+            return
+        sink = ForwardingSink(room_id, self.sio)
+        try:
+            await self.relay.attach_sink(room_id, sink)
+        except RelayError:
+            await sink.close()
+            raise
+        self.sinks[room_id] = sink
+        logger.info("room %s: media streamed to the recorder", room_id)
 
+    async def record_stop(self, room_id: str) -> None:
+        sink = self.sinks.pop(room_id, None)
+        if sink is None:
+            return
+        await self.relay.detach_sink(room_id, sink)
+        await sink.close()
+        logger.info("room %s: recorder stream stopped (%d batches sent, %d dropped)", room_id,
+                    sink.sent, sink.dropped)
+
+    def _handler(self, command: str, method: Callable[..., Awaitable[Any]]) -> Any:
         async def handle(payload: Any = None) -> dict[str, Any]:
             if not isinstance(payload, dict):
                 return {"error": {"code": "invalid_payload",
@@ -96,6 +198,8 @@ class RelayNode:
         # Signaling re-places the rooms this node held; nothing here outlives the link.
         logger.warning("relay node %s lost signaling; closing %d rooms", self.relay.info.id,
                        len(self.relay.rooms))
+        for room_id in list(self.sinks):
+            await self.record_stop(room_id)
         await self.relay.close()
 
     async def _dial(self, stop: asyncio.Event) -> bool:

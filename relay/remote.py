@@ -4,20 +4,54 @@ A node dials out to signaling (so it works from behind a hospital firewall) on t
 namespace ``/relay`` with ``auth={"token", "region", "capacity", "public_address"}``.
 Signaling sends commands as events with an ack; the node answers ``{"ok": true, "result"}`` or
 ``{"error": {"code", "message"}}`` and reports with ``relay:offer``, ``relay:publication``,
-``relay:notice`` and ``relay:heartbeat``. This module has no aiortc import: signaling uses
-``RemoteRelay`` from it."""
+``relay:notice`` and ``relay:heartbeat``. While a room is recorded (``record_start``) the node
+also streams the room's encoded packets up as ``relay:media`` (see ``pack_packets``), which
+``RemoteRelay`` hands to the recorder's MediaSink here. This module has no aiortc import:
+signaling uses ``RemoteRelay`` from it."""
 
 from __future__ import annotations
 
+import logging
+import struct
 from typing import Any, Protocol
 
 from relay.api import MediaSink, RelayInfo
 from relay.errors import RelayError
 
+logger = logging.getLogger(__name__)
+
 NAMESPACE = "/relay"
 COMMAND_TIMEOUT_S = 15.0
 COMMANDS = ("open_room", "close_room", "join", "leave", "publish", "unpublish", "subscribe",
-            "answer", "add_ice_candidate", "set_audio_only", "stats")
+            "answer", "add_ice_candidate", "set_audio_only", "stats", "request_keyframe")
+RECORD_COMMANDS = ("record_start", "record_stop")
+
+_PACKET = struct.Struct("!HHIBdI")
+"""One packet in a ``relay:media`` batch: publication index, sequence number, timestamp,
+marker, arrival (wall-clock), payload length; the payload follows."""
+
+
+def pack_packets(packets: list[tuple[int, int, int, bool, bytes, float]]) -> bytes:
+    """``[(publication index, seq, timestamp, marker, payload, arrival)]`` -> one blob."""
+    parts = []
+    for index, seq, timestamp, marker, payload, arrival in packets:
+        parts.append(_PACKET.pack(index, seq, timestamp, marker, arrival, len(payload)))
+        parts.append(payload)
+    return b"".join(parts)
+
+
+def unpack_packets(blob: bytes) -> list[tuple[int, int, int, bool, bytes, float]]:
+    packets = []
+    offset = 0
+    while offset < len(blob):
+        index, seq, timestamp, marker, arrival, size = _PACKET.unpack_from(blob, offset)
+        offset += _PACKET.size
+        if offset + size > len(blob):
+            raise ValueError("relay:media batch is truncated")
+        packets.append((index, seq, timestamp, bool(marker), blob[offset:offset + size],
+                        arrival))
+        offset += size
+    return packets
 
 
 class RemoteRelayError(RelayError):
@@ -39,6 +73,7 @@ class RemoteRelay:
         self.info = info
         self.sid = sid
         self._server = server
+        self._sinks: dict[str, MediaSink] = {}
 
     async def _command(self, command: str, **payload: Any) -> Any:
         try:
@@ -105,13 +140,37 @@ class RemoteRelay:
         return result
 
     async def attach_sink(self, room_id: str, sink: MediaSink) -> None:
-        raise RemoteRelayError(
-            "recording_unavailable",
-            f"consultation {room_id!r} runs on standalone relay {self.info.id!r}; this "
-            "version records consultations on the embedded relay only")
+        self._sinks[room_id] = sink
+        try:
+            await self._command("record_start", room_id=room_id)
+        except RelayError:
+            self._sinks.pop(room_id, None)
+            raise
 
     async def detach_sink(self, room_id: str, sink: MediaSink) -> None:
-        return None
+        if self._sinks.get(room_id) is sink:
+            del self._sinks[room_id]
+            await self._command("record_stop", room_id=room_id)
 
     async def request_keyframe(self, room_id: str, publication_id: str) -> None:
-        return None
+        await self._command("request_keyframe", room_id=room_id, publication_id=publication_id)
+
+    def deliver(self, data: dict[str, Any]) -> None:
+        """A ``relay:media`` message from the node: publications added or removed, or a batch
+        of packets, for the room's sink."""
+        sink = self._sinks.get(str(data.get("room_id")))
+        if sink is None:
+            return
+        try:
+            if "added" in data:
+                sink.publication_added(dict(data["added"]))
+            elif "removed" in data:
+                sink.publication_removed(str(data["removed"]))
+            else:
+                ids = [str(i) for i in data.get("publications") or []]
+                for index, seq, timestamp, marker, payload, arrival in unpack_packets(
+                        bytes(data.get("packets") or b"")):
+                    sink.packet(ids[index], seq, timestamp, marker, payload, arrival)
+        except (ValueError, IndexError, KeyError, TypeError, struct.error) as exc:
+            logger.warning("relay %s sent a malformed relay:media message: %s", self.info.id,
+                           exc)

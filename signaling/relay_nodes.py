@@ -39,6 +39,7 @@ class RelayNodes:
         sio.on("relay:offer", self._offer, namespace=NAMESPACE)
         sio.on("relay:publication", self._publication, namespace=NAMESPACE)
         sio.on("relay:notice", self._notice, namespace=NAMESPACE)
+        sio.on("relay:media", self._media, namespace=NAMESPACE)
 
     async def _connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
         auth = auth if isinstance(auth, dict) else {}
@@ -124,6 +125,10 @@ class RelayNodes:
             await self._events.notice(str(data.get("room_id")),
                                       str(data.get("participant_id")),
                                       dict(data.get("notice") or {}))
+
+    async def _media(self, sid: str, data: Any = None) -> None:
+        if self._owns(sid, data):
+            self._nodes[sid].deliver(data)
 
     @property
     def nodes(self) -> list[RemoteRelay]:

@@ -19,12 +19,14 @@ import pytest
 from config.settings import load_settings
 from recorder import manifest as mf
 from recorder.archive import verify_archive
+from relay.remote import RemoteRelay
 from signaling.app import SERVICES
 from signaling.directory import Directory
 from signaling.tokens import TokenAuthority
 from tests.media import MediaPeer, wait_for
 from tests.recorder.media_check import decode, dominant_hz
 from tests.relay.test_forwarding import open_consultation, start_media
+from tests.relay.test_node import start_node
 from tests.support import (
     SECRET,
     Client,
@@ -168,6 +170,42 @@ async def test_a_screen_share_goes_into_its_own_file(server: Server) -> None:
     decoded = decode(archive_of(server, cid) / by_source["screen"]["name"])
     assert len(decoded.counters) >= 1.5 * FPS
     assert decoded.audio == []
+
+
+async def test_a_consultation_on_a_standalone_relay_node_is_recorded(tmp_path: Path) -> None:
+    config = write_config(tmp_path, recording={"policy": "always"})
+    names = ("cardio1", "ref1")
+    async with run_server(config) as server:
+        services = server.app[SERVICES]
+        node = start_node(config, server.url, services.tokens.issue_node("relay-node-1"),
+                          region="11")  # ref1's site d1 is in province 11
+        try:
+            await wait_for(lambda: any(isinstance(r, RemoteRelay)
+                                       for r in services.relays.relays()), 20, "the node")
+            async with clients(server.url, {n: server.token(n) for n in names}) as c:
+                cid = await open_consultation(c, guests=("ref1",))
+                assert isinstance(services.relays.for_room(cid), RemoteRelay)
+                peers = await peers_for(c, cid, names)
+                try:
+                    await wait_for(lambda: len(manifest_of(server, cid)["files"]) == 2, 20,
+                                   "files of media relayed by the node")
+                    await asyncio.sleep(3.0)
+                finally:
+                    await close_all(peers)
+                await c["cardio1"].ok("consult:end", {"consultation_id": cid,
+                                                      "conclusion": "ok"})
+        finally:
+            node.terminate()
+            node.wait(timeout=10)
+    manifest = manifest_of(server, cid)
+    assert manifest["recording"]["status"] == "complete"
+    for name in names:
+        (entry,) = files_of(manifest, name)
+        decoded = decode(archive_of(server, cid) / entry["name"])
+        counters = decoded.counters
+        assert len(counters) >= 2.5 * FPS
+        assert len(counters) >= 0.95 * (counters[-1] - counters[0] + 1)
+        assert abs(dominant_hz(decoded.samples, decoded.sample_rate) - TONES[name]) <= 5
 
 
 async def test_recording_is_shown_and_the_host_stops_and_starts_it(server: Server) -> None:
