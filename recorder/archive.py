@@ -172,6 +172,9 @@ def prune(archive: Path, *, now: float, retention_years: float, audit: AuditLog,
         if (directory / manifest.RECORDING_MARKER).exists():
             logger.info("prune %s: being recorded, kept", cid)
             continue
+        if directory.is_symlink():
+            logger.warning("prune %s: a symbolic link, kept (remove it by hand)", cid)
+            continue
         try:
             data = manifest.load(path)
         except (OSError, ValueError) as exc:

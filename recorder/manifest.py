@@ -15,6 +15,12 @@ Layout of the archive directory::
             .recording               present while a recording of it is being written
             <clinician>-camera-<n>.webm|mkv   camera + microphone of one participant
             <clinician>-screen-<n>.webm|mkv   their screen share
+        .pruning-<consultation id>/  a prune in progress (`telehealth archive prune` finishes
+                                     it); everything else ignores it
+
+``consultation.ended_at`` is set in the manifest the recorder writes when the consultation
+ends (interrupted recordings included); a manifest without it belongs to a consultation that
+has not ended (or a process that died before it did).
 """
 
 from __future__ import annotations
@@ -38,9 +44,10 @@ it knows the previous process died mid-recording."""
 SECONDS_PER_YEAR = 365.25 * 86400
 CONSULTATION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
-FileStatus = str
-"""``recording`` (being written), ``complete``, ``interrupted`` (the process died while
-writing; the file holds what reached the disk), ``failed`` (a disk error stopped it)."""
+FILE_STATUSES = ("recording", "complete", "interrupted", "failed")
+"""A file's ``status``: ``recording`` (being written), ``complete``, ``interrupted`` (the
+process died while writing; the file holds what reached the disk), ``failed`` (a disk error
+stopped it; what reached the disk stays)."""
 
 
 def consultation_dir(archive: Path, consultation_id: str) -> Path:

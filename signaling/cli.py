@@ -1,13 +1,16 @@
-"""The `telehealth` command: serve, token, check-config."""
+"""The `telehealth` command: serve, token, check-config, relay, node-token, archive."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import gc
+import getpass
 import logging
+import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from aiohttp import web
@@ -18,6 +21,7 @@ from signaling.errors import DirectoryError
 
 logger = logging.getLogger("telehealth")
 
+EXIT_PROBLEMS = 1
 EXIT_CONFIG = 2
 
 
@@ -44,6 +48,18 @@ def _parser() -> argparse.ArgumentParser:
                                      help="issue the token a standalone relay node presents")
     node_token.add_argument("relay_id", help="the node's id, e.g. bv-bachmai-relay-1")
     node_token.add_argument("--ttl-days", type=int, default=365)
+    archive = commands.add_parser("archive", help="verify, prune or export the recordings archive")
+    archive_commands = archive.add_subparsers(dest="archive_command", required=True)
+    archive_commands.add_parser("verify", help="re-hash every recorded file against its manifest "
+                                               "and check the audit log's chain")
+    prune = archive_commands.add_parser("prune", help="remove consultations older than "
+                                                      "recording.retention_years")
+    prune.add_argument("--dry-run", action="store_true", help="list what would go, remove nothing")
+    export = archive_commands.add_parser("export", help="one WebM of a consultation: participants "
+                                                        "side by side, audio mixed")
+    export.add_argument("consultation_id")
+    export.add_argument("--out", type=Path, default=None,
+                        help="output file (default: ./<consultation id>.webm)")
     return parser
 
 
@@ -77,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             _, authority = _authority(settings)
             print(authority.issue_node(args.relay_id, ttl_s=args.ttl_days * 86400))
             return 0
+        if args.command == "archive":
+            return _archive(settings, args)
         return _check(settings)
     except (ConfigError, DirectoryError, HookMissing) as exc:
         print(f"telehealth: {exc}", file=sys.stderr)
@@ -110,6 +128,80 @@ def _check(settings: Settings) -> int:
     print(f"configuration OK: {len(directory.sites)} sites, {len(directory.clinicians)} "
           f"clinicians, data in {settings.storage.data_dir}")
     return 0
+
+
+def _archive(settings: Settings, args: argparse.Namespace) -> int:
+    from recorder.archive import ArchiveError, prune, verify_archive
+    from recorder.audit import AUDIT_LOG, AuditLog
+
+    archive = settings.archive_dir()
+    audit = AuditLog(archive / AUDIT_LOG)
+    if args.archive_command == "verify":
+        report = verify_archive(archive)
+        for problem in report.problems:
+            print(problem)
+        summary = (f"{report.consultations} consultations, {report.files_checked} files "
+                   f"({report.bytes_checked / 1e6:.1f} MB) re-hashed, {report.audit_entries} "
+                   f"audit entries in {archive}")
+        if report.ok:
+            print(f"archive OK: {summary}")
+            return 0
+        print(f"{len(report.problems)} problems: {summary}", file=sys.stderr)
+        return EXIT_PROBLEMS
+    if args.archive_command == "prune":
+        years = settings.recording.retention_years
+        pruned = prune(archive, now=time.time(), retention_years=years, audit=audit,
+                       dry_run=args.dry_run)
+        verb = "would remove" if args.dry_run else "removed"
+        for cid in pruned:
+            print(f"{verb} {cid}")
+        print(f"{verb} {len(pruned)} consultations older than {years:g} years from {archive}",
+              file=sys.stderr)
+        return 0
+    from recorder.export import export
+
+    cid = args.consultation_id
+    out = args.out if args.out is not None else Path(f"{cid}.webm")
+    bar = _ProgressBar()
+    try:
+        path = export(archive, cid, out, progress=bar)
+    except (ArchiveError, OSError) as exc:
+        bar.close()
+        print(f"telehealth: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    bar.close()
+    audit.append("cli", "archive.export", cid, {"out": path.name, "user": _user()})
+    print(path)
+    return 0
+
+
+class _ProgressBar:
+    """``\\r[#####.....] 42%`` on stderr, redrawn when the percentage changes."""
+
+    def __init__(self, width: int = 30) -> None:
+        self.width = width
+        self.percent = -1
+
+    def __call__(self, fraction: float) -> None:
+        percent = int(fraction * 100)
+        if percent == self.percent:
+            return
+        self.percent = percent
+        filled = round(fraction * self.width)
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {percent:3d}%")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.percent >= 0:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())
 
 
 async def _serve(settings: Settings) -> int:
