@@ -29,6 +29,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from recorder.manifest import fsync_dir
+
 logger = logging.getLogger(__name__)
 
 AUDIT_LOG = "audit.log"
@@ -93,7 +95,7 @@ class AuditLog:
         finally:
             os.close(fd)
         if created:
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         return entry
 
     async def append_async(self, actor: str, action: str, consultation_id: str | None,
@@ -208,10 +210,3 @@ def _write_all(fd: int, data: bytes) -> None:
         written = os.write(fd, view)
         view = view[written:]
 
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

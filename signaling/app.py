@@ -156,7 +156,12 @@ async def _records(app: web.Application) -> AsyncIterator[None]:
 
 async def _recording(app: web.Application) -> AsyncIterator[None]:
     """Mark what a dead process was recording as interrupted; finish every file at the end."""
-    recorder = app[SERVICES].recording.recorder
+    services = app[SERVICES]
+    recorder = services.recording.recorder
+    years = services.settings.recording.retention_years
+    if years < 10:
+        logger.warning("recording.retention_years = %g: Circular 49/2017/TT-BYT asks that "
+                       "consultation records be kept at least 10 years", years)
     interrupted = await recorder.restore()
     if interrupted:
         logger.warning("%d recordings were interrupted by the last stop", len(interrupted))
