@@ -164,7 +164,7 @@ class RoomRecording:
                 pub.first = None
                 pub.depacketizer.waiting_keyframe = pub.kind == "video"
                 if pub.kind == "video":
-                    self._spawn(self._request_keyframe(pub.id))
+                    self._ask_keyframe(pub, time.time())
         self.allowed = set(participant_ids)
 
     # -- frames ---------------------------------------------------------------------------
