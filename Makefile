@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
 NODE_STAMP := web_client/node_modules/.package-lock.json
 
-.PHONY: run test lint bench-signaling bench-relay system-deps test-system-deps clean
+.PHONY: run test lint bench-signaling bench-relay bench-recorder system-deps test-system-deps clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version' 
@@ -48,6 +48,9 @@ bench-signaling: $(STAMP)
 
 bench-relay: $(STAMP)
 	$(BIN)/python bench/relay_fanout.py
+
+bench-recorder: $(STAMP)
+	$(BIN)/python bench/recorder_load.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache web_client/node_modules
