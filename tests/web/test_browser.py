@@ -136,6 +136,19 @@ async def test_both_are_asked_to_consent_then_see_recording_and_the_archive_hold
         with av.open(str(manifest_path.parent / entry["name"])) as container:
             frames = sum(1 for _ in container.decode(video=0))
         assert frames >= 20, frames
+    # The specialist finds the recordings under the ended consultation and downloads one.
+    ended = specialist.locator(f"#consultations li[data-consultation='{manifest['consultation']['id']}']")
+    await ended.locator(".show-recordings").click()
+    files = ended.locator(".recording-file")
+    await expect(files).to_have_count(2)
+    wanted = by_participant["ref1"]
+    async with specialist.expect_download() as download_info:
+        await ended.locator(f".recording-file[data-file='{wanted['name']}'] .download").click()
+    download = await download_info.value
+    saved = tmp_path / "downloaded.webm"
+    await download.save_as(saved)
+    assert download.suggested_filename == wanted["name"]
+    assert saved.stat().st_size == wanted["bytes"]
 
 
 async def outbound_audio_bytes(page: Page) -> int:

@@ -236,8 +236,32 @@ function renderConsultations() {
       statusBadge(c.state), " ", c.site_ids.map(siteName).join(" ↔ "),
       c.minutes ? h("p", { class: "minutes" }, `${t("minutes")}: ${c.minutes.conclusion}`) : null,
       c.state !== "ended" ? h("button", { class: "small primary join", onclick: () => precheck(c.id) }, t("join")) : null,
-      c.state !== "ended" && state.me.roles.includes("coordinator") ? renderInvite(c) : null));
+      c.state !== "ended" && state.me.roles.includes("coordinator") ? renderInvite(c) : null,
+      c.state === "ended" ? renderRecordingsButton(c) : null));
   return h("section", { class: "card", id: "consultations" }, h("h2", {}, t("myConsultations")), h("ul", {}, rows));
+}
+
+/** The archive of an ended consultation: its files, each downloaded with the access token. */
+function renderRecordingsButton(consultation) {
+  const box = h("div", { class: "recordings" });
+  const button = h("button", { class: "small show-recordings", onclick: async () => {
+    try {
+      const listing = await state.signaling.recordings(consultation.id);
+      if (!listing.files.length) { box.replaceChildren(h("p", {}, t("noRecordings"))); return; }
+      box.replaceChildren(h("ul", {}, listing.files.map((f) => h("li", { class: "recording-file", "data-file": f.name },
+        `${f.participant_id} · ${f.source === "screen" ? t("shareScreen") : t("camera")} · ${f.duration_s === null ? "–" : Math.round(f.duration_s)} s`,
+        f.status !== "complete" ? h("span", { class: "badge" }, f.status) : null,
+        h("button", { class: "small download", onclick: async () => {
+          try {
+            const blob = await state.signaling.download(f.url);
+            const link = h("a", { href: URL.createObjectURL(blob), download: f.name });
+            link.click();
+            setTimeout(() => URL.revokeObjectURL(link.href), 60_000);
+          } catch (e) { flash(describeError(e)); }
+        } }, t("download"))))));
+    } catch (e) { flash(describeError(e)); }
+  } }, t("recordings"));
+  return h("div", {}, button, box);
 }
 
 function renderInvite(consultation) {

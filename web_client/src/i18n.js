@@ -29,7 +29,8 @@ const STRINGS = {
     recordingDeclined: "Không ghi hình: có người không đồng ý", recordingStopped: "Đã dừng ghi hình",
     consentQuestion: "Hội chẩn này sẽ được ghi hình và lưu trữ theo quy định. Bạn có đồng ý ghi hình không?",
     agree: "Đồng ý", decline: "Không đồng ý", startRecording: "Bắt đầu ghi hình",
-    stopRecording: "Dừng ghi hình",
+    stopRecording: "Dừng ghi hình", recordings: "Bản ghi hình", noRecordings: "Không có bản ghi hình",
+    download: "Tải về",
   },
   en: {
     title: "Remote consultation", signIn: "Sign in", tokenLabel: "Access token", signOut: "Sign out",
@@ -60,7 +61,8 @@ const STRINGS = {
     recordingDeclined: "Not recording: a participant declined", recordingStopped: "Recording stopped",
     consentQuestion: "This consultation will be recorded and archived as the regulations require. Do you consent to recording?",
     agree: "I agree", decline: "I decline", startRecording: "Start recording",
-    stopRecording: "Stop recording",
+    stopRecording: "Stop recording", recordings: "Recordings", noRecordings: "No recordings",
+    download: "Download",
   },
 };
 

@@ -123,6 +123,16 @@ export class Signaling {
   /** @returns {Promise<{recording: RecordingState}>} */
   recordingStop(consultationId) { return this.call("recording:stop", { consultation_id: consultationId }); }
 
+  /** A consultation's recordings (participants and admins; every access is audited). */
+  recordings(consultationId) { return this.http(`/api/consultations/${encodeURIComponent(consultationId)}/recordings`); }
+
+  /** Download one recording (the URL from `recordings`) as a Blob. */
+  async download(path) {
+    const response = await fetch(path, { headers: { Authorization: `Bearer ${this.token}` } });
+    if (!response.ok) throw new ProtocolRefusal(path, (await response.json()).error);
+    return response.blob();
+  }
+
   /** HTTP API with the same token. */
   async http(path) {
     const response = await fetch(path, { headers: { Authorization: `Bearer ${this.token}` } });
