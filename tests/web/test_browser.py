@@ -137,7 +137,8 @@ async def test_both_are_asked_to_consent_then_see_recording_and_the_archive_hold
             frames = sum(1 for _ in container.decode(video=0))
         assert frames >= 20, frames
     # The specialist finds the recordings under the ended consultation and downloads one.
-    ended = specialist.locator(f"#consultations li[data-consultation='{manifest['consultation']['id']}']")
+    cid = manifest["consultation"]["id"]
+    ended = specialist.locator(f"#consultations li[data-consultation='{cid}']")
     await ended.locator(".show-recordings").click()
     files = ended.locator(".recording-file")
     await expect(files).to_have_count(2)
