@@ -477,6 +477,8 @@ async def test_kill_9_mid_recording_leaves_a_playable_file_marked_interrupted(
         # Decodes up to within 2 s of the kill.
         assert decoded.counters, name
         assert decoded.counters[-1] >= sent[name] - 2 * FPS, (decoded.counters[-1], sent)
+        print(f"{name}: the file decodes to {(sent[name] - decoded.counters[-1]) / FPS:.2f} s "
+              "before the kill")
         assert entry["started_at"] + decoded.video_pts[-1] >= killed_at - 2.0
 
     restarted = start_server_process(config)
