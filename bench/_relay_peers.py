@@ -51,6 +51,11 @@ from aiortc.rtcrtpparameters import RTCRtpCodecCapability
 from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket, RtpPacket, pack_remb_fci
 
 from relay import hooks
+
+try:
+    from bench._clips import encode_vp8_ivf
+except ImportError:  # run as a script: bench/ itself is on sys.path
+    from _clips import encode_vp8_ivf  # type: ignore[no-redef]
 from relay.config import MediaConfig
 from relay.embedded import LocalRelay
 
@@ -111,30 +116,9 @@ def ensure_clip(cache_dir: Path) -> tuple[Path, bool]:
 
 
 def _encode_clip(path: Path) -> None:
-    total = CLIP_WARMUP_FRAMES + CLIP_SECONDS * FPS
-    with av.open(CLIP_SOURCE, format="lavfi") as source, \
-            av.open(str(path), "w", format="ivf") as out:
-        stream = out.add_stream("libvpx", rate=FPS)
-        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
-        stream.bit_rate = ENCODER_BITRATE
-        stream.codec_context.gop_size = GOP
-        stream.options = {"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0"}
-        index = 0
-        for frame in source.decode(video=0):
-            if index >= total:
-                break
-            picture = frame.reformat(format="yuv420p")
-            picture.pts = index
-            picture.time_base = fractions.Fraction(1, FPS)
-            # lavfi marks every frame as I, and libvpx turns an I picture into a keyframe.
-            picture.pict_type = av.video.frame.PictureType.NONE
-            for packet in stream.encode(picture):
-                if packet.pts is not None and packet.pts >= CLIP_WARMUP_FRAMES:
-                    out.mux(packet)
-            index += 1
-        for packet in stream.encode(None):
-            if packet.pts is not None and packet.pts >= CLIP_WARMUP_FRAMES:
-                out.mux(packet)
+    encode_vp8_ivf(path, source=CLIP_SOURCE, seconds=CLIP_SECONDS,
+                   warmup=CLIP_WARMUP_FRAMES, fps=FPS, width=WIDTH, height=HEIGHT,
+                   bitrate=ENCODER_BITRATE, gop=GOP)
 
 
 def load_clip(path: Path) -> list[tuple[bytes, bool]]:

@@ -84,6 +84,11 @@ import av
 import numpy as np
 import psutil
 
+try:
+    from bench._clips import encode_vp8_ivf
+except ImportError:  # run as a script: bench/ itself is on sys.path
+    from _clips import encode_vp8_ivf  # type: ignore[no-redef]
+
 WIDTH, HEIGHT, FPS = 640, 480, 30
 VIDEO_BITRATE = 600_000
 GOP = 90
@@ -160,31 +165,9 @@ def ensure_input(cache_dir: Path) -> tuple[Clip, bool]:
 
 
 def _encode_video(path: Path) -> None:
-    total = WARMUP_FRAMES + CLIP_SECONDS * FPS
-    with av.open(CLIP_SOURCE, format="lavfi") as source, \
-            av.open(str(path), "w", format="ivf") as out:
-        stream = out.add_stream("libvpx", rate=FPS)
-        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
-        stream.bit_rate = VIDEO_BITRATE
-        stream.codec_context.gop_size = GOP
-        stream.options = {"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0"}
-        index = 0
-        for frame in source.decode(video=0):
-            if index >= total:
-                break
-            picture = frame.reformat(format="yuv420p")
-            picture.pts = index
-            picture.time_base = fractions.Fraction(1, FPS)
-            # lavfi marks every frame as I; force the first kept frame to be a keyframe only.
-            picture.pict_type = (av.video.frame.PictureType.I if index == WARMUP_FRAMES
-                                 else av.video.frame.PictureType.NONE)
-            for packet in stream.encode(picture):
-                if packet.pts is not None and packet.pts >= WARMUP_FRAMES:
-                    out.mux(packet)
-            index += 1
-        for packet in stream.encode(None):
-            if packet.pts is not None and packet.pts >= WARMUP_FRAMES:
-                out.mux(packet)
+    encode_vp8_ivf(path, source=CLIP_SOURCE, seconds=CLIP_SECONDS, warmup=WARMUP_FRAMES, fps=FPS,
+                   width=WIDTH, height=HEIGHT, bitrate=VIDEO_BITRATE, gop=GOP,
+                   key_first=True)
 
 
 def _encode_audio(path: Path) -> None:
