@@ -392,27 +392,32 @@ class _VideoFeed:
         return self.current[1]
 
     def _decode(self) -> Generator[tuple[float, VideoFrame]]:
-        errors = 0
-        packets = self.container.demux(self.stream)
-        while True:
-            try:
-                packet = next(packets)
-            except StopIteration:
-                return
-            except av.FFmpegError as exc:  # a file cut short mid-cluster
-                logger.warning("export: %s ends in damaged data: %s", self.path.name, exc)
-                return
-            try:
-                decoded = packet.decode()
-            except av.FFmpegError as exc:
-                errors += 1
-                if errors == 1:
-                    logger.warning("export: %s: undecodable video skipped: %s",
-                                   self.path.name, exc)
-                continue
-            for frame in decoded:
-                if frame.pts is not None and frame.time_base is not None:
-                    yield self.offset + float(frame.pts * frame.time_base), frame
+        for frame in _decoded(self.container, self.stream, self.path, "video"):
+            if frame.pts is not None and frame.time_base is not None:
+                yield self.offset + float(frame.pts * frame.time_base), frame
+
+
+def _decoded(container: Any, stream: Any, path: Path, kind: str) -> Generator[Any]:
+    """Every frame of ``stream`` that decodes: a file cut short mid-cluster ends where its data
+    does, undecodable packets are skipped (the first one is logged)."""
+    errors = 0
+    packets = container.demux(stream)
+    while True:
+        try:
+            packet = next(packets)
+        except StopIteration:
+            return
+        except av.FFmpegError as exc:  # a file cut short mid-cluster
+            logger.warning("export: %s ends in damaged data: %s", path.name, exc)
+            return
+        try:
+            decoded = packet.decode()
+        except av.FFmpegError as exc:
+            errors += 1
+            if errors == 1:
+                logger.warning("export: %s: undecodable %s skipped: %s", path.name, kind, exc)
+            continue
+        yield from decoded
 
 
 @dataclass
@@ -468,27 +473,9 @@ class _AudioFeed:
             expected = self.cursor
 
     def _decode(self) -> Generator[tuple[float, list[AudioFrame]]]:
-        errors = 0
-        packets = self.container.demux(self.stream)
         last = self.offset
-        while True:
-            try:
-                packet = next(packets)
-            except StopIteration:
-                break
-            except av.FFmpegError as exc:
-                logger.warning("export: %s ends in damaged data: %s", self.path.name, exc)
-                break
-            try:
-                decoded = packet.decode()
-            except av.FFmpegError as exc:
-                errors += 1
-                if errors == 1:
-                    logger.warning("export: %s: undecodable audio skipped: %s",
-                                   self.path.name, exc)
-                continue
-            for frame in decoded:
-                if frame.pts is not None and frame.time_base is not None:
-                    last = self.offset + float(frame.pts * frame.time_base)
-                yield last, self.resampler.resample(frame)
+        for frame in _decoded(self.container, self.stream, self.path, "audio"):
+            if frame.pts is not None and frame.time_base is not None:
+                last = self.offset + float(frame.pts * frame.time_base)
+            yield last, self.resampler.resample(frame)
         yield last, self.resampler.resample(None)
