@@ -14,6 +14,7 @@ start again (a new request: those who declined are asked again).
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -142,11 +143,8 @@ class Recorder:
         state = await self._state(consultation_id, policy)
         async with state.lock:
             state.present[clinician_id] = site_id
-            if policy == "with_consent":
-                answer = state.consent.get(clinician_id)
-                if answer is None or (answer[0] == "declined" and not state.started
-                                      and state.wanted and self._status(state) != "declined"):
-                    state.consent[clinician_id] = ("pending", None)
+            if policy == "with_consent" and clinician_id not in state.consent:
+                state.consent[clinician_id] = ("pending", None)
             await self._apply(state, by=clinician_id)
         return self.state(consultation_id)
 
@@ -429,8 +427,6 @@ class Recorder:
 
 
 def _copy(data: dict[str, Any]) -> dict[str, Any]:
-    import copy
-
     return copy.deepcopy(data)
 
 

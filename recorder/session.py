@@ -53,6 +53,8 @@ class _Publication:
     """Its track in the group's open file (None: not in the file)."""
     first: Frame | None = None
     """Its first usable frame (video: a keyframe), once seen."""
+    size: tuple[int, int] = (0, 0)
+    """Video: the dimensions of ``first``."""
     timeline: Timeline | None = None
     asked_keyframe_at: float = 0.0
 
@@ -94,7 +96,6 @@ class RoomRecording:
         self._publications: dict[str, _Publication] = {}
         self._groups: dict[tuple[str, str], _Group] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._parts: dict[tuple[str, str], int] = {}
         self._ticker = self._spawn(self._tick_forever())
 
     # -- MediaSink ---------------------------------------------------------------------------
@@ -112,8 +113,7 @@ class RoomRecording:
         key = (participant_id, group_name)
         group = self._groups.get(key)
         if group is None:
-            group = self._groups[key] = _Group(participant_id, group_name,
-                                               parts=self._parts.get(key, 0))
+            group = self._groups[key] = _Group(participant_id, group_name)
         pub = _Publication(
             id=str(publication["id"]), participant_id=participant_id,
             source=str(publication["source"]), kind=str(publication["kind"]), codec=codec,
@@ -183,9 +183,11 @@ class RoomRecording:
             self._write(group, pub, frame)
             return
         if pub.first is None:
-            if pub.kind == "video" and (not frame.keyframe
-                                        or video_size(pub.codec, frame.data) is None):
-                return
+            if pub.kind == "video":
+                size = video_size(pub.codec, frame.data) if frame.keyframe else None
+                if size is None:
+                    return
+                pub.size = size
             pub.first = frame
         group.held.append((pub, frame))
         if group.held_since is None:
@@ -212,13 +214,11 @@ class RoomRecording:
             first = pub.first
             assert first is not None
             if pub.kind == "video":
-                size = video_size(pub.codec, first.data) or (0, 0)
-                tracks.append(TrackSpec("video", pub.codec, size[0], size[1],
+                tracks.append(TrackSpec("video", pub.codec, pub.size[0], pub.size[1],
                                         keyframe=first.data))
             else:
                 tracks.append(TrackSpec("audio", pub.codec, sample_rate=pub.clock_rate))
         origin = min(f.arrival for _, f in group.held)
-        key = (group.participant_id, group.name)
         while True:
             # Parts count on across stops, restarts and reconnects: never overwrite a file.
             group.parts += 1
@@ -226,7 +226,6 @@ class RoomRecording:
             path = self.directory / name
             if not path.with_suffix(".webm").exists() and not path.with_suffix(".mkv").exists():
                 break
-        self._parts[key] = group.parts
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             media = MediaFile(path, tracks, cluster_ms=self._cluster_ms)

@@ -288,7 +288,7 @@ class Consultations:
             consultation.relay_id = relay.info.id
             await self._store.save_consultation(consultation)
             if self.recording is not None:
-                await self.recording.recorder.relay_changed(consultation_id)
+                await self.recording.relay_changed(consultation_id)
         await self._notifier.emit(
             "media:moved",
             {"consultation_id": consultation_id,

@@ -90,6 +90,9 @@ class RecordingControl:
     async def ended(self, consultation_id: str) -> None:
         await self.recorder.ended(consultation_id)
 
+    async def relay_changed(self, consultation_id: str) -> None:
+        await self.recorder.relay_changed(consultation_id)
+
     # -- clients' requests ---------------------------------------------------------------------
     async def _present(self, principal: Principal, consultation_id: str) -> Consultation:
         consultation = await self._store.get_consultation(consultation_id)
