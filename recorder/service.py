@@ -168,6 +168,8 @@ class Recorder:
                                               "at": now})
             logger.info("recording %s: %s %s", consultation_id, clinician_id, answer)
             await self._apply(state, by=clinician_id)
+            # A clinician's answer is on disk before the ack, like everything a doctor says.
+            await self._write(state)
         return self.state(consultation_id)
 
     async def start(self, consultation_id: str, by: str) -> dict[str, Any]:

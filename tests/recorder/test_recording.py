@@ -257,6 +257,8 @@ async def test_one_decline_means_nothing_is_recorded(server: Server) -> None:
         declined = await c["ref1"].ok("recording:consent", {"consultation_id": cid,
                                                             "agree": False})
         assert declined["recording"]["status"] == "declined"
+        on_disk = [(a["clinician_id"], a["answer"]) for a in manifest_of(server, cid)["consent"]]
+        assert on_disk == [("cardio1", "agreed"), ("ref1", "declined")]
         await c["cardio1"].next_matching("recording:state", lambda s: s["status"] == "declined")
         peers = await peers_for(c, cid, names)
         try:
