@@ -28,7 +28,7 @@ class RelayInfo:
             raise ValueError(f"relay {self.id!r}: capacity must be > 0, got {self.capacity}")
 
     @property
-    def has_room(self) -> bool:
+    def has_capacity(self) -> bool:
         return self.load < self.capacity
 
     def to_wire(self) -> dict[str, Any]:

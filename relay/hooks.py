@@ -23,6 +23,8 @@ from typing import Any
 import aioice.ice
 import aiortc
 from aiortc import RTCPeerConnection, RTCRtpReceiver, RTCRtpSender
+from aiortc.codecs.h264 import h264_depayload
+from aiortc.codecs.vpx import vp8_depayload
 from aiortc.rtp import (
     RTCP_PSFB_APP,
     RTP_HISTORY_SIZE,
@@ -81,6 +83,13 @@ async def check() -> None:
             f"aiortc {aiortc.__version__} lacks internals the relay forwards through: "
             f"{', '.join(missing)}"
         )
+
+
+def depayloader(codec: str) -> Callable[[bytes], bytes] | None:
+    """aiortc's RTP depayloader for ``codec`` (``vp8`` -> the VP8 frame bytes, ``h264`` ->
+    Annex-B); None for a codec whose RTP payload is the frame (Opus). The recorder reads
+    packets through these, never decoding them."""
+    return {"vp8": vp8_depayload, "h264": h264_depayload}.get(codec)
 
 
 def set_host_addresses(addresses: Iterable[str]) -> None:

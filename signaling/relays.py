@@ -96,7 +96,7 @@ class RelayDirectory:
     async def adopt(self, room_id: str, relay_id: str, region: str) -> Relay:
         """After a restart: reopen a live consultation's room where it was, else place it."""
         relay = self._relays.get(relay_id)
-        if relay is None or not relay.info.has_room:
+        if relay is None or not relay.info.has_capacity:
             return await self.place(room_id, region)
         return await self.open(room_id, relay, region)
 
