@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+NODE_NAMESPACE = "/relay"
+"""The socket.io namespace standalone relay nodes dial in on (see relay/remote.py)."""
+
 
 @dataclass
 class RelayInfo:

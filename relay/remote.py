@@ -15,12 +15,12 @@ import logging
 import struct
 from typing import Any, Protocol
 
-from relay.api import MediaSink, RelayInfo
+from relay.api import NODE_NAMESPACE, MediaSink, RelayInfo
 from relay.errors import RelayError
 
 logger = logging.getLogger(__name__)
 
-NAMESPACE = "/relay"
+NAMESPACE = NODE_NAMESPACE
 COMMAND_TIMEOUT_S = 15.0
 COMMANDS = ("open_room", "close_room", "join", "leave", "publish", "unpublish", "subscribe",
             "answer", "add_ice_candidate", "set_audio_only", "stats", "request_keyframe")
