@@ -771,8 +771,9 @@ def microbench(clip: Clip, directory: Path, repeats: int = 3) -> list[str]:
     best of ``repeats``) over the clip: 10 s of one participant."""
     from aiortc.codecs.vpx import vp8_depayload
 
+    from codec.rtp import vp8_frame_size as vp8_size
     from recorder.depacketize import Depacketizer
-    from recorder.writer import MediaFile, Timeline, TrackSpec, vp8_size
+    from recorder.writer import MediaFile, Timeline, TrackSpec
 
     rng = random.Random(7)
     video: list[tuple[int, int, bool, bytes]] = []

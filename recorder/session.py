@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from recorder.depacketize import Depacketizer, Frame, codec_of
+from codec.rtp import codec_name
+from recorder.depacketize import Depacketizer, Frame
 from recorder.writer import (
     MediaFile,
     RecordingError,
@@ -102,7 +103,7 @@ class RoomRecording:
     def publication_added(self, publication: dict[str, Any]) -> None:
         if self.closed:
             return
-        codec = codec_of(str(publication["codec"]))
+        codec = codec_name(str(publication["codec"]))
         group_name = GROUP_OF_SOURCE.get(str(publication["source"]))
         if group_name is None or codec not in ("vp8", "h264", "opus"):
             logger.warning("recording %s: publication %s (%s, %s) is not recordable",

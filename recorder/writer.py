@@ -24,6 +24,8 @@ from typing import Any
 
 import av
 
+from codec.rtp import TimestampUnwrapper, vp8_frame_size
+
 logger = logging.getLogger(__name__)
 
 TIME_BASE = Fraction(1, 1000)
@@ -55,15 +57,6 @@ class TrackSpec:
         return {"kind": "audio", "codec": self.codec, "sample_rate": self.sample_rate}
 
 
-def vp8_size(frame: bytes) -> tuple[int, int] | None:
-    """Width and height of a VP8 keyframe (RFC 6386 9.1: bytes 6-9 after the start code)."""
-    if len(frame) < 10 or frame[0] & 0x01 or frame[3:6] != b"\x9d\x01\x2a":
-        return None
-    width = int.from_bytes(frame[6:8], "little") & 0x3FFF
-    height = int.from_bytes(frame[8:10], "little") & 0x3FFF
-    return (width, height) if width and height else None
-
-
 def h264_probe(keyframe: bytes) -> tuple[Any, Any]:
     """Parse an Annex-B H.264 keyframe with FFmpeg's raw demuxer: its stream carries the
     dimensions and the SPS/PPS (extradata) that Matroska's header needs. Nothing is decoded
@@ -83,7 +76,7 @@ def h264_size(keyframe: bytes) -> tuple[int, int] | None:
 
 
 def video_size(codec: str, keyframe: bytes) -> tuple[int, int] | None:
-    return vp8_size(keyframe) if codec == "vp8" else h264_size(keyframe)
+    return vp8_frame_size(keyframe) if codec == "vp8" else h264_size(keyframe)
 
 
 def extension_for(tracks: list[TrackSpec]) -> str:
@@ -103,24 +96,18 @@ class Timeline:
         self.origin = origin
         self._anchor_wall = 0.0
         self._anchor_ext = 0
-        self._ext: int | None = None
-        self._last_ts = 0
+        self._timestamps = TimestampUnwrapper()
         self.last_ms = -1
         self.reanchored = 0
 
     def ms(self, timestamp: int, arrival: float) -> int:
-        if self._ext is None:
-            self._ext = timestamp
-            self._anchor_ext, self._anchor_wall = timestamp, arrival
-        else:
-            delta = (timestamp - self._last_ts) & 0xFFFFFFFF
-            if delta >= 0x80000000:
-                delta -= 0x100000000
-            self._ext += delta
-        self._last_ts = timestamp
-        at = self._anchor_wall + (self._ext - self._anchor_ext) / self.clock_rate
+        first = self._timestamps.value is None
+        ext = self._timestamps.extend(timestamp)
+        if first:
+            self._anchor_ext, self._anchor_wall = ext, arrival
+        at = self._anchor_wall + (ext - self._anchor_ext) / self.clock_rate
         if abs(at - arrival) > REANCHOR_S:
-            self._anchor_ext, self._anchor_wall = self._ext, arrival
+            self._anchor_ext, self._anchor_wall = ext, arrival
             at = arrival
             self.reanchored += 1
         ms = round((at - self.origin) * 1000)

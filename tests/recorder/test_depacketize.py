@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from recorder.depacketize import Depacketizer, Frame, h264_is_keyframe
-from recorder.writer import Timeline, vp8_size
+from codec.rtp import h264_access_unit_is_keyframe, vp8_frame_size
+from recorder.depacketize import Depacketizer, Frame
+from recorder.writer import Timeline
 
 KEY = b"\x50\x02\x00\x9d\x01\x2a\x40\x01\xf0\x00"  # VP8 keyframe header, 320x240
 DELTA = b"\x31\x02\x00"  # a VP8 interframe's first bytes (P bit set)
@@ -82,10 +83,11 @@ def test_opus_is_a_frame_per_packet() -> None:
 
 
 def test_h264_keyframes_and_vp8_sizes() -> None:
-    assert h264_is_keyframe(b"\x00\x00\x00\x01\x67xx\x00\x00\x00\x01\x68y\x00\x00\x01\x65z")
-    assert not h264_is_keyframe(b"\x00\x00\x00\x01\x41zzz")
-    assert vp8_size(KEY) == (320, 240)
-    assert vp8_size(DELTA + b"0000000") is None
+    assert h264_access_unit_is_keyframe(
+        b"\x00\x00\x00\x01\x67xx\x00\x00\x00\x01\x68y\x00\x00\x01\x65z")
+    assert not h264_access_unit_is_keyframe(b"\x00\x00\x00\x01\x41zzz")
+    assert vp8_frame_size(KEY) == (320, 240)
+    assert vp8_frame_size(DELTA + b"0000000") is None
 
 
 def test_timeline_is_smooth_wraps_and_never_goes_back() -> None:
