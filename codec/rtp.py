@@ -223,3 +223,30 @@ def frame_is_keyframe(codec: str, frame: bytes) -> bool:
     if codec == "h264":
         return h264_access_unit_is_keyframe(frame)
     return True
+
+
+# -- RTP header fields and modular arithmetic (the benchmarks read serialized packets) ------
+def rtp_marker(data: bytes) -> bool:
+    """The marker bit of the serialized RTP packet ``data`` (RFC 3550 5.1; video: the last
+    packet of a frame)."""
+    return bool(data[1] & 0x80)
+
+
+def rtp_timestamp(data: bytes) -> int:
+    """The timestamp of the serialized RTP packet ``data``."""
+    return int.from_bytes(data[4:8], "big")
+
+
+def rtp_ssrc(data: bytes) -> int:
+    """The SSRC of the serialized RTP packet ``data``."""
+    return int.from_bytes(data[8:12], "big")
+
+
+def seq_distance(newer: int, older: int) -> int:
+    """How many sequence numbers ``newer`` lies after ``older`` (modulo 2^16, in [0, 2^16))."""
+    return (newer - older) % SEQ_MOD
+
+
+def ts_add(timestamp: int, delta: int) -> int:
+    """``timestamp + delta`` modulo 2^32 (``delta`` may be negative)."""
+    return (timestamp + delta) % TS_MOD

@@ -78,3 +78,17 @@ def test_the_payload_offset_skips_csrcs_and_the_header_extension() -> None:
         bytes([0xBE, 0xDE, 0x00, 0x01]) + b"\x00" * 4 + b"payload"
     assert rtp.rtp_payload_offset(extended) == 12 + 4 + 4 + 4
     assert rtp.codec_name("video/VP8") == "vp8"
+
+
+def test_header_fields_of_a_serialized_packet_and_wrapping_arithmetic() -> None:
+    packet = bytes([0x80, 0x80 | 96, 0x12, 0x34]) + (0xDEADBEEF).to_bytes(4, "big") + \
+        (0x01020304).to_bytes(4, "big") + b"payload"
+    assert rtp.rtp_marker(packet)
+    assert not rtp.rtp_marker(bytes([0x80, 96]) + packet[2:])
+    assert rtp.rtp_timestamp(packet) == 0xDEADBEEF
+    assert rtp.rtp_ssrc(packet) == 0x01020304
+    assert rtp.seq_distance(2, 65534) == 4
+    assert rtp.seq_distance(7, 7) == 0
+    assert rtp.seq_distance(65534, 2) == 65532
+    assert rtp.ts_add(rtp.TS_MOD - 10, 30) == 20
+    assert rtp.ts_add(5, -10) == rtp.TS_MOD - 5
