@@ -50,14 +50,26 @@ from aiortc.mediastreams import MediaStreamError, convert_timebase
 from aiortc.rtcrtpparameters import RTCRtpCodecCapability
 from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket, RtpPacket, pack_remb_fci
 
+from codec.rtp import (
+    rtp_marker,
+    rtp_payload_offset,
+    rtp_ssrc,
+    rtp_timestamp,
+    seq_distance,
+    ts_add,
+    vp8_frame_is_keyframe,
+    vp8_frame_start,
+    vp8_picture_id,
+)
 from relay import hooks
+from relay.config import MediaConfig
+from relay.embedded import LocalRelay
+from relay.errors import UnknownRoom
 
 try:
     from bench._clips import encode_vp8_ivf
 except ImportError:  # run as a script: bench/ itself is on sys.path
     from _clips import encode_vp8_ivf  # type: ignore[no-redef]
-from relay.config import MediaConfig
-from relay.embedded import LocalRelay
 
 HOST = "127.0.0.1"
 ROOM = "fanout"
@@ -83,7 +95,6 @@ REMB_BPS = 1_500_000
 REMB_TICK_S = 0.05
 """Browser-like REMB: each subscriber reports once a second, the subscribers of a process
 spread over the second in ticks of this length."""
-U32 = 1 << 32
 
 logger = logging.getLogger("bench.relay_fanout")
 
@@ -122,13 +133,13 @@ def _encode_clip(path: Path) -> None:
 
 
 def load_clip(path: Path) -> list[tuple[bytes, bool]]:
-    """The clip's encoded frames and whether each is a keyframe (VP8 frame tag bit 0 clear)."""
+    """The clip's encoded frames and whether each is a keyframe."""
     frames: list[tuple[bytes, bool]] = []
     with av.open(str(path)) as container:
         for packet in container.demux(video=0):
             if packet.size:
                 data = bytes(packet)
-                frames.append((data, not data[0] & 0x01))
+                frames.append((data, vp8_frame_is_keyframe(data)))
     if not frames or not frames[0][1]:
         raise ValueError(f"{path}: the clip must start with a keyframe")
     return frames
@@ -183,33 +194,6 @@ class ClipTrack(MediaStreamTrack):
         return packet
 
 
-# -- RTP parsing without aiortc ------------------------------------------------------------
-
-
-def rtp_payload_offset(data: bytes) -> int:
-    offset = 12 + 4 * (data[0] & 0x0F)
-    if data[0] & 0x10 and len(data) >= offset + 4:
-        offset += 4 + 4 * int.from_bytes(data[offset + 2:offset + 4], "big")
-    return offset
-
-
-def vp8_picture_id(payload: bytes, offset: int = 0) -> int:
-    """The VP8 payload descriptor's picture id (RFC 7741), -1 if absent."""
-    if len(payload) < offset + 3 or not payload[offset] & 0x80 or not payload[offset + 1] & 0x80:
-        return -1
-    first = payload[offset + 2]
-    if first & 0x80:
-        if len(payload) < offset + 4:
-            return -1
-        return ((first & 0x7F) << 8) | payload[offset + 3]
-    return first
-
-
-def vp8_frame_start(payload: bytes) -> bool:
-    """S=1 and partition id 0: the first packet of a frame."""
-    return bool(payload) and bool(payload[0] & 0x10) and not payload[0] & 0x0F
-
-
 # -- publisher-side send log ----------------------------------------------------------------
 
 
@@ -231,16 +215,16 @@ class SendLog:
 
     def record(self, data: bytes) -> None:
         now = time.time()
-        if len(data) < 13 or int.from_bytes(data[8:12], "big") != self.ssrc:
+        if len(data) < 13 or rtp_ssrc(data) != self.ssrc:
             return  # RTX or another stream
-        timestamp = int.from_bytes(data[4:8], "big")
+        timestamp = rtp_timestamp(data)
         frame = self.frames.get(timestamp)
         if frame is None:
             frame = SentFrame(vp8_picture_id(data, rtp_payload_offset(data)), timestamp, now,
                               0.0, 0)
             self.frames[timestamp] = frame
         frame.packets += 1
-        if data[1] & 0x80 and not frame.last_t:
+        if rtp_marker(data) and not frame.last_t:
             frame.last_t = now
 
     def window(self, t0: float, t1: float) -> list[tuple[int, int, float, float, int]]:
@@ -315,7 +299,7 @@ class FrameTap:
         if packet.marker:
             record.end_seq = seq
         if record.start_seq >= 0 and record.end_seq >= 0 and \
-                len(record.seqs) == ((record.end_seq - record.start_seq) & 0xFFFF) + 1:
+                len(record.seqs) == seq_distance(record.end_seq, record.start_seq) + 1:
             record.done_t = now
             self.complete += 1
         return False, None
@@ -520,9 +504,10 @@ class SfuBackend(Backend):
         return None
 
     async def stats(self) -> dict[str, Any]:
-        if ROOM not in self.relay.rooms:
+        try:
+            room = await self.relay.stats(ROOM)
+        except UnknownRoom:
             return {}
-        room = await self.relay.stats(ROOM)
         subscriptions = [s for p in room.values() for s in p["subscriptions"].values()]
         source = room.get(PUBLISHER_ID, {}).get("publications", {}).get("camera", {})
         return {
@@ -648,9 +633,8 @@ class MediaRelayBackend(Backend):
 
         async def send(data: bytes) -> None:
             if participant not in self.origins and stamp.last_ts is not None and \
-                    len(data) >= 12 and int.from_bytes(data[8:12], "big") == ssrc:
-                self.origins[participant] = (int.from_bytes(data[4:8], "big")
-                                             - stamp.last_ts) % U32
+                    len(data) >= 12 and rtp_ssrc(data) == ssrc:
+                self.origins[participant] = ts_add(rtp_timestamp(data), -stamp.last_ts)
             await original(data)
 
         transport._send_rtp = send  # type: ignore[method-assign]
@@ -662,7 +646,7 @@ class MediaRelayBackend(Backend):
         mapper = getattr(self.source_receiver, "_RTCRtpReceiver__timestamp_mapper", None)
         first = getattr(mapper, "_origin", None)
         offsets = {} if first is None else {
-            p: (origin - first) % U32 for p, origin in self.origins.items()}
+            p: ts_add(origin, -first) for p, origin in self.origins.items()}
         return {"offsets": offsets, "subscriptions": len(self.stamps)}
 
     async def close(self) -> None:

@@ -84,6 +84,8 @@ import av
 import numpy as np
 import psutil
 
+from codec.rtp import SEQ_MOD, TS_MOD, seq_add, ts_add, vp8_frame_is_keyframe, vp8_frame_size
+
 try:
     from bench._clips import encode_vp8_ivf
 except ImportError:  # run as a script: bench/ itself is on sys.path
@@ -199,11 +201,21 @@ def _load(video_path: Path, audio_path: Path) -> tuple[list[bytes], list[bytes]]
     with av.open(str(audio_path)) as container:
         packets = [bytes(p) for p in container.demux(audio=0) if p.size]
     packets = packets[:CLIP_SECONDS * AUDIO_PER_S]
-    if len(frames) != CLIP_SECONDS * FPS or frames[0][0] & 0x01:
+    if len(frames) != CLIP_SECONDS * FPS or not vp8_frame_is_keyframe(frames[0]):
         raise ValueError(f"{video_path}: expected {CLIP_SECONDS * FPS} frames from a keyframe")
     if len(packets) < CLIP_SECONDS * AUDIO_PER_S:
         raise ValueError(f"{audio_path}: {len(packets)} Opus packets")
     return frames, packets
+
+
+def vp8_depayloader() -> Callable[[bytes], bytes]:
+    """aiortc's VP8 depayloader, reached through relay.hooks as the recorder reaches it."""
+    from relay.hooks import depayloader
+
+    depayload = depayloader("vp8")
+    if depayload is None:
+        raise RuntimeError("relay.hooks has no VP8 depayloader")
+    return depayload
 
 
 def packetize_vp8(frames: list[bytes]) -> list[tuple[list[bytes], bool]]:
@@ -218,7 +230,7 @@ def packetize_vp8(frames: list[bytes]) -> list[tuple[list[bytes], bool]]:
         packet.time_base = fractions.Fraction(1, FPS)
         payloads, timestamp = encoder.pack(packet)
         assert timestamp == index * TICKS_PER_FRAME
-        out.append((payloads, not data[0] & 0x01))
+        out.append((payloads, vp8_frame_is_keyframe(data)))
     return out
 
 
@@ -303,23 +315,23 @@ def schedule(job: Job, clip: Clip, sinks: Sequence[Any]) -> tuple[list[Event], d
         sink = sinks[j // job.per_room]
         offset = j / FPS / job.streams
         cam, mic = f"p{j}-cam", f"p{j}-mic"
-        seq, ts0 = rng.randrange(1 << 16), rng.randrange(1 << 32)
+        seq, ts0 = rng.randrange(SEQ_MOD), rng.randrange(TS_MOD)
         packets = 0
         for i in range(job.video_frames):
             payloads, _ = clip.video[i % len(clip.video)]
-            ts = (ts0 + i * TICKS_PER_FRAME) & 0xFFFFFFFF
+            ts = ts_add(ts0, i * TICKS_PER_FRAME)
             due = offset + i / FPS
             last = len(payloads) - 1
             for k, payload in enumerate(payloads):
                 events.append((due, sink.packet, cam, seq, ts, k == last, payload))
-                seq = (seq + 1) & 0xFFFF
+                seq = seq_add(seq, 1)
             packets += len(payloads)
-        seq, ts0 = rng.randrange(1 << 16), rng.randrange(1 << 32)
+        seq, ts0 = rng.randrange(SEQ_MOD), rng.randrange(TS_MOD)
         for n in range(job.audio_frames):
-            ts = (ts0 + n * AUDIO_FRAME) & 0xFFFFFFFF
+            ts = ts_add(ts0, n * AUDIO_FRAME)
             events.append((offset + n / AUDIO_PER_S + 0.001, sink.packet, mic, seq, ts, True,
                            clip.audio[n % len(clip.audio)]))
-            seq = (seq + 1) & 0xFFFF
+            seq = seq_add(seq, 1)
         fed[f"p{j}"] = {"video_frames": job.video_frames, "audio_frames": job.audio_frames,
                         "packets": packets + job.audio_frames}
     events.sort(key=lambda e: e[0])
@@ -431,7 +443,7 @@ async def run_recorder(job: Job, clip: Clip) -> dict[str, Any]:
 
 async def run_mediarecorder(job: Job, clip: Clip) -> dict[str, Any]:
     from aiortc.codecs.opus import OpusDecoder
-    from aiortc.codecs.vpx import Vp8Decoder, vp8_depayload
+    from aiortc.codecs.vpx import Vp8Decoder
     from aiortc.contrib.media import MediaRecorder
     from aiortc.jitterbuffer import JitterFrame
     from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
@@ -446,7 +458,7 @@ async def run_mediarecorder(job: Job, clip: Clip) -> dict[str, Any]:
             self.kind = kind
             self._count = count
             self._index = 0
-            self._ts0 = rng.randrange(1 << 32)
+            self._ts0 = rng.randrange(TS_MOD)
             self._decoder: Any = Vp8Decoder() if kind == "video" else OpusDecoder()
             self._ready: list[Any] = []
             self.finished = asyncio.Event()
@@ -458,10 +470,10 @@ async def run_mediarecorder(job: Job, clip: Clip) -> dict[str, Any]:
             if self.kind == "video":
                 payloads, _ = clip.video[self._index % len(clip.video)]
                 data = b"".join(vp8_depayload(p) for p in payloads)
-                ts = (self._ts0 + self._index * TICKS_PER_FRAME) & 0xFFFFFFFF
+                ts = ts_add(self._ts0, self._index * TICKS_PER_FRAME)
             else:
                 data = clip.audio[self._index % len(clip.audio)]
-                ts = (self._ts0 + self._index * AUDIO_FRAME) & 0xFFFFFFFF
+                ts = ts_add(self._ts0, self._index * AUDIO_FRAME)
             self._index += 1
             return JitterFrame(data=data, timestamp=ts)
 
@@ -477,6 +489,7 @@ async def run_mediarecorder(job: Job, clip: Clip) -> dict[str, Any]:
             self.decoded += 1
             return self._ready.pop(0)
 
+    vp8_depayload = vp8_depayloader()
     directory = Path(job.directory)  # made by the parent
     rng = random.Random(job.seed)
     meter = Meter()
@@ -769,21 +782,19 @@ def summarize_profile(path: Path, packets: int, frames: int, top: int = 16) -> l
 def microbench(clip: Clip, directory: Path, repeats: int = 3) -> list[str]:
     """The recorder's steps timed one by one without a profiler (this process's CPU clock,
     best of ``repeats``) over the clip: 10 s of one participant."""
-    from aiortc.codecs.vpx import vp8_depayload
-
-    from codec.rtp import vp8_frame_size as vp8_size
     from recorder.depacketize import Depacketizer
     from recorder.writer import MediaFile, Timeline, TrackSpec
 
+    vp8_depayload = vp8_depayloader()
     rng = random.Random(7)
     video: list[tuple[int, int, bool, bytes]] = []
-    seq, ts0 = rng.randrange(1 << 16), rng.randrange(1 << 32)
+    seq, ts0 = rng.randrange(SEQ_MOD), rng.randrange(TS_MOD)
     for i, (payloads, _) in enumerate(clip.video):
         for k, payload in enumerate(payloads):
-            video.append((seq, (ts0 + i * TICKS_PER_FRAME) & 0xFFFFFFFF,
-                          k == len(payloads) - 1, payload))
-            seq = (seq + 1) & 0xFFFF
-    audio = [((100 + n) & 0xFFFF, n * AUDIO_FRAME, True, data)
+            video.append((seq, ts_add(ts0, i * TICKS_PER_FRAME), k == len(payloads) - 1,
+                          payload))
+            seq = seq_add(seq, 1)
+    audio = [(seq_add(100, n), n * AUDIO_FRAME, True, data)
              for n, data in enumerate(clip.audio)]
     base = time.time()
 
@@ -818,7 +829,7 @@ def microbench(clip: Clip, directory: Path, repeats: int = 3) -> list[str]:
             clock = VIDEO_CLOCK if track == 0 else AUDIO_RATE
             lines[track].ms(ts, base + ts / clock)
 
-    size = vp8_size(frames[0][1]) or (WIDTH, HEIGHT)
+    size = vp8_frame_size(frames[0][1]) or (WIDTH, HEIGHT)
     tracks = [TrackSpec("video", "vp8", size[0], size[1], keyframe=frames[0][1]),
               TrackSpec("audio", "opus", sample_rate=AUDIO_RATE)]
     made = [0]
@@ -869,8 +880,6 @@ def microbench(clip: Clip, directory: Path, repeats: int = 3) -> list[str]:
 
 def _profile_targets() -> list[tuple[str, tuple[str, int, str]]]:
     """pstats keys of the recorder's per-packet and per-frame steps."""
-    from aiortc.codecs.vpx import vp8_depayload
-
     from recorder.depacketize import Depacketizer
     from recorder.session import RoomRecording
     from recorder.writer import MediaFile, Timeline
@@ -878,7 +887,7 @@ def _profile_targets() -> list[tuple[str, tuple[str, int, str]]]:
     targets: list[tuple[str, tuple[str, int, str]]] = []
     for label, function in (("RoomRecording.packet", RoomRecording.packet),
                             ("Depacketizer.push", Depacketizer.push),
-                            ("vp8_depayload", vp8_depayload),
+                            ("vp8_depayload", vp8_depayloader()),
                             ("RoomRecording._frame", RoomRecording._frame),
                             ("RoomRecording._write", RoomRecording._write),
                             ("Timeline.ms", Timeline.ms),

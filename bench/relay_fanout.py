@@ -61,6 +61,8 @@ from typing import Any
 
 import psutil
 
+from codec.rtp import ts_add
+
 try:
     from bench import _relay_peers as peers
 except ImportError:  # run as a script: bench/ itself is on sys.path
@@ -292,7 +294,7 @@ def latencies(mode: str, sent: list[list[Any]], collected: dict[str, list[list[A
             if mode == "mediarelay":
                 if offset is None:
                     continue
-                base = (int(timestamp) - offset) % peers.U32
+                base = ts_add(int(timestamp), -offset)
                 sent_t = next((by_timestamp[t] for t in (base, base - 1, base + 1, base - 2,
                                                          base + 2) if t in by_timestamp), None)
             else:
