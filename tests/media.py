@@ -232,6 +232,28 @@ class MediaPeer:
                 return received
         return None
 
+    def frames(self, participant_id: str, source: str = "camera") -> int:
+        """How many frames of the participant's video this peer decoded so far."""
+        received = self.video_from(participant_id, source)
+        return len(received.counters) if received is not None else 0
+
+    async def send_pli(self, source: str = "camera") -> None:
+        """Report picture loss (RTCP PLI) on the received track of ``source``, as a browser
+        does when it cannot decode."""
+        assert self.subscribe_pc is not None
+        transceiver = next(t for t in self.subscribe_pc.getTransceivers()
+                           if self.tracks.get(t.mid or "", {}).get("source") == source)
+        ssrc = next(iter(transceiver.receiver._RTCRtpReceiver__remote_streams))
+        await transceiver.receiver._send_rtcp_pli(ssrc)
+
+    def stall(self) -> None:
+        """Stop reading the subscribe connection's socket altogether: its kernel buffer
+        fills and the rest of what the relay sends is dropped on the floor."""
+        assert self.subscribe_pc is not None
+        ice = self.subscribe_pc.getTransceivers()[0].receiver.transport.transport
+        for protocol in ice._connection._protocols:
+            protocol.transport.pause_reading()
+
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
@@ -240,12 +262,49 @@ class MediaPeer:
                 await pc.close()
 
 
-async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0,
-                   what: str = "condition") -> None:
-    """Poll ``predicate`` every 50 ms for at most ``timeout`` seconds."""
+def check_stream(received: Received, *, at_least: int) -> None:
+    counters = received.counters
+    assert len(counters) >= at_least, (len(counters), counters[-5:])
+    # In order, and no frame lost on loopback once the stream started.
+    assert counters == list(range(counters[0], counters[0] + len(counters))), counters
+
+
+async def check_everyone_sees_everyone(peers: dict[str, MediaPeer], *, frames: int = 45,
+                                       audio_frames: int = 50, timeout: float = 30) -> None:
+    """Every peer decodes every other peer's video (``frames`` in order, none lost) and hears
+    its microphone."""
+    for name, peer in peers.items():
+        for other in peers:
+            if other != name:
+                await wait_for(lambda p=peer, o=other: p.frames(o) >= frames, timeout,
+                               f"{name} decoding {other}")
+    for name, peer in peers.items():
+        for other in peers:
+            if other == name:
+                continue
+            video = peer.video_from(other)
+            assert video is not None
+            check_stream(video, at_least=frames)
+            audio = peer.video_from(other, source="microphone")
+            assert audio is not None and audio.audio_frames >= audio_frames, (name, other)
+
+
+async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float = 10.0,
+                     what: str = "condition") -> None:
+    """Poll the coroutine ``check`` every 50 ms for at most ``timeout`` seconds."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while not predicate():
+    while not await check():
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0,
+                   what: str = "condition") -> None:
+    """Poll ``predicate`` every 50 ms for at most ``timeout`` seconds."""
+
+    async def check() -> bool:
+        return predicate()
+
+    await wait_until(check, timeout, what)

@@ -30,10 +30,25 @@ def test_packets_survive_packing() -> None:
     assert unpack_packets(pack_packets(packets)) == packets
 
 
-def test_a_node_message_reaches_the_rooms_sink_and_a_malformed_one_is_dropped() -> None:
-    remote = RemoteRelay(RelayInfo("n1", "11", "", 10), "sid", server=None)  # type: ignore[arg-type]
+class Node:
+    """The signaling side's socket.io server as RemoteRelay sees it: every command the node
+    is sent is acknowledged."""
+
+    def __init__(self) -> None:
+        self.commands: list[tuple[str, Any]] = []
+
+    async def call(self, event: str, data: Any, *, to: str, namespace: str,
+                   timeout: float) -> Any:
+        self.commands.append((event, data))
+        return {"ok": True, "result": None}
+
+
+async def test_a_node_message_reaches_the_rooms_sink_and_a_malformed_one_is_dropped() -> None:
+    node = Node()
+    remote = RemoteRelay(RelayInfo("n1", "11", "", 10), "sid", server=node)
     sink = Sink()
-    remote._sinks["room"] = sink
+    await remote.attach_sink("room", sink)
+    assert node.commands == [("record_start", {"room_id": "room"})]
     remote.deliver({"room_id": "room", "added": {"id": "pub1"}})
     remote.deliver({"room_id": "room", "publications": ["pub1"],
                     "packets": pack_packets([(0, 7, 90000, True, b"frame", 2.5)])})
@@ -44,3 +59,8 @@ def test_a_node_message_reaches_the_rooms_sink_and_a_malformed_one_is_dropped() 
     remote.deliver({"room_id": "room", "removed": "pub1"})
     assert sink.events == [("added", "pub1"), ("pub1", 7, 90000, True, b"frame", 2.5),
                            ("removed", "pub1")]
+    # Once detached, the node is told to stop and what it still sends is dropped.
+    await remote.detach_sink("room", sink)
+    assert node.commands[-1] == ("record_stop", {"room_id": "room"})
+    remote.deliver({"room_id": "room", "added": {"id": "pub2"}})
+    assert sink.events[-1] == ("removed", "pub1")
