@@ -23,10 +23,9 @@ from relay.remote import RemoteRelay
 from signaling.app import SERVICES
 from signaling.directory import Directory
 from signaling.tokens import TokenAuthority
+from tests.consultation_media import open_consultation, start_media, start_node
 from tests.media import MediaPeer, wait_for
 from tests.recorder.media_check import decode, dominant_hz
-from tests.relay.test_forwarding import open_consultation, start_media
-from tests.relay.test_node import start_node
 from tests.support import (
     SECRET,
     Client,
