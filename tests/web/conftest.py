@@ -12,28 +12,8 @@ from playwright.async_api import Browser, async_playwright
 from config.settings import load_settings
 from signaling.directory import Directory
 from signaling.tokens import TokenAuthority
-from tests.support import SECRET, ServerProcess, start_server_process, write_config
-
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-    "--allow-loopback-in-peer-connection",
-]
-
-
-CHROMIUM_PRESENT = Path(CHROMIUM).exists()
-
-
-class Site:
-    def __init__(self, server: ServerProcess, tokens: TokenAuthority) -> None:
-        self.server = server
-        self.url = server.url
-        self.tokens = tokens
-
-    def link(self, clinician: str, **kwargs: int) -> str:
-        return f"{self.url}/#token={self.tokens.issue(clinician, **kwargs)}"
+from tests.support import SECRET, start_server_process, write_config
+from tests.web.browser import CHROMIUM, CHROMIUM_PRESENT, FLAGS, Site
 
 
 @pytest.fixture

@@ -2,72 +2,32 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from pathlib import Path
 
 import av
-from playwright.async_api import Browser, Page, expect
+from playwright.async_api import Browser, expect
 
-from signaling.app import SERVICES
+from telehealth.startup import SERVICES
 from tests.support import run_server, write_config
-from tests.web.conftest import Site
-
-STATS_TIMEOUT_MS = 20_000
-
-
-async def open_page(browser: Browser, url: str) -> Page:
-    context = await browser.new_context(viewport={"width": 1366, "height": 768})
-    page = await context.new_page()
-    page.on("console", lambda message: print(f"[{url[-6:]}] {message.type}: {message.text}")
-            if message.type in ("error", "warning") else None)
-    await page.goto(url, wait_until="commit")
-    return page
-
-
-async def decoded_from(page: Page, participant: str) -> int:
-    return int(await page.evaluate(
-        """(who) => Object.values((window.telehealthStats || {}).inbound || {})
-             .filter((s) => s.kind === 'video' && s.participant === who)
-             .reduce((n, s) => n + s.framesDecoded, 0)""", participant))
-
-
-async def audio_bytes_from(page: Page, participant: str) -> int:
-    return int(await page.evaluate(
-        """(who) => Object.values((window.telehealthStats || {}).inbound || {})
-             .filter((s) => s.kind === 'audio' && s.participant === who)
-             .reduce((n, s) => n + s.bytesReceived, 0)""", participant))
-
-
-async def wait_decoding(page: Page, participant: str, frames: int = 10) -> None:
-    await page.wait_for_function(
-        """([who, n]) => Object.values((window.telehealthStats || {}).inbound || {})
-             .some((s) => s.kind === 'video' && s.participant === who && s.framesDecoded >= n)""",
-        arg=[participant, frames], timeout=STATS_TIMEOUT_MS, polling=250)
-
-
-async def request_and_accept(district: Page, specialist: Page) -> float:
-    """The district doctor requests, the specialist accepts; both walk into the room at the
-    same time, as two people would. Returns when the accept was clicked."""
-    await district.select_option("#request-specialty", "cardiology")
-    await district.select_option("#request-priority", "stat")
-    await district.fill("#request-reason", "Chest pain, ST elevation")
-    await district.click("#request-send")
-    accept = specialist.locator("#queue li.request .accept").first
-    await expect(accept).to_be_visible(timeout=10_000)
-    accepted_at = time.time()
-
-    async def specialist_joins() -> None:
-        await accept.click()
-        await specialist.click("#precheck-join")
-
-    async def district_joins() -> None:
-        await district.locator("#my-requests .join").first.click(timeout=10_000)
-        await district.click("#precheck-join")
-
-    await asyncio.gather(specialist_joins(), district_joins())
-    return accepted_at
+from tests.web.browser import (
+    INBOUND,
+    LISTENER_LEDGER,
+    MEDIA,
+    STATS,
+    STATS_TIMEOUT_MS,
+    Site,
+    audio_bytes_from,
+    decoded_from,
+    open_page,
+    outbound_audio_bytes,
+    page_url,
+    request_and_accept,
+    request_consultation,
+    screenshot_is_not_blank,
+    wait_decoding,
+)
 
 
 async def test_a_district_doctor_and_a_specialist_see_and_hear_each_other(
@@ -80,14 +40,14 @@ async def test_a_district_doctor_and_a_specialist_see_and_hear_each_other(
     accepted_at = await request_and_accept(district, specialist)
     await wait_decoding(specialist, "ref1")
     await wait_decoding(district, "cardio1")
-    shown = [await page.evaluate("(who) => window.telehealthFirstFrame[who]", who)
+    shown = [await page.evaluate("(who) => window.telehealthTest.firstFrame[who]", who)
              for page, who in ((district, "cardio1"), (specialist, "ref1"))]
     first_frame_s = max(shown) / 1000 - accepted_at
     print(f"time to first remote frame on both sides after accept: {first_frame_s:.2f} s "
           f"(district {shown[0] / 1000 - accepted_at:.2f} s, "
           f"specialist {shown[1] / 1000 - accepted_at:.2f} s)")
     for name, page in (("district", district), ("specialist", specialist)):
-        timeline = await page.evaluate("() => window.telehealthTimeline")
+        timeline = await page.evaluate("() => window.telehealthTest.media.timeline")
         start = timeline[0][1]
         print(f"  {name}: " + ", ".join(f"{label} +{at - start} ms" for label, at in timeline))
     # Both keep decoding, and both hear audio.
@@ -152,27 +112,6 @@ async def test_both_are_asked_to_consent_then_see_recording_and_the_archive_hold
     assert saved.stat().st_size == wanted["bytes"]
 
 
-async def outbound_audio_bytes(page: Page) -> int:
-    return int(await page.evaluate(
-        "() => ((window.telehealthStats || {}).outbound || {})['camera:audio']?.bytesSent || 0"))
-
-
-def screenshot_is_not_blank(path: str) -> tuple[float, float]:
-    """Mean and spread of the screenshot's luma, decoded with PyAV."""
-    import av
-
-    with av.open(path) as container:
-        frame = next(container.decode(video=0))
-    gray = frame.reformat(format="gray")
-    plane = gray.planes[0]
-    data = bytes(plane)
-    values = [data[y * plane.line_size + x] for y in range(0, gray.height, 8)
-              for x in range(0, gray.width, 8)]
-    mean = sum(values) / len(values)
-    spread = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
-    return mean, spread
-
-
 async def test_three_sites_chat_mute_and_screen_share(site: Site, browser: Browser,
                                                       tmp_path: object) -> None:
     district = await open_page(browser, site.link("ref1"))
@@ -186,7 +125,7 @@ async def test_three_sites_chat_mute_and_screen_share(site: Site, browser: Brows
     # room: the host uses the protocol through the page's own client.
     consultation = await specialist.get_attribute("#room", "data-consultation")
     await specialist.evaluate(
-        "(id) => window.telehealthMedia.signaling.invite(id, 'd3')", consultation)
+        "(id) => window.telehealthTest.media.signaling.invite(id, 'd3')", consultation)
     join = third.locator(f"#consultations li[data-consultation='{consultation}'] .join")
     await expect(join).to_be_visible(timeout=10_000)
     await join.click()
@@ -228,7 +167,7 @@ async def test_three_sites_chat_mute_and_screen_share(site: Site, browser: Brows
     for page in (district, third):
         await expect(page.locator("#screens video.screen")).to_have_count(1, timeout=15_000)
         await page.wait_for_function(
-            """() => Object.values((window.telehealthStats || {}).inbound || {})
+            f"""() => {INBOUND}
                  .some((s) => s.source === 'screen' && s.framesDecoded > 5)""",
             timeout=STATS_TIMEOUT_MS, polling=250)
     await specialist.click("#share")
@@ -245,10 +184,10 @@ async def test_an_invalid_or_expired_token_is_refused_and_nothing_connects(
     site: Site, browser: Browser
 ) -> None:
     expired = site.tokens.issue("ref1", ttl_s=60, now=time.time() - 3600)
-    page = await open_page(browser, f"{site.url}/#token={expired}")
+    page = await open_page(browser, page_url(site.url, expired))
     await expect(page.locator("#sign-in-error")).to_contain_text("hết hạn")
-    assert await page.evaluate("() => window.telehealthStats === undefined")
-    page = await open_page(browser, f"{site.url}/#token=not-a-token")
+    assert await page.evaluate("() => window.telehealthTest.media === null")
+    page = await open_page(browser, page_url(site.url, "not-a-token"))
     await expect(page.locator("#sign-in-error")).to_contain_text("không hợp lệ")
     await expect(page.locator("#request-form")).to_have_count(0)
     # The English switch.
@@ -266,8 +205,8 @@ async def test_the_page_reconnects_by_itself_when_its_relay_connections_are_cut(
         assert server.app is not None
         relay = server.app[SERVICES].embedded
         assert relay is not None
-        district = await open_page(browser, f"{server.url}/#token={server.token('ref1')}")
-        specialist = await open_page(browser, f"{server.url}/#token={server.token('cardio1')}")
+        district = await open_page(browser, page_url(server.url, server.token("ref1")))
+        specialist = await open_page(browser, page_url(server.url, server.token("cardio1")))
         await expect(specialist.locator("#queue")).to_be_visible()
         await request_and_accept(district, specialist)
         await wait_decoding(district, "cardio1")
@@ -283,10 +222,10 @@ async def test_the_page_reconnects_by_itself_when_its_relay_connections_are_cut(
             "data-state", "reconnecting", timeout=10_000)
         before = await decoded_from(district, "cardio1")
         await district.wait_for_function(
-            """(n) => Object.values((window.telehealthStats || {}).inbound || {})
+            f"""(n) => {INBOUND}
                  .some((s) => s.kind === 'video' && s.participant === 'cardio1'
                               && s.framesDecoded > 5)
-               && window.telehealthStats.state === 'connected'""",
+               && {STATS}.state === 'connected'""",
             arg=before, timeout=10_000, polling=200)
         took = time.monotonic() - cut_at
         print(f"reconnected and decoding again {took:.1f} s after the cut")
@@ -295,3 +234,31 @@ async def test_the_page_reconnects_by_itself_when_its_relay_connections_are_cut(
         await expect(district.locator("#room-state")).to_have_attribute("data-state", "connected")
         for page in (district, specialist):  # before the server stops: no sockets left open
             await page.context.close()
+
+
+async def test_leaving_the_room_removes_every_listener_the_media_session_registered(
+    site: Site, browser: Browser
+) -> None:
+    district = await open_page(browser, site.link("ref1"))
+    specialist = await open_page(browser, site.link("cardio1"), init_script=LISTENER_LEDGER)
+    await expect(district.locator("#request-form")).to_be_visible()
+    await request_consultation(district)
+    await specialist.locator("#queue li.request .accept").first.click(timeout=10_000)
+    await specialist.click("#precheck-join")
+    await expect(specialist.locator("#room-state")).to_have_attribute(
+        "data-state", "connected", timeout=10_000)
+    await specialist.click("#share")
+    await specialist.wait_for_function(
+        f"() => {MEDIA}.screenPc?.connectionState === 'connected'", timeout=10_000)
+    signaling_listeners = f"""() => ['media:offer', 'media:publication', 'media:notice',
+        'media:moved'].map((event) => {MEDIA}.signaling.socket.listeners(event).length)"""
+    in_room = await specialist.evaluate("() => window.liveMediaListeners()")
+    assert {"RTCPeerConnection connectionstatechange", "RTCPeerConnection track",
+            "RTCPeerConnection icecandidate", "MediaStreamTrack ended"} <= set(in_room)
+    assert await specialist.evaluate(f"() => {MEDIA}.listenerCount") == len(in_room) + 4
+    assert await specialist.evaluate(signaling_listeners) == [1, 1, 1, 1]
+    await specialist.click("#leave")
+    await expect(specialist.locator("#room")).to_have_count(0, timeout=10_000)
+    assert await specialist.evaluate("() => window.liveMediaListeners()") == []
+    assert await specialist.evaluate(f"() => {MEDIA}.listenerCount") == 0
+    assert await specialist.evaluate(signaling_listeners) == [0, 0, 0, 0]

@@ -1,6 +1,7 @@
 // The user interface. It speaks to the server only through protocol.js and media.js.
 import { Signaling, ProtocolRefusal } from "./protocol.js";
 import { MediaSession } from "./media.js";
+import { testHooks } from "./testhooks.js";
 import { t, getLanguage, setLanguage, specialtyName } from "./i18n.js";
 
 /** Tiny element builder: h("div", {class: "x", onclick}, child, ...) */
@@ -332,7 +333,7 @@ async function enterRoom(consultationId, stream) {
     onState: (mediaState) => setRoomState(mediaState),
     onNotice: (notice) => flash(notice.code === "video_paused" ? t("videoPaused") : notice.code, "info"),
   });
-  window.telehealthMedia = room.media;
+  if (testHooks) testHooks.media = room.media;
   if (stream) addLocalTile(stream);
   try {
     await room.media.start(stream);
@@ -554,9 +555,10 @@ function attachTrack(publication, track) {
   }
 }
 
-/** Remember (epoch ms) when a participant's video first showed a frame on this page. */
+/** For the tests: remember (epoch ms) when a participant's video first showed a frame. */
 function noteFirstFrame(video, participantId) {
-  const shown = (window.telehealthFirstFrame ||= {});
+  if (!testHooks) return;
+  const shown = testHooks.firstFrame;
   if (shown[participantId] || !video.requestVideoFrameCallback) return;
   video.requestVideoFrameCallback(() => {
     shown[participantId] = performance.timeOrigin + performance.now();

@@ -5,19 +5,64 @@
 const GATHER_WAIT_MS = 2000;
 const DISCONNECTED_GRACE_MS = 2500;
 
-/** Wait (bounded) until the connection has gathered its candidates, so the SDP carries them. */
-function gathered(pc) {
-  if (pc.iceGatheringState === "complete") return Promise.resolve();
+/** Wait `ms`, or less if `until` (given the function that ends the wait) ends it first. The
+ * wait's end is in `waits` while it lasts, so that closing the session can end it. */
+function wait(ms, waits, until = () => {}) {
   return new Promise((resolve) => {
-    const timer = setTimeout(done, GATHER_WAIT_MS);
+    const timer = setTimeout(done, ms);
+    const stop = until(done) || (() => {});
     function done() {
       clearTimeout(timer);
-      pc.removeEventListener("icegatheringstatechange", check);
+      stop();
+      waits.delete(done);
       resolve();
     }
+    waits.add(done);
+  });
+}
+
+/** Wait (bounded) until the connection has gathered its candidates, so the SDP carries them. */
+function gathered(pc, waits) {
+  if (pc.iceGatheringState === "complete") return Promise.resolve();
+  return wait(GATHER_WAIT_MS, waits, (done) => {
     function check() { if (pc.iceGatheringState === "complete") done(); }
     pc.addEventListener("icegatheringstatechange", check);
+    return () => pc.removeEventListener("icegatheringstatechange", check);
   });
+}
+
+/** The listeners a session registered (on its connections, tracks and the signaling session),
+ * kept so that they can be removed again. */
+class Listeners {
+  constructor() {
+    /** @type {{target: object, remove: () => void}[]} */
+    this._entries = [];
+  }
+
+  /** `target.addEventListener(type, handler)`, remembered. */
+  add(target, type, handler) {
+    target.addEventListener(type, handler);
+    this._entries.push({ target, remove: () => target.removeEventListener(type, handler) });
+  }
+
+  /** `signaling.on(event, handler)`, remembered. */
+  addSignaling(signaling, event, handler) {
+    signaling.on(event, handler);
+    this._entries.push({ target: signaling, remove: () => signaling.off(event, handler) });
+  }
+
+  /** Remove the listeners registered on `target`. */
+  removeFrom(target) {
+    for (const entry of this._entries) if (entry.target === target) entry.remove();
+    this._entries = this._entries.filter((entry) => entry.target !== target);
+  }
+
+  removeAll() {
+    for (const entry of this._entries) entry.remove();
+    this._entries = [];
+  }
+
+  get size() { return this._entries.length; }
 }
 
 /**
@@ -53,22 +98,25 @@ export class MediaSession {
     this._watchdog = null;
     this._rebuilding = null;
     this._statsTimer = null;
+    this._waits = new Set();   // the ends of the waits under way (gathering, reconnect pauses)
+    this._listeners = new Listeners();
     this._answering = Promise.resolve();
     /** Milestones of the current connection, for the quality panel and diagnosis. */
     this.timeline = [];
-    signaling.on("media:offer", (offer) => {
+    const listeners = this._listeners;
+    listeners.addSignaling(signaling, "media:offer", (offer) => {
       if (offer.consultation_id !== this.consultationId) return;
       this._answering = this._answering.then(() => this._answer(offer)).catch((e) => console.warn("offer", e));
     });
-    signaling.on("media:publication", (event) => {
+    listeners.addSignaling(signaling, "media:publication", (event) => {
       if (event.consultation_id === this.consultationId && event.event === "removed") {
         this.handlers.onTrackGone(event.publication.id);
       }
     });
-    signaling.on("media:notice", (notice) => {
+    listeners.addSignaling(signaling, "media:notice", (notice) => {
       if (notice.consultation_id === this.consultationId) this.handlers.onNotice(notice);
     });
-    signaling.on("media:moved", (event) => {
+    listeners.addSignaling(signaling, "media:moved", (event) => {
       if (event.consultation_id === this.consultationId) this.rebuild("relay moved");
     });
   }
@@ -87,9 +135,11 @@ export class MediaSession {
     this._statsTimer = setInterval(() => this._collectStats(), 1000);
   }
 
+  /** How many listeners the session has registered and not removed yet (0 once closed). */
+  get listenerCount() { return this._listeners.size; }
+
   _mark(label) {
     this.timeline.push([label, Math.round(performance.now())]);
-    window.telehealthTimeline = this.timeline;
   }
 
   async _connect() {
@@ -112,7 +162,7 @@ export class MediaSession {
   }
 
   _watch(pc) {
-    pc.addEventListener("connectionstatechange", () => {
+    this._listeners.add(pc, "connectionstatechange", () => {
       const state = pc.connectionState;
       if (state === "connected") this._mark("pc connected");
       if (state === "connected" && this._allConnected()) this._setState("connected");
@@ -136,14 +186,14 @@ export class MediaSession {
     const pc = this._newPc();
     this.subscribePc = pc;
     this._watch(pc);
-    pc.addEventListener("track", (event) => {
+    this._listeners.add(pc, "track", (event) => {
       this._mark(`track ${event.track.kind}`);
       const mid = event.transceiver.mid;
       const publication = this.tracks[mid];
       if (publication) this.handlers.onTrack({ publication, track: event.track, mid });
     });
     // Candidates gathered before the answer went out are in its SDP; trickle only later ones.
-    pc.addEventListener("icecandidate", (event) => {
+    this._listeners.add(pc, "icecandidate", (event) => {
       if (event.candidate && pc.answerSent && this.subscribeId) {
         this.signaling.ice(this.consultationId, this.subscribeId, event.candidate.toJSON()).catch(() => {});
       }
@@ -173,7 +223,7 @@ export class MediaSession {
       }
     }
     await pc.setLocalDescription(await pc.createAnswer());
-    await gathered(pc);
+    await gathered(pc, this._waits);
     await this.signaling.answer(this.consultationId, offer.transport_id, pc.localDescription.sdp);
     pc.answerSent = true;
   }
@@ -201,13 +251,13 @@ export class MediaSession {
     }
     let transportId = null;
     // Candidates gathered before the offer went out are in its SDP; trickle only later ones.
-    pc.addEventListener("icecandidate", (event) => {
+    this._listeners.add(pc, "icecandidate", (event) => {
       if (event.candidate && transportId) {
         this.signaling.ice(this.consultationId, transportId, event.candidate.toJSON()).catch(() => {});
       }
     });
     await pc.setLocalDescription(await pc.createOffer());
-    await gathered(pc);
+    await gathered(pc, this._waits);
     this._mark(`publish gathered ${Object.values(kinds).join("+")}`);
     const sources = {};
     for (const [transceiver, source] of sourceOf) sources[transceiver.mid] = source;
@@ -255,16 +305,20 @@ export class MediaSession {
 
   async shareScreen() {
     this.screen = await navigator.mediaDevices.getDisplayMedia({ video: true, audio: false });
-    this.screen.getVideoTracks()[0].addEventListener("ended", () => this.stopScreen());
+    this._listeners.add(this.screen.getVideoTracks()[0], "ended", () => this.stopScreen());
     this.screenPc = await this._publish(this.screen, { video: "screen" });
     return this.screen;
   }
 
   async stopScreen() {
     if (!this.screen) return;
-    for (const track of this.screen.getTracks()) track.stop();
+    for (const track of this.screen.getTracks()) {
+      this._listeners.removeFrom(track);
+      track.stop();
+    }
     this.screen = null;
     if (this.screenPc) {
+      this._listeners.removeFrom(this.screenPc);
       this.screenPc.close();
       this.screenPc = null;
       await this.signaling.unpublish(this.consultationId, "screen").catch(() => {});
@@ -290,7 +344,7 @@ export class MediaSession {
           return;
         } catch (error) {
           console.warn("media: reconnect attempt failed", error);
-          await new Promise((resolve) => setTimeout(resolve, Math.min(500 * 2 ** attempt, 5000)));
+          await wait(Math.min(500 * 2 ** attempt, 5000), this._waits);
         }
       }
       this._setState("failed");
@@ -299,7 +353,11 @@ export class MediaSession {
   }
 
   _closePcs() {
-    for (const pc of [this.publishPc, this.screenPc, this.subscribePc]) if (pc) pc.close();
+    for (const pc of [this.publishPc, this.screenPc, this.subscribePc]) {
+      if (!pc) continue;
+      this._listeners.removeFrom(pc);
+      pc.close();
+    }
     this.publishPc = this.screenPc = this.subscribePc = null;
     for (const publication of Object.values(this.tracks)) this.handlers.onTrackGone(publication.id);
     this.tracks = {};
@@ -345,14 +403,16 @@ export class MediaSession {
     const quality = lossPct > 5 || (rtt !== null && rtt > 600) ? "poor"
       : lossPct > 1 || (rtt !== null && rtt > 300) ? "fair" : "good";
     this.stats = { inbound, outbound, rttMs: rtt, lossPct, bitrateKbps: Math.max(0, kbps), quality, state: this.state };
-    window.telehealthStats = this.stats;
   }
 
+  /** Stop the media and remove every listener and timer the session registered. */
   close() {
     this.closed = true;
     clearInterval(this._statsTimer);
     clearTimeout(this._watchdog);
+    for (const end of [...this._waits]) end();
     this._closePcs();
+    this._listeners.removeAll();
     if (this.stream) for (const track of this.stream.getTracks()) track.stop();
     if (this.screen) for (const track of this.screen.getTracks()) track.stop();
   }

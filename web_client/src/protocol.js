@@ -59,6 +59,9 @@ export class Signaling {
   /** @param {string} event @param {(data: any) => void} handler */
   on(event, handler) { this.socket.on(event, handler); }
 
+  /** Remove a handler registered with `on`. @param {string} event @param {(data: any) => void} handler */
+  off(event, handler) { this.socket.off(event, handler); }
+
   /** Emit with an ack; resolves the result, rejects with ProtocolRefusal. */
   async call(event, payload = {}, timeoutMs = 15000) {
     const answer = await this.socket.timeout(timeoutMs).emitWithAck(event, payload);

@@ -1,0 +1,15 @@
+// Test hooks: what the browser tests (tests/web) read from a running page. They exist only on a
+// page loaded with `?test-hooks` in its address (read once, when the page loads); a page loaded
+// without it puts nothing on `window`.
+
+const enabled = new URLSearchParams(location.search).has("test-hooks");
+
+/**
+ * `window.telehealthTest` when the page was loaded with `?test-hooks`, else null.
+ * @type {?{media: ?import("./media.js").MediaSession, firstFrame: Object<string, number>}}
+ *   media: the latest MediaSession (its `stats`, `timeline`, `listenerCount`);
+ *   firstFrame: per participant, when (epoch ms) their video first showed a frame.
+ */
+export const testHooks = enabled ? { media: null, firstFrame: {} } : null;
+
+if (testHooks) window.telehealthTest = testHooks;
