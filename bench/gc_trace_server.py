@@ -1,4 +1,4 @@
-"""Run ``signaling.cli`` with every garbage-collector pause longer than 5 ms (and every full
+"""Run ``telehealth.cli`` with every garbage-collector pause longer than 5 ms (and every full
 collection) logged to stderr, for ``bench/signaling_load.py --gc-trace``.
 
     python bench/gc_trace_server.py --config CFG serve
@@ -38,8 +38,8 @@ def main() -> None:
     if threshold:
         gc.set_threshold(*(int(part) for part in threshold.split(",")))
     gc.callbacks.append(_on_gc)
-    sys.argv = ["signaling.cli", *sys.argv[1:]]
-    runpy.run_module("signaling.cli", run_name="__main__", alter_sys=True)
+    sys.argv = ["telehealth.cli", *sys.argv[1:]]
+    runpy.run_module("telehealth.cli", run_name="__main__", alter_sys=True)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ What happens:
 1. A temporary data dir gets a generated directory (a few central hospitals with the specialist
    clinicians, every other site a district or commune site with one referring clinician) and a
    config (port 0, logging WARNING, a fixed token secret so this script mints the tokens).
-2. The real server starts as a subprocess (``python -m signaling.cli --config CFG serve``).
+2. The real server starts as a subprocess (``python -m telehealth.cli --config CFG serve``).
 3. Worker processes (``--workers``, default 2) each connect their share of the clients, one
    socket.io AsyncClient per clinician, websocket transport, ``auth={"token": ...}``.
 4. Open loop: referring clients emit ``consult:request`` on a fixed schedule (aggregate
@@ -581,7 +581,7 @@ def _die_with_parent() -> None:
 
 
 class Server:
-    """``python -m signaling.cli --config CFG serve`` as a subprocess."""
+    """``python -m telehealth.cli --config CFG serve`` as a subprocess."""
 
     def __init__(self, config: Path, log: Path, *, gc_trace: bool = False,
                  wrapper_gc_threshold: str = "") -> None:
@@ -596,7 +596,7 @@ class Server:
     def start(self) -> None:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("TELEHEALTH_", "BENCH_GC_"))}
-        entry = ["-m", "signaling.cli"]
+        entry = ["-m", "telehealth.cli"]
         if self.gc_trace:
             entry = [str(Path(__file__).with_name("gc_trace_server.py"))]
         if self.wrapper_gc_threshold:

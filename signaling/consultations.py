@@ -5,49 +5,52 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from relay.api import Relay
+from signaling import permissions
 from signaling.directory import Directory
 from signaling.errors import Forbidden, InvalidState, NotFound
 from signaling.live import LiveStore, Participant
 from signaling.media import Media
 from signaling.metrics import Metrics
 from signaling.models import ChatMessage, Consultation, Minutes
-from signaling.notify import Notifier, clinician_room, consultation_room, site_room
+from signaling.notify import (
+    Notifier,
+    clinician_audience,
+    consultation_audience,
+    site_audience,
+)
 from signaling.pairing import new_id
-from signaling.relays import RelayDirectory
+from signaling.placement import RelayDirectory
 from signaling.store import RecordStore
 from signaling.tokens import Principal
 
-if TYPE_CHECKING:
-    from signaling.recording import RecordingControl
-
 logger = logging.getLogger(__name__)
 
-
-def can_join(principal: Principal, consultation: Consultation) -> bool:
-    return (
-        principal.id in consultation.clinician_ids
-        or principal.site.id in consultation.invited_site_ids
-        or principal.has("coordinator")
-    )
+Rule = Callable[[Principal, Consultation], bool]
 
 
-def can_manage(principal: Principal, consultation: Consultation) -> bool:
-    """Host or coordinator: may invite sites and end the consultation."""
-    return principal.id == consultation.host_id or principal.has("coordinator")
+class RecordingHooks(Protocol):
+    """What the consultation's lifecycle tells the recording (``RecordingControl``): consent
+    and recording follow who is present."""
 
+    async def joined(self, consultation: Consultation, principal: Principal) -> dict[str, Any]:
+        """The participant's view of the recording state."""
 
-def can_read(principal: Principal, consultation: Consultation) -> bool:
-    """Who may read the record (minutes, chat): those who may join, and admins."""
-    return can_join(principal, consultation) or principal.has("admin")
+    async def left(self, consultation_id: str, clinician_id: str) -> None: ...
+
+    async def ended(self, consultation_id: str) -> None:
+        """Finish the files and write the manifest (with the minutes)."""
+
+    async def relay_changed(self, consultation_id: str) -> None: ...
 
 
 class Consultations:
     def __init__(self, *, store: RecordStore, live: LiveStore, directory: Directory,
                  relays: RelayDirectory, notifier: Notifier, metrics: Metrics,
-                 reconnect_grace_s: float, media: Media) -> None:
+                 reconnect_grace_s: float, media: Media, recording: RecordingHooks) -> None:
         self._store = store
         self._live = live
         self._directory = directory
@@ -56,11 +59,10 @@ class Consultations:
         self._metrics = metrics
         self._grace_s = reconnect_grace_s
         self._media = media
-        self.recording: RecordingControl | None = None
-        """Set by the app: consent and recording follow who is present."""
+        self._recording = recording
 
     async def restore(self) -> int:
-        """After a start: reopen the rooms of consultations that had not ended."""
+        """After a start: reopen the relay Rooms of consultations that had not ended."""
         active = await self._store.active_consultations()
         for consultation in active:
             site = self._directory.site(consultation.site_ids[0])
@@ -78,9 +80,11 @@ class Consultations:
             raise NotFound(f"no consultation {consultation_id!r}")
         return consultation
 
-    async def _open_for(self, principal: Principal, consultation_id: str) -> Consultation:
+    async def _open_for(self, principal: Principal, consultation_id: str,
+                        rule: Rule = permissions.may_join) -> Consultation:
+        """The consultation, if it has not ended and ``rule`` lets ``principal`` in."""
         consultation = await self._get(consultation_id)
-        if not can_join(principal, consultation):
+        if not rule(principal, consultation):
             raise Forbidden(f"clinician {principal.id!r} is not a participant of "
                             f"consultation {consultation_id!r}")
         if consultation.state == "ended":
@@ -106,7 +110,7 @@ class Consultations:
             "consult:participant",
             {"consultation_id": consultation_id, "event": event,
              "participant": self._wire(participant)},
-            consultation_room(consultation_id),
+            consultation_audience(consultation_id),
         )
 
     # -- join / leave ----------------------------------------------------------------------
@@ -122,7 +126,7 @@ class Consultations:
         participant.state = "present"
         participant.away_since = None
         await self._live.put_participant(participant)
-        await self._notifier.enter(sid, consultation_room(consultation_id))
+        await self._notifier.enter(sid, consultation_audience(consultation_id))
         if fresh:
             await self._store.record_join(consultation_id, principal.id, principal.site.id, now)
             logger.info("consultation %s: %s joined", consultation_id, principal.id)
@@ -137,10 +141,9 @@ class Consultations:
             await self._store.save_consultation(consultation)
             await self._notifier.emit("consult:updated",
                                       {"consultation": consultation.to_wire()},
-                                      consultation_room(consultation_id))
+                                      consultation_audience(consultation_id))
         chat = await self._store.chat_of(consultation_id)
-        recording = (await self.recording.joined(consultation, principal)
-                     if self.recording is not None else None)
+        recording = await self._recording.joined(consultation, principal)
         return {
             "consultation": consultation.to_wire(),
             "participants": await self._participants_wire(consultation_id),
@@ -154,15 +157,14 @@ class Consultations:
             raise InvalidState(f"clinician {principal.id!r} is not in consultation "
                                f"{consultation_id!r}")
         for other_sid in participant.sids | {sid}:
-            await self._notifier.leave(other_sid, consultation_room(consultation_id))
+            await self._notifier.leave(other_sid, consultation_audience(consultation_id))
         await self._remove(participant)
         return {"consultation_id": consultation_id}
 
     async def _remove(self, participant: Participant) -> None:
         await self._live.remove_participant(participant.consultation_id, participant.clinician_id)
         await self._media.leave(participant.consultation_id, participant.clinician_id)
-        if self.recording is not None:
-            await self.recording.left(participant.consultation_id, participant.clinician_id)
+        await self._recording.left(participant.consultation_id, participant.clinician_id)
         await self._store.record_leave(participant.consultation_id, participant.clinician_id,
                                        time.time())
         logger.info("consultation %s: %s left", participant.consultation_id,
@@ -194,7 +196,7 @@ class Consultations:
             participant.state = "present"
             participant.away_since = None
             await self._live.put_participant(participant)
-            await self._notifier.enter(sid, consultation_room(participant.consultation_id))
+            await self._notifier.enter(sid, consultation_audience(participant.consultation_id))
             await self._announce(participant.consultation_id, "returned", participant)
             restored.append(participant.consultation_id)
         return restored
@@ -207,12 +209,12 @@ class Consultations:
                 await self._remove(participant)
 
     # -- invite / chat / end --------------------------------------------------------------
-    async def _managed_by(self, principal: Principal, consultation_id: str,
+    async def _managed_by(self, principal: Principal, consultation_id: str, rule: Rule,
                           action: str) -> Consultation:
-        """The consultation, if it has not ended and ``principal`` is its host or a
-        coordinator."""
+        """The consultation, if it has not ended and ``rule`` (its host or a coordinator)
+        lets ``principal`` ``action`` it."""
         consultation = await self._get(consultation_id)
-        if not can_manage(principal, consultation):
+        if not rule(principal, consultation):
             raise Forbidden(f"only the host or a coordinator may {action} consultation "
                             f"{consultation_id!r}")
         if consultation.state == "ended":
@@ -221,7 +223,8 @@ class Consultations:
 
     async def invite(self, principal: Principal, consultation_id: str,
                      site_id: str) -> dict[str, Any]:
-        consultation = await self._managed_by(principal, consultation_id, "invite sites into")
+        consultation = await self._managed_by(principal, consultation_id,
+                                                permissions.may_invite, "invite sites into")
         site = self._directory.site(site_id)
         if site is None:
             raise NotFound(f"no site {site_id!r} in the directory")
@@ -236,13 +239,13 @@ class Consultations:
         wire = consultation.to_wire()
         await self._notifier.emit("consult:invited",
                                   {"consultation": wire, "invited_by": principal.id},
-                                  site_room(site_id))
+                                  site_audience(site_id))
         await self._notifier.emit("consult:updated", {"consultation": wire},
-                                  consultation_room(consultation_id))
+                                  consultation_audience(consultation_id))
         return {"consultation": wire}
 
     async def chat(self, principal: Principal, consultation_id: str, text: str) -> dict[str, Any]:
-        consultation = await self._open_for(principal, consultation_id)
+        consultation = await self._open_for(principal, consultation_id, permissions.may_chat)
         participant = await self._live.get_participant(consultation.id, principal.id)
         if participant is None:
             raise InvalidState(f"join consultation {consultation_id!r} before chatting")
@@ -250,31 +253,31 @@ class Consultations:
                               text, time.time())
         await self._store.add_chat(message)
         await self._notifier.emit("chat:message", {"message": message.to_wire()},
-                                  consultation_room(consultation.id))
+                                  consultation_audience(consultation.id))
         return {"message": message.to_wire()}
 
     async def end(self, principal: Principal, consultation_id: str,
                   conclusion: str) -> dict[str, Any]:
-        consultation = await self._managed_by(principal, consultation_id, "end")
+        consultation = await self._managed_by(principal, consultation_id, permissions.may_end,
+                                                "end")
         minutes = Minutes(conclusion, principal.id, time.time())
         await self._store.end_consultation(consultation, minutes)
         consultation.state = "ended"
         consultation.ended_at = minutes.signed_at
         consultation.minutes = minutes
-        if self.recording is not None:
-            # The files are finished and the manifest (with the minutes) written before the
-            # room closes.
-            await self.recording.ended(consultation.id)
+        # The files are finished and the manifest (with the minutes) written before the
+        # relay's Room closes.
+        await self._recording.ended(consultation.id)
         await self._live.drop_consultation(consultation.id)
         self._media.forget(consultation.id)
         await self._relays.release(consultation.id)
         self._metrics.live_consultations.dec()
         logger.info("consultation %s ended by %s", consultation.id, principal.id)
         wire = consultation.to_wire()
-        rooms = [consultation_room(consultation.id)]
-        rooms += [clinician_room(c) for c in consultation.clinician_ids]
-        await self._notifier.emit("consult:ended", {"consultation": wire}, rooms)
-        await self._notifier.close(consultation_room(consultation.id))
+        audiences = [consultation_audience(consultation.id)]
+        audiences += [clinician_audience(c) for c in consultation.clinician_ids]
+        await self._notifier.emit("consult:ended", {"consultation": wire}, audiences)
+        await self._notifier.close(consultation_audience(consultation.id))
         return {"consultation": wire}
 
     async def relay_moved(self, consultation_id: str, relay: Relay | None) -> None:
@@ -287,24 +290,24 @@ class Consultations:
         if relay is not None:
             consultation.relay_id = relay.info.id
             await self._store.save_consultation(consultation)
-            if self.recording is not None:
-                await self.recording.relay_changed(consultation_id)
+            await self._recording.relay_changed(consultation_id)
         await self._notifier.emit(
             "media:moved",
             {"consultation_id": consultation_id,
              "relay": relay.info.to_wire() if relay is not None else None},
-            consultation_room(consultation_id))
+            consultation_audience(consultation_id))
 
     # -- records --------------------------------------------------------------------------
     async def list_for(self, principal: Principal) -> list[dict[str, Any]]:
-        everything = principal.has("coordinator") or principal.has("admin")
-        found = await self._store.consultations_for(principal.id, principal.site.id,
-                                                    everything=everything)
+        found = await self._store.consultations_for(
+            principal.id, principal.site.id,
+            everything=permissions.lists_every_consultation(principal))
         return [c.to_wire() for c in found]
 
     async def record(self, principal: Principal, consultation_id: str) -> dict[str, Any]:
         consultation = await self._get(consultation_id)
-        if not can_read(principal, consultation):
+        attendees = await self._store.attendees_of(consultation_id)
+        if not permissions.may_read(principal, consultation, attendees):
             raise Forbidden(f"clinician {principal.id!r} may not read consultation "
                             f"{consultation_id!r}")
         chat = await self._store.chat_of(consultation_id)

@@ -48,6 +48,12 @@ class NotFound(SignalingError):
     http_status = 404
 
 
+class NotBuilt(NotFound):
+    """A file the web client needs was not installed (its npm packages)."""
+
+    code = "not_built"
+
+
 class AlreadyTaken(SignalingError):
     code = "already_taken"
     http_status = 409

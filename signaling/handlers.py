@@ -11,6 +11,7 @@ from typing import Any
 
 import socketio
 
+from signaling import permissions
 from signaling.consultations import Consultations
 from signaling.errors import InvalidPayload, SignalingError, Unauthenticated
 from signaling.media import Media
@@ -18,11 +19,11 @@ from signaling.metrics import Metrics
 from signaling.notify import (
     CENTRAL_SPECIALISTS,
     COORDINATORS,
-    clinician_room,
-    site_room,
-    specialty_room,
+    clinician_audience,
+    site_audience,
+    specialty_audience,
 )
-from signaling.pairing import Pairing, is_central_specialist
+from signaling.pairing import Pairing
 from signaling.presence import Presence
 from signaling.recording import RecordingControl
 from signaling.schemas import (
@@ -54,7 +55,7 @@ Handler = Callable[[Principal, str, Any], Awaitable[dict[str, Any]]]
 
 
 class SocketIONotifier:
-    """Notifier over a python-socketio AsyncServer."""
+    """Notifier over a python-socketio AsyncServer: an audience is a socket.io room."""
 
     def __init__(self, sio: socketio.AsyncServer) -> None:
         self._sio = sio
@@ -62,14 +63,14 @@ class SocketIONotifier:
     async def emit(self, event: str, payload: dict[str, Any], to: str | list[str]) -> None:
         await self._sio.emit(event, payload, to=to)
 
-    async def enter(self, sid: str, room: str) -> None:
-        await self._sio.enter_room(sid, room)
+    async def enter(self, sid: str, audience: str) -> None:
+        await self._sio.enter_room(sid, audience)
 
-    async def leave(self, sid: str, room: str) -> None:
-        await self._sio.leave_room(sid, room)
+    async def leave(self, sid: str, audience: str) -> None:
+        await self._sio.leave_room(sid, audience)
 
-    async def close(self, room: str) -> None:
-        await self._sio.close_room(room)
+    async def close(self, audience: str) -> None:
+        await self._sio.close_room(audience)
 
 
 class SocketGateway:
@@ -112,12 +113,8 @@ class SocketGateway:
         self._route("recording:start", ConsultationRef, self._recording_start)
         self._route("recording:stop", ConsultationRef, self._recording_stop)
 
-    @property
-    def connected(self) -> int:
-        return len(self._principals)
-
     # -- connection ------------------------------------------------------------------------
-    async def _on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
+    async def _on_connect(self, sid: str, _environ: dict[str, Any], auth: Any = None) -> None:
         token = auth.get("token") if isinstance(auth, dict) else None
         try:
             principal = self._tokens.verify(token)
@@ -127,18 +124,24 @@ class SocketGateway:
                 exc.message, {"code": exc.code, "message": exc.message}
             ) from None
         self._principals[sid] = principal
-        rooms = [clinician_room(principal.id), site_room(principal.site.id)]
-        if principal.has("coordinator"):
-            rooms.append(COORDINATORS)
-        if is_central_specialist(principal):
-            rooms.append(CENTRAL_SPECIALISTS)
-            rooms += [specialty_room(s) for s in principal.specialties]
-        for room in rooms:
-            await self._sio.enter_room(sid, room)
+        for audience in self._audiences_of(principal):
+            await self._sio.enter_room(sid, audience)
         await self._presence.connected(sid, principal)
         await self._consultations.connection_made(sid, principal)
         logger.info("connection %s: clinician %s of site %s", sid, principal.id,
                     principal.site.id)
+
+    @staticmethod
+    def _audiences_of(principal: Principal) -> list[str]:
+        """The audiences a connection joins: its clinician and site, coordinators, and for a
+        central specialist the queue lanes it sees (``signaling.permissions``)."""
+        audiences = [clinician_audience(principal.id), site_audience(principal.site.id)]
+        if principal.has("coordinator"):
+            audiences.append(COORDINATORS)
+        if permissions.is_central_specialist(principal):
+            audiences.append(CENTRAL_SPECIALISTS)
+            audiences += [specialty_audience(s) for s in principal.specialties]
+        return audiences
 
     async def _on_disconnect(self, sid: str, reason: Any = None) -> None:
         principal = self._principals.pop(sid, None)
@@ -216,8 +219,7 @@ class SocketGateway:
         return await self._pairing.accept(p, m.request_id)
 
     async def _queue(self, p: Principal, sid: str, m: Empty) -> dict[str, Any]:
-        mine = await self._pairing.my_requests(p) if p.has("referring") else []
-        return {"queue": self._pairing.visible_queue(p), "mine": mine}
+        return await self._pairing.queue_view(p)
 
     async def _join(self, p: Principal, sid: str, m: ConsultationRef) -> dict[str, Any]:
         return await self._consultations.join(p, sid, m.consultation_id)

@@ -10,17 +10,19 @@ import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from signaling.errors import Forbidden, SignalingError, Unauthenticated
-from signaling.recording import CONTENT_TYPES
+from signaling import permissions
+from signaling.consultations import Consultations
+from signaling.directory import Directory
+from signaling.errors import Forbidden, NotBuilt, SignalingError, Unauthenticated
+from signaling.metrics import Metrics
+from signaling.pairing import Pairing
+from signaling.presence import Presence
+from signaling.recording import CONTENT_TYPES, RecordingControl
 from signaling.tokens import Principal
-
-if TYPE_CHECKING:
-    from signaling.app import Services
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +37,22 @@ OPEN_PREFIXES = ("/app/", "/vendor/", "/socket.io")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def error_response(exc: SignalingError) -> web.Response:
-    return web.json_response(exc.to_wire(), status=exc.http_status)
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The one place HTTP errors are answered: a ``SignalingError`` raised by a route or by
+    the auth middleware, an unknown route or a wrong method, as JSON with a 4xx status."""
+    try:
+        return await handler(request)
+    except SignalingError as exc:
+        logger.info("HTTP %s %s refused: %s", request.method, request.path, exc.code)
+        return web.json_response(exc.to_wire(), status=exc.http_status)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return web.json_response(
+            {"error": {"code": "http_" + str(exc.status), "message": exc.reason}},
+            status=exc.status,
+        )
 
 
 def make_auth_middleware(verify: Callable[[object], Principal], metrics_token: str) -> Middleware:
@@ -50,47 +66,23 @@ def make_auth_middleware(verify: Callable[[object], Principal], metrics_token: s
         if path == "/metrics" and metrics_token and scheme.lower() == "bearer" and \
                 hmac.compare_digest(token.strip(), metrics_token):
             return await handler(request)
-        try:
-            if scheme.lower() != "bearer" or not token.strip():
-                raise Unauthenticated("send 'Authorization: Bearer <access token>'",
-                                      code="token_missing")
-            request[PRINCIPAL] = verify(token.strip())
-            return await handler(request)
-        except SignalingError as exc:
-            logger.info("HTTP %s %s refused: %s", request.method, path, exc.code)
-            return error_response(exc)
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthenticated("send 'Authorization: Bearer <access token>'",
+                                  code="token_missing")
+        request[PRINCIPAL] = verify(token.strip())
+        return await handler(request)
 
     return auth
-
-
-@web.middleware
-async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Unknown routes and wrong methods answer JSON too."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return web.json_response(
-            {"error": {"code": "http_" + str(exc.status), "message": exc.reason}},
-            status=exc.status,
-        )
 
 
 def principal_of(request: web.Request) -> Principal:
     return request[PRINCIPAL]
 
 
-def require_role(request: web.Request, *roles: str) -> Principal:
-    principal = principal_of(request)
-    if not any(principal.has(r) for r in roles):
-        raise Forbidden(f"this needs one of the roles {', '.join(roles)}; clinician "
-                        f"{principal.id!r} has {', '.join(sorted(principal.roles)) or 'none'}")
-    return principal
-
-
 # -- routes -------------------------------------------------------------------------------
-def add_routes(app: web.Application, services_key: web.AppKey[Services]) -> None:
+def add_routes(app: web.Application, *, directory: Directory, metrics: Metrics,
+               pairing: Pairing, consultations: Consultations, recording: RecordingControl,
+               presence: Presence) -> None:
     async def index(request: web.Request) -> web.StreamResponse:
         return web.FileResponse(WEB_CLIENT_DIR / "index.html",
                                 headers={"Cache-Control": "no-cache"})
@@ -99,9 +91,8 @@ def add_routes(app: web.Application, services_key: web.AppKey[Services]) -> None
         name = request.match_info["name"]
         path = SOCKET_IO_CLIENT / name
         if name not in ("socket.io.esm.min.js", "socket.io.esm.min.js.map") or not path.exists():
-            return web.json_response(
-                {"error": {"code": "not_built", "message": f"{name} is missing: run `make run` "
-                           "(it installs the web client's npm packages)"}}, status=404)
+            raise NotBuilt(f"{name} is missing: run `make run` (it installs the web client's "
+                           "npm packages)")
         return web.FileResponse(path, headers={"Content-Type": "text/javascript"})
 
     async def favicon(request: web.Request) -> web.Response:
@@ -110,18 +101,16 @@ def add_routes(app: web.Application, services_key: web.AppKey[Services]) -> None
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
-    async def metrics(request: web.Request) -> web.Response:
+    async def metrics_text(request: web.Request) -> web.Response:
         if PRINCIPAL in request:
-            try:
-                require_role(request, "admin", "coordinator")
-            except SignalingError as exc:
-                return error_response(exc)
-        body = request.app[services_key].metrics.render()
-        return web.Response(body=body, content_type="text/plain", charset="utf-8")
+            p = principal_of(request)
+            if not permissions.may_read_metrics(p):
+                raise Forbidden(f"this needs one of the roles admin, coordinator; clinician "
+                                f"{p.id!r} has {', '.join(sorted(p.roles)) or 'none'}")
+        return web.Response(body=metrics.render(), content_type="text/plain", charset="utf-8")
 
     async def me(request: web.Request) -> web.Response:
         p = principal_of(request)
-        directory = request.app[services_key].directory
         return web.json_response({
             "clinician": p.clinician.to_wire(), "site": p.site.to_wire(),
             "roles": sorted(p.roles), "specialties": sorted(p.specialties),
@@ -130,45 +119,23 @@ def add_routes(app: web.Application, services_key: web.AppKey[Services]) -> None
         })
 
     async def queue(request: web.Request) -> web.Response:
-        services = request.app[services_key]
-        p = principal_of(request)
-        mine = await services.pairing.my_requests(p) if p.has("referring") else []
-        return web.json_response({"queue": services.pairing.visible_queue(p), "mine": mine})
+        return web.json_response(await pairing.queue_view(principal_of(request)))
 
-    async def consultations(request: web.Request) -> web.Response:
-        services = request.app[services_key]
-        found = await services.consultations.list_for(principal_of(request))
+    async def consultation_list(request: web.Request) -> web.Response:
+        found = await consultations.list_for(principal_of(request))
         return web.json_response({"consultations": found})
 
     async def consultation(request: web.Request) -> web.Response:
-        services = request.app[services_key]
-        try:
-            record = await services.consultations.record(principal_of(request),
-                                                         request.match_info["id"])
-        except SignalingError as exc:
-            logger.info("HTTP GET consultation refused: %s", exc.code)
-            return error_response(exc)
-        return web.json_response(record)
+        return web.json_response(await consultations.record(principal_of(request),
+                                                            request.match_info["id"]))
 
     async def recordings(request: web.Request) -> web.Response:
-        services = request.app[services_key]
-        try:
-            listing = await services.recording.recordings(principal_of(request),
-                                                          request.match_info["id"])
-        except SignalingError as exc:
-            logger.info("HTTP GET recordings refused: %s", exc.code)
-            return error_response(exc)
-        return web.json_response(listing)
+        return web.json_response(await recording.recordings(principal_of(request),
+                                                            request.match_info["id"]))
 
     async def recording_file(request: web.Request) -> web.StreamResponse:
-        services = request.app[services_key]
         name = request.match_info["name"]
-        try:
-            path = await services.recording.file(principal_of(request),
-                                                 request.match_info["id"], name)
-        except SignalingError as exc:
-            logger.info("HTTP GET recording file refused: %s", exc.code)
-            return error_response(exc)
+        path = await recording.file(principal_of(request), request.match_info["id"], name)
         return web.FileResponse(path, headers={
             "Content-Type": CONTENT_TYPES.get(path.suffix, "application/octet-stream"),
             "Content-Disposition": f'attachment; filename="{name}"',
@@ -176,16 +143,15 @@ def add_routes(app: web.Application, services_key: web.AppKey[Services]) -> None
         })
 
     async def sites(request: web.Request) -> web.Response:
-        services = request.app[services_key]
-        return web.json_response({"sites": await services.presence.snapshot()})
+        return web.json_response({"sites": await presence.snapshot()})
 
     app.router.add_get("/", index)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/favicon.ico", favicon)
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/metrics", metrics_text)
     app.router.add_get("/api/me", me)
     app.router.add_get("/api/queue", queue)
-    app.router.add_get("/api/consultations", consultations)
+    app.router.add_get("/api/consultations", consultation_list)
     app.router.add_get(r"/api/consultations/{id:[A-Za-z0-9_.-]{1,64}}", consultation)
     app.router.add_get(r"/api/consultations/{id:[A-Za-z0-9_.-]{1,64}}/recordings", recordings)
     app.router.add_get(r"/api/consultations/{id:[A-Za-z0-9_.-]{1,64}}/recordings/"

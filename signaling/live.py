@@ -1,4 +1,4 @@
-"""Live state: presence (who is connected, from which site) and room membership (who is in
+"""Live state: presence (who is connected, from which site) and membership (who is in
 which consultation, present or reconnecting). It is rebuilt as clients reconnect, so it may live
 in memory; ``LiveStore`` is the narrow interface a Redis implementation will also answer."""
 
@@ -15,7 +15,6 @@ class Connection:
     sid: str
     clinician_id: str
     site_id: str
-    connected_at: float
 
 
 @dataclass
@@ -46,10 +45,6 @@ class LiveStore(Protocol):
     async def remove_connection(self, sid: str) -> tuple[Connection | None, bool]:
         """Forget a connection; returns it and True if its site has no connection left."""
 
-    async def connections_of(self, clinician_id: str) -> list[Connection]: ...
-
-    async def connections_at(self, site_id: str) -> list[Connection]: ...
-
     async def online_sites(self) -> dict[str, int]:
         """Site id -> number of connections, for every site with at least one."""
 
@@ -74,14 +69,12 @@ class MemoryLiveStore:
 
     def __init__(self) -> None:
         self._connections: dict[str, Connection] = {}
-        self._by_clinician: dict[str, set[str]] = {}
         self._by_site: dict[str, set[str]] = {}
-        self._rooms: dict[str, dict[str, Participant]] = {}
+        self._members: dict[str, dict[str, Participant]] = {}
         self._memberships: dict[str, set[str]] = {}
 
     async def add_connection(self, connection: Connection) -> bool:
         self._connections[connection.sid] = connection
-        self._by_clinician.setdefault(connection.clinician_id, set()).add(connection.sid)
         at_site = self._by_site.setdefault(connection.site_id, set())
         at_site.add(connection.sid)
         return len(at_site) == 1
@@ -90,10 +83,6 @@ class MemoryLiveStore:
         connection = self._connections.pop(sid, None)
         if connection is None:
             return None, False
-        mine = self._by_clinician.get(connection.clinician_id, set())
-        mine.discard(sid)
-        if not mine:
-            self._by_clinician.pop(connection.clinician_id, None)
         at_site = self._by_site.get(connection.site_id, set())
         at_site.discard(sid)
         if not at_site:
@@ -101,35 +90,29 @@ class MemoryLiveStore:
             return connection, True
         return connection, False
 
-    async def connections_of(self, clinician_id: str) -> list[Connection]:
-        return [self._connections[s] for s in self._by_clinician.get(clinician_id, ())]
-
-    async def connections_at(self, site_id: str) -> list[Connection]:
-        return [self._connections[s] for s in self._by_site.get(site_id, ())]
-
     async def online_sites(self) -> dict[str, int]:
         return {site: len(sids) for site, sids in self._by_site.items()}
 
     async def put_participant(self, participant: Participant) -> None:
-        room = self._rooms.setdefault(participant.consultation_id, {})
-        room[participant.clinician_id] = participant
+        members = self._members.setdefault(participant.consultation_id, {})
+        members[participant.clinician_id] = participant
         self._memberships.setdefault(participant.clinician_id, set()).add(
             participant.consultation_id
         )
 
     async def get_participant(self, consultation_id: str,
                               clinician_id: str) -> Participant | None:
-        return self._rooms.get(consultation_id, {}).get(clinician_id)
+        return self._members.get(consultation_id, {}).get(clinician_id)
 
     async def participants(self, consultation_id: str) -> list[Participant]:
-        return list(self._rooms.get(consultation_id, {}).values())
+        return list(self._members.get(consultation_id, {}).values())
 
     async def remove_participant(self, consultation_id: str, clinician_id: str) -> None:
-        room = self._rooms.get(consultation_id)
-        if room is not None:
-            room.pop(clinician_id, None)
-            if not room:
-                del self._rooms[consultation_id]
+        members = self._members.get(consultation_id)
+        if members is not None:
+            members.pop(clinician_id, None)
+            if not members:
+                del self._members[consultation_id]
         mine = self._memberships.get(clinician_id)
         if mine is not None:
             mine.discard(consultation_id)
@@ -138,21 +121,21 @@ class MemoryLiveStore:
 
     async def memberships_of(self, clinician_id: str) -> list[Participant]:
         return [
-            self._rooms[c][clinician_id]
+            self._members[c][clinician_id]
             for c in self._memberships.get(clinician_id, ())
-            if clinician_id in self._rooms.get(c, {})
+            if clinician_id in self._members.get(c, {})
         ]
 
     async def drop_consultation(self, consultation_id: str) -> list[Participant]:
-        room = self._rooms.pop(consultation_id, {})
-        for clinician_id in room:
+        members = self._members.pop(consultation_id, {})
+        for clinician_id in members:
             mine = self._memberships.get(clinician_id)
             if mine is not None:
                 mine.discard(consultation_id)
                 if not mine:
                     del self._memberships[clinician_id]
-        return list(room.values())
+        return list(members.values())
 
     async def reconnecting(self) -> list[Participant]:
-        return [p for room in self._rooms.values() for p in room.values()
+        return [p for members in self._members.values() for p in members.values()
                 if p.state == "reconnecting"]

@@ -9,10 +9,11 @@ from typing import Any
 
 from relay.api import Relay
 from relay.errors import RelayError
+from signaling import permissions
 from signaling.errors import Forbidden, InvalidState, NotFound, SignalingError
 from signaling.live import LiveStore
-from signaling.notify import Notifier, consultation_room
-from signaling.relays import RelayDirectory
+from signaling.notify import Notifier, consultation_audience
+from signaling.placement import RelayDirectory
 from signaling.tokens import Principal
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ class Media:
 
     async def _relay_for(self, principal: Principal, consultation_id: str) -> Relay:
         participant = await self._live.get_participant(consultation_id, principal.id)
-        if participant is None:
+        if participant is None or not permissions.is_in(principal, participant):
             raise Forbidden(f"clinician {principal.id!r} is not in consultation "
                             f"{consultation_id!r}: consult:join it before its media")
         if participant.state != "present":
@@ -152,7 +153,7 @@ class MediaEvents:
         await self._notifier.emit(
             "media:publication",
             {"consultation_id": room_id, "event": event, "publication": publication},
-            consultation_room(room_id),
+            consultation_audience(room_id),
         )
 
     async def notice(self, room_id: str, participant_id: str, notice: dict[str, Any]) -> None:

@@ -14,8 +14,6 @@ Priority = Literal["routine", "urgent", "asap", "stat"]
 RequestStatus = Literal["waiting", "accepted", "closed", "cancelled", "expired"]
 ConsultationState = Literal["open", "live", "ended"]
 
-TIERS: tuple[str, ...] = ("central", "provincial", "district", "commune")
-ROLES: tuple[str, ...] = ("referring", "specialist", "coordinator", "admin")
 # Most urgent first: the queue is ordered by this rank, then by waiting time.
 PRIORITY_RANK: dict[str, int] = {"stat": 0, "asap": 1, "urgent": 2, "routine": 3}
 

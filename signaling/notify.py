@@ -1,5 +1,7 @@
-"""How the domain reaches clients without knowing socket.io: named audiences (rooms) and a
-Notifier that emits to them. ``signaling.handlers`` provides the socket.io implementation."""
+"""How the domain reaches clients without knowing socket.io: named audiences (a clinician, a
+site, a specialty, a consultation's participants, coordinators, central specialists) and a
+Notifier that emits to them. ``signaling.handlers`` provides the socket.io implementation, where
+an audience is a socket.io room (not to be confused with a relay's Room)."""
 
 from __future__ import annotations
 
@@ -9,29 +11,31 @@ COORDINATORS = "coordinators"
 CENTRAL_SPECIALISTS = "central-specialists"
 
 
-def clinician_room(clinician_id: str) -> str:
+def clinician_audience(clinician_id: str) -> str:
     return f"clinician:{clinician_id}"
 
 
-def site_room(site_id: str) -> str:
+def site_audience(site_id: str) -> str:
     return f"site:{site_id}"
 
 
-def specialty_room(specialty: str) -> str:
+def specialty_audience(specialty: str) -> str:
     return f"specialty:{specialty}"
 
 
-def consultation_room(consultation_id: str) -> str:
+def consultation_audience(consultation_id: str) -> str:
     return f"consultation:{consultation_id}"
 
 
 class Notifier(Protocol):
     async def emit(self, event: str, payload: dict[str, Any], to: str | list[str]) -> None:
-        """Send an event to every connection in the named room(s), each connection once."""
+        """Send an event to every connection in the named audience(s), each connection
+        once."""
 
-    async def enter(self, sid: str, room: str) -> None: ...
+    async def enter(self, sid: str, audience: str) -> None:
+        """Add the connection to the audience."""
 
-    async def leave(self, sid: str, room: str) -> None: ...
+    async def leave(self, sid: str, audience: str) -> None: ...
 
-    async def close(self, room: str) -> None:
-        """Take every connection out of the room."""
+    async def close(self, audience: str) -> None:
+        """Take every connection out of the audience."""

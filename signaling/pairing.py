@@ -9,6 +9,7 @@ import uuid
 from typing import Any
 
 from config.settings import QueueSettings
+from signaling import permissions
 from signaling.directory import Directory
 from signaling.errors import AlreadyTaken, Forbidden, InvalidPayload, InvalidState, NotFound
 from signaling.metrics import Metrics
@@ -17,11 +18,11 @@ from signaling.notify import (
     CENTRAL_SPECIALISTS,
     COORDINATORS,
     Notifier,
-    clinician_room,
-    specialty_room,
+    clinician_audience,
+    specialty_audience,
 )
+from signaling.placement import RelayDirectory
 from signaling.queue import ConsultQueue
-from signaling.relays import RelayDirectory
 from signaling.store import RecordStore
 from signaling.tokens import Principal
 
@@ -35,18 +36,6 @@ EXPIRED_MESSAGE = (
 
 def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:20]}"
-
-
-def is_central_specialist(principal: Principal) -> bool:
-    return principal.has("specialist") and principal.site.tier == "central"
-
-
-def can_accept(principal: Principal, request: ConsultRequest) -> bool:
-    if principal.has("coordinator"):
-        return True
-    if not is_central_specialist(principal):
-        return False
-    return request.specialty in principal.specialties or request.escalated_at is not None
 
 
 class Pairing:
@@ -72,10 +61,10 @@ class Pairing:
 
     # -- audiences -----------------------------------------------------------------------
     def _audience(self, request: ConsultRequest) -> list[str]:
-        rooms = [specialty_room(request.specialty), COORDINATORS]
+        audiences = [specialty_audience(request.specialty), COORDINATORS]
         if request.escalated_at is not None:
-            rooms.append(CENTRAL_SPECIALISTS)
-        return rooms
+            audiences.append(CENTRAL_SPECIALISTS)
+        return audiences
 
     async def _queue_changed(self, action: str, request: ConsultRequest) -> None:
         await self._notifier.emit(
@@ -87,7 +76,8 @@ class Pairing:
     async def _tell_requester(self, request: ConsultRequest, **extra: Any) -> None:
         payload = {"request": request.to_wire(), "position": self._queue.position(request.id)}
         payload.update(extra)
-        await self._notifier.emit("request:update", payload, clinician_room(request.requester_id))
+        await self._notifier.emit("request:update", payload,
+                                  clinician_audience(request.requester_id))
 
     async def _tell_positions(self, requests: list[ConsultRequest]) -> None:
         for other in requests:
@@ -96,7 +86,7 @@ class Pairing:
     # -- request / cancel ----------------------------------------------------------------
     async def request(self, principal: Principal, *, specialty: str, priority: Priority,
                       reason: str, patient_pseudonym: str | None) -> dict[str, Any]:
-        if not principal.has("referring"):
+        if not permissions.may_request(principal):
             raise Forbidden(f"clinician {principal.id!r} has no 'referring' role: only "
                             "referring doctors request consultations")
         offered = self._directory.specialties()
@@ -121,7 +111,7 @@ class Pairing:
 
     async def cancel(self, principal: Principal, request_id: str) -> dict[str, Any]:
         request = await self._waiting(request_id)
-        if request.requester_id != principal.id and not principal.has("coordinator"):
+        if not permissions.may_cancel(principal, request):
             raise Forbidden(f"only the requester or a coordinator may cancel {request_id!r}")
         await self._finish(request, "cancelled")
         logger.info("request %s cancelled by %s", request.id, principal.id)
@@ -161,7 +151,7 @@ class Pairing:
         while (under_way := self._claims.get(request_id)) is not None:
             await asyncio.wait([under_way])
         request = await self._waiting(request_id)
-        if not can_accept(principal, request):
+        if not permissions.may_accept(principal, request):
             raise Forbidden(
                 f"clinician {principal.id!r} may not accept a {request.specialty!r} request: "
                 "a central specialist of that specialty or a coordinator may"
@@ -206,7 +196,7 @@ class Pairing:
         ready = {"consultation": consultation.to_wire(), "request": request.to_wire()}
         await self._notifier.emit(
             "consult:ready", ready,
-            [clinician_room(request.requester_id), clinician_room(principal.id)],
+            [clinician_audience(request.requester_id), clinician_audience(principal.id)],
         )
         await self._queue_changed("removed", request)
         await self._tell_positions(behind)
@@ -239,17 +229,25 @@ class Pairing:
 
     def visible_queue(self, principal: Principal) -> list[dict[str, Any]]:
         """What the clinician may accept: nothing unless a central specialist or coordinator."""
-        if not (principal.has("coordinator") or is_central_specialist(principal)):
+        if not permissions.may_see_queue(principal):
             return []
         requests = self._queue.visible_to(
             principal.specialties,
-            everything=principal.has("coordinator"),
-            central_specialist=is_central_specialist(principal),
+            everything=permissions.sees_every_request(principal),
+            escalated=permissions.sees_escalated_requests(principal),
         )
         return [{**r.to_wire(), "position": self._queue.position(r.id)} for r in requests]
 
     async def my_requests(self, principal: Principal) -> list[dict[str, Any]]:
+        """The clinician's own requests (none unless they may request)."""
+        if not permissions.has_own_requests(principal):
+            return []
         return [
             {**r.to_wire(), "position": self._queue.position(r.id)}
             for r in await self._store.requests_of(principal.id)
         ]
+
+    async def queue_view(self, principal: Principal) -> dict[str, Any]:
+        """``{queue, mine}``: what the clinician may accept and what they asked for."""
+        return {"queue": self.visible_queue(principal),
+                "mine": await self.my_requests(principal)}

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import logging
-import time
 
 from signaling.directory import Directory
 from signaling.live import Connection, LiveStore
@@ -26,7 +25,7 @@ class Presence:
 
     async def connected(self, sid: str, principal: Principal) -> None:
         first = await self._live.add_connection(
-            Connection(sid, principal.id, principal.site.id, time.time())
+            Connection(sid, principal.id, principal.site.id)
         )
         self._metrics.connections.inc()
         if first:

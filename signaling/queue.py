@@ -64,14 +64,14 @@ class ConsultQueue:
         return lane[index:]
 
     def visible_to(self, specialties: frozenset[str], *, everything: bool,
-                   central_specialist: bool) -> list[ConsultRequest]:
-        """The queue as a clinician sees it: every request when ``everything`` (coordinators),
-        else the lanes of their specialties plus escalated requests for central specialists."""
+                   escalated: bool) -> list[ConsultRequest]:
+        """The queue as a clinician sees it: every request when ``everything``, else the lanes
+        of their specialties, plus every escalated request when ``escalated``."""
         if everything:
             chosen = list(self._by_id.values())
         else:
             chosen = [r for s in specialties for r in self.lane(s)]
-            if central_specialist:
+            if escalated:
                 seen = {r.id for r in chosen}
                 chosen += [r for r in self._by_id.values()
                            if r.escalated_at is not None and r.id not in seen]

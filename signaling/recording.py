@@ -13,12 +13,13 @@ from typing import Any
 
 from config.settings import RecordingSettings
 from recorder.service import Recorder, strictest
+from signaling import permissions
 from signaling.directory import Directory
 from signaling.errors import Forbidden, InvalidState, NotFound, RecordingNotAllowed
 from signaling.live import LiveStore
 from signaling.models import Consultation
-from signaling.notify import Notifier, consultation_room
-from signaling.relays import RelayDirectory
+from signaling.notify import Notifier, consultation_audience
+from signaling.placement import RelayDirectory
 from signaling.store import RecordStore
 from signaling.tokens import Principal
 
@@ -77,7 +78,8 @@ class RecordingControl:
 
     async def _notify(self, consultation_id: str, state: dict[str, Any]) -> None:
         """Every participant sees whether recording is on (``recording:state``)."""
-        await self._notifier.emit("recording:state", state, consultation_room(consultation_id))
+        await self._notifier.emit("recording:state", state,
+                                  consultation_audience(consultation_id))
 
     # -- from the consultation's lifecycle -------------------------------------------------
     async def joined(self, consultation: Consultation, principal: Principal) -> dict[str, Any]:
@@ -100,7 +102,8 @@ class RecordingControl:
             raise NotFound(f"no consultation {consultation_id!r}")
         if consultation.state == "ended":
             raise InvalidState(f"consultation {consultation_id!r} has ended")
-        if await self._live.get_participant(consultation_id, principal.id) is None:
+        participant = await self._live.get_participant(consultation_id, principal.id)
+        if not permissions.is_in(principal, participant):
             raise Forbidden(f"clinician {principal.id!r} is not in consultation "
                             f"{consultation_id!r}")
         return consultation
@@ -128,7 +131,7 @@ class RecordingControl:
 
     @staticmethod
     def _check_host(principal: Principal, consultation: Consultation, action: str) -> None:
-        if principal.id != consultation.host_id and not principal.has("coordinator"):
+        if not permissions.may_control_recording(principal, consultation):
             raise Forbidden(f"only the host or a coordinator may {action} the recording of "
                             f"consultation {consultation.id!r}")
 
@@ -138,11 +141,8 @@ class RecordingControl:
         consultation = await self._store.get_consultation(consultation_id)
         if consultation is None:
             raise NotFound(f"no consultation {consultation_id!r}")
-        allowed = principal.has("admin") or principal.id in consultation.clinician_ids
-        if not allowed:
-            attendance = await self._store.attendance_of(consultation_id)
-            allowed = any(a["clinician_id"] == principal.id for a in attendance)
-        if not allowed:
+        attendees = await self._store.attendees_of(consultation_id)
+        if not permissions.may_read(principal, consultation, attendees):
             await self.recorder.audit.append_async(principal.id, "recording.denied",
                                                    consultation_id, {"what": what})
             raise Forbidden(f"clinician {principal.id!r} took no part in consultation "

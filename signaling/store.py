@@ -399,6 +399,10 @@ class RecordStore:
 
         return await self._run(_read)
 
+    async def attendees_of(self, consultation_id: str) -> frozenset[str]:
+        """The clinicians who joined the consultation at least once."""
+        return frozenset(a["clinician_id"] for a in await self.attendance_of(consultation_id))
+
 
 def _insert_consultation(db: sqlite3.Connection, c: Consultation) -> None:
     db.execute(

@@ -21,8 +21,8 @@ import socketio
 from aiohttp import web
 
 from config.settings import Settings, load_settings
-from signaling.app import SERVICES, create_app
 from signaling.tokens import TokenAuthority
+from telehealth.startup import SERVICES, create_app
 
 SECRET = "test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
 RACERS = 20
@@ -208,7 +208,7 @@ def start_server_process(config: Path, timeout: float = 20.0) -> ServerProcess:
     """`telehealth serve` as a real subprocess; returns once it printed READY."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     process = subprocess.Popen(
-        [sys.executable, "-m", "signaling.cli", "--config", str(config), "serve"],
+        [sys.executable, "-m", "telehealth.cli", "--config", str(config), "serve"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     lines: list[str] = []

@@ -75,7 +75,7 @@ def test_serve_with_a_bad_value_stops_with_exit_code_2(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text("[server]\nport = 'eighty'\n")
     done = subprocess.run(
-        [sys.executable, "-m", "signaling.cli", "--config", str(path), "serve"],
+        [sys.executable, "-m", "telehealth.cli", "--config", str(path), "serve"],
         capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 2

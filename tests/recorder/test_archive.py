@@ -15,7 +15,7 @@ import pytest
 from recorder import manifest
 from recorder.archive import prune, verify_archive
 from recorder.audit import AuditLog
-from signaling.cli import main
+from telehealth.cli import main
 from tests.recorder.recordings import T0, file_entry, write_manifest
 from tests.support import write_config
 
@@ -189,7 +189,7 @@ def test_cli_verify_exits_0_then_1_once_a_file_is_tampered_with(
     archive = tmp_path / "archive"
     directory = consultation(archive, "c-1", copy_clip, ended_at=T0 + 60)
     config = write_config(tmp_path, recording={"archive_dir": str(archive)})
-    command = [sys.executable, "-m", "signaling.cli", "--config", str(config), "archive",
+    command = [sys.executable, "-m", "telehealth.cli", "--config", str(config), "archive",
                "verify"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

@@ -16,7 +16,7 @@ from recorder import manifest
 from recorder.archive import ArchiveError
 from recorder.audit import AuditLog
 from recorder.export import export
-from signaling.cli import main
+from telehealth.cli import main
 from tests.recorder.recordings import RATE, T0, file_entry, record, write_manifest
 from tests.support import write_config
 

@@ -20,9 +20,9 @@ from config.settings import load_settings
 from recorder import manifest as mf
 from recorder.archive import verify_archive
 from relay.remote import RemoteRelay
-from signaling.app import SERVICES
 from signaling.directory import Directory
 from signaling.tokens import TokenAuthority
+from telehealth.startup import SERVICES
 from tests.consultation_media import open_consultation, start_media, start_node
 from tests.media import MediaPeer, wait_for
 from tests.recorder.media_check import decode, dominant_hz

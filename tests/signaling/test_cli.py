@@ -12,7 +12,7 @@ from tests.support import start_server_process, write_config
 
 
 def telehealth(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "signaling.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "telehealth.cli", *args], capture_output=True,
                           text=True, timeout=60, cwd=cwd)
 
 

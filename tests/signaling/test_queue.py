@@ -35,11 +35,11 @@ def test_removing_closes_the_gap_and_lanes_are_per_specialty() -> None:
     assert queue.remove("a") is None
     assert queue.counts_by_priority() == {"stat": 2, "asap": 0, "urgent": 0, "routine": 0}
     visible = queue.visible_to(frozenset({"neurology"}), everything=False,
-                               central_specialist=True)
+                               escalated=True)
     assert [r.id for r in visible] == ["x"]
     queue.get("b").escalated_at = 5.0  # type: ignore[union-attr]
     visible = queue.visible_to(frozenset({"neurology"}), everything=False,
-                               central_specialist=True)
+                               escalated=True)
     assert [r.id for r in visible] == ["x", "b"]
     assert [r.id for r in queue.visible_to(frozenset(), everything=True,
-                                           central_specialist=False)] == ["x", "b"]
+                                           escalated=False)] == ["x", "b"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from relay.embedded import EmbeddedRelay
-from signaling.relays import NoRelayAvailable, RelayDirectory
+from signaling.placement import NoRelayAvailable, RelayDirectory
 
 
 async def test_a_room_goes_to_a_relay_of_the_region_then_to_the_least_loaded() -> None:

@@ -17,7 +17,9 @@ from aiohttp import web
 
 from config.settings import ConfigError, Settings, load_settings
 from relay.errors import HookMissing
+from signaling.directory import Directory
 from signaling.errors import DirectoryError
+from signaling.tokens import TokenAuthority
 
 logger = logging.getLogger("telehealth")
 
@@ -101,14 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
 
 
-def _authority(settings: Settings):  # type: ignore[no-untyped-def]
-    from signaling.app import directory_path
-    from signaling.directory import Directory
-    from signaling.tokens import TokenAuthority, load_or_create_secret
+def _authority(settings: Settings) -> tuple[Directory, TokenAuthority]:
+    # The start-up module loads aiortc and PyAV: only `serve` needs them at once.
+    from telehealth.startup import token_authority
 
-    directory = Directory.load(directory_path(settings))
-    secret = load_or_create_secret(settings.security.token_secret, settings.storage.data_dir)
-    return directory, TokenAuthority(secret, directory, settings.security.token_ttl_s)
+    return token_authority(settings)
 
 
 def _token(settings: Settings, clinician_id: str, ttl: int | None) -> int:
@@ -205,7 +204,7 @@ def _user() -> str:
 
 
 async def _serve(settings: Settings) -> int:
-    from signaling.app import SERVICES, create_app
+    from telehealth.startup import SERVICES, create_app
 
     gc.set_threshold(*settings.server.gc_thresholds)
     app = create_app(settings)

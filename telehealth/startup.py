@@ -1,6 +1,20 @@
-"""The app factory: ``create_app(settings)`` wires the directory, the record store, live state,
-the relays and the socket.io gateway into one aiohttp application. Background resources live in
-``cleanup_ctx`` and are reached through typed AppKeys; nothing is module-level state."""
+"""The one start-up module: ``create_app(settings)`` builds the relay (the embedded one, or none
+when relay nodes dial in), the recorder (``RecordingControl``) and the signaling services, each
+given what it needs in its constructor, and returns one aiohttp application.
+
+Starting and stopping follow ``cleanup_ctx``, in this order, and close in reverse:
+
+1. the relay: aiortc's private hooks checked and the ICE host addresses set before any media
+   flows; at the end every Room of the embedded relay is closed;
+2. the records: the SQLite store opened, the directory mirrored, waiting requests and open
+   consultations restored (their Rooms reopened on a relay); closed at the end;
+3. the recorder: what a dead process was recording marked interrupted; every file finished at
+   the end;
+4. the timers: escalation and expiry, the reconnect grace period, silent relay nodes.
+
+Everything is reached through the typed ``SERVICES`` key; nothing is module-level state.
+Signaling knows relays only through ``relay.api``: this module picks the implementations
+(``relay.embedded.LocalRelay``, ``relay.remote.RemoteRelay`` for each node that dials in)."""
 
 from __future__ import annotations
 
@@ -16,8 +30,10 @@ from aiohttp import web
 
 from config.settings import Settings
 from relay import hooks
+from relay.api import RelayInfo
 from relay.config import from_settings
 from relay.embedded import LocalRelay
+from relay.remote import RemoteRelay
 from signaling.consultations import Consultations
 from signaling.demo import ensure_demo_directory
 from signaling.directory import Directory
@@ -27,11 +43,10 @@ from signaling.live import MemoryLiveStore
 from signaling.media import Media, MediaEvents
 from signaling.metrics import Metrics
 from signaling.pairing import Pairing
+from signaling.placement import RelayDirectory, RelayNodes
 from signaling.presence import Presence
 from signaling.queue import ConsultQueue
 from signaling.recording import RecordingControl
-from signaling.relay_nodes import RelayNodes
-from signaling.relays import RelayDirectory
 from signaling.store import RecordStore
 from signaling.tokens import TokenAuthority, load_or_create_secret
 
@@ -40,42 +55,46 @@ logger = logging.getLogger(__name__)
 RECORDS_FILE = "records.sqlite3"
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class Services:
+    """What one app is made of (tests and the CLI reach it through ``SERVICES``)."""
+
     settings: Settings
     directory: Directory
     tokens: TokenAuthority
+    metrics: Metrics
     store: RecordStore
     relays: RelayDirectory
-    metrics: Metrics
-    pairing: Pairing
-    consultations: Consultations
-    presence: Presence
-    gateway: SocketGateway
-    sio: socketio.AsyncServer
-    media: Media
     embedded: LocalRelay | None
+    """The in-process relay (``relay.embedded``), None when only relay nodes serve."""
     nodes: RelayNodes
     recording: RecordingControl
+    pairing: Pairing
+    consultations: Consultations
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
 
 
 def directory_path(settings: Settings) -> Path:
+    """The configured directory file, else the demo directory (written once into the data
+    directory)."""
     if settings.directory.file is not None:
         return settings.directory.file
     return ensure_demo_directory(settings.storage.data_dir)
 
 
-def create_app(settings: Settings) -> web.Application:
-    data_dir = settings.storage.data_dir
-    data_dir.mkdir(parents=True, exist_ok=True)
+def token_authority(settings: Settings) -> tuple[Directory, TokenAuthority]:
+    """The directory and the authority that signs and checks its access tokens."""
     directory = Directory.load(directory_path(settings))
-    secret = load_or_create_secret(settings.security.token_secret, data_dir)
-    tokens = TokenAuthority(secret, directory, settings.security.token_ttl_s)
-    metrics = Metrics()
+    secret = load_or_create_secret(settings.security.token_secret, settings.storage.data_dir)
+    return directory, TokenAuthority(secret, directory, settings.security.token_ttl_s)
 
+
+def create_app(settings: Settings) -> web.Application:
+    settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
+    directory, tokens = token_authority(settings)
+    metrics = Metrics()
     sio = socketio.AsyncServer(
         async_mode="aiohttp",
         ping_interval=settings.presence.ping_interval_s,
@@ -84,8 +103,10 @@ def create_app(settings: Settings) -> web.Application:
         engineio_logger=False,
     )
     notifier = SocketIONotifier(sio)
-    store = RecordStore(data_dir / RECORDS_FILE)
+    store = RecordStore(settings.storage.data_dir / RECORDS_FILE)
     live = MemoryLiveStore()
+
+    # The relay: what relays say reaches the participants' connections through MediaEvents.
     relays = RelayDirectory()
     media = Media(relays=relays, live=live, notifier=notifier,
                   client_ice_servers=[s.model_dump(exclude_none=True)
@@ -98,42 +119,50 @@ def create_app(settings: Settings) -> web.Application:
                               public_address=settings.relay.announced_address,
                               config=from_settings(settings.relay), events=media_events)
         relays.register(embedded)
+
+    # The recorder.
+    recording = RecordingControl(archive=settings.archive_dir(), store=store, live=live,
+                                 directory=directory, relays=relays, notifier=notifier,
+                                 settings=settings.recording)
+
+    # Signaling.
     pairing = Pairing(store=store, queue=ConsultQueue(), directory=directory, relays=relays,
                       notifier=notifier, metrics=metrics, settings=settings.queue)
     consultations = Consultations(store=store, live=live, directory=directory, relays=relays,
                                   notifier=notifier, metrics=metrics,
                                   reconnect_grace_s=settings.presence.reconnect_grace_s,
-                                  media=media)
-    recording = RecordingControl(archive=settings.archive_dir(), store=store, live=live,
-                                 directory=directory, relays=relays, notifier=notifier,
-                                 settings=settings.recording)
-    consultations.recording = recording
+                                  media=media, recording=recording)
     presence = Presence(live, directory, notifier, metrics)
+
+    def node_relay(info: RelayInfo, sid: str) -> RemoteRelay:
+        return RemoteRelay(info, sid, sio)
+
     nodes = RelayNodes(sio, tokens=tokens, relays=relays, events=media_events,
-                       on_moved=consultations.relay_moved,
+                       on_moved=consultations.relay_moved, node_relay=node_relay,
                        heartbeat_s=settings.relay.heartbeat_s)
-    gateway = SocketGateway(sio, tokens=tokens, pairing=pairing, consultations=consultations,
-                            presence=presence, media=media, metrics=metrics,
-                            recording=recording)
+    SocketGateway(sio, tokens=tokens, pairing=pairing, consultations=consultations,
+                  presence=presence, media=media, metrics=metrics, recording=recording)
 
     app = web.Application(middlewares=[
         json_errors,
         make_auth_middleware(tokens.verify, settings.security.metrics_token),
     ])
-    app[SERVICES] = Services(settings, directory, tokens, store, relays, metrics, pairing,
-                             consultations, presence, gateway, sio, media, embedded, nodes,
-                             recording)
+    app[SERVICES] = Services(settings=settings, directory=directory, tokens=tokens,
+                             metrics=metrics, store=store, relays=relays, embedded=embedded,
+                             nodes=nodes, recording=recording, pairing=pairing,
+                             consultations=consultations)
     sio.attach(app)
-    add_routes(app, SERVICES)
-    app.cleanup_ctx.append(_embedded_relay)
+    add_routes(app, directory=directory, metrics=metrics, pairing=pairing,
+               consultations=consultations, recording=recording, presence=presence)
+    app.cleanup_ctx.append(_relay)
     app.cleanup_ctx.append(_records)
-    app.cleanup_ctx.append(_recording)
+    app.cleanup_ctx.append(_recorder)
     app.cleanup_ctx.append(_timers)
     return app
 
 
-async def _embedded_relay(app: web.Application) -> AsyncIterator[None]:
-    """Check aiortc's internals before any media flows; close every room at the end."""
+async def _relay(app: web.Application) -> AsyncIterator[None]:
+    """Check aiortc's internals before any media flows; close every Room at the end."""
     services = app[SERVICES]
     if services.embedded is not None:
         await hooks.check()
@@ -154,7 +183,7 @@ async def _records(app: web.Application) -> AsyncIterator[None]:
     await services.store.close()
 
 
-async def _recording(app: web.Application) -> AsyncIterator[None]:
+async def _recorder(app: web.Application) -> AsyncIterator[None]:
     """Mark what a dead process was recording as interrupted; finish every file at the end."""
     services = app[SERVICES]
     recorder = services.recording.recorder
