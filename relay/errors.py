@@ -31,5 +31,11 @@ class UnsupportedCodec(RelayError):
     code = "unsupported_codec"
 
 
+class NegotiationPending(RelayError):
+    """An offer of the subscribe connection still waits for its answer."""
+
+    code = "negotiation_pending"
+
+
 class HookMissing(RuntimeError):
     """An aiortc internal the relay relies on is missing: wrong aiortc version."""

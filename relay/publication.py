@@ -1,44 +1,52 @@
 """Publication: one media track a participant sends into a room (microphone, camera, screen).
 
-Its packets come from the receiver tap (never decoded) and go to every Subscription. Keyframe
-requests from subscribers reach the publisher as one PLI per ``keyframe_interval_s`` at most."""
+Its packets come from the receiver tap (never decoded) and go to every Forwarder attached to it
+(the subscriptions) and every media sink (the recorder). Keyframe requests from subscribers
+reach the publisher as one PLI per ``keyframe_interval_s`` at most. A publication knows nothing
+of who attached its forwarders: their owners attach and detach them."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aiortc import RTCRtpReceiver
 from aiortc.rtp import RtpPacket
 
+from codec.rtp import is_keyframe_start, vp8_keyframe_size
 from relay import hooks
 from relay.api import MediaSink
-from relay.keyframes import is_keyframe_start, vp8_keyframe_size
+from relay.sdp import Codec
+from relay.tasks import Tasks
 from relay.timing import ntp_now
-
-if TYPE_CHECKING:
-    from relay.subscription import Subscription
 
 logger = logging.getLogger(__name__)
 
 SOURCES = {"microphone": "audio", "camera": "video", "screen": "video"}
 
 
+class Forwarder(Protocol):
+    """Sends a publication's packets on somewhere (a Subscription)."""
+
+    async def forward(self, packet: RtpPacket, keyframe: bool, ntp: int) -> None:
+        """``keyframe``: a receiver may start decoding at this packet; ``ntp``: its arrival
+        time (NTP format)."""
+
+
 class Publication:
     def __init__(self, *, publication_id: str, room_id: str, participant_id: str, source: str,
-                 kind: str, mime_type: str, clock_rate: int, receiver: RTCRtpReceiver,
+                 kind: str, codec: Codec, receiver: RTCRtpReceiver,
                  keyframe_interval_s: float = 0.3) -> None:
         self.id = publication_id
         self.room_id = room_id
         self.participant_id = participant_id
         self.source = source
         self.kind = kind
-        self.mime_type = mime_type
-        self.clock_rate = clock_rate
+        self.codec = codec
+        self.mime_type = codec.mime_type
         self.receiver = receiver
-        self.subscriptions: set[Subscription] = set()
+        self.subscriptions: set[Forwarder] = set()
         self.sinks: tuple[MediaSink, ...] = ()
         """Receivers of every packet as it arrives (the recorder)."""
         self.media_ssrc: int | None = None
@@ -49,7 +57,7 @@ class Publication:
         self.closed = False
         self._keyframe_interval_s = keyframe_interval_s
         self._last_pli = 0.0
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = Tasks(f"Publication({publication_id})")
         hooks.tap_receiver(receiver, self._on_packet)
 
     def to_wire(self) -> dict[str, Any]:
@@ -61,10 +69,33 @@ class Publication:
             "codec": self.mime_type,
         }
 
-    def sink_info(self) -> dict[str, Any]:
-        return {**self.to_wire(), "clock_rate": self.clock_rate}
+    # -- who receives it ------------------------------------------------------------------
+    def attach(self, forwarder: Forwarder) -> None:
+        if not self.closed:
+            self.subscriptions.add(forwarder)
 
-    async def _on_packet(self, packet: RtpPacket, arrival_ms: int) -> None:
+    def detach(self, forwarder: Forwarder) -> None:
+        self.subscriptions.discard(forwarder)
+
+    def add_sink(self, sink: MediaSink) -> bool:
+        """Hand every packet to ``sink`` from now on (it starts at a keyframe, asked for now).
+        False if the sink refused the publication."""
+        if self.closed or sink in self.sinks:
+            return False
+        try:
+            sink.publication_added({**self.to_wire(), "clock_rate": self.codec.clock_rate})
+        except Exception:
+            logger.exception("Publication(%s): media sink refused it", self.id)
+            return False
+        self.sinks = (*self.sinks, sink)
+        self.request_keyframe()
+        return True
+
+    def remove_sink(self, sink: MediaSink) -> None:
+        self.sinks = tuple(s for s in self.sinks if s is not sink)
+
+    # -- media ----------------------------------------------------------------------------
+    async def _on_packet(self, packet: RtpPacket, _arrival_ms: int) -> None:
         if self.closed:
             return
         if self.sinks:
@@ -97,17 +128,14 @@ class Publication:
             return
         self._last_pli = now
         self.plis_sent += 1
-        task = asyncio.get_running_loop().create_task(
-            hooks.send_pli(self.receiver, self.media_ssrc))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(hooks.send_pli(self.receiver, self.media_ssrc))
 
-    def close(self) -> list[Subscription]:
-        """End the publication; returns the subscriptions that must be taken down."""
+    def close(self) -> None:
+        """End the publication: nothing is forwarded any more, its sinks are told. Those who
+        attached forwarders learn it from the publication's owner."""
         if self.closed:
-            return []
+            return
         self.closed = True
-        ended = list(self.subscriptions)
         self.subscriptions.clear()
         sinks, self.sinks = self.sinks, ()
         for sink in sinks:
@@ -115,8 +143,6 @@ class Publication:
                 sink.publication_removed(self.id)
             except Exception:
                 logger.exception("Publication(%s): media sink failed on removal", self.id)
-        for task in self._tasks:
-            task.cancel()
+        self._tasks.cancel()
         logger.info("Publication(%s) %s of %s closed after %d packets", self.id, self.source,
                     self.participant_id, self.packets)
-        return ended

@@ -9,30 +9,18 @@ subscriber never asks for packets the relay chose not to send."""
 
 from __future__ import annotations
 
-import logging
 import random
-from typing import TYPE_CHECKING, Any
 
 from aiortc import RTCRtpTransceiver
 from aiortc.rtp import RtpPacket
 
+from codec.rtp import SEQ_MOD, TS_MOD, seq_newer
 from relay import hooks
+from relay.publication import Publication
 from relay.track import ForwardTrack
-
-if TYPE_CHECKING:
-    from relay.publication import Publication
-
-logger = logging.getLogger(__name__)
 
 BACKLOG_CHECK_EVERY = 8
 """The send backlog is looked at every this many packets of a subscription."""
-_SEQ_MOD = 1 << 16
-_TS_MOD = 1 << 32
-
-
-def seq_newer(a: int, b: int) -> bool:
-    """True if sequence number ``a`` comes after ``b`` (modulo 2^16)."""
-    return a != b and ((a - b) % _SEQ_MOD) < 0x8000
 
 
 class Leg:
@@ -54,6 +42,9 @@ class Leg:
 
 
 class Subscription:
+    """Forwards one Publication on one Leg. Its owner (the subscriber) attaches it to the
+    publication and detaches it when it closes it."""
+
     def __init__(self, publication: Publication, subscriber_id: str, leg: Leg, *,
                  max_backlog_bytes: int = 512 * 1024) -> None:
         self.publication = publication
@@ -66,17 +57,12 @@ class Subscription:
         self.forwarded = 0
         self.forwarded_bytes = 0
         self.skipped = 0
-        self.restarts = 0
         self._max_backlog = max_backlog_bytes
         self._seq_offset = 0
-        self._ts_offset = random.randrange(_TS_MOD)
+        self._ts_offset = random.randrange(TS_MOD)
         self._start_seq: int | None = None
         self.closed = False
         leg.subscription = self
-
-    def to_wire(self) -> dict[str, Any]:
-        return {**self.publication.to_wire(), "mid": self.leg.mid,
-                "paused": sorted(self.paused_reasons)}
 
     @property
     def paused(self) -> bool:
@@ -96,9 +82,7 @@ class Subscription:
 
     def _restart(self) -> None:
         """Wait for the next keyframe, and ask for one."""
-        if not self.waiting_keyframe:
-            self.waiting_keyframe = True
-            self.restarts += 1
+        self.waiting_keyframe = True
         self.publication.request_keyframe()
 
     async def forward(self, packet: RtpPacket, keyframe: bool, ntp: int) -> None:
@@ -114,7 +98,7 @@ class Subscription:
                 self.publication.request_keyframe()
                 return
             self.waiting_keyframe = False
-            self._seq_offset = (leg.next_seq - in_seq) % _SEQ_MOD
+            self._seq_offset = (leg.next_seq - in_seq) % SEQ_MOD
             self._start_seq = in_seq
         elif self._start_seq is not None and seq_newer(self._start_seq, in_seq):
             return  # a retransmission from before this subscription (re)started
@@ -125,12 +109,12 @@ class Subscription:
             self.skipped += 1
             self._restart()
             return
-        out_seq = (in_seq + self._seq_offset) % _SEQ_MOD
+        out_seq = (in_seq + self._seq_offset) % SEQ_MOD
         out = RtpPacket(
             payload_type=leg.payload_type or packet.payload_type,
             marker=packet.marker,
             sequence_number=out_seq,
-            timestamp=(packet.timestamp + self._ts_offset) % _TS_MOD,
+            timestamp=(packet.timestamp + self._ts_offset) % TS_MOD,
             ssrc=leg.sender.ssrc,
             payload=packet.payload,
         )
@@ -144,8 +128,8 @@ class Subscription:
         except ConnectionError:
             self.waiting_keyframe = True
             return
-        if seq_newer(out_seq, (leg.next_seq - 1) % _SEQ_MOD):
-            leg.next_seq = (out_seq + 1) % _SEQ_MOD
+        if seq_newer(out_seq, (leg.next_seq - 1) % SEQ_MOD):
+            leg.next_seq = (out_seq + 1) % SEQ_MOD
         self.forwarded += 1
         self.forwarded_bytes += len(packet.payload)
 
@@ -153,6 +137,5 @@ class Subscription:
         if self.closed:
             return
         self.closed = True
-        self.publication.subscriptions.discard(self)
         if self.leg.subscription is self:
             self.leg.subscription = None

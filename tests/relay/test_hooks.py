@@ -1,13 +1,14 @@
-"""The start-up check of aiortc's private hooks, and the codec facts read from payloads."""
+"""The start-up check of aiortc's private hooks, and the codec facts (codec.rtp) the relay
+reads from payloads."""
 
 from __future__ import annotations
 
 import aiortc
 import pytest
 
+from codec.rtp import h264_is_keyframe_start, vp8_is_keyframe_start, vp8_keyframe_size
 from relay import hooks
 from relay.errors import HookMissing
-from relay.keyframes import h264_is_keyframe_start, vp8_is_keyframe_start, vp8_keyframe_size
 
 
 async def test_the_hooks_of_the_pinned_aiortc_are_all_there() -> None:

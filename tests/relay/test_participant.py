@@ -1,4 +1,5 @@
-"""Participant decisions that need no peer: announced addresses, and the bandwidth floor."""
+"""Participant: the bandwidth policy carried out (pause, notice, retry), and closing that
+cascades once."""
 
 from __future__ import annotations
 
@@ -6,24 +7,8 @@ import asyncio
 from typing import Any
 
 from relay.config import MediaConfig
-from relay.participant import _announce
 from relay.room import Room
 from tests.media import wait_for
-
-SDP = (
-    "a=candidate:1 1 udp 2130706431 10.11.0.20 50000 typ host\r\n"
-    "a=candidate:2 1 udp 2130706431 192.168.1.5 50001 typ host\r\n"
-    "a=candidate:3 1 udp 1694498815 198.51.100.9 50002 typ srflx raddr 10.11.0.20 rport 5\r\n"
-)
-
-
-def test_the_announced_address_replaces_the_configured_host_addresses() -> None:
-    config = MediaConfig(host_addresses=["10.11.0.20"], announced_address="203.0.113.20")
-    out = _announce(SDP, config)
-    assert "203.0.113.20 50000 typ host" in out
-    assert "192.168.1.5 50001 typ host" in out  # not one of ours: untouched
-    assert "198.51.100.9 50002 typ srflx" in out
-    assert _announce(SDP, MediaConfig()) == SDP
 
 
 class Notices:
@@ -65,3 +50,18 @@ async def test_video_pauses_only_when_the_estimate_stays_low_while_loss_is_repor
         assert notices.seen[1]["code"] == "video_resumed"
     finally:
         await room.close()
+
+
+async def test_closing_a_participant_twice_closes_it_once() -> None:
+    room = Room("r", MediaConfig(), Notices())
+    participant = await room.join("island")
+    await participant.subscribe()
+    pc = participant.subscribe_pc
+    assert pc is not None
+    await participant.close()
+    await participant.close()
+    assert participant.closed and pc.connectionState == "closed"
+    assert all(leg.track.readyState == "ended" for leg in participant.legs)
+    await room.close()
+    await room.close()
+    assert room.closed

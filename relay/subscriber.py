@@ -1,0 +1,321 @@
+"""Subscriber: the receiving side of one participant. One peer connection (the relay offers,
+the client answers) whose senders ("legs") carry one Subscription each; the relay renegotiates
+as publications come and go.
+
+``Negotiation`` is the renegotiation state machine, without I/O: one offer in flight at a time,
+changes made meanwhile merged into the next offer, and new m-lines introduced so that any
+WebRTC answerer (a plain aiortc peer with its default bundle policy too) gets every one.
+
+Why one new m-line of a kind at a time: aiortc's *balanced* answerer gives the first m-line of
+each kind a transport of its own and puts every later m-line of that kind on it; applying the
+offer's BUNDLE group then moves only that first one onto the bundle's transport and stops the
+transport the others still sit on. Their packets reach the first receiver of the kind instead
+(the router learns an unknown SSRC by payload type), so nothing of that kind decodes, while
+the connection reports ``connected``. Once the client has answered an offer carrying an m-line
+of a kind, its later receivers of that kind join the bundle's transport. The first m-line of
+every offer (the primary, an audio leg) is on that transport from the start."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from aiortc import RTCPeerConnection, RTCSessionDescription
+
+from relay import hooks
+from relay.config import MediaConfig
+from relay.errors import BadSdp, NegotiationPending, NotInRoom
+from relay.publication import Publication
+from relay.sdp import announce, leg_codecs, parse_sdp, payload_types, peer_connection
+from relay.subscription import Leg, Subscription
+
+logger = logging.getLogger(__name__)
+
+PRIMARY_KIND = "audio"
+"""The kind of the first leg, created with the connection: it keeps the first offer from being
+empty (browsers refuse an empty BUNDLE group) and is the bundle's primary m-line."""
+
+
+class Negotiation:
+    """Offer/answer bookkeeping of a subscribe connection."""
+
+    def __init__(self) -> None:
+        self.in_flight = False
+        """An offer was made and its answer has not been applied."""
+        self.dirty = False
+        """Something changed since the offer in flight: another offer must follow."""
+        self.settled_kinds: set[str] = {PRIMARY_KIND}
+        """Kinds the client has answered an m-line of (or the primary's)."""
+        self._offered_kinds: set[str] = set()
+
+    def change(self) -> bool:
+        """Something needs an offer: True if one may be made now, else it is merged into the
+        one after the offer in flight."""
+        if self.in_flight:
+            self.dirty = True
+            return False
+        return True
+
+    def may_open(self, kind: str, legs_of_kind: int) -> bool:
+        """Whether a new m-line of ``kind`` may go into the coming offer, given how many
+        m-lines of that kind the connection has already."""
+        return kind in self.settled_kinds or legs_of_kind == 0
+
+    def defer(self) -> None:
+        """A change waits for the answer: another offer follows it."""
+        self.dirty = True
+
+    def offering(self, kinds: set[str], *, deferred: bool = False) -> None:
+        """An offer with m-lines of ``kinds`` is being made; ``deferred``: changes wait for
+        its answer, so another offer follows it."""
+        self.in_flight = True
+        self.dirty = deferred
+        self._offered_kinds = set(kinds)
+
+    def offer_failed(self) -> None:
+        self.in_flight = False
+
+    def answered(self, applied: bool) -> bool:
+        """The answer came (``applied``: it was accepted). True if another offer must
+        follow."""
+        self.in_flight = False
+        if applied:
+            self.settled_kinds |= self._offered_kinds
+        return self.dirty
+
+
+class Subscriber:
+    def __init__(self, room_id: str, participant_id: str, transport_id: str,
+                 config: MediaConfig, *, publications: Callable[[], list[Publication]],
+                 send_offer: Callable[[dict[str, Any]], Awaitable[None]],
+                 spawn: Callable[[Coroutine[Any, Any, Any]], None],
+                 on_remb: Callable[[int, list[int]], None],
+                 on_loss: Callable[[float], None]) -> None:
+        """``publications``: the room's publications this participant may receive;
+        ``send_offer``: deliver a renegotiation offer to the client; ``spawn``: run a
+        background step owned by the participant; ``on_remb``/``on_loss``: the client's
+        receiver estimates and loss reports."""
+        self.participant_id = participant_id
+        self.transport_id = transport_id
+        self.config = config
+        self.pc: RTCPeerConnection | None = None
+        self.legs: list[Leg] = []
+        self.subscriptions: dict[str, Subscription] = {}
+        """By publication id."""
+        self.paused: set[str] = set()
+        """Reasons every video subscription is paused for (``audio_only``, ``bandwidth``)."""
+        self.negotiation = Negotiation()
+        self.closed = False
+        self._publications = publications
+        self._send_offer = send_offer
+        self._spawn = spawn
+        self._on_remb = on_remb
+        self._on_loss = on_loss
+        self._offered: set[str] = set()
+        self._pending: list[Publication] = []
+        self._label = f"Subscriber({room_id}/{participant_id})"
+
+    # -- offers ---------------------------------------------------------------------------
+    async def subscribe(self) -> dict[str, Any]:
+        """Start (or restart) the subscribe connection; returns the offer."""
+        if self.negotiation.in_flight:
+            raise NegotiationPending(
+                f"subscribe connection {self.transport_id!r} of {self.participant_id!r} has an "
+                "offer waiting for its answer: answer that offer before subscribing again")
+        if self.pc is None:
+            # Every sender shares the first one's transport (max-bundle); see the module doc.
+            self.pc = peer_connection(self.config, f"{self._label} {self.transport_id}",
+                                      max_bundle=True)
+            self._free_leg(PRIMARY_KIND)
+        for publication in self._publications():
+            self._add(publication)
+        offer = await self._make_offer()
+        assert offer is not None, "no offer in flight, the connection is open"
+        return offer
+
+    def _renegotiate(self) -> None:
+        """Send a new offer, or merge the change into the next one if an offer is in flight."""
+        if self.negotiation.change():
+            self._spawn(self._offer_now())
+
+    async def _offer_now(self) -> None:
+        offer = await self._make_offer()
+        if offer is not None:
+            await self._send_offer(offer)
+
+    async def _make_offer(self) -> dict[str, Any] | None:
+        pc = self.pc
+        if pc is None or self.closed or not self.negotiation.change():
+            return None
+        for leg in self.legs:
+            subscription = leg.subscription
+            if subscription is None:
+                leg.transceiver.direction = "inactive"
+                continue
+            leg.transceiver.direction = "sendonly"
+            leg.transceiver.setCodecPreferences(
+                leg_codecs(leg.kind, subscription.publication.codec))
+        self.negotiation.offering({leg.kind for leg in self.legs},
+                                  deferred=bool(self._pending))
+        try:
+            await pc.setLocalDescription(await pc.createOffer())
+        except Exception:
+            self.negotiation.offer_failed()
+            raise
+        sdp = pc.localDescription.sdp
+        types = payload_types(sdp)
+        tracks: dict[str, dict[str, Any]] = {}
+        self._offered = set()
+        for leg in self.legs:
+            leg.mid = leg.transceiver.mid
+            if leg.subscription is not None and leg.mid is not None:
+                leg.payload_type = types.get(leg.mid)
+                tracks[leg.mid] = leg.subscription.publication.to_wire()
+                self._offered.add(leg.subscription.publication.id)
+        return {"transport_id": self.transport_id, "type": "offer",
+                "sdp": announce(sdp, self.config), "tracks": tracks}
+
+    async def answer(self, transport_id: str, sdp: object) -> None:
+        if transport_id != self.transport_id or self.pc is None:
+            raise NotInRoom(f"no subscribe connection {transport_id!r} for "
+                            f"{self.participant_id!r}")
+        if not self.negotiation.in_flight:
+            raise BadSdp("no offer is waiting for an answer")
+        parse_sdp(sdp, "answer")
+        applied = False
+        try:
+            await self.pc.setRemoteDescription(
+                RTCSessionDescription(sdp=str(sdp), type="answer"))
+            applied = True
+        except Exception as exc:
+            raise BadSdp(f"the answer cannot be applied: {exc}") from None
+        finally:
+            again = self.negotiation.answered(applied)
+        pending, self._pending = self._pending, []
+        for publication in pending:
+            self._add(publication)
+        for subscription in self.subscriptions.values():
+            if subscription.publication.id in self._offered and not subscription.ready:
+                subscription.ready = True
+                subscription.publication.request_keyframe()
+        if again:
+            self._renegotiate()
+
+    # -- publications ---------------------------------------------------------------------
+    def publication_added(self, publication: Publication) -> None:
+        if self.pc is None or self.closed:
+            return
+        if self.negotiation.in_flight:
+            # No sender may be added while an offer is in flight: aiortc would give it a
+            # transport that the pending answer's BUNDLE then discards. Attach after it.
+            self._defer(publication)
+            return
+        if self._add(publication):
+            self._renegotiate()
+
+    def _defer(self, publication: Publication) -> None:
+        self._pending.append(publication)
+        self.negotiation.defer()
+
+    def _add(self, publication: Publication) -> bool:
+        """Subscribe to ``publication`` on a free or new leg; False if there is nothing to
+        offer now (already subscribed, gone, or deferred to the next offer)."""
+        if publication.id in self.subscriptions or publication.closed:
+            return False
+        leg = self._reusable_leg(publication.kind)
+        if leg is None:
+            legs_of_kind = sum(1 for leg in self.legs if leg.kind == publication.kind)
+            if not self.negotiation.may_open(publication.kind, legs_of_kind):
+                self._defer(publication)
+                return False
+            leg = self._free_leg(publication.kind)
+        subscription = Subscription(publication, self.participant_id, leg,
+                                    max_backlog_bytes=self.config.max_backlog_bytes)
+        for reason in self.paused:
+            subscription.pause(reason)
+        self.subscriptions[publication.id] = subscription
+        publication.attach(subscription)
+        return True
+
+    def _reusable_leg(self, kind: str) -> Leg | None:
+        for leg in self.legs:
+            if leg.kind == kind and leg.subscription is None and not leg.retired:
+                return leg
+        return None
+
+    def _free_leg(self, kind: str) -> Leg:
+        leg = self._reusable_leg(kind)
+        if leg is not None:
+            return leg
+        assert self.pc is not None
+        transceiver = self.pc.addTransceiver(kind, direction="sendonly")
+        leg = Leg(transceiver, kind)
+        hooks.intercept_feedback(
+            transceiver.sender,
+            on_keyframe_request=lambda: self._keyframe_wanted(leg),
+            on_remb=self._on_remb,
+            on_loss=self._on_loss,
+        )
+        self.legs.append(leg)
+        return leg
+
+    @staticmethod
+    def _keyframe_wanted(leg: Leg) -> None:
+        if leg.subscription is not None:
+            leg.subscription.publication.request_keyframe()
+
+    def publication_removed(self, publication: Publication) -> None:
+        if publication in self._pending:
+            self._pending.remove(publication)
+        subscription = self.subscriptions.pop(publication.id, None)
+        if subscription is None:
+            return
+        leg = subscription.leg
+        self._end(subscription)
+        if self.closed:
+            return
+        # The subscriber's track ends (RTCP BYE) and the m-line goes inactive. The leg is not
+        # reused: an ended receiver does not come back to life in every client (aiortc's
+        # does not), so a later publication gets a fresh m-line.
+        leg.retired = True
+        self._spawn(hooks.send_bye(leg.transceiver.sender))
+        self._renegotiate()
+
+    @staticmethod
+    def _end(subscription: Subscription) -> None:
+        subscription.close()
+        subscription.publication.detach(subscription)
+
+    # -- quality --------------------------------------------------------------------------
+    def pause(self, reason: str) -> None:
+        self.paused.add(reason)
+        for subscription in self.subscriptions.values():
+            subscription.pause(reason)
+
+    def resume(self, reason: str) -> None:
+        self.paused.discard(reason)
+        for subscription in self.subscriptions.values():
+            subscription.resume(reason)
+
+    def sent_bytes(self, ssrcs: list[int]) -> int:
+        """Payload bytes forwarded so far on the legs with these SSRCs."""
+        return sum(s.forwarded_bytes for s in self.subscriptions.values()
+                   if s.leg.sender.ssrc in ssrcs)
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def close(self) -> None:
+        """Close every subscription and the connection."""
+        if self.closed:
+            return
+        self.closed = True
+        self._pending.clear()
+        for subscription in self.subscriptions.values():
+            self._end(subscription)
+        self.subscriptions.clear()
+        for leg in self.legs:
+            leg.track.stop()
+        pc, self.pc = self.pc, None
+        if pc is not None:
+            await asyncio.gather(pc.close(), return_exceptions=True)
