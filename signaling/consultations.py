@@ -80,13 +80,14 @@ class Consultations:
             raise NotFound(f"no consultation {consultation_id!r}")
         return consultation
 
-    async def _open_for(self, principal: Principal, consultation_id: str,
-                        rule: Rule = permissions.may_join) -> Consultation:
-        """The consultation, if it has not ended and ``rule`` lets ``principal`` in."""
+    async def _open_for(self, principal: Principal, consultation_id: str, rule: Rule,
+                        refusal: str = "is not a participant of") -> Consultation:
+        """The consultation, if ``rule`` lets ``principal`` in (else Forbidden: "clinician
+        ... ``refusal`` consultation ...") and it has not ended."""
         consultation = await self._get(consultation_id)
         if not rule(principal, consultation):
-            raise Forbidden(f"clinician {principal.id!r} is not a participant of "
-                            f"consultation {consultation_id!r}")
+            raise Forbidden(f"clinician {principal.id!r} {refusal} consultation "
+                            f"{consultation_id!r}")
         if consultation.state == "ended":
             raise InvalidState(f"consultation {consultation_id!r} has ended")
         return consultation
@@ -115,7 +116,7 @@ class Consultations:
 
     # -- join / leave ----------------------------------------------------------------------
     async def join(self, principal: Principal, sid: str, consultation_id: str) -> dict[str, Any]:
-        consultation = await self._open_for(principal, consultation_id)
+        consultation = await self._open_for(principal, consultation_id, permissions.may_join)
         now = time.time()
         participant = await self._live.get_participant(consultation_id, principal.id)
         fresh = participant is None
@@ -209,22 +210,11 @@ class Consultations:
                 await self._remove(participant)
 
     # -- invite / chat / end --------------------------------------------------------------
-    async def _managed_by(self, principal: Principal, consultation_id: str, rule: Rule,
-                          action: str) -> Consultation:
-        """The consultation, if it has not ended and ``rule`` (its host or a coordinator)
-        lets ``principal`` ``action`` it."""
-        consultation = await self._get(consultation_id)
-        if not rule(principal, consultation):
-            raise Forbidden(f"only the host or a coordinator may {action} consultation "
-                            f"{consultation_id!r}")
-        if consultation.state == "ended":
-            raise InvalidState(f"consultation {consultation_id!r} has already ended")
-        return consultation
-
     async def invite(self, principal: Principal, consultation_id: str,
                      site_id: str) -> dict[str, Any]:
-        consultation = await self._managed_by(principal, consultation_id,
-                                                permissions.may_invite, "invite sites into")
+        consultation = await self._open_for(
+            principal, consultation_id, permissions.may_invite,
+            "is neither the host nor a coordinator: may not invite sites into")
         site = self._directory.site(site_id)
         if site is None:
             raise NotFound(f"no site {site_id!r} in the directory")
@@ -258,8 +248,9 @@ class Consultations:
 
     async def end(self, principal: Principal, consultation_id: str,
                   conclusion: str) -> dict[str, Any]:
-        consultation = await self._managed_by(principal, consultation_id, permissions.may_end,
-                                                "end")
+        consultation = await self._open_for(
+            principal, consultation_id, permissions.may_end,
+            "is neither the host nor a coordinator: may not end")
         minutes = Minutes(conclusion, principal.id, time.time())
         await self._store.end_consultation(consultation, minutes)
         consultation.state = "ended"
