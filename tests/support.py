@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import socketio
 from aiohttp import web
 
@@ -191,6 +192,14 @@ async def run_server(config: Path) -> AsyncIterator[Server]:
         yield Server(f"http://127.0.0.1:{port}", settings, app[SERVICES].tokens, app)
     finally:
         await runner.cleanup()
+
+
+async def http_get(url: str, token: str) -> tuple[int, dict[str, Any]]:
+    """GET ``url`` with ``Authorization: Bearer token``: the status and the JSON body."""
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url, headers={"Authorization": f"Bearer {token}"}) as response:
+            body: dict[str, Any] = await response.json()
+            return response.status, body
 
 
 @dataclass

@@ -5,15 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import aiohttp
-
-from tests.support import Client, Server, clients, run_server
-
-
-async def http_get(url: str, token: str) -> tuple[int, dict]:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(url, headers={"Authorization": f"Bearer {token}"}) as response:
-            return response.status, await response.json()
+from tests.support import Client, Server, clients, http_get, run_server
 
 
 async def test_a_district_request_is_paired_consulted_and_closed_with_minutes(

@@ -10,7 +10,7 @@ import jwt
 import pytest
 import socketio
 
-from tests.support import SECRET, Client, Server, clients
+from tests.support import SECRET, Client, Server, clients, http_get
 
 
 async def connect_refusal(server: Server, auth: dict | None) -> dict:
@@ -117,6 +117,34 @@ async def test_roles_are_enforced_on_every_event(server: Server) -> None:
         await c["coord"].ok("consult:join", {"consultation_id": cid})
         await c["coord"].ok("consult:invite", {"consultation_id": cid, "site_id": "d3"})
         await c["coord"].ok("consult:end", {"consultation_id": cid, "conclusion": "Closed."})
+
+
+async def test_a_consultation_is_read_only_by_those_who_belong_to_it(server: Server) -> None:
+    names = ("ref1", "ref2", "ref3", "cardio1", "coord", "admin")
+    async with clients(server.url, {n: server.token(n) for n in names}) as c:
+        asked = await c["ref1"].ok("consult:request", {
+            "specialty": "cardiology", "priority": "urgent", "reason": "x"})
+        accepted = await c["cardio1"].ok("consult:accept",
+                                         {"request_id": asked["request"]["id"]})
+        cid = accepted["consultation"]["id"]
+        await c["cardio1"].ok("consult:invite", {"consultation_id": cid, "site_id": "d3"})
+        url = f"{server.url}/api/consultations/{cid}"
+
+        async def status(who: str) -> int:
+            return (await http_get(url, server.token(who)))[0]
+
+        # Named on it (requester, host) and admins read it.
+        for who in ("ref1", "cardio1", "admin"):
+            assert await status(who) == 200, who
+        # Allowed to join is not belonging: a clinician of the invited site and a coordinator
+        # read it once they have joined, and still after they left; a stranger never.
+        for who in ("ref3", "coord", "ref2"):
+            assert await status(who) == 403, who
+        for who in ("ref3", "coord"):
+            await c[who].ok("consult:join", {"consultation_id": cid})
+            await c[who].ok("consult:leave", {"consultation_id": cid})
+            assert await status(who) == 200, who
+        assert await status("ref2") == 403
 
 
 async def test_http_refuses_without_a_valid_token(server: Server) -> None:
