@@ -393,7 +393,7 @@ async def run_recorder(job: Job, clip: Clip) -> dict[str, Any]:
     async def on_closed(entry: dict[str, Any]) -> None:
         closed.append(entry)
 
-    async def on_failure(message: str) -> None:
+    def on_failure(message: str) -> None:
         failures.append(message)
 
     async def request_keyframe(publication_id: str) -> None:

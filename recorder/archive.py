@@ -7,7 +7,6 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from recorder import manifest
 from recorder.audit import AUDIT_LOG, AuditLog
@@ -65,23 +64,17 @@ def _verify_consultation(path: Path, report: VerifyReport) -> None:
     cid = directory.name
     try:
         data = manifest.load(path)
-        files = data.get("files") or []
-        if not isinstance(files, list):
-            raise ValueError(f"files is {type(files).__name__}, not a list")
     except (OSError, ValueError) as exc:
         report.problems.append(f"{cid}/{manifest.MANIFEST}: cannot be read: {exc}")
         return
-    recorded_id = (data.get("consultation") or {}).get("id")
+    recorded_id = data.consultation.id
     if recorded_id != cid:
         report.problems.append(f"{cid}/{manifest.MANIFEST}: consultation id is {recorded_id!r}, "
                                f"not the directory's {cid!r}")
     recording = (directory / manifest.RECORDING_MARKER).exists()
     listed: set[str] = set()
-    for item in files:
-        name = item.get("name") if isinstance(item, dict) else None
-        if not isinstance(name, str) or not _plain_name(name):
-            report.problems.append(f"{cid}/{manifest.MANIFEST}: bad file entry {item!r}")
-            continue
+    for item in data.files:
+        name = item.name
         if name in listed:
             report.problems.append(f"{cid}/{name}: listed twice in the manifest")
             continue
@@ -97,19 +90,17 @@ def _verify_consultation(path: Path, report: VerifyReport) -> None:
         report.problems.append(f"{cid}/{entry.name}: not listed in the manifest")
 
 
-def _verify_file(path: Path, item: dict[str, Any], recording: bool,
+def _verify_file(path: Path, item: manifest.FileEntry, recording: bool,
                  report: VerifyReport) -> None:
     label = f"{path.parent.name}/{path.name}"
-    status = item.get("status")
-    digest = item.get("sha256")
-    size = item.get("bytes")
+    status, digest, size = item.status, item.sha256, item.bytes
     try:
         actual_size = path.stat().st_size
     except FileNotFoundError:
         if status != "failed" or digest is not None:
             report.problems.append(f"{label}: missing (manifest status {status!r})")
         return
-    if isinstance(size, int) and actual_size != size:
+    if size is not None and actual_size != size:
         report.problems.append(f"{label}: {actual_size} bytes, manifest says {size}")
         return
     if digest is None:
@@ -126,32 +117,6 @@ def _verify_file(path: Path, item: dict[str, Any], recording: bool,
     if actual != digest:
         report.problems.append(f"{label}: sha256 {actual} does not match the manifest's "
                                f"{digest} (the file changed after it was recorded)")
-
-
-def _plain_name(name: str) -> bool:
-    return bool(name) and "/" not in name and "\\" not in name and not name.startswith(".")
-
-
-def expiry(data: dict[str, Any], retention_years: float) -> float | None:
-    """When a consultation's archive may go: ``retention_years`` (or the manifest's own, if
-    longer) after it ended, or the manifest's ``retention.expires_at`` if that is later."""
-    consultation = data.get("consultation") or {}
-    retention = data.get("retention") or {}
-    years = retention_years
-    if _number(retention.get("years")) is not None:
-        years = max(years, float(retention["years"]))
-    computed = manifest.expires_at(_number(consultation.get("ended_at")),
-                                   _number(consultation.get("started_at")), years)
-    recorded = _number(retention.get("expires_at"))
-    if computed is None:
-        return recorded
-    return computed if recorded is None else max(computed, recorded)
-
-
-def has_ended(data: dict[str, Any]) -> bool:
-    consultation = data.get("consultation") or {}
-    recording = data.get("recording") or {}
-    return consultation.get("ended_at") is not None or recording.get("status") != "recording"
 
 
 def prune(archive: Path, *, now: float, retention_years: float, audit: AuditLog,
@@ -180,9 +145,9 @@ def prune(archive: Path, *, now: float, retention_years: float, audit: AuditLog,
         except (OSError, ValueError) as exc:
             logger.warning("prune %s: manifest cannot be read, kept: %s", cid, exc)
             continue
-        if not has_ended(data):
+        if not data.has_ended():
             continue
-        expires = expiry(data, retention_years)
+        expires = data.expiry(retention_years)
         if expires is None:
             logger.warning("prune %s: no start or end time in the manifest, kept", cid)
             continue
@@ -218,8 +183,3 @@ def _finish_interrupted(archive: Path, audit: AuditLog) -> None:
         logger.info("prune %s: finished an interrupted removal", cid)
         audit.append("cli", "archive.prune", cid, {"resumed": True})
 
-
-def _number(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value)

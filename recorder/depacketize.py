@@ -47,7 +47,6 @@ class Depacketizer:
         """Video starts at a keyframe, and starts over at one after a loss."""
         self.lost_packets = 0
         self.dropped_frames = 0
-        self.malformed = 0
 
     def push(self, seq: int, timestamp: int, marker: bool, payload: bytes,
              arrival: float) -> list[Frame]:
@@ -103,8 +102,7 @@ class Depacketizer:
         try:
             self._parts.append(self._depayload(payload))
         except (ValueError, IndexError):
-            self.malformed += 1
-            self._frame_broken = True
+            self._frame_broken = True  # malformed
         if marker:
             self._finish(arrival, out)
 

@@ -105,15 +105,11 @@ class _Source:
     audio: bool
 
 
-def _sources(directory: Path, data: dict[str, Any]) -> list[_Source]:
+def _sources(directory: Path, data: manifest.Manifest) -> list[_Source]:
     cid = directory.name
     sources = []
-    for item in data.get("files") or []:
-        name = item.get("name") if isinstance(item, dict) else None
-        if not isinstance(name, str) or "/" in name or name.startswith("."):
-            logger.warning("export %s: bad file entry skipped", cid)
-            continue
-        status = item.get("status")
+    for item in data.files:
+        name, status = item.name, item.status
         path = directory / name
         if status == "failed":
             logger.warning("export %s: %s failed while recording, skipped", cid, name)
@@ -121,15 +117,11 @@ def _sources(directory: Path, data: dict[str, Any]) -> list[_Source]:
         if not path.is_file():
             logger.warning("export %s: %s is missing, skipped", cid, name)
             continue
-        started = item.get("started_at")
-        if not isinstance(started, int | float):
-            logger.warning("export %s: %s has no started_at, skipped", cid, name)
-            continue
         if status == "recording":
             logger.warning("export %s: %s is still being recorded; exporting what it holds",
                            cid, name)
         try:
-            source = _probe(path, item, float(started))
+            source = _probe(path, item)
         except (av.FFmpegError, OSError) as exc:
             logger.warning("export %s: %s cannot be read, skipped: %s", cid, name, exc)
             continue
@@ -140,7 +132,8 @@ def _sources(directory: Path, data: dict[str, Any]) -> list[_Source]:
     return sources
 
 
-def _probe(path: Path, item: dict[str, Any], started: float) -> _Source | None:
+def _probe(path: Path, item: manifest.FileEntry) -> _Source | None:
+    started = item.started_at
     with av.open(str(path)) as container:
         video = container.streams.video[0] if container.streams.video else None
         has_audio = bool(container.streams.audio)
@@ -148,27 +141,17 @@ def _probe(path: Path, item: dict[str, Any], started: float) -> _Source | None:
             return None
         size = None
         if video is not None:
-            size = _declared_size(item) or (video.codec_context.width,
-                                            video.codec_context.height)
-        end = item.get("ended_at")
-        if not isinstance(end, int | float):
-            duration = item.get("duration_s")
-            if isinstance(duration, int | float):
-                end = started + duration
+            size = item.video_size() or (video.codec_context.width,
+                                         video.codec_context.height)
+        end = item.ended_at
+        if end is None:
+            if item.duration_s is not None:
+                end = started + item.duration_s
             else:  # interrupted: no duration anywhere; the last timestamp says how long
                 end = started + _last_timestamp(container)
-    return _Source(path=path, participant=str(item.get("participant_id") or path.stem),
-                   kind=str(item.get("source") or "camera"), start=started,
+    return _Source(path=path, participant=item.participant_id or path.stem,
+                   kind=item.source, start=started,
                    end=max(started, float(end)), video=size, audio=has_audio)
-
-
-def _declared_size(item: dict[str, Any]) -> tuple[int, int] | None:
-    for track in item.get("tracks") or []:
-        if isinstance(track, dict) and track.get("kind") == "video":
-            width, height = track.get("width"), track.get("height")
-            if isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0:
-                return width, height
-    return None
 
 
 def _last_timestamp(container: av.container.InputContainer) -> float:

@@ -21,6 +21,12 @@ Layout of the archive directory::
 ``consultation.ended_at`` is set in the manifest the recorder writes when the consultation
 ends (interrupted recordings included); a manifest without it belongs to a consultation that
 has not ended (or a process that died before it did).
+
+The document is the typed :class:`Manifest` (its parts: :class:`Consultation`,
+:class:`Recording`, :class:`ConsentAnswer`, :class:`FileEntry`, :class:`Retention`); ``load``
+is its one reader and ``write_atomic`` its one writer, for the recorder, archive
+verify/prune/export and signaling alike. The JSON layout is format 1, unchanged since the
+manifest was a plain dict: every manifest written since still reads.
 """
 
 from __future__ import annotations
@@ -33,9 +39,11 @@ import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-FORMAT = 1
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+FORMAT: Literal[1] = 1
 MANIFEST = "manifest.json"
 RECORDING_MARKER = ".recording"
 """Present in a consultation's directory while files are being written: a start that finds
@@ -44,10 +52,164 @@ it knows the previous process died mid-recording."""
 SECONDS_PER_YEAR = 365.25 * 86400
 CONSULTATION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
-FILE_STATUSES = ("recording", "complete", "interrupted", "failed")
+FileStatus = Literal["recording", "complete", "interrupted", "failed"]
 """A file's ``status``: ``recording`` (being written), ``complete``, ``interrupted`` (the
 process died while writing; the file holds what reached the disk), ``failed`` (a disk error
 stopped it; what reached the disk stays)."""
+
+Wire = dict[str, Any]
+"""A part signaling describes in its own wire form (request, site, clinician, attendance,
+minutes): the recorder stores it as given."""
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Consultation(BaseModel):
+    """The consultation as signaling describes it; the recorder reads only these fields and
+    keeps the others as they are."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    started_at: float | None = None
+    ended_at: float | None = None
+
+
+class VideoTrack(_Part):
+    kind: Literal["video"] = "video"
+    codec: str
+    width: int
+    height: int
+
+
+class AudioTrack(_Part):
+    kind: Literal["audio"] = "audio"
+    codec: str
+    sample_rate: int
+
+
+Track = Annotated[VideoTrack | AudioTrack, Field(discriminator="kind")]
+
+
+class FileEntry(_Part):
+    """One recorded file of the consultation's directory."""
+
+    name: str
+    """A plain file name in the consultation's directory."""
+    participant_id: str
+    site_id: str | None = None
+    source: Literal["camera", "screen"] = "camera"
+    """``camera`` (camera + microphone) or ``screen``."""
+    tracks: list[Track] = Field(default_factory=list)
+    started_at: float
+    """Wall-clock of the file's time 0."""
+    ended_at: float | None = None
+    duration_s: float | None = None
+    bytes: int | None = None
+    sha256: str | None = None
+    status: FileStatus = "recording"
+    frames: list[int] | None = None
+    """Frames written per track, once the file is finished."""
+
+    @field_validator("name")
+    @classmethod
+    def _plain(cls, name: str) -> str:
+        if not name or "/" in name or "\\" in name or name.startswith("."):
+            raise ValueError(f"not a plain file name: {name!r}")
+        return name
+
+    def video_size(self) -> tuple[int, int] | None:
+        """The declared dimensions of its video track, if it has one."""
+        for track in self.tracks:
+            if isinstance(track, VideoTrack) and track.width > 0 and track.height > 0:
+                return track.width, track.height
+        return None
+
+
+class RecordingEvent(_Part):
+    at: float
+    event: str
+    """``started``, ``stopped``, ``requested``, ``failed``, ``relay_changed``,
+    ``interrupted``."""
+    by: str
+
+
+class Recording(_Part):
+    policy: str | None = None
+    status: str = "off"
+    """``off``, ``recording``, ``stopped``, ``failed``, ``interrupted``, ``complete``,
+    ``declined``."""
+    started_at: float | None = None
+    stopped_at: float | None = None
+    error: str | None = None
+    events: list[RecordingEvent] = Field(default_factory=list)
+
+
+class ConsentAnswer(_Part):
+    clinician_id: str
+    answer: Literal["agreed", "declined"]
+    at: float | None = None
+
+
+class Retention(_Part):
+    years: int | float | None = None
+    expires_at: float | None = None
+
+
+class Description(_Part):
+    """What signaling says of a consultation (``Recorder``'s ``describe``)."""
+
+    consultation: Consultation
+    request: Wire | None = None
+    sites: list[Wire] = Field(default_factory=list)
+    clinicians: list[Wire] = Field(default_factory=list)
+    attendance: list[Wire] = Field(default_factory=list)
+    minutes: Wire | None = None
+
+
+class Manifest(_Part):
+    format: Literal[1] = FORMAT
+    consultation: Consultation
+    request: Wire | None = None
+    sites: list[Wire] = Field(default_factory=list)
+    clinicians: list[Wire] = Field(default_factory=list)
+    attendance: list[Wire] = Field(default_factory=list)
+    recording: Recording = Field(default_factory=Recording)
+    consent: list[ConsentAnswer] = Field(default_factory=list)
+    minutes: Wire | None = None
+    files: list[FileEntry] = Field(default_factory=list)
+    retention: Retention = Field(default_factory=Retention)
+    updated_at: float | None = None
+
+    def describe(self, description: Description) -> None:
+        """Take what signaling says of the consultation now."""
+        for name in Description.model_fields:
+            setattr(self, name, getattr(description, name))
+
+    def file(self, name: str) -> FileEntry | None:
+        return next((f for f in self.files if f.name == name), None)
+
+    def has_ended(self) -> bool:
+        return self.consultation.ended_at is not None or self.recording.status != "recording"
+
+    def expiry(self, retention_years: float) -> float | None:
+        """When the consultation's archive may go: ``retention_years`` (or the manifest's own,
+        if longer) after it ended, or the manifest's ``retention.expires_at`` if that is
+        later."""
+        years = retention_years
+        if self.retention.years is not None:
+            years = max(years, self.retention.years)
+        computed = expires_at(self.consultation.ended_at, self.consultation.started_at, years)
+        recorded = self.retention.expires_at
+        if computed is None:
+            return recorded
+        return computed if recorded is None else max(computed, recorded)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON document (format 1)."""
+        return self.model_dump(mode="json")
 
 
 def consultation_dir(archive: Path, consultation_id: str) -> Path:
@@ -56,35 +218,30 @@ def consultation_dir(archive: Path, consultation_id: str) -> Path:
     return archive / consultation_id
 
 
-def new_manifest(consultation_id: str) -> dict[str, Any]:
-    return {
-        "format": FORMAT,
-        "consultation": {"id": consultation_id},
-        "request": None,
-        "sites": [],
-        "clinicians": [],
-        "attendance": [],
-        "recording": {"policy": None, "status": "off", "started_at": None,
-                      "stopped_at": None, "error": None, "events": []},
-        "consent": [],
-        "minutes": None,
-        "files": [],
-        "retention": {"years": None, "expires_at": None},
-        "updated_at": None,
-    }
+def new_manifest(consultation_id: str) -> Manifest:
+    return Manifest(consultation=Consultation(id=consultation_id))
 
 
-def load(path: Path) -> dict[str, Any]:
-    """Read a manifest file (``.../manifest.json``)."""
+def load(path: Path) -> Manifest:
+    """Read a manifest file (``.../manifest.json``). Raises OSError, or ValueError naming
+    what is wrong in it."""
     with open(path, encoding="utf-8") as f:
-        data: dict[str, Any] = json.load(f)
-    if data.get("format") != FORMAT:
-        raise ValueError(f"{path}: unknown manifest format {data.get('format')!r}")
-    return data
+        data = json.load(f)
+    found = data.get("format") if isinstance(data, dict) else None
+    if found != FORMAT:
+        raise ValueError(f"{path}: unknown manifest format {found!r}")
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                             for e in exc.errors())
+        raise ValueError(f"{path}: {problems}") from None
 
 
-def write_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Replace ``path`` with ``data`` as JSON: temp file, fsync, rename, fsync the directory."""
+def write_atomic(path: Path, manifest: Manifest) -> None:
+    """Replace ``path`` with the manifest as JSON: temp file, fsync, rename, fsync the
+    directory."""
+    data = manifest.to_json()
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(data, ensure_ascii=False, indent=1, sort_keys=True)
     fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".tmp", dir=path.parent)

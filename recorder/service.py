@@ -1,69 +1,52 @@
-"""Recorder: consent, start/stop and the manifest of each consultation's recording.
+"""Recorder: carries out the consent and recording decisions of each consultation.
 
-Signaling tells it who is present, who consents and when the consultation ends; it attaches a
+Signaling tells it who is present, who consents and when the consultation ends; the pure state
+machine (:mod:`recorder.consent`) decides, and the recorder does the I/O: it attaches a
 ``RoomRecording`` (a MediaSink) to the consultation's room on the relay while recording is on,
-and keeps ``<archive>/<consultation>/manifest.json`` up to date (atomically) as files open and
-close. It knows clinicians by id only; who may do what is signaling's business.
+and keeps ``<archive>/<consultation>/manifest.json`` (:mod:`recorder.manifest`) up to date
+(atomically) as files open and close. It knows clinicians by id only; who may do what is
+signaling's business.
 
-Policies: ``always`` records from the start; ``with_consent`` asks every participant and
-starts only when all present agree, asks later joiners too (their media is written once they
-agree), and stops if anyone present declines; ``never`` records nothing. The host may stop and
-start again (a new request: those who declined are asked again).
+Locks: each consultation's ``lock`` orders its events; a session's failure is an event
+(``on_failure``) that takes the lock in a task of the recorder's own, never one that the
+session's ``close()`` waits for, so a failing write while the host ends or stops the recording
+cannot deadlock.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import av
 
 from recorder import manifest as mf
 from recorder.audit import AuditLog
+from recorder.consent import ConsentMachine, Decision
 from recorder.session import RoomRecording
 from relay.api import Relay
 from relay.errors import RelayError
 
 logger = logging.getLogger(__name__)
 
-Policy = Literal["always", "with_consent", "never"]
-STRICTNESS: dict[str, int] = {"always": 0, "with_consent": 1, "never": 2}
-Status = Literal["off", "pending", "on", "declined", "stopped", "failed", "disabled"]
-
-
-def strictest(policies: list[str]) -> str:
-    """The consultation follows the strictest policy among its sites."""
-    return max(policies, key=lambda p: STRICTNESS[p]) if policies else "with_consent"
-
 
 @dataclass
 class _State:
     consultation_id: str
-    policy: str
-    manifest: dict[str, Any]
-    present: dict[str, str] = field(default_factory=dict)
-    """Clinician -> site of the participants in the consultation now."""
-    consent: dict[str, tuple[str, float | None]] = field(default_factory=dict)
-    """Clinician -> (``agreed`` | ``declined`` | ``pending``, when answered)."""
-    wanted: bool = True
-    """Recording is asked for (the default; the host may stop it)."""
-    started: bool = False
-    """The current request has begun recording (consent was complete)."""
+    machine: ConsentMachine
+    manifest: mf.Manifest
     session: RoomRecording | None = None
-    error: str | None = None
-    since: float | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     """Manifest writes one at a time, in order: an older snapshot never replaces a newer."""
 
 
-Describe = Callable[[str], Awaitable[dict[str, Any]]]
+Describe = Callable[[str], Awaitable[mf.Description | None]]
 Notify = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 
@@ -82,6 +65,7 @@ class Recorder:
         self._cluster_ms = cluster_ms
         self._fsync_interval_s = fsync_interval_s
         self._states: dict[str, _State] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # -- start-up --------------------------------------------------------------------------
     async def restore(self) -> list[str]:
@@ -108,14 +92,15 @@ class Recorder:
                              directory.name, exc)
                 continue
             now = time.time()
-            for entry in data["files"]:
-                if entry.get("status") == "recording":
-                    _describe_file(directory / entry["name"], entry)
-                    entry["status"] = "interrupted"
-            recording = data["recording"]
-            recording.update(status="interrupted", stopped_at=now)
-            recording["events"].append({"at": now, "event": "interrupted", "by": "system"})
-            data["updated_at"] = now
+            for entry in data.files:
+                if entry.status == "recording":
+                    _describe_file(directory / entry.name, entry)
+                    entry.status = "interrupted"
+            data.recording.status = "interrupted"
+            data.recording.stopped_at = now
+            data.recording.events.append(
+                mf.RecordingEvent(at=now, event="interrupted", by="system"))
+            data.updated_at = now
             mf.write_atomic(path, data)
             marker.unlink()
             marked.append(directory.name)
@@ -129,23 +114,21 @@ class Recorder:
             path = directory / mf.MANIFEST
             data = (await asyncio.to_thread(mf.load, path) if path.exists()
                     else mf.new_manifest(consultation_id))
-            state = _State(consultation_id, policy or "with_consent", data)
-            for answer in data.get("consent", []):
-                state.consent[answer["clinician_id"]] = (answer["answer"], answer.get("at"))
-            self._states[consultation_id] = state
+            machine = ConsentMachine(policy or "with_consent")
+            for answer in data.consent:
+                machine.answers[answer.clinician_id] = (answer.answer, answer.at)
+            state = self._states[consultation_id] = _State(consultation_id, machine, data)
         if policy is not None:
-            state.policy = policy
-            state.manifest["recording"]["policy"] = policy
+            state.machine.policy = policy
+            state.manifest.recording.policy = policy
         return state
 
     async def joined(self, consultation_id: str, policy: str, clinician_id: str,
                      site_id: str) -> dict[str, Any]:
         state = await self._state(consultation_id, policy)
         async with state.lock:
-            state.present[clinician_id] = site_id
-            if policy == "with_consent" and clinician_id not in state.consent:
-                state.consent[clinician_id] = ("pending", None)
-            await self._apply(state, by=clinician_id)
+            await self._carry_out(state, state.machine.join(clinician_id, site_id),
+                                  by=clinician_id)
         return self.state(consultation_id)
 
     async def left(self, consultation_id: str, clinician_id: str) -> None:
@@ -153,21 +136,18 @@ class Recorder:
         if state is None:
             return
         async with state.lock:
-            state.present.pop(clinician_id, None)
-            if state.consent.get(clinician_id, ("", None))[0] == "pending":
-                del state.consent[clinician_id]
-            await self._apply(state, by=clinician_id)
+            await self._carry_out(state, state.machine.leave(clinician_id), by=clinician_id)
 
     async def consent(self, consultation_id: str, clinician_id: str, agree: bool) -> dict[str, Any]:
         state = await self._state(consultation_id)
         async with state.lock:
-            answer = "agreed" if agree else "declined"
             now = time.time()
-            state.consent[clinician_id] = (answer, now)
-            state.manifest["consent"].append({"clinician_id": clinician_id, "answer": answer,
-                                              "at": now})
-            logger.info("recording %s: %s %s", consultation_id, clinician_id, answer)
-            await self._apply(state, by=clinician_id)
+            decision = state.machine.answer(clinician_id, agree, now)
+            answer = mf.ConsentAnswer(clinician_id=clinician_id,
+                                      answer="agreed" if agree else "declined", at=now)
+            state.manifest.consent.append(answer)
+            logger.info("recording %s: %s %s", consultation_id, clinician_id, answer.answer)
+            await self._carry_out(state, decision, by=clinician_id)
             # A clinician's answer is on disk before the ack, like everything a doctor says.
             await self._write(state)
         return self.state(consultation_id)
@@ -176,21 +156,15 @@ class Recorder:
         """The host asks for recording (again): everyone who has not agreed is asked."""
         state = await self._state(consultation_id)
         async with state.lock:
-            state.wanted = True
-            state.error = None
-            if state.policy == "with_consent":
-                for clinician_id in state.present:
-                    if state.consent.get(clinician_id, ("", None))[0] != "agreed":
-                        state.consent[clinician_id] = ("pending", None)
+            decision = state.machine.host_start()
             self._event(state, "requested", by)
-            await self._apply(state, by=by)
+            await self._carry_out(state, decision, by=by)
         return self.state(consultation_id)
 
     async def stop(self, consultation_id: str, by: str) -> dict[str, Any]:
         state = await self._state(consultation_id)
         async with state.lock:
-            state.wanted = False
-            await self._apply(state, by=by)
+            await self._carry_out(state, state.machine.host_stop(), by=by)
         return self.state(consultation_id)
 
     async def ended(self, consultation_id: str) -> None:
@@ -198,29 +172,21 @@ class Recorder:
         minutes) — for every consultation, recorded or not."""
         state = await self._state(consultation_id)
         async with state.lock:
-            await self._stop_session(state, by="system")
+            if state.machine.ended().stop:
+                await self._stop_session(state, by="system")
             data = state.manifest
-            data.update(await self._describe(consultation_id))
-            consultation = data.get("consultation") or {}
+            description = await self._describe(consultation_id)
+            if description is not None:
+                data.describe(description)
             years = self._retention_years
-            data["retention"] = {"years": years, "expires_at": mf.expires_at(
-                consultation.get("ended_at"), consultation.get("started_at"), years)}
-            recording = data["recording"]
-            statuses = {f.get("status") for f in data["files"]}
-            if state.error or "failed" in statuses:
-                recording["status"] = "failed"
-            elif "interrupted" in statuses or recording.get("status") == "interrupted":
-                recording["status"] = "interrupted"
-            elif data["files"]:
-                recording["status"] = "complete"
-            elif any(a == "declined" for a, _ in state.consent.values()):
-                recording["status"] = "declined"
-            else:
-                recording["status"] = "off"
+            data.retention = mf.Retention(years=years, expires_at=mf.expires_at(
+                data.consultation.ended_at, data.consultation.started_at, years))
+            data.recording.status = state.machine.archive_status(
+                {f.status for f in data.files}, data.recording.status)
             await self._write(state)
             self._states.pop(consultation_id, None)
         logger.info("archive of consultation %s written (%d files, recording %s)",
-                    consultation_id, len(data["files"]), data["recording"]["status"])
+                    consultation_id, len(data.files), data.recording.status)
 
     async def relay_changed(self, consultation_id: str) -> None:
         """The consultation moved to another relay (its relay node died): the files of the old
@@ -232,8 +198,9 @@ class Recorder:
             session, state.session = state.session, None
             if session is not None:
                 await session.close()
+                state.machine.session_stopped()
                 self._event(state, "relay_changed", "system")
-            await self._apply(state, by="system")
+            await self._carry_out(state, state.machine.decide(), by="system")
 
     async def close(self) -> None:
         """The process stops: finish every file (the manifests say ``complete`` for what was
@@ -241,61 +208,28 @@ class Recorder:
         for state in list(self._states.values()):
             async with state.lock:
                 await self._stop_session(state, by="system")
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    # -- the state machine -----------------------------------------------------------------
-    def _allowed(self, state: _State) -> set[str]:
-        if state.policy == "always":
-            return set(state.present)
-        return {c for c in state.present if state.consent.get(c, ("", None))[0] == "agreed"}
-
-    def _status(self, state: _State) -> Status:
-        if state.policy == "never":
-            return "disabled"
-        if state.error:
-            return "failed"
-        if not state.wanted:
-            return "stopped"
-        if state.policy == "with_consent":
-            if any(state.consent.get(c, ("", None))[0] == "declined" for c in state.present):
-                return "declined"
-            if not state.started:
-                return "pending" if state.present else "off"
-        return "on" if state.session is not None and self._allowed(state) else \
-            ("pending" if state.present else "off")
-
-    async def _apply(self, state: _State, *, by: str) -> None:
-        before = self._status(state)
-        wanted_now = state.wanted and state.policy != "never" and not state.error
-        if wanted_now and state.policy == "with_consent":
-            declined = any(state.consent.get(c, ("", None))[0] == "declined"
-                           for c in state.present)
-            everyone = bool(state.present) and all(
-                state.consent.get(c, ("", None))[0] == "agreed" for c in state.present)
-            if declined:
-                wanted_now = False
-                state.started = False
-            elif not state.started:
-                wanted_now = everyone
-        allowed = self._allowed(state) if wanted_now else set()
-        if wanted_now and allowed:
-            if state.session is None:
-                await self._start_session(state, by)
-            if state.session is not None:
-                state.started = True
-                state.session.allow(allowed)
-        elif state.session is not None and not wanted_now:
+    # -- carrying out the state machine's decisions ----------------------------------------
+    async def _carry_out(self, state: _State, decision: Decision, *, by: str) -> None:
+        """Do what the state machine decided (the caller holds ``state.lock``), then show
+        everyone the new state."""
+        before = state.machine.status()
+        if decision.start:
+            await self._start_session(state, by)
+        if decision.stop:
             await self._stop_session(state, by=by)
-        if not state.wanted:
-            state.started = False
-        after = self._status(state)
+        if decision.allow is not None and state.session is not None:
+            state.session.allow(set(decision.allow))
         await self._publish(state)
+        after = state.machine.status()
         if after != before:
             logger.info("recording %s: %s -> %s", state.consultation_id, before, after)
 
     async def _start_session(self, state: _State, by: str) -> None:
         relay = self._relay_for(state.consultation_id)
         if relay is None:
-            state.error = "the consultation has no relay"
+            state.machine.start_failed("the consultation has no relay")
             return
         directory = mf.consultation_dir(self.archive, state.consultation_id)
         session = RoomRecording(
@@ -303,7 +237,7 @@ class Recorder:
             fsync_interval_s=self._fsync_interval_s,
             on_file_opened=lambda entry: self._file_opened(state, entry),
             on_file_closed=lambda entry: self._file_closed(state, entry),
-            on_failure=lambda message: self._failed(state, message),
+            on_failure=lambda message: self._failed(state, session, message),
             request_keyframe=lambda pid: relay.request_keyframe(state.consultation_id, pid),
         )
         try:
@@ -313,16 +247,20 @@ class Recorder:
             await session.close()
             message = exc.message if isinstance(exc, RelayError) else \
                 f"cannot write the archive: {exc.strerror or exc}"
-            state.error = message
+            state.machine.start_failed(message)
             logger.error("recording %s cannot start: %s", state.consultation_id, message)
             return
         state.session = session
-        state.since = time.time()
-        if not state.manifest["recording"].get("started_at"):
-            state.manifest["recording"]["started_at"] = state.since
-        state.manifest["recording"]["status"] = "recording"
+        now = time.time()
+        state.machine.session_started(now)
+        recording = state.manifest.recording
+        if not recording.started_at:
+            recording.started_at = now
+        recording.status = "recording"
         self._event(state, "started", by)
-        state.manifest.update(await self._describe(state.consultation_id))
+        description = await self._describe(state.consultation_id)
+        if description is not None:
+            state.manifest.describe(description)
         await self._write(state)
         await self.audit.append_async(by, "recording.started", state.consultation_id)
 
@@ -337,11 +275,11 @@ class Recorder:
             except RelayError as exc:
                 logger.info("recording %s: detach: %s", state.consultation_id, exc.code)
         await session.close()
-        state.since = None
-        recording = state.manifest["recording"]
-        recording["stopped_at"] = time.time()
-        if recording.get("status") == "recording":
-            recording["status"] = "failed" if state.error else "stopped"
+        state.machine.session_stopped()
+        recording = state.manifest.recording
+        recording.stopped_at = time.time()
+        if recording.status == "recording":
+            recording.status = "failed" if state.machine.error else "stopped"
         self._event(state, "stopped", by)
         await self._write(state)
         directory = mf.consultation_dir(self.archive, state.consultation_id)
@@ -349,51 +287,61 @@ class Recorder:
         await self.audit.append_async(by, "recording.stopped", state.consultation_id)
 
     def _event(self, state: _State, event: str, by: str) -> None:
-        state.manifest["recording"]["events"].append({"at": time.time(), "event": event,
-                                                      "by": by})
+        state.manifest.recording.events.append(
+            mf.RecordingEvent(at=time.time(), event=event, by=by))
 
-    async def _file_opened(self, state: _State, entry: dict[str, Any]) -> None:
-        entry["site_id"] = state.present.get(entry["participant_id"])
-        state.manifest["files"].append(entry)
+    async def _file_opened(self, state: _State, entry: mf.FileEntry) -> None:
+        entry.site_id = state.machine.present.get(entry.participant_id)
+        state.manifest.files.append(entry)
         await self._write(state)
 
-    async def _file_closed(self, state: _State, entry: dict[str, Any]) -> None:
-        path = mf.consultation_dir(self.archive, state.consultation_id) / entry["name"]
+    async def _file_closed(self, state: _State, entry: mf.FileEntry) -> None:
+        path = mf.consultation_dir(self.archive, state.consultation_id) / entry.name
         try:
-            entry["sha256"] = await asyncio.to_thread(mf.sha256_file, path)
-            entry["bytes"] = path.stat().st_size
+            entry.sha256 = await asyncio.to_thread(mf.sha256_file, path)
+            entry.bytes = path.stat().st_size
         except OSError as exc:
-            entry["status"] = "failed"
+            entry.status = "failed"
             logger.error("recording %s: %s unreadable: %s", state.consultation_id,
-                         entry["name"], exc.strerror)
-        for index, known in enumerate(state.manifest["files"]):
-            if known["name"] == entry["name"]:
-                state.manifest["files"][index] = {**known, **entry,
-                                                  "site_id": known.get("site_id")}
+                         entry.name, exc.strerror)
+        files = state.manifest.files
+        for index, known in enumerate(files):
+            if known.name == entry.name:
+                files[index] = entry.model_copy(update={"site_id": known.site_id})
         await self._write(state)
 
-    async def _failed(self, state: _State, message: str) -> None:
-        state.error = message
-        state.manifest["recording"]["error"] = message
+    def _failed(self, state: _State, session: RoomRecording, message: str) -> None:
+        """A session's failure (a disk error): recorded at once; the session is stopped under
+        the lock by a task of the recorder's (never one its ``close()`` waits for)."""
+        decision = state.machine.failure(message)
+        state.manifest.recording.error = message
         self._event(state, "failed", "system")
         logger.error("recording of consultation %s failed: %s; the consultation goes on",
                      state.consultation_id, message)
+        if not decision.stop:
+            return
+        task = asyncio.ensure_future(self._stop_failed(state, session))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _stop_failed(self, state: _State, session: RoomRecording) -> None:
         async with state.lock:
+            if state.session is not session:
+                return  # already stopped (the consultation ended, the host stopped it)
             await self._stop_session(state, by="system")
             await self._publish(state)
 
     async def _write(self, state: _State) -> None:
-        state.manifest["updated_at"] = time.time()
-        state.manifest["recording"]["policy"] = state.policy
-        state.manifest["consultation"].setdefault("id", state.consultation_id)
+        data = state.manifest
+        data.updated_at = time.time()
+        data.recording.policy = state.machine.policy
         path = mf.consultation_dir(self.archive, state.consultation_id) / mf.MANIFEST
         try:
             async with state.write_lock:
-                await asyncio.to_thread(mf.write_atomic, path, _copy(state.manifest))
+                await asyncio.to_thread(mf.write_atomic, path, data.model_copy(deep=True))
         except OSError as exc:
             message = f"cannot write the manifest: {exc.strerror or exc}"
-            if state.error is None:
-                state.error = message
+            if state.machine.write_failed(message):
                 logger.error("recording %s: %s", state.consultation_id, message)
 
     async def _publish(self, state: _State) -> None:
@@ -406,30 +354,18 @@ class Recorder:
         if state is None:
             return {"consultation_id": consultation_id, "status": "off", "policy": None,
                     "consent": [], "since": None, "error": None}
-        return {
-            "consultation_id": consultation_id,
-            "status": self._status(state),
-            "policy": state.policy,
-            "consent": [{"clinician_id": c, "answer": a} for c, (a, _) in
-                        sorted(state.consent.items()) if c in state.present],
-            "since": state.since,
-            "error": state.error,
-        }
+        return {"consultation_id": consultation_id, **state.machine.view()}
 
     def manifest_path(self, consultation_id: str) -> Path:
         return mf.consultation_dir(self.archive, consultation_id) / mf.MANIFEST
 
-    def manifest_of(self, consultation_id: str) -> dict[str, Any] | None:
+    def manifest_of(self, consultation_id: str) -> mf.Manifest | None:
         """The manifest as it is now (in memory while live, else from disk)."""
         state = self._states.get(consultation_id)
         if state is not None:
-            return _copy(state.manifest)
+            return state.manifest.model_copy(deep=True)
         path = self.manifest_path(consultation_id)
         return mf.load(path) if path.exists() else None
-
-
-def _copy(data: dict[str, Any]) -> dict[str, Any]:
-    return copy.deepcopy(data)
 
 
 def _make_marker(directory: Path) -> None:
@@ -444,13 +380,13 @@ def _remove_marker(directory: Path) -> None:
         marker.unlink()
 
 
-def _describe_file(path: Path, entry: dict[str, Any]) -> None:
+def _describe_file(path: Path, entry: mf.FileEntry) -> None:
     """Size, checksum and playable duration of a file a dead process left behind."""
     if not path.exists():
-        entry.update(bytes=0, sha256=None, duration_s=0.0)
+        entry.bytes, entry.sha256, entry.duration_s = 0, None, 0.0
         return
-    entry["bytes"] = path.stat().st_size
-    entry["sha256"] = mf.sha256_file(path)
+    entry.bytes = path.stat().st_size
+    entry.sha256 = mf.sha256_file(path)
     last = 0.0
     try:
         with av.open(str(path)) as container:
@@ -459,5 +395,5 @@ def _describe_file(path: Path, entry: dict[str, Any]) -> None:
                     last = max(last, float(packet.pts * packet.time_base))
     except av.FFmpegError:
         pass
-    entry["duration_s"] = round(last, 3)
-    entry["ended_at"] = entry.get("started_at", 0.0) + last
+    entry.duration_s = round(last, 3)
+    entry.ended_at = entry.started_at + last

@@ -20,10 +20,11 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from codec.rtp import codec_name
 from recorder.depacketize import Depacketizer, Frame
+from recorder.manifest import AudioTrack, FileEntry, FileStatus, Track, VideoTrack
 from recorder.writer import (
     MediaFile,
     RecordingError,
@@ -35,7 +36,8 @@ from recorder.writer import (
 
 logger = logging.getLogger(__name__)
 
-GROUP_OF_SOURCE = {"microphone": "camera", "camera": "camera", "screen": "screen"}
+GROUP_OF_SOURCE: dict[str, Literal["camera", "screen"]] = {
+    "microphone": "camera", "camera": "camera", "screen": "screen"}
 KEYFRAME_ASK_S = 1.0
 MAX_HELD_FRAMES = 2000
 
@@ -63,25 +65,28 @@ class _Publication:
 @dataclass
 class _Group:
     participant_id: str
-    name: str
+    name: Literal["camera", "screen"]
     """``camera`` (camera + microphone) or ``screen``."""
     publications: dict[str, _Publication] = field(default_factory=dict)
     file: MediaFile | None = None
-    entry: dict[str, Any] | None = None
+    entry: FileEntry | None = None
     held: list[tuple[_Publication, Frame]] = field(default_factory=list)
     held_since: float | None = None
     parts: int = 0
 
 
-FileEvent = Callable[[dict[str, Any]], Awaitable[None]]
+FileEvent = Callable[[FileEntry], Awaitable[None]]
 
 
 class RoomRecording:
     def __init__(self, consultation_id: str, directory: Path, *, hold_s: float = 1.5,
                  cluster_ms: int = 500, fsync_interval_s: float = 1.0,
                  on_file_opened: FileEvent, on_file_closed: FileEvent,
-                 on_failure: Callable[[str], Awaitable[None]],
+                 on_failure: Callable[[str], None],
                  request_keyframe: Callable[[str], Awaitable[None]]) -> None:
+        """``on_file_opened`` and ``on_file_closed`` are awaited before ``close`` returns;
+        ``on_failure`` is an event, called once, that ``close`` never waits for (its handler
+        may want the lock of whoever is closing this recording)."""
         self.consultation_id = consultation_id
         self.directory = directory
         self.allowed: set[str] = set()
@@ -237,16 +242,13 @@ class RoomRecording:
         for index, pub in enumerate(members):
             pub.index = index
             pub.timeline = Timeline(pub.clock_rate, origin)
-        group.entry = {
-            "name": name, "participant_id": group.participant_id, "source": group.name,
-            "tracks": [t.to_wire() for t in tracks], "started_at": origin, "ended_at": None,
-            "duration_s": None, "bytes": None, "sha256": None, "status": "recording",
-            "frames": None,
-        }
+        group.entry = FileEntry(name=name, participant_id=group.participant_id,
+                                source=group.name, tracks=[_track_entry(t) for t in tracks],
+                                started_at=origin)
         logger.info("recording %s: %s opened (%s)", self.consultation_id, name,
                     ", ".join(f"{t.codec} {t.width}x{t.height}" if t.kind == "video"
                               else t.codec for t in tracks))
-        self._spawn(self._on_file_opened(dict(group.entry)))
+        self._spawn(self._on_file_opened(group.entry.model_copy()))
         held, group.held, group.held_since = group.held, [], None
         held.sort(key=lambda item: item[1].arrival)
         for pub, frame in held:
@@ -264,7 +266,7 @@ class RoomRecording:
         except RecordingError as exc:
             self._fail(exc)
 
-    def _close_group_file(self, group: _Group, status: str = "complete") -> None:
+    def _close_group_file(self, group: _Group, status: FileStatus = "complete") -> None:
         media, entry = group.file, group.entry
         group.file = None
         group.entry = None
@@ -278,15 +280,17 @@ class RoomRecording:
             return
         self._spawn(self._finish(media, entry, status))
 
-    async def _finish(self, media: MediaFile, entry: dict[str, Any], status: str) -> None:
+    async def _finish(self, media: MediaFile, entry: FileEntry, status: FileStatus) -> None:
         try:
             await asyncio.to_thread(media.close)
         except RecordingError as exc:
             status = "failed"
             logger.warning("recording %s: finishing %s failed: %s", self.consultation_id,
                            media.path.name, exc)
-        entry.update(status=status, ended_at=entry["started_at"] + media.last_ms / 1000,
-                     duration_s=round(media.last_ms / 1000, 3), frames=list(media.frames))
+        entry.status = status
+        entry.ended_at = entry.started_at + media.last_ms / 1000
+        entry.duration_s = round(media.last_ms / 1000, 3)
+        entry.frames = list(media.frames)
         logger.info("recording %s: %s %s, %.1f s, %d bytes", self.consultation_id,
                     media.path.name, status, media.last_ms / 1000, media.size)
         await self._on_file_closed(entry)
@@ -300,7 +304,7 @@ class RoomRecording:
             group.held.clear()
             if group.file is not None:
                 self._close_group_file(group, status="failed")
-        self._spawn(self._on_failure(str(exc)))
+        self._on_failure(str(exc))
 
     # -- background -----------------------------------------------------------------------
     def _spawn(self, coroutine: Awaitable[Any]) -> asyncio.Task[Any]:
@@ -334,9 +338,6 @@ class RoomRecording:
                     except RecordingError as exc:
                         self._fail(exc)
 
-    def open_files(self) -> list[dict[str, Any]]:
-        return [dict(g.entry) for g in self._groups.values() if g.entry is not None]
-
     async def close(self) -> None:
         """Finish every file (the recording stops or the consultation ends)."""
         if self.closed:
@@ -351,3 +352,10 @@ class RoomRecording:
         pending = [t for t in self._tasks if t is not self._ticker and t is not current]
         await asyncio.gather(*pending, return_exceptions=True)
         await asyncio.gather(self._ticker, return_exceptions=True)
+
+
+def _track_entry(track: TrackSpec) -> Track:
+    """A track as the manifest lists it."""
+    if track.kind == "video":
+        return VideoTrack(codec=track.codec, width=track.width, height=track.height)
+    return AudioTrack(codec=track.codec, sample_rate=track.sample_rate)

@@ -50,12 +50,6 @@ class TrackSpec:
     keyframe: bytes = field(default=b"", repr=False, compare=False)
     """The first keyframe (H.264: Annex-B with SPS/PPS): the stream's parameters come from it."""
 
-    def to_wire(self) -> dict[str, Any]:
-        if self.kind == "video":
-            return {"kind": "video", "codec": self.codec, "width": self.width,
-                    "height": self.height}
-        return {"kind": "audio", "codec": self.codec, "sample_rate": self.sample_rate}
-
 
 def h264_probe(keyframe: bytes) -> tuple[Any, Any]:
     """Parse an Annex-B H.264 keyframe with FFmpeg's raw demuxer: its stream carries the

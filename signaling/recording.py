@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from config.settings import RecordingSettings
-from recorder.service import Recorder, strictest
+from recorder.consent import strictest
+from recorder.manifest import Description
+from recorder.service import Recorder
 from signaling import permissions
 from signaling.directory import Directory
 from signaling.errors import Forbidden, InvalidState, NotFound, RecordingNotAllowed
@@ -47,11 +49,11 @@ class RecordingControl:
         return strictest([self._settings.site_policies.get(s, self._settings.policy)
                           for s in consultation.site_ids] or [self._settings.policy])
 
-    async def describe(self, consultation_id: str) -> dict[str, Any]:
+    async def describe(self, consultation_id: str) -> Description | None:
         """What the manifest says of the consultation (ids, names, times, minutes)."""
         consultation = await self._store.get_consultation(consultation_id)
         if consultation is None:
-            return {}
+            return None
         request = await self._store.get_request(consultation.request_id)
         attendance = await self._store.attendance_of(consultation_id)
         clinician_ids = sorted(set(consultation.clinician_ids)
@@ -67,14 +69,14 @@ class RecordingControl:
                                    "roles": sorted(clinician.roles)})
         wire = consultation.to_wire()
         minutes = wire.pop("minutes")
-        return {
+        return Description.model_validate({
             "consultation": wire,
             "request": request.to_wire() if request is not None else None,
             "sites": sites,
             "clinicians": clinicians,
             "attendance": attendance,
             "minutes": minutes,
-        }
+        })
 
     async def _notify(self, consultation_id: str, state: dict[str, Any]) -> None:
         """Every participant sees whether recording is on (``recording:state``)."""
@@ -153,26 +155,22 @@ class RecordingControl:
     async def recordings(self, principal: Principal, consultation_id: str) -> dict[str, Any]:
         await self._readable(principal, consultation_id, "list")
         manifest = self.recorder.manifest_of(consultation_id)
-        files = []
-        for entry in (manifest or {}).get("files", []):
-            files.append({**{k: entry.get(k) for k in (
-                "name", "participant_id", "site_id", "source", "tracks", "started_at",
-                "ended_at", "duration_s", "bytes", "sha256", "status")},
-                "url": f"/api/consultations/{consultation_id}/recordings/{entry['name']}"})
+        files = [{**entry.model_dump(mode="json", exclude={"frames"}),
+                  "url": f"/api/consultations/{consultation_id}/recordings/{entry.name}"}
+                 for entry in (manifest.files if manifest is not None else [])]
         await self.recorder.audit.append_async(principal.id, "recording.list", consultation_id,
                                                {"files": len(files)})
         return {
             "consultation_id": consultation_id,
-            "recording": (manifest or {}).get("recording"),
-            "retention": (manifest or {}).get("retention"),
+            "recording": manifest.recording.model_dump(mode="json") if manifest else None,
+            "retention": manifest.retention.model_dump(mode="json") if manifest else None,
             "files": files,
         }
 
     async def file(self, principal: Principal, consultation_id: str, name: str) -> Path:
         await self._readable(principal, consultation_id, name)
-        manifest = self.recorder.manifest_of(consultation_id) or {}
-        names = {f["name"] for f in manifest.get("files", [])}
-        if name not in names:
+        manifest = self.recorder.manifest_of(consultation_id)
+        if manifest is None or manifest.file(name) is None:
             raise NotFound(f"consultation {consultation_id!r} has no recording {name!r}")
         path = self.recorder.manifest_path(consultation_id).parent / name
         if not path.is_file():

@@ -78,10 +78,10 @@ def record(path: Path, *, seconds: float, tone_hz: float | None = 440.0,
 
 def file_entry(directory: Path, name: str, participant: str, *, started_at: float,
                seconds: float, tracks: list[dict[str, Any]], status: str = "complete",
-               source: str = "camera") -> dict[str, Any]:
+               source: str = "camera") -> manifest.FileEntry:
     path = directory / name
     done = status in ("complete", "interrupted") and path.exists()
-    return {
+    return manifest.FileEntry.model_validate({
         "name": name, "participant_id": participant, "site_id": "c1", "source": source,
         "tracks": tracks, "started_at": started_at,
         "ended_at": started_at + seconds if status == "complete" else None,
@@ -89,16 +89,17 @@ def file_entry(directory: Path, name: str, participant: str, *, started_at: floa
         "bytes": path.stat().st_size if done else None,
         "sha256": manifest.sha256_file(path) if done else None,
         "status": status,
-    }
+    })
 
 
-def write_manifest(archive: Path, consultation_id: str, files: list[dict[str, Any]], *,
+def write_manifest(archive: Path, consultation_id: str, files: list[manifest.FileEntry], *,
                    started_at: float = T0, ended_at: float | None = None,
-                   status: str = "stopped") -> dict[str, Any]:
+                   status: str = "stopped") -> manifest.Manifest:
     data = manifest.new_manifest(consultation_id)
-    data["consultation"].update({"started_at": started_at, "ended_at": ended_at})
-    data["recording"]["status"] = status
-    data["files"] = files
+    data.consultation.started_at = started_at
+    data.consultation.ended_at = ended_at
+    data.recording.status = status
+    data.files = files
     manifest.write_atomic(manifest.consultation_dir(archive, consultation_id) / manifest.MANIFEST,
                           data)
     return data

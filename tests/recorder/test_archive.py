@@ -37,7 +37,7 @@ def consultation(archive: Path, cid: str, copy_clip: Any, *, started_at: float =
     data = write_manifest(archive, cid, files, started_at=started_at, ended_at=ended_at,
                           status=status)
     if expires_at is not None:
-        data["retention"]["expires_at"] = expires_at
+        data.retention.expires_at = expires_at
         manifest.write_atomic(directory / manifest.MANIFEST, data)
     if recording:
         (directory / manifest.RECORDING_MARKER).touch()
@@ -116,8 +116,8 @@ def test_verify_leaves_the_files_being_recorded_alone(tmp_path: Path, copy_clip:
     archive = tmp_path / "archive"
     directory = consultation(archive, "c-1", copy_clip, status="recording", recording=True)
     data = manifest.load(directory / manifest.MANIFEST)
-    data["files"].append({"name": "neuro2-camera-1.webm", "status": "recording",
-                          "sha256": None, "bytes": None, "started_at": T0 + 5})
+    data.files.append(manifest.FileEntry(name="neuro2-camera-1.webm", participant_id="neuro2",
+                                         status="recording", started_at=T0 + 5))
     manifest.write_atomic(directory / manifest.MANIFEST, data)
     copy_clip(directory / "neuro2-camera-1.webm")
     copy_clip(directory / "neuro2-screen-1.webm")  # opened, not yet in the manifest

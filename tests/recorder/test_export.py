@@ -136,8 +136,8 @@ def test_an_interrupted_file_gives_what_it_holds(archive: Path, tmp_path: Path) 
     data = manifest.load(directory / manifest.MANIFEST)
     cut = directory / "cardio1-camera-1.webm"
     cut.write_bytes(cut.read_bytes()[:cut.stat().st_size * 2 // 3])  # killed mid-file
-    data["files"] = [dict(data["files"][0], status="interrupted", ended_at=None,
-                          duration_s=None, sha256=None, bytes=None)]
+    data.files = [data.files[0].model_copy(update=dict(
+        status="interrupted", ended_at=None, duration_s=None, sha256=None, bytes=None))]
     manifest.write_atomic(directory / manifest.MANIFEST, data)
     out = export(archive, "c-1", tmp_path / "c-1.webm", tile_height=TILE)
     with av.open(str(out)) as container:

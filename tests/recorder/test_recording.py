@@ -50,7 +50,7 @@ def archive_of(server: Server, cid: str) -> Path:
     return server.settings.archive_dir() / cid
 
 
-def manifest_of(server: Server, cid: str) -> dict[str, Any]:
+def manifest_of(server: Server, cid: str) -> mf.Manifest:
     return mf.load(archive_of(server, cid) / mf.MANIFEST)
 
 
@@ -65,8 +65,8 @@ async def close_all(peers: dict[str, MediaPeer]) -> None:
         await peer.close()
 
 
-def files_of(manifest: dict[str, Any], participant: str) -> list[dict[str, Any]]:
-    return [f for f in manifest["files"] if f["participant_id"] == participant]
+def files_of(manifest: mf.Manifest, participant: str) -> list[mf.FileEntry]:
+    return [f for f in manifest.files if f.participant_id == participant]
 
 
 async def recording_on(client: Client, cid: str, timeout: float = 10.0) -> dict[str, Any]:
@@ -96,21 +96,21 @@ async def test_two_participants_are_recorded_without_transcoding(server: Server,
             await close_all(peers)
 
     manifest = manifest_of(server, cid)
-    assert manifest["recording"]["status"] == "complete"
-    assert manifest["recording"]["policy"] == "always"
-    assert manifest["minutes"]["conclusion"] == "Recorded; follow up in a week."
-    assert {s["id"] for s in manifest["sites"]} == {"c1", "d1"}
-    assert {a["clinician_id"] for a in manifest["attendance"]} == set(names)
-    assert manifest["request"]["specialty"] == "cardiology"
-    assert manifest["retention"]["years"] == 10
+    assert manifest.recording.status == "complete"
+    assert manifest.recording.policy == "always"
+    assert manifest.minutes["conclusion"] == "Recorded; follow up in a week."
+    assert {s["id"] for s in manifest.sites} == {"c1", "d1"}
+    assert {a["clinician_id"] for a in manifest.attendance} == set(names)
+    assert manifest.request["specialty"] == "cardiology"
+    assert manifest.retention.years == 10
     for name in names:
         (entry,) = files_of(manifest, name)
-        path = archive_of(server, cid) / entry["name"]
-        assert entry["status"] == "complete"
-        assert entry["sha256"] == mf.sha256_file(path)
-        assert entry["bytes"] == path.stat().st_size
+        path = archive_of(server, cid) / entry.name
+        assert entry.status == "complete"
+        assert entry.sha256 == mf.sha256_file(path)
+        assert entry.bytes == path.stat().st_size
         assert path.suffix == (".webm" if codec == "vp8" else ".mkv")
-        assert [t["codec"] for t in entry["tracks"]] == [codec, "opus"]
+        assert [t.codec for t in entry.tracks] == [codec, "opus"]
         decoded = decode(path)
         assert decoded.errors == 0
         assert (decoded.width, decoded.height) == (320, 240)
@@ -125,7 +125,7 @@ async def test_two_participants_are_recorded_without_transcoding(server: Server,
         # Duration: what the counters say was sent, within 0.5 s (file and manifest).
         sent_s = (counters[-1] - counters[0]) / FPS
         assert abs(decoded.video_seconds - sent_s) <= 0.5, (decoded.video_seconds, sent_s)
-        assert abs(entry["duration_s"] - sent_s) <= 0.5, (entry["duration_s"], sent_s)
+        assert abs(entry.duration_s - sent_s) <= 0.5, (entry.duration_s, sent_s)
         # Audio: present over the same span, at the publisher's pitch, aligned with the video.
         assert abs(decoded.audio_seconds - decoded.video_seconds) <= 0.5
         assert decoded.audio_start is not None
@@ -146,27 +146,27 @@ async def test_a_screen_share_goes_into_its_own_file(server: Server) -> None:
 
         screen = MediaPeer("ref1-screen", call)
         try:
-            await wait_for(lambda: len(manifest_of(server, cid)["files"]) == 2, 15, "files")
+            await wait_for(lambda: len(manifest_of(server, cid).files) == 2, 15, "files")
             await screen.publish(audio=False, source="screen")
             await wait_for(lambda: len(files_of(manifest_of(server, cid), "ref1")) == 2, 15,
                            "the screen's file")
             await asyncio.sleep(2.0)
             await c["ref1"].ok("media:unpublish", {"consultation_id": cid, "source": "screen"})
             await wait_for(lambda: any(
-                f["source"] == "screen" and f["status"] == "complete"
-                for f in manifest_of(server, cid)["files"]), 10, "the screen's file closed")
+                f.source == "screen" and f.status == "complete"
+                for f in manifest_of(server, cid).files), 10, "the screen's file closed")
         finally:
             await screen.close()
             await close_all(peers)
         await c["cardio1"].ok("consult:end", {"consultation_id": cid, "conclusion": "ok"})
     manifest = manifest_of(server, cid)
-    by_source = {f["source"]: f for f in files_of(manifest, "ref1")}
+    by_source = {f.source: f for f in files_of(manifest, "ref1")}
     assert set(by_source) == {"camera", "screen"}
-    assert [t["kind"] for t in by_source["screen"]["tracks"]] == ["video"]
-    assert [t["kind"] for t in by_source["camera"]["tracks"]] == ["video", "audio"]
+    assert [t.kind for t in by_source["screen"].tracks] == ["video"]
+    assert [t.kind for t in by_source["camera"].tracks] == ["video", "audio"]
     # The camera file went on while the screen came and went.
-    assert by_source["camera"]["status"] == "complete"
-    decoded = decode(archive_of(server, cid) / by_source["screen"]["name"])
+    assert by_source["camera"].status == "complete"
+    decoded = decode(archive_of(server, cid) / by_source["screen"].name)
     assert len(decoded.counters) >= 1.5 * FPS
     assert decoded.audio == []
 
@@ -186,7 +186,7 @@ async def test_a_consultation_on_a_standalone_relay_node_is_recorded(tmp_path: P
                 assert isinstance(services.relays.for_room(cid), RemoteRelay)
                 peers = await peers_for(c, cid, names)
                 try:
-                    await wait_for(lambda: len(manifest_of(server, cid)["files"]) == 2, 20,
+                    await wait_for(lambda: len(manifest_of(server, cid).files) == 2, 20,
                                    "files of media relayed by the node")
                     await asyncio.sleep(3.0)
                 finally:
@@ -197,10 +197,10 @@ async def test_a_consultation_on_a_standalone_relay_node_is_recorded(tmp_path: P
             node.terminate()
             node.wait(timeout=10)
     manifest = manifest_of(server, cid)
-    assert manifest["recording"]["status"] == "complete"
+    assert manifest.recording.status == "complete"
     for name in names:
         (entry,) = files_of(manifest, name)
-        decoded = decode(archive_of(server, cid) / entry["name"])
+        decoded = decode(archive_of(server, cid) / entry.name)
         counters = decoded.counters
         assert len(counters) >= 2.5 * FPS
         assert len(counters) >= 0.95 * (counters[-1] - counters[0] + 1)
@@ -215,32 +215,32 @@ async def test_recording_is_shown_and_the_host_stops_and_starts_it(server: Serve
         assert joined and joined[-1]["status"] == "on"
         peers = await peers_for(c, cid, names)
         try:
-            await wait_for(lambda: len(manifest_of(server, cid)["files"]) == 2, 15, "files")
+            await wait_for(lambda: len(manifest_of(server, cid).files) == 2, 15, "files")
             await c["ref1"].refused("recording:stop", {"consultation_id": cid}, "forbidden")
             stopped = await c["cardio1"].ok("recording:stop", {"consultation_id": cid})
             assert stopped["recording"]["status"] == "stopped"
             seen = await c["ref1"].next_matching("recording:state",
                                                  lambda s: s["status"] == "stopped")
             assert seen["consultation_id"] == cid
-            assert {f["status"] for f in manifest_of(server, cid)["files"]} == {"complete"}
+            assert {f.status for f in manifest_of(server, cid).files} == {"complete"}
             await asyncio.sleep(1.0)
             started = await c["cardio1"].ok("recording:start", {"consultation_id": cid})
             assert started["recording"]["status"] == "on"
             # A second part for each participant; the first is never overwritten.
-            await wait_for(lambda: len(manifest_of(server, cid)["files"]) == 4, 15, "parts")
+            await wait_for(lambda: len(manifest_of(server, cid).files) == 4, 15, "parts")
             await asyncio.sleep(1.0)
         finally:
             await close_all(peers)
         await c["cardio1"].ok("consult:end", {"consultation_id": cid, "conclusion": "ok"})
     manifest = manifest_of(server, cid)
-    events = [e["event"] for e in manifest["recording"]["events"]]
+    events = [e.event for e in manifest.recording.events]
     assert events[:4] == ["started", "stopped", "requested", "started"]
-    names_written = sorted(f["name"] for f in manifest["files"])
+    names_written = sorted(f.name for f in manifest.files)
     assert names_written == ["cardio1-camera-1.webm", "cardio1-camera-2.webm",
                              "ref1-camera-1.webm", "ref1-camera-2.webm"]
-    for entry in manifest["files"]:
-        assert entry["status"] == "complete"
-        assert decode(archive_of(server, cid) / entry["name"]).counters
+    for entry in manifest.files:
+        assert entry.status == "complete"
+        assert decode(archive_of(server, cid) / entry.name).counters
 
 
 @pytest.mark.parametrize("config_path", ["with_consent"], indirect=True)
@@ -256,7 +256,7 @@ async def test_one_decline_means_nothing_is_recorded(server: Server) -> None:
         declined = await c["ref1"].ok("recording:consent", {"consultation_id": cid,
                                                             "agree": False})
         assert declined["recording"]["status"] == "declined"
-        on_disk = [(a["clinician_id"], a["answer"]) for a in manifest_of(server, cid)["consent"]]
+        on_disk = [(a.clinician_id, a.answer) for a in manifest_of(server, cid).consent]
         assert on_disk == [("cardio1", "agreed"), ("ref1", "declined")]
         await c["cardio1"].next_matching("recording:state", lambda s: s["status"] == "declined")
         peers = await peers_for(c, cid, names)
@@ -269,9 +269,9 @@ async def test_one_decline_means_nothing_is_recorded(server: Server) -> None:
             await close_all(peers)
         await c["cardio1"].ok("consult:end", {"consultation_id": cid, "conclusion": "ok"})
     manifest = manifest_of(server, cid)
-    assert manifest["files"] == []
-    assert manifest["recording"]["status"] == "declined"
-    assert [(a["clinician_id"], a["answer"]) for a in manifest["consent"]] == [
+    assert manifest.files == []
+    assert manifest.recording.status == "declined"
+    assert [(a.clinician_id, a.answer) for a in manifest.consent] == [
         ("cardio1", "agreed"), ("ref1", "declined")]
     media = [p for p in archive_of(server, cid).iterdir() if p.suffix in (".webm", ".mkv")]
     assert media == []
@@ -306,7 +306,7 @@ async def test_a_late_joiner_is_asked_and_recorded_once_they_agree(server: Serve
         await c["cardio1"].ok("consult:end", {"consultation_id": cid, "conclusion": "ok"})
     manifest = manifest_of(server, cid)
     (late,) = files_of(manifest, "ref2")
-    decoded = decode(archive_of(server, cid) / late["name"])
+    decoded = decode(archive_of(server, cid) / late.name)
     assert len(decoded.counters) >= FPS
     assert abs(dominant_hz(decoded.samples, decoded.sample_rate) - TONES["ref2"]) <= 5
 
@@ -325,7 +325,7 @@ async def test_recordings_only_for_participants_and_admins_and_every_access_audi
         cid = await open_consultation(c, guests=("ref1",))
         peers = await peers_for(c, cid, names)
         try:
-            await wait_for(lambda: len(manifest_of(server, cid)["files"]) == 2, 15, "files")
+            await wait_for(lambda: len(manifest_of(server, cid).files) == 2, 15, "files")
             await asyncio.sleep(1.0)
         finally:
             await close_all(peers)
@@ -393,7 +393,7 @@ async def test_never_policy_refuses_to_record(server: Server) -> None:
         await c["ref1"].refused("recording:consent", {"consultation_id": cid, "agree": True},
                                 "invalid_state")
         await c["cardio1"].ok("consult:end", {"consultation_id": cid, "conclusion": "ok"})
-    assert manifest_of(server, cid)["recording"]["status"] == "off"
+    assert manifest_of(server, cid).recording.status == "off"
 
 
 @pytest.fixture
@@ -474,24 +474,24 @@ async def test_kill_9_mid_recording_leaves_a_playable_file_marked_interrupted(
     before = mf.load(directory / mf.MANIFEST)
     for name in names:
         (entry,) = files_of(before, name)
-        decoded = decode(directory / entry["name"])
+        decoded = decode(directory / entry.name)
         # Decodes up to within 2 s of the kill.
         assert decoded.counters, name
         assert decoded.counters[-1] >= sent[name] - 2 * FPS, (decoded.counters[-1], sent)
         print(f"{name}: the file decodes to {(sent[name] - decoded.counters[-1]) / FPS:.2f} s "
               "before the kill")
-        assert entry["started_at"] + decoded.video_pts[-1] >= killed_at - 2.0
+        assert entry.started_at + decoded.video_pts[-1] >= killed_at - 2.0
 
     restarted = start_server_process(config)
     try:
         after = mf.load(directory / mf.MANIFEST)
-        assert after["recording"]["status"] == "interrupted"
+        assert after.recording.status == "interrupted"
         assert not (directory / mf.RECORDING_MARKER).exists()
         for name in names:
             (entry,) = files_of(after, name)
-            assert entry["status"] == "interrupted"
-            assert entry["sha256"] == mf.sha256_file(directory / entry["name"])
-            assert entry["duration_s"] >= 3.0
+            assert entry.status == "interrupted"
+            assert entry.sha256 == mf.sha256_file(directory / entry.name)
+            assert entry.duration_s >= 3.0
         assert "interrupted" in "".join(restarted.output)
     finally:
         restarted.kill()
