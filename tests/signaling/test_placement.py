@@ -1,4 +1,5 @@
-"""RelayDirectory placement: the requesting site's region first, then the least loaded."""
+"""Placement (``signaling.placement.RelayDirectory``): the requesting site's region first,
+then the least loaded."""
 
 from __future__ import annotations
 
