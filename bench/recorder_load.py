@@ -387,11 +387,11 @@ async def run_recorder(job: Job, clip: Clip) -> dict[str, Any]:
     failures: list[str] = []
     keyframe_requests = [0]
 
-    async def on_opened(entry: dict[str, Any]) -> None:
-        opened.append(entry)
+    async def on_opened(entry: Any) -> None:
+        opened.append(entry.model_dump(mode="json"))
 
-    async def on_closed(entry: dict[str, Any]) -> None:
-        closed.append(entry)
+    async def on_closed(entry: Any) -> None:
+        closed.append(entry.model_dump(mode="json"))
 
     def on_failure(message: str) -> None:
         failures.append(message)
