@@ -11,10 +11,10 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from relay import hooks
 from relay.config import MediaConfig
 from relay.embedded import LocalRelay
 from tests.media import MediaPeer
+from tests.relay.loopback import loopback
 
 logger = logging.getLogger(__name__)
 
@@ -128,19 +128,18 @@ class RelayRoom:
 async def relay_room(**config: Any) -> AsyncIterator[RelayRoom]:
     """A LocalRelay gathering on 127.0.0.1 with ``MediaConfig(**config)`` and one open room;
     every peer, the room and the relay are closed on exit."""
-    hooks.set_host_addresses([HOST])
-    events = RecordedEvents()
-    relay = LocalRelay("test-relay", config=MediaConfig(host_addresses=[HOST], **config),
-                       events=events, embedded=True)
-    room = RelayRoom(relay, events)
-    await relay.open_room(room.id)
-    try:
-        yield room
-    finally:
-        await room.close_peers()
-        await relay.close()
-        await events.close()
-        hooks.set_host_addresses([])
+    with loopback():
+        events = RecordedEvents()
+        relay = LocalRelay("test-relay", config=MediaConfig(host_addresses=[HOST], **config),
+                           events=events, embedded=True)
+        room = RelayRoom(relay, events)
+        await relay.open_room(room.id)
+        try:
+            yield room
+        finally:
+            await room.close_peers()
+            await relay.close()
+            await events.close()
 
 
 class PacketSink:
