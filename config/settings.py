@@ -244,6 +244,18 @@ def _describe(error: Any, source_hint: str) -> str:
     return f"{key} = {shown}: {error['msg']}{source_hint}"
 
 
+def read_toml(path: Path, what: str, error: type[Exception]) -> dict[str, Any]:
+    """The TOML document in ``path``; ``error`` naming ``what`` and the file if it is missing
+    or not valid TOML."""
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise error(f"{what} {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise error(f"{what} {path} is not valid TOML: {exc}") from None
+
+
 def load_settings(
     path: Path | str | None = None, *, overrides: dict[str, Any] | None = None
 ) -> Settings:
@@ -258,13 +270,7 @@ def load_settings(
     if path is not None:
         path = Path(path)
         hint = f" (in {path} or TELEHEALTH_* environment)"
-        try:
-            with path.open("rb") as handle:
-                data = tomllib.load(handle)
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        data = read_toml(path, "config file", ConfigError)
     for section, values in (overrides or {}).items():
         data.setdefault(section, {}).update(values)
     try:

@@ -7,13 +7,13 @@ SQLite store so that records can refer to it; lookups are served from memory.
 from __future__ import annotations
 
 import logging
-import tomllib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from config.settings import read_toml
 from signaling.errors import DirectoryError
 from signaling.models import Clinician, Role, Site, Tier
 
@@ -95,13 +95,7 @@ class Directory:
 
     @classmethod
     def load(cls, path: Path) -> Directory:
-        try:
-            with path.open("rb") as handle:
-                data = tomllib.load(handle)
-        except FileNotFoundError:
-            raise DirectoryError(f"directory file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise DirectoryError(f"directory file {path} is not valid TOML: {exc}") from None
+        data = read_toml(path, "directory file", DirectoryError)
         directory = cls.from_mapping(data, source=str(path))
         logger.info(
             "directory %s: %d sites, %d clinicians",

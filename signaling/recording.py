@@ -14,14 +14,13 @@ from typing import Any
 from config.settings import RecordingSettings
 from recorder.consent import strictest
 from recorder.manifest import Description
-from recorder.service import Recorder
+from recorder.service import Notify, Recorder
 from signaling import permissions
 from signaling.directory import Directory
 from signaling.errors import Forbidden, InvalidState, NotFound, RecordingNotAllowed
 from signaling.live import LiveStore
 from signaling.models import Consultation
 from signaling.notify import Notifier, consultation_audience
-from signaling.placement import RelayDirectory
 from signaling.store import RecordStore
 from signaling.tokens import Principal
 
@@ -30,24 +29,13 @@ logger = logging.getLogger(__name__)
 CONTENT_TYPES = {".webm": "video/webm", ".mkv": "video/x-matroska"}
 
 
-class RecordingControl:
-    def __init__(self, *, archive: Path, store: RecordStore, live: LiveStore,
-                 directory: Directory, relays: RelayDirectory, notifier: Notifier,
-                 settings: RecordingSettings) -> None:
-        self._store = store
-        self._live = live
-        self._directory = directory
-        self._notifier = notifier
-        self._settings = settings
-        self.recorder = Recorder(
-            archive, relay_for=relays.for_room, describe=self.describe, notify=self._notify,
-            retention_years=settings.retention_years, hold_s=settings.hold_s,
-            cluster_ms=settings.cluster_ms, fsync_interval_s=settings.fsync_interval_s)
+class ArchiveDescription:
+    """What the manifest says of a consultation (ids, names, times, minutes): the recorder's
+    ``describe`` callback, from the records and the directory."""
 
-    def policy_for(self, consultation: Consultation) -> str:
-        """The strictest policy among the consultation's sites."""
-        return strictest([self._settings.site_policies.get(s, self._settings.policy)
-                          for s in consultation.site_ids] or [self._settings.policy])
+    def __init__(self, *, store: RecordStore, directory: Directory) -> None:
+        self._store = store
+        self._directory = directory
 
     async def describe(self, consultation_id: str) -> Description | None:
         """What the manifest says of the consultation (ids, names, times, minutes)."""
@@ -78,10 +66,31 @@ class RecordingControl:
             "minutes": minutes,
         })
 
-    async def _notify(self, consultation_id: str, state: dict[str, Any]) -> None:
-        """Every participant sees whether recording is on (``recording:state``)."""
-        await self._notifier.emit("recording:state", state,
-                                  consultation_audience(consultation_id))
+
+def recording_state_notifier(notifier: Notifier) -> Notify:
+    """The recorder's ``notify`` callback: every participant sees whether recording is on
+    (``recording:state``)."""
+
+    async def notify(consultation_id: str, state: dict[str, Any]) -> None:
+        await notifier.emit("recording:state", state, consultation_audience(consultation_id))
+
+    return notify
+
+
+class RecordingControl:
+    """The recorder as clients reach it: consent, start, stop, and reading recordings."""
+
+    def __init__(self, *, recorder: Recorder, store: RecordStore, live: LiveStore,
+                 settings: RecordingSettings) -> None:
+        self.recorder = recorder
+        self._store = store
+        self._live = live
+        self._settings = settings
+
+    def policy_for(self, consultation: Consultation) -> str:
+        """The strictest policy among the consultation's sites."""
+        return strictest([self._settings.site_policies.get(s, self._settings.policy)
+                          for s in consultation.site_ids] or [self._settings.policy])
 
     # -- from the consultation's lifecycle -------------------------------------------------
     async def joined(self, consultation: Consultation, principal: Principal) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """The one start-up module: ``create_app(settings)`` builds the relay (the embedded one, or none
-when relay nodes dial in), the recorder (``RecordingControl``) and the signaling services, each
-given what it needs in its constructor, and returns one aiohttp application.
+when relay nodes dial in), the recorder (``recorder.service.Recorder``, and
+``RecordingControl``, its face to clients) and the signaling services, each given what it needs
+in its constructor, and returns one aiohttp application.
 
 Starting and stopping follow ``cleanup_ctx``, in this order, and close in reverse:
 
@@ -29,6 +30,7 @@ import socketio
 from aiohttp import web
 
 from config.settings import Settings
+from recorder.service import Recorder
 from relay import hooks
 from relay.api import RelayInfo
 from relay.config import from_settings
@@ -46,7 +48,11 @@ from signaling.pairing import Pairing
 from signaling.placement import RelayDirectory, RelayNodes
 from signaling.presence import Presence
 from signaling.queue import ConsultQueue
-from signaling.recording import RecordingControl
+from signaling.recording import (
+    ArchiveDescription,
+    RecordingControl,
+    recording_state_notifier,
+)
 from signaling.store import RecordStore
 from signaling.tokens import TokenAuthority, load_or_create_secret
 
@@ -68,6 +74,7 @@ class Services:
     embedded: LocalRelay | None
     """The in-process relay (``relay.embedded``), None when only relay nodes serve."""
     nodes: RelayNodes
+    recorder: Recorder
     recording: RecordingControl
     pairing: Pairing
     consultations: Consultations
@@ -120,9 +127,15 @@ def create_app(settings: Settings) -> web.Application:
                               config=from_settings(settings.relay), events=media_events)
         relays.register(embedded)
 
-    # The recorder.
-    recording = RecordingControl(archive=settings.archive_dir(), store=store, live=live,
-                                 directory=directory, relays=relays, notifier=notifier,
+    # The recorder: a media sink of the rooms it records, told who is present by signaling.
+    recorder = Recorder(
+        settings.archive_dir(), relay_for=relays.for_room,
+        describe=ArchiveDescription(store=store, directory=directory).describe,
+        notify=recording_state_notifier(notifier),
+        retention_years=settings.recording.retention_years, hold_s=settings.recording.hold_s,
+        cluster_ms=settings.recording.cluster_ms,
+        fsync_interval_s=settings.recording.fsync_interval_s)
+    recording = RecordingControl(recorder=recorder, store=store, live=live,
                                  settings=settings.recording)
 
     # Signaling.
@@ -149,7 +162,7 @@ def create_app(settings: Settings) -> web.Application:
     ])
     app[SERVICES] = Services(settings=settings, directory=directory, tokens=tokens,
                              metrics=metrics, store=store, relays=relays, embedded=embedded,
-                             nodes=nodes, recording=recording, pairing=pairing,
+                             nodes=nodes, recorder=recorder, recording=recording, pairing=pairing,
                              consultations=consultations)
     sio.attach(app)
     add_routes(app, directory=directory, metrics=metrics, pairing=pairing,
@@ -186,7 +199,7 @@ async def _records(app: web.Application) -> AsyncIterator[None]:
 async def _recorder(app: web.Application) -> AsyncIterator[None]:
     """Mark what a dead process was recording as interrupted; finish every file at the end."""
     services = app[SERVICES]
-    recorder = services.recording.recorder
+    recorder = services.recorder
     years = services.settings.recording.retention_years
     if years < 10:
         logger.warning("recording.retention_years = %g: Circular 49/2017/TT-BYT asks that "
