@@ -16,7 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 Priority = Literal["routine", "urgent", "asap", "stat"]
-PRIORITIES: tuple[Priority, ...] = ("stat", "asap", "urgent", "routine")
 
 CONFIG_ENV = "TELEHEALTH_CONFIG"
 

@@ -115,6 +115,3 @@ class LocalRelay:
     async def close(self) -> None:
         for room_id in list(self.rooms):
             await self.close_room(room_id)
-
-
-EmbeddedRelay = LocalRelay

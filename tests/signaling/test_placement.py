@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from relay.embedded import EmbeddedRelay
+from relay.embedded import LocalRelay
 from signaling.placement import NoRelayAvailable, RelayDirectory
 
 
 async def test_a_room_goes_to_a_relay_of_the_region_then_to_the_least_loaded() -> None:
     relays = RelayDirectory()
-    hanoi = EmbeddedRelay("hn-1", region="01", capacity=2)
-    saigon = EmbeddedRelay("hcm-1", region="79", capacity=2)
-    anywhere = EmbeddedRelay("embedded", capacity=10)
+    hanoi = LocalRelay("hn-1", region="01", capacity=2)
+    saigon = LocalRelay("hcm-1", region="79", capacity=2)
+    anywhere = LocalRelay("embedded", capacity=10)
     for relay in (hanoi, saigon, anywhere):
         relays.register(relay)
     assert (await relays.place("r1", "79")).info.id == "hcm-1"
@@ -31,7 +31,7 @@ async def test_a_room_goes_to_a_relay_of_the_region_then_to_the_least_loaded() -
 
 async def test_no_capacity_anywhere_is_a_clear_error() -> None:
     relays = RelayDirectory()
-    relays.register(EmbeddedRelay("only", capacity=1))
+    relays.register(LocalRelay("only", capacity=1))
     await relays.place("r1", "01")
     with pytest.raises(NoRelayAvailable, match="capacity"):
         await relays.place("r2", "01")
@@ -39,12 +39,12 @@ async def test_no_capacity_anywhere_is_a_clear_error() -> None:
 
 def test_a_relay_must_have_capacity() -> None:
     with pytest.raises(ValueError, match="capacity must be > 0, got 0"):
-        EmbeddedRelay("x", capacity=0)
+        LocalRelay("x", capacity=0)
 
 
 async def test_a_reserved_room_counts_until_it_is_opened_or_given_back() -> None:
     relays = RelayDirectory()
-    relays.register(EmbeddedRelay("only", capacity=1))
+    relays.register(LocalRelay("only", capacity=1))
     held = relays.reserve("01")
     with pytest.raises(NoRelayAvailable):
         relays.reserve("01")  # a concurrent accept cannot overfill the relay
