@@ -132,7 +132,8 @@ class Subscriber:
         for publication in self._publications():
             self._add(publication)
         offer = await self._make_offer()
-        assert offer is not None, "no offer in flight, the connection is open"
+        if offer is None:  # the participant left (closed) while its offer was being made
+            raise NotInRoom(f"{self.participant_id!r} left before its subscribe offer was made")
         return offer
 
     def _renegotiate(self) -> None:
