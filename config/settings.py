@@ -39,6 +39,10 @@ class ServerSettings(_Section):
     """CPython collector thresholds for `serve`. With thousands of connections a full
     collection stops the event loop for 200-330 ms (docs/benchmarks.md); these make it rare.
     Python's default is (700, 10, 10)."""
+    drain_s: float = Field(default=10.0, gt=0, le=300)
+    """On SIGTERM/SIGINT, `serve` exits within this many seconds whatever the clients do:
+    clients told (``server:stopping``) and disconnected, recordings finished, records closed;
+    what has not finished by then is abandoned. Default 10 s."""
 
     @field_validator("gc_thresholds")
     @classmethod
