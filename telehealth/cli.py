@@ -38,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None, help="override server.port")
     token = commands.add_parser("token", help="issue an access token for a clinician")
     token.add_argument("clinician", help="clinician id from the directory")
-    token.add_argument("--ttl", type=int, default=None, help="lifetime in seconds")
+    token.add_argument("--ttl", type=_positive_seconds, default=None,
+                       help="lifetime in seconds, > 0 (default: security.token_ttl_s)")
     commands.add_parser("check-config", help="validate the configuration and directory")
     node = commands.add_parser("relay", help="run a standalone relay node that dials out to "
                                              "signaling")
@@ -63,6 +64,18 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, default=None,
                         help="output file (default: ./<consultation id>.webm)")
     return parser
+
+
+def _positive_seconds(text: str) -> int:
+    """An argparse type: a whole number of seconds above 0 (a token issued with 0 or less
+    would be expired when printed)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole seconds, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {value}")
+    return value
 
 
 def _settings(args: argparse.Namespace) -> Settings:

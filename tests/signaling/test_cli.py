@@ -62,3 +62,14 @@ async def test_serve_without_a_directory_creates_the_demo_and_prints_working_lin
     finally:
         server.process.terminate()
         server.process.wait(timeout=10)
+
+
+def test_token_refuses_a_lifetime_of_zero_or_less(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    for ttl in ("0", "-100"):
+        done = telehealth("--config", str(config), "token", "cardio1", f"--ttl={ttl}")
+        assert done.returncode == 2, (ttl, done.stdout)
+        assert done.stdout == ""
+        assert f"--ttl: must be > 0 seconds, got {ttl}" in done.stderr
+    done = telehealth("--config", str(config), "token", "cardio1", "--ttl", "60")
+    assert done.returncode == 0 and done.stdout.count(".") == 2
