@@ -193,6 +193,34 @@ class RecordingSettings(_Section):
     opened without video."""
 
 
+class LimitsSettings(_Section):
+    """What one client may do: signaling refuses the excess with ``rate_limited`` (and closes a
+    connection that keeps going); bystanders are unaffected."""
+
+    events_per_s: float = Field(default=20.0, gt=0)
+    """socket.io events a connection may send per second, on average (a token bucket).
+    Default 20."""
+    events_burst: int = Field(default=40, ge=1)
+    """Events a connection may send at once before ``events_per_s`` applies. Default 40."""
+    refusals_before_disconnect: int = Field(default=120, ge=1)
+    """A connection refused ``rate_limited`` this many times within ``refusal_window_s`` is
+    closed. Default 120 (three bursts)."""
+    refusal_window_s: float = Field(default=10.0, gt=0)
+    """The window ``refusals_before_disconnect`` counts in. Default 10 s."""
+    chat_per_minute: int = Field(default=30, ge=1)
+    """Chat messages a participant (a clinician, over all their connections) may send per
+    minute. Default 30."""
+    connections_per_clinician: int = Field(default=5, ge=1)
+    """Open socket.io connections one clinician may hold; another is refused
+    ``too_many_connections``. Default 5."""
+    waiting_requests_per_clinician: int = Field(default=5, ge=1)
+    """Waiting consult requests one clinician may hold; another ``consult:request`` is refused
+    ``too_many_requests``. Default 5."""
+    max_attachments: int = Field(default=1, ge=0)
+    """Binary attachments a socket.io packet may announce (clients send none; relay nodes one
+    per media batch). A packet announcing more closes the connection. Default 1."""
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -215,6 +243,7 @@ class Settings(BaseSettings):
     live: LiveSettings = Field(default_factory=LiveSettings)
     relay: RelaySettings = Field(default_factory=RelaySettings)
     recording: RecordingSettings = Field(default_factory=RecordingSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @classmethod

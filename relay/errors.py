@@ -34,7 +34,7 @@ class UnsupportedCodec(RelayError):
 class NegotiationPending(RelayError):
     """An offer of the subscribe connection still waits for its answer."""
 
-    code = "negotiation_pending"
+    code = "invalid_state"
 
 
 class HookMissing(RuntimeError):

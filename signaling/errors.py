@@ -64,5 +64,25 @@ class InvalidState(SignalingError):
     http_status = 409
 
 
+class InvalidEvent(SignalingError):
+    """A reserved, non-string or ``*`` event name: never dispatched (signaling.socket_server)."""
+
+    code = "invalid_event"
+
+
+class RateLimited(SignalingError):
+    """A client went over one of its ``[limits]``; it is closed if it keeps going."""
+
+    code = "rate_limited"
+    http_status = 429
+
+
+class TooManyRequests(SignalingError):
+    """The clinician already holds ``limits.waiting_requests_per_clinician`` waiting requests."""
+
+    code = "too_many_requests"
+    http_status = 429
+
+
 class DirectoryError(Exception):
     """The directory file (sites and clinicians) is wrong; the message names the entry."""

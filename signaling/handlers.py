@@ -4,6 +4,7 @@ call the domain, answer with an ack. Thin by design: no domain logic lives here.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -13,7 +14,8 @@ import socketio
 
 from signaling import permissions
 from signaling.consultations import Consultations
-from signaling.errors import InvalidPayload, SignalingError, Unauthenticated
+from signaling.errors import InvalidPayload, RateLimited, SignalingError, Unauthenticated
+from signaling.limits import ChatLimits, ExpiryTimers
 from signaling.media import Media
 from signaling.metrics import Metrics
 from signaling.notify import (
@@ -44,12 +46,18 @@ from signaling.schemas import (
     Unpublish,
     parse,
 )
+from signaling.socket_server import SignalingServer
 from signaling.tokens import Principal, TokenAuthority
 
 logger = logging.getLogger(__name__)
 
 LOG_OFF_DELAY_S = 0.2
 """How long after refusing an event for an expired token the connection is closed."""
+
+TOKEN_EXPIRED = "token_expired"
+"""The event (and its code) sent to a connection just before it is closed at its token's
+expiry."""
+TOO_MANY_CONNECTIONS = "too_many_connections"
 
 Handler = Callable[[Principal, str, Any], Awaitable[dict[str, Any]]]
 
@@ -76,7 +84,7 @@ class SocketIONotifier:
 class SocketGateway:
     """Binds the domain services to socket.io events (see docs/protocol.md)."""
 
-    def __init__(self, sio: socketio.AsyncServer, *, tokens: TokenAuthority,
+    def __init__(self, sio: SignalingServer, *, tokens: TokenAuthority,
                  pairing: Pairing, consultations: Consultations, presence: Presence,
                  media: Media, metrics: Metrics, recording: RecordingControl) -> None:
         self._sio = sio
@@ -88,6 +96,11 @@ class SocketGateway:
         self._metrics = metrics
         self._recording = recording
         self._principals: dict[str, Principal] = {}
+        self._connections: dict[str, set[str]] = {}
+        """Clinician id -> their open connections (``limits.connections_per_clinician``)."""
+        self._limits = sio.limits
+        self._chat_limits = ChatLimits(sio.limits)
+        self._expiry = ExpiryTimers(self._token_expired)
         self._tasks: set[asyncio.Task[None]] = set()
         sio.on("connect", self._on_connect)
         sio.on("disconnect", self._on_disconnect)
@@ -123,7 +136,17 @@ class SocketGateway:
             raise socketio.exceptions.ConnectionRefusedError(
                 exc.message, {"code": exc.code, "message": exc.message}
             ) from None
+        open_ones = self._connections.setdefault(principal.id, set())
+        if len(open_ones) >= self._limits.connections_per_clinician:
+            message = (f"clinician {principal.id!r} already has {len(open_ones)} open "
+                       f"connections; at most {self._limits.connections_per_clinician}")
+            logger.info("connection %s refused: %s (%s)", sid, TOO_MANY_CONNECTIONS,
+                        principal.id)
+            raise socketio.exceptions.ConnectionRefusedError(
+                message, {"code": TOO_MANY_CONNECTIONS, "message": message})
+        open_ones.add(sid)
         self._principals[sid] = principal
+        self._expiry.start(sid, principal.expires_at)
         for audience in self._audiences_of(principal):
             await self._sio.enter_room(sid, audience)
         await self._presence.connected(sid, principal)
@@ -147,6 +170,12 @@ class SocketGateway:
         principal = self._principals.pop(sid, None)
         if principal is None:
             return
+        self._expiry.cancel(sid)
+        open_ones = self._connections.get(principal.id)
+        if open_ones is not None:
+            open_ones.discard(sid)
+            if not open_ones:
+                del self._connections[principal.id]
         try:
             await self._presence.disconnected(sid)
             await self._consultations.connection_lost(sid, principal.id)
@@ -154,12 +183,32 @@ class SocketGateway:
             logger.exception("connection %s: cleanup after disconnect failed", sid)
         logger.info("connection %s closed (%s)", sid, reason)
 
+    def extend(self, sid: str, expires_at: float) -> bool:
+        """A refreshed access token for connection ``sid``: it is closed at ``expires_at``
+        instead (Unix seconds). False when ``sid`` is not an open, signed-in connection."""
+        principal = self._principals.get(sid)
+        if principal is None or not self._expiry.extend(sid, expires_at):
+            return False
+        self._principals[sid] = dataclasses.replace(principal, expires_at=expires_at)
+        logger.info("connection %s: token extended", sid)
+        return True
+
+    async def _token_expired(self, sid: str) -> None:
+        """The connection's token expired: tell it, then close it (its timer fired)."""
+        if sid not in self._principals:
+            return
+        logger.info("connection %s: token expired; closing it", sid)
+        await self._sio.emit(TOKEN_EXPIRED, {
+            "code": TOKEN_EXPIRED,
+            "message": "the access token has expired; sign in again"}, to=sid)
+        await self._sio.close_connection(sid)
+
     def _log_off_soon(self, sid: str) -> None:
         """Close a connection whose token expired, once the refusal's ack has gone out."""
 
         async def log_off() -> None:
             await asyncio.sleep(LOG_OFF_DELAY_S)
-            await self._sio.disconnect(sid)
+            await self._sio.close_connection(sid)
 
         task = asyncio.create_task(log_off(), name=f"log-off-{sid}")
         self._tasks.add(task)
@@ -209,8 +258,10 @@ class SocketGateway:
 
     # -- events --------------------------------------------------------------------------------
     async def _request(self, p: Principal, sid: str, m: RequestConsult) -> dict[str, Any]:
-        return await self._pairing.request(p, specialty=m.specialty, priority=m.priority,
-                                           reason=m.reason, patient_pseudonym=m.patient_pseudonym)
+        return await self._pairing.request(
+            p, specialty=m.specialty, priority=m.priority, reason=m.reason,
+            patient_pseudonym=m.patient_pseudonym,
+            max_waiting=self._limits.waiting_requests_per_clinician)
 
     async def _cancel(self, p: Principal, sid: str, m: RequestRef) -> dict[str, Any]:
         return await self._pairing.cancel(p, m.request_id)
@@ -231,6 +282,10 @@ class SocketGateway:
         return await self._consultations.invite(p, m.consultation_id, m.site_id)
 
     async def _chat(self, p: Principal, sid: str, m: Chat) -> dict[str, Any]:
+        if not self._chat_limits.admit(p.id):
+            what = f"more than {self._limits.chat_per_minute} chat messages a minute"
+            self._sio.rate_limited(sid, what)
+            raise RateLimited(f"{what}; wait a little before sending more")
         return await self._consultations.chat(p, m.consultation_id, m.text)
 
     async def _end(self, p: Principal, sid: str, m: End) -> dict[str, Any]:

@@ -11,7 +11,14 @@ from typing import Any
 from config.settings import QueueSettings
 from signaling import permissions
 from signaling.directory import Directory
-from signaling.errors import AlreadyTaken, Forbidden, InvalidPayload, InvalidState, NotFound
+from signaling.errors import (
+    AlreadyTaken,
+    Forbidden,
+    InvalidPayload,
+    InvalidState,
+    NotFound,
+    TooManyRequests,
+)
 from signaling.metrics import Metrics
 from signaling.models import Consultation, ConsultRequest, Priority
 from signaling.notify import (
@@ -51,6 +58,10 @@ class Pairing:
         self._settings = settings
         self._claims: dict[str, asyncio.Future[None]] = {}
         """Claims under way in this process, by request: later accepts wait for the first."""
+        self._moved: set[str] = set()
+        """Specialties whose lane changed since the last tick: positions to tell."""
+        self._told: dict[str, int] = {}
+        """The position last told to each waiting request's requester."""
 
     async def restore(self) -> int:
         """Rebuild the queue from the store after a start or restart."""
@@ -74,21 +85,48 @@ class Pairing:
         self._metrics.set_queue(self._queue.counts_by_priority())
 
     async def _tell_requester(self, request: ConsultRequest, **extra: Any) -> None:
-        payload = {"request": request.to_wire(), "position": self._queue.position(request.id)}
+        position = self._queue.position(request.id)
+        if position is None:
+            self._told.pop(request.id, None)
+        else:
+            self._told[request.id] = position
+        payload = {"request": request.to_wire(), "position": position}
         payload.update(extra)
         await self._notifier.emit("request:update", payload,
                                   clinician_audience(request.requester_id))
 
-    async def _tell_positions(self, requests: list[ConsultRequest]) -> None:
-        for other in requests:
-            await self._tell_requester(other)
+    def _lane_moved(self, request: ConsultRequest) -> None:
+        """``request`` arrived in or left its lane: the positions behind it moved. They are
+        told at the next tick (``tell_positions``), at most once per request per tick."""
+        self._moved.add(request.specialty)
+
+    async def tell_positions(self) -> int:
+        """Tell each waiting requester whose position changed since they were last told
+        (one ``request:update`` per request per tick, however many changes came between);
+        returns how many were told."""
+        moved, self._moved = self._moved, set()
+        told = 0
+        for specialty in sorted(moved):
+            for position, request in enumerate(self._queue.lane(specialty), start=1):
+                if self._told.get(request.id) != position:
+                    await self._tell_requester(request)
+                    told += 1
+        return told
 
     # -- request / cancel ----------------------------------------------------------------
     async def request(self, principal: Principal, *, specialty: str, priority: Priority,
-                      reason: str, patient_pseudonym: str | None) -> dict[str, Any]:
+                      reason: str, patient_pseudonym: str | None,
+                      max_waiting: int | None = None) -> dict[str, Any]:
+        """A new waiting request; refused ``too_many_requests`` when the clinician already
+        holds ``max_waiting`` waiting ones."""
         if not permissions.may_request(principal):
             raise Forbidden(f"clinician {principal.id!r} has no 'referring' role: only "
                             "referring doctors request consultations")
+        waiting = self._queue.waiting_of(principal.id)
+        if max_waiting is not None and waiting >= max_waiting:
+            raise TooManyRequests(
+                f"clinician {principal.id!r} already has {waiting} waiting requests; at most "
+                f"{max_waiting}: cancel one or wait until one is accepted")
         offered = self._directory.specialties()
         if specialty not in offered:
             raise InvalidPayload(
@@ -106,8 +144,11 @@ class Pairing:
         logger.info("request %s created by %s (%s, %s)", request.id, principal.id,
                     request.specialty, request.priority)
         await self._queue_changed("added", request)
-        await self._tell_positions(self._queue.behind(request))
-        return {"request": request.to_wire(), "position": self._queue.position(request.id)}
+        self._lane_moved(request)
+        position = self._queue.position(request.id)
+        if position is not None:
+            self._told[request.id] = position
+        return {"request": request.to_wire(), "position": position}
 
     async def cancel(self, principal: Principal, request_id: str) -> dict[str, Any]:
         request = await self._waiting(request_id)
@@ -133,15 +174,16 @@ class Pairing:
         if not await self._store.finish_request(request.id, status, now):
             # Claimed or finished meanwhile (another node): the store decides.
             self._queue.remove(request.id)
+            self._told.pop(request.id, None)
+            self._lane_moved(request)
             raise InvalidState(f"consult request {request.id!r} is no longer waiting")
-        behind = self._queue.behind(request)
         self._queue.remove(request.id)
+        self._lane_moved(request)
         request.status = status  # type: ignore[assignment]
         request.closed_at = now
         self._metrics.requests.labels(outcome=status).inc()
         await self._queue_changed("removed", request)
         await self._tell_requester(request, **extra)
-        await self._tell_positions(behind)
 
     # -- accept --------------------------------------------------------------------------
     async def accept(self, principal: Principal, request_id: str) -> dict[str, Any]:
@@ -179,8 +221,9 @@ class Pairing:
             if self._claims.get(request.id) is claim:
                 del self._claims[request.id]
             claim.set_result(None)
-        behind = self._queue.behind(request)
         self._queue.remove(request.id)
+        self._told.pop(request.id, None)
+        self._lane_moved(request)
         request.status = "accepted"
         request.accepted_by = principal.id
         request.accepted_at = now
@@ -199,13 +242,13 @@ class Pairing:
             [clinician_audience(request.requester_id), clinician_audience(principal.id)],
         )
         await self._queue_changed("removed", request)
-        await self._tell_positions(behind)
         self._metrics.pairing_seconds.observe(time.perf_counter() - started)
         return ready
 
     # -- timers --------------------------------------------------------------------------
     async def tick(self, now: float | None = None) -> None:
-        """Escalate and expire waiting requests whose time has come."""
+        """Escalate and expire waiting requests whose time has come; tell the requesters
+        whose positions moved."""
         now = time.time() if now is None else now
         for request in self._queue.all():
             age = now - request.created_at
@@ -226,6 +269,7 @@ class Pairing:
                 )
                 await self._queue_changed("escalated", request)
                 await self._tell_requester(request)
+        await self.tell_positions()
 
     def visible_queue(self, principal: Principal) -> list[dict[str, Any]]:
         """What the clinician may accept: nothing unless a central specialist or coordinator."""

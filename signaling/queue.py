@@ -17,6 +17,7 @@ class ConsultQueue:
     def __init__(self) -> None:
         self._by_id: dict[str, ConsultRequest] = {}
         self._by_specialty: dict[str, list[ConsultRequest]] = {}
+        self._by_requester: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -31,6 +32,7 @@ class ConsultQueue:
         if request.id in self._by_id:
             return
         self._by_id[request.id] = request
+        self._by_requester[request.requester_id] = self.waiting_of(request.requester_id) + 1
         lane = self._by_specialty.setdefault(request.specialty, [])
         bisect.insort(lane, request, key=_key)
 
@@ -43,7 +45,14 @@ class ConsultQueue:
         del lane[index]
         if not lane:
             del self._by_specialty[request.specialty]
+        left = self._by_requester.pop(request.requester_id, 1) - 1
+        if left > 0:
+            self._by_requester[request.requester_id] = left
         return request
+
+    def waiting_of(self, requester_id: str) -> int:
+        """How many waiting requests ``requester_id`` holds."""
+        return self._by_requester.get(requester_id, 0)
 
     def position(self, request_id: str) -> int | None:
         """1-based place of the request in its specialty's lane."""

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 
 from signaling.errors import InvalidPayload
 from signaling.models import Priority
@@ -111,6 +119,13 @@ class Candidate(Payload):
     sdpMid: Mid | None = None
     sdpMLineIndex: Annotated[int, Field(ge=0, le=64)] | None = None
     usernameFragment: Annotated[str, StringConstraints(max_length=256)] | None = None
+
+    @model_validator(mode="after")
+    def _placed(self) -> Candidate:
+        # aiortc's addIceCandidate raises on a candidate it cannot place on an m-line.
+        if self.candidate and self.sdpMid is None and self.sdpMLineIndex is None:
+            raise ValueError("a candidate needs sdpMid or sdpMLineIndex")
+        return self
 
 
 class Ice(Payload):

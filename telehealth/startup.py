@@ -26,7 +26,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import socketio
 from aiohttp import web
 
 from config.settings import Settings
@@ -53,6 +52,7 @@ from signaling.recording import (
     RecordingControl,
     recording_state_notifier,
 )
+from signaling.socket_server import SignalingServer
 from signaling.store import RecordStore
 from signaling.tokens import TokenAuthority, load_or_create_secret
 
@@ -102,8 +102,8 @@ def create_app(settings: Settings) -> web.Application:
     settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
     directory, tokens = token_authority(settings)
     metrics = Metrics()
-    sio = socketio.AsyncServer(
-        async_mode="aiohttp",
+    sio = SignalingServer(
+        settings, metrics=metrics, async_mode="aiohttp",
         ping_interval=settings.presence.ping_interval_s,
         ping_timeout=settings.presence.ping_timeout_s,
         logger=False,
