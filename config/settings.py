@@ -43,6 +43,31 @@ class ServerSettings(_Section):
     """On SIGTERM/SIGINT, `serve` exits within this many seconds whatever the clients do:
     clients told (``server:stopping``) and disconnected, recordings finished, records closed;
     what has not finished by then is abandoned. Default 10 s."""
+    max_payload_bytes: int = Field(default=256 * 1024, ge=80 * 1024, le=16 * 1024 * 1024)
+    """Largest HTTP request body and largest engine.io message (a websocket frame, a polling
+    POST) a client may send; more is answered 413 and the connection closed. Default 256 KiB:
+    an SDP of relay/sdp.py's 64 KiB as JSON, and a relay node's 50 ms media batch."""
+    signin_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    """An engine.io session that has not completed the socket.io connect (signed in) within
+    this many seconds is closed. Default 10 s."""
+    polling_sessions_per_address: int = Field(default=20, ge=1)
+    """Open engine.io long-polling sessions one client address may hold (sessions that moved
+    to a websocket do not count); more are refused 429. Default 20."""
+    send_queue_max_messages: int = Field(default=2000, ge=10)
+    """Messages waiting to be written to one connection; a client that falls further behind
+    (it does not read) is disconnected and its queue dropped. Default 2000."""
+    send_queue_max_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024)
+    """Bytes waiting to be written to one connection, the same rule. Default 8 MiB."""
+    send_flush_timeout_s: float = Field(default=5.0, gt=0, le=60)
+    """When a connection is closed, how long the server waits for its queued messages to be
+    written before dropping them. Default 5 s."""
+    header_timeout_s: float = Field(default=15.0, gt=0, le=600)
+    """A connection must send a complete request head within this many seconds of opening or
+    of its previous response, else it is closed (aiohttp's keep-alive timer: an idle
+    keep-alive connection is closed after it too). Default 15 s."""
+    body_timeout_s: float = Field(default=10.0, gt=0, le=600)
+    """A request body (or its unread rest, after the response) must arrive within this many
+    seconds, else the connection is closed. Default 10 s."""
 
     @field_validator("gc_thresholds")
     @classmethod

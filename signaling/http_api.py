@@ -10,10 +10,14 @@ import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Middleware
+from prometheus_client import Counter
 
+from config.settings import ServerSettings
 from signaling import permissions
 from signaling.consultations import Consultations
 from signaling.directory import Directory
@@ -31,16 +35,50 @@ SOCKET_IO_CLIENT = WEB_CLIENT_DIR / "node_modules" / "socket.io-client" / "dist"
 
 PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal", Principal)
 
+WEB_CLIENT_FILES = r"index\.html|styles\.css|src/[A-Za-z0-9_-]+\.js"
+"""What ``/app/`` serves: the web client's own files, never its ``package.json``, lockfile or
+``node_modules``."""
+
+ENGINEIO_PATH = "/socket.io/"
+"""python-socketio's default path: engine.io's requests, bounded in ``signaling.transport``."""
+
 OPEN_PATHS = frozenset({"/", "/healthz", "/favicon.ico"})
 OPEN_PREFIXES = ("/app/", "/vendor/", "/socket.io")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def error_body(code: str, message: str) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message}}
+
+
+async def refuse_and_close(request: web.BaseRequest, status: int, code: str,
+                           message: str) -> web.StreamResponse:
+    """Answer a JSON error and close the connection at once, without reading the rest of the
+    request body (aiohttp would read and discard it for up to ``lingering_time``)."""
+    response = web.json_response(error_body(code, message), status=status)
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()
+    return response
+
+
 @web.middleware
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The one place HTTP errors are answered: a ``SignalingError`` raised by a route or by
-    the auth middleware, an unknown route or a wrong method, as JSON with a 4xx status."""
+    """The one place HTTP errors are answered: a body announced over ``client_max_size``
+    (413 ``payload_too_large``, the connection closed), a ``SignalingError`` raised by a route
+    or by the auth middleware, an unknown route or a wrong method, as JSON with a 4xx status;
+    any other exception as a JSON 500 ``internal`` (one ERROR line, no traceback to the
+    client)."""
+    length = request.content_length
+    if length is not None and length > request.client_max_size and \
+            not request.path.startswith(ENGINEIO_PATH):  # its own limit (signaling.transport)
+        logger.info("HTTP %s %s refused: payload_too_large (%d bytes)", request.method,
+                    request.path, length)
+        return await refuse_and_close(
+            request, 413, "payload_too_large",
+            f"the body is {length} bytes; at most {request.client_max_size}")
     try:
         return await handler(request)
     except SignalingError as exc:
@@ -49,10 +87,53 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return web.json_response(
-            {"error": {"code": "http_" + str(exc.status), "message": exc.reason}},
-            status=exc.status,
-        )
+        if exc.status == 413:
+            return await refuse_and_close(request, 413, "payload_too_large",
+                                          f"the body is over {request.client_max_size} bytes")
+        return web.json_response(error_body("http_" + str(exc.status), exc.reason),
+                                 status=exc.status)
+    except ConnectionError:
+        raise  # the client went away: aiohttp drops the connection quietly
+    except Exception as exc:
+        logger.error("HTTP %s %s failed: %s: %s", request.method, request.path,
+                     type(exc).__name__, exc, exc_info=logger.isEnabledFor(logging.DEBUG))
+        return web.json_response(error_body("internal", "the server failed; it was logged"),
+                                 status=500)
+
+
+class HeadErrorLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """The logger of aiohttp's ``RequestHandler`` (aiohttp 3.14, ``handler_args`` ``logger``).
+    aiohttp logs every malformed request head (``HttpProcessingError``: bad request line, header
+    too long, bad method...) with ``logger.exception``: an ERROR traceback per unauthenticated
+    request. Here each is counted in ``malformed`` and logged as one INFO line; everything else
+    passes through."""
+
+    def __init__(self, logger: logging.Logger, malformed: Counter) -> None:
+        super().__init__(logger, {})
+        self.malformed = malformed
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info")
+        if isinstance(exc, HttpProcessingError):
+            self.malformed.inc()
+            remote = args[0] if args else "?"
+            self.logger.info("HTTP: malformed request head from %s (%s, %s)", remote,
+                             type(exc).__name__, exc.code)
+            return
+        super().log(level, msg, *args, **kwargs)
+
+
+def runner_options(server: ServerSettings, metrics: Metrics) -> dict[str, Any]:
+    """Keywords for ``web.AppRunner`` (aiohttp 3.14 hands them to each ``RequestHandler``):
+    ``keepalive_timeout`` is the header timeout (aiohttp arms it when a connection opens and
+    after each response, and closes the connection if no complete request head arrived by
+    then; it has no separate header timeout); ``lingering_time`` bounds reading an unread body
+    after the response; the logger counts malformed heads instead of logging tracebacks."""
+    return {
+        "keepalive_timeout": server.header_timeout_s,
+        "lingering_time": server.body_timeout_s,
+        "logger": HeadErrorLog(logging.getLogger("aiohttp.server"), metrics.malformed_requests),
+    }
 
 
 def make_auth_middleware(verify: Callable[[object], Principal], metrics_token: str) -> Middleware:
@@ -94,6 +175,12 @@ def add_routes(app: web.Application, *, directory: Directory, metrics: Metrics,
             raise NotBuilt(f"{name} is missing: run `make run` (it installs the web client's "
                            "npm packages)")
         return web.FileResponse(path, headers={"Content-Type": "text/javascript"})
+
+    async def web_client(request: web.Request) -> web.StreamResponse:
+        path = WEB_CLIENT_DIR / request.match_info["name"]
+        if not path.is_file():
+            raise web.HTTPNotFound()
+        return web.FileResponse(path, headers={"Cache-Control": "no-cache"})
 
     async def favicon(request: web.Request) -> web.Response:
         return web.Response(status=204)
@@ -158,4 +245,4 @@ def add_routes(app: web.Application, *, directory: Directory, metrics: Metrics,
                        r"{name:[A-Za-z0-9][A-Za-z0-9_.-]{0,127}}", recording_file)
     app.router.add_get("/api/sites", sites)
     app.router.add_get("/vendor/{name}", vendor)
-    app.router.add_static("/app/", WEB_CLIENT_DIR, append_version=False)
+    app.router.add_get("/app/{name:" + WEB_CLIENT_FILES + "}", web_client)

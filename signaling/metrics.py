@@ -42,6 +42,11 @@ class Metrics:
         self.live_consultations = Gauge(
             "telehealth_live_consultations", "Consultations not yet ended", registry=self.registry
         )
+        self.malformed_requests = Counter(
+            "telehealth_http_malformed_requests",
+            "HTTP request heads refused 400 before routing (malformed, too long)",
+            registry=self.registry,
+        )
 
     def set_queue(self, counts: dict[str, int]) -> None:
         for priority, count in counts.items():

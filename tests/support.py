@@ -22,6 +22,7 @@ import socketio
 from aiohttp import web
 
 from config.settings import Settings, load_settings
+from signaling.http_api import runner_options
 from signaling.tokens import TokenAuthority
 from telehealth.startup import SERVICES, create_app
 
@@ -183,7 +184,8 @@ async def run_server(config: Path) -> AsyncIterator[Server]:
     """The real app on an ephemeral port in this process."""
     settings = load_settings(config)
     app = create_app(settings)
-    runner = web.AppRunner(app, handle_signals=False)
+    runner = web.AppRunner(app, handle_signals=False,
+                           **runner_options(settings.server, app[SERVICES].metrics))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
