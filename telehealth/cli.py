@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import getpass
 import logging
 import os
 import signal
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -217,11 +220,12 @@ def _user() -> str:
 
 
 async def _serve(settings: Settings) -> int:
-    from telehealth.startup import SERVICES, create_app
+    from telehealth.startup import SERVICES, create_app, http_shutdown_timeout
 
     gc.set_threshold(*settings.server.gc_thresholds)
     app = create_app(settings)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           shutdown_timeout=http_shutdown_timeout(settings))
     await runner.setup()
     # Everything loaded so far lives as long as the process: keep it out of every collection.
     gc.collect()
@@ -249,9 +253,73 @@ async def _serve(settings: Settings) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
-    logger.info("shutting down")
+    return await _stop(runner, settings.server.drain_s)
+
+
+EXIT_SECOND_SIGNAL = 130
+"""A second SIGTERM/SIGINT during a stop: exit at once (what is unfinished is abandoned; a
+recording being written is marked interrupted at the next start)."""
+
+
+async def _stop(runner: web.AppRunner, drain_s: float) -> int:
+    """The stop after the first SIGTERM/SIGINT (startup.py, ``Stopping``: stop listening, tell
+    and close every session, let requests in flight finish; then ``runner.cleanup()`` closes
+    the timers, recorder, records and relay in reverse order), within ``drain_s`` whatever the
+    clients do. A second signal exits at once with ``EXIT_SECOND_SIGNAL``."""
+    from telehealth.startup import STOPPING
+
+    stopping = runner.app[STOPPING]
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        # From here on a Python-level handler: it runs even while the event loop is stuck.
+        asyncio.get_running_loop().remove_signal_handler(signum)
+        signal.signal(signum, _second_signal)
+    # Armed until the process exits: it also bounds what asyncio.run and the interpreter do
+    # after this returns (cancelling leftover tasks, joining worker threads).
+    StopDeadline(drain_s, lambda: stopping.step)
+    started = time.monotonic()
+    logger.info("stopping: telling clients, finishing recordings; exit within %.1f s "
+                "(a second signal exits at once)", drain_s)
+    await stopping.begin(runner)
     await runner.cleanup()
+    logger.info("stopped in %.1f s", time.monotonic() - started)
     return 0
+
+
+class StopDeadline:
+    """A hard deadline for a stop: after ``seconds``, one log line naming the step under way
+    (``step()``) and the process exits with code 0, from a thread so that neither a stuck
+    event loop nor a stuck worker thread can hold it."""
+
+    def __init__(self, seconds: float, step: Callable[[], str],
+                 exit: Callable[[int], object] = os._exit) -> None:
+        self.seconds = seconds
+        self._step = step
+        self._exit = exit
+        self._timer = threading.Timer(seconds, self._abandon)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+    def _abandon(self) -> None:
+        logger.warning("stop: drain time of %.1f s is over while %s; exiting, the rest "
+                       "abandoned", self.seconds, self._step())
+        _flush()
+        self._exit(0)
+
+
+def _second_signal(signum: int, _frame: object) -> None:
+    logger.warning("stop: second %s; exiting at once (code %d)", signal.Signals(signum).name,
+                   EXIT_SECOND_SIGNAL)
+    _flush()
+    os._exit(EXIT_SECOND_SIGNAL)
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
 
 
 if __name__ == "__main__":

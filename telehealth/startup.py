@@ -13,6 +13,14 @@ Starting and stopping follow ``cleanup_ctx``, in this order, and close in revers
    the end;
 4. the timers: escalation and expiry, the reconnect grace period, silent relay nodes.
 
+Stopping (``Stopping.begin``, then ``runner.cleanup()``; ``telehealth serve`` on SIGTERM/SIGINT):
+the listening sockets close; new requests on open connections are answered 503
+``server_stopping``; every signed-in connection is sent ``server:stopping`` and every engine.io
+session (clients, relay nodes) is closed; requests in flight get a moment to finish; then
+aiohttp's own shutdown (at most ``http_shutdown_timeout`` per stuck request) and ``cleanup_ctx``
+in reverse: timers, recorder (files finished, manifests written), records, relay. Each share of
+``server.drain_s`` is bounded; ``Stopping.step`` names the step under way.
+
 Everything is reached through the typed ``SERVICES`` key; nothing is module-level state.
 Signaling knows relays only through ``relay.api``: this module picks the implementations
 (``relay.embedded.LocalRelay``, ``relay.remote.RemoteRelay`` for each node that dials in)."""
@@ -22,10 +30,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import socketio
 from aiohttp import web
 
 from config.settings import Settings
@@ -60,6 +71,17 @@ logger = logging.getLogger(__name__)
 
 RECORDS_FILE = "records.sqlite3"
 
+STOPPING_EVENT = "server:stopping"
+"""Sent to every signed-in connection before the server closes it on a stop."""
+TELL_SHARE = 0.15
+"""Of ``server.drain_s``: telling clients and closing their sessions."""
+SETTLE_SHARE = 0.15
+"""Of ``server.drain_s``: requests in flight (websocket handlers closing) finishing alone."""
+HTTP_SHARE = 0.1
+"""Of ``server.drain_s``: aiohttp's ``shutdown_timeout`` for what is still in flight after
+that (it may wait twice: for the handler, then after cancelling it). The rest of the drain
+time, at least half, is for closing recordings, records and relays."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class Services:
@@ -81,6 +103,111 @@ class Services:
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
+
+
+class Stopping:
+    """The stop of one app: the step under way (named in the one line logged when
+    ``server.drain_s`` runs out), the requests in flight, and telling clients."""
+
+    def __init__(self, drain_s: float, sio: socketio.AsyncServer) -> None:
+        self.drain_s = drain_s
+        self.step = "serving"
+        self._sio = sio
+        self._stopping = False
+        self._told = False
+        self._in_flight = 0
+        self._settled = asyncio.Event()
+        self._settled.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def notice(self) -> dict[str, Any]:
+        """The ``server:stopping`` payload (docs/protocol.md), also the 503 body's error."""
+        retry = math.ceil(self.drain_s)
+        return {"code": "server_stopping",
+                "message": f"The server is stopping (restart or maintenance); reconnect in "
+                           f"{retry} s.",
+                "retry_after_s": retry}
+
+    async def begin(self, runner: web.BaseRunner) -> None:
+        """Stop listening, refuse new requests, tell every client and close every session,
+        and let requests in flight finish; the caller then runs ``runner.cleanup()``.
+
+        All this happens before aiohttp's own shutdown on purpose: its ``pre_shutdown()``
+        (aiohttp 3.14) marks every connection closing, and from then on
+        ``RequestHandler.data_received`` drops what a client sends, upgraded websockets
+        included, so a websocket handler never sees the client's close frame and waits for
+        engine.io's ping timeout (ping_interval + ping_timeout: 40 s by default)."""
+        self._stopping = True
+        self.step = "closing the listening sockets"
+        for site in runner.sites:
+            await site.stop()
+        await self.tell_clients()
+        self.step = "waiting for requests in flight"
+        budget = self.drain_s * SETTLE_SHARE
+        try:
+            async with asyncio.timeout(budget):
+                await self._settled.wait()
+        except TimeoutError:
+            logger.info("stop: %d requests still in flight after %.1f s; aiohttp cancels them",
+                        self._in_flight, budget)
+
+    async def tell_clients(self) -> None:
+        """``server:stopping`` to every signed-in connection, then every engine.io session
+        closed (clients see a transport close and may reconnect), within ``TELL_SHARE`` of the
+        drain time. Once."""
+        if self._told:
+            return
+        self._told = True
+        self._stopping = True
+        self.step = "telling clients"
+        sio = self._sio
+        budget = self.drain_s * TELL_SHARE
+        # python-engineio 4.15: ``eio.sockets`` (sid -> socket) is the server's table of
+        # sessions; ``eio.disconnect()`` without a sid closes them all (and fails on an empty
+        # table). tests/signaling/test_stop.py checks both are still there.
+        sessions = len(sio.eio.sockets)
+        try:
+            async with asyncio.timeout(budget):
+                await sio.emit(STOPPING_EVENT, self.notice())
+                if sio.eio.sockets:
+                    await sio.eio.disconnect()
+        except TimeoutError:
+            logger.warning("stop: %d of %d sessions still closing after %.1f s; going on",
+                           len(sio.eio.sockets), sessions, budget)
+        await sio.shutdown()
+        logger.info("stop: %d sessions told and closed", sessions)
+
+    @web.middleware
+    async def middleware(self, request: web.Request,
+                         handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+                         ) -> web.StreamResponse:
+        """Counts requests in flight (websocket handlers included); once stopping, answers
+        503 ``server_stopping`` with ``Retry-After``."""
+        if self._stopping:
+            notice = self.notice()
+            return web.json_response(
+                {"error": {"code": notice["code"], "message": notice["message"]}}, status=503,
+                headers={"Retry-After": str(notice["retry_after_s"]), "Connection": "close"})
+        self._in_flight += 1
+        self._settled.clear()
+        try:
+            return await handler(request)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._settled.set()
+
+
+STOPPING: web.AppKey[Stopping] = web.AppKey("stopping", Stopping)
+
+
+def http_shutdown_timeout(settings: Settings) -> float:
+    """aiohttp's ``shutdown_timeout`` for ``AppRunner``: how long a stop waits for HTTP
+    requests in flight (its default, 60 s, alone outlasts ``server.drain_s``)."""
+    return settings.server.drain_s * HTTP_SHARE
 
 
 def directory_path(settings: Settings) -> Path:
@@ -156,7 +283,9 @@ def create_app(settings: Settings) -> web.Application:
     SocketGateway(sio, tokens=tokens, pairing=pairing, consultations=consultations,
                   presence=presence, media=media, metrics=metrics, recording=recording)
 
+    stopping = Stopping(settings.server.drain_s, sio)
     app = web.Application(middlewares=[
+        stopping.middleware,
         json_errors,
         make_auth_middleware(tokens.verify, settings.security.metrics_token),
     ])
@@ -167,6 +296,13 @@ def create_app(settings: Settings) -> web.Application:
     sio.attach(app)
     add_routes(app, directory=directory, metrics=metrics, pairing=pairing,
                consultations=consultations, recording=recording, presence=presence)
+    app[STOPPING] = stopping
+
+    async def tell_clients(app: web.Application) -> None:
+        # When the runner is cleaned up without ``Stopping.begin`` (tests).
+        await app[STOPPING].tell_clients()
+
+    app.on_shutdown.append(tell_clients)
     app.cleanup_ctx.append(_relay)
     app.cleanup_ctx.append(_records)
     app.cleanup_ctx.append(_recorder)
@@ -181,8 +317,10 @@ async def _relay(app: web.Application) -> AsyncIterator[None]:
         await hooks.check()
         hooks.set_host_addresses(services.settings.relay.host_addresses)
     yield
+    app[STOPPING].step = "closing the relay"
     if services.embedded is not None:
         await services.embedded.close()
+    app[STOPPING].step = "stopped"
 
 
 async def _records(app: web.Application) -> AsyncIterator[None]:
@@ -193,6 +331,7 @@ async def _records(app: web.Application) -> AsyncIterator[None]:
     active = await services.consultations.restore()
     logger.info("restored %d waiting requests and %d open consultations", waiting, active)
     yield
+    app[STOPPING].step = "closing the records"
     await services.store.close()
 
 
@@ -208,6 +347,7 @@ async def _recorder(app: web.Application) -> AsyncIterator[None]:
     if interrupted:
         logger.warning("%d recordings were interrupted by the last stop", len(interrupted))
     yield
+    app[STOPPING].step = "finishing recordings"
     await recorder.close()
 
 
@@ -215,6 +355,7 @@ async def _timers(app: web.Application) -> AsyncIterator[None]:
     services = app[SERVICES]
     task = asyncio.create_task(_tick_forever(services), name="signaling-timers")
     yield
+    app[STOPPING].step = "stopping the timers"
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
