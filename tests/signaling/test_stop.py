@@ -58,6 +58,7 @@ async def test_sigterm_tells_clients_finishes_the_recording_and_exits_within_the
     server = start_server_process(config)
     names = ("cardio1", "ref1", "ref2")
     peers: list[MediaPeer] = []
+    hung: socket.socket | None = None
     try:
         async with clients(server.url, {n: tokens.issue(n) for n in names}) as c:
             # ref2 stays idle; cardio1 and ref1 consult with camera and tone, recorded.
@@ -70,6 +71,10 @@ async def test_sigterm_tells_clients_finishes_the_recording_and_exits_within_the
             await wait_for(lambda: all(
                 (v := p.video_from(o)) is not None and len(v.counters) >= 2 * FPS
                 for p, o in zip(peers, ("ref1", "cardio1"), strict=True)), 30, "media flowing")
+
+            # And a client that lies: a polling session that never polls, a body never sent.
+            hung = hang_a_request(server.url)
+            await asyncio.sleep(0.2)
 
             server.process.send_signal(signal.SIGTERM)
             code, took = await exited(server, DRAIN_S + MARGIN_S)
@@ -87,6 +92,8 @@ async def test_sigterm_tells_clients_finishes_the_recording_and_exits_within_the
     finally:
         for peer in peers:
             await peer.close()
+        if hung is not None:
+            hung.close()
         if server.process.poll() is None:
             server.kill()
 
