@@ -220,12 +220,14 @@ def _user() -> str:
 
 
 async def _serve(settings: Settings) -> int:
+    from signaling.http_api import runner_options
     from telehealth.startup import SERVICES, create_app, http_shutdown_timeout
 
     gc.set_threshold(*settings.server.gc_thresholds)
     app = create_app(settings)
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                           shutdown_timeout=http_shutdown_timeout(settings))
+                           shutdown_timeout=http_shutdown_timeout(settings),
+                           **runner_options(settings.server, app[SERVICES].metrics))
     await runner.setup()
     # Everything loaded so far lives as long as the process: keep it out of every collection.
     gc.collect()

@@ -284,7 +284,7 @@ def create_app(settings: Settings) -> web.Application:
                   presence=presence, media=media, metrics=metrics, recording=recording)
 
     stopping = Stopping(settings.server.drain_s, sio)
-    app = web.Application(middlewares=[
+    app = web.Application(client_max_size=settings.server.max_payload_bytes, middlewares=[
         stopping.middleware,
         json_errors,
         make_auth_middleware(tokens.verify, settings.security.metrics_token),
