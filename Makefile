@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
 NODE_STAMP := web_client/node_modules/.package-lock.json
 
-.PHONY: run test lint bench-signaling bench-relay bench-recorder system-deps test-system-deps clean
+.PHONY: run test lint bench-signaling bench-relay bench-recorder bench-abuse system-deps test-system-deps clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version' 
@@ -53,6 +53,9 @@ bench-relay: $(STAMP)
 
 bench-recorder: $(STAMP)
 	$(BIN)/python bench/recorder_load.py
+
+bench-abuse: $(STAMP)
+	$(BIN)/python bench/abuse_load.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache web_client/node_modules

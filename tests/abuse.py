@@ -131,29 +131,29 @@ async def open_consultation(requester: Client, host: Client, specialty: str,
 
 @dataclass
 class ChatProbe:
-    """Two joined bystanders chat in turn, ``rate`` messages per second (open loop); every
-    message's latency is its sender's clock from emitting ``chat:send`` to the *other*
-    bystander receiving ``chat:message``. Any other event a bystander receives is kept in
-    ``leaks`` (see the module doc)."""
+    """Bystanders chat in turn (``senders`` round robin), ``rate`` messages per second in all
+    (open loop); a message's latency is its sender's clock from emitting ``chat:send`` to a
+    ``listener`` other than the sender receiving ``chat:message``. Any other event a listener
+    receives is kept in ``leaks`` (see the module doc). The probe takes over the listeners'
+    ``chat:message`` and catch-all handlers."""
 
-    a: Client
-    b: Client
+    senders: list[Client]
+    listeners: list[Client]
     consultation_id: str
     rate: float = 10.0
     sent: dict[str, tuple[str, float]] = field(default_factory=dict)
     """tag -> (sender id, monotonic send time), for every message acked ok."""
     received: dict[str, dict[str, float]] = field(default_factory=dict)
-    """receiver id -> tag -> monotonic arrival time."""
+    """listener id -> tag -> monotonic arrival time."""
     refused: Counter[str] = field(default_factory=Counter)
     leaks: list[tuple[str, str, Any]] = field(default_factory=list)
     _task: asyncio.Task[None] | None = None
     _pending: set[asyncio.Task[None]] = field(default_factory=set)
-    _emitted: dict[str, float] = field(default_factory=dict)
     _count: int = 0
 
     def __post_init__(self) -> None:
-        for client in (self.a, self.b):
-            who = _clinician(client)
+        for client in self.listeners:
+            who = clinician_of(client)
             self.received[who] = {}
             client.sio.on("chat:message", self._receiver(who))
             client.sio.on("*", self._leak(who))
@@ -163,7 +163,8 @@ class ChatProbe:
             now = time.monotonic()
             message = data.get("message") if isinstance(data, dict) else None
             text = message.get("text") if isinstance(message, dict) else None
-            if (not isinstance(text, str) or not text.startswith("probe-")
+            if (not isinstance(message, dict) or not isinstance(text, str)
+                    or not text.startswith("probe-")
                     or message.get("consultation_id") != self.consultation_id):
                 self.leaks.append((who, "chat:message", data))
                 return
@@ -182,8 +183,8 @@ class ChatProbe:
         loop = asyncio.get_running_loop()
         start = loop.time()
         while True:
+            sender = self.senders[self._count % len(self.senders)]
             self._count += 1
-            sender = self.a if self._count % 2 else self.b
             task = asyncio.create_task(self._send(sender, f"probe-{self._count}"))
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
@@ -191,7 +192,6 @@ class ChatProbe:
 
     async def _send(self, sender: Client, tag: str) -> None:
         t0 = time.monotonic()
-        self._emitted[tag] = t0
         try:
             ack = await sender.call("chat:send", {"consultation_id": self.consultation_id,
                                                   "text": tag}, timeout=15)
@@ -200,7 +200,7 @@ class ChatProbe:
             return
         code = ack_code(ack)
         if code == "ok":
-            self.sent[tag] = (_clinician(sender), t0)
+            self.sent[tag] = (clinician_of(sender), t0)
         else:
             self.refused[code] += 1
 
@@ -217,23 +217,25 @@ class ChatProbe:
             await asyncio.sleep(0.05)
 
     def latencies_ms(self, since: float = 0.0, until: float = math.inf) -> list[float]:
-        """Send -> other bystander's receipt, for messages emitted in [since, until)."""
+        """Send -> a listener's receipt (the sender's own echo excluded), for messages emitted
+        in [since, until)."""
         out = []
         for tag, (sender, t0) in self.sent.items():
             if not since <= t0 < until:
                 continue
-            for receiver, got in self.received.items():
-                if receiver != sender and tag in got:
+            for listener, got in self.received.items():
+                if listener != sender and tag in got:
                     out.append((got[tag] - t0) * 1000)
         return out
 
     def lost(self) -> list[tuple[str, str]]:
-        """(receiver, tag) for every acked message a bystander has not received."""
-        return [(receiver, tag) for tag in self.sent for receiver, got in self.received.items()
-                if tag not in got]
+        """(listener, tag) for every acked message a listener has not received."""
+        return [(listener, tag) for tag in self.sent
+                for listener, got in self.received.items() if tag not in got]
 
 
-def _clinician(client: Client) -> str:
+def clinician_of(client: Client) -> str:
+    """The clinician id a client's token names."""
     token = client.token or ""
     payload = token.split(".")[1] if token.count(".") == 2 else ""
     claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)) or "{}")

@@ -58,8 +58,9 @@ ACK_WAIT_S = 5.0
 """How long an ack may take (the server answers in milliseconds on an idle machine)."""
 ACK_WAIT_AFTER_MISSES_S = 0.5
 """Once three acks went missing (a finding, not a slow machine), waits shorten to this."""
-PROBE_RATE = 2.0
-"""Bystander chat messages per second (both bystanders in turn) while the fuzzer runs."""
+PROBE_RATE = 0.8
+"""Bystander chat messages per second (both bystanders in turn) while the fuzzer runs: under
+``limits.chat_per_minute`` (30 a clinician by default)."""
 
 NO_ACK = "no ack at all (#10 finding 4: odd event names; #10 finding 1: reserved names)"
 
@@ -285,7 +286,8 @@ class Fuzzing:
         for client in c.values():
             for event in list(client.events):
                 client.drain(event)
-        self.probe = ChatProbe(c[BYSTANDERS[0]], c[BYSTANDERS[1]], b_consultation, PROBE_RATE)
+        pair = [c[BYSTANDERS[0]], c[BYSTANDERS[1]]]
+        self.probe = ChatProbe(pair, pair, b_consultation, PROBE_RATE)
         self.probe.start()
 
     async def fuzzer(self) -> RawSocket:
