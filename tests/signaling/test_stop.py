@@ -138,7 +138,7 @@ def hang_a_request(url: str) -> socket.socket:
 
 
 async def test_a_second_sigterm_during_the_drain_exits_at_once(tmp_path: Path) -> None:
-    config = write_config(tmp_path, server={"drain_s": 30.0})
+    config = write_config(tmp_path, server={"drain_s": 30.0, "body_timeout_s": 60.0})
     server = start_server_process(config)
     hung = hang_a_request(server.url)
     try:
@@ -161,7 +161,7 @@ async def test_a_second_sigterm_during_the_drain_exits_at_once(tmp_path: Path) -
 
 
 async def test_requests_arriving_during_a_stop_are_refused_with_503(tmp_path: Path) -> None:
-    config = write_config(tmp_path, server={"drain_s": 30.0})
+    config = write_config(tmp_path, server={"drain_s": 30.0, "body_timeout_s": 60.0})
     server = start_server_process(config)
     hung = hang_a_request(server.url)
     try:
