@@ -175,10 +175,12 @@ class Stopping:
                 if sio.eio.sockets:
                     await sio.eio.disconnect()
         except TimeoutError:
-            logger.warning("stop: %d of %d sessions still closing after %.1f s; going on",
-                           len(sio.eio.sockets), sessions, budget)
+            # A client fault (a polling session that stopped polling, a client not reading).
+            logger.info("stop: %d sessions told; %d still closing after %.1f s, going on",
+                        sessions, len(sio.eio.sockets), budget)
+        else:
+            logger.info("stop: %d sessions told and closed", sessions)
         await sio.shutdown()
-        logger.info("stop: %d sessions told and closed", sessions)
 
     @web.middleware
     async def middleware(self, request: web.Request,
