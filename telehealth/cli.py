@@ -301,9 +301,6 @@ class StopDeadline:
         self._timer.daemon = True
         self._timer.start()
 
-    def cancel(self) -> None:
-        self._timer.cancel()
-
     def _abandon(self) -> None:
         logger.warning("stop: drain time of %.1f s is over while %s; exiting, the rest "
                        "abandoned", self.seconds, self._step())

@@ -322,7 +322,7 @@ async def _relay(app: web.Application) -> AsyncIterator[None]:
     app[STOPPING].step = "closing the relay"
     if services.embedded is not None:
         await services.embedded.close()
-    app[STOPPING].step = "stopped"
+    app[STOPPING].step = "exiting (asyncio's last tasks, worker threads)"
 
 
 async def _records(app: web.Application) -> AsyncIterator[None]:
