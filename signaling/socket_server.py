@@ -82,6 +82,9 @@ class SignalingServer(socketio.AsyncServer):  # type: ignore[misc]
         """python-socketio 5.18's dispatch, refusing what it would raise on."""
         pending = self._binary_packet.get(eio_sid)
         if pending is not None:
+            if not isinstance(data, (bytes, bytearray)):
+                self._drop(eio_sid, "a text packet where a binary attachment was announced")
+                return
             if pending.add_attachment(data):
                 del self._binary_packet[eio_sid]
                 if pending.packet_type == packet.BINARY_EVENT:
@@ -108,7 +111,7 @@ class SignalingServer(socketio.AsyncServer):  # type: ignore[misc]
         elif kind in (packet.BINARY_EVENT, packet.BINARY_ACK):
             if not self.manager.sid_from_eio_sid(eio_sid, pkt.namespace or "/"):
                 self._drop(eio_sid, "binary packet on a namespace it has not joined")
-            elif pkt.attachment_count > self.limits.max_attachments:
+            elif not 0 < pkt.attachment_count <= self.limits.max_attachments:
                 self._drop(eio_sid, f"binary packet announces {pkt.attachment_count} "
                                     f"attachments; at most {self.limits.max_attachments}")
             else:

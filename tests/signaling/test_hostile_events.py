@@ -78,9 +78,11 @@ async def test_a_packet_that_does_not_decode_closes_only_its_connection(
 ) -> None:
     caplog.set_level(logging.INFO)
     async with clients(server.url, {n: server.token(n) for n in ("ref1", "coord")}) as c:
-        for raw in ('2["chat:send", {', "9", "4{}", "5-1000000[\"x\",{}]"):
+        for raw in ('2["chat:send", {', "9", "4{}", "5-1000000[\"x\",{}]", '5["x",{}]',
+                    '51-["x",{"_placeholder":true,"num":0}]'):
             client = await Client(server.url, server.token("ref1")).connect()
             await client.sio.eio.send(raw)
+            await client.sio.eio.send('2["queue:get",{}]')
             for _ in range(50):
                 if not client.sio.connected:
                     break
