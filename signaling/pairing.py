@@ -56,6 +56,8 @@ class Pairing:
         self._notifier = notifier
         self._metrics = metrics
         self._settings = settings
+        self._creating: dict[str, int] = {}
+        """Requests of each clinician being written to the store now."""
         self._claims: dict[str, asyncio.Future[None]] = {}
         """Claims under way in this process, by request: later accepts wait for the first."""
         self._moved: set[str] = set()
@@ -122,7 +124,8 @@ class Pairing:
         if not permissions.may_request(principal):
             raise Forbidden(f"clinician {principal.id!r} has no 'referring' role: only "
                             "referring doctors request consultations")
-        waiting = self._queue.waiting_of(principal.id)
+        # Requests being written count too: concurrent requests must not all pass the check.
+        waiting = self._queue.waiting_of(principal.id) + self._creating.get(principal.id, 0)
         if max_waiting is not None and waiting >= max_waiting:
             raise TooManyRequests(
                 f"clinician {principal.id!r} already has {waiting} waiting requests; at most "
@@ -138,8 +141,14 @@ class Pairing:
             specialty=specialty, priority=priority, reason=reason,
             patient_pseudonym=patient_pseudonym, status="waiting", created_at=time.time(),
         )
-        await self._store.add_request(request)
-        self._queue.add(request)
+        self._creating[principal.id] = self._creating.get(principal.id, 0) + 1
+        try:
+            await self._store.add_request(request)
+            self._queue.add(request)
+        finally:
+            left = self._creating.pop(principal.id) - 1
+            if left:
+                self._creating[principal.id] = left
         self._metrics.requests.labels(outcome="created").inc()
         logger.info("request %s created by %s (%s, %s)", request.id, principal.id,
                     request.specialty, request.priority)

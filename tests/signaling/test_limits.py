@@ -182,6 +182,23 @@ async def test_a_clinician_may_hold_only_so_many_waiting_requests(tmp_path: Path
             await c["ref1"].ok("consult:request", ask)
 
 
+async def test_concurrent_requests_cannot_pass_the_waiting_limit_together(
+    tmp_path: Path
+) -> None:
+    config = write_config(tmp_path, limits={"waiting_requests_per_clinician": 3})
+    async with run_server(config) as server:
+        async with clients(server.url, {"ref1": server.token("ref1")}) as c:
+            ask = {"specialty": "cardiology", "priority": "routine", "reason": "r"}
+            answers = await asyncio.gather(*(c["ref1"].call("consult:request", ask)
+                                             for _ in range(12)))
+            accepted = [a for a in answers if a.get("ok")]
+            refused = [a["error"]["code"] for a in answers if "error" in a]
+            assert len(accepted) == 3, answers
+            assert set(refused) == {"too_many_requests"}
+            mine = await c["ref1"].ok("queue:get", {})
+            assert len([r for r in mine["mine"] if r["status"] == "waiting"]) == 3
+
+
 async def test_queue_position_updates_are_coalesced_per_tick(tmp_path: Path) -> None:
     n = 15
     tick_s = 0.5
