@@ -113,8 +113,31 @@ function renderHeader() {
     } }, t("signOut")));
 }
 
+// Runs `task` for a burst of calls at most once per `gapMs` and never twice at once: a busy
+// queue (many queue:update events) costs one queue:get, within the server's event limits.
+function coalesced(task, gapMs = 300) {
+  let running = false;
+  let again = false;
+  let last = 0;
+  return async () => {
+    if (running) { again = true; return; }
+    running = true;
+    try {
+      do {
+        again = false;
+        const wait = last + gapMs - Date.now();
+        if (wait > 0) await new Promise((resolve) => setTimeout(resolve, wait));
+        last = Date.now();
+        await task();
+      } while (again);
+    } finally {
+      running = false;
+    }
+  };
+}
+
 function bindEvents(signaling) {
-  const reload = () => refresh().catch((e) => flash(describeError(e)));
+  const reload = coalesced(() => refresh().catch((e) => flash(describeError(e))));
   signaling.on("queue:update", (event) => {
     if (event.action === "added" && state.me.roles.includes("specialist")) flash(t("newRequest"), "info");
     reload();
