@@ -87,7 +87,11 @@ class ConnectionLimits:
 
     def refused(self, sid: str) -> Verdict:
         """Count a ``rate_limited`` refusal of ``sid`` (any limit); DISCONNECT once there were
-        ``refusals_before_disconnect`` within ``refusal_window_s``."""
+        ``refusals_before_disconnect`` within ``refusal_window_s``. A connection without a
+        bucket is gone (forgotten; a handler still running refused its last event): nothing
+        is kept for it."""
+        if sid not in self._buckets:
+            return Verdict.REFUSE
         now = self._clock()
         window = self._refusals.get(sid)
         if window is None or now - window.start > self._settings.refusal_window_s:
@@ -107,7 +111,8 @@ class ConnectionLimits:
         self._refusals.pop(sid, None)
 
     def __len__(self) -> int:
-        return len(self._buckets)
+        """Connections with anything kept (a bucket or refusals)."""
+        return len(self._buckets.keys() | self._refusals.keys())
 
 
 class ChatLimits:

@@ -10,7 +10,9 @@ lives here, written against python-socketio 5.18 (``socketio/async_server.py`` a
   closed if it keeps going), and the event name: reserved names (``connect``, ``disconnect``
   and the other names the socket.io protocol reserves), ``*`` and anything not a string are
   never dispatched: refused ``invalid_event`` when the packet asks for an ack, else dropped;
-- ``_handle_disconnect``: forgets the connection's limits;
+- ``_handle_disconnect`` and ``disconnect``: forget the connection's limits (a connection the
+  server closes leaves through ``disconnect`` only: by the time its engine.io socket closes,
+  ``_handle_disconnect`` no longer finds its sid);
 - ``_engineio_server_class``: ``signaling.transport.BoundedEngineServer``.
 """
 
@@ -152,6 +154,13 @@ class SignalingServer(socketio.AsyncServer):  # type: ignore[misc]
         sid = self.manager.sid_from_eio_sid(eio_sid, namespace or "/")
         await super()._handle_disconnect(eio_sid, namespace, reason)
         if sid is not None:
+            self.connection_limits.forget(sid)
+
+    async def disconnect(self, sid: str, namespace: str | None = None,
+                         ignore_queue: bool = False) -> None:
+        """The server closes a connection: python-socketio 5.18's, then its limits forgotten."""
+        await super().disconnect(sid, namespace=namespace, ignore_queue=ignore_queue)
+        if not self.manager.is_connected(sid, namespace or "/"):
             self.connection_limits.forget(sid)
 
     # -- refusals ------------------------------------------------------------------------------

@@ -23,6 +23,15 @@ turns the settings into its constructor options. What it bounds:
   read) is closed and its queue dropped; closing a session waits at most
   ``server.send_flush_timeout_s`` for its queue to drain (engine.io's ``disconnect`` waits
   forever for a client that does not read).
+- **Closed websockets freed at once**: the aiohttp driver's ``wait`` raises ``OSError`` when
+  the websocket closes; ``AsyncSocket._websocket_handler`` awaits it through a task and
+  ``asyncio.wait_for``, so the exception's traceback holds ``wait_for``'s frame, which holds the
+  task, which holds the exception: a reference cycle through the handler's frame that kept each
+  closed session (its socket, queue, packets, aiohttp request and buffers) until the next
+  collection of the cycle collector, rare under ``server.gc_thresholds`` (issue #10: 2-4 MiB
+  per chat flood). ``_WebSocket.wait`` ends an established session's loop with ``None`` (the
+  loop's "connection closed by client") instead; ``tests/signaling/test_connection_memory.py``
+  checks the engine.io code it relies on.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from typing import Any
 
 import engineio
 from aiohttp import web
+from engineio.async_drivers import aiohttp as engineio_aiohttp
 
 from config.settings import Settings
 from signaling.http_api import refuse_and_close
@@ -169,6 +179,7 @@ class BoundedEngineServer(engineio.AsyncServer):  # type: ignore[misc]
         # replacing the request translation.
         drivers: dict[str, Any] = dict(getattr(self, "_async"))  # noqa: B009
         drivers["translate_request"] = self._translate_request
+        drivers["websocket"] = _WebSocket
         self._async = drivers
 
     # -- python-engineio internals ------------------------------------------------------------
@@ -361,6 +372,21 @@ class BoundedEngineServer(engineio.AsyncServer):  # type: ignore[misc]
         task = asyncio.get_running_loop().create_task(close(), name=f"engineio-close-{sid}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+class _WebSocket(engineio_aiohttp.WebSocket):  # type: ignore[misc]
+    """python-engineio 4.15's aiohttp websocket whose close raises nothing once the session is
+    established (see the module doc). During an upgrade from polling (``upgraded`` still False)
+    the handler awaits ``wait`` directly and returns on ``OSError``: no task, no cycle, kept."""
+
+    async def wait(self) -> Any:
+        message = await self._sock.receive()
+        if isinstance(message.data, (bytes, str)):
+            return message.data
+        socket = getattr(self.handler, "__self__", None)
+        if getattr(socket, "upgraded", False):
+            return None
+        raise OSError("the websocket closed")
 
 
 class _Body:
