@@ -7,6 +7,7 @@ websocket kept each session's buffers, queue and packets for minutes)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import inspect
 import weakref
@@ -130,6 +131,37 @@ async def test_a_closed_websocket_session_is_freed_without_the_cycle_collector(
                 f"{len(sessions)} closed engine.io sessions still held: a reference cycle "
                 "keeps them until the next collection")
             await late.close()
+        finally:
+            gc.enable()
+
+
+async def test_closed_connections_are_collected_every_so_many_closed_sessions(
+    tmp_path: Path,
+) -> None:
+    """CPython 3.11's socket transports are freed by the cycle collector only (a bound method
+    of themselves): the server collects the young generations every so many closed sessions
+    instead of waiting for ``server.gc_thresholds``' rare automatic runs."""
+    async with run_server(write_config(tmp_path)) as server:
+        eio, _, _ = servers(server)
+        eio.limits = dataclasses.replace(eio.limits, collect_after_closed=100)
+        gc.collect()
+        gc.disable()
+        try:
+            names = (*FLOODERS, *LEAVERS, "ref3")
+            made = [await Client(server.url, server.token(n)).connect() for n in names]
+            transports = weakref.WeakSet(
+                p.websocket for p in eio._peers.values() if p.websocket is not None)
+            assert len(transports) == len(made)
+            for client in made:
+                await client.close()
+            assert await wait_until(lambda: not eio.sockets)
+            await asyncio.sleep(0.2)  # aiohttp closes each transport after its session
+            assert len(transports) == len(made)  # closed, in cycles, not collected yet
+            # Every 4th closed session from now on: the next one collects what the 8 left.
+            eio.limits = dataclasses.replace(eio.limits, collect_after_closed=4)
+            for name in FLOODERS:
+                await (await Client(server.url, server.token(name)).connect()).close()
+            assert await wait_until(lambda: not transports), len(transports)
         finally:
             gc.enable()
 
