@@ -7,12 +7,20 @@ the TOML file, which takes precedence over the defaults below (the embedded defa
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 Priority = Literal["routine", "urgent", "asap", "stat"]
@@ -68,6 +76,21 @@ class ServerSettings(_Section):
     body_timeout_s: float = Field(default=10.0, gt=0, le=600)
     """A request body (or its unread rest, after the response) must arrive within this many
     seconds, else the connection is closed. Default 10 s."""
+    trusted_proxies: list[str] = Field(default_factory=list)
+    """Addresses or networks (``10.0.0.5``, ``10.0.0.0/24``) of reverse proxies whose
+    ``X-Forwarded-For``/``-Proto``/``-Host`` headers are believed (client address for the
+    per-address limits, https for the security headers and the printed URL). Empty
+    (default): no proxy; those headers are ignored from everyone."""
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or network") from None
+        return value
 
     @field_validator("gc_thresholds")
     @classmethod
@@ -75,6 +98,35 @@ class ServerSettings(_Section):
         if min(value) <= 0:
             raise ValueError(f"every threshold must be > 0, got {list(value)}")
         return value
+
+
+class TlsSettings(_Section):
+    """HTTPS terminated by `serve` itself (browsers allow camera and microphone only on a
+    secure origin). Either both files or neither; behind a TLS reverse proxy leave both empty
+    and set ``server.trusted_proxies``."""
+
+    cert_file: Path | None = None
+    """PEM certificate chain (the server's certificate first). Reloaded on SIGHUP."""
+    key_file: Path | None = None
+    """PEM private key of the certificate. Reloaded on SIGHUP."""
+    redirect_port: int | None = Field(default=None, ge=0, le=65535)
+    """A plain-HTTP port (80 in production) whose only answer is a redirect to the HTTPS
+    address. Default: none."""
+    hsts_max_age_s: int = Field(default=180 * 86400, ge=0)
+    """``Strict-Transport-Security: max-age`` sent over HTTPS. Default 180 days; 0: no HSTS."""
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together: set both or neither")
+        if self.redirect_port is not None and self.cert_file is None:
+            raise ValueError("redirect_port needs cert_file and key_file (it redirects to "
+                             "HTTPS)")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
 
 
 class SecuritySettings(_Section):
@@ -188,6 +240,74 @@ class RelaySettings(_Section):
     bandwidth_retry_s: float = Field(default=20.0, gt=0)
     heartbeat_s: float = Field(default=5.0, gt=0)
     """Standalone nodes heartbeat this often; one silent for 3 heartbeats is dropped."""
+    udp_port_range: tuple[int, int] | None = None
+    """``[min, max]``: every UDP socket the relay's ICE binds lies in these ports (the
+    hospital firewall opens exactly them). A full range refuses the participant that needs
+    another port (``media_ports_exhausted``); the others are untouched. Default: any port."""
+    udp_port: int | None = Field(default=None, ge=1, le=65535)
+    """Single-port mode: every participant's ICE and media share this one UDP port,
+    demultiplexed by the STUN username, then by the remote address. A port in use stops
+    start-up. Default: none (one socket per participant)."""
+    signaling_ca_file: Path | None = None
+    """A standalone node: PEM CA bundle that signs the signaling server's certificate (a
+    hospital's private CA). Default: the system's trusted CAs."""
+
+    @field_validator("udp_port_range")
+    @classmethod
+    def _range(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None:
+            low, high = value
+            if not 1 <= low <= high <= 65535:
+                raise ValueError(f"expected [min, max] with 1 <= min <= max <= 65535, got "
+                                 f"{list(value)}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_port_mode(self) -> RelaySettings:
+        if self.udp_port is not None and self.udp_port_range is not None:
+            raise ValueError("udp_port (one shared port) and udp_port_range exclude each "
+                             "other: set one")
+        return self
+
+
+class TurnSettings(_Section):
+    """TURN for browsers behind firewalls: coturn with ``use-auth-secret`` and
+    ``static-auth-secret`` equal to ``secret``. Each ``media:join`` ack carries credentials
+    made from it (the TURN REST API scheme: username ``<expiry>:<clinician>``, password
+    base64(HMAC-SHA1(secret, username)))."""
+
+    secret: str = ""
+    """The shared secret (coturn's ``static-auth-secret``). Empty (default): no TURN."""
+    urls: list[str] = Field(default_factory=list)
+    """TURN URLs handed to browsers, e.g. ``turn:turn.benhvien.vn:3478?transport=udp``,
+    ``turn:turn.benhvien.vn:3478?transport=tcp``, ``turns:turn.benhvien.vn:443?transport=tcp``."""
+    credential_ttl_s: int = Field(default=12 * 3600, ge=60, le=7 * 86400)
+    """How long issued credentials are valid; renewed on every ``media:join`` (reconnect).
+    Default 12 hours (one shift: a TURN allocation is refreshed with the same credential)."""
+    relay_only_sites: list[str] = Field(default_factory=list)
+    """Sites whose firewalls let nothing but TURN through: their clients are told
+    ``ice_transport_policy = "relay"``. Default: none."""
+
+    @field_validator("urls")
+    @classmethod
+    def _turn_urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            if not url.startswith(("turn:", "turns:")):
+                raise ValueError(f"{url!r} is not a turn: or turns: URL")
+        return value
+
+    @field_validator("secret")
+    @classmethod
+    def _secret_long_enough(cls, value: str) -> str:
+        if value and len(value) < 16:
+            raise ValueError(f"must be at least 16 characters, got {len(value)}")
+        return value
+
+    @model_validator(mode="after")
+    def _both(self) -> TurnSettings:
+        if bool(self.secret) != bool(self.urls):
+            raise ValueError("secret and urls go together: TURN needs both")
+        return self
 
 
 RecordingPolicy = Literal["always", "with_consent", "never"]
@@ -260,6 +380,7 @@ class Settings(BaseSettings):
     )
 
     server: ServerSettings = Field(default_factory=ServerSettings)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
     security: SecuritySettings = Field(default_factory=SecuritySettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     directory: DirectorySettings = Field(default_factory=DirectorySettings)
@@ -267,6 +388,7 @@ class Settings(BaseSettings):
     presence: PresenceSettings = Field(default_factory=PresenceSettings)
     live: LiveSettings = Field(default_factory=LiveSettings)
     relay: RelaySettings = Field(default_factory=RelaySettings)
+    turn: TurnSettings = Field(default_factory=TurnSettings)
     recording: RecordingSettings = Field(default_factory=RecordingSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
