@@ -25,9 +25,12 @@ $(NODE_STAMP): web_client/package-lock.json | system-deps
 system-deps:
 	@command -v npm >/dev/null || (apt-get update && apt-get install -y nodejs npm)
 
-# Browser tests use Debian's Chromium (never a downloaded browser).
+# Browser tests use Debian's Chromium (never a downloaded browser); the TURN and reverse-proxy
+# tests start Debian's coturn and nginx themselves (never as system services).
 test-system-deps: system-deps
 	@test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
+	@test -x /usr/bin/turnserver || (apt-get update && apt-get install -y coturn)
+	@test -x /usr/sbin/nginx || (apt-get update && apt-get install -y nginx-light)
 
 ## run: the product on its embedded defaults (no Redis, no external services)
 run: $(STAMP) $(NODE_STAMP)
