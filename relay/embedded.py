@@ -7,6 +7,7 @@ import logging
 import time
 from typing import Any
 
+from relay import hooks
 from relay.api import MediaSink, RelayEvents, RelayInfo
 from relay.config import MediaConfig
 from relay.errors import UnknownRoom
@@ -38,6 +39,13 @@ class LocalRelay:
         self.config = config or MediaConfig()
         self.events: RelayEvents = events or NullEvents()
         self.rooms: dict[str, Room] = {}
+
+    async def start(self) -> None:
+        """Before any media flows: aiortc's private hooks checked (HookMissing otherwise) and
+        the ICE host addresses set. Raises a RelayError subclass naming what stops the relay
+        from serving."""
+        await hooks.check()
+        hooks.set_host_addresses(self.config.host_addresses)
 
     def _room(self, room_id: str) -> Room:
         room = self.rooms.get(room_id)

@@ -15,7 +15,6 @@ import jwt
 import socketio
 
 from config.settings import Settings
-from relay import hooks
 from relay.config import from_settings
 from relay.embedded import LocalRelay
 from relay.errors import RelayError
@@ -231,8 +230,7 @@ class RelayNode:
         return False
 
     async def run(self, stop: asyncio.Event) -> int:
-        await hooks.check()
-        hooks.set_host_addresses(self.settings.relay.host_addresses)
+        await self.relay.start()
         if not await self._dial(stop):
             return 0 if stop.is_set() else 2
         print(f"READY relay {self.relay.info.id} -> {self.signaling_url}", flush=True)

@@ -41,7 +41,6 @@ from aiohttp import web
 
 from config.settings import Settings
 from recorder.service import Recorder
-from relay import hooks
 from relay.api import RelayInfo
 from relay.config import from_settings
 from relay.embedded import LocalRelay
@@ -316,8 +315,7 @@ async def _relay(app: web.Application) -> AsyncIterator[None]:
     """Check aiortc's internals before any media flows; close every Room at the end."""
     services = app[SERVICES]
     if services.embedded is not None:
-        await hooks.check()
-        hooks.set_host_addresses(services.settings.relay.host_addresses)
+        await services.embedded.start()
     yield
     app[STOPPING].step = "closing the relay"
     if services.embedded is not None:
