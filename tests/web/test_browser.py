@@ -226,10 +226,12 @@ async def test_the_page_reconnects_by_itself_when_its_relay_connections_are_cut(
                  .some((s) => s.kind === 'video' && s.participant === 'cardio1'
                               && s.framesDecoded > 5)
                && {STATS}.state === 'connected'""",
-            arg=before, timeout=10_000, polling=200)
+            arg=before, timeout=25_000, polling=200)
         took = time.monotonic() - cut_at
+        # About 5 s on a quiet machine; the bound is about "by itself", not speed (a loaded
+        # 2-core CI machine took 11.5 s once).
         print(f"reconnected and decoding again {took:.1f} s after the cut")
-        assert took < 10
+        assert took < 30
         await wait_decoding(specialist, "ref1", frames=5)
         await expect(district.locator("#room-state")).to_have_attribute("data-state", "connected")
         for page in (district, specialist):  # before the server stops: no sockets left open
