@@ -115,3 +115,8 @@ class Relay(Protocol):
 
     async def request_keyframe(self, room_id: str, publication_id: str) -> None:
         """Ask the publisher of a video publication for a keyframe (rate limited)."""
+
+    async def probe(self, room_id: str, participant_id: str, sdp: str) -> dict[str, Any]:
+        """Answer a network probe (the pre-call check: an offer with one data channel and no
+        media, relay/probe.py): ``{type: "answer", sdp}``. The participant need not have
+        joined; its previous probe is closed; every probe closes by itself within seconds."""

@@ -11,6 +11,7 @@ from relay import hooks
 from relay.api import MediaSink, RelayEvents, RelayInfo
 from relay.config import MediaConfig
 from relay.errors import UnknownRoom
+from relay.probe import Probes
 from relay.room import Room
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ class LocalRelay:
         self.config = config or MediaConfig()
         self.events: RelayEvents = events or NullEvents()
         self.rooms: dict[str, Room] = {}
+        self.probes = Probes(self.config)
+        """Network probes of the pre-call check (relay/probe.py), closed with their room."""
 
     async def start(self) -> None:
         """Before any media flows: aiortc's private hooks checked (HookMissing otherwise) and
@@ -60,6 +63,7 @@ class LocalRelay:
             logger.info("LocalRelay(%s) room %s opened", self.info.id, room_id)
 
     async def close_room(self, room_id: str) -> None:
+        await self.probes.close_room(room_id)
         room = self.rooms.pop(room_id, None)
         if room is not None:
             self.info.load = len(self.rooms)
@@ -120,6 +124,11 @@ class LocalRelay:
         if room is not None:
             room.request_keyframe(publication_id)
 
+    async def probe(self, room_id: str, participant_id: str, sdp: str) -> dict[str, Any]:
+        self._room(room_id)
+        return await self.probes.answer(room_id, participant_id, sdp)
+
     async def close(self) -> None:
         for room_id in list(self.rooms):
             await self.close_room(room_id)
+        await self.probes.close()

@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 NAMESPACE = NODE_NAMESPACE
 COMMAND_TIMEOUT_S = 15.0
 COMMANDS = ("open_room", "close_room", "join", "leave", "publish", "unpublish", "subscribe",
-            "answer", "add_ice_candidate", "set_audio_only", "stats", "request_keyframe")
+            "answer", "add_ice_candidate", "set_audio_only", "stats", "request_keyframe",
+            "probe")
 RECORD_COMMANDS = ("record_start", "record_stop")
 
 _PACKET = struct.Struct("!HHIBdI")
@@ -154,6 +155,11 @@ class RemoteRelay:
 
     async def request_keyframe(self, room_id: str, publication_id: str) -> None:
         await self._command("request_keyframe", room_id=room_id, publication_id=publication_id)
+
+    async def probe(self, room_id: str, participant_id: str, sdp: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._command(
+            "probe", room_id=room_id, participant_id=participant_id, sdp=sdp)
+        return result
 
     def deliver(self, data: dict[str, Any]) -> None:
         """A ``relay:media`` message from the node: publications added or removed, or a batch
