@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
-from playwright.async_api import Browser, Page, expect
+from playwright.async_api import Browser, Page, async_playwright, expect
 
 from signaling.tokens import TokenAuthority
 from tests.support import ServerProcess
@@ -22,6 +25,14 @@ FLAGS = [
     "--allow-loopback-in-peer-connection",
 ]
 STATS_TIMEOUT_MS = 20_000
+
+INSECURE_HOST = "telehealth.test"
+"""A host name Chromium maps to 127.0.0.1 (``host_mapped``): over plain http:// it is not a
+secure origin, as another machine's address is (http://localhost and 127.0.0.1 are)."""
+
+RAW_ERROR_WORDS = ("Cannot read", "undefined", "getUserMedia", "TypeError", "NotAllowedError",
+                   "NotFoundError", "Permission denied", "DOMException", "null")
+"""Words of a browser's own error text: none may reach the page a doctor reads."""
 
 MEDIA = "((window.telehealthTest || {}).media || {})"
 """JS: the page's latest MediaSession ({} before there is one)."""
@@ -74,8 +85,46 @@ and media tracks and not removed since (as "RTCPeerConnection track", ...). It s
 ``addEventListener``/``removeEventListener`` only (the client uses no ``signal`` or ``once``)."""
 
 
-async def open_page(browser: Browser, url: str, *, init_script: str | None = None) -> Page:
-    context = await browser.new_context(viewport={"width": 1366, "height": 768})
+def chromium_flags(*, add: Iterable[str] = (), drop: Iterable[str] = ()) -> list[str]:
+    """``FLAGS`` without ``drop`` and with ``add``."""
+    dropped = set(drop)
+    missing = dropped - set(FLAGS)
+    assert not missing, f"not among FLAGS: {sorted(missing)}"
+    return [flag for flag in FLAGS if flag not in dropped] + list(add)
+
+
+def host_mapped(url: str, host: str = INSECURE_HOST) -> str:
+    """``url`` (http://127.0.0.1:PORT/...) under ``host`` instead, same port and path."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=f"{host}:{parts.port}"))
+
+
+@asynccontextmanager
+async def chromium(flags: list[str]) -> AsyncIterator[Browser]:
+    """Debian's Chromium, headless, with exactly ``flags``; closed on exit."""
+    if not CHROMIUM_PRESENT:
+        raise RuntimeError(f"{CHROMIUM} is missing: `make test` installs Debian's chromium")
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                                   args=flags)
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+async def raw_errors_shown(page: Page) -> list[str]:
+    """The ``RAW_ERROR_WORDS`` found in the page's visible text (it should be none)."""
+    text = await page.locator("body").inner_text()
+    return [word for word in RAW_ERROR_WORDS if word in text]
+
+
+async def open_page(browser: Browser, url: str, *, init_script: str | None = None,
+                    permissions: list[str] | None = None) -> Page:
+    """A new context (``permissions`` granted to it, when given) with a page opened at
+    ``url``; the page's console errors and warnings are printed."""
+    context = await browser.new_context(viewport={"width": 1366, "height": 768},
+                                        permissions=permissions)
     if init_script is not None:
         await context.add_init_script(init_script)
     page = await context.new_page()

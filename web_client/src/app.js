@@ -1,6 +1,9 @@
 // The user interface. It speaks to the server only through protocol.js and media.js.
 import { Signaling, ProtocolRefusal } from "./protocol.js";
 import { MediaSession } from "./media.js";
+import { NetworkProbe } from "./netprobe.js";
+import { EXPLANATION, deviceProblem, openDevices, originProblem } from "./problems.js";
+import { forceRelay, setForceRelay } from "./settings.js";
 import { testHooks } from "./testhooks.js";
 import { t, getLanguage, setLanguage, specialtyName } from "./i18n.js";
 
@@ -23,7 +26,7 @@ function h(tag, attrs = {}, ...children) {
 const root = document.getElementById("app");
 const state = {
   signaling: null, me: null, sites: {}, queue: [], mine: [], consultations: [],
-  room: null, view: "dashboard",
+  room: null, view: "dashboard", probe: null,
 };
 
 function flash(message, kind = "error") {
@@ -34,13 +37,23 @@ function flash(message, kind = "error") {
   if (message) setTimeout(() => { if (bar.textContent === message) bar.hidden = true; }, 6000);
 }
 
+/** An error whose message is already written for the doctor, in the interface language. */
+class Explained extends Error {}
+
 function describeError(error) {
+  if (error instanceof Explained) return error.message;
   if (error instanceof ProtocolRefusal) {
     if (error.code === "token_expired") return t("tokenExpired");
     if (error.code === "already_taken") return t("alreadyTaken");
     return error.message;
   }
-  return String(error && error.message ? error.message : error);
+  // A browser's own error text means nothing to a doctor: it goes to the console, the page
+  // says what to do.
+  console.warn("error:", error && error.name, error && error.message);
+  if (typeof DOMException !== "undefined" && error instanceof DOMException) {
+    return t(EXPLANATION[deviceProblem(error)]);
+  }
+  return t("unexpectedError");
 }
 
 function roleName(role) {
@@ -308,40 +321,116 @@ function renderSites() {
 }
 
 // -- pre-call check -----------------------------------------------------------------------
+/** A line of the pre-call check: "label: result", its state (pending, ok, warn, bad) a class. */
+function checkLine(id, label) {
+  const line = h("li", { id, class: "pending", "data-state": "pending" }, `${label}: ${t("checking")}`);
+  line.set = (lineState, text) => {
+    line.className = lineState;
+    line.dataset.state = lineState;
+    line.textContent = `${label}: ${text}`;
+  };
+  return line;
+}
+
+/** Camera, microphone, the server and the network path to the relay, each explained when it
+ * fails; the join button says what the doctor will get, or why it cannot work. */
 async function precheck(consultationId) {
   state.view = "precheck";
-  const video = h("video", { autoplay: true, muted: true, playsinline: true, class: "preview" });
-  const results = h("ul", { class: "checks" });
+  if (state.probe) state.probe.abort();
+  state.probe = null;
+  const video = h("video", { autoplay: true, muted: true, playsinline: true, class: "preview", hidden: true });
+  const camera = checkLine("check-camera", t("camera"));
+  const microphone = checkLine("check-microphone", t("microphone"));
+  const server = checkLine("check-server", t("connection"));
+  const network = checkLine("check-network", t("network"));
+  const deviceNote = h("p", { id: "precheck-problem", class: "problem", role: "alert", hidden: true });
+  const networkNote = h("p", { id: "network-problem", class: "problem", role: "status", hidden: true });
   const joinButton = h("button", { class: "primary", id: "precheck-join", disabled: true }, t("join"));
+  const joinReason = h("span", { id: "precheck-join-reason", class: "join-reason" });
+  const relayBox = h("input", { type: "checkbox", id: "ice-relay", checked: forceRelay() });
   root.replaceChildren(h("section", { class: "card narrow", id: "precheck" },
-    h("h2", {}, t("precheck")), video, results, joinButton));
-  let stream = null;
-  const line = (label, ok) => results.append(h("li", { class: ok ? "ok" : "bad" }, `${label}: ${ok ? t("checkOk") : t("checkFail")}`));
+    h("h2", {}, t("precheck")), video,
+    h("ul", { class: "checks" }, camera, microphone, server, network),
+    deviceNote, networkNote,
+    h("div", { class: "join-row" }, joinButton, joinReason),
+    h("details", { class: "settings", id: "settings", open: forceRelay() },
+      h("summary", {}, t("settings")),
+      h("label", { class: "inline" }, relayBox, " ", t("forceRelay")))));
+  const note = (el, text) => { el.textContent = text || ""; el.hidden = !text; };
+
+  const insecure = originProblem();
+  const probeNetwork = () => {
+    if (state.probe) state.probe.abort();
+    if (insecure) { network.set("bad", t("notChecked")); return; }
+    network.set("pending", t("checking"));
+    note(networkNote, "");
+    const probe = new NetworkProbe(state.signaling, consultationId);
+    state.probe = probe;
+    probe.run().then(({ path }) => {
+      if (state.probe !== probe || !network.isConnected) return;
+      network.dataset.path = path;
+      if (path === "direct") network.set("ok", t("networkDirect"));
+      else if (path === "relay") { network.set("warn", t("networkTurn")); note(networkNote, t("turnOnly")); }
+      else if (path === "none") { network.set("bad", t("networkNone")); note(networkNote, t("noPath")); }
+      else network.set("pending", t("notChecked"));
+    });
+  };
+  relayBox.onchange = () => { setForceRelay(relayBox.checked); probeNetwork(); };
+  probeNetwork();
+
   const started = performance.now();
   // Devices and the link to the server are checked side by side.
-  const [media, link] = await Promise.allSettled([
-    navigator.mediaDevices.getUserMedia({ audio: true, video: true }),
-    fetch("/healthz"),
-  ]);
-  if (media.status === "fulfilled") {
-    stream = media.value;
-    video.srcObject = stream;
-    line(t("camera"), stream.getVideoTracks().length > 0);
-    line(t("microphone"), stream.getAudioTracks().length > 0);
-  } else {
-    line(t("camera"), false);
-    line(t("microphone"), false);
+  const [devices, link] = await Promise.allSettled([openDevices(), fetch("/healthz")]);
+  const { stream, problem } = devices.status === "fulfilled" ? devices.value : { stream: null, problem: "unknown" };
+  if (state.view !== "precheck" || !joinButton.isConnected) {
+    if (stream) for (const track of stream.getTracks()) track.stop();
+    return;
   }
-  line(`${t("connection")} (${Math.round(performance.now() - started)} ms)`, link.status === "fulfilled" && link.value.ok);
+  const hasVideo = Boolean(stream && stream.getVideoTracks().length);
+  const hasAudio = Boolean(stream && stream.getAudioTracks().length);
+  if (hasVideo) { video.srcObject = stream; video.hidden = false; }
+  camera.set(hasVideo ? "ok" : "bad", hasVideo ? t("checkOk") : t("unavailable"));
+  microphone.set(hasAudio ? "ok" : "bad", hasAudio ? t("checkOk") : t("unavailable"));
+  if (problem) {
+    deviceNote.dataset.problem = problem;
+    note(deviceNote, stream ? `${t(EXPLANATION[problem])} ${t("partialDevices")}` : t(EXPLANATION[problem]));
+  }
+  const linkOk = link.status === "fulfilled" && link.value.ok;
+  server.set(linkOk ? "ok" : "bad", `${linkOk ? t("checkOk") : t("checkFail")} (${Math.round(performance.now() - started)} ms)`);
+  if (insecure) {
+    // Nothing media-related can work on this page: the doctor must come back over https://.
+    joinButton.disabled = true;
+    joinReason.textContent = t("joinBlockedInsecure");
+    return;
+  }
+  if (!stream) {
+    joinButton.textContent = t("joinWatchOnly");
+    joinReason.textContent = t("joinWatchOnlyReason");
+  }
   joinButton.disabled = false;
-  joinButton.onclick = () => enterRoom(consultationId, stream);
+  joinButton.onclick = () => {
+    joinButton.disabled = true;
+    enterRoom(consultationId, stream);
+  };
   if (new URLSearchParams(location.search).has("autojoin")) enterRoom(consultationId, stream);
 }
 
 // -- the room -----------------------------------------------------------------------------
 async function enterRoom(consultationId, stream) {
+  // The room's own connections replace the probe's; a probe still running stops here.
+  if (state.probe) state.probe.abort();
+  state.probe = null;
   state.view = "room";
-  const joined = await state.signaling.join(consultationId);
+  let joined;
+  try {
+    joined = await state.signaling.join(consultationId);
+  } catch (error) {
+    if (stream) for (const track of stream.getTracks()) track.stop();
+    flash(describeError(error));
+    state.view = "dashboard";
+    await refresh().catch(() => {});
+    return;
+  }
   const room = {
     id: consultationId, consultation: joined.consultation, participants: {}, tiles: {},
     chat: [], media: null, stream, recording: joined.recording,
@@ -355,12 +444,22 @@ async function enterRoom(consultationId, stream) {
     onTrackGone: (publicationId) => detachTrack(publicationId),
     onState: (mediaState) => setRoomState(mediaState),
     onNotice: (notice) => flash(notice.code === "video_paused" ? t("videoPaused") : notice.code, "info"),
+    onProblem: (problem) => setMediaProblem(problem),
   });
   if (testHooks) testHooks.media = room.media;
   if (stream) addLocalTile(stream);
   try {
     await room.media.start(stream);
   } catch (error) { flash(describeError(error)); }
+}
+
+/** The room says when media has no path to the relay (ICE failed, even through TURN). */
+function setMediaProblem(problem) {
+  const el = document.getElementById("media-problem");
+  if (!el) return;
+  el.dataset.problem = problem || "";
+  el.textContent = problem === "nopath" ? t("noPath") : "";
+  el.hidden = !problem;
 }
 
 async function rejoinRoom() {
@@ -374,12 +473,23 @@ async function rejoinRoom() {
   } catch (error) { flash(describeError(error)); }
 }
 
+/** Share the screen; a refusal (the doctor cancelled, or a policy) is explained, not raw. */
+async function shareScreen(room) {
+  try {
+    await room.media.shareScreen();
+  } catch (error) {
+    console.warn("media: getDisplayMedia failed:", error && error.name, error && error.message);
+    throw new Explained(t("screenDenied"));
+  }
+}
+
 function setRoomState(mediaState) {
   const el = document.getElementById("room-state");
   if (!el) return;
   el.dataset.state = mediaState;
   el.textContent = mediaState === "reconnecting" ? t("reconnecting")
-    : mediaState === "connected" ? t("connected") : mediaState;
+    : mediaState === "connected" ? t("connected") : mediaState === "failed" ? t("mediaFailed")
+    : t("connecting");
   el.className = `room-state state-${mediaState}`;
 }
 
@@ -393,8 +503,9 @@ function renderRoom() {
     if (!text) return;
     try { await state.signaling.chat(room.id, text); chatInput.value = ""; } catch (e) { flash(describeError(e)); }
   };
-  const toggle = (id, on, off, handler) => {
-    const button = h("button", { id, "aria-pressed": "false" }, on);
+  // A control that cannot work here is disabled, and says why.
+  const toggle = (id, on, off, handler, unavailable = null) => {
+    const button = h("button", { id, "aria-pressed": "false", disabled: Boolean(unavailable), title: unavailable }, on);
     button.onclick = async () => {
       const pressed = button.getAttribute("aria-pressed") !== "true";
       try {
@@ -405,8 +516,12 @@ function renderRoom() {
     };
     return button;
   };
-  const devices = h("select", { id: "device-picker", title: t("devices") });
-  navigator.mediaDevices.enumerateDevices().then((list) => {
+  const stream = room.stream;
+  const noAudio = stream && stream.getAudioTracks().length ? null : t("noDeviceControl");
+  const noVideo = stream && stream.getVideoTracks().length ? null : t("noDeviceControl");
+  const canShare = Boolean(navigator.mediaDevices && navigator.mediaDevices.getDisplayMedia);
+  const devices = h("select", { id: "device-picker", title: t("devices"), disabled: !stream });
+  if (stream) navigator.mediaDevices.enumerateDevices().then((list) => {
     for (const d of list.filter((x) => x.kind === "videoinput" || x.kind === "audioinput")) {
       devices.append(h("option", { value: `${d.kind}|${d.deviceId}` }, `${d.kind === "videoinput" ? t("camera") : t("microphone")}: ${d.label || d.deviceId.slice(0, 8)}`));
     }
@@ -424,15 +539,18 @@ function renderRoom() {
       h("div", { id: "screens", class: "screens" }),
       h("div", { id: "tiles", class: "tiles" }),
       h("div", { class: "controls" },
-        toggle("mute", t("mute"), t("unmute"), (on) => room.media.setMuted(on)),
-        toggle("camera", t("cameraOff"), t("cameraOn"), (on) => room.media.setCameraOff(on)),
-        toggle("share", t("shareScreen"), t("stopShare"), (on) => on ? room.media.shareScreen() : room.media.stopScreen()),
+        toggle("mute", t("mute"), t("unmute"), (on) => room.media.setMuted(on), noAudio),
+        toggle("camera", t("cameraOff"), t("cameraOn"), (on) => room.media.setCameraOff(on), noVideo),
+        toggle("share", t("shareScreen"), t("stopShare"), (on) => on ? shareScreen(room) : room.media.stopScreen(),
+               canShare ? null : t("screenUnavailable")),
         toggle("audio-only", t("audioOnly"), t("videoBack"), (on) => room.media.setAudioOnly(on)),
         devices,
         h("button", { id: "leave", class: "danger", onclick: async () => {
           await state.signaling.leave(room.id).catch(() => {});
           closeRoom();
-        } }, t("leave")))),
+        } }, t("leave"))),
+      noAudio && noVideo ? h("p", { id: "controls-note", class: "muted" }, t("joinWatchOnlyReason")) : null,
+      h("p", { id: "media-problem", class: "problem", role: "alert", hidden: true })),
     h("aside", { class: "side" },
       h("h3", {}, t("participants")), h("ul", { id: "participants" }),
       h("h3", {}, t("chat")), h("ul", { id: "chat" }),

@@ -2,6 +2,8 @@
 // one for a shared screen, one subscribe connection the relay renegotiates. Reconnects by
 // rebuilding the connections (media:join again) when the network drops.
 
+import { icePolicy } from "./settings.js";
+
 const GATHER_WAIT_MS = 2000;
 const DISCONNECTED_GRACE_MS = 2500;
 
@@ -22,7 +24,7 @@ function wait(ms, waits, until = () => {}) {
 }
 
 /** Wait (bounded) until the connection has gathered its candidates, so the SDP carries them. */
-function gathered(pc, waits) {
+export function gathered(pc, waits) {
   if (pc.iceGatheringState === "complete") return Promise.resolve();
   return wait(GATHER_WAIT_MS, waits, (done) => {
     function check() { if (pc.iceGatheringState === "complete") done(); }
@@ -74,13 +76,18 @@ export class MediaSession {
    * @param {import("./protocol.js").Signaling} signaling
    * @param {string} consultationId
    * @param {{onTrack: (t: RemoteTrack) => void, onTrackGone: (publicationId: string) => void,
-   *          onState: (state: string) => void, onNotice: (notice: any) => void}} handlers
+   *          onState: (state: string) => void, onNotice: (notice: any) => void,
+   *          onProblem?: (problem: ?"nopath") => void}} handlers
+   *   onProblem: "nopath" when a connection to the relay failed (ICE found no path, even through
+   *   TURN when the ack offered it), null once every connection is up again.
    */
   constructor(signaling, consultationId, handlers) {
     this.signaling = signaling;
     this.consultationId = consultationId;
     this.handlers = handlers;
     this.iceServers = [];
+    /** "relay" when the server (`ice_transport_policy`) or this browser's setting forces TURN. */
+    this.iceTransportPolicy = "all";
     this.stream = null;       // camera + microphone
     this.screen = null;       // display capture
     this.publishPc = null;
@@ -93,6 +100,8 @@ export class MediaSession {
     this.audioOnly = false;
     this.state = "idle";
     this.closed = false;
+    /** What stops the media now ("nopath"), null when nothing does. */
+    this.problem = null;
     this.stats = { inbound: {}, outbound: {}, rttMs: null, lossPct: 0, bitrateKbps: 0, quality: "good" };
     this._lastBytes = null;
     this._watchdog = null;
@@ -148,6 +157,7 @@ export class MediaSession {
     const joined = await this.signaling.mediaJoin(this.consultationId);
     this._mark("media:join");
     this.iceServers = joined.ice_servers || [];
+    this.iceTransportPolicy = icePolicy(joined.ice_transport_policy);
     // Receive and send are independent connections: set them up side by side.
     await Promise.all([
       this._subscribe(),
@@ -158,15 +168,25 @@ export class MediaSession {
   }
 
   _newPc() {
-    return new RTCPeerConnection({ iceServers: this.iceServers, bundlePolicy: "max-bundle" });
+    return new RTCPeerConnection({
+      iceServers: this.iceServers, iceTransportPolicy: this.iceTransportPolicy, bundlePolicy: "max-bundle",
+    });
   }
 
   _watch(pc) {
     this._listeners.add(pc, "connectionstatechange", () => {
       const state = pc.connectionState;
       if (state === "connected") this._mark("pc connected");
-      if (state === "connected" && this._allConnected()) this._setState("connected");
-      if (state === "failed") this.rebuild("connection failed");
+      if (state === "connected" && this._allConnected()) {
+        this._setState("connected");
+        this._problem(null);
+      }
+      if (state === "failed") {
+        console.warn(`media: connection failed (ICE ${pc.iceConnectionState}, policy `
+                     + `${this.iceTransportPolicy}, ${this.iceServers.length} ICE servers)`);
+        this._problem("nopath");
+        this.rebuild("connection failed");
+      }
       if (state === "disconnected") {
         this._setState("reconnecting");
         clearTimeout(this._watchdog);
@@ -175,6 +195,13 @@ export class MediaSession {
         }, DISCONNECTED_GRACE_MS);
       }
     });
+  }
+
+  _problem(problem) {
+    if (problem !== this.problem) {
+      this.problem = problem;
+      if (this.handlers.onProblem) this.handlers.onProblem(problem);
+    }
   }
 
   _allConnected() {
@@ -347,6 +374,7 @@ export class MediaSession {
           await wait(Math.min(500 * 2 ** attempt, 5000), this._waits);
         }
       }
+      this._problem("nopath");
       this._setState("failed");
     })().finally(() => { this._rebuilding = null; });
     return this._rebuilding;

@@ -1,0 +1,121 @@
+"""What stops media, as a doctor meets it in a real Chromium: a page opened over plain http://
+on another machine's address (not a secure origin: no camera, no microphone), camera and
+microphone blocked by the browser, and the pre-call check's network line."""
+
+from __future__ import annotations
+
+from playwright.async_api import Browser, Page, expect
+
+from tests.support import http_get
+from tests.web.browser import (
+    INSECURE_HOST,
+    Site,
+    chromium,
+    chromium_flags,
+    host_mapped,
+    open_page,
+    raw_errors_shown,
+    request_consultation,
+    wait_decoding,
+)
+
+
+async def specialist_in_room(specialist: Page) -> str:
+    """The specialist accepts the waiting request and enters the room; its consultation id."""
+    await specialist.locator("#queue li.request .accept").first.click(timeout=10_000)
+    await specialist.click("#precheck-join")
+    await expect(specialist.locator("#room")).to_be_visible()
+    consultation = await specialist.get_attribute("#room", "data-consultation")
+    assert consultation is not None
+    return consultation
+
+
+async def attendees(site: Site, consultation: str) -> set[str]:
+    """Who the server counts in the consultation (present or once joined)."""
+    status, body = await http_get(f"{site.url}/api/consultations/{consultation}",
+                                  site.tokens.issue("cardio1"))
+    assert status == 200, body
+    present = {p["clinician_id"] for p in body["participants"]}
+    joined = {a["clinician_id"] for a in body["attendance"]}
+    return present | joined
+
+
+async def test_over_plain_http_the_check_explains_https_and_the_doctor_does_not_half_join(
+    site: Site, browser: Browser
+) -> None:
+    flags = chromium_flags(add=[f"--host-resolver-rules=MAP {INSECURE_HOST} 127.0.0.1"])
+    assert not any(f.startswith("--unsafely-treat-insecure-origin-as-secure") for f in flags)
+    async with chromium(flags) as mapped:
+        # The district doctor opened the address IT gave out, over plain http://.
+        district = await open_page(mapped, host_mapped(site.link("ref1")))
+        assert district.url.startswith(f"http://{INSECURE_HOST}:")
+        secure = "() => [window.isSecureContext, typeof navigator.mediaDevices]"
+        assert await district.evaluate(secure) == [False, "undefined"]
+        specialist = await open_page(browser, site.link("cardio1"))
+        await expect(district.locator("#request-form")).to_be_visible()
+        await request_consultation(district)
+        consultation = await specialist_in_room(specialist)
+
+        await district.locator("#my-requests .join").first.click(timeout=10_000)
+        problem = district.locator("#precheck-problem")
+        await expect(problem).to_be_visible()
+        await expect(problem).to_have_attribute("data-problem", "insecure")
+        await expect(problem).to_contain_text("https://")
+        await expect(problem).to_contain_text("phòng CNTT")
+        join = district.locator("#precheck-join")
+        await expect(district.locator("#check-server")).to_have_attribute("data-state", "ok")
+        await expect(join).to_be_disabled()
+        await expect(district.locator("#precheck-join-reason")).to_contain_text("https://")
+        await expect(district.locator("#check-camera")).to_have_attribute("data-state", "bad")
+        await expect(district.locator("#precheck video")).to_be_hidden()  # no black box
+        assert await raw_errors_shown(district) == []
+        # A disabled button does nothing, even clicked: the doctor never joined.
+        await join.click(force=True)
+        await district.wait_for_timeout(1500)
+        assert await attendees(site, consultation) == {"cardio1"}
+        await expect(specialist.locator("#participants li")).to_have_count(1)
+        await expect(district.locator("#room")).to_have_count(0)
+
+        # The same explanation in English on the switch (the page reloads to the dashboard).
+        await district.select_option("#language", "en")
+        await district.locator("#my-requests .join").first.click(timeout=10_000)
+        await expect(district.locator("#precheck-problem")).to_contain_text("hospital IT team")
+        await expect(district.locator("#precheck-join")).to_have_text("Join")
+        await expect(district.locator("#precheck-join")).to_be_disabled()
+        assert await raw_errors_shown(district) == []
+        assert await attendees(site, consultation) == {"cardio1"}
+        await district.context.close()
+
+
+async def test_blocked_camera_and_microphone_are_explained_and_the_doctor_can_still_watch(
+    site: Site, browser: Browser
+) -> None:
+    # No fake permission prompt and nothing granted: Chromium itself refuses getUserMedia.
+    flags = chromium_flags(drop=["--use-fake-ui-for-media-stream"])
+    async with chromium(flags) as strict:
+        district = await open_page(strict, site.link("ref1"), permissions=[])
+        specialist = await open_page(browser, site.link("cardio1"))
+        await expect(district.locator("#request-form")).to_be_visible()
+        await request_consultation(district)
+        await specialist_in_room(specialist)
+
+        await district.locator("#my-requests .join").first.click(timeout=10_000)
+        problem = district.locator("#precheck-problem")
+        await expect(problem).to_have_attribute("data-problem", "permission", timeout=15_000)
+        await expect(problem).to_contain_text("Cho phép")
+        await expect(district.locator("#check-microphone")).to_have_attribute("data-state", "bad")
+        join = district.locator("#precheck-join")
+        await expect(join).to_be_enabled()
+        await expect(join).to_have_text("Vào phòng (chỉ xem và trò chuyện)")
+        assert await raw_errors_shown(district) == []
+
+        # Watch-only: in the room, the specialist's video decodes; mute and camera say why
+        # they are disabled.
+        await join.click()
+        await wait_decoding(district, "cardio1")
+        await expect(district.locator("#mute")).to_be_disabled()
+        await expect(district.locator("#camera")).to_have_attribute(
+            "title", "Không có camera hoặc micrô")
+        await expect(district.locator("#controls-note")).to_be_visible()
+        await expect(specialist.locator("#participants li")).to_have_count(2)
+        await district.context.close()
