@@ -40,6 +40,7 @@ from signaling.schemas import (
     MediaRef,
     Mode,
     Payload,
+    Probe,
     Publish,
     RequestConsult,
     RequestRef,
@@ -122,6 +123,8 @@ class SocketGateway:
         self._route("media:answer", Answer, self._media_answer)
         self._route("media:ice", Ice, self._media_ice)
         self._route("media:mode", Mode, self._media_mode)
+        self._route("media:ice_servers", MediaRef, self._media_ice_servers)
+        self._route("media:probe", Probe, self._media_probe)
         self._route("recording:consent", Consent, self._recording_consent)
         self._route("recording:start", ConsultationRef, self._recording_start)
         self._route("recording:stop", ConsultationRef, self._recording_stop)
@@ -315,6 +318,13 @@ class SocketGateway:
 
     async def _media_mode(self, p: Principal, sid: str, m: Mode) -> dict[str, Any]:
         return await self._media.mode(p, sid, m.consultation_id, m.audio_only)
+
+    async def _media_ice_servers(self, p: Principal, sid: str,
+                                 m: MediaRef) -> dict[str, Any]:
+        return await self._media.ice_servers(p, m.consultation_id)
+
+    async def _media_probe(self, p: Principal, sid: str, m: Probe) -> dict[str, Any]:
+        return await self._media.probe(p, m.consultation_id, m.sdp)
 
     async def _recording_consent(self, p: Principal, sid: str, m: Consent) -> dict[str, Any]:
         return await self._recording.consent(p, m.consultation_id, m.agree)

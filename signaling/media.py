@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from config.settings import TurnSettings
 from relay.api import Relay
 from relay.errors import RelayError
 from signaling import permissions
@@ -14,7 +15,9 @@ from signaling.errors import Forbidden, InvalidState, NotFound, SignalingError
 from signaling.live import LiveStore
 from signaling.notify import Notifier, consultation_audience
 from signaling.placement import RelayDirectory
+from signaling.store import RecordStore
 from signaling.tokens import Principal
+from signaling.turn import TurnIssuer
 
 logger = logging.getLogger(__name__)
 
@@ -29,11 +32,17 @@ class MediaRefused(SignalingError):
 
 class Media:
     def __init__(self, *, relays: RelayDirectory, live: LiveStore, notifier: Notifier,
-                 client_ice_servers: list[dict[str, str]]) -> None:
+                 client_ice_servers: list[dict[str, str]], turn: TurnSettings | None = None,
+                 store: RecordStore | None = None) -> None:
+        """``turn``: the ``[turn]`` settings; default none (no TURN credentials handed out,
+        every client's policy ``all``). ``store``: the records a ``media:probe`` checks its
+        sender against; without it probes are refused (``invalid_state``)."""
         self._relays = relays
         self._live = live
         self._notifier = notifier
         self._client_ice_servers = client_ice_servers
+        self.turn = TurnIssuer(turn)
+        self._store = store
         self._sessions: dict[tuple[str, str], str] = {}
         """(consultation, clinician) -> the connection (sid) that carries its media."""
 
@@ -65,7 +74,52 @@ class Media:
         self._sessions[(consultation_id, principal.id)] = sid
         logger.info("media of %s joined %s on relay %s", principal.id, consultation_id,
                     relay.info.id)
-        return {"relay": relay.info.to_wire(), "ice_servers": self._client_ice_servers}
+        return {"relay": relay.info.to_wire(), **self._ice(principal)}
+
+    def _ice(self, principal: Principal) -> dict[str, Any]:
+        """How the client's peer connections reach the relay: the configured ICE servers,
+        the TURN server with credentials fresh for this join, and the transport policy."""
+        servers: list[dict[str, Any]] = [dict(s) for s in self._client_ice_servers]
+        credentials = self.turn.issue(principal.id)
+        if credentials is not None:
+            servers.append(credentials.ice_server())
+        return {"ice_servers": servers, "ice_transport_policy": self.turn.policy(principal),
+                "turn_expires_at": credentials.expires_at if credentials else None}
+
+    async def _before_join(self, principal: Principal, consultation_id: str) -> Relay:
+        """The consultation's relay, for a clinician who may join it (not necessarily joined
+        yet: the pre-call check runs before ``consult:join``)."""
+        if self._store is None:
+            raise InvalidState("the pre-call network check is not available on this server")
+        consultation = await self._store.get_consultation(consultation_id)
+        if consultation is None:
+            raise NotFound(f"no consultation {consultation_id!r}")
+        if not permissions.may_join(principal, consultation):
+            raise Forbidden(f"clinician {principal.id!r} may not join consultation "
+                            f"{consultation_id!r}")
+        if consultation.state == "ended":
+            raise InvalidState(f"consultation {consultation_id!r} has ended")
+        relay = self._relays.for_room(consultation_id)
+        if relay is None:
+            raise NotFound(f"consultation {consultation_id!r} has no relay")
+        return relay
+
+    async def ice_servers(self, principal: Principal, consultation_id: str) -> dict[str, Any]:
+        """What ``media:join`` would hand out, for the pre-call check's probe connection:
+        ICE servers with fresh TURN credentials and the transport policy."""
+        await self._before_join(principal, consultation_id)
+        return self._ice(principal)
+
+    async def probe(self, principal: Principal, consultation_id: str,
+                    sdp: str) -> dict[str, Any]:
+        """The pre-call check's network probe: the client's data-channel-only offer answered
+        by the consultation's relay (relay/probe.py)."""
+        relay = await self._before_join(principal, consultation_id)
+        answer: dict[str, Any] = await self._call(
+            "probe", consultation_id, relay.probe(consultation_id, principal.id, sdp))
+        logger.info("network probe of %s answered by relay %s for %s", principal.id,
+                    relay.info.id, consultation_id)
+        return answer
 
     async def _session_relay(self, principal: Principal, sid: str,
                              consultation_id: str) -> Relay:

@@ -103,6 +103,15 @@ class Publish(Payload):
     sources: dict[Mid, Source] = Field(min_length=1, max_length=3)
 
 
+class Probe(Payload):
+    """``media:probe``: the pre-call check's offer (one data channel, no media; relay/probe.py
+    refuses any other)."""
+
+    consultation_id: Id
+    sdp: Sdp
+    type: Literal["offer"]
+
+
 class Unpublish(Payload):
     consultation_id: Id
     source: Source
