@@ -27,7 +27,10 @@ class MediaConfig:
     """How long the estimate must stay below the floor before video is paused."""
     bandwidth_retry_s: float = 20.0
     """After this long paused for bandwidth, video is tried again."""
-
+    udp_port_range: tuple[int, int] | None = None
+    """``(min, max)``: every ICE host socket of the relay is bound to a port in it."""
+    udp_port: int | None = None
+    """Single-port mode: every participant's ICE and media on this one UDP port."""
 
 
 def from_settings(relay: RelaySettings) -> MediaConfig:
@@ -46,4 +49,6 @@ def from_settings(relay: RelaySettings) -> MediaConfig:
         bandwidth_floor_bps=relay.bandwidth_floor_bps,
         bandwidth_window_s=relay.bandwidth_window_s,
         bandwidth_retry_s=relay.bandwidth_retry_s,
+        udp_port_range=relay.udp_port_range,
+        udp_port=relay.udp_port,
     )

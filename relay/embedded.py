@@ -7,7 +7,7 @@ import logging
 import time
 from typing import Any
 
-from relay import hooks
+from relay import hooks, udp_mux
 from relay.api import MediaSink, RelayEvents, RelayInfo
 from relay.config import MediaConfig
 from relay.errors import UnknownRoom
@@ -42,13 +42,17 @@ class LocalRelay:
         self.rooms: dict[str, Room] = {}
         self.probes = Probes(self.config)
         """Network probes of the pre-call check (relay/probe.py), closed with their room."""
+        self.udp_ports: udp_mux.UdpPorts | None = None
+        """relay.udp_port_range or relay.udp_port, once started (relay/udp_mux.py)."""
 
     async def start(self) -> None:
-        """Before any media flows: aiortc's private hooks checked (HookMissing otherwise) and
-        the ICE host addresses set. Raises a RelayError subclass naming what stops the relay
-        from serving."""
+        """Before any media flows: aiortc's private hooks checked (HookMissing otherwise),
+        the ICE host addresses set, and the UDP port range checked or the single port bound
+        (UdpPortsUnavailable). Raises a RelayError subclass naming what stops the relay from
+        serving."""
         await hooks.check()
         hooks.set_host_addresses(self.config.host_addresses)
+        self.udp_ports = await udp_mux.open_ports(self.config)
 
     def _room(self, room_id: str) -> Room:
         room = self.rooms.get(room_id)
@@ -126,9 +130,12 @@ class LocalRelay:
 
     async def probe(self, room_id: str, participant_id: str, sdp: str) -> dict[str, Any]:
         self._room(room_id)
-        return await self.probes.answer(room_id, participant_id, sdp)
+        with hooks.relay_gathering():  # a probe gathers on the relay's UDP ports
+            return await self.probes.answer(room_id, participant_id, sdp)
 
     async def close(self) -> None:
         for room_id in list(self.rooms):
             await self.close_room(room_id)
         await self.probes.close()
+        if self.udp_ports is not None:
+            self.udp_ports.close()

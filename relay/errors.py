@@ -37,5 +37,26 @@ class NegotiationPending(RelayError):
     code = "invalid_state"
 
 
-class HookMissing(RuntimeError):
-    """An aiortc internal the relay relies on is missing: wrong aiortc version."""
+class MediaPortsExhausted(RelayError):
+    """Every UDP port of ``relay.udp_port_range`` is taken: the connection that needed one
+    is refused, the others go on."""
+
+    code = "media_ports_exhausted"
+
+
+class RelayCannotStart(RelayError, RuntimeError):
+    """Found at start-up: the relay cannot serve at all (``telehealth`` exits with the
+    message)."""
+
+    code = "relay_cannot_start"
+
+
+class HookMissing(RelayCannotStart):
+    """An aiortc/aioice internal the relay relies on is missing: wrong version."""
+
+
+class UdpPortsUnavailable(RelayCannotStart):
+    """``relay.udp_port`` cannot be bound, or ``relay.udp_port_range`` is invalid or has no
+    free port."""
+
+    code = "udp_ports_unavailable"

@@ -12,16 +12,34 @@ so nothing is ever decoded.
 Send side: a subscriber's RTCRtpSender carries a track that never yields; the relay writes
 rewritten RTP packets straight to the sender's DTLS transport, fills the sender's NACK history
 and the counters its RTCP sender reports read, and intercepts keyframe requests and REMB.
+
+ICE host sockets (aioice 0.13, pinned too): aioice binds one socket per host address on a
+random port in ``Connection.get_component_candidates`` and has no option for it. When the relay
+fixes its UDP ports (``relay.udp_port_range``, ``relay.udp_port``; relay/udp_mux.py), that
+method is replaced, for the relay's own connections only, by one that takes its host sockets
+from ``set_host_sockets``; server-reflexive and TURN candidates are gathered as aioice does.
+"Own" means gathered inside ``relay_gathering()``: aiortc clients in the same process (tests,
+tools) keep aioice's sockets. The single-port mux reads STUN through the helpers below.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
-from collections.abc import Callable, Iterable
-from typing import Any
+import contextlib
+import contextvars
+import functools
+import ipaddress
+import secrets
+import string
+from collections.abc import Callable, Iterable, Iterator
+from types import CodeType
+from typing import Any, Protocol
 
 import aioice.ice
+import aioice.stun
 import aiortc
+from aioice.candidate import Candidate, candidate_foundation, candidate_priority
 from aiortc import RTCPeerConnection, RTCRtpReceiver, RTCRtpSender
 from aiortc.codecs.h264 import h264_depayload
 from aiortc.codecs.vpx import vp8_depayload
@@ -39,6 +57,7 @@ from aiortc.rtp import (
 from relay.errors import HookMissing
 
 SUPPORTED_AIORTC = "1.16."
+SUPPORTED_AIOICE = "0.13."
 
 _RECEIVER_JITTER = "_RTCRtpReceiver__jitter_buffer"
 _SENDER_HISTORY = "_RTCRtpSender__rtp_history"
@@ -53,6 +72,11 @@ _RECEIVER_METHODS = ("_handle_rtp_packet", "_send_rtcp_pli")
 _SENDER_METHODS = ("_handle_rtcp_packet", "_send_keyframe", "_ssrc")
 
 _original_host_addresses = aioice.ice.get_host_addresses
+_original_component_candidates = aioice.ice.Connection.get_component_candidates
+_CONNECTION_ATTRIBUTES = ("_protocols", "_local_username", "stun_server", "turn_server",
+                          "data_received", "request_received", "local_password")
+_PROTOCOL_ATTRIBUTES = ("transactions", "receiver", "connection_made", "connection_lost",
+                        "datagram_received")
 
 
 async def check() -> None:
@@ -83,6 +107,64 @@ async def check() -> None:
             f"aiortc {aiortc.__version__} lacks internals the relay forwards through: "
             f"{', '.join(missing)}"
         )
+    _check_aioice()
+
+
+def _check_aioice() -> None:
+    """The aioice internals behind fixed UDP ports: host sockets are bound in
+    ``Connection.get_component_candidates(component, addresses, timeout)`` (so replacing it
+    covers them all), and what the single-port mux reads and calls."""
+    version = getattr(aioice, "__version__", "?")
+    if not version.startswith(SUPPORTED_AIOICE):
+        raise HookMissing(f"the relay needs aioice {SUPPORTED_AIOICE}x, found {version}: its "
+                          "host-socket hook (relay.udp_port_range, relay.udp_port) is "
+                          "version-specific")
+    missing: list[str] = []
+    gather = _original_component_candidates
+    parameters = list(_parameters(gather))
+    if parameters != ["self", "component", "addresses", "timeout"]:
+        missing.append("Connection.get_component_candidates(component, addresses, timeout)")
+    elif "create_datagram_endpoint" not in _names(gather.__code__):
+        missing.append("host sockets bound in Connection.get_component_candidates")
+    if "get_component_candidates" not in _names(aioice.ice.Connection.gather_candidates.__code__):
+        missing.append("Connection.gather_candidates calling get_component_candidates")
+    connection = aioice.ice.Connection(ice_controlling=False)
+    missing += [f"Connection.{name}" for name in _CONNECTION_ATTRIBUTES
+                if not hasattr(connection, name)]
+    if getattr(connection, "_local_username", None) != connection.local_username:
+        missing.append("Connection._local_username behind local_username")
+    protocol = aioice.ice.StunProtocol(connection)
+    missing += [f"StunProtocol.{name}" for name in _PROTOCOL_ATTRIBUTES
+                if not hasattr(protocol, name)]
+    missing += [f"aioice.{name}" for name in ("ice.server_reflexive_candidate",
+                                                "stun.parse_message",
+                                                "stun.Message.check_message_integrity")
+                if not _has_path(aioice, name)]
+    if missing:
+        raise HookMissing(f"aioice {version} lacks internals the relay binds its UDP ports "
+                          f"through: {', '.join(missing)}")
+
+
+def _parameters(function: Callable[..., Any]) -> list[str]:
+    code = function.__code__
+    return list(code.co_varnames[:code.co_argcount])
+
+
+def _names(code: CodeType) -> set[str]:
+    """The names a function's code (comprehensions included) looks up."""
+    names = set(code.co_names)
+    for constant in code.co_consts:
+        if isinstance(constant, CodeType):
+            names |= _names(constant)
+    return names
+
+
+def _has_path(root: Any, path: str) -> bool:
+    for name in path.split("."):
+        if not hasattr(root, name):
+            return False
+        root = getattr(root, name)
+    return True
 
 
 def depayloader(codec: str) -> Callable[[bytes], bytes] | None:
@@ -214,3 +296,161 @@ def backlog_bytes(sender: RTCRtpSender) -> int:
         return int(transport.get_write_buffer_size())
     except AttributeError:
         return 0
+
+
+# -- ICE host sockets (relay.udp_port_range, relay.udp_port) ----------------------------------
+
+StunProtocol = aioice.ice.StunProtocol
+IceConnection = aioice.ice.Connection
+StunMessage = aioice.stun.Message
+
+
+class HostSockets(Protocol):
+    """How the relay's ICE connections get their host sockets (relay/udp_mux.py)."""
+
+    def addresses(self, addresses: list[str]) -> list[str]:
+        """The host addresses to make candidates on, of those aioice would use."""
+
+    async def bind(self, connection: IceConnection, address: str) -> StunProtocol | None:
+        """A protocol of ``connection`` (``stun_protocol``) connected to a transport on
+        ``address`` whose ``sockname`` is the candidate's address; None: skip the address."""
+
+
+_host_sockets: HostSockets | None = None
+_relay_gathering: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "relay_gathering", default=False)
+
+
+def set_host_sockets(sockets: HostSockets | None) -> None:
+    """Bind the host sockets of the relay's ICE connections with ``sockets``; None: aioice's
+    random ports. Like the host addresses, one choice for the process."""
+    global _host_sockets
+    _host_sockets = sockets
+    aioice.ice.Connection.get_component_candidates = (  # type: ignore[method-assign]
+        _original_component_candidates if sockets is None else _component_candidates)
+
+
+def host_sockets() -> HostSockets | None:
+    return _host_sockets
+
+
+@contextlib.contextmanager
+def relay_gathering() -> Iterator[None]:
+    """ICE gathered inside (a relay peer connection's ``setLocalDescription``) is the relay's:
+    its host sockets come from ``set_host_sockets``. Tasks started inside inherit it."""
+    token = _relay_gathering.set(True)
+    try:
+        yield
+    finally:
+        _relay_gathering.reset(token)
+
+
+def host_addresses() -> list[str]:
+    """The addresses the relay gathers host candidates on (configured, or aioice's)."""
+    return list(aioice.ice.get_host_addresses(use_ipv4=True, use_ipv6=True))
+
+
+async def _component_candidates(self: IceConnection, component: int, addresses: list[str],
+                                timeout: int = 5  # noqa: ASYNC109 (aioice's signature)
+                                ) -> list[Candidate]:
+    """``Connection.get_component_candidates`` with the host sockets of ``_host_sockets``
+    for the relay's connections; aioice's own for every other."""
+    sockets = _host_sockets
+    if sockets is None or not _relay_gathering.get():
+        return await _original_component_candidates(self, component, addresses, timeout)
+    protocols: list[StunProtocol] = []
+    try:
+        for address in sockets.addresses(addresses):
+            protocol = await sockets.bind(self, address)
+            if protocol is None:
+                continue
+            host, port = protocol.transport.get_extra_info("sockname")[:2]
+            protocol.local_candidate = Candidate(
+                foundation=candidate_foundation("host", "udp", host), component=component,
+                transport="udp", priority=candidate_priority(component, "host"), host=host,
+                port=port, type="host")
+            protocols.append(protocol)
+    except BaseException:
+        for protocol in protocols:
+            await protocol.close()
+        raise
+    self._protocols += protocols
+    candidates = [p.local_candidate for p in protocols]
+    # Server-reflexive candidates over the host sockets, TURN as aioice does (its own
+    # sockets: the relay's TURN client is not bound in the range).
+    tasks: list[asyncio.Task[Any]] = []
+    if self.stun_server:
+        tasks += [asyncio.create_task(aioice.ice.server_reflexive_candidate(p, self.stun_server))
+                  for p in protocols
+                  if ipaddress.ip_address(p.local_candidate.host).version == 4]
+    turn = (asyncio.create_task(_original_component_candidates(self, component, [], timeout))
+            if self.turn_server else None)
+    if tasks:
+        done, pending = await asyncio.wait(tasks, timeout=timeout)
+        candidates += [task.result()[0] for task in done if task.exception() is None]
+        for task in pending:
+            task.cancel()
+    if turn is not None:
+        candidates += await turn
+    return candidates
+
+
+def stun_protocol(connection: IceConnection) -> StunProtocol:
+    """aioice's protocol of ``connection``, not yet connected to a transport."""
+    return aioice.ice.StunProtocol(connection)
+
+
+_UFRAG_CHARACTERS = string.ascii_letters + string.digits
+
+
+def unique_ufrag(connection: IceConnection, taken: Callable[[str], bool]) -> str:
+    """The connection's local ufrag, replaced by a longer random one if ``taken`` says it is
+    in use. Called while gathering, before the SDP carrying it is written."""
+    ufrag: str = connection.local_username
+    while taken(ufrag):
+        ufrag = "".join(secrets.choice(_UFRAG_CHARACTERS) for _ in range(16))
+        connection._local_username = ufrag
+    return ufrag
+
+
+def parse_stun(data: bytes) -> StunMessage | None:
+    try:
+        return aioice.stun.parse_message(data)
+    except ValueError:
+        return None
+
+
+def request_ufrag(message: StunMessage) -> str | None:
+    """The local (relay's) ufrag named by a Binding request's USERNAME
+    (``<local ufrag>:<remote ufrag>``); None for anything else."""
+    if (message.message_class != aioice.stun.Class.REQUEST
+            or message.message_method != aioice.stun.Method.BINDING):
+        return None
+    username = message.attributes.get("USERNAME")
+    if not isinstance(username, str):
+        return None
+    local, colon, _ = username.partition(":")
+    return local if colon else None
+
+
+def is_response(message: StunMessage) -> bool:
+    return message.message_class in (aioice.stun.Class.RESPONSE, aioice.stun.Class.ERROR)
+
+
+def authentic(message: StunMessage, connection: IceConnection) -> bool:
+    """MESSAGE-INTEGRITY of ``message`` checked with the connection's password, as aioice
+    checks it before answering."""
+    if "MESSAGE-INTEGRITY" not in message.attributes:
+        return False
+    return bool(message.check_message_integrity(connection.local_password.encode("utf8")))
+
+
+def awaits_response(protocol: StunProtocol, transaction_id: bytes) -> bool:
+    return transaction_id in protocol.transactions
+
+
+def data_receiver(protocol: StunProtocol) -> Callable[[bytes], None]:
+    """What ``protocol`` does with a datagram that is not STUN (DTLS, SRTP), minus its own
+    attempt at parsing it as STUN: hand it to its connection."""
+    return functools.partial(protocol.receiver.data_received,
+                             component=protocol.local_candidate.component)

@@ -15,8 +15,9 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.exceptions import OperationError
 from aiortc.sdp import SessionDescription
 
+from relay import hooks
 from relay.config import MediaConfig
-from relay.errors import AlreadyPublished, BadSdp, NotInRoom, UnsupportedCodec
+from relay.errors import AlreadyPublished, BadSdp, NotInRoom, RelayError, UnsupportedCodec
 from relay.publication import SOURCES, Publication
 from relay.sdp import (
     accepted_codecs,
@@ -61,12 +62,16 @@ class Publisher:
                     accepted_codecs(media.kind, self.config.video_codecs))
             await pc.setRemoteDescription(RTCSessionDescription(sdp=str(sdp), type="offer"))
             answer = await pc.createAnswer()
-            await pc.setLocalDescription(answer)
+            with hooks.relay_gathering():  # on the relay's UDP ports (relay/udp_mux.py)
+                await pc.setLocalDescription(answer)
         except OperationError:
             # aiortc refuses an offer only for want of a common codec (an H.264 profile the
             # relay cannot take): the codec names were checked in _wanted.
             await pc.close()
             raise self._unsupported(next(iter(wanted)), "no profile the relay takes") from None
+        except RelayError:  # no UDP port left for this connection (media_ports_exhausted)
+            await pc.close()
+            raise
         except Exception as exc:
             await pc.close()
             raise BadSdp(f"the offer cannot be answered: {exc}") from None

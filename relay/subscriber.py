@@ -161,7 +161,9 @@ class Subscriber:
         self.negotiation.offering({leg.kind for leg in self.legs},
                                   deferred=bool(self._pending))
         try:
-            await pc.setLocalDescription(await pc.createOffer())
+            offer = await pc.createOffer()
+            with hooks.relay_gathering():  # on the relay's UDP ports (relay/udp_mux.py)
+                await pc.setLocalDescription(offer)
         except Exception:
             self.negotiation.offer_failed()
             raise
