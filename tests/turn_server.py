@@ -19,6 +19,7 @@ Use it from an async test::
             username, password = rest_credentials(turn.secret, "cardio1", time.time() + 600)
             turn.allocated(username)    # coturn granted it an allocation (from its log)
             turn.refused(username)      # coturn answered it 401 (expired or forged)
+            turn.relayed_bytes(username)  # bytes relayed to it, once its allocations ended
             turn.log_text()             # everything coturn logged so far (verbose)
 
 or from synchronous code with ``with TurnServer.start(tmp_path) as turn: ...``. With
@@ -37,6 +38,7 @@ import hashlib
 import hmac
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -114,6 +116,16 @@ class TurnServer:
         with an empty user)."""
         return f"user <{username}>: incoming packet message processed, error 401" in (
             self.log_text())
+
+    def relayed_bytes(self, username: str) -> int:
+        """Bytes coturn relayed from peers (the relay) to ``username``'s clients, over its
+        allocations that have ended: coturn logs a session's "peer usage" when it closes."""
+        total = 0
+        for match in re.finditer(r"peer usage: realm=<[^>]*>, username=<([^>]*)>, rp=\d+, "
+                                 r"rb=(\d+)", self.log_text()):
+            if match.group(1) == username:
+                total += int(match.group(2))
+        return total
 
     def alive(self) -> bool:
         return self.process.poll() is None
