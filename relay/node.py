@@ -8,6 +8,7 @@ import collections
 import contextlib
 import logging
 import signal
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -132,8 +133,12 @@ class RelayNode:
         self.signaling_url = signaling_url.rstrip("/")
         self.node_token = node_token
         self.region = region
+        # https signaling: its certificate verified, against relay.signaling_ca_file (a
+        # hospital's private CA) when set, else the system's CAs.
+        trust = ssl.create_default_context(cafile=settings.relay.signaling_ca_file)
         self.sio = socketio.AsyncClient(reconnection=True, reconnection_delay=1,
-                                        reconnection_delay_max=10)
+                                        reconnection_delay_max=10,
+                                        websocket_extra_options={"ssl": trust})
         self.relay = LocalRelay(relay_id, region=region,
                                 capacity=settings.relay.capacity,
                                 public_address=settings.relay.announced_address,
@@ -222,8 +227,14 @@ class RelayNode:
                     logger.error("signaling refused relay node %s: %s", self.relay.info.id,
                                  refusal.get("message"))
                     return False
-                logger.warning("signaling at %s unreachable (%s); retrying in %.0f s",
-                               self.signaling_url, exc, delay)
+                untrusted = _certificate_error(exc)
+                if untrusted is not None:
+                    logger.error("signaling at %s: its TLS certificate is not trusted (%s); "
+                                 "set relay.signaling_ca_file to the CA bundle that signed it; "
+                                 "retrying in %.0f s", self.signaling_url, untrusted, delay)
+                else:
+                    logger.warning("signaling at %s unreachable (%s); retrying in %.0f s",
+                                   self.signaling_url, exc, delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
             delay = min(delay * 2, 30.0)
@@ -254,6 +265,17 @@ class RelayNode:
             except Exception:
                 logger.exception("heartbeat failed; trying again")
             await asyncio.sleep(self.settings.relay.heartbeat_s)
+
+
+def _certificate_error(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate failure behind a connection error (python-socketio and engine.io keep
+    aiohttp's error as the exception's context), if that is what it was."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None or isinstance(seen, ssl.SSLCertVerificationError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 async def serve_node(settings: Settings, *, signaling_url: str, node_token: str,

@@ -132,9 +132,16 @@ def _token(settings: Settings, clinician_id: str, ttl: int | None) -> int:
         known = ", ".join(sorted(directory.clinicians))
         print(f"telehealth: no clinician {clinician_id!r}; known: {known}", file=sys.stderr)
         return EXIT_CONFIG
+    from telehealth.tls import CertificateInfo, doctor_url
+
     token = authority.issue(clinician_id, ttl_s=ttl)
     print(token)
-    print(f"{settings.public_base_url()}/#token={token}", file=sys.stderr)
+    certificate = None
+    if settings.tls.cert_file is not None:
+        with contextlib.suppress(OSError, ValueError):
+            certificate = CertificateInfo.read(settings.tls.cert_file)
+    base = doctor_url(settings, settings.server.port, certificate)
+    print(f"{base}/#token={token}", file=sys.stderr)
     return 0
 
 
@@ -222,6 +229,7 @@ def _user() -> str:
 async def _serve(settings: Settings) -> int:
     from signaling.http_api import runner_options
     from telehealth.startup import SERVICES, create_app, http_shutdown_timeout
+    from telehealth.tls import doctor_url, listen
 
     gc.set_threshold(*settings.server.gc_thresholds)
     app = create_app(settings)
@@ -232,14 +240,19 @@ async def _serve(settings: Settings) -> int:
     # Everything loaded so far lives as long as the process: keep it out of every collection.
     gc.collect()
     gc.freeze()
-    site = web.TCPSite(runner, settings.server.host, settings.server.port)
-    await site.start()
-    port = int(runner.addresses[0][1])
+    try:
+        listening = await listen(runner, settings)
+    except ConfigError:
+        await runner.cleanup()
+        raise
     if settings.server.port == 0:
-        settings.server.port = port
-    base = settings.public_base_url()
+        settings.server.port = listening.port
+    certificate = listening.certificate
+    base = doctor_url(settings, listening.port, certificate.info if certificate else None)
     services = app[SERVICES]
     print(f"Telehealth Bridge listening on {base}", flush=True)
+    if listening.redirect_port is not None:
+        print(f"  http on port {listening.redirect_port} redirects to https", flush=True)
     if settings.directory.file is None:
         print("Demo directory in use. Sign-in links (valid "
               f"{settings.security.token_ttl_s // 3600} h):", flush=True)
@@ -254,7 +267,13 @@ async def _serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    if certificate is not None:
+        # certbot's deploy hook or the hospital's renewal script: `kill -HUP <pid>`.
+        loop.add_signal_handler(signal.SIGHUP, certificate.reload)
     await stop.wait()
+    if certificate is not None:
+        loop.remove_signal_handler(signal.SIGHUP)
+    await listening.close_redirect()
     return await _stop(runner, settings.server.drain_s)
 
 

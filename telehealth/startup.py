@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -36,13 +37,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aioice.ice
 import socketio
 from aiohttp import web
 
 from config.settings import Settings
 from recorder.service import Recorder
 from relay.api import RelayInfo
-from relay.config import from_settings
+from relay.config import MediaConfig, from_settings
 from relay.embedded import LocalRelay
 from relay.remote import RemoteRelay
 from signaling.consultations import Consultations
@@ -62,6 +64,7 @@ from signaling.recording import (
     RecordingControl,
     recording_state_notifier,
 )
+from signaling.security import forwarded_from, same_origin, security_headers
 from signaling.socket_server import SignalingServer
 from signaling.store import RecordStore
 from signaling.tokens import TokenAuthority, load_or_create_secret
@@ -236,6 +239,7 @@ def create_app(settings: Settings) -> web.Application:
         ping_timeout=settings.presence.ping_timeout_s,
         logger=False,
         engineio_logger=False,
+        cors_allowed_origins=same_origin,
     )
     notifier = SocketIONotifier(sio)
     store = RecordStore(settings.storage.data_dir / RECORDS_FILE)
@@ -252,7 +256,7 @@ def create_app(settings: Settings) -> web.Application:
         embedded = LocalRelay(settings.relay.id, region=settings.relay.region,
                               capacity=settings.relay.capacity,
                               public_address=settings.relay.announced_address,
-                              config=from_settings(settings.relay), events=media_events)
+                              config=relay_config(settings), events=media_events)
         relays.register(embedded)
 
     # The recorder: a media sink of the rooms it records, told who is present by signaling.
@@ -285,7 +289,13 @@ def create_app(settings: Settings) -> web.Application:
                   presence=presence, media=media, metrics=metrics, recording=recording)
 
     stopping = Stopping(settings.server.drain_s, sio)
+    # Outermost first: the client as the trusted proxy names it, then the headers every
+    # answer carries (the 503 of a stop and every JSON error included).
+    forwarded = [forwarded_from(settings.server.trusted_proxies)] \
+        if settings.server.trusted_proxies else []
     app = web.Application(client_max_size=settings.server.max_payload_bytes, middlewares=[
+        *forwarded,
+        security_headers(settings.tls.hsts_max_age_s),
         stopping.middleware,
         json_errors,
         make_auth_middleware(tokens.verify, settings.security.metrics_token),
@@ -316,11 +326,43 @@ async def _relay(app: web.Application) -> AsyncIterator[None]:
     services = app[SERVICES]
     if services.embedded is not None:
         await services.embedded.start()
+        if not services.embedded.config.host_addresses:
+            _say_announced_addresses(services.settings)
     yield
     app[STOPPING].step = "closing the relay"
     if services.embedded is not None:
         await services.embedded.close()
     app[STOPPING].step = "exiting (asyncio's last tasks, worker threads)"
+
+
+def is_loopback(host: str) -> bool:
+    """``server.host`` reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def relay_config(settings: Settings) -> MediaConfig:
+    """The embedded relay's media settings. With ``relay.host_addresses`` empty and a server
+    only this machine can reach, the relay gathers on 127.0.0.1: aioice leaves loopback out
+    on its own, and the one-machine demo would get no media without it."""
+    config = from_settings(settings.relay)
+    if not config.host_addresses and is_loopback(settings.server.host):
+        config.host_addresses = ["127.0.0.1"]
+    return config
+
+
+def _say_announced_addresses(settings: Settings) -> None:
+    addresses = aioice.ice.get_host_addresses(use_ipv4=True, use_ipv6=True)
+    announced = settings.relay.announced_address
+    logger.info("relay: relay.host_addresses is empty, so ICE offers every address of this "
+                "machine but loopback: %s%s; browsers must reach one of them over UDP (set "
+                "relay.host_addresses to those they can, and relay.announced_address behind "
+                "1:1 NAT)", ", ".join(addresses) or "none",
+                f" (announced as {announced})" if announced else "")
 
 
 async def _records(app: web.Application) -> AsyncIterator[None]:
