@@ -249,7 +249,8 @@ def create_app(settings: Settings) -> web.Application:
     relays = RelayDirectory()
     media = Media(relays=relays, live=live, notifier=notifier,
                   client_ice_servers=[s.model_dump(exclude_none=True)
-                                      for s in settings.relay.client_ice_servers])
+                                      for s in settings.relay.client_ice_servers],
+                  turn=settings.turn, store=store)
     media_events = MediaEvents(media, notifier)
     embedded: LocalRelay | None = None
     if settings.relay.embedded:
