@@ -43,7 +43,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,18 +143,20 @@ class TurnServer:
     @classmethod
     @contextmanager
     def start(cls, directory: Path, *, secret: str = SECRET, realm: str = REALM,
-              tls: trustme.CA | None = None, ready_timeout_s: float = 10.0,
-              attempts: int = 3) -> Iterator[TurnServer]:
+              tls: trustme.CA | None = None, options: Sequence[str] = (),
+              ready_timeout_s: float = 10.0, attempts: int = 3) -> Iterator[TurnServer]:
         """coturn started in ``directory`` (config, log, database, certificate), ready to
         answer; stopped on exit. Ports are picked free at start; a start that loses a port to
-        another process is tried again on new ports, at most ``attempts`` times."""
+        another process is tried again on new ports, at most ``attempts`` times.
+        ``options``: further lines of coturn's configuration, written before the harness's
+        own (for an option given once, the harness's value wins)."""
         if not TURN_PRESENT:
             raise RuntimeError(f"{TURNSERVER} is not installed (Debian package coturn)")
         directory = directory / f"coturn-{os.getpid()}-{random.randrange(1 << 30):x}"
         directory.mkdir(parents=True)
         failures: list[str] = []
         for _ in range(attempts):
-            server = _launch(directory, secret, realm, tls)
+            server = _launch(directory, secret, realm, tls, options)
             try:
                 if _wait_ready(server, ready_timeout_s):
                     break
@@ -175,12 +177,12 @@ class TurnServer:
 
 @asynccontextmanager
 async def run_turn_server(directory: Path, *, secret: str = SECRET, realm: str = REALM,
-                          tls: trustme.CA | None = None,
+                          tls: trustme.CA | None = None, options: Sequence[str] = (),
                           ready_timeout_s: float = 10.0) -> AsyncIterator[TurnServer]:
     """``TurnServer.start`` for async tests: start and stop run in a thread, so the event
     loop (a signaling server in the same process) goes on meanwhile."""
     manager = TurnServer.start(directory, secret=secret, realm=realm, tls=tls,
-                               ready_timeout_s=ready_timeout_s)
+                               options=options, ready_timeout_s=ready_timeout_s)
     server = await asyncio.to_thread(manager.__enter__)
     try:
         yield server
@@ -188,11 +190,12 @@ async def run_turn_server(directory: Path, *, secret: str = SECRET, realm: str =
         await asyncio.to_thread(manager.__exit__, None, None, None)
 
 
-def _launch(directory: Path, secret: str, realm: str, tls: trustme.CA | None) -> TurnServer:
+def _launch(directory: Path, secret: str, realm: str, tls: trustme.CA | None,
+            options: Sequence[str]) -> TurnServer:
     port = _free_port()
     tls_port = _free_port() if tls is not None else None
     low = _free_range(RELAY_PORTS)
-    lines = [
+    lines = [*options,
         f"listening-ip={HOST}", f"relay-ip={HOST}", f"listening-port={port}",
         f"min-port={low}", f"max-port={low + RELAY_PORTS - 1}",
         "use-auth-secret", f"static-auth-secret={secret}", f"realm={realm}",

@@ -1,0 +1,140 @@
+"""Media through TURN: a real coturn (tests/turn_server.py) between an aiortc client told to
+use TURN only and the relay, with the credentials the real signaling server hands out in the
+media:join ack; and coturn refusing expired and forged credentials."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiortc import (
+    MediaStreamTrack,
+    RTCBundlePolicy,
+    RTCConfiguration,
+    RTCIceServer,
+    RTCIceTransportPolicy,
+    RTCPeerConnection,
+)
+
+from tests.consultation_media import media_peer, open_consultation, start_media
+from tests.media import MediaPeer, Received, check_stream, wait_for
+from tests.support import Client, clients, run_server, write_config
+from tests.turn_server import TURN_PRESENT, TurnServer, rest_credentials, run_turn_server
+
+pytestmark = pytest.mark.skipif(not TURN_PRESENT,
+                                reason="coturn (/usr/bin/turnserver) is not installed")
+
+FRAMES = 30
+
+
+def configuration(ack: dict[str, Any]) -> RTCConfiguration:
+    """The client's RTCConfiguration from a media:join ack, as the web client builds it."""
+    servers = [RTCIceServer(urls=s["urls"], username=s.get("username"),
+                            credential=s.get("credential")) for s in ack["ice_servers"]]
+    return RTCConfiguration(iceServers=servers, bundlePolicy=RTCBundlePolicy.MAX_BUNDLE,
+                            iceTransportPolicy=RTCIceTransportPolicy(ack["ice_transport_policy"]))
+
+
+class TurnPeer(MediaPeer):
+    """A MediaPeer whose subscribe connection uses the ack's ICE servers and policy."""
+
+    def __init__(self, peer: MediaPeer, config: RTCConfiguration) -> None:
+        super().__init__(peer.name, peer.call)
+        self.config = config
+
+    async def subscribe(self) -> None:
+        pc = RTCPeerConnection(self.config)
+        self.subscribe_pc = pc
+
+        @pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            transceiver = next(t for t in pc.getTransceivers() if t.receiver.track is track)
+            received = Received(transceiver.mid or "", track.kind,
+                                self.tracks.get(transceiver.mid or "", {}))
+            self.received[received.mid] = received
+            self._tasks.append(asyncio.ensure_future(self._read(track, received)))
+
+        await self.answer_offer(await self.call("subscribe", {}))
+
+    def local_candidate_types(self) -> set[str]:
+        assert self.subscribe_pc is not None
+        transport = self.subscribe_pc.getTransceivers()[0].receiver.transport.transport
+        return {c.type for c in transport.iceGatherer.getLocalCandidates()}
+
+
+async def turn_subscriber(client: Client, cid: str) -> tuple[TurnPeer, dict[str, Any]]:
+    ack = await client.ok("media:join", {"consultation_id": cid})
+    peer = TurnPeer(media_peer(client, cid), configuration(ack))
+
+    async def on_offer(data: dict[str, Any]) -> None:
+        await peer.answer_offer(data)
+
+    client.sio.on("media:offer", on_offer)  # replaces media_peer's handler: answer here
+    await peer.subscribe()
+    return peer, ack
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_a_relay_only_client_gets_video_through_coturn(tmp_path: Path,
+                                                             transport: str) -> None:
+    async with run_turn_server(tmp_path) as coturn:
+        urls = [u for u in coturn.urls if u.endswith(f"transport={transport}")]
+        # ref1's site (d1) lets nothing but TURN through: the server says "relay".
+        config = write_config(tmp_path, turn={"secret": coturn.secret, "urls": urls,
+                                              "relay_only_sites": ["d1"]})
+        async with run_server(config) as server, clients(
+                server.url, {n: server.token(n) for n in ("cardio1", "ref1")}) as c:
+            cid = await open_consultation(c)
+            publisher = await start_media(c["cardio1"], cid)
+            subscriber, ack = await turn_subscriber(c["ref1"], cid)
+            [turn] = [s for s in ack["ice_servers"] if "username" in s]
+            try:
+                assert ack["ice_transport_policy"] == "relay"
+                await wait_for(lambda: subscriber.frames("cardio1") >= FRAMES, 30,
+                               f"ref1 decoding cardio1 through coturn over {transport}")
+                video = subscriber.video_from("cardio1")
+                assert video is not None
+                check_stream(video, at_least=FRAMES)
+                # Its only candidates are coturn's relayed addresses, and coturn says it
+                # allocated for the credential signaling issued.
+                assert subscriber.local_candidate_types() == {"relay"}
+                assert coturn.allocated(turn["username"])
+            finally:
+                await subscriber.close()
+                await publisher.close()
+            # The video crossed coturn: what it relayed to ref1 (logged as the allocation
+            # ends) is at least what ref1 decoded, ~1 KB a frame here.
+            await wait_for(lambda: coturn.relayed_bytes(turn["username"]) > FRAMES * 500, 10,
+                           "coturn's usage line for ref1")
+
+
+async def test_coturn_refuses_expired_and_forged_credentials(tmp_path: Path) -> None:
+    async with run_turn_server(tmp_path) as coturn:
+        expired = rest_credentials(coturn.secret, "ref1", time.time() - 60)
+        username = f"{int(time.time()) + 600}:ref1"
+        forged = (username, rest_credentials("not-the-secret-0123456789", "ref1",
+                                             int(time.time()) + 600)[1])
+        for name, (user, password) in {"expired": expired, "forged": forged}.items():
+            assert await relay_candidates(coturn, user, password) == [], name
+            await wait_for(partial(coturn.refused, user), 5,
+                           f"coturn logging the {name} credential's 401")
+        # The same server allocates for a valid credential: the refusals are the credentials'.
+        assert len(await relay_candidates(coturn, *coturn.credentials("ref1"))) == 1
+
+
+async def relay_candidates(coturn: TurnServer, username: str, password: str) -> list[str]:
+    """The relay candidates an aiortc client with TURN only gathers with these credentials."""
+    server = RTCIceServer(urls=coturn.urls[0], username=username, credential=password)
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[server],
+                                            iceTransportPolicy=RTCIceTransportPolicy.RELAY))
+    try:
+        pc.createDataChannel("check")
+        await asyncio.wait_for(pc.setLocalDescription(await pc.createOffer()), 15)
+        return [line for line in pc.localDescription.sdp.splitlines()
+                if line.startswith("a=candidate:") and "typ relay" in line]
+    finally:
+        await pc.close()
