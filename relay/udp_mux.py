@@ -367,6 +367,11 @@ class UdpMux(asyncio.DatagramProtocol):
         transport: Any = self.transport  # asyncio's UDP transport has it; typeshed omits it
         return int(transport.get_write_buffer_size()) if transport is not None else 0
 
+    def owner(self, addr: tuple[str, int]) -> str | None:
+        """The local ufrag of the connection datagrams from ``addr`` go to; None: dropped."""
+        route = self._routes.get(addr)
+        return route.member.ufrag if route is not None else None
+
     def stats(self) -> dict[str, int]:
         return {"connections": len(self._members), "addresses": len(self._routes),
                 "dropped": self.dropped, "refused": self.refused}

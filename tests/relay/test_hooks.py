@@ -3,6 +3,9 @@ reads from payloads."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import aioice.ice
 import aiortc
 import pytest
 
@@ -26,6 +29,42 @@ async def test_another_aiortc_version_stops_the_relay_with_a_clear_message(
 async def test_a_missing_private_hook_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delattr(aiortc.RTCRtpReceiver, "_send_rtcp_pli")
     with pytest.raises(HookMissing, match=r"RTCRtpReceiver\._send_rtcp_pli"):
+        await hooks.check()
+
+
+async def test_another_aioice_version_stops_the_relay(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(aioice, "__version__", "0.14.0")
+    with pytest.raises(HookMissing, match=r"needs aioice 0\.13\.x, found 0\.14\.0"):
+        await hooks.check()
+
+
+async def test_a_missing_aioice_internal_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(aioice.ice.Connection, "data_received")
+    with pytest.raises(HookMissing, match=r"binds its UDP ports through: "
+                                          r"Connection\.data_received"):
+        await hooks.check()
+
+
+async def test_host_sockets_bound_elsewhere_stop_the_relay(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An aioice whose get_component_candidates no longer binds the host sockets (or takes
+    # other arguments) would leave the relay's sockets outside its ports without a word.
+    async def moved(self: Any, component: int, addresses: list[str],
+                    timeout: int = 5) -> list[Any]:
+        return []
+
+    monkeypatch.setattr(hooks, "_original_component_candidates", moved)
+    with pytest.raises(HookMissing, match="host sockets bound in "
+                                          r"Connection\.get_component_candidates"):
+        await hooks.check()
+
+    async def renamed(self: Any, component: int, hosts: list[str]) -> list[Any]:
+        return []
+
+    monkeypatch.setattr(hooks, "_original_component_candidates", renamed)
+    with pytest.raises(HookMissing, match=r"get_component_candidates\(component, addresses, "
+                                          r"timeout\)"):
         await hooks.check()
 
 
