@@ -6,15 +6,17 @@ in time and closed with their room."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
 from relay.embedded import LocalRelay
+from relay.remote import RemoteRelay
 from telehealth.startup import SERVICES
-from tests.consultation_media import open_consultation
+from tests.consultation_media import open_consultation, start_node
 from tests.media import wait_for
-from tests.support import Client, Server, clients
+from tests.support import Client, Server, clients, run_server, write_config
 
 CONNECT_S = 10.0
 
@@ -177,3 +179,29 @@ async def test_probes_are_bounded_per_relay(server: Server) -> None:
             assert len(relay.probes.open) == 1
         finally:
             await asyncio.gather(first.close(), second.close(), third.close())
+
+
+async def test_a_standalone_relay_node_answers_probes_too(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    async with run_server(config) as server:
+        assert server.app is not None
+        services = server.app[SERVICES]
+        node = start_node(config, server.url, services.tokens.issue_node("relay-node-probe"),
+                          region="11")  # ref1's province: its consultation goes there
+        client = ProbeClient()
+        try:
+            await wait_for(lambda: any(isinstance(r, RemoteRelay)
+                                       for r in services.relays.relays()), 20,
+                           "the node to register")
+            async with clients(server.url, {n: server.token(n)
+                                            for n in ("cardio1", "ref1")}) as c:
+                cid = await open_consultation(c)
+                assert isinstance(services.relays.for_room(cid), RemoteRelay)
+                await client.connect(await probe(c["ref1"], cid, client))
+                local, remote = client.selected_pair()
+                assert local.type == "host" and remote[0] == "127.0.0.1"
+        finally:
+            await client.close()
+            if node.poll() is None:
+                node.terminate()
+                node.wait(timeout=10)

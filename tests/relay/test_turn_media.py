@@ -5,12 +5,15 @@ media:join ack; and coturn refusing expired and forged credentials."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
+from aioice.turn import create_turn_endpoint
 from aiortc import (
     MediaStreamTrack,
     RTCBundlePolicy,
@@ -20,6 +23,8 @@ from aiortc import (
     RTCPeerConnection,
 )
 
+from config.settings import TurnSettings
+from signaling.turn import TurnIssuer
 from tests.consultation_media import media_peer, open_consultation, start_media
 from tests.media import MediaPeer, Received, check_stream, wait_for
 from tests.support import Client, clients, run_server, write_config
@@ -124,6 +129,46 @@ async def test_coturn_refuses_expired_and_forged_credentials(tmp_path: Path) -> 
                            f"coturn logging the {name} credential's 401")
         # The same server allocates for a valid credential: the refusals are the credentials'.
         assert len(await relay_candidates(coturn, *coturn.credentials("ref1"))) == 1
+
+
+FIREWALL_DOC = Path(__file__).resolve().parents[2] / "docs" / "firewall.md"
+TEST_OWN = ("listening-ip", "relay-ip", "external-ip", "listening-port", "tls-listening-port",
+            "min-port", "max-port", "static-auth-secret", "realm", "cert", "pkey", "syslog")
+"""Options of the documented configuration that the test sets itself (loopback addresses,
+free ports, its secret and certificate, a log file)."""
+
+
+def documented_coturn_options() -> list[str]:
+    """The production coturn configuration of docs/firewall.md, without the options above."""
+    text = FIREWALL_DOC.read_text(encoding="utf-8")
+    block = text.split("<!-- coturn-config: begin -->")[1].split("<!-- coturn-config: end -->")[0]
+    lines = [line.strip() for line in block.strip().strip("`").removeprefix("ini").splitlines()]
+    options = [line for line in lines if line and not line.startswith("#")]
+    assert "use-auth-secret" in options and any(o.startswith("denied-peer-ip=") for o in options)
+    return [o for o in options if o.split("=")[0] not in TEST_OWN]
+
+
+async def test_the_documented_coturn_configuration_accepts_issued_credentials(
+    tmp_path: Path,
+) -> None:
+    ca = trustme.CA()
+    async with run_turn_server(tmp_path, tls=ca, options=documented_coturn_options()) as coturn:
+        log = coturn.log_text()
+        assert "Bad configuration format" not in log and "ERROR" not in log, log[-2000:]
+        issued = TurnIssuer(TurnSettings(secret=coturn.secret, urls=coturn.urls)).issue("ref1")
+        assert issued is not None
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        # TURN over UDP, over TCP, and over TLS (turns:, the port that passes firewalls).
+        for transport, port, tls in (("udp", coturn.port, None), ("tcp", coturn.port, None),
+                                     ("tcp", coturn.tls_port, context)):
+            assert port is not None
+            endpoint, _ = await asyncio.wait_for(create_turn_endpoint(
+                asyncio.DatagramProtocol, server_addr=(coturn.host, port),
+                username=issued.username, password=issued.credential,
+                transport=transport, ssl=tls), 10)
+            endpoint.close()
+        assert coturn.allocated(issued.username)
 
 
 async def relay_candidates(coturn: TurnServer, username: str, password: str) -> list[str]:
