@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import trustme
+from aioice import stun
 from aioice.turn import create_turn_endpoint
 from aiortc import (
     MediaStreamTrack,
@@ -129,6 +130,31 @@ async def test_coturn_refuses_expired_and_forged_credentials(tmp_path: Path) -> 
                            f"coturn logging the {name} credential's 401")
         # The same server allocates for a valid credential: the refusals are the credentials'.
         assert len(await relay_candidates(coturn, *coturn.credentials("ref1"))) == 1
+
+
+async def test_an_allocation_outlives_its_credential_while_it_is_refreshed(
+    tmp_path: Path,
+) -> None:
+    """A consultation longer than turn.credential_ttl_s keeps its TURN path: coturn checks
+    the expiry when the allocation is made, not when it is refreshed (coturn 4.6.1)."""
+    async with run_turn_server(tmp_path) as coturn:
+        username, password = rest_credentials(coturn.secret, "ref1", time.time() + 2)
+        endpoint, _ = await create_turn_endpoint(
+            asyncio.DatagramProtocol, server_addr=(coturn.host, coturn.port),
+            username=username, password=password)
+        try:
+            await asyncio.sleep(3)
+            # aioice refreshes on its own only near the allocation's lifetime (10 min): ask
+            # now, through its client protocol (test-only private use).
+            protocol = endpoint._TurnTransport__inner_protocol  # type: ignore[attr-defined]
+            refresh = stun.Message(message_method=stun.Method.REFRESH,
+                                   message_class=stun.Class.REQUEST)
+            refresh.attributes["LIFETIME"] = 600
+            await protocol.request_with_retry(refresh)
+        finally:
+            endpoint.close()
+        # A new allocation with the expired credential is refused.
+        assert await relay_candidates(coturn, username, password) == []
 
 
 FIREWALL_DOC = Path(__file__).resolve().parents[2] / "docs" / "firewall.md"
