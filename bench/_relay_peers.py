@@ -65,6 +65,7 @@ from relay import hooks
 from relay.config import MediaConfig
 from relay.embedded import LocalRelay
 from relay.errors import UnknownRoom
+from relay.udp_mux import UdpMux
 
 try:
     from bench._clips import encode_vp8_ivf
@@ -88,6 +89,8 @@ RPC_LINE_LIMIT = 1 << 20
 RPC_TIMEOUT_S = 30.0
 SUBSCRIBE_CONCURRENCY = 4
 CLOSE_TIMEOUT_S = 20.0
+SFU_MODES = ("sfu", "sfu-1port")
+"""The relay with aioice's socket per connection, and in single-port mode (relay.udp_port)."""
 JITTER_ATTR = "_RTCRtpReceiver__jitter_buffer"
 ESTIMATOR_ATTR = "_RTCRtpReceiver__remote_bitrate_estimator"
 RTCP_SSRC_ATTR = "_RTCRtpReceiver__rtcp_ssrc"
@@ -437,11 +440,13 @@ class SfuBackend(Backend):
     """The relay under test: a ``LocalRelay`` driven through the RPC; its renegotiation offers
     and notices are pushed to the connection that joined the participant."""
 
-    def __init__(self) -> None:
+    def __init__(self, udp_port: int | None = None) -> None:
+        """``udp_port``: single-port mode (relay.udp_port), every connection on that port."""
         self.owners: dict[str, RpcPeer] = {}
         self.notices: Counter[str] = Counter()
         self.offers_pushed = 0
-        self.relay = LocalRelay("bench", config=MediaConfig(host_addresses=[HOST]), events=self)
+        self.relay = LocalRelay("bench", config=MediaConfig(host_addresses=[HOST],
+                                                            udp_port=udp_port), events=self)
         self.timing: list[tuple[bytes, float]] | None = None
         self._untimed_send = hooks.SenderLeg.send
 
@@ -503,6 +508,10 @@ class SfuBackend(Backend):
             raise ValueError(f"unknown command {cmd!r}")
         return None
 
+    async def start(self) -> None:
+        """As ``serve`` starts the relay: hooks checked, the single port bound if asked."""
+        await self.relay.start()
+
     async def stats(self) -> dict[str, Any]:
         try:
             room = await self.relay.stats(ROOM)
@@ -520,6 +529,8 @@ class SfuBackend(Backend):
             "plis": source.get("plis", 0),
             "notices": dict(self.notices),
             "offers_pushed": self.offers_pushed,
+            **({"mux": ports.stats()} if isinstance(ports := self.relay.udp_ports, UdpMux)
+               else {}),
         }
 
     async def close(self) -> None:
@@ -677,14 +688,16 @@ class Role:
 class ServerRole(Role):
     def __init__(self, options: dict[str, Any]) -> None:
         self.mode = str(options["mode"])
+        self.udp_port: int | None = options.get("udp_port")
         self.backend: Backend | None = None
         self.server: asyncio.Server | None = None
         self.port = 0
 
     async def start(self) -> None:
-        if self.mode == "sfu":
-            await hooks.check()
-            self.backend = SfuBackend()
+        if self.mode in SFU_MODES:
+            backend = SfuBackend(self.udp_port if self.mode == "sfu-1port" else None)
+            await backend.start()
+            self.backend = backend
         else:
             self.backend = MediaRelayBackend()
         self.server = await start_rpc_server(self.backend)

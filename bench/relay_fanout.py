@@ -5,6 +5,8 @@ and, as the baseline, through aiortc's ``MediaRelay`` (decoded once, re-encoded 
     python bench/relay_fanout.py                 # full run, ~3 minutes (at most ~10)
     python bench/relay_fanout.py --quick         # N = 1, 4; 4 s a step; ~40 s
     python bench/relay_fanout.py --profile /tmp/relay.prof   # + py-spy on the relay at the top N
+    python bench/relay_fanout.py --udp-port 24000 # + the relay in single-port mode, same run
+    python bench/relay_fanout.py --quick --udp-port 24000       # the same, N = 1, 4; ~70 s
 
 Processes (multiprocessing, spawn; all on 127.0.0.1; all stopped, or killed, at the end):
 
@@ -38,6 +40,14 @@ cpu_ratio compares CPU per stream-second at the largest N both servers sustain; 
 are those at the largest N the relay sustained. On this 2-core machine the load generator (on
 the other core) runs out before the relay reaches 80 % of its core: max_streams_one_core is then
 0.8 / (relay CPU seconds per stream-second at the largest N sustained), and the output says so.
+
+``--udp-port N`` adds a phase after the relay's: the same relay in single-port mode
+(``relay.udp_port = N``: every connection's ICE and media on one socket, relay/udp_mux.py), the
+same steps, publisher and subscribers. Its rows read ``sfu-1port``; before the RESULT line,
+
+    RESULT_SINGLE_PORT cpu_ratio_vs_default=<r> at_n=<n>
+
+is its CPU per stream-second over the default's at the largest N both sustain (goal <= 1.1).
 """
 
 from __future__ import annotations
@@ -73,6 +83,9 @@ BASELINE_STEPS = (1, 4, 16)
 QUICK_STEPS = (1, 4)
 DELIVERED_GOAL_PCT = 95.0
 CPU_RATIO_GOAL = 0.1
+SINGLE_PORT_RATIO_GOAL = 1.1
+SINGLE_PORT_QUICK_BUDGET_S = 35.0
+"""Seconds --quick adds for the single-port phase."""
 STREAMS_GOAL = 300
 CORE_SHARE = 0.8
 ADDED_P50_GOAL_MS = 5.0
@@ -450,6 +463,8 @@ class Settings:
     noise_retries: int
     server_cpus: list[int]
     other_cpus: list[int]
+    udp_port: int | None = None
+    """Also measure the relay in single-port mode on this port."""
 
 
 def run_phase(ctx: SpawnContext, mode: str, steps: Sequence[int], publisher: Child,
@@ -458,7 +473,7 @@ def run_phase(ctx: SpawnContext, mode: str, steps: Sequence[int], publisher: Chi
     notes: list[str] = []
     server = Child(ctx, f"{mode}-server", "server",
                    {"mode": mode, "max_life_s": settings.budget_s + 120,
-                    "cpus": settings.server_cpus})
+                    "cpus": settings.server_cpus, "udp_port": settings.udp_port})
     children.append(server)
     server.started()
     rows: list[Step] = []
@@ -604,7 +619,7 @@ def format_row(step: Step, reference: Reference, previous: Step | None = None) -
 
 
 def report(sfu: list[Step], baseline: list[Step], reference: Reference, notes: list[str],
-           settings: Settings) -> dict[str, Any]:
+           settings: Settings, single: Sequence[Step] = ()) -> dict[str, Any]:
     print("\nRelay fan-out: one VP8 640x480 30 fps publisher -> N subscribers "
           f"(1 probe + {settings.workers} subscriber processes, {settings.window_s:.0f} s "
           "windows)")
@@ -612,7 +627,7 @@ def report(sfu: list[Step], baseline: list[Step], reference: Reference, notes: l
           f"p99 {reference.p99_ms:.2f} ms, delivered {reference.delivered_pct:.1f} % of "
           f"{reference.frames} frames")
     print(HEADER)
-    for rows in (baseline, sfu):
+    for rows in (baseline, sfu, single):
         previous: Step | None = None
         for step in rows:
             print(format_row(step, reference, previous))
@@ -680,12 +695,36 @@ def report(sfu: list[Step], baseline: list[Step], reference: Reference, notes: l
         print(f"goals: cpu ratio {'met' if ratio <= CPU_RATIO_GOAL else 'NOT met'}; "
               f"streams/core {'met' if max_streams >= STREAMS_GOAL else 'NOT met'} "
               f"({max_streams} vs {STREAMS_GOAL}); latency {'met' if fast else 'NOT met'}")
+    if settings.udp_port is not None:
+        single_port_report(sfu, single)
     result = {"cpu_ratio_vs_mediarelay": ratio, "max_streams_one_core": max_streams,
               "added_latency_p50_ms": added_p50, "p99_ms": added_p99}
     print("RESULT " + " ".join(
         f"{k}={v:.3f}" if k == "cpu_ratio_vs_mediarelay" else
         f"{k}={v}" if isinstance(v, int) else f"{k}={v:.2f}" for k, v in result.items()))
     return result
+
+
+def single_port_report(sfu: Sequence[Step], single: Sequence[Step]) -> None:
+    """The single-port relay's CPU per stream-second over the default relay's, per N both
+    sustained; the ratio at the largest such N on the RESULT_SINGLE_PORT line."""
+    default = {s.n: s for s in sfu if s.sustained}
+    common = [s for s in single if s.sustained and s.n in default]
+    for step in common:
+        base = default[step.n]
+        print(f"single port at N={step.n}: {step.ms_per_stream_s:.2f} / "
+              f"{base.ms_per_stream_s:.2f} ms per stream-second = "
+              f"{step.ms_per_stream_s / base.ms_per_stream_s:.3f} x the default "
+              f"(other programs: {step.other_cores:.2f} / {base.other_cores:.2f} cores)")
+    ratio, at_n = math.nan, 0
+    if common:
+        at_n = common[-1].n
+        ratio = common[-1].ms_per_stream_s / default[at_n].ms_per_stream_s
+        print(f"goal: single port {'met' if ratio <= SINGLE_PORT_RATIO_GOAL else 'NOT met'} "
+              f"({ratio:.3f} vs <= {SINGLE_PORT_RATIO_GOAL} at N={at_n})")
+    else:
+        print("single port: no N sustained by both the default and the single-port relay")
+    print(f"RESULT_SINGLE_PORT cpu_ratio_vs_default={ratio:.3f} at_n={at_n}")
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -718,6 +757,9 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     parser.add_argument("--profile", type=Path, help="py-spy the relay at the largest N and "
                         "write the raw stacks here")
     parser.add_argument("--json", type=Path, help="write every measurement here")
+    parser.add_argument("--udp-port", type=int, help="also measure the relay in single-port "
+                        "mode (relay.udp_port) on this UDP port, after the default relay, with "
+                        "the same steps")
     parser.add_argument("--no-pin", action="store_true",
                         help="do not pin the server to CPU 0 and every other process of the "
                         "benchmark to the other CPUs")
@@ -726,7 +768,12 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
                         "(default), or aiortc's own estimator, which on a loaded machine "
                         "sends a REMB per packet")
     args = parser.parse_args(argv)
+    if args.udp_port is not None and not 1 <= args.udp_port <= 65535:
+        parser.error("--udp-port: give a UDP port, 1-65535")
     quick = bool(args.quick)
+    budget = args.budget or (55.0 if quick else 570.0)
+    if args.udp_port is not None and not args.budget:
+        budget += SINGLE_PORT_QUICK_BUDGET_S if quick else 400.0
     cpus = sorted(os.sched_getaffinity(0))
     pin = not args.no_pin and len(cpus) >= 2
     return Settings(
@@ -736,7 +783,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         window_s=args.window or (4.0 if quick else 10.0),
         settle_s=0.5 if quick else 1.5,
         workers=max(1, args.workers),
-        budget_s=args.budget or (55.0 if quick else 570.0),
+        budget_s=budget, udp_port=args.udp_port,
         cache_dir=args.cache_dir, profile=args.profile, json_path=args.json, quick=quick,
         remb=args.remb, noise_retries=0 if quick else NOISE_RETRIES)
 
@@ -775,6 +822,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(HEADER, flush=True)
         sfu, notes = run_phase(ctx, "sfu", settings.sfu_steps, publisher, workers, settings,
                                deadline, children, reference)
+        single: list[Step] = []
+        if settings.udp_port is not None:
+            single, more = run_phase(ctx, "sfu-1port", settings.sfu_steps, publisher, workers,
+                                     settings, deadline, children, reference)
+            notes += more
         baseline, more = run_phase(ctx, "mediarelay", settings.baseline_steps, publisher,
                                    workers, settings, deadline, children, reference)
         notes += more
@@ -784,13 +836,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if background > 0.2:
             notes.append(f"{background:.2f} cores were busy before the run started: other "
                          "work on the machine skews every figure")
-        result = report(sfu, baseline, reference, notes, settings)
+        result = report(sfu, baseline, reference, notes, settings, single)
         if settings.json_path is not None:
             settings.json_path.write_text(json.dumps({
                 "reference": asdict(reference), "result": result, "notes": notes,
                 "steps": [{**asdict(s), "ms_per_stream_s": s.ms_per_stream_s,
                            "delivered_pct": s.delivered_pct, "sustained": s.sustained}
-                          for s in baseline + sfu]}, indent=2))
+                          for s in baseline + sfu + single]}, indent=2))
     except BenchError as exc:
         print(f"relay_fanout: {exc}", file=sys.stderr)
         return 1
