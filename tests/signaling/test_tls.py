@@ -5,6 +5,7 @@ https URL, and X-Forwarded-* believed only from trusted proxies."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import signal
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import aioice.ice
 import pytest
 
 from relay.remote import RemoteRelay
@@ -27,7 +29,7 @@ from signaling.security import CONTENT_SECURITY_POLICY
 from telehealth.startup import SERVICES
 from tests.media import wait_for
 from tests.signaling.raw_http import RawResponse, read_response
-from tests.support import start_server_process, write_config
+from tests.support import run_server, start_server_process, write_config
 from tests.tls_support import (
     HOST_NAME,
     CertificateFiles,
@@ -367,3 +369,29 @@ async def test_a_relay_node_trusts_https_signaling_through_its_ca_file_and_only_
         finally:
             node.terminate()
             node.wait(timeout=10)
+
+
+async def test_the_relay_gathers_on_loopback_by_itself_for_a_one_machine_demo(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="telehealth.startup")
+    (tmp_path / "demo").mkdir()
+    config = write_config(tmp_path / "demo", relay={"host_addresses": []})
+    async with run_server(config) as server:  # server.host 127.0.0.1
+        assert server.app is not None
+        embedded = server.app[SERVICES].embedded
+        assert embedded is not None and embedded.config.host_addresses == ["127.0.0.1"]
+    assert not [r for r in caplog.records if "host_addresses is empty" in r.getMessage()]
+    # On every address with none configured: one line naming what ICE will offer.
+    (tmp_path / "lan").mkdir()
+    config = write_config(tmp_path / "lan", server={"host": "0.0.0.0"},
+                          relay={"host_addresses": []})
+    async with run_server(config) as server:
+        assert server.app is not None
+        embedded = server.app[SERVICES].embedded
+        assert embedded is not None and embedded.config.host_addresses == []
+    [line] = [r.getMessage() for r in caplog.records if "host_addresses is empty" in
+              r.getMessage()]
+    expected = aioice.ice.get_host_addresses(use_ipv4=True, use_ipv6=True)
+    assert all(address in line for address in expected), line
+    assert "relay.announced_address" in line
