@@ -42,9 +42,11 @@ INBOUND = f"Object.values({STATS}.inbound || {{}})"
 """JS: its inbound streams' statistics."""
 
 
-def page_url(server_url: str, token: str) -> str:
-    """The web client signed in with ``token``, its test hooks on."""
-    return f"{server_url}/?test-hooks#token={token}"
+def page_url(server_url: str, token: str, *, query: str = "") -> str:
+    """The web client signed in with ``token``, its test hooks on; ``query`` adds to the
+    address's query (``ice=relay``: the client's relay-only setting)."""
+    extra = f"&{query}" if query else ""
+    return f"{server_url}/?test-hooks{extra}#token={token}"
 
 
 class Site:
@@ -55,8 +57,8 @@ class Site:
         self.url = server.url
         self.tokens = tokens
 
-    def link(self, clinician: str, **kwargs: int) -> str:
-        return page_url(self.url, self.tokens.issue(clinician, **kwargs))
+    def link(self, clinician: str, *, query: str = "", **kwargs: int) -> str:
+        return page_url(self.url, self.tokens.issue(clinician, **kwargs), query=query)
 
 
 LISTENER_LEDGER = """(() => {
@@ -132,6 +134,36 @@ async def open_page(browser: Browser, url: str, *, init_script: str | None = Non
             if message.type in ("error", "warning") else None)
     await page.goto(url, wait_until="commit")
     return page
+
+
+SELECTED_LOCAL_CANDIDATE = """async (pc) => {
+  const report = await pc.getStats();
+  let pair = null;
+  report.forEach((s) => {
+    if (s.type === 'transport' && s.selectedCandidatePairId) {
+      pair = report.get(s.selectedCandidatePairId);
+    }
+  });
+  const local = pair && report.get(pair.localCandidateId);
+  return local ? local.candidateType : null;
+}"""
+"""JS, given a peer connection: the local candidate type (host, srflx, prflx, relay) of the pair
+its ICE selected, null before one is."""
+
+
+async def media_candidate_types(page: Page) -> dict[str, str | None]:
+    """The selected local candidate type of each of the page's media peer connections."""
+    found: dict[str, str | None] = await page.evaluate(
+        f"""async () => {{
+          const selected = {SELECTED_LOCAL_CANDIDATE};
+          const media = {MEDIA};
+          const found = {{}};
+          for (const name of ['publishPc', 'subscribePc', 'screenPc']) {{
+            if (media[name]) found[name] = await selected(media[name]);
+          }}
+          return found;
+        }}""")
+    return found
 
 
 async def decoded_from(page: Page, participant: str) -> int:

@@ -104,6 +104,9 @@ async def test_blocked_camera_and_microphone_are_explained_and_the_doctor_can_st
         await expect(problem).to_have_attribute("data-problem", "permission", timeout=15_000)
         await expect(problem).to_contain_text("Cho phép")
         await expect(district.locator("#check-microphone")).to_have_attribute("data-state", "bad")
+        network = district.locator("#check-network")
+        await expect(network).to_have_attribute("data-path", "direct", timeout=15_000)
+        await expect(network).to_contain_text("Kết nối trực tiếp")
         join = district.locator("#precheck-join")
         await expect(join).to_be_enabled()
         await expect(join).to_have_text("Vào phòng (chỉ xem và trò chuyện)")
@@ -119,3 +122,41 @@ async def test_blocked_camera_and_microphone_are_explained_and_the_doctor_can_st
         await expect(district.locator("#controls-note")).to_be_visible()
         await expect(specialist.locator("#participants li")).to_have_count(2)
         await district.context.close()
+
+
+async def test_no_path_to_the_relay_is_explained_before_and_in_the_room(
+    site: Site, browser: Browser
+) -> None:
+    # Relay-only on a server with no TURN server: ICE has no candidate that can reach the relay,
+    # as behind a firewall that also blocks TURN.
+    district = await open_page(browser, site.link("ref1", query="ice=relay"))
+    specialist = await open_page(browser, site.link("cardio1"))
+    await expect(district.locator("#request-form")).to_be_visible()
+    await request_consultation(district)
+    await specialist_in_room(specialist)
+
+    await district.locator("#my-requests .join").first.click(timeout=10_000)
+    network = district.locator("#check-network")
+    await expect(network).to_have_attribute("data-path", "none", timeout=15_000)
+    print(f"network line 'none' after {await network.get_attribute('data-ms')} ms")
+    await expect(district.locator("#network-problem")).to_contain_text("phòng CNTT")
+    await expect(district.locator("#precheck-join")).to_have_text("Vào phòng")
+    assert await raw_errors_shown(district) == []
+    # Unchecking the setting checks again: directly reachable on loopback.
+    await district.locator("#ice-relay").uncheck()
+    await expect(network).to_have_attribute("data-path", "direct", timeout=15_000)
+    await expect(district.locator("#network-problem")).to_be_hidden()
+    await district.locator("#ice-relay").check()
+    await expect(network).to_have_attribute("data-path", "none", timeout=15_000)
+
+    # In the room the media cannot connect either: said in words, chat still works.
+    await district.click("#precheck-join")
+    problem = district.locator("#media-problem")
+    await expect(problem).to_be_visible(timeout=30_000)
+    await expect(problem).to_contain_text("TURN")
+    await district.fill("#chat-input", "Không có hình, chỉ trò chuyện")
+    await district.click("#chat-send")
+    await expect(specialist.locator("#chat li", has_text="chỉ trò chuyện")).to_be_visible()
+    assert await raw_errors_shown(district) == []
+    for page in (district, specialist):
+        await page.context.close()

@@ -366,9 +366,10 @@ async function precheck(consultationId) {
     note(networkNote, "");
     const probe = new NetworkProbe(state.signaling, consultationId);
     state.probe = probe;
-    probe.run().then(({ path }) => {
+    probe.run().then(({ path, ms }) => {
       if (state.probe !== probe || !network.isConnected) return;
       network.dataset.path = path;
+      network.dataset.ms = String(ms);
       if (path === "direct") network.set("ok", t("networkDirect"));
       else if (path === "relay") { network.set("warn", t("networkTurn")); note(networkNote, t("turnOnly")); }
       else if (path === "none") { network.set("bad", t("networkNone")); note(networkNote, t("noPath")); }

@@ -6,6 +6,10 @@ import { icePolicy } from "./settings.js";
 
 const GATHER_WAIT_MS = 2000;
 const DISCONNECTED_GRACE_MS = 2500;
+/** Connections not up this long after they were set up have no path to the relay: with no
+ * usable candidate at all (relay-only without a reachable TURN server) ICE never says "failed",
+ * it keeps checking. TURN over a slow link connects in a few seconds. */
+const CONNECT_DEADLINE_MS = 12_000;
 
 /** Wait `ms`, or less if `until` (given the function that ends the wait) ends it first. The
  * wait's end is in `waits` while it lasts, so that closing the session can end it. */
@@ -105,6 +109,7 @@ export class MediaSession {
     this.stats = { inbound: {}, outbound: {}, rttMs: null, lossPct: 0, bitrateKbps: 0, quality: "good" };
     this._lastBytes = null;
     this._watchdog = null;
+    this._connectDeadline = null;
     this._rebuilding = null;
     this._statsTimer = null;
     this._waits = new Set();   // the ends of the waits under way (gathering, reconnect pauses)
@@ -165,6 +170,14 @@ export class MediaSession {
       this.screen ? this._publish(this.screen, { video: "screen" }).then((pc) => { this.screenPc = pc; }) : null,
     ]);
     if (this.audioOnly) await this.signaling.mode(this.consultationId, true);
+    clearTimeout(this._connectDeadline);
+    this._connectDeadline = setTimeout(() => {
+      if (this.closed || this._allConnected()) return;
+      console.warn(`media: not connected ${CONNECT_DEADLINE_MS} ms after set-up (policy `
+                   + `${this.iceTransportPolicy}, ${this.iceServers.length} ICE servers)`);
+      this._problem("nopath");
+      this.rebuild("no connection");
+    }, CONNECT_DEADLINE_MS);
   }
 
   _newPc() {
@@ -381,6 +394,7 @@ export class MediaSession {
   }
 
   _closePcs() {
+    clearTimeout(this._connectDeadline);
     for (const pc of [this.publishPc, this.screenPc, this.subscribePc]) {
       if (!pc) continue;
       this._listeners.removeFrom(pc);

@@ -27,9 +27,11 @@ export class NetworkProbe {
     this._finish = null;
     this._waits = new Set();
     this._removers = [];
+    this._started = performance.now();
   }
 
-  /** Run once. @returns {Promise<{path: NetworkPath, candidateType?: string, policy?: string}>} */
+  /** Run once. @returns {Promise<{path: NetworkPath, candidateType?: string, policy?: string,
+   *   ms: number}>} ms: how long the check took. */
   run() {
     if (!this._running) {
       this._running = new Promise((resolve) => { this._finish = resolve; });
@@ -47,13 +49,13 @@ export class NetworkProbe {
 
   _end(found) {
     if (this.result) return;
-    this.result = found;
+    this.result = { ...found, ms: Math.round(performance.now() - this._started) };
     for (const end of [...this._waits]) end();
     for (const remove of this._removers) remove();
     this._removers = [];
     if (this.pc) this.pc.close();
     this.pc = null;
-    if (this._finish) this._finish(found);
+    if (this._finish) this._finish(this.result);
   }
 
   _listen(target, type, handler) {
@@ -71,9 +73,10 @@ export class NetworkProbe {
     await pc.setLocalDescription(await pc.createOffer());
     await gathered(pc, this._waits);
     if (this.result) return this.result;
-    const answer = await this.signaling.call("media:probe", {
-      consultation_id: this.consultationId, type: "offer", sdp: pc.localDescription.sdp,
-    }, 10_000);
+    // Not one candidate (relay-only, and the TURN server unreachable or refusing): nothing
+    // could reach the relay, no need to ask it.
+    if (!/^a=candidate:/m.test(pc.localDescription.sdp)) return { path: "none", policy };
+    const answer = await this.signaling.probe(this.consultationId, pc.localDescription.sdp);
     if (this.result) return this.result;
     const connected = new Promise((resolve) => {
       const timer = setTimeout(() => done(false), CONNECT_DEADLINE_MS);
@@ -92,9 +95,10 @@ export class NetworkProbe {
     return { path: candidateType === "relay" ? "relay" : "direct", candidateType, policy };
   }
 
-  /** The ICE servers and policy the probe uses: the same the room will use. */
+  /** The ICE servers and policy the probe uses: the same the room will use (TURN credentials
+   * included), from `media:ice_servers`. */
   async _iceConfig() {
-    return { ice_servers: [], ice_transport_policy: null };
+    return this.signaling.iceServers(this.consultationId);
   }
 }
 

@@ -115,6 +115,14 @@ export class Signaling {
   mode(consultationId, audioOnly) {
     return this.call("media:mode", { consultation_id: consultationId, audio_only: audioOnly });
   }
+  /** The ICE servers (TURN credentials included) and policy, before joining (the pre-call check).
+   * @returns {Promise<{ice_servers: RTCIceServer[], ice_transport_policy: "all"|"relay", turn_expires_at: ?number}>} */
+  iceServers(consultationId) { return this.call("media:ice_servers", { consultation_id: consultationId }); }
+  /** The pre-call check's network probe: a data-channel-only offer, answered by the relay.
+   * @returns {Promise<{type: "answer", sdp: string}>} */
+  probe(consultationId, sdp) {
+    return this.call("media:probe", { consultation_id: consultationId, type: "offer", sdp }, 10_000);
+  }
 
   // -- recording --------------------------------------------------------------------------
   /** @returns {Promise<{recording: RecordingState}>} */

@@ -1,0 +1,85 @@
+"""A hospital whose firewall lets nothing through but TURN: Chromium with the client's relay-only
+setting (``?ice=relay``) reaches the relay through Debian's coturn, with the credentials the
+server hands out, and decodes the other site's video; the pre-call check says so."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.async_api import Browser, expect
+
+from config.settings import load_settings
+from signaling.directory import Directory
+from signaling.tokens import TokenAuthority
+from tests.support import SECRET, start_server_process, write_config
+from tests.turn_server import TURN_PRESENT, TurnServer
+from tests.web.browser import (
+    MEDIA,
+    Site,
+    media_candidate_types,
+    open_page,
+    request_consultation,
+    wait_decoding,
+)
+
+pytestmark = pytest.mark.skipif(not TURN_PRESENT, reason="coturn is not installed")
+
+
+@pytest.fixture
+def turn(tmp_path: Path) -> Iterator[TurnServer]:
+    with TurnServer.start(tmp_path) as server:
+        yield server
+
+
+@pytest.fixture
+def turn_site(tmp_path: Path, turn: TurnServer) -> Iterator[Site]:
+    """`telehealth serve` whose [turn] settings point at the test's coturn."""
+    config = write_config(tmp_path, presence={"reconnect_grace_s": 20.0},
+                          turn={"secret": turn.secret, "urls": turn.urls})
+    settings = load_settings(config)
+    assert settings.directory.file is not None
+    tokens = TokenAuthority(SECRET, Directory.load(settings.directory.file), 3600)
+    server = start_server_process(config)
+    try:
+        yield Site(server, tokens)
+    finally:
+        server.process.terminate()
+        server.process.wait(timeout=15)
+
+
+async def test_a_relay_only_browser_reaches_the_relay_through_turn_and_decodes_video(
+    turn_site: Site, turn: TurnServer, browser: Browser
+) -> None:
+    district = await open_page(browser, turn_site.link("ref1", query="ice=relay"))
+    specialist = await open_page(browser, turn_site.link("cardio1", query="ice=all"))
+    await expect(district.locator("#request-form")).to_be_visible()
+    await request_consultation(district)
+    await specialist.locator("#queue li.request .accept").first.click(timeout=10_000)
+    await specialist.click("#precheck-join")
+
+    await district.locator("#my-requests .join").first.click(timeout=10_000)
+    # The setting is visible where the doctor checks the network, and on.
+    await expect(district.locator("#ice-relay")).to_be_checked()
+    network = district.locator("#check-network")
+    await expect(network).to_have_attribute("data-path", "relay", timeout=15_000)
+    await expect(network).to_contain_text("TURN")
+    await expect(district.locator("#network-problem")).to_contain_text("TURN")
+    await district.click("#precheck-join")
+
+    await wait_decoding(district, "cardio1")
+    await wait_decoding(specialist, "ref1")
+    policies = await district.evaluate(
+        f"""() => ['publishPc', 'subscribePc'].map(
+              (name) => {MEDIA}[name].getConfiguration().iceTransportPolicy)""")
+    assert policies == ["relay", "relay"]
+    assert set((await media_candidate_types(district)).values()) == {"relay"}
+    assert "relay" not in (await media_candidate_types(specialist)).values()
+    # coturn granted the allocation to the credentials media:join handed out.
+    usernames = await district.evaluate(
+        f"() => {MEDIA}.iceServers.filter((s) => s.username).map((s) => s.username)")
+    assert len(usernames) == 1 and usernames[0].endswith(":ref1"), usernames
+    assert turn.allocated(usernames[0])
+    for page in (district, specialist):
+        await page.context.close()
