@@ -82,6 +82,10 @@ class Probes:
         pc = peer_connection(self.config, label)
         probe = Probe(room_id, participant_id, probe_id, pc)
         self.open[(room_id, participant_id)] = probe
+        # The lifetime runs from now: a probe whose answer never completes (cancelled while
+        # gathering) is closed all the same.
+        probe.timer = asyncio.get_running_loop().call_later(self.lifetime_s, self._expire,
+                                                            probe)
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=str(sdp), type="offer"))
             await pc.setLocalDescription(await pc.createAnswer())
@@ -93,8 +97,6 @@ class Probes:
             # Replaced by a newer probe, or its room closed, while the answer was gathered.
             await self._close(probe)
             raise ProbeClosed(f"{label} was closed before it was answered")
-        loop = asyncio.get_running_loop()
-        probe.timer = loop.call_later(self.lifetime_s, self._expire, probe)
 
         @pc.on("connectionstatechange")
         def changed() -> None:

@@ -11,7 +11,9 @@ from typing import Any
 
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
+from relay.config import MediaConfig
 from relay.embedded import LocalRelay
+from relay.probe import ProbeClosed
 from relay.remote import RemoteRelay
 from telehealth.startup import SERVICES
 from tests.consultation_media import open_consultation, start_node
@@ -205,3 +207,24 @@ async def test_a_standalone_relay_node_answers_probes_too(tmp_path: Path) -> Non
             if node.poll() is None:
                 node.terminate()
                 node.wait(timeout=10)
+
+
+async def test_of_two_probes_at_once_from_one_participant_the_later_one_stays() -> None:
+    relay = LocalRelay(config=MediaConfig(host_addresses=["127.0.0.1"]))
+    await relay.start()
+    await relay.open_room("room-1")
+    clients = [ProbeClient(), ProbeClient()]
+    try:
+        offers = [(await c.offer())["sdp"] for c in clients]
+        results = await asyncio.gather(*(relay.probe("room-1", "ref1", sdp) for sdp in offers),
+                                       return_exceptions=True)
+        # The earlier one was overtaken while it gathered: refused, its connection closed;
+        # the later one is answered and is the participant's only probe.
+        assert isinstance(results[0], ProbeClosed) and results[0].code == "invalid_state"
+        assert isinstance(results[1], dict) and results[1]["type"] == "answer"
+        assert list(relay.probes.open) == [("room-1", "ref1")]
+        await clients[1].connect(results[1])
+    finally:
+        await asyncio.gather(*(c.close() for c in clients))
+        await relay.close()
+    assert relay.probes.open == {}
