@@ -227,10 +227,17 @@ class UdpMux(asyncio.DatagramProtocol):
                    "port)" if exc.errno == errno.EADDRINUSE else "")) from None
         for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
             sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
+        # Linux reports twice what it grants; less than asked means a low net.core.*mem_max.
+        granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2
         mux = cls(address, port)
         await asyncio.get_running_loop().create_datagram_endpoint(lambda: mux, sock=sock)
-        logger.info("relay.udp_port: every participant's ICE and media on UDP %s:%d", address,
-                    port)
+        logger.info("relay.udp_port: every participant's ICE and media on UDP %s:%d (receive "
+                    "buffer %d KiB)", address, port, granted // 1024)
+        if granted < SOCKET_BUFFER_BYTES:
+            logger.warning("relay.udp_port: the kernel granted a %d KiB receive buffer of the "
+                           "%d KiB asked; under load packets may drop: raise the sysctls "
+                           "net.core.rmem_max and net.core.wmem_max to %d", granted // 1024,
+                           SOCKET_BUFFER_BYTES // 1024, SOCKET_BUFFER_BYTES)
         return mux
 
     # -- asyncio ---------------------------------------------------------------------------
