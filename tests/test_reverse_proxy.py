@@ -167,6 +167,15 @@ async def test_serve_behind_nginx_upgrades_socket_io_believes_nginx_and_carries_
                     assert response.status == 200
                     assert response.headers["Strict-Transport-Security"].startswith("max-age=")
                     assert "default-src 'self'" in response.headers["Content-Security-Policy"]
+            # A browser's socket.io is accepted from the page's own origin as nginx names it
+            # (https, the name and port the browser used), from no other.
+            for source, origin, status in (
+                    ("127.0.0.6", nginx.url, 200), ("127.0.0.7", "https://evil.example", 400),
+                    ("127.0.0.8", f"http://{HOST_NAME}:{nginx.https_port}", 400)):
+                async with aiohttp.ClientSession(connector=through_nginx(ca, source)) \
+                        as session, session.get(nginx.url + "/socket.io/?EIO=4&transport=polling",
+                                                headers={"Origin": origin}) as response:
+                    assert response.status == status, origin
             # The per-address polling limit counts the client nginx names, not nginx.
             for source, status in (("127.0.0.2", 200), ("127.0.0.2", 429), ("127.0.0.3", 200)):
                 async with aiohttp.ClientSession(connector=through_nginx(ca, source)) as session, \

@@ -153,6 +153,15 @@ async def test_every_response_carries_the_security_headers_and_hsts_only_over_ht
                 for name, value in SECURITY_HEADERS.items():
                     assert response.headers.get(name) == value, (path, name)
                 assert response.headers["Strict-Transport-Security"] == "max-age=86400", path
+        # socket.io accepts a browser from the https page's own origin (python-engineio's
+        # aiohttp driver alone would expect http:// and refuse it), and from no other.
+        port = server.url.rsplit(":", 1)[1]
+        for origin, status in ((f"https://127.0.0.1:{port}", 200),
+                               (f"http://127.0.0.1:{port}", 400),
+                               ("https://evil.example", 400)):
+            async with session.get(server.url + "/socket.io/?EIO=4&transport=polling",
+                                   headers={"Origin": origin}) as response:
+                assert response.status == status, origin
     (tmp_path / "plain").mkdir()
     async with run_tls_server(write_config(tmp_path / "plain")) as plain, \
             aiohttp.ClientSession() as session:
