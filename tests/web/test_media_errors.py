@@ -107,6 +107,7 @@ async def test_blocked_camera_and_microphone_are_explained_and_the_doctor_can_st
         network = district.locator("#check-network")
         await expect(network).to_have_attribute("data-path", "direct", timeout=15_000)
         await expect(network).to_contain_text("Kết nối trực tiếp")
+        print(f"network line 'direct' after {await network.get_attribute('data-ms')} ms")
         join = district.locator("#precheck-join")
         await expect(join).to_be_enabled()
         await expect(join).to_have_text("Vào phòng (chỉ xem và trò chuyện)")
@@ -160,3 +161,30 @@ async def test_no_path_to_the_relay_is_explained_before_and_in_the_room(
     assert await raw_errors_shown(district) == []
     for page in (district, specialist):
         await page.context.close()
+
+
+async def test_a_pc_without_camera_or_microphone_is_told_so_and_may_still_join(
+    site: Site,
+) -> None:
+    # Chromium without its fake devices: this machine has none, getUserMedia finds nothing.
+    flags = chromium_flags(drop=["--use-fake-device-for-media-stream"])
+    async with chromium(flags) as bare:
+        district = await open_page(bare, site.link("ref1"))
+        await expect(district.locator("#request-form")).to_be_visible()
+        await request_consultation(district)
+        # The specialist accepts on a PC with no camera and no microphone.
+        specialist = await open_page(bare, site.link("cardio1"))
+        await specialist.locator("#queue li.request .accept").first.click(timeout=10_000)
+        await expect(specialist.locator("#precheck-problem")).to_have_attribute(
+            "data-problem", "nodevice", timeout=15_000)
+        await expect(specialist.locator("#precheck-problem")).to_contain_text(
+            "Không tìm thấy camera hoặc micrô")
+        await expect(specialist.locator("#precheck-join")).to_have_text(
+            "Vào phòng (chỉ xem và trò chuyện)")
+        await expect(specialist.locator("#precheck-join")).to_be_enabled()
+        assert await raw_errors_shown(specialist) == []
+        await specialist.click("#precheck-join")
+        await expect(specialist.locator("#room")).to_be_visible()
+        await expect(specialist.locator("#device-picker")).to_be_disabled()
+        await district.context.close()
+        await specialist.context.close()

@@ -65,6 +65,7 @@ async def test_a_relay_only_browser_reaches_the_relay_through_turn_and_decodes_v
     network = district.locator("#check-network")
     await expect(network).to_have_attribute("data-path", "relay", timeout=15_000)
     await expect(network).to_contain_text("TURN")
+    print(f"network line 'through TURN' after {await network.get_attribute('data-ms')} ms")
     await expect(district.locator("#network-problem")).to_contain_text("TURN")
     await district.click("#precheck-join")
 
