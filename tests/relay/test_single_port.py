@@ -14,15 +14,54 @@ from pathlib import Path
 import pytest
 from aioice import stun
 
+from config.settings import load_settings
 from relay.config import MediaConfig
 from relay.embedded import LocalRelay
 from relay.errors import UdpPortsUnavailable
 from relay.udp_mux import UdpMux
+from signaling.directory import Directory
+from signaling.tokens import TokenAuthority
 from telehealth.startup import SERVICES
 from tests.consultation_media import open_consultation, start_media
 from tests.media import MediaPeer, check_everyone_sees_everyone, wait_for
 from tests.relay.test_ports import HOST, free_udp_ports, relay_candidate_ports
-from tests.support import Server, clients, run_server, write_config
+from tests.support import (
+    SECRET,
+    Server,
+    clients,
+    run_server,
+    start_server_process,
+    write_config,
+)
+from tests.web.browser import (
+    FLAGS,
+    MEDIA,
+    Site,
+    audio_bytes_from,
+    chromium,
+    decoded_from,
+    open_page,
+    request_and_accept,
+    wait_decoding,
+)
+
+SELECTED_REMOTE_PORTS = f"""async () => {{
+  const media = {MEDIA};
+  const ports = {{}};
+  for (const name of ['publishPc', 'subscribePc']) {{
+    const pc = media[name];
+    if (!pc) continue;
+    const report = await pc.getStats();
+    report.forEach((s) => {{
+      if (s.type === 'transport' && s.selectedCandidatePairId) {{
+        const pair = report.get(s.selectedCandidatePairId);
+        ports[name] = report.get(pair.remoteCandidateId).port;
+      }}
+    }});
+  }}
+  return ports;
+}}"""
+"""JS: the relay's port in the ICE pair each media connection of the page selected."""
 
 
 def mux_of(server: Server) -> UdpMux:
@@ -163,3 +202,32 @@ async def test_a_port_in_use_stops_start_up_with_the_port_named() -> None:
     relay = LocalRelay(config=MediaConfig(host_addresses=[HOST], udp_port=port))
     await relay.start()
     await relay.close()
+
+
+async def test_chromium_pages_meet_on_the_single_port(tmp_path: Path) -> None:
+    (port, _) = free_udp_ports(1)
+    config = write_config(tmp_path, relay={"host_addresses": [HOST], "udp_port": port},
+                          presence={"reconnect_grace_s": 20.0})
+    settings = load_settings(config)
+    assert settings.directory.file is not None
+    tokens = TokenAuthority(SECRET, Directory.load(settings.directory.file), 3600)
+    server = start_server_process(config)
+    try:
+        site = Site(server, tokens)
+        async with chromium(FLAGS) as browser:
+            district = await open_page(browser, site.link("ref1"))
+            specialist = await open_page(browser, site.link("cardio1"))
+            await request_and_accept(district, specialist)
+            await wait_decoding(specialist, "ref1")
+            await wait_decoding(district, "cardio1")
+            for page, other in ((district, "cardio1"), (specialist, "ref1")):
+                frames, sound = await decoded_from(page, other), await audio_bytes_from(page,
+                                                                                         other)
+                await page.wait_for_timeout(1000)
+                assert await decoded_from(page, other) > frames + 5
+                assert await audio_bytes_from(page, other) > sound + 1000
+                assert await page.evaluate(SELECTED_REMOTE_PORTS) == {
+                    "publishPc": port, "subscribePc": port}
+    finally:
+        server.process.terminate()
+        server.process.wait(timeout=15)
