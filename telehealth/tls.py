@@ -102,9 +102,13 @@ class ServerCertificate:
         logger.info("TLS certificate %s", self.info.describe())
 
     def _load(self, context: ssl.SSLContext) -> CertificateInfo:
+        try:
+            info = CertificateInfo.read(self.cert_file)
+        except ValueError:
+            raise ValueError(f"{self.cert_file} holds no PEM certificate") from None
         # A password callback: an encrypted key fails instead of prompting on the terminal.
         context.load_cert_chain(self.cert_file, self.key_file, password=_no_password)
-        return CertificateInfo.read(self.cert_file)
+        return info
 
     def reload(self) -> bool:
         """Load the files into the live context; True if the new certificate is in use.
@@ -134,7 +138,9 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.filename:
         return f"{exc.strerror or exc} ({exc.filename})"
     if isinstance(exc, ssl.SSLError):
-        return f"not a usable PEM certificate and matching key ({exc.reason or exc})"
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            return "the key does not match the certificate"
+        return f"not a usable PEM certificate and key ({exc.reason or exc})"
     return str(exc)
 
 

@@ -316,12 +316,14 @@ async def test_serve_prints_https_links_and_sighup_swaps_the_certificate_keeping
             # A broken renewal: a certificate whose key is not the one beside it, then garbage.
             other = ca.issue("other")
             renewed.cert_file.write_bytes(other.cert_file.read_bytes())
-            for broken in (None, b"not a certificate\n"):
+            for broken, reason in ((None, "the key does not match the certificate"),
+                                   (b"not a certificate\n", "holds no PEM certificate")):
                 if broken is not None:
                     renewed.cert_file.write_bytes(broken)
                 mark = len(output)
                 server.process.send_signal(signal.SIGHUP)
-                await wait_for_line(output, "TLS certificate reload failed.*is kept", mark)
+                await wait_for_line(output, f"TLS certificate reload failed.*is kept: .*{reason}",
+                                    mark)
                 assert (await handshake(port, context))[1] == second
             await client.ok("presence:list", {})
             assert client.sio.connected
@@ -404,3 +406,14 @@ async def test_the_relay_gathers_on_loopback_by_itself_for_a_one_machine_demo(
     expected = aioice.ice.get_host_addresses(use_ipv4=True, use_ipv6=True)
     assert all(address in line for address in expected), line
     assert "relay.announced_address" in line
+
+
+def test_serve_with_a_key_that_does_not_match_stops_with_exit_2_naming_the_files(
+    tmp_path: Path, ca: TestCA
+) -> None:
+    config = tls_config(tmp_path, ca)
+    ca.issue("other").key_file.replace(tmp_path / "server.key")
+    done = subprocess.run([sys.executable, "-m", "telehealth.cli", "--config", str(config),
+                           "serve"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "tls.cert_file" in done.stderr and "does not match" in done.stderr, done.stderr
