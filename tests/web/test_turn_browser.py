@@ -1,6 +1,7 @@
-"""A hospital whose firewall lets nothing through but TURN: Chromium with the client's relay-only
-setting (``?ice=relay``) reaches the relay through Debian's coturn, with the credentials the
-server hands out, and decodes the other site's video; the pre-call check says so."""
+"""A hospital whose firewall lets nothing through but TURN: Chromium told to use TURN only, by
+the client's own setting (``?ice=relay``) or by the server (``turn.relay_only_sites``), reaches
+the relay through Debian's coturn with the credentials the server hands out and decodes the
+other site's video; the pre-call check says so."""
 
 from __future__ import annotations
 
@@ -33,11 +34,24 @@ def turn(tmp_path: Path) -> Iterator[TurnServer]:
         yield server
 
 
+RELAY_ONLY_BY = ["client-setting", "server"]
+"""Who makes the district doctor's browser use TURN only: its ``?ice=relay`` setting, or the
+server's ``turn.relay_only_sites`` (the district's site, d1)."""
+
+
+@pytest.fixture(params=RELAY_ONLY_BY)
+def relay_only_by(request: pytest.FixtureRequest) -> str:
+    by: str = request.param
+    return by
+
+
 @pytest.fixture
-def turn_site(tmp_path: Path, turn: TurnServer) -> Iterator[Site]:
+def turn_site(tmp_path: Path, turn: TurnServer, relay_only_by: str) -> Iterator[Site]:
     """`telehealth serve` whose [turn] settings point at the test's coturn."""
+    sites = ["d1"] if relay_only_by == "server" else []
     config = write_config(tmp_path, presence={"reconnect_grace_s": 20.0},
-                          turn={"secret": turn.secret, "urls": turn.urls})
+                          turn={"secret": turn.secret, "urls": turn.urls,
+                                "relay_only_sites": sites})
     settings = load_settings(config)
     assert settings.directory.file is not None
     tokens = TokenAuthority(SECRET, Directory.load(settings.directory.file), 3600)
@@ -50,9 +64,11 @@ def turn_site(tmp_path: Path, turn: TurnServer) -> Iterator[Site]:
 
 
 async def test_a_relay_only_browser_reaches_the_relay_through_turn_and_decodes_video(
-    turn_site: Site, turn: TurnServer, browser: Browser
+    turn_site: Site, turn: TurnServer, browser: Browser, relay_only_by: str
 ) -> None:
-    district = await open_page(browser, turn_site.link("ref1", query="ice=relay"))
+    by_setting = relay_only_by == "client-setting"
+    district = await open_page(
+        browser, turn_site.link("ref1", query="ice=relay" if by_setting else ""))
     specialist = await open_page(browser, turn_site.link("cardio1", query="ice=all"))
     await expect(district.locator("#request-form")).to_be_visible()
     await request_consultation(district)
@@ -60,8 +76,9 @@ async def test_a_relay_only_browser_reaches_the_relay_through_turn_and_decodes_v
     await specialist.click("#precheck-join")
 
     await district.locator("#my-requests .join").first.click(timeout=10_000)
-    # The setting is visible where the doctor checks the network, and on.
-    await expect(district.locator("#ice-relay")).to_be_checked()
+    # The setting is visible where the doctor checks the network: on when it is the reason.
+    setting = district.locator("#ice-relay")
+    await (expect(setting).to_be_checked() if by_setting else expect(setting).not_to_be_checked())
     network = district.locator("#check-network")
     await expect(network).to_have_attribute("data-path", "relay", timeout=15_000)
     await expect(network).to_contain_text("TURN")
