@@ -45,6 +45,8 @@ function describeError(error) {
   if (error instanceof ProtocolRefusal) {
     if (error.code === "token_expired") return t("tokenExpired");
     if (error.code === "already_taken") return t("alreadyTaken");
+    if (error.code === "media_ports_exhausted") return t("relayFull");
+    if (error.code === "relay_unreachable") return t("relayUnreachable");
     return error.message;
   }
   // A browser's own error text means nothing to a doctor: it goes to the console, the page
@@ -444,7 +446,10 @@ async function enterRoom(consultationId, stream) {
     onTrack: ({ publication, track }) => attachTrack(publication, track),
     onTrackGone: (publicationId) => detachTrack(publicationId),
     onState: (mediaState) => setRoomState(mediaState),
-    onNotice: (notice) => flash(notice.code === "video_paused" ? t("videoPaused") : notice.code, "info"),
+    onNotice: (notice) => {
+      const text = { video_paused: t("videoPaused"), video_resumed: t("videoResumed") }[notice.code];
+      if (text) flash(text, "info"); else console.info("media notice", notice.code);
+    },
     onProblem: (problem) => setMediaProblem(problem),
   });
   if (testHooks) testHooks.media = room.media;

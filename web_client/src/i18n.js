@@ -50,6 +50,9 @@ const STRINGS = {
     noDeviceControl: "Không có camera hoặc micrô", screenUnavailable: "Trình duyệt này không chia sẻ màn hình được",
     mediaFailed: "Mất đường truyền hình ảnh và âm thanh", unexpectedError: "Có lỗi xảy ra. Vui lòng thử lại; nếu vẫn lỗi, liên hệ phòng CNTT.",
     screenDenied: "Chưa chia sẻ màn hình: trình duyệt không cho phép hoặc bạn đã hủy.",
+    videoResumed: "Kết nối đã tốt hơn: bật lại hình ảnh",
+    relayFull: "Máy chủ truyền hình ảnh đang hết cổng kết nối. Vui lòng thử lại sau ít phút và báo phòng CNTT.",
+    relayUnreachable: "Không liên lạc được với máy chủ truyền hình ảnh. Đang thử lại; nếu kéo dài, vui lòng báo phòng CNTT.",
   },
   en: {
     title: "Remote consultation", signIn: "Sign in", tokenLabel: "Access token", signOut: "Sign out",
@@ -100,6 +103,9 @@ const STRINGS = {
     noDeviceControl: "No camera or microphone", screenUnavailable: "This browser cannot share the screen",
     mediaFailed: "Video and audio connection lost", unexpectedError: "Something went wrong. Please try again; if it keeps failing, contact the hospital IT team.",
     screenDenied: "Screen not shared: the browser did not allow it or you cancelled.",
+    videoResumed: "The connection improved: video is back on",
+    relayFull: "The media server has no connection ports left. Please try again in a few minutes and tell the hospital IT team.",
+    relayUnreachable: "The media server cannot be reached. Retrying; if it lasts, please tell the hospital IT team.",
   },
 };
 
