@@ -323,7 +323,7 @@ function renderSites() {
 }
 
 // -- pre-call check -----------------------------------------------------------------------
-/** A line of the pre-call check: "label: result", its state (pending, ok, warn, bad) a class. */
+/** A line of the pre-call check: "label: result", its state (pending, ok, warn, bad, skip) a class. */
 function checkLine(id, label) {
   const line = h("li", { id, class: "pending", "data-state": "pending" }, `${label}: ${t("checking")}`);
   line.set = (lineState, text) => {
@@ -363,7 +363,7 @@ async function precheck(consultationId) {
   const insecure = originProblem();
   const probeNetwork = () => {
     if (state.probe) state.probe.abort();
-    if (insecure) { network.set("bad", t("notChecked")); return; }
+    if (insecure) { network.set("skip", t("notChecked")); return; }
     network.set("pending", t("checking"));
     note(networkNote, "");
     const probe = new NetworkProbe(state.signaling, consultationId);
@@ -375,7 +375,7 @@ async function precheck(consultationId) {
       if (path === "direct") network.set("ok", t("networkDirect"));
       else if (path === "relay") { network.set("warn", t("networkTurn")); note(networkNote, t("turnOnly")); }
       else if (path === "none") { network.set("bad", t("networkNone")); note(networkNote, t("noPath")); }
-      else network.set("pending", t("notChecked"));
+      else network.set("skip", t("notChecked"));
     });
   };
   relayBox.onchange = () => { setForceRelay(relayBox.checked); probeNetwork(); };
