@@ -368,12 +368,16 @@ async function precheck(consultationId) {
     note(networkNote, "");
     const probe = new NetworkProbe(state.signaling, consultationId);
     state.probe = probe;
-    probe.run().then(({ path, ms }) => {
+    probe.run().then(({ path, ms, policy }) => {
       if (state.probe !== probe || !network.isConnected) return;
       network.dataset.path = path;
       network.dataset.ms = String(ms);
       if (path === "direct") network.set("ok", t("networkDirect"));
-      else if (path === "relay") { network.set("warn", t("networkTurn")); note(networkNote, t("turnOnly")); }
+      else if (path === "relay") {
+        // Through TURN because the direct path failed, or because this site must use TURN.
+        network.set("warn", t("networkTurn"));
+        note(networkNote, policy === "relay" ? t("turnForced") : t("turnOnly"));
+      }
       else if (path === "none") { network.set("bad", t("networkNone")); note(networkNote, t("noPath")); }
       else network.set("skip", t("notChecked"));
     });
