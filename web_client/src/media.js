@@ -6,9 +6,11 @@ import { icePolicy } from "./settings.js";
 
 const GATHER_WAIT_MS = 2000;
 const DISCONNECTED_GRACE_MS = 2500;
-/** Connections not up this long after they were set up have no path to the relay: with no
- * usable candidate at all (relay-only without a reachable TURN server) ICE never says "failed",
- * it keeps checking. TURN over a slow link connects in a few seconds. */
+/** Connections not up this long after they were set up are said to have no path to the relay
+ * (TURN over a slow link connects in a few seconds). ICE goes on meanwhile and the notice goes
+ * when they connect: on a loaded PC a connection can take longer, and starting it again would
+ * only delay it more. Only a connection without a single local candidate (relay-only and the
+ * TURN server unreachable: ICE never says "failed" then, it has nothing to check) is rebuilt. */
 const CONNECT_DEADLINE_MS = 12_000;
 
 /** Wait `ms`, or less if `until` (given the function that ends the wait) ends it first. The
@@ -173,10 +175,13 @@ export class MediaSession {
     clearTimeout(this._connectDeadline);
     this._connectDeadline = setTimeout(() => {
       if (this.closed || this._allConnected()) return;
+      const pcs = [this.publishPc, this.screenPc, this.subscribePc].filter(Boolean);
+      const stranded = pcs.some((pc) => !/^a=candidate:/m.test((pc.localDescription || {}).sdp || ""));
       console.warn(`media: not connected ${CONNECT_DEADLINE_MS} ms after set-up (policy `
-                   + `${this.iceTransportPolicy}, ${this.iceServers.length} ICE servers)`);
+                   + `${this.iceTransportPolicy}, ${this.iceServers.length} ICE servers, `
+                   + `${stranded ? "a connection without local candidates" : "ICE still checking"})`);
       this._problem("nopath");
-      this.rebuild("no connection");
+      if (stranded) this.rebuild("no local candidates");
     }, CONNECT_DEADLINE_MS);
   }
 
