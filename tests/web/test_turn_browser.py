@@ -94,6 +94,10 @@ async def test_a_relay_only_browser_reaches_the_relay_through_turn_and_decodes_v
     assert policies == ["relay", "relay"]
     assert set((await media_candidate_types(district)).values()) == {"relay"}
     assert "relay" not in (await media_candidate_types(specialist)).values()
+    # The room's quality line says so too (for the IT team on the phone with the doctor).
+    await expect(district.locator("#quality")).to_have_attribute("data-path", "relay")
+    await expect(district.locator("#quality")).to_contain_text("TURN")
+    await expect(specialist.locator("#quality")).to_have_attribute("data-path", "direct")
     # coturn granted the allocation to the credentials media:join handed out.
     usernames = await district.evaluate(
         f"() => {MEDIA}.iceServers.filter((s) => s.username).map((s) => s.username)")

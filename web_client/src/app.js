@@ -626,6 +626,8 @@ function updateQuality() {
   const s = room.media.stats;
   el.textContent = `${t("quality")}: ${t(s.quality)} · ${Math.round(s.bitrateKbps)} kbps · ${s.rttMs === null ? "–" : Math.round(s.rttMs)} ms · ${s.lossPct.toFixed(1)}%`;
   el.dataset.quality = s.quality;
+  el.dataset.path = s.path || "";
+  if (s.path === "relay") el.textContent += " · TURN";
   // Active speaker: the loudest remote audio above a floor.
   let loudest = null;
   let level = 0.02;

@@ -416,6 +416,7 @@ export class MediaSession {
     let lost = 0;
     let received = 0;
     let rtt = null;
+    let path = null;   // how the subscribe connection reaches the relay: "direct" or "relay" (TURN)
     if (this.subscribePc) {
       const report = await this.subscribePc.getStats();
       report.forEach((s) => {
@@ -433,6 +434,11 @@ export class MediaSession {
         if (s.type === "candidate-pair" && s.nominated && s.currentRoundTripTime !== undefined) {
           rtt = s.currentRoundTripTime * 1000;
         }
+        if (s.type === "transport" && s.selectedCandidatePairId) {
+          const pair = report.get(s.selectedCandidatePairId);
+          const local = pair && report.get(pair.localCandidateId);
+          if (local) path = local.candidateType === "relay" ? "relay" : "direct";
+        }
       });
     }
     const outbound = {};
@@ -449,7 +455,7 @@ export class MediaSession {
     const lossPct = received + lost > 0 ? (100 * lost) / (received + lost) : 0;
     const quality = lossPct > 5 || (rtt !== null && rtt > 600) ? "poor"
       : lossPct > 1 || (rtt !== null && rtt > 300) ? "fair" : "good";
-    this.stats = { inbound, outbound, rttMs: rtt, lossPct, bitrateKbps: Math.max(0, kbps), quality, state: this.state };
+    this.stats = { inbound, outbound, rttMs: rtt, lossPct, bitrateKbps: Math.max(0, kbps), quality, state: this.state, path };
   }
 
   /** Stop the media and remove every listener and timer the session registered. */
