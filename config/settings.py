@@ -219,8 +219,9 @@ class RelaySettings(_Section):
     capacity: int = Field(default=200, gt=0)
     """Consultations (rooms) this relay accepts at most."""
     host_addresses: list[str] = Field(default_factory=list)
-    """Addresses to gather ICE host candidates on; empty: every address but loopback.
-    Tests and single-machine demos use ["127.0.0.1"]."""
+    """Addresses to gather ICE host candidates on. Empty: 127.0.0.1 when ``server.host`` is a
+    loopback address (the one-machine demo), else every address of the machine but loopback
+    (start-up logs which)."""
     announced_address: str = ""
     """Public address written into the relay's host candidates (1:1 NAT); empty: none."""
     ice_servers: list[IceServer] = Field(default_factory=list)
@@ -407,11 +408,6 @@ class Settings(BaseSettings):
 
     def archive_dir(self) -> Path:
         return self.recording.archive_dir or self.storage.data_dir / "archive"
-
-    def public_base_url(self) -> str:
-        if self.server.public_url:
-            return self.server.public_url.rstrip("/")
-        return f"http://{self.server.host}:{self.server.port}"
 
 
 def _describe(error: Any, source_hint: str) -> str:

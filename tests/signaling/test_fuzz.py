@@ -126,6 +126,7 @@ FIELD = {
     "candidate": st.one_of(st.sampled_from(CANDIDATES), junk),
     "audio_only": st.one_of(st.booleans(), scalars),
     "agree": st.one_of(st.booleans(), scalars),
+    "type": st.one_of(st.sampled_from(["offer", "answer", "pranswer", ""]), scalars),
 }
 EVENTS: dict[str, tuple[str, ...]] = {
     "consult:request": ("specialty", "priority", "reason", "patient_pseudonym"),
@@ -145,6 +146,8 @@ EVENTS: dict[str, tuple[str, ...]] = {
     "media:answer": ("consultation_id", "transport_id", "sdp"),
     "media:ice": ("consultation_id", "transport_id", "candidate"),
     "media:mode": ("consultation_id", "audio_only"),
+    "media:ice_servers": ("consultation_id",),
+    "media:probe": ("consultation_id", "sdp", "type"),
     "recording:consent": ("consultation_id", "agree"),
     "recording:start": ("consultation_id",),
     "recording:stop": ("consultation_id",),
