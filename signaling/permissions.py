@@ -16,7 +16,8 @@ The rules:
 - **invite** a site, **end** the consultation, **start/stop recording**: its host, or a
   coordinator (recording control also needs them to be in the consultation).
 - **consent** to recording and **media** steps: a clinician who is in the consultation (joined,
-  present or reconnecting: ``is_in``).
+  present or reconnecting: ``is_in``). The pre-call check's ``media:ice_servers`` and
+  ``media:probe`` come before joining, so they follow **join** (``may_join``).
 - **read** a consultation, one rule for its record (minutes, chat, attendance) and for its
   recordings (list and download): *a user reaches only the consultations they belong to*:
   the clinicians named on it, the clinicians who attended it (joined it at least once), and
