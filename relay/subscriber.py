@@ -26,7 +26,7 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 
 from relay import hooks
 from relay.config import MediaConfig
-from relay.errors import BadSdp, NegotiationPending, NotInRoom
+from relay.errors import BadSdp, MediaPortsExhausted, NegotiationPending, NotInRoom
 from relay.publication import Publication
 from relay.sdp import announce, leg_codecs, parse_sdp, payload_types, peer_connection
 from relay.subscription import Leg, Subscription
@@ -124,6 +124,7 @@ class Subscriber:
             raise NegotiationPending(
                 f"subscribe connection {self.transport_id!r} of {self.participant_id!r} has an "
                 "offer waiting for its answer: answer that offer before subscribing again")
+        fresh = self.pc is None
         if self.pc is None:
             # Every sender shares the first one's transport (max-bundle); see the module doc.
             self.pc = peer_connection(self.config, f"{self._label} {self.transport_id}",
@@ -131,7 +132,13 @@ class Subscriber:
             self._free_leg(PRIMARY_KIND)
         for publication in self._publications():
             self._add(publication)
-        offer = await self._make_offer()
+        try:
+            offer = await self._make_offer()
+        except MediaPortsExhausted:
+            if fresh:
+                # aiortc never gathers a connection twice: the next subscribe starts afresh.
+                await self._drop_connection()
+            raise
         if offer is None:  # the participant left (closed) while its offer was being made
             raise NotInRoom(f"{self.participant_id!r} left before its subscribe offer was made")
         return offer
@@ -313,12 +320,18 @@ class Subscriber:
         if self.closed:
             return
         self.closed = True
+        await self._drop_connection()
+
+    async def _drop_connection(self) -> None:
+        """End every subscription, stop the legs and close the connection."""
         self._pending.clear()
         for subscription in self.subscriptions.values():
             self._end(subscription)
         self.subscriptions.clear()
         for leg in self.legs:
             leg.track.stop()
+        self.legs = []
+        self.negotiation = Negotiation()
         pc, self.pc = self.pc, None
         if pc is not None:
             await asyncio.gather(pc.close(), return_exceptions=True)

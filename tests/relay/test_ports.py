@@ -144,13 +144,16 @@ async def test_every_relay_socket_is_in_the_range_and_a_full_range_refuses_only_
                                        f"{name} still decoding {other}")
             assert relay_ports(server, cid) == in_range
 
-            # ref2 leaves: its ports are free again, and ref3 joining the media afresh gets
-            # them.
+            # ref2 leaves: its ports are free again, and ref3 trying again gets them.
             await c["ref2"].ok("consult:leave", {"consultation_id": cid})
             await late.close()
-            late = await start_media(c["ref3"], cid)
+            late = media_peer(c["ref3"], cid)
+            await late.subscribe()
+            await late.publish()
             await wait_for(lambda: late is not None and late.frames("cardio1") >= 15, 20,
                            "ref3 decoding cardio1")
+            await wait_for(lambda: peers["cardio1"].frames("ref3") >= 15, 20,
+                           "cardio1 decoding ref3")
             assert relay_ports(server, cid) == in_range
         finally:
             for peer in peers.values():
