@@ -445,8 +445,9 @@ def authentic(message: StunMessage, connection: IceConnection) -> bool:
     return bool(message.check_message_integrity(connection.local_password.encode("utf8")))
 
 
-def awaits_response(protocol: StunProtocol, transaction_id: bytes) -> bool:
-    return transaction_id in protocol.transactions
+def awaits_response(protocol: StunProtocol, response: StunMessage) -> bool:
+    """``protocol`` sent the request ``response`` answers (and still waits for it)."""
+    return response.transaction_id in protocol.transactions
 
 
 def data_receiver(protocol: StunProtocol) -> Callable[[bytes], None]:

@@ -267,7 +267,7 @@ class UdpMux(asyncio.DatagramProtocol):
     def _stun(self, message: hooks.StunMessage, data: bytes, addr: tuple[str, int]) -> None:
         route = self._routes.get(addr)
         if hooks.is_response(message):
-            protocol = self._awaiting(message.transaction_id, route)
+            protocol = self._awaiting(message, route)
             if protocol is not None:
                 protocol.datagram_received(data, addr)
             else:
@@ -291,13 +291,14 @@ class UdpMux(asyncio.DatagramProtocol):
             route = self._bind_address(member, addr)
         route.protocol.datagram_received(data, addr)
 
-    def _awaiting(self, transaction_id: bytes, route: _Route | None) -> hooks.StunProtocol | None:
-        if route is not None and hooks.awaits_response(route.protocol, transaction_id):
+    def _awaiting(self, response: hooks.StunMessage,
+                  route: _Route | None) -> hooks.StunProtocol | None:
+        if route is not None and hooks.awaits_response(route.protocol, response):
             return route.protocol
         # A check's answer may come before the peer's own check bound its address.
         for member in self._members.values():
             for protocol in member.protocols:
-                if hooks.awaits_response(protocol, transaction_id):
+                if hooks.awaits_response(protocol, response):
                     return protocol
         return None
 
