@@ -89,6 +89,11 @@ class Probes:
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=str(sdp), type="offer"))
             await pc.setLocalDescription(await pc.createAnswer())
+        except RelayError:
+            # media_ports_exhausted and the like: the client is told that, not "bad SDP".
+            if self.open.get((room_id, participant_id)) is probe:
+                await self._close(probe)
+            raise
         except Exception as exc:
             if self.open.get((room_id, participant_id)) is probe:
                 await self._close(probe)

@@ -19,7 +19,7 @@ from pathlib import Path
 from aiohttp import web
 
 from config.settings import ConfigError, Settings, load_settings
-from relay.errors import HookMissing
+from relay.errors import RelayCannotStart
 from signaling.directory import Directory
 from signaling.errors import DirectoryError
 from signaling.tokens import TokenAuthority
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "archive":
             return _archive(settings, args)
         return _check(settings)
-    except (ConfigError, DirectoryError, HookMissing) as exc:
+    except (ConfigError, DirectoryError, RelayCannotStart) as exc:
         print(f"telehealth: {exc}", file=sys.stderr)
         return EXIT_CONFIG
 

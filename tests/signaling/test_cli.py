@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -73,3 +74,16 @@ def test_token_refuses_a_lifetime_of_zero_or_less(tmp_path: Path) -> None:
         assert f"--ttl: must be > 0 seconds, got {ttl}" in done.stderr
     done = telehealth("--config", str(config), "token", "cardio1", "--ttl", "60")
     assert done.returncode == 0 and done.stdout.count(".") == 2
+
+
+def test_serve_stops_with_a_message_when_the_relay_port_is_taken(tmp_path: Path) -> None:
+
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        config = write_config(tmp_path, relay={"udp_port": port})
+        done = telehealth("--config", str(config), "serve")
+    assert done.returncode == 2, done.stderr
+    assert f"relay.udp_port {port} cannot be bound" in done.stderr
+    assert "Traceback" not in done.stderr
