@@ -367,6 +367,46 @@ class LimitsSettings(_Section):
     per media batch). A packet announcing more closes the connection. Default 1."""
 
 
+class AccountsSettings(_Section):
+    """Clinicians' own sign-in (signaling/accounts.py): Argon2id password hashes, lockout,
+    TOTP, short access tokens and a refresh cookie."""
+
+    argon2_time_cost: int = Field(default=2, ge=1, le=20)
+    """Argon2id passes. With the memory below one hash takes ~86 ms on the 2-core reference
+    machine (docs/benchmarks.md). Default 2."""
+    argon2_memory_kib: int = Field(default=47104, ge=1024, le=4 * 1024 * 1024)
+    """Argon2id memory per hash, KiB. Default 47104 (46 MiB, OWASP's floor for Argon2id)."""
+    argon2_parallelism: int = Field(default=1, ge=1, le=16)
+    """Argon2id lanes. Default 1."""
+    hash_threads: int = Field(default=2, ge=1, le=32)
+    """Threads that hash and verify passwords, off the event loop; more sign-ins wait their
+    turn. Default 2."""
+    access_ttl_s: int = Field(default=600, ge=1)
+    """Lifetime of the access token a password sign-in returns. Default 600 s."""
+    session_max_s: int = Field(default=12 * 3600, ge=60)
+    """Absolute lifetime of a signed-in session (its refresh cookie): one shift. Default 12 h."""
+    idle_timeout_s: int = Field(default=30 * 60, ge=1)
+    """A session not refreshed for this long is ended (idle log-off). Default 30 min."""
+    activation_ttl_s: int = Field(default=72 * 3600, ge=60)
+    """How long an activation or reset code is valid. Default 72 h."""
+    lockout_failures: int = Field(default=5, ge=1)
+    """Failed sign-ins of one account in a row that lock it. Default 5."""
+    address_lockout_failures: int = Field(default=20, ge=1)
+    """Failed sign-ins from one client address in a row that lock the address (a site's
+    clinicians share one NAT address, hence higher). Default 20."""
+    lockout_base_s: float = Field(default=30.0, gt=0)
+    """The first lockout; each next one doubles. Default 30 s."""
+    lockout_max_s: float = Field(default=900.0, gt=0)
+    """The longest lockout. Default 900 s (15 min)."""
+    tracked_addresses: int = Field(default=10_000, ge=100)
+    """Addresses (and unknown identifiers) whose failures are counted in memory; the oldest
+    are forgotten beyond this. Default 10000."""
+    totp_required_roles: list[str] = Field(default_factory=lambda: ["admin", "coordinator"])
+    """Roles whose accounts must use a second factor (TOTP). Default admin, coordinator."""
+    totp_issuer: str = Field(default="Telehealth Bridge", min_length=1, max_length=64)
+    """The issuer name authenticator apps show. Default "Telehealth Bridge"."""
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -392,6 +432,7 @@ class Settings(BaseSettings):
     turn: TurnSettings = Field(default_factory=TurnSettings)
     recording: RecordingSettings = Field(default_factory=RecordingSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    accounts: AccountsSettings = Field(default_factory=AccountsSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @classmethod
