@@ -151,3 +151,33 @@ class Mode(Payload):
 class Consent(Payload):
     consultation_id: Id
     agree: StrictBool
+
+
+# -- accounts (signaling/auth_api.py) ----------------------------------------------------------
+Password = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+TotpCode = Annotated[str, StringConstraints(pattern=r"^[0-9]{6}$")]
+Code = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{16,128}$")]
+
+
+class SignIn(Payload):
+    """``POST /api/auth/signin``."""
+
+    clinician_id: Id
+    password: Password
+    totp: TotpCode | None = None
+
+
+class Activate(Payload):
+    """``POST /api/auth/activate``: set the password with a one-time code (and the first
+    TOTP code where a second factor is required or ``enable_totp`` asks for one)."""
+
+    code: Code
+    password: Password
+    totp: TotpCode | None = None
+    enable_totp: StrictBool = False
+
+
+class TokenRefresh(Payload):
+    """``auth:refresh``: a new access token for this connection's clinician."""
+
+    token: Annotated[str, StringConstraints(min_length=1, max_length=4096)]
