@@ -383,11 +383,11 @@ class AccountsSettings(_Section):
     turn. Default 2."""
     access_ttl_s: int = Field(default=600, ge=1)
     """Lifetime of the access token a password sign-in returns. Default 600 s."""
-    session_max_s: int = Field(default=12 * 3600, ge=60)
+    session_max_s: int = Field(default=12 * 3600, ge=1)
     """Absolute lifetime of a signed-in session (its refresh cookie): one shift. Default 12 h."""
     idle_timeout_s: int = Field(default=30 * 60, ge=1)
     """A session not refreshed for this long is ended (idle log-off). Default 30 min."""
-    activation_ttl_s: int = Field(default=72 * 3600, ge=60)
+    activation_ttl_s: int = Field(default=72 * 3600, ge=1)
     """How long an activation or reset code is valid. Default 72 h."""
     lockout_failures: int = Field(default=5, ge=1)
     """Failed sign-ins of one account in a row that lock it. Default 5."""
