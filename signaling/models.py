@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Tier = Literal["central", "provincial", "district", "commune"]
-Role = Literal["referring", "specialist", "coordinator", "admin"]
+Role = Literal["referring", "specialist", "coordinator", "admin", "site_admin"]
+"""``site_admin``: manages the clinicians of its own site (``signaling.permissions``)."""
 Priority = Literal["routine", "urgent", "asap", "stat"]
 RequestStatus = Literal["waiting", "accepted", "closed", "cancelled", "expired"]
 ConsultationState = Literal["open", "live", "ended"]
@@ -24,6 +25,9 @@ class Site:
     name: str
     tier: Tier
     region: str
+    active: bool = True
+    """A deactivated site stays in the store (records name it) but is out of every lookup."""
+    updated_at: float = 0.0
 
     def to_wire(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "tier": self.tier, "region": self.region}
@@ -36,6 +40,9 @@ class Clinician:
     site_id: str
     roles: frozenset[str]
     specialties: frozenset[str]
+    active: bool = True
+    """A deactivated clinician stays in the store (records name them) but cannot sign in."""
+    updated_at: float = 0.0
 
     def has(self, role: str) -> bool:
         return role in self.roles

@@ -28,6 +28,13 @@ The rules:
 - **list** consultations: coordinators and admins list every consultation; others list those
   they are named on or whose sites were invited.
 - **metrics**: admins and coordinators (or the configured metrics token).
+- **the directory** (``signaling.directory_admin``): admins manage everything (sites, regions,
+  every clinician, every role). A *site admin* (role ``site_admin``) sees the sites and manages
+  the clinicians of their own site only: adds, edits, deactivates and reactivates them, never
+  moves one to or from another site, and grants only ``referring`` and ``specialist``; a
+  clinician holding a role they may not grant (an admin, a coordinator, another site admin) is
+  out of their reach too, since editing or deactivating them would take that role away.
+  Everyone else: nothing.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from signaling.live import Participant
-from signaling.models import Consultation, ConsultRequest
+from signaling.models import Clinician, Consultation, ConsultRequest
 from signaling.tokens import Principal
 
 # -- consult requests and the queue -------------------------------------------------------------
@@ -138,3 +145,43 @@ def lists_every_consultation(principal: Principal) -> bool:
 
 def may_read_metrics(principal: Principal) -> bool:
     return principal.has("admin") or principal.has("coordinator")
+
+
+# -- the directory ------------------------------------------------------------------------------
+
+ALL_ROLES = frozenset({"referring", "specialist", "coordinator", "admin", "site_admin"})
+SITE_ADMIN_GRANTS = frozenset({"referring", "specialist"})
+
+
+def may_view_directory(principal: Principal) -> bool:
+    """List and search sites and clinicians (a site admin's clinician list is their site's)."""
+    return principal.has("admin") or principal.has("site_admin")
+
+
+def sees_every_clinician(principal: Principal) -> bool:
+    return principal.has("admin")
+
+
+def may_manage_sites(principal: Principal) -> bool:
+    """Add, edit, deactivate and reactivate sites; name regions; import a directory file."""
+    return principal.has("admin")
+
+
+def grantable_roles(principal: Principal) -> frozenset[str]:
+    if principal.has("admin"):
+        return ALL_ROLES
+    if principal.has("site_admin"):
+        return SITE_ADMIN_GRANTS
+    return frozenset()
+
+
+def may_manage_clinicians_of(principal: Principal, site_id: str) -> bool:
+    """Add a clinician to the site ``site_id`` (or move one there)."""
+    return principal.has("admin") or (
+        principal.has("site_admin") and principal.site.id == site_id)
+
+
+def may_manage_clinician(principal: Principal, clinician: Clinician) -> bool:
+    """Edit, deactivate or reactivate ``clinician`` (as they are now)."""
+    return (may_manage_clinicians_of(principal, clinician.site_id)
+            and clinician.roles <= grantable_roles(principal))

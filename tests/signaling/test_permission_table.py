@@ -5,6 +5,7 @@ server."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import pytest
 
@@ -142,3 +143,70 @@ def test_a_clinician_who_left_is_not_in_the_consultation_but_still_reads_it() ->
     who, consultation, _, attendees, _ = case("referring", "district", "attended")
     assert not permissions.is_in(who, None)
     assert permissions.may_read(who, consultation, attendees)
+
+
+# -- the directory (signaling.directory_admin) ---------------------------------------------------
+# Rows: (role of the actor, where the target is: the actor's own site or another). Columns:
+# v view the directory, E see every clinician (else only one's own site's), S manage sites
+# (and regions, imports, exports), a add a clinician to the target site (or move one there),
+# then the roles the actor may grant: r referring, s specialist, c coordinator, A admin,
+# X site_admin; then edit/deactivate/reactivate a clinician of the target site who is
+# m referring, M a coordinator, N a site admin.
+
+DIRECTORY_ROLES = ("admin", "site_admin", "coordinator", "specialist", "referring")
+TARGET = {"own site": DISTRICT, "other site": ELSEWHERE}
+
+
+def _target(role: str, site: Site) -> Clinician:
+    return Clinician(f"x-{role}", "X", site.id, frozenset({role}), frozenset())
+
+
+def _grants(role: str, p: Principal, s: Site) -> bool:
+    return role in permissions.grantable_roles(p)
+
+
+def _manages(role: str, p: Principal, s: Site) -> bool:
+    return permissions.may_manage_clinician(p, _target(role, s))
+
+
+DIRECTORY_ACTIONS: dict[str, Callable[[Principal, Site], bool]] = {
+    "view": lambda p, s: permissions.may_view_directory(p),
+    "every clinician": lambda p, s: permissions.sees_every_clinician(p),
+    "manage sites": lambda p, s: permissions.may_manage_sites(p),
+    "add clinician": lambda p, s: permissions.may_manage_clinicians_of(p, s.id),
+    **{f"grant {role}": partial(_grants, role)
+       for role in ("referring", "specialist", "coordinator", "admin", "site_admin")},
+    **{f"manage a {role}": partial(_manages, role)
+       for role in ("referring", "coordinator", "site_admin")},
+}
+DIRECTORY_TABLE: dict[tuple[str, str], str] = {
+    # columns:                       v E S a r s c A X m M N
+    ("admin", "own site"):          "Y Y Y Y Y Y Y Y Y Y Y Y",
+    ("admin", "other site"):        "Y Y Y Y Y Y Y Y Y Y Y Y",
+    ("site_admin", "own site"):     "Y . . Y Y Y . . . Y . .",
+    ("site_admin", "other site"):   "Y . . . Y Y . . . . . .",
+    ("coordinator", "own site"):    ". . . . . . . . . . . .",
+    ("coordinator", "other site"):  ". . . . . . . . . . . .",
+    ("specialist", "own site"):     ". . . . . . . . . . . .",
+    ("specialist", "other site"):   ". . . . . . . . . . . .",
+    ("referring", "own site"):      ". . . . . . . . . . . .",
+    ("referring", "other site"):    ". . . . . . . . . . . .",
+}
+DIRECTORY_ROWS = [(role, where, column, cells.split()[i] == "Y")
+                  for (role, where), cells in DIRECTORY_TABLE.items()
+                  for i, column in enumerate(DIRECTORY_ACTIONS)]
+
+
+def test_the_directory_table_is_well_formed() -> None:
+    assert {r for r, _ in DIRECTORY_TABLE} == set(DIRECTORY_ROLES)
+    for key, cells in DIRECTORY_TABLE.items():
+        assert len(cells.split()) == len(DIRECTORY_ACTIONS), key
+        assert set(cells.split()) <= {"Y", "."}, key
+
+
+@pytest.mark.parametrize(("role", "where", "action", "allowed"), DIRECTORY_ROWS,
+                         ids=[f"{r}-{w}-{a}" for r, w, a, _ in DIRECTORY_ROWS])
+def test_who_may_change_the_directory(role: str, where: str, action: str,
+                                      allowed: bool) -> None:
+    actor = principal(role, DISTRICT, "actor")
+    assert DIRECTORY_ACTIONS[action](actor, TARGET[where]) is allowed
