@@ -185,3 +185,10 @@ def may_manage_clinician(principal: Principal, clinician: Clinician) -> bool:
     """Edit, deactivate or reactivate ``clinician`` (as they are now)."""
     return (may_manage_clinicians_of(principal, clinician.site_id)
             and clinician.roles <= grantable_roles(principal))
+
+
+def may_issue_activation(principal: Principal, clinician: Clinician) -> bool:
+    """An activation or password-reset code for ``clinician`` (signaling/accounts.py): who may
+    manage the clinician. A site admin may not reset an admin's password on their site: that
+    would hand them the admin's account."""
+    return may_manage_clinician(principal, clinician)
