@@ -14,7 +14,13 @@ import socketio
 
 from signaling import permissions
 from signaling.consultations import Consultations
-from signaling.errors import InvalidPayload, RateLimited, SignalingError, Unauthenticated
+from signaling.errors import (
+    Forbidden,
+    InvalidPayload,
+    RateLimited,
+    SignalingError,
+    Unauthenticated,
+)
 from signaling.limits import ChatLimits, ExpiryTimers
 from signaling.media import Media
 from signaling.metrics import Metrics
@@ -44,6 +50,7 @@ from signaling.schemas import (
     Publish,
     RequestConsult,
     RequestRef,
+    TokenRefresh,
     Unpublish,
     parse,
 )
@@ -128,6 +135,7 @@ class SocketGateway:
         self._route("recording:consent", Consent, self._recording_consent)
         self._route("recording:start", ConsultationRef, self._recording_start)
         self._route("recording:stop", ConsultationRef, self._recording_stop)
+        self._route("auth:refresh", TokenRefresh, self._auth_refresh)
 
     # -- connection ------------------------------------------------------------------------
     async def _on_connect(self, sid: str, _environ: dict[str, Any], auth: Any = None) -> None:
@@ -336,3 +344,15 @@ class SocketGateway:
     async def _recording_stop(self, p: Principal, sid: str,
                               m: ConsultationRef) -> dict[str, Any]:
         return await self._recording.stop(p, m.consultation_id)
+
+    async def _auth_refresh(self, p: Principal, sid: str, m: TokenRefresh) -> dict[str, Any]:
+        """A new access token of the same clinician (from ``POST /api/auth/refresh``) keeps
+        this connection open past the old one's expiry: a doctor is not logged off
+        mid-consultation. It must arrive before the old token expires."""
+        fresh = self._tokens.verify(m.token)
+        if fresh.id != p.id:
+            raise Forbidden(f"the token is for clinician {fresh.id!r}; this connection is "
+                            f"{p.id!r}'s")
+        if not self.extend(sid, fresh.expires_at):
+            raise Unauthenticated("this connection is closing", code="token_expired")
+        return {"expires_at": fresh.expires_at}

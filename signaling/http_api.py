@@ -43,7 +43,8 @@ ENGINEIO_PATH = "/socket.io/"
 """python-socketio's default path: engine.io's requests, bounded in ``signaling.transport``."""
 
 OPEN_PATHS = frozenset({"/", "/healthz", "/favicon.ico"})
-OPEN_PREFIXES = ("/app/", "/vendor/", "/socket.io")
+OPEN_PREFIXES = ("/app/", "/vendor/", "/socket.io", "/api/auth/")
+"""``/api/auth/``: how a token is obtained (signaling/auth_api.py), so before one."""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -1,4 +1,5 @@
-"""The `telehealth` command: serve, token, check-config, relay, node-token, archive."""
+"""The `telehealth` command: serve, token, check-config, relay, node-token, archive,
+account."""
 
 from __future__ import annotations
 
@@ -66,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("consultation_id")
     export.add_argument("--out", type=Path, default=None,
                         help="output file (default: ./<consultation id>.webm)")
+    account = commands.add_parser("account", help="clinicians' accounts (passwords)")
+    account_commands = account.add_subparsers(dest="account_command", required=True)
+    activation = account_commands.add_parser(
+        "activation", help="print a one-time link and code to set (or reset) a password")
+    activation.add_argument("clinician", help="clinician id from the directory")
     return parser
 
 
@@ -113,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "archive":
             return _archive(settings, args)
+        if args.command == "account":
+            return asyncio.run(_account_activation(settings, args.clinician))
         return _check(settings)
     except (ConfigError, DirectoryError, RelayCannotStart) as exc:
         print(f"telehealth: {exc}", file=sys.stderr)
@@ -142,6 +150,39 @@ def _token(settings: Settings, clinician_id: str, ttl: int | None) -> int:
             certificate = CertificateInfo.read(settings.tls.cert_file)
     base = doctor_url(settings, settings.server.port, certificate)
     print(f"{base}/#token={token}", file=sys.stderr)
+    return 0
+
+
+async def _account_activation(settings: Settings, clinician_id: str) -> int:
+    """A one-time activation (or reset) code for ``clinician_id``, written to the accounts
+    file the server reads (a new code replaces the previous one), and its link."""
+    from recorder.audit import AUDIT_LOG, AuditLog
+    from signaling.accounts import ACCOUNTS_FILE, Accounts
+    from signaling.auth_api import ACTIVATE_FRAGMENT
+    from telehealth.tls import CertificateInfo, doctor_url
+
+    directory, authority = _authority(settings)
+    if directory.clinician(clinician_id) is None:
+        print(f"telehealth: no clinician {clinician_id!r} in the directory", file=sys.stderr)
+        return EXIT_CONFIG
+    accounts = Accounts(settings.storage.data_dir / ACCOUNTS_FILE, directory=directory,
+                        tokens=authority, settings=settings.accounts,
+                        audit=AuditLog(settings.archive_dir() / AUDIT_LOG))
+    await accounts.open()
+    try:
+        issued = await accounts.issue_activation(clinician_id, actor=f"cli:{_user()}",
+                                                 address=None)
+    finally:
+        await accounts.close()
+    certificate = None
+    if settings.tls.cert_file is not None:
+        with contextlib.suppress(OSError, ValueError):
+            certificate = CertificateInfo.read(settings.tls.cert_file)
+    base = doctor_url(settings, settings.server.port, certificate)
+    hours = settings.accounts.activation_ttl_s / 3600
+    print(f"One-time link for {clinician_id} (valid {hours:g} h; a new one replaces it):")
+    print(f"  {base}/{ACTIVATE_FRAGMENT}{issued.code}")
+    print(f"code: {issued.code}")
     return 0
 
 

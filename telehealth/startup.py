@@ -42,11 +42,14 @@ import socketio
 from aiohttp import web
 
 from config.settings import Settings
+from recorder.audit import AUDIT_LOG, AuditLog
 from recorder.service import Recorder
 from relay.api import RelayInfo
 from relay.config import MediaConfig, from_settings
 from relay.embedded import LocalRelay
 from relay.remote import RemoteRelay
+from signaling.accounts import ACCOUNTS_FILE, Accounts
+from signaling.auth_api import add_auth_routes
 from signaling.consultations import Consultations
 from signaling.demo import ensure_demo_directory
 from signaling.directory import Directory
@@ -102,6 +105,8 @@ class Services:
     recording: RecordingControl
     pairing: Pairing
     consultations: Consultations
+    accounts: Accounts
+    """Clinicians' passwords, TOTP and sessions (their own SQLite file, ``ACCOUNTS_FILE``)."""
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
@@ -289,6 +294,10 @@ def create_app(settings: Settings) -> web.Application:
     SocketGateway(sio, tokens=tokens, pairing=pairing, consultations=consultations,
                   presence=presence, media=media, metrics=metrics, recording=recording)
 
+    accounts = Accounts(settings.storage.data_dir / ACCOUNTS_FILE, directory=directory,
+                        tokens=tokens, settings=settings.accounts,
+                        audit=AuditLog(settings.archive_dir() / AUDIT_LOG))
+
     stopping = Stopping(settings.server.drain_s, sio)
     # Outermost first: the client as the trusted proxy names it, then the headers every
     # answer carries (the 503 of a stop and every JSON error included).
@@ -304,10 +313,11 @@ def create_app(settings: Settings) -> web.Application:
     app[SERVICES] = Services(settings=settings, directory=directory, tokens=tokens,
                              metrics=metrics, store=store, relays=relays, embedded=embedded,
                              nodes=nodes, recorder=recorder, recording=recording, pairing=pairing,
-                             consultations=consultations)
+                             consultations=consultations, accounts=accounts)
     sio.attach(app)
     add_routes(app, directory=directory, metrics=metrics, pairing=pairing,
                consultations=consultations, recording=recording, presence=presence)
+    add_auth_routes(app, accounts, public_url=settings.server.public_url)
     app[STOPPING] = stopping
 
     async def tell_clients(app: web.Application) -> None:
@@ -317,6 +327,7 @@ def create_app(settings: Settings) -> web.Application:
     app.on_shutdown.append(tell_clients)
     app.cleanup_ctx.append(_relay)
     app.cleanup_ctx.append(_records)
+    app.cleanup_ctx.append(_accounts)
     app.cleanup_ctx.append(_recorder)
     app.cleanup_ctx.append(_timers)
     return app
@@ -376,6 +387,14 @@ async def _records(app: web.Application) -> AsyncIterator[None]:
     yield
     app[STOPPING].step = "closing the records"
     await services.store.close()
+
+
+async def _accounts(app: web.Application) -> AsyncIterator[None]:
+    accounts = app[SERVICES].accounts
+    await accounts.open()
+    yield
+    app[STOPPING].step = "closing the accounts"
+    await accounts.close()
 
 
 async def _recorder(app: web.Application) -> AsyncIterator[None]:

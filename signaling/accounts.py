@@ -1,0 +1,701 @@
+"""Accounts: clinicians sign in by themselves with an identifier (their clinician id), a
+password and, for some roles, a TOTP code; a signed-in browser holds a short-lived access token
+(the JWT of ``signaling.tokens``, unchanged claims) and a refresh token that is rotated on
+every use.
+
+Credentials live in their own SQLite file, ``<data_dir>/accounts.sqlite3``, apart from the
+records on purpose: password hashes, TOTP secrets and refresh-token hashes are backed up,
+retained and wiped on another schedule than consultation records (a records backup handed to
+an archive must not carry them, and a lost password must never be restored from an old
+backup). The file is created mode 0600. As in ``signaling.store``, every query runs on one
+dedicated thread, never on the event loop.
+
+Password hashes are Argon2id (argon2-cffi) with the cost of ``[accounts]``; a hash made with
+an older cost is redone at the next successful sign-in. Hashing and verifying run on a small
+thread pool of ``accounts.hash_threads`` threads: a burst of sign-ins waits in its queue
+instead of stalling the event loop or starting a thread each.
+
+What an attacker learns is kept equal: an unknown identifier is verified against a dummy hash
+(the same time as a known one) and answered ``invalid_credentials`` like a wrong password; both
+count towards the lockout, an unknown identifier in memory, a known account in SQLite. The
+client address is counted too (in memory, a bounded table), with its own, higher threshold
+(a site's clinicians share one NAT address).
+
+Activation and reset codes and refresh tokens are random (192 and 256 bits) and stored only
+as SHA-256 hashes: with that much entropy a slow hash adds nothing. TOTP secrets are stored as
+they are (base32) in this 0600 file: encrypting them needs a key kept elsewhere and a
+cryptography dependency the project does not declare yet. They are never logged nor audited.
+
+Audit (``recorder.audit.AuditLog``, the archive's hash-chained log; ``consultation_id`` is
+None): sign-in, failed sign-in, lockout, activation issued and used, password reset,
+sign-out and the revocation of a refresh family, with the client address. Never a password,
+a code, a TOTP secret, nor an identifier nobody has (it may be a password typed in the wrong
+field).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import sqlite3
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pyotp
+from argon2 import PasswordHasher, Type
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+from config.settings import AccountsSettings
+from recorder.audit import AuditLog
+from signaling import password_policy
+from signaling.directory import Directory
+from signaling.errors import NotFound, SignalingError, Unauthenticated
+from signaling.models import Clinician
+from signaling.tokens import TokenAuthority
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+ACCOUNTS_FILE = "accounts.sqlite3"
+TOTP_PERIOD_S = 30
+FORGET_LOCKOUTS_AFTER_S = 3600.0
+"""A lockout counter (the doubling) starts again after this long without a failure."""
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS accounts (
+    clinician_id TEXT PRIMARY KEY, password_hash TEXT, totp_secret TEXT,
+    totp_last_step INTEGER NOT NULL DEFAULT 0, failures INTEGER NOT NULL DEFAULT 0,
+    lockouts INTEGER NOT NULL DEFAULT 0, locked_until REAL NOT NULL DEFAULT 0,
+    last_failure_at REAL NOT NULL DEFAULT 0, password_set_at REAL, created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS activations (
+    clinician_id TEXT PRIMARY KEY, code_hash TEXT NOT NULL UNIQUE, expires_at REAL NOT NULL,
+    issued_at REAL NOT NULL, issued_by TEXT NOT NULL, pending_totp TEXT
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    family_id TEXT PRIMARY KEY, clinician_id TEXT NOT NULL, current_hash TEXT NOT NULL,
+    started_at REAL NOT NULL, refreshed_at REAL NOT NULL, ended_at REAL, end_reason TEXT
+);
+CREATE INDEX IF NOT EXISTS sessions_clinician ON sessions (clinician_id);
+CREATE TABLE IF NOT EXISTS refresh_tokens (
+    token_hash TEXT PRIMARY KEY, family_id TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS refresh_tokens_family ON refresh_tokens (family_id);
+"""
+
+
+# -- errors (each a stable code for clients) ----------------------------------------------------
+class InvalidCredentials(Unauthenticated):
+    """A wrong password or an unknown identifier: the same answer for both."""
+
+    def __init__(self) -> None:
+        super().__init__("the identifier or the password is wrong", code="invalid_credentials")
+
+
+class LockedOut(SignalingError):
+    code = "locked_out"
+    http_status = 429
+
+    def __init__(self, retry_after_s: float) -> None:
+        self.retry_after_s = max(1, int(retry_after_s + 0.999))
+        super().__init__(f"too many failed sign-ins; try again in {self.retry_after_s} s")
+
+    def to_wire(self) -> dict[str, Any]:
+        wire = super().to_wire()
+        wire["error"]["retry_after_s"] = self.retry_after_s
+        return wire
+
+
+class ActivationInvalid(SignalingError):
+    code = "activation_invalid"
+
+    def __init__(self) -> None:
+        super().__init__("this activation code is unknown, expired or already used; ask for "
+                         "a new one")
+
+
+class WeakPassword(SignalingError):
+    code = "weak_password"
+
+
+class TotpSetupRequired(SignalingError):
+    """Activation of an account with a second factor: add the secret to an authenticator
+    app, then send the code it shows with the password."""
+
+    code = "totp_setup_required"
+
+    def __init__(self, provisioning_uri: str, secret: str) -> None:
+        super().__init__("add this account to an authenticator app, then send its 6-digit "
+                         "code as totp together with the password")
+        self.provisioning_uri = provisioning_uri
+        self.secret = secret
+
+    def to_wire(self) -> dict[str, Any]:
+        wire = super().to_wire()
+        wire["error"]["provisioning_uri"] = self.provisioning_uri
+        wire["error"]["secret"] = self.secret
+        return wire
+
+
+class TotpInvalid(SignalingError):
+    code = "totp_invalid"
+    http_status = 401
+
+    def __init__(self) -> None:
+        super().__init__("the authenticator code is wrong or was already used; wait for the "
+                         "next one")
+
+
+def totp_required() -> Unauthenticated:
+    return Unauthenticated("this account needs the 6-digit code of its authenticator app",
+                           code="totp_required")
+
+
+def session_ended(why: str) -> Unauthenticated:
+    return Unauthenticated(f"the session has ended ({why}); sign in again",
+                           code="session_ended")
+
+
+# -- lockout with back-off (pure) ----------------------------------------------------------------
+@dataclass
+class Strikes:
+    """Failed sign-ins of one account or one address."""
+
+    failures: int = 0
+    lockouts: int = 0
+    locked_until: float = 0.0
+    last_failure_at: float = 0.0
+
+    def retry_after(self, now: float) -> float:
+        return max(0.0, self.locked_until - now)
+
+    def strike(self, now: float, threshold: int, base_s: float, max_s: float) -> bool:
+        """Count a failure; True when it locks (``base_s`` doubled per earlier lockout, at
+        most ``max_s``)."""
+        if now - self.last_failure_at > FORGET_LOCKOUTS_AFTER_S:
+            self.failures = 0
+            self.lockouts = 0
+        self.last_failure_at = now
+        self.failures += 1
+        if self.failures < threshold:
+            return False
+        self.locked_until = now + min(max_s, base_s * 2 ** min(self.lockouts, 30))
+        self.lockouts += 1
+        self.failures = 0
+        return True
+
+
+class StrikeTable:
+    """Strikes by key (a client address, an unknown identifier) in memory, at most
+    ``size`` keys: the least recently struck are forgotten first."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._table: OrderedDict[str, Strikes] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def get(self, key: str) -> Strikes:
+        return self._table.get(key) or Strikes()
+
+    def put(self, key: str, strikes: Strikes) -> None:
+        self._table[key] = strikes
+        self._table.move_to_end(key)
+        while len(self._table) > self._size:
+            self._table.popitem(last=False)
+
+    def forget(self, key: str) -> None:
+        self._table.pop(key, None)
+
+
+# -- password hashing off the loop -------------------------------------------------------------
+class PasswordHashing:
+    """Argon2id hashing and verifying on ``threads`` threads."""
+
+    def __init__(self, settings: AccountsSettings) -> None:
+        self.hasher = PasswordHasher(time_cost=settings.argon2_time_cost,
+                                     memory_cost=settings.argon2_memory_kib,
+                                     parallelism=settings.argon2_parallelism, type=Type.ID)
+        self._executor = ThreadPoolExecutor(max_workers=settings.hash_threads,
+                                            thread_name_prefix="argon2")
+        self._dummy: str | None = None
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    async def hash(self, password: str) -> str:
+        return await self._run(lambda: self.hasher.hash(password))
+
+    async def verify(self, hashed: str | None, password: str) -> bool:
+        """Whether ``password`` matches ``hashed``; with no hash, the same work against a
+        dummy one (an unknown account takes as long as a known one) and False."""
+        if hashed is None:
+            if self._dummy is None:
+                self._dummy = await self.hash(secrets.token_urlsafe(16))
+            dummy = self._dummy
+            await self._run(lambda: _verify(self.hasher, dummy, password))
+            return False
+        return await self._run(lambda: _verify(self.hasher, hashed, password))
+
+    def needs_rehash(self, hashed: str) -> bool:
+        return self.hasher.check_needs_rehash(hashed)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _verify(hasher: PasswordHasher, hashed: str, password: str) -> bool:
+    try:
+        return hasher.verify(hashed, password)
+    except (VerifyMismatchError, VerificationError, InvalidHashError):
+        return False
+
+
+def digest(secret: str) -> str:
+    """How codes and refresh tokens are stored (high-entropy secrets: SHA-256 is enough)."""
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def totp_step(secret: str, code: str, now: float, last_step: int) -> int | None:
+    """The time step ``code`` is valid for (this one, or one before or after for clock
+    drift), provided it is later than ``last_step`` (a code is used once); else None."""
+    totp = pyotp.TOTP(secret, interval=TOTP_PERIOD_S)
+    current = int(now // TOTP_PERIOD_S)
+    for step in (current - 1, current, current + 1):
+        if step > last_step and hmac.compare_digest(totp.generate_otp(step), code):
+            return step
+    return None
+
+
+# -- results --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Activation:
+    clinician_id: str
+    code: str
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class SignedIn:
+    """What a sign-in or a refresh hands the browser: the access token (JSON body) and the
+    next refresh token (the cookie), which is valid until ``session_ends_at`` at most."""
+
+    clinician_id: str
+    access_token: str
+    expires_at: float
+    refresh_token: str
+    session_ends_at: float
+
+
+@dataclass
+class _Account:
+    clinician_id: str
+    password_hash: str | None
+    totp_secret: str | None
+    totp_last_step: int
+    strikes: Strikes = field(default_factory=Strikes)
+
+
+@contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+class Accounts:
+    """The accounts of the directory's clinicians. ``await open()``, ``await close()``."""
+
+    def __init__(self, path: Path, *, directory: Directory, tokens: TokenAuthority,
+                 settings: AccountsSettings, audit: AuditLog) -> None:
+        self.path = path
+        self.settings = settings
+        self._directory = directory
+        self._tokens = tokens
+        self._audit = audit
+        self.hashing = PasswordHashing(settings)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="accounts")
+        self._db: sqlite3.Connection | None = None
+        self._closed = False
+        self._addresses = StrikeTable(settings.tracked_addresses)
+        self._unknown = StrikeTable(settings.tracked_addresses)
+
+    # -- plumbing ---------------------------------------------------------------------------
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, fn)
+
+    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._db is None:
+            raise RuntimeError(f"accounts store {self.path} is closed")
+        return fn(self._db)
+
+    def _open_sync(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                             timeout=10.0)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.executescript(SCHEMA)
+        # Sessions that ended long ago only take room.
+        horizon = time.time() - 2 * self.settings.session_max_s
+        with _transaction(db):
+            old = "SELECT family_id FROM sessions WHERE started_at < ?"
+            db.execute(f"DELETE FROM refresh_tokens WHERE family_id IN ({old})", (horizon,))
+            db.execute("DELETE FROM sessions WHERE started_at < ?", (horizon,))
+        self._db = db
+
+    async def open(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._open_sync)
+        logger.info("accounts at %s", self.path)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+
+        def _close() -> None:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, _close)
+        self._executor.shutdown(wait=True)
+        self.hashing.close()
+
+    async def _record(self, actor: str, action: str, **detail: Any) -> None:
+        try:
+            await self._audit.append_async(actor, action, None, detail)
+        except OSError:
+            logger.exception("audit: could not append %s by %s", action, actor)
+
+    def clinician(self, clinician_id: str) -> Clinician | None:
+        """The directory's clinician (None when unknown or deactivated)."""
+        return self._directory.clinician(clinician_id)
+
+    def needs_totp(self, clinician_id: str) -> bool:
+        clinician = self._directory.clinician(clinician_id)
+        required = set(self.settings.totp_required_roles)
+        return clinician is not None and bool(clinician.roles & required)
+
+    # -- activation and reset ---------------------------------------------------------------
+    async def issue_activation(self, clinician_id: str, *, actor: str,
+                               address: str | None) -> Activation:
+        """A new one-time code for ``clinician_id`` (the previous one stops working)."""
+        if self._directory.clinician(clinician_id) is None:
+            raise NotFound(f"no clinician {clinician_id!r} in the directory")
+        code = secrets.token_urlsafe(24)
+        now = time.time()
+        expires_at = now + self.settings.activation_ttl_s
+
+        def _write(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT OR REPLACE INTO activations (clinician_id, code_hash, expires_at, "
+                "issued_at, issued_by, pending_totp) VALUES (?, ?, ?, ?, ?, NULL)",
+                (clinician_id, digest(code), expires_at, now, actor))
+
+        await self._run(_write)
+        logger.info("accounts: activation code issued for %s by %s", clinician_id, actor)
+        await self._record(actor, "account.activation_issued", subject=clinician_id,
+                           expires_at=round(expires_at, 3), address=address)
+        return Activation(clinician_id, code, expires_at)
+
+    async def activate(self, code: str, password: str, *, totp: str | None = None,
+                       enable_totp: bool = False, address: str | None = None) -> str:
+        """Set the password of the account ``code`` was issued for (and its TOTP secret,
+        where required or asked for) and use the code up; return the clinician id. Every
+        other session of the clinician ends (a reset is often a stolen password)."""
+        now = time.time()
+        code_hash = digest(code)
+
+        def _read(db: sqlite3.Connection) -> tuple[str, float, str | None, bool] | None:
+            row = db.execute("SELECT clinician_id, expires_at, pending_totp FROM activations "
+                             "WHERE code_hash = ?", (code_hash,)).fetchone()
+            if row is None:
+                return None
+            had = db.execute("SELECT password_hash IS NOT NULL FROM accounts "
+                             "WHERE clinician_id = ?", (row[0],)).fetchone()
+            return row[0], row[1], row[2], bool(had and had[0])
+
+        found = await self._run(_read)
+        if found is None or found[1] <= now or self._directory.clinician(found[0]) is None:
+            logger.info("accounts: activation refused from %s: unknown, expired or used code",
+                        address)
+            raise ActivationInvalid()
+        clinician_id, _, pending, had_password = found
+        reason = password_policy.problem(password, clinician_id)
+        if reason is not None:
+            raise WeakPassword(reason)
+        secret: str | None = None
+        step = 0
+        if enable_totp or self.needs_totp(clinician_id):
+            secret = pending or pyotp.random_base32()
+            if pending is None:
+                await self._run(lambda db: db.execute(
+                    "UPDATE activations SET pending_totp = ? WHERE code_hash = ?",
+                    (secret, code_hash)))
+            if not totp:
+                uri = pyotp.TOTP(secret).provisioning_uri(
+                    name=clinician_id, issuer_name=self.settings.totp_issuer)
+                raise TotpSetupRequired(uri, secret)
+            matched = totp_step(secret, totp, now, 0)
+            if matched is None:
+                raise TotpInvalid()
+            step = matched
+        hashed = await self.hashing.hash(password)
+
+        def _apply(db: sqlite3.Connection) -> bool:
+            with _transaction(db):
+                used = db.execute("DELETE FROM activations WHERE code_hash = ? AND "
+                                  "expires_at > ?", (code_hash, time.time())).rowcount
+                if used != 1:
+                    return False  # used meanwhile by another request
+                db.execute(
+                    "INSERT INTO accounts (clinician_id, password_hash, totp_secret, "
+                    "totp_last_step, password_set_at, created_at) VALUES (?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (clinician_id) DO UPDATE SET password_hash = excluded."
+                    "password_hash, totp_secret = excluded.totp_secret, totp_last_step = "
+                    "excluded.totp_last_step, password_set_at = excluded.password_set_at, "
+                    "failures = 0, lockouts = 0, locked_until = 0",
+                    (clinician_id, hashed, secret, step, now, now))
+                _end_sessions(db, clinician_id, "password_set", now)
+            return True
+
+        if not await self._run(_apply):
+            raise ActivationInvalid()
+        action = "account.password_reset" if had_password else "account.activated"
+        logger.info("accounts: %s for %s (totp %s)", action, clinician_id,
+                    "on" if secret else "off")
+        await self._record(clinician_id, action, subject=clinician_id, totp=secret is not None,
+                           address=address)
+        return clinician_id
+
+    # -- sign-in ------------------------------------------------------------------------------
+    async def sign_in(self, clinician_id: str, password: str, totp: str | None = None, *,
+                      address: str) -> SignedIn:
+        now = time.time()
+        account = await self._run(lambda db: _load(db, clinician_id))
+        known = account is not None and account.password_hash is not None \
+            and self._directory.clinician(clinician_id) is not None
+        account_strikes = account.strikes if account is not None and known \
+            else self._unknown.get(clinician_id)
+        address_strikes = self._addresses.get(address)
+        wait = max(account_strikes.retry_after(now), address_strikes.retry_after(now))
+        if wait > 0:
+            logger.info("accounts: sign-in from %s refused: locked out (%.0f s)", address, wait)
+            raise LockedOut(wait)
+        ok = await self.hashing.verify(account.password_hash if account and known else None,
+                                       password)
+        if not ok or account is None:
+            await self._failed(clinician_id, known, account_strikes, address_strikes,
+                               address, "password")
+            raise InvalidCredentials()
+        step: int | None = None
+        if account.totp_secret is not None:
+            if not totp:
+                raise totp_required()
+            step = totp_step(account.totp_secret, totp, time.time(), account.totp_last_step)
+            if step is None:
+                await self._failed(clinician_id, True, account_strikes, address_strikes,
+                                   address, "totp")
+                raise TotpInvalid()
+        elif self.needs_totp(clinician_id):
+            raise Unauthenticated("this account needs a second factor that is not set up "
+                                  "yet; ask for a new activation code",
+                                  code="totp_setup_required")
+        rehash = account.password_hash is not None and \
+            self.hashing.needs_rehash(account.password_hash)
+        new_hash = await self.hashing.hash(password) if rehash else None
+        refresh = secrets.token_urlsafe(32)
+        family = secrets.token_urlsafe(12)
+
+        def _succeed(db: sqlite3.Connection) -> bool:
+            with _transaction(db):
+                if step is not None:
+                    # Conditional: two sign-ins racing with one code, one wins.
+                    won = db.execute("UPDATE accounts SET totp_last_step = ? WHERE "
+                                     "clinician_id = ? AND totp_last_step < ?",
+                                     (step, clinician_id, step)).rowcount
+                    if not won:
+                        return False
+                db.execute("UPDATE accounts SET failures = 0, lockouts = 0, locked_until = 0"
+                           " WHERE clinician_id = ?", (clinician_id,))
+                if new_hash is not None:
+                    db.execute("UPDATE accounts SET password_hash = ? WHERE clinician_id = ?",
+                               (new_hash, clinician_id))
+                db.execute("INSERT INTO sessions (family_id, clinician_id, current_hash, "
+                           "started_at, refreshed_at) VALUES (?, ?, ?, ?, ?)",
+                           (family, clinician_id, digest(refresh), now, now))
+                db.execute("INSERT INTO refresh_tokens (token_hash, family_id) VALUES (?, ?)",
+                           (digest(refresh), family))
+            return True
+
+        if not await self._run(_succeed):
+            raise TotpInvalid()
+        address_strikes.failures = 0
+        self._addresses.put(address, address_strikes)
+        if new_hash is not None:
+            logger.info("accounts: password hash of %s redone with the current cost",
+                        clinician_id)
+        logger.info("accounts: %s signed in from %s", clinician_id, address)
+        await self._record(clinician_id, "auth.signin", subject=clinician_id, address=address,
+                           session=family[:8])
+        return self._signed_in(clinician_id, refresh, now)
+
+    async def _failed(self, identifier: str, known: bool, account_strikes: Strikes,
+                      address_strikes: Strikes, address: str, factor: str) -> None:
+        """Count a failed sign-in against the account (or the unknown identifier, in memory
+        and unnamed) and the address; audit it, and the lockout it causes."""
+        s = self.settings
+        clinician_id = identifier if known else None
+        now = time.time()
+        locked = account_strikes.strike(now, s.lockout_failures, s.lockout_base_s,
+                                        s.lockout_max_s)
+        address_locked = address_strikes.strike(now, s.address_lockout_failures,
+                                                s.lockout_base_s, s.lockout_max_s)
+        self._addresses.put(address, address_strikes)
+        if clinician_id is None:
+            self._unknown.put(identifier, account_strikes)
+        else:
+            st = account_strikes
+            await self._run(lambda db: db.execute(
+                "UPDATE accounts SET failures = ?, lockouts = ?, locked_until = ?, "
+                "last_failure_at = ? WHERE clinician_id = ?",
+                (st.failures, st.lockouts, st.locked_until, st.last_failure_at, clinician_id)))
+        logger.info("accounts: failed sign-in (%s) of %s from %s", factor,
+                    clinician_id or "an unknown account", address)
+        actor = clinician_id or "unknown"
+        await self._record(actor, "auth.signin_failed", subject=clinician_id, factor=factor,
+                           address=address)
+        if locked:
+            await self._record(actor, "auth.locked_out", subject=clinician_id,
+                               scope="account", address=address,
+                               seconds=round(account_strikes.retry_after(now)))
+        if address_locked:
+            await self._record(actor, "auth.locked_out", subject=clinician_id,
+                               scope="address", address=address,
+                               seconds=round(address_strikes.retry_after(now)))
+
+    def _signed_in(self, clinician_id: str, refresh: str, started_at: float) -> SignedIn:
+        now = time.time()
+        ends = started_at + self.settings.session_max_s
+        ttl = max(1, min(self.settings.access_ttl_s, int(ends - now)))
+        token = self._tokens.issue(clinician_id, ttl_s=ttl, now=now)
+        return SignedIn(clinician_id, token, float(int(now) + ttl), refresh, ends)
+
+    # -- refresh and sign-out ---------------------------------------------------------------
+    async def refresh(self, token: str, *, address: str) -> SignedIn:
+        """A new access token and the next refresh token for ``token``, which is used up.
+        Presenting a used-up refresh token again revokes the whole family (it was copied)."""
+        now = time.time()
+        fresh = secrets.token_urlsafe(32)
+        s = self.settings
+
+        def _rotate(db: sqlite3.Connection) -> tuple[str, str | None, float, str]:
+            with _transaction(db):
+                row = db.execute(
+                    "SELECT s.family_id, s.clinician_id, s.current_hash, s.started_at, "
+                    "s.refreshed_at, s.ended_at FROM refresh_tokens t JOIN sessions s ON "
+                    "s.family_id = t.family_id WHERE t.token_hash = ?",
+                    (digest(token),)).fetchone()
+                if row is None:
+                    return "unknown", None, 0.0, ""
+                family, clinician_id, current, started, refreshed, ended = row
+                if ended is not None:
+                    return "ended", clinician_id, started, family
+                why = None
+                if current != digest(token):
+                    why = "reused"
+                elif now - started >= s.session_max_s:
+                    why = "expired"
+                elif now - refreshed >= s.idle_timeout_s:
+                    why = "idle"
+                elif self._directory.clinician(clinician_id) is None:
+                    why = "removed"
+                if why is not None:
+                    db.execute("UPDATE sessions SET ended_at = ?, end_reason = ? "
+                               "WHERE family_id = ?", (now, why, family))
+                    return why, clinician_id, started, family
+                db.execute("UPDATE sessions SET current_hash = ?, refreshed_at = ? "
+                           "WHERE family_id = ?", (digest(fresh), now, family))
+                db.execute("INSERT INTO refresh_tokens (token_hash, family_id) VALUES (?, ?)",
+                           (digest(fresh), family))
+                return "ok", clinician_id, started, family
+
+        outcome, clinician_id, started, family = await self._run(_rotate)
+        if outcome == "ok" and clinician_id is not None:
+            return self._signed_in(clinician_id, fresh, started)
+        logger.info("accounts: refresh from %s refused: %s%s", address, outcome,
+                    f" (session of {clinician_id})" if clinician_id else "")
+        if outcome == "reused" and clinician_id is not None:
+            await self._record(clinician_id, "auth.refresh_family_revoked",
+                               subject=clinician_id, reason="refresh token reused",
+                               address=address, session=family[:8])
+        elif outcome in ("expired", "idle") and clinician_id is not None:
+            await self._record(clinician_id, "auth.session_ended", subject=clinician_id,
+                               reason=outcome, address=address, session=family[:8])
+        raise session_ended({"unknown": "unknown session", "ended": "signed out or revoked",
+                             "reused": "this refresh token was already used; the session is "
+                                       "revoked", "expired": "the shift's session is over",
+                             "idle": "idle for too long",
+                             "removed": "no longer in the directory"}[outcome])
+
+    async def sign_out(self, token: str | None, *, address: str) -> bool:
+        """End the session of refresh token ``token`` (any of its family). False if there
+        was no such open session."""
+        if not token:
+            return False
+        now = time.time()
+
+        def _end(db: sqlite3.Connection) -> tuple[str, str] | None:
+            with _transaction(db):
+                row = db.execute(
+                    "SELECT s.family_id, s.clinician_id FROM refresh_tokens t JOIN sessions s"
+                    " ON s.family_id = t.family_id WHERE t.token_hash = ? AND s.ended_at IS "
+                    "NULL", (digest(token),)).fetchone()
+                if row is None:
+                    return None
+                db.execute("UPDATE sessions SET ended_at = ?, end_reason = 'signout' "
+                           "WHERE family_id = ?", (now, row[0]))
+                return row[0], row[1]
+
+        ended = await self._run(_end)
+        if ended is None:
+            return False
+        family, clinician_id = ended
+        logger.info("accounts: %s signed out from %s", clinician_id, address)
+        await self._record(clinician_id, "auth.signout", subject=clinician_id, address=address,
+                           session=family[:8])
+        return True
+
+
+def _load(db: sqlite3.Connection, clinician_id: str) -> _Account | None:
+    row = db.execute("SELECT password_hash, totp_secret, totp_last_step, failures, lockouts, "
+                     "locked_until, last_failure_at FROM accounts WHERE clinician_id = ?",
+                     (clinician_id,)).fetchone()
+    if row is None:
+        return None
+    return _Account(clinician_id, row[0], row[1], row[2],
+                    Strikes(row[3], row[4], row[5], row[6]))
+
+
+def _end_sessions(db: sqlite3.Connection, clinician_id: str, why: str, now: float) -> None:
+    db.execute("UPDATE sessions SET ended_at = ?, end_reason = ? WHERE clinician_id = ? AND "
+               "ended_at IS NULL", (now, why, clinician_id))
