@@ -7,7 +7,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 import socketio
@@ -66,6 +66,8 @@ TOKEN_EXPIRED = "token_expired"
 """The event (and its code) sent to a connection just before it is closed at its token's
 expiry."""
 TOO_MANY_CONNECTIONS = "too_many_connections"
+SESSION_ENDED = "session:ended"
+"""The event a connection gets before the server closes it for a change of the directory."""
 
 Handler = Callable[[Principal, str, Any], Awaitable[dict[str, Any]]]
 
@@ -193,6 +195,21 @@ class SocketGateway:
         except Exception:
             logger.exception("connection %s: cleanup after disconnect failed", sid)
         logger.info("connection %s closed (%s)", sid, reason)
+
+    async def end_sessions(self, clinician_ids: Collection[str], code: str,
+                           message: str) -> int:
+        """Tell every open connection of these clinicians ``session:ended`` ``{code,
+        message}`` and close it (the directory no longer lets them in, or changed their
+        grants); how many were closed."""
+        sids = [sid for cid in clinician_ids for sid in self._connections.get(cid, ())]
+        for sid in sids:
+            logger.info("connection %s: session ended (%s); closing it", sid, code)
+            await self._sio.emit(SESSION_ENDED, {"code": code, "message": message}, to=sid)
+            await self._sio.close_connection(sid)
+        return len(sids)
+
+    def online(self, clinician_id: str) -> bool:
+        return bool(self._connections.get(clinician_id))
 
     def extend(self, sid: str, expires_at: float) -> bool:
         """A refreshed access token for connection ``sid``: it is closed at ``expires_at``

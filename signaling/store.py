@@ -1,6 +1,6 @@
-"""Durable records in SQLite: directory mirror, consult requests, consultations, minutes, chat
-and attendance. Every write is committed (WAL, synchronous=FULL) before the call returns, so an
-acknowledged request survives a kill -9 of the server.
+"""Durable records in SQLite: the directory (its source of truth), consult requests,
+consultations, minutes, chat and attendance. Every write is committed (WAL, synchronous=FULL)
+before the call returns, so an acknowledged request survives a kill -9 of the server.
 
 All database work runs on one dedicated thread: the event loop never blocks on disk, and writes
 of this process are serialized. A claim (accept) is a conditional UPDATE inside a write
@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +21,14 @@ from typing import Any, TypeVar
 
 from signaling.directory import Directory
 from signaling.errors import AlreadyTaken, InvalidState, NotFound
-from signaling.models import ChatMessage, Consultation, ConsultRequest, Minutes
+from signaling.models import (
+    ChatMessage,
+    Clinician,
+    Consultation,
+    ConsultRequest,
+    Minutes,
+    Site,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -29,12 +36,15 @@ T = TypeVar("T")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sites (
-    id TEXT PRIMARY KEY, name TEXT NOT NULL, tier TEXT NOT NULL, region TEXT NOT NULL
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, tier TEXT NOT NULL, region TEXT NOT NULL,
+    active INTEGER NOT NULL DEFAULT 1, updated_at REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS clinicians (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, site_id TEXT NOT NULL,
-    roles TEXT NOT NULL, specialties TEXT NOT NULL
+    roles TEXT NOT NULL, specialties TEXT NOT NULL,
+    active INTEGER NOT NULL DEFAULT 1, updated_at REAL NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS regions (id TEXT PRIMARY KEY, name TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS requests (
     id TEXT PRIMARY KEY, site_id TEXT NOT NULL, requester_id TEXT NOT NULL,
     specialty TEXT NOT NULL, priority TEXT NOT NULL, reason TEXT NOT NULL,
@@ -124,7 +134,7 @@ class RecordStore:
                              timeout=10.0)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
-        db.executescript(SCHEMA)
+        _prepare(db)
         self._db = db
 
     async def open(self) -> None:
@@ -147,21 +157,19 @@ class RecordStore:
         self._executor.shutdown(wait=True)
 
     # -- directory ------------------------------------------------------------------------
-    async def mirror_directory(self, directory: Directory) -> None:
+    async def save_directory(self, sites: Iterable[Site] = (),
+                             clinicians: Iterable[Clinician] = (),
+                             regions: Mapping[str, str] | None = None) -> None:
+        """Insert or replace these records in one transaction: all of them or none."""
+        site_list, clinician_list = list(sites), list(clinicians)
+
         def _write(db: sqlite3.Connection) -> None:
-            with _transaction(db):
-                db.executemany(
-                    "INSERT OR REPLACE INTO sites (id, name, tier, region) VALUES (?, ?, ?, ?)",
-                    [(s.id, s.name, s.tier, s.region) for s in directory.sites.values()],
-                )
-                db.executemany(
-                    "INSERT OR REPLACE INTO clinicians (id, name, site_id, roles, specialties) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    [(c.id, c.name, c.site_id, json.dumps(sorted(c.roles)),
-                      json.dumps(sorted(c.specialties))) for c in directory.clinicians.values()],
-                )
+            write_directory(db, site_list, clinician_list, regions or {})
 
         await self._run(_write)
+
+    async def read_directory(self) -> Directory:
+        return await self._run(read_directory)
 
     # -- requests -------------------------------------------------------------------------
     async def add_request(self, request: ConsultRequest) -> None:
@@ -402,6 +410,78 @@ class RecordStore:
     async def attendees_of(self, consultation_id: str) -> frozenset[str]:
         """The clinicians who joined the consultation at least once."""
         return frozenset(a["clinician_id"] for a in await self.attendance_of(consultation_id))
+
+
+def _prepare(db: sqlite3.Connection) -> None:
+    """The schema, and the columns a store written before the directory lived here lacks
+    (its ``sites`` and ``clinicians`` were a mirror of the file: they become the directory)."""
+    db.executescript(SCHEMA)
+    for table in ("sites", "clinicians"):
+        columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        if "active" not in columns:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN active INTEGER NOT NULL DEFAULT 1")
+        if "updated_at" not in columns:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN updated_at REAL NOT NULL DEFAULT 0")
+
+
+def write_directory(db: sqlite3.Connection, sites: list[Site], clinicians: list[Clinician],
+                    regions: Mapping[str, str]) -> None:
+    with _transaction(db):
+        db.executemany(
+            "INSERT OR REPLACE INTO sites (id, name, tier, region, active, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [(s.id, s.name, s.tier, s.region, int(s.active), s.updated_at) for s in sites],
+        )
+        db.executemany(
+            "INSERT OR REPLACE INTO clinicians (id, name, site_id, roles, specialties, active, "
+            "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(c.id, c.name, c.site_id, json.dumps(sorted(c.roles)),
+              json.dumps(sorted(c.specialties)), int(c.active), c.updated_at)
+             for c in clinicians],
+        )
+        db.executemany("INSERT OR REPLACE INTO regions (id, name) VALUES (?, ?)",
+                       sorted(regions.items()))
+
+
+def read_directory(db: sqlite3.Connection) -> Directory:
+    sites = [Site(i, n, t, r, bool(a), u) for i, n, t, r, a, u in db.execute(
+        "SELECT id, name, tier, region, active, updated_at FROM sites ORDER BY id")]
+    clinicians = [
+        Clinician(i, n, s, frozenset(json.loads(r)), frozenset(json.loads(sp)), bool(a), u)
+        for i, n, s, r, sp, a, u in db.execute(
+            "SELECT id, name, site_id, roles, specialties, active, updated_at FROM clinicians "
+            "ORDER BY id")]
+    regions = dict(db.execute("SELECT id, name FROM regions"))
+    return Directory(sites, clinicians, regions)
+
+
+def open_directory(path: Path, seed: Callable[[], tuple[Directory, str]]) -> Directory:
+    """The directory in the store at ``path``; when the store has none yet, ``seed()`` gives
+    one (and says where from) and it is written first. Synchronous: start-up and the CLI call
+    it before any event loop work, and the server's own connection opens afterwards (WAL lets
+    both share the file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, isolation_level=None, timeout=10.0)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        _prepare(db)
+        directory = read_directory(db)
+        if directory.all_sites:
+            logger.info("directory: %d sites, %d clinicians (%d active) from the store %s; a "
+                        "directory file is only an import source now", len(directory.all_sites),
+                        len(directory.all_clinicians), len(directory.clinicians), path)
+            return directory
+        directory, source = seed()
+        write_directory(db, list(directory.all_sites.values()),
+                        list(directory.all_clinicians.values()), directory.regions)
+        logger.info("directory: the store %s was empty; seeded with %d sites and %d clinicians "
+                    "from %s (from now on the store is the directory: change it with the admin "
+                    "API or `telehealth directory import`)", path, len(directory.all_sites),
+                    len(directory.all_clinicians), source)
+        return directory
+    finally:
+        db.close()
 
 
 def _insert_consultation(db: sqlite3.Connection, c: Consultation) -> None:

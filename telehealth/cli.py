@@ -1,5 +1,5 @@
 """The `telehealth` command: serve, token, check-config, relay, node-token, archive,
-account."""
+account, directory."""
 
 from __future__ import annotations
 
@@ -72,6 +72,18 @@ def _parser() -> argparse.ArgumentParser:
     activation = account_commands.add_parser(
         "activation", help="print a one-time link and code to set (or reset) a password")
     activation.add_argument("clinician", help="clinician id from the directory")
+    directory = commands.add_parser("directory", help="import or export the directory (regions, "
+                                                      "sites, clinicians) in the store")
+    directory_commands = directory.add_subparsers(dest="directory_command", required=True)
+    imports = directory_commands.add_parser(
+        "import", help="add or replace regions, sites and clinicians from a CSV (kind,id,name,"
+                       "site,tier,region,roles,specialties,active) or TOML directory file; all "
+                       "or nothing")
+    imports.add_argument("file", type=Path)
+    imports.add_argument("--dry-run", action="store_true",
+                         help="check every row and report, change nothing")
+    exports = directory_commands.add_parser("export", help="the whole directory as CSV")
+    exports.add_argument("--out", type=Path, default=None, help="file (default: stdout)")
     return parser
 
 
@@ -121,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             return _archive(settings, args)
         if args.command == "account":
             return asyncio.run(_account_activation(settings, args.clinician))
+        if args.command == "directory":
+            return _directory(settings, args)
         return _check(settings)
     except (ConfigError, DirectoryError, RelayCannotStart) as exc:
         print(f"telehealth: {exc}", file=sys.stderr)
@@ -187,6 +201,8 @@ async def _account_activation(settings: Settings, clinician_id: str) -> int:
 
 
 def _check(settings: Settings) -> int:
+    if settings.directory.file is not None:
+        Directory.load(settings.directory.file)  # only an import source now, still checked
     directory, _ = _authority(settings)
     print(f"configuration OK: {len(directory.sites)} sites, {len(directory.clinicians)} "
           f"clinicians, data in {settings.storage.data_dir}")
@@ -236,6 +252,21 @@ def _archive(settings: Settings, args: argparse.Namespace) -> int:
     audit.append("cli", "archive.export", cid, {"out": path.name, "user": _user()})
     print(path)
     return 0
+
+
+def _directory(settings: Settings, args: argparse.Namespace) -> int:
+    """On the store in ``storage.data_dir`` (a running server does not see it: import through
+    ``POST /api/directory/import`` then)."""
+    from recorder.audit import AUDIT_LOG, AuditLog
+    from signaling.directory_admin import cli_export, cli_import
+    from telehealth.startup import RECORDS_FILE, load_directory
+
+    directory = load_directory(settings)
+    if args.directory_command == "export":
+        return cli_export(directory, args.out)
+    return cli_import(directory, settings.storage.data_dir / RECORDS_FILE,
+                      AuditLog(settings.archive_dir() / AUDIT_LOG), args.file,
+                      dry_run=args.dry_run, actor=f"cli:{_user()}")
 
 
 class _ProgressBar:

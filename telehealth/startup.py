@@ -7,8 +7,9 @@ Starting and stopping follow ``cleanup_ctx``, in this order, and close in revers
 
 1. the relay: aiortc's private hooks checked and the ICE host addresses set before any media
    flows; at the end every Room of the embedded relay is closed;
-2. the records: the SQLite store opened, the directory mirrored, waiting requests and open
-   consultations restored (their Rooms reopened on a relay); closed at the end;
+2. the records: the SQLite store opened (``load_directory`` read the directory from it first),
+   waiting requests and open consultations restored (their Rooms reopened on a relay); closed
+   at the end;
 3. the recorder: what a dead process was recording marked interrupted; every file finished at
    the end;
 4. the timers: escalation and expiry, the reconnect grace period, silent relay nodes.
@@ -53,6 +54,8 @@ from signaling.auth_api import add_auth_routes
 from signaling.consultations import Consultations
 from signaling.demo import ensure_demo_directory
 from signaling.directory import Directory
+from signaling.directory_admin import DirectoryAdmin
+from signaling.directory_api import add_directory_routes
 from signaling.handlers import SocketGateway, SocketIONotifier
 from signaling.http_api import add_routes, json_errors, make_auth_middleware
 from signaling.live import MemoryLiveStore
@@ -69,7 +72,7 @@ from signaling.recording import (
 )
 from signaling.security import forwarded_from, same_origin, security_headers
 from signaling.socket_server import SignalingServer
-from signaling.store import RecordStore
+from signaling.store import RecordStore, open_directory
 from signaling.tokens import TokenAuthority, load_or_create_secret
 
 logger = logging.getLogger(__name__)
@@ -227,9 +230,20 @@ def directory_path(settings: Settings) -> Path:
     return ensure_demo_directory(settings.storage.data_dir)
 
 
+def load_directory(settings: Settings) -> Directory:
+    """The directory from the store, its source of truth; an empty store is seeded first from
+    the directory file (or the demo directory), which is only an import source afterwards."""
+
+    def seed() -> tuple[Directory, str]:
+        path = directory_path(settings)
+        return Directory.load(path), str(path)
+
+    return open_directory(settings.storage.data_dir / RECORDS_FILE, seed)
+
+
 def token_authority(settings: Settings) -> tuple[Directory, TokenAuthority]:
     """The directory and the authority that signs and checks its access tokens."""
-    directory = Directory.load(directory_path(settings))
+    directory = load_directory(settings)
     secret = load_or_create_secret(settings.security.token_secret, settings.storage.data_dir)
     return directory, TokenAuthority(secret, directory, settings.security.token_ttl_s)
 
@@ -291,8 +305,8 @@ def create_app(settings: Settings) -> web.Application:
     nodes = RelayNodes(sio, tokens=tokens, relays=relays, events=media_events,
                        on_moved=consultations.relay_moved, node_relay=node_relay,
                        heartbeat_s=settings.relay.heartbeat_s)
-    SocketGateway(sio, tokens=tokens, pairing=pairing, consultations=consultations,
-                  presence=presence, media=media, metrics=metrics, recording=recording)
+    gateway = SocketGateway(sio, tokens=tokens, pairing=pairing, consultations=consultations,
+                            presence=presence, media=media, metrics=metrics, recording=recording)
 
     accounts = Accounts(settings.storage.data_dir / ACCOUNTS_FILE, directory=directory,
                         tokens=tokens, settings=settings.accounts,
@@ -318,6 +332,7 @@ def create_app(settings: Settings) -> web.Application:
     add_routes(app, directory=directory, metrics=metrics, pairing=pairing,
                consultations=consultations, recording=recording, presence=presence)
     add_auth_routes(app, accounts, public_url=settings.server.public_url)
+    add_directory_routes(app, DirectoryAdmin(directory, store, recorder.audit, gateway))
     app[STOPPING] = stopping
 
     async def tell_clients(app: web.Application) -> None:
@@ -380,7 +395,6 @@ def _say_announced_addresses(settings: Settings) -> None:
 async def _records(app: web.Application) -> AsyncIterator[None]:
     services = app[SERVICES]
     await services.store.open()
-    await services.store.mirror_directory(services.directory)
     waiting = await services.pairing.restore()
     active = await services.consultations.restore()
     logger.info("restored %d waiting requests and %d open consultations", waiting, active)
