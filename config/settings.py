@@ -153,7 +153,9 @@ class StorageSettings(_Section):
 
 class DirectorySettings(_Section):
     file: Path | None = None
-    """TOML file listing sites and clinicians. Default: none; `serve` then creates a demo one."""
+    """TOML file listing regions, sites and clinicians: it seeds an empty store (the directory's
+    source of truth) at start-up and is only an import source afterwards. Default: none; the
+    store is then seeded from a demo one."""
 
 
 def _per_priority(

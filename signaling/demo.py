@@ -1,5 +1,7 @@
 """The demo directory `serve` creates on first run without a directory file: two central
-hospitals, three district hospitals, one commune clinic and a clinician of each role."""
+hospitals, three district hospitals, one commune clinic, their provinces' names and a clinician
+of each role but site admin (an admin adds one through ``/api/directory/clinicians``). It only
+seeds an empty store (``signaling.store``)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,29 @@ from pathlib import Path
 
 DEMO_DIRECTORY = """\
 # Demo directory created by `telehealth serve` because no [directory] file was configured.
-# Edit it, or point `directory.file` in your config at your own.
+# It seeds the (empty) store on the first start only; change the directory afterwards with
+# `telehealth directory import` or the admin API (/api/directory/...).
+
+# Province codes (General Statistics Office of Vietnam) and their names: the UI shows names.
+[[regions]]
+id = "01"
+name = "Hà Nội"
+
+[[regions]]
+id = "11"
+name = "Điện Biên"
+
+[[regions]]
+id = "22"
+name = "Quảng Ninh"
+
+[[regions]]
+id = "56"
+name = "Khánh Hòa"
+
+[[regions]]
+id = "79"
+name = "Thành phố Hồ Chí Minh"
 
 [[sites]]
 id = "bv-bachmai"
