@@ -383,6 +383,10 @@ class AccountsSettings(_Section):
     hash_threads: int = Field(default=2, ge=1, le=32)
     """Threads that hash and verify passwords, off the event loop; more sign-ins wait their
     turn. Default 2."""
+    hash_nice: int = Field(default=10, ge=0, le=19)
+    """Nice value of those threads (Linux, per thread): off the loop is not enough on a small
+    machine, where two hashing threads take the cores the event loop needs; niced, they take
+    only what the loop leaves (docs/benchmarks.md). 0: the process's own. Default 10."""
     access_ttl_s: int = Field(default=600, ge=1)
     """Lifetime of the access token a password sign-in returns. Default 600 s."""
     session_max_s: int = Field(default=12 * 3600, ge=1)
