@@ -69,6 +69,8 @@ _COLUMNS_OF = {
 _TRUE = {"", "1", "true", "yes", "y", "có", "co"}
 _FALSE = {"0", "false", "no", "n", "không", "khong"}
 
+TOML_TYPE = "application/toml"
+"""The content type of a TOML directory file sent to ``POST /api/directory/import``."""
 PER_PAGE = 50
 MAX_PER_PAGE = 500
 
@@ -677,6 +679,46 @@ def cli_import(directory: Directory, store_path: Path, audit: AuditLog, path: Pa
               file=sys.stderr)
         return 2
     report.seconds = time.monotonic() - started  # reading and checking the file included
+    print(("dry run, nothing changed: " if dry_run else "imported: ") + report.summary())
+    return 0
+
+
+def cli_import_remote(server: str, token: str, path: Path, *, dry_run: bool) -> int:
+    """``telehealth directory import --server URL --token T``: the file sent as it is to a
+    running server's ``POST /api/directory/import`` (which applies it live, as the token's
+    admin); the same report and exit codes as a local import."""
+    import aiohttp
+
+    try:
+        body = path.read_bytes()
+    except OSError as exc:
+        print(f"telehealth: cannot read {path}: {exc}", file=sys.stderr)
+        return 2
+    content_type = "text/csv" if path.suffix.lower() == ".csv" else TOML_TYPE
+
+    async def send() -> tuple[int, Any]:
+        timeout = aiohttp.ClientTimeout(total=120)
+        async with aiohttp.ClientSession(timeout=timeout) as session, session.post(
+                server.rstrip("/") + "/api/directory/import", data=body,
+                params={"dry_run": "1" if dry_run else "0"},
+                headers={"Authorization": f"Bearer {token}",
+                         "Content-Type": f"{content_type}; charset=utf-8"}) as response:
+            return response.status, await response.json()
+
+    try:
+        status, answer = asyncio.run(send())
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        print(f"telehealth: {server}: {exc}", file=sys.stderr)
+        return 2
+    if status != 200:
+        error = answer.get("error", {}) if isinstance(answer, dict) else {}
+        for problem in error.get("problems", []):
+            print(problem, file=sys.stderr)
+        first = str(error.get("message", "")).splitlines()[:1]
+        print(f"telehealth: {server} refused the import ({status} {error.get('code')}): "
+              f"{''.join(first)}", file=sys.stderr)
+        return 2
+    report = ImportReport(**answer["import"])
     print(("dry run, nothing changed: " if dry_run else "imported: ") + report.summary())
     return 0
 

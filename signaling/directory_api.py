@@ -5,9 +5,10 @@
 clinician's ``online`` flag), ``GET /api/directory/regions``, ``POST`` to create, ``PATCH
 /api/directory/{sites|clinicians}/{id}`` to edit, ``POST .../{id}/deactivate`` and
 ``.../reactivate``, ``GET /api/directory/export`` (CSV) and ``POST /api/directory/import``
-(a CSV body; ``?dry_run=1``). Errors are the usual 4xx JSON ``{"error": {"code", "message"}}``
-(``duplicate_id``, ``unknown_site``, ``role_not_grantable``, ``forbidden``, ``not_found``,
-``invalid_payload``, ``import_invalid`` with ``problems``). See docs/protocol.md.
+(a CSV body, or the TOML directory file as ``application/toml``; ``?dry_run=1``). Errors
+are the usual 4xx JSON ``{"error": {"code", "message"}}`` (``duplicate_id``,
+``unknown_site``, ``role_not_grantable``, ``forbidden``, ``not_found``, ``invalid_payload``,
+``import_invalid`` with ``problems``). See docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from pydantic import ValidationError
 from signaling import permissions
 from signaling.directory import describe
 from signaling.directory_admin import (
+    TOML_TYPE,
     DirectoryAdmin,
     SearchQuery,
     export_csv,
     parse_csv,
+    parse_toml,
 )
 from signaling.errors import Forbidden, InvalidPayload
 from signaling.http_api import principal_of
@@ -119,8 +122,10 @@ def add_directory_routes(app: web.Application, admin: DirectoryAdmin) -> None:
         try:
             text = (await request.read()).decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise InvalidPayload(f"the CSV is not UTF-8: {exc}") from None
-        report = await admin.import_batch(p.id, parse_csv(text), dry_run=flag in ("1", "true"))
+            raise InvalidPayload(f"the file is not UTF-8: {exc}") from None
+        batch = parse_toml(text, "the TOML file") if request.content_type == TOML_TYPE \
+            else parse_csv(text)
+        report = await admin.import_batch(p.id, batch, dry_run=flag in ("1", "true"))
         return web.json_response({"import": report.to_wire()})
 
     base = "/api/directory"

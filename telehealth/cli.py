@@ -82,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     imports.add_argument("file", type=Path)
     imports.add_argument("--dry-run", action="store_true",
                          help="check every row and report, change nothing")
+    imports.add_argument("--server", default=None,
+                         help="a running server's base URL: import through its admin API")
+    imports.add_argument("--token", default=None, help="an admin's access token (--server)")
     exports = directory_commands.add_parser("export", help="the whole directory as CSV")
     exports.add_argument("--out", type=Path, default=None, help="file (default: stdout)")
     return parser
@@ -255,12 +258,15 @@ def _archive(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _directory(settings: Settings, args: argparse.Namespace) -> int:
-    """On the store in ``storage.data_dir`` (a running server does not see it: import through
-    ``POST /api/directory/import`` then)."""
+    """On the store in ``storage.data_dir`` (a running server does not see it: ``--server``
+    imports through its ``POST /api/directory/import`` instead)."""
     from recorder.audit import AUDIT_LOG, AuditLog
-    from signaling.directory_admin import cli_export, cli_import
+    from signaling.directory_admin import cli_export, cli_import, cli_import_remote
     from telehealth.startup import RECORDS_FILE, load_directory
 
+    if args.directory_command == "import" and args.server is not None:
+        return cli_import_remote(args.server, args.token or "", args.file,
+                                 dry_run=args.dry_run)
     directory = load_directory(settings)
     if args.directory_command == "export":
         return cli_export(directory, args.out)

@@ -5,6 +5,7 @@ each with its line number and changes nothing, dry run or not."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import subprocess
@@ -224,3 +225,24 @@ async def test_toml_file_and_http_import(tmp_path: Path) -> None:
             assert response.status == 403
         async with session.get(server.url + "/api/directory/regions", headers=admin) as response:
             assert {"id": "11", "name": "Điện Biên"} in (await response.json())["regions"]
+
+        # The CLI into the running server (the TOML file as it is; then a bad CSV).
+        async def cli(*args: str) -> tuple[int, str, str]:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "telehealth.cli", "--config", str(config), "directory",
+                "import", *args, "--server", server.url, "--token", server.token("admin"),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(process.communicate(), 60)
+            return process.returncode or 0, out.decode(), err.decode()
+
+        toml.write_text(toml.read_text(encoding="utf-8").replace("BS. Nguyễn Thị Lan",
+                                                                 "BS. Nguyễn Thị Lan Anh"),
+                        encoding="utf-8")
+        code, out, err = await cli(str(toml))
+        assert code == 0 and "updated 0 sites and 1 clinicians" in out, err
+        assert server.tokens.verify(server.token("bs-lan")).clinician.name == \
+            "BS. Nguyễn Thị Lan Anh"
+        bad = tmp_path / "bad.csv"
+        bad.write_text(body + "clinician,bs-c,C,d1,,,doctor,,\n", encoding="utf-8")
+        code, out, err = await cli(str(bad), "--dry-run")
+        assert code == 2 and err.startswith("line 3: clinician 'bs-c'") and "doctor" in err
