@@ -177,11 +177,13 @@ class MediaPeer:
         await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
         return answer
 
-    async def subscribe(self) -> None:
+    async def subscribe(self, configuration: RTCConfiguration | None = None) -> None:
+        """``configuration``: the subscribe connection's (TURN tests); default no ICE
+        servers, max-bundle."""
         # max-bundle: with aiortc's default (balanced) bundling, an answerer that creates
         # several receivers of one kind at once leaves some on a transport it discards.
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[],
-                                                bundlePolicy=RTCBundlePolicy.MAX_BUNDLE))
+        pc = RTCPeerConnection(configuration or RTCConfiguration(
+            iceServers=[], bundlePolicy=RTCBundlePolicy.MAX_BUNDLE))
         self.subscribe_pc = pc
 
         @pc.on("track")

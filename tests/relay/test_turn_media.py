@@ -16,7 +16,6 @@ import trustme
 from aioice import stun
 from aioice.turn import create_turn_endpoint
 from aiortc import (
-    MediaStreamTrack,
     RTCBundlePolicy,
     RTCConfiguration,
     RTCIceServer,
@@ -27,7 +26,7 @@ from aiortc import (
 from config.settings import TurnSettings
 from signaling.turn import TurnIssuer
 from tests.consultation_media import media_peer, open_consultation, start_media
-from tests.media import MediaPeer, Received, check_stream, wait_for
+from tests.media import MediaPeer, check_stream, wait_for
 from tests.support import Client, clients, run_server, write_config
 from tests.turn_server import TURN_PRESENT, TurnServer, rest_credentials, run_turn_server
 
@@ -52,19 +51,8 @@ class TurnPeer(MediaPeer):
         super().__init__(peer.name, peer.call)
         self.config = config
 
-    async def subscribe(self) -> None:
-        pc = RTCPeerConnection(self.config)
-        self.subscribe_pc = pc
-
-        @pc.on("track")
-        def on_track(track: MediaStreamTrack) -> None:
-            transceiver = next(t for t in pc.getTransceivers() if t.receiver.track is track)
-            received = Received(transceiver.mid or "", track.kind,
-                                self.tracks.get(transceiver.mid or "", {}))
-            self.received[received.mid] = received
-            self._tasks.append(asyncio.ensure_future(self._read(track, received)))
-
-        await self.answer_offer(await self.call("subscribe", {}))
+    async def subscribe(self, configuration: RTCConfiguration | None = None) -> None:
+        await super().subscribe(configuration or self.config)
 
     def local_candidate_types(self) -> set[str]:
         assert self.subscribe_pc is not None
