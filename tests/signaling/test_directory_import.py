@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -84,14 +85,15 @@ async def test_import_of_thousands_then_every_row_is_found(tmp_path: Path) -> No
     async with run_server(config) as server, aiohttp.ClientSession() as session:
         headers = {"Authorization": f"Bearer {server.token('admin')}"}
 
-        async def get(path: str, **params: str) -> dict:
+        async def get(path: str, **params: str) -> dict[str, Any]:
             async with session.get(server.url + path, params=params,
                                    headers=headers) as response:
                 assert response.status == 200, await response.text()
-                return await response.json()
+                answer: dict[str, Any] = await response.json()
+                return answer
 
         started = time.monotonic()
-        seen: dict[str, dict] = {}
+        seen: dict[str, dict[str, Any]] = {}
         for kind in ("sites", "clinicians"):
             page = 1
             while page <= 20:
@@ -242,7 +244,7 @@ async def test_toml_file_and_http_import(tmp_path: Path) -> None:
         assert code == 0 and "updated 0 sites and 1 clinicians" in out, err
         assert server.tokens.verify(server.token("bs-lan")).clinician.name == \
             "BS. Nguyễn Thị Lan Anh"
-        bad = tmp_path / "bad.csv"
-        bad.write_text(body + "clinician,bs-c,C,d1,,,doctor,,\n", encoding="utf-8")
-        code, out, err = await cli(str(bad), "--dry-run")
+        bad_csv = tmp_path / "bad.csv"
+        bad_csv.write_text(body + "clinician,bs-c,C,d1,,,doctor,,\n", encoding="utf-8")
+        code, out, err = await cli(str(bad_csv), "--dry-run")
         assert code == 2 and err.startswith("line 3: clinician 'bs-c'") and "doctor" in err
