@@ -373,9 +373,10 @@ class AccountsSettings(_Section):
     """Clinicians' own sign-in (signaling/accounts.py): Argon2id password hashes, lockout,
     TOTP, short access tokens and a refresh cookie."""
 
-    argon2_time_cost: int = Field(default=2, ge=1, le=20)
-    """Argon2id passes. With the memory below one hash takes ~86 ms on the 2-core reference
-    machine (docs/benchmarks.md). Default 2."""
+    argon2_time_cost: int = Field(default=1, ge=1, le=20)
+    """Argon2id passes. With the memory below (OWASP's first recommended setting, m=46 MiB,
+    t=1, p=1) one hash takes 55-69 ms on the 2-core reference machine (docs/benchmarks.md).
+    Default 1."""
     argon2_memory_kib: int = Field(default=47104, ge=1024, le=4 * 1024 * 1024)
     """Argon2id memory per hash, KiB. Default 47104 (46 MiB, OWASP's floor for Argon2id)."""
     argon2_parallelism: int = Field(default=1, ge=1, le=16)
