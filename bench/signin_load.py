@@ -81,7 +81,8 @@ class SigninStats:
 
 def accounts_overrides(args: argparse.Namespace) -> dict[str, int]:
     chosen = {"argon2_time_cost": args.time_cost, "argon2_memory_kib": args.memory_kib,
-              "argon2_parallelism": args.parallelism}
+              "argon2_parallelism": args.parallelism, "hash_threads": args.hash_threads,
+              "hash_nice": args.hash_nice}
     return {key: value for key, value in chosen.items() if value is not None}
 
 
@@ -269,6 +270,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     parser.add_argument("--time-cost", type=int, default=None)
     parser.add_argument("--memory-kib", type=int, default=None)
     parser.add_argument("--parallelism", type=int, default=None)
+    parser.add_argument("--hash-threads", type=int, default=None)
+    parser.add_argument("--hash-nice", type=int, default=None)
     parser.add_argument("--tmp-dir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args, rest = parser.parse_known_args(argv)
@@ -296,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         throughput, cost = measure_throughput(args)
         print(f"Argon2id time_cost={cost.argon2_time_cost} memory_kib="
               f"{cost.argon2_memory_kib} parallelism={cost.argon2_parallelism} "
-              f"hash_threads={cost.hash_threads}", flush=True)
+              f"hash_threads={cost.hash_threads} hash_nice={cost.hash_nice}", flush=True)
         signins_per_s = throughput.ok / throughput.wall_s if throughput.wall_s else 0.0
         print(f"throughput: {signins_per_s:.1f} sign-ins/s over {throughput.wall_s:.1f} s with "
               f"{args.concurrency} clients: {throughput.describe()}", flush=True)

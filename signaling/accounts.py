@@ -42,6 +42,7 @@ import logging
 import os
 import secrets
 import sqlite3
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -216,9 +217,6 @@ class StrikeTable:
         while len(self._table) > self._size:
             self._table.popitem(last=False)
 
-    def forget(self, key: str) -> None:
-        self._table.pop(key, None)
-
 
 # -- password hashing off the loop -------------------------------------------------------------
 class PasswordHashing:
@@ -229,7 +227,9 @@ class PasswordHashing:
                                      memory_cost=settings.argon2_memory_kib,
                                      parallelism=settings.argon2_parallelism, type=Type.ID)
         self._executor = ThreadPoolExecutor(max_workers=settings.hash_threads,
-                                            thread_name_prefix="argon2")
+                                            thread_name_prefix="argon2",
+                                            initializer=_lower_priority,
+                                            initargs=(settings.hash_nice,))
         self._dummy: str | None = None
 
     async def _run(self, fn: Callable[[], T]) -> T:
@@ -254,6 +254,19 @@ class PasswordHashing:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _lower_priority(nice: int) -> None:
+    """Renice the calling thread (Linux applies ``setpriority`` to one thread by its id):
+    argon2-cffi releases the GIL, so hashing threads run beside the event loop and, at the
+    same priority, take a 2-core server's cores from it under load."""
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
+                       min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice))
+    except OSError as exc:
+        logger.warning("accounts: could not lower the hashing thread's priority: %s", exc)
 
 
 def _verify(hasher: PasswordHasher, hashed: str, password: str) -> bool:

@@ -22,7 +22,7 @@ from typing import Any
 from aiohttp import web
 
 from signaling import permissions
-from signaling.accounts import Accounts, SignedIn
+from signaling.accounts import Accounts, SignedIn, session_ended
 from signaling.errors import Forbidden, InvalidPayload, NotFound
 from signaling.http_api import principal_of
 from signaling.schemas import Activate, SignIn, parse
@@ -71,7 +71,7 @@ def add_auth_routes(app: web.Application, accounts: Accounts, *, public_url: str
     async def refresh(request: web.Request) -> web.Response:
         token = request.cookies.get(REFRESH_COOKIE)
         if not token:
-            raise NotFound("no session cookie; sign in")
+            raise session_ended("no session cookie")
         signed = await accounts.refresh(token, address=address_of(request))
         return _signed_in(request, signed)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import statistics
 import threading
 import time
@@ -208,9 +209,9 @@ async def test_activation_sign_in_http_and_socket_refresh_keeps_the_socket_open_
 
         status, body = await b.post("/api/auth/signout")
         assert (status, body) == (200, {"ok": True, "ended": True})
-        status, body = await b.post("/api/auth/refresh", cookie=b.cookie or "")
-        assert status == 404 or body["error"]["code"] == "session_ended"
         assert b.cookie is None  # the cookie was deleted
+        status, body = await b.post("/api/auth/refresh")
+        assert (status, body["error"]["code"]) == (401, "session_ended")
         for cookie in (first_cookie or "", "made-up-refresh-token"):
             status, body = await b.post("/api/auth/refresh", cookie=cookie)
             assert (status, body["error"]["code"]) == (401, "session_ended")
@@ -402,6 +403,9 @@ async def test_concurrent_sign_ins_use_the_bounded_pool_and_keep_the_loop_free(
         assert [s for s, _ in statuses] == [200] * 40
         hashing = [t for t in threading.enumerate() if t.name.startswith("argon2")]
         assert 1 <= len(hashing) <= 2
+        base = os.getpriority(os.PRIO_PROCESS, 0)
+        assert {os.getpriority(os.PRIO_PROCESS, t.native_id or 0) for t in hashing} == {
+            min(19, base + 10)}  # accounts.hash_nice: they yield the cores to the loop
         assert max(lags) < 0.1, max(lags)
 
 
