@@ -613,6 +613,32 @@ class Accounts:
         token = self._tokens.issue(clinician_id, ttl_s=ttl, now=now)
         return SignedIn(clinician_id, token, float(int(now) + ttl), refresh, ends)
 
+    async def start_session(self, clinician_id: str, *, address: str,
+                            method: str) -> SignedIn:
+        """A session for a clinician someone else has authenticated (``method``: ``oidc``,
+        the hospital's OpenID Connect issuer, see ``signaling.oidc``): the same refresh family
+        and access token as a password sign-in, audited as a sign-in with its method. Such
+        clinicians need no account row nor password here; the directory must hold them."""
+        if self._directory.clinician(clinician_id) is None:
+            raise NotFound(f"no clinician {clinician_id!r} in the directory")
+        now = time.time()
+        refresh = secrets.token_urlsafe(32)
+        family = secrets.token_urlsafe(12)
+
+        def _open(db: sqlite3.Connection) -> None:
+            with _transaction(db):
+                db.execute("INSERT INTO sessions (family_id, clinician_id, current_hash, "
+                           "started_at, refreshed_at) VALUES (?, ?, ?, ?, ?)",
+                           (family, clinician_id, digest(refresh), now, now))
+                db.execute("INSERT INTO refresh_tokens (token_hash, family_id) VALUES (?, ?)",
+                           (digest(refresh), family))
+
+        await self._run(_open)
+        logger.info("accounts: %s signed in (%s) from %s", clinician_id, method, address)
+        await self._record(clinician_id, "auth.signin", subject=clinician_id, method=method,
+                           address=address, session=family[:8])
+        return self._signed_in(clinician_id, refresh, now)
+
     # -- refresh and sign-out ---------------------------------------------------------------
     async def refresh(self, token: str, *, address: str) -> SignedIn:
         """A new access token and the next refresh token for ``token``, which is used up.
