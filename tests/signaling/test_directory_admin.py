@@ -254,3 +254,55 @@ async def test_bad_input_is_refused_clearly_and_changes_nothing(tmp_path: Path) 
         await store.close()
     assert stored.all_clinicians["ref1"].name == "Referring One"
     assert "bs-ok" not in stored.all_clinicians and len(stored.all_sites) == 6
+
+
+async def test_a_clinician_moved_or_narrowed_is_signed_out_to_sign_in_again(
+        tmp_path: Path) -> None:
+    async with run_server(write_config(tmp_path)) as server, \
+            aiohttp.ClientSession() as session:
+        admin = Api(server, session, "admin")
+        old = server.token("cardio1")
+        cardio = await Client(server.url, old).connect()
+        ref3 = await Client(server.url, server.token("ref3")).connect()
+        try:
+            # Widening grants takes nothing away: the connection stays.
+            await admin.ok("PATCH", "/api/directory/clinicians/ref3",
+                           {"roles": ["referring", "specialist"]})
+            await admin.ok("PATCH", "/api/directory/clinicians/cardio1", {"site": "c2"})
+            ended = await cardio.next("session:ended", timeout=1.0)
+            assert ended["code"] == "clinician_changed"
+            assert ref3.sio.connected and not ref3.drain("session:ended")
+            status, body = await _me(server, old)
+            assert (status, body["error"]["code"]) == (401, "site_mismatch")
+            assert (await _me(server, server.token("cardio1")))[1]["site"]["id"] == "c2"
+        finally:
+            await cardio.close()
+            await ref3.close()
+
+
+async def test_a_store_from_before_keeps_its_mirrored_directory(tmp_path: Path) -> None:
+    """A records file written when the directory was only mirrored there (no ``active``, no
+    ``updated_at``, no ``regions``) becomes the directory as it is; the file is not read."""
+    import sqlite3
+
+    from signaling.store import open_directory
+
+    path = tmp_path / "records.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE sites (id TEXT PRIMARY KEY, name TEXT NOT NULL, tier TEXT NOT NULL, "
+        "region TEXT NOT NULL);"
+        "CREATE TABLE clinicians (id TEXT PRIMARY KEY, name TEXT NOT NULL, site_id TEXT NOT "
+        "NULL, roles TEXT NOT NULL, specialties TEXT NOT NULL);"
+        "INSERT INTO sites VALUES ('d1', 'District One', 'district', '11');"
+        "INSERT INTO clinicians VALUES ('ref1', 'Referring One', 'd1', '[\"referring\"]', "
+        "'[]');")
+    db.commit()
+    db.close()
+
+    def seed() -> Any:
+        raise AssertionError("a store with a directory is not seeded")
+
+    directory = open_directory(path, seed)
+    assert directory.clinician("ref1") is not None and directory.site("d1") is not None
+    assert directory.all_clinicians["ref1"].active and directory.regions == {}
