@@ -414,6 +414,46 @@ class AccountsSettings(_Section):
     """The issuer name authenticator apps show. Default "Telehealth Bridge"."""
 
 
+class OidcSettings(_Section):
+    """Single sign-on with the hospital's OpenID Connect issuer (signaling/oidc.py):
+    authorization code flow with PKCE; the ID token's ``clinician_claim`` names the
+    clinician. Off while ``issuer`` is empty."""
+
+    issuer: str = ""
+    """The issuer URL exactly as its discovery document states it (``<issuer>/.well-known/
+    openid-configuration`` is read). https, or http on a loopback host (tests). Default
+    empty: no single sign-on."""
+    client_id: str = ""
+    """This server's client id at the issuer (required with an issuer)."""
+    client_secret: str = ""
+    """Its secret (sent as HTTP Basic to the token endpoint); empty for a public client,
+    protected by PKCE alone. Default empty."""
+    scopes: list[str] = Field(default_factory=lambda: ["openid", "profile"])
+    """Scopes asked for; must contain openid. Default openid, profile."""
+    clinician_claim: str = Field(default="preferred_username", min_length=1)
+    """The claim (ID token, else userinfo) whose value is the clinician id of the directory.
+    Default preferred_username."""
+    flow_ttl_s: int = Field(default=600, ge=10, le=3600)
+    """How long a started sign-in may take at the issuer. Default 600 s."""
+    http_timeout_s: float = Field(default=10.0, gt=0, le=60)
+    """Timeout of each request to the issuer (discovery, keys, token, userinfo). Default 10 s."""
+
+    @model_validator(mode="after")
+    def _complete(self) -> OidcSettings:
+        if not self.issuer:
+            return self
+        scheme, _, rest = self.issuer.partition("://")
+        host = rest.split("/", 1)[0].rsplit(":", 1)[0].strip("[]")
+        if scheme != "https" and not (scheme == "http" and
+                                      host in ("127.0.0.1", "::1", "localhost")):
+            raise ValueError("issuer must be an https URL (http only on a loopback host)")
+        if not self.client_id:
+            raise ValueError("client_id is required with an issuer")
+        if "openid" not in self.scopes:
+            raise ValueError("scopes must contain openid")
+        return self
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -440,6 +480,7 @@ class Settings(BaseSettings):
     recording: RecordingSettings = Field(default_factory=RecordingSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     accounts: AccountsSettings = Field(default_factory=AccountsSettings)
+    oidc: OidcSettings = Field(default_factory=OidcSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @classmethod
