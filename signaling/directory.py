@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,8 @@ def describe(exc: ValidationError) -> list[str]:
 
 class Directory:
     """Sites, clinicians and region names by id; ``sites`` and ``clinicians`` hold only what
-    is active (a clinician counts only while their site is active too)."""
+    is active (a clinician counts only while their site is active too), and the sites there
+    carry their province's name (``Site.region_name``)."""
 
     def __init__(self, sites: Iterable[Site], clinicians: Iterable[Clinician],
                  regions: Mapping[str, str] | None = None) -> None:
@@ -138,7 +140,8 @@ class Directory:
 
     def _refresh(self) -> None:
         """Rebuild the lookups in place: other modules hold references to these dicts."""
-        active_sites = {i: s for i, s in self.all_sites.items() if s.active}
+        active_sites = {i: replace(s, region_name=self.regions.get(s.region, ""))
+                        for i, s in self.all_sites.items() if s.active}
         self.sites.clear()
         self.sites.update(active_sites)
         self.clinicians.clear()

@@ -28,9 +28,13 @@ class Site:
     active: bool = True
     """A deactivated site stays in the store (records name it) but is out of every lookup."""
     updated_at: float = 0.0
+    region_name: str = ""
+    """The province's Vietnamese name, filled in by the directory's lookups (regions are
+    directory data); not stored with the site."""
 
     def to_wire(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name, "tier": self.tier, "region": self.region}
+        return {"id": self.id, "name": self.name, "tier": self.tier, "region": self.region,
+                "region_name": self.region_name or self.region}
 
 
 @dataclass(frozen=True)

@@ -227,6 +227,12 @@ async def test_toml_file_and_http_import(tmp_path: Path) -> None:
             assert response.status == 403
         async with session.get(server.url + "/api/directory/regions", headers=admin) as response:
             assert {"id": "11", "name": "Điện Biên"} in (await response.json())["regions"]
+        # Wherever a site is shown, its province's name comes with the code.
+        async with session.get(server.url + "/api/sites", headers=referring) as response:
+            shown = {s["id"]: s for s in (await response.json())["sites"]}
+        assert shown["ttyt-muongnhe"]["region_name"] == shown["d1"]["region_name"] == \
+            "Điện Biên"
+        assert shown["c1"]["region_name"] == "01"  # no name imported for it: the code
 
         # The CLI into the running server (the TOML file as it is; then a bad CSV).
         async def cli(*args: str) -> tuple[int, str, str]:
