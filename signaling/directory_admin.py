@@ -396,6 +396,19 @@ class DirectoryAdmin:
     def regions(self) -> list[dict[str, str]]:
         return [{"id": k, "name": v} for k, v in sorted(self.directory.regions.items())]
 
+    async def set_region(self, actor: Principal, code: str, data: Any) -> dict[str, str]:
+        """Name (or rename) a province: ``{name}``; every site of it shows the name at once."""
+        _require(permissions.may_manage_sites(actor), actor, "name regions")
+        if not isinstance(data, dict):
+            raise InvalidPayload(f"expected a JSON object, got {type(data).__name__}")
+        entry: _RegionEntry = _entry(_RegionEntry, {**data, "id": code})
+        async with self._lock:
+            before = self.directory.regions.get(code)
+            await self._commit(actor.id, "directory.region.set", regions={code: entry.name},
+                               detail={"id": code, "changes": {"name": entry.name},
+                                       "created": before is None})
+        return {"id": code, "name": entry.name}
+
     # -- sites -----------------------------------------------------------------------------
     async def create_site(self, actor: Principal, data: Any) -> dict[str, Any]:
         _require(permissions.may_manage_sites(actor), actor, "add sites")

@@ -2,7 +2,8 @@
 
 ``GET /api/directory/sites?q=&region=&active=&page=&per_page=``,
 ``GET /api/directory/clinicians?q=&site=&role=&region=&active=&page=&per_page=`` (with each
-clinician's ``online`` flag), ``GET /api/directory/regions``, ``POST`` to create, ``PATCH
+clinician's ``online`` flag), ``GET /api/directory/regions`` (``PUT .../regions/{code}``
+``{name}`` names a province), ``POST`` to create, ``PATCH
 /api/directory/{sites|clinicians}/{id}`` to edit, ``POST .../{id}/deactivate`` and
 ``.../reactivate``, ``GET /api/directory/export`` (CSV) and ``POST /api/directory/import``
 (a CSV body, or the TOML directory file as ``application/toml``; ``?dry_run=1``). Errors
@@ -75,6 +76,11 @@ def add_directory_routes(app: web.Application, admin: DirectoryAdmin) -> None:
             raise Forbidden("the directory is for admins and site admins")
         return web.json_response({"regions": admin.regions()})
 
+    async def set_region(request: web.Request) -> web.Response:
+        region = await admin.set_region(principal_of(request), request.match_info["code"],
+                                        await _body(request))
+        return web.json_response({"region": region})
+
     async def create_site(request: web.Request) -> web.Response:
         site = await admin.create_site(principal_of(request), await _body(request))
         return web.json_response({"site": site}, status=201)
@@ -140,5 +146,6 @@ def add_directory_routes(app: web.Application, admin: DirectoryAdmin) -> None:
     app.router.add_post(f"{base}/clinicians/{_ID}/deactivate", activation("clinician", False))
     app.router.add_post(f"{base}/clinicians/{_ID}/reactivate", activation("clinician", True))
     app.router.add_get(f"{base}/regions", regions)
+    app.router.add_put(base + "/regions/{code:[A-Za-z0-9_.-]{1,16}}", set_region)
     app.router.add_get(f"{base}/export", export)
     app.router.add_post(f"{base}/import", import_)

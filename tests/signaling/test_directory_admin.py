@@ -92,6 +92,13 @@ async def test_changes_take_effect_at_once_and_survive_a_restart(tmp_path: Path)
         offline = await admin.ok("GET", "/api/directory/clinicians", params={"q": "bs-nga"})
         assert offline["clinicians"][0]["online"] is False
         await admin.ok("PATCH", "/api/directory/sites/c2", {"name": "Bệnh viện Chợ Rẫy"})
+        await admin.ok("PUT", "/api/directory/regions/20", {"name": "Lạng Sơn"})
+        status, me = await _me(server, server.token("bs-nga"))
+        assert me["site"]["region_name"] == "Lạng Sơn"
+        await admin.refused("PUT", "/api/directory/regions/20", {"name": ""}, 400,
+                            "invalid_payload")
+        await Api(server, session, "coord").refused(
+            "PUT", "/api/directory/regions/20", {"name": "X"}, 403, "forbidden")
     # The store is the directory now: the file's "Central Two" does not come back.
     async with run_server(config) as server, aiohttp.ClientSession() as session:
         admin = Api(server, session, "admin")
@@ -106,6 +113,7 @@ async def test_changes_take_effect_at_once_and_survive_a_restart(tmp_path: Path)
         ("admin", "directory.clinician.create", "bs-nga"),
         ("admin", "directory.clinician.edit", "bs-nga"),
         ("admin", "directory.site.edit", "c2"),
+        ("admin", "directory.region.set", "20"),
     ]
     assert entries[2]["detail"]["changes"] == {"roles": ["referring", "specialist"],
                                                "specialties": ["pediatrics"]}
