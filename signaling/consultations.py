@@ -65,7 +65,7 @@ class Consultations:
         """After a start: reopen the relay Rooms of consultations that had not ended."""
         active = await self._store.active_consultations()
         for consultation in active:
-            site = self._directory.site(consultation.site_ids[0])
+            site = self._directory.all_sites.get(consultation.site_ids[0])
             relay = await self._relays.adopt(consultation.id, consultation.relay_id,
                                              site.region if site else "")
             if relay.info.id != consultation.relay_id:
@@ -95,8 +95,8 @@ class Consultations:
     def _wire(self, participant: Participant) -> dict[str, object]:
         """A participant as clients show it: with name, roles and site name."""
         wire = participant.to_wire()
-        clinician = self._directory.clinician(participant.clinician_id)
-        site = self._directory.site(participant.site_id)
+        clinician = self._directory.all_clinicians.get(participant.clinician_id)
+        site = self._directory.all_sites.get(participant.site_id)
         wire["name"] = clinician.name if clinician else participant.clinician_id
         wire["roles"] = sorted(clinician.roles) if clinician else []
         wire["site_name"] = site.name if site else participant.site_id

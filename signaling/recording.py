@@ -46,11 +46,13 @@ class ArchiveDescription:
         attendance = await self._store.attendance_of(consultation_id)
         clinician_ids = sorted(set(consultation.clinician_ids)
                                | {a["clinician_id"] for a in attendance})
-        sites = [s.to_wire() for s in (self._directory.site(i) for i in consultation.site_ids)
+        known = self._directory.all_sites
+        sites = [s.to_wire() for s in (known.get(i) for i in consultation.site_ids)
                  if s is not None]
         clinicians = []
         for clinician_id in clinician_ids:
-            clinician = self._directory.clinician(clinician_id)
+            # A record names who took part, deactivated since or not.
+            clinician = self._directory.all_clinicians.get(clinician_id)
             if clinician is not None:
                 clinicians.append({"id": clinician.id, "name": clinician.name,
                                    "site_id": clinician.site_id,

@@ -14,9 +14,11 @@ import aiohttp
 import pytest
 
 from recorder.audit import AUDIT_LOG, AuditLog
+from signaling.recording import ArchiveDescription
 from signaling.store import RecordStore
+from telehealth.startup import SERVICES
 from tests.signaling.test_permissions import connect_refusal
-from tests.support import Client, Server, run_server, write_config
+from tests.support import Client, Server, clients, run_server, write_config
 
 pytestmark = pytest.mark.asyncio
 
@@ -314,3 +316,31 @@ async def test_a_store_from_before_keeps_its_mirrored_directory(tmp_path: Path) 
     directory = open_directory(path, seed)
     assert directory.clinician("ref1") is not None and directory.site("d1") is not None
     assert directory.all_clinicians["ref1"].active and directory.regions == {}
+
+
+async def test_records_still_name_a_clinician_deactivated_since(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    async with run_server(config) as server, aiohttp.ClientSession() as session:
+        tokens = {n: server.token(n) for n in ("ref1", "cardio1")}
+        async with clients(server.url, tokens) as c:
+            asked = await c["ref1"].ok("consult:request", {
+                "specialty": "cardiology", "priority": "urgent", "reason": "test",
+                "patient_pseudonym": "P-1"})
+            accepted = await c["cardio1"].ok("consult:accept",
+                                             {"request_id": asked["request"]["id"]})
+            cid = accepted["consultation"]["id"]
+            await c["ref1"].ok("consult:join", {"consultation_id": cid})
+            await c["cardio1"].ok("consult:join", {"consultation_id": cid})
+            await Api(server, session, "admin").ok(
+                "POST", "/api/directory/clinicians/ref1/deactivate", {})
+            # The participant list the others see and the archive's description keep the
+            # name of who took part.
+            record = await c["cardio1"].ok("consult:join", {"consultation_id": cid})
+            names = {p["clinician_id"]: p["name"] for p in record["participants"]}
+            assert names.get("ref1") not in (None, "ref1"), names
+        assert server.app is not None
+        services = server.app[SERVICES]
+        described = await ArchiveDescription(store=services.store,
+                                             directory=services.directory).describe(cid)
+        assert described is not None
+        assert "ref1" in {c["id"] for c in described.clinicians}
