@@ -61,6 +61,7 @@ from signaling.http_api import add_routes, json_errors, make_auth_middleware
 from signaling.live import MemoryLiveStore
 from signaling.media import Media, MediaEvents
 from signaling.metrics import Metrics
+from signaling.oidc import add_oidc_routes
 from signaling.pairing import Pairing
 from signaling.placement import RelayDirectory, RelayNodes
 from signaling.presence import Presence
@@ -332,6 +333,8 @@ def create_app(settings: Settings) -> web.Application:
     add_routes(app, directory=directory, metrics=metrics, pairing=pairing,
                consultations=consultations, recording=recording, presence=presence)
     add_auth_routes(app, accounts, public_url=settings.server.public_url)
+    add_oidc_routes(app, settings.oidc, accounts, recorder.audit,
+                    public_url=settings.server.public_url)
     add_directory_routes(app, DirectoryAdmin(directory, store, recorder.audit, gateway))
     app[STOPPING] = stopping
 
