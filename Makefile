@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
 NODE_STAMP := web_client/node_modules/.package-lock.json
+OIDC_STAMP := tests/oidc_provider/node_modules/.package-lock.json
 
 .PHONY: run test lint bench-signaling bench-relay bench-recorder bench-abuse system-deps test-system-deps clean
 
@@ -22,6 +23,10 @@ $(STAMP): pyproject.toml
 $(NODE_STAMP): web_client/package-lock.json | system-deps
 	cd web_client && npm ci --no-audit --no-fund
 
+# The OpenID Connect provider the single sign-on test starts (oidc-provider), from its lockfile.
+$(OIDC_STAMP): tests/oidc_provider/package-lock.json | system-deps
+	cd tests/oidc_provider && npm ci --no-audit --no-fund
+
 system-deps:
 	@command -v npm >/dev/null || (apt-get update && apt-get install -y nodejs npm)
 
@@ -37,7 +42,7 @@ run: $(STAMP) $(NODE_STAMP)
 	$(BIN)/telehealth serve
 
 ## test: lint, type-check and the whole test suite
-test: $(STAMP) $(NODE_STAMP) test-system-deps
+test: $(STAMP) $(NODE_STAMP) $(OIDC_STAMP) test-system-deps
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
@@ -61,4 +66,4 @@ bench-abuse: $(STAMP)
 	$(BIN)/python bench/abuse_load.py
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache web_client/node_modules
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache web_client/node_modules tests/oidc_provider/node_modules
