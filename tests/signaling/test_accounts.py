@@ -34,9 +34,21 @@ PASSWORD = "mây trắng bay qua đèo 2026"
 SECOND = "another long passphrase 77"
 
 
+SITE_ADMIN = """
+[[clinicians]]
+id = "siteadmin1"
+name = "Site Admin One"
+site = "d1"
+roles = ["site_admin"]
+"""
+
+
 def config(tmp_path: Path, **accounts: Any) -> Path:
-    return write_config(tmp_path, accounts={**CHEAP, **accounts},
+    path = write_config(tmp_path, accounts={**CHEAP, **accounts},
                         server={"trusted_proxies": ["127.0.0.1"]})
+    with (tmp_path / "directory.toml").open("a", encoding="utf-8") as directory:
+        directory.write(SITE_ADMIN)
+    return path
 
 
 class Browser:
@@ -222,6 +234,19 @@ async def test_activation_sign_in_http_and_socket_refresh_keeps_the_socket_open_
         assert entry["actor"] == "ref1" and entry["detail"]["address"] == "10.0.0.1"
         assert_not_leaked(server, caplog, [PASSWORD, code, old_code, first_cookie or "?",
                                            fresh])
+
+
+async def test_a_site_admin_issues_codes_for_their_own_sites_clinicians_only(
+        tmp_path: Path) -> None:
+    async with run_server(config(tmp_path)) as server, browser(server) as b:
+        for clinician_id, status in (("ref1", 200), ("distspec", 200), ("ref2", 403),
+                                     ("admin", 403), ("coord", 403)):
+            answer, body = await b.post(f"/api/accounts/{clinician_id}/activation",
+                                        token=server.token("siteadmin1"))
+            assert answer == status, (clinician_id, body)
+        entry = next(e for e in audit_of(server).entries()
+                     if e["action"] == "account.activation_issued")
+        assert entry["actor"] == "siteadmin1" and entry["detail"]["subject"] == "ref1"
 
 
 async def test_an_admin_signs_in_with_totp_and_a_code_is_used_once(
