@@ -23,11 +23,14 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiohttp
 import pytest
+from authlib.common.security import generate_token  # type: ignore[import-untyped]
+from authlib.common.urls import add_params_to_uri  # type: ignore[import-untyped]
+from authlib.oauth2.rfc7636 import create_s256_code_challenge  # type: ignore[import-untyped]
 from joserfc.jwk import KeySet, RSAKey
 
 from recorder.audit import AUDIT_LOG, AuditLog
 from signaling.auth_api import REFRESH_COOKIE
-from signaling.oidc import OIDC
+from signaling.oidc import OIDC, OidcFailure
 from tests.support import Client, Server, run_server, write_config
 
 PROVIDER_DIR = Path(__file__).resolve().parents[1] / "oidc_provider"
@@ -40,6 +43,8 @@ ACCOUNTS = {
     GHOST_LOGIN: {"clinician_id": GHOST_CLAIM, "name": "Khách"},
 }
 CALLBACK = "/api/auth/oidc/callback"
+OTHER_CLIENT = "hospital-pharmacy"
+OTHER = "/pharmacy"
 
 
 class Provider:
@@ -59,12 +64,15 @@ class Provider:
         return parsed
 
     async def register(self, redirect_uri: str) -> None:
-        """Our server as its one client (public, PKCE required), and the accounts."""
+        """Our server as a client (public, PKCE required), another application of the
+        hospital as a second one, and the accounts."""
         assert self.process.stdin is not None
-        setup = {"clients": [{"client_id": CLIENT_ID, "token_endpoint_auth_method": "none",
-                              "redirect_uris": [redirect_uri],
+        setup = {"clients": [{"client_id": client_id, "token_endpoint_auth_method": "none",
+                              "redirect_uris": [uri],
                               "grant_types": ["authorization_code"],
-                              "response_types": ["code"]}],
+                              "response_types": ["code"]}
+                             for client_id, uri in ((CLIENT_ID, redirect_uri),
+                                                    (OTHER_CLIENT, redirect_uri + OTHER))],
                  "accounts": ACCOUNTS}
         self.process.stdin.write((json.dumps(setup) + "\n").encode())
         await self.process.stdin.drain()
@@ -118,12 +126,19 @@ async def to_callback(session: aiohttp.ClientSession, server: Server, login: str
                       *, abort: bool = False) -> str:
     """Start a sign-in and go through the provider's forms as ``login``; the callback URL
     the provider redirects to (not followed, so a test can tamper with it)."""
-    url = server.url + "/api/auth/oidc/start"
+    return await through_provider(session, server.url + "/api/auth/oidc/start",
+                                  server.url + CALLBACK, login, abort=abort)
+
+
+async def through_provider(session: aiohttp.ClientSession, url: str, redirect_uri: str,
+                           login: str | None, *, abort: bool = False) -> str:
+    """Follow redirects from ``url`` through the provider's login (as ``login``, or its
+    cancel link) and consent forms, up to the redirect to ``redirect_uri``: that URL."""
     for _ in range(12):
         async with session.get(url, allow_redirects=False) as response:
             if response.status in (302, 303):
                 url = str(response.url.join(aiohttp.helpers.URL(response.headers["Location"])))
-                if url.startswith(server.url + CALLBACK):
+                if url.startswith(redirect_uri):
                     return url
                 continue
             assert response.status == 200, (response.status, await response.text())
@@ -265,6 +280,36 @@ async def test_refusals(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> Non
         assert personal not in text, personal
     assert "refused: bad_id_token (InvalidClaimError" in text and "nonce" in text
     assert "refused: unknown_clinician" in text
+
+
+async def test_id_token_for_another_client(tmp_path: Path) -> None:
+    """An ID token the issuer really signed, for the same user, but issued to another
+    application of the hospital (obtained here as that application would): refused for its
+    audience. (Through the callback it cannot arrive: the token endpoint gives a code's
+    tokens only to the client the code was issued to.)"""
+    async with setup(tmp_path) as server, browser() as session:
+        assert server.app is not None
+        rp = server.app[OIDC]
+        meta = await rp.metadata()
+        verifier, nonce = generate_token(64), generate_token(32)
+        redirect_uri = server.url + CALLBACK + OTHER
+        authorize = add_params_to_uri(meta["authorization_endpoint"], [
+            ("response_type", "code"), ("client_id", OTHER_CLIENT),
+            ("redirect_uri", redirect_uri), ("scope", "openid clinician"),
+            ("state", generate_token(32)), ("nonce", nonce),
+            ("code_challenge", create_s256_code_challenge(verifier)),
+            ("code_challenge_method", "S256")])
+        back = await through_provider(session, authorize, redirect_uri, HOSPITAL_LOGIN)
+        code = dict(parse_qsl(urlsplit(back).query))["code"]
+        async with session.post(meta["token_endpoint"], data={
+                "grant_type": "authorization_code", "code": code, "client_id": OTHER_CLIENT,
+                "redirect_uri": redirect_uri, "code_verifier": verifier}) as response:
+            assert response.status == 200, await response.text()
+            id_token = (await response.json())["id_token"]
+        with pytest.raises(OidcFailure) as refused:
+            await rp._verify(id_token, nonce, None)
+        assert refused.value.code == "bad_id_token"
+        assert "'aud'" in refused.value.detail
 
 
 async def test_not_configured(tmp_path: Path) -> None:
