@@ -321,6 +321,15 @@ class _Account:
     strikes: Strikes = field(default_factory=Strikes)
 
 
+@dataclass
+class _Turns:
+    """The sign-in attempts on one identifier: one at a time, ``count`` under way or
+    waiting."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    count: int = 0
+
+
 @contextmanager
 def _transaction(db: sqlite3.Connection) -> Iterator[None]:
     db.execute("BEGIN IMMEDIATE")
@@ -348,6 +357,8 @@ class Accounts:
         self._closed = False
         self._addresses = StrikeTable(settings.tracked_addresses)
         self._unknown = StrikeTable(settings.tracked_addresses)
+        self._attempts: dict[str, _Turns] = {}
+        """Sign-ins under way or waiting, by identifier (only while there are some)."""
 
     # -- plumbing ---------------------------------------------------------------------------
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -503,6 +514,23 @@ class Accounts:
     # -- sign-in ------------------------------------------------------------------------------
     async def sign_in(self, clinician_id: str, password: str, totp: str | None = None, *,
                       address: str) -> SignedIn:
+        """Check the password (and TOTP) and open a session. Attempts on one identifier go
+        one at a time: else a burst of parallel guesses would all be verified before the
+        first failure is counted, and the lockout would come too late."""
+        waiting = self._attempts.get(clinician_id)
+        if waiting is None:
+            waiting = self._attempts[clinician_id] = _Turns()
+        waiting.count += 1
+        try:
+            async with waiting.lock:
+                return await self._sign_in(clinician_id, password, totp, address)
+        finally:
+            waiting.count -= 1
+            if waiting.count == 0:
+                del self._attempts[clinician_id]
+
+    async def _sign_in(self, clinician_id: str, password: str, totp: str | None,
+                       address: str) -> SignedIn:
         now = time.time()
         account = await self._run(lambda db: _load(db, clinician_id))
         known = account is not None and account.password_hash is not None \
