@@ -213,15 +213,15 @@ class RelyingParty:
         meta = await self.metadata()
         form = {"grant_type": "authorization_code", "code": code,
                 "redirect_uri": flow.redirect_uri, "code_verifier": flow.verifier}
-        auth = None
+        headers = {}
         if s.client_secret:
             # client_secret_basic: RFC 6749 2.3.1 form-encodes both before Basic.
-            auth = aiohttp.BasicAuth(quote(s.client_id, safe=""), quote(s.client_secret,
-                                                                        safe=""))
+            headers["Authorization"] = aiohttp.encode_basic_auth(
+                quote(s.client_id, safe=""), quote(s.client_secret, safe=""))
         else:
             form["client_id"] = s.client_id
         tokens = await self._json("POST", meta["token_endpoint"], "token", data=form,
-                                  auth=auth)
+                                  headers=headers)
         id_token, access_token = tokens.get("id_token"), tokens.get("access_token")
         if not isinstance(id_token, str):
             raise OidcFailure("bad_id_token", "the token response has no id_token")

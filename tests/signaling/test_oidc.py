@@ -41,6 +41,7 @@ GHOST_CLAIM = "bs-khong-co-trong-danh-ba"
 ACCOUNTS = {
     HOSPITAL_LOGIN: {"clinician_id": "cardio1", "name": "Nguyễn Văn An"},
     GHOST_LOGIN: {"clinician_id": GHOST_CLAIM, "name": "Khách"},
+    "binh.tran@bv-cho-ray.example": {"clinician_id": "ref1"},
 }
 CALLBACK = "/api/auth/oidc/callback"
 OTHER_CLIENT = "hospital-pharmacy"
@@ -63,17 +64,21 @@ class Provider:
         parsed: dict[str, Any] = json.loads(line)
         return parsed
 
-    async def register(self, redirect_uri: str) -> None:
-        """Our server as a client (public, PKCE required), another application of the
-        hospital as a second one, and the accounts."""
+    async def register(self, redirect_uri: str, secret: str) -> None:
+        """Our server as a client (public, or confidential with ``secret``; PKCE required
+        either way), another application of the hospital as a second one, and the
+        accounts."""
         assert self.process.stdin is not None
-        setup = {"clients": [{"client_id": client_id, "token_endpoint_auth_method": "none",
-                              "redirect_uris": [uri],
-                              "grant_types": ["authorization_code"],
-                              "response_types": ["code"]}
-                             for client_id, uri in ((CLIENT_ID, redirect_uri),
-                                                    (OTHER_CLIENT, redirect_uri + OTHER))],
-                 "accounts": ACCOUNTS}
+        clients: list[dict[str, Any]] = [
+            {"client_id": client_id, "token_endpoint_auth_method": "none",
+             "redirect_uris": [uri], "grant_types": ["authorization_code"],
+             "response_types": ["code"]}
+            for client_id, uri in ((CLIENT_ID, redirect_uri), (OTHER_CLIENT,
+                                                               redirect_uri + OTHER))]
+        if secret:
+            clients[0].update(token_endpoint_auth_method="client_secret_basic",
+                              client_secret=secret)
+        setup = {"clients": clients, "accounts": ACCOUNTS}
         self.process.stdin.write((json.dumps(setup) + "\n").encode())
         await self.process.stdin.drain()
         assert (await self._line()) == {"ready": True}
@@ -104,15 +109,16 @@ async def provider() -> AsyncIterator[Provider]:
 
 
 @contextlib.asynccontextmanager
-async def setup(tmp_path: Path) -> AsyncIterator[Server]:
+async def setup(tmp_path: Path, secret: str = "") -> AsyncIterator[Server]:
     """The provider, then the server configured with its issuer, then the server's
     callback registered at the provider (it names the server's ephemeral port)."""
     async with provider() as idp:
         config = write_config(tmp_path, oidc={"issuer": idp.issuer, "client_id": CLIENT_ID,
+                                              "client_secret": secret,
                                               "scopes": ["openid", "clinician"],
                                               "clinician_claim": "clinician_id"})
         async with run_server(config) as server:
-            await idp.register(server.url + CALLBACK)
+            await idp.register(server.url + CALLBACK, secret)
             yield server
 
 
@@ -280,6 +286,25 @@ async def test_refusals(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> Non
         assert personal not in text, personal
     assert "refused: bad_id_token (InvalidClaimError" in text and "nonce" in text
     assert "refused: unknown_clinician" in text
+
+
+async def test_confidential_client_and_a_deactivated_clinician(tmp_path: Path) -> None:
+    """With a client secret (HTTP Basic at the token endpoint, form-encoded first: the
+    secret has characters that need it) the sign-in works as with PKCE alone; a clinician
+    the directory has deactivated is refused although the hospital still vouches for them."""
+    async with setup(tmp_path, secret="s3cr:t/+%9&=;ok") as server:
+        async with browser() as session:
+            callback = await to_callback(session, server, HOSPITAL_LOGIN)
+            assert await finish(session, callback) == server.url + "/"
+        async with browser() as admin:
+            async with admin.post(server.url + "/api/directory/clinicians/ref1/deactivate",
+                                  headers={"Authorization":
+                                           f"Bearer {server.token('admin')}"}) as response:
+                assert response.status == 200, await response.text()
+        async with browser() as session:
+            callback = await to_callback(session, server, "binh.tran@bv-cho-ray.example")
+            assert await finish(session, callback) == \
+                server.url + "/#signin-error=unknown_clinician"
 
 
 async def test_id_token_for_another_client(tmp_path: Path) -> None:
