@@ -19,7 +19,9 @@ const server = http.createServer();
 
 server.listen(0, '127.0.0.1', () => {
   const { port } = server.address();
-  const issuer = `http://127.0.0.1:${port}`;
+  // ISSUER_HOST=localhost: another site than the server's 127.0.0.1, as a hospital's
+  // identity provider is (the browser test needs the cross-site redirects).
+  const issuer = `http://${process.env.ISSUER_HOST ?? '127.0.0.1'}:${port}`;
   process.stdout.write(`${JSON.stringify({ issuer })}\n`);
   const lines = readline.createInterface({ input: process.stdin });
   lines.once('line', (line) => {

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import re
 import shutil
 import time
@@ -27,11 +28,13 @@ from authlib.common.security import generate_token  # type: ignore[import-untype
 from authlib.common.urls import add_params_to_uri  # type: ignore[import-untyped]
 from authlib.oauth2.rfc7636 import create_s256_code_challenge  # type: ignore[import-untyped]
 from joserfc.jwk import KeySet, RSAKey
+from playwright.async_api import async_playwright
 
 from recorder.audit import AUDIT_LOG, AuditLog
 from signaling.auth_api import REFRESH_COOKIE
 from signaling.oidc import OIDC, OidcFailure
 from tests.support import Client, Server, run_server, write_config
+from tests.web.browser import CHROMIUM, CHROMIUM_PRESENT, FLAGS
 
 PROVIDER_DIR = Path(__file__).resolve().parents[1] / "oidc_provider"
 CLIENT_ID = "telehealth-bridge"
@@ -85,7 +88,7 @@ class Provider:
 
 
 @contextlib.asynccontextmanager
-async def provider() -> AsyncIterator[Provider]:
+async def provider(host: str = "127.0.0.1") -> AsyncIterator[Provider]:
     node = shutil.which("node")
     assert node, "node is required (make test installs it)"
     assert (PROVIDER_DIR / "node_modules" / "oidc-provider").is_dir(), \
@@ -93,7 +96,7 @@ async def provider() -> AsyncIterator[Provider]:
     process = await asyncio.create_subprocess_exec(
         node, str(PROVIDER_DIR / "provider.mjs"), cwd=PROVIDER_DIR,
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, "ISSUER_HOST": host})
     try:
         started = Provider(process, "")
         started.issuer = (await started._line())["issuer"]
@@ -109,10 +112,11 @@ async def provider() -> AsyncIterator[Provider]:
 
 
 @contextlib.asynccontextmanager
-async def setup(tmp_path: Path, secret: str = "") -> AsyncIterator[Server]:
+async def setup(tmp_path: Path, secret: str = "", host: str = "127.0.0.1",
+                ) -> AsyncIterator[Server]:
     """The provider, then the server configured with its issuer, then the server's
     callback registered at the provider (it names the server's ephemeral port)."""
-    async with provider() as idp:
+    async with provider(host) as idp:
         config = write_config(tmp_path, oidc={"issuer": idp.issuer, "client_id": CLIENT_ID,
                                               "client_secret": secret,
                                               "scopes": ["openid", "clinician"],
@@ -231,6 +235,40 @@ async def test_sign_in_end_to_end(tmp_path: Path, caplog: pytest.LogCaptureFixtu
     assert "cardio1 signed in (oidc)" in caplog.text
     print(f"OIDC sign-in end to end (provider start included): "
           f"{time.monotonic() - started:.2f} s")
+
+
+async def test_chromium_keeps_the_session_across_the_cross_site_redirects(
+        tmp_path: Path) -> None:
+    """Real Chromium, the issuer on another site (localhost) than the server (127.0.0.1):
+    the flow cookie (SameSite=Lax) comes back with the issuer's redirect, the refresh cookie
+    (SameSite=Strict) set on that cross-site navigation's answer is stored, and the page's
+    own request to /api/auth/refresh carries it. The web client's script is kept from
+    running (its own refresh would race the test's: a refresh token is good once)."""
+    assert CHROMIUM_PRESENT, f"{CHROMIUM} is missing: `make test` installs Debian's chromium"
+    async with setup(tmp_path, host="localhost") as server, async_playwright() as playwright:
+        launched = await playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                                    args=FLAGS)
+        try:
+            page = await launched.new_page()
+            await page.route("**/app/src/**", lambda route: route.abort())
+            await page.goto(server.url + "/api/auth/oidc/start")
+            assert page.url.startswith("http://localhost:"), page.url
+            await page.fill("input[name=login]", HOSPITAL_LOGIN)
+            await page.fill("input[name=password]", "any")
+            await page.click("button[type=submit]")
+            await page.wait_for_url("http://localhost:*/interaction/**", timeout=10_000)
+            async with page.expect_navigation(url=server.url + "/", timeout=10_000):
+                await page.click("button[type=submit]")
+            status, body = await page.evaluate(
+                "fetch('/api/auth/refresh', {method: 'POST'})"
+                ".then(async (r) => [r.status, await r.json()])")
+            assert status == 200, body
+            assert server.tokens.verify(body["access_token"]).id == "cardio1"
+            cookies = {c["name"]: c for c in await page.context.cookies(server.url + "/api/auth/")}
+            assert cookies[REFRESH_COOKIE]["httpOnly"]
+            assert cookies[REFRESH_COOKIE]["sameSite"] == "Strict"
+        finally:
+            await launched.close()
 
 
 async def test_refusals(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
