@@ -39,6 +39,15 @@ KEYS = frozenset({"seq", "at", "actor", "action", "consultation_id", "detail", "
 _TAIL_BLOCK = 4096
 
 
+Item = tuple[str, str, "str | None", "dict[str, Any] | None"]
+"""An entry to append: actor, action, consultation id, detail."""
+
+
+def _check(actor: str, action: str) -> None:
+    if not actor or not action:
+        raise ValueError(f"an audit entry needs an actor and an action: {actor!r}, {action!r}")
+
+
 def canonical(entry: dict[str, Any]) -> str:
     return json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
@@ -54,6 +63,8 @@ class AuditLog:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self._queued: list[tuple[Item, asyncio.Future[dict[str, Any]]]] = []
+        self._writer: asyncio.Future[None] | None = None
 
     def __repr__(self) -> str:
         return f"AuditLog({self.path})"
@@ -64,31 +75,42 @@ class AuditLog:
 
         Safe between processes; the line is on disk (fsync'ed) when this returns.
         """
-        if not actor or not action:
-            raise ValueError(f"an audit entry needs an actor and an action: {actor!r}, {action!r}")
+        return self.append_many([(actor, action, consultation_id, detail)])[0]
+
+    def append_many(self, items: list[Item]) -> list[dict[str, Any]]:
+        """Append entries in order under one lock and one fsync (a group commit); each is on
+        disk when this returns."""
+        for actor, action, _, _ in items:
+            _check(actor, action)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         created = not self.path.exists()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o640)
+        entries: list[dict[str, Any]] = []
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
                 last, torn = _last_entry(fd)
-                entry: dict[str, Any] = {
-                    "seq": last["seq"] + 1 if last else 1,
-                    "at": round(time.time(), 3),
-                    "actor": actor,
-                    "action": action,
-                    "consultation_id": consultation_id,
-                    "detail": detail,
-                    "prev": last["hash"] if last else GENESIS,
-                }
-                entry["hash"] = entry_hash(entry)
-                line = canonical(entry) + "\n"
+                lines = []
+                for actor, action, consultation_id, detail in items:
+                    entry: dict[str, Any] = {
+                        "seq": last["seq"] + 1 if last else 1,
+                        "at": round(time.time(), 3),
+                        "actor": actor,
+                        "action": action,
+                        "consultation_id": consultation_id,
+                        "detail": detail,
+                        "prev": last["hash"] if last else GENESIS,
+                    }
+                    entry["hash"] = entry_hash(entry)
+                    lines.append(canonical(entry) + "\n")
+                    entries.append(entry)
+                    last = entry
+                text = "".join(lines)
                 if torn:
                     # A writer died mid-line: end that fragment so ours stays a line of its own
                     # (verify reports the fragment).
-                    line = "\n" + line
-                _write_all(fd, line.encode("utf-8"))
+                    text = "\n" + text
+                _write_all(fd, text.encode("utf-8"))
                 os.fsync(fd)
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
@@ -96,12 +118,34 @@ class AuditLog:
             os.close(fd)
         if created:
             fsync_dir(self.path.parent)
-        return entry
+        return entries
 
     async def append_async(self, actor: str, action: str, consultation_id: str | None,
                            detail: dict[str, Any] | None = None) -> dict[str, Any]:
-        """:meth:`append` in a worker thread, for asyncio code (the lock and fsync block)."""
-        return await asyncio.to_thread(self.append, actor, action, consultation_id, detail)
+        """:meth:`append` for asyncio code: the lock and fsync run in a worker thread, and
+        entries that arrive while one write is under way go together in the next (one fsync
+        for the lot: sign-ins, directory changes and recordings audited at once need not
+        queue a disk flush each). In order of the calls; on disk when this returns."""
+        _check(actor, action)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._queued.append(((actor, action, consultation_id, detail), future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.ensure_future(self._write_queued())
+        return await future
+
+    async def _write_queued(self) -> None:
+        while self._queued:
+            batch, self._queued = self._queued, []
+            try:
+                entries = await asyncio.to_thread(self.append_many, [item for item, _ in batch])
+            except Exception as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), entry in zip(batch, entries, strict=True):
+                if not future.done():
+                    future.set_result(entry)
 
     def entries(self, consultation_id: str | None = None) -> Iterator[dict[str, Any]]:
         """Every well-formed entry in order, or only those about ``consultation_id``."""

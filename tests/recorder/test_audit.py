@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import multiprocessing
+import os
 from pathlib import Path
 from typing import Any
 
@@ -173,3 +175,28 @@ def test_two_processes_appending_at_once_keep_one_chain(tmp_path: Path) -> None:
     assert [e["seq"] for e in entries] == list(range(1, 2 * PER_PROCESS + 1))
     actors = [e["actor"] for e in entries]
     assert actors.count("server") == actors.count("cli") == PER_PROCESS
+
+
+async def test_entries_appended_at_once_share_a_disk_flush_and_keep_their_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flushes = 0
+    real_fsync = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        nonlocal flushes
+        flushes += 1
+        real_fsync(fd)
+
+    monkeypatch.setattr(audit_module.os, "fsync", counting_fsync)
+    log = AuditLog(tmp_path / "audit.log")
+    entries = await asyncio.gather(*(
+        log.append_async("server", "auth.signin", None, {"n": n}) for n in range(50)))
+    assert [e["detail"]["n"] for e in entries] == list(range(50))
+    assert [e["seq"] for e in entries] == list(range(1, 51))
+    assert log.verify() == []
+    assert [e["detail"]["n"] for e in log.entries()] == list(range(50))
+    # The first entry is written alone; the 49 that queued meanwhile go together.
+    assert flushes <= 3, flushes
+    with pytest.raises(ValueError):
+        await log.append_async("", "x", None)
