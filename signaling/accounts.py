@@ -376,7 +376,12 @@ class Accounts:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                              timeout=10.0)
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
+        # NORMAL, not FULL like the records: a commit survives the process dying, and a power
+        # cut may take back the last moments as a whole (a sign-in's session, a strike, a code
+        # used with the password it set: consistent, the doctor signs in again). A sign-in
+        # then costs no disk flush, which the records' durable pairing would queue behind
+        # (docs/benchmarks.md, sign-in load).
+        db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(SCHEMA)
         # Sessions that ended long ago only take room.
         horizon = time.time() - 2 * self.settings.session_max_s
