@@ -9,8 +9,10 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import aiohttp
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from signaling.tokens import TokenAuthority
@@ -49,6 +51,25 @@ def page_url(server_url: str, token: str, *, query: str = "") -> str:
     return f"{server_url}/?test-hooks{extra}#token={token}"
 
 
+def activation_url(server_url: str, code: str) -> str:
+    """The web client's activation page for ``code``, its test hooks on (the link the server
+    gives is ``<base>/#activate=<code>``: the same page without the hooks)."""
+    return f"{server_url}/?test-hooks#activate={code}"
+
+
+async def api_call(url: str, method: str, path: str, *, token: str | None = None,
+                   body: object = None, data: bytes | None = None,
+                   params: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    """One HTTP call to the server (``token`` as ``Authorization: Bearer``, ``body`` as JSON
+    or ``data`` raw): the status and the JSON answer."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession() as session:
+        async with session.request(method, url + path, json=body, data=data, params=params,
+                                   headers=headers) as response:
+            answer: dict[str, Any] = await response.json()
+            return response.status, answer
+
+
 class Site:
     """A `telehealth serve` process and the tokens to sign in to it."""
 
@@ -59,6 +80,16 @@ class Site:
 
     def link(self, clinician: str, *, query: str = "", **kwargs: int) -> str:
         return page_url(self.url, self.tokens.issue(clinician, **kwargs), query=query)
+
+    async def activation_code(self, clinician: str, *, by: str = "admin") -> str:
+        """A fresh activation code for ``clinician``, issued through the server's API by
+        ``by`` (a test token: an admin or the clinician's site admin)."""
+        status, answer = await api_call(self.url, "POST", f"/api/accounts/{clinician}/activation",
+                                        token=self.tokens.issue(by))
+        assert status == 200, answer
+        assert answer["link"].endswith(f"#activate={answer['code']}")
+        code: str = answer["code"]
+        return code
 
 
 LISTENER_LEDGER = """(() => {

@@ -5,37 +5,17 @@ import { NetworkProbe } from "./netprobe.js";
 import { EXPLANATION, deviceProblem, openDevices, originProblem } from "./problems.js";
 import { forceRelay, setForceRelay } from "./settings.js";
 import { testHooks } from "./testhooks.js";
-import { t, getLanguage, setLanguage, specialtyName } from "./i18n.js";
-
-/** Tiny element builder: h("div", {class: "x", onclick}, child, ...) */
-function h(tag, attrs = {}, ...children) {
-  const el = document.createElement(tag);
-  for (const [key, value] of Object.entries(attrs || {})) {
-    if (value === undefined || value === null || value === false) continue;
-    if (key.startsWith("on")) el.addEventListener(key.slice(2), value);
-    else if (key === "class") el.className = value;
-    else el.setAttribute(key, value === true ? "" : value);
-  }
-  for (const child of children.flat()) {
-    if (child === null || child === undefined || child === false) continue;
-    el.append(child instanceof Node ? child : document.createTextNode(String(child)));
-  }
-  return el;
-}
+import { Session, AuthRefusal, activate, oidcStart } from "./auth.js";
+import { renderAdmin } from "./admin.js";
+import { h, flash } from "./dom.js";
+import { t, tf, duration, getLanguage, setLanguage, specialtyName } from "./i18n.js";
 
 const root = document.getElementById("app");
 const state = {
   signaling: null, me: null, sites: {}, queue: [], mine: [], consultations: [],
   room: null, view: "dashboard", probe: null,
+  session: null, // the password (or single sign-on) session: null for a `#token=` link
 };
-
-function flash(message, kind = "error") {
-  const bar = document.getElementById("flash");
-  bar.textContent = message;
-  bar.className = `flash ${kind}`;
-  bar.hidden = !message;
-  if (message) setTimeout(() => { if (bar.textContent === message) bar.hidden = true; }, 6000);
-}
 
 /** An error whose message is already written for the doctor, in the interface language. */
 class Explained extends Error {}
@@ -60,7 +40,7 @@ function describeError(error) {
 
 function roleName(role) {
   return t({ referring: "roleReferring", specialist: "roleSpecialist",
-             coordinator: "roleCoordinator", admin: "roleAdmin" }[role] || role);
+             coordinator: "roleCoordinator", admin: "roleAdmin", site_admin: "roleSiteAdmin" }[role] || role);
 }
 
 function siteName(id) { return (state.sites[id] && state.sites[id].name) || id; }
@@ -71,29 +51,154 @@ function minutesAgo(seconds) {
 }
 
 // -- sign in ------------------------------------------------------------------------------
+// A `#token=` link (`telehealth token`, for tests and demos) signs in with that token alone,
+// kept in sessionStorage as before; every other sign-in is a session (auth.js) whose access
+// token stays in memory.
 function tokenFromLocation() {
   const params = new URLSearchParams(location.hash.slice(1));
   const token = params.get("token");
   if (token) {
     sessionStorage.setItem("telehealth.token", token);
-    history.replaceState(null, "", location.pathname);
+    history.replaceState(null, "", location.pathname + location.search);
   }
   return token || sessionStorage.getItem("telehealth.token");
 }
 
-function renderSignIn(message) {
-  const input = h("textarea", { id: "token-input", rows: 3, placeholder: "eyJ…" });
-  root.replaceChildren(h("section", { class: "card narrow", id: "sign-in" },
-    h("h2", {}, t("signIn")),
-    message ? h("p", { class: "error", id: "sign-in-error" }, message) : null,
-    h("label", {}, t("tokenLabel"), input),
-    h("button", { id: "sign-in-button", onclick: () => {
-      const token = input.value.trim();
-      if (token) { sessionStorage.setItem("telehealth.token", token); start(token); }
-    } }, t("signIn"))));
+/** What a refusal of the accounts routes means for the doctor, in the interface language. */
+function describeAuth(error) {
+  if (!(error instanceof AuthRefusal)) {
+    console.warn("auth:", error && error.name, error && error.message);
+    return t("networkError");
+  }
+  switch (error.code) {
+    case "invalid_credentials": return t("invalidCredentials");
+    case "locked_out": return tf("lockedOut", { wait: duration(error.details.retry_after_s || 30) });
+    case "totp_required": return t("totpNeeded");
+    case "totp_invalid": return t("totpInvalid");
+    case "totp_setup_required": return t("totpSetupMissing");
+    case "session_ended": return t("sessionEnded");
+    case "activation_invalid": return t("activationInvalid");
+    case "weak_password": return `${t("weakPassword")}: ${error.message}`;
+    case "invalid_payload": return `${t("invalidInput")}: ${error.message}`;
+    case "oidc_unavailable": case "state_mismatch": case "provider_error": case "token_failed":
+    case "bad_id_token": case "no_clinician_claim": return t("ssoFailed");
+    case "unknown_clinician": return t("ssoUnknown");
+    default: return t("unexpectedError");
+  }
 }
 
-async function start(token) {
+function renderSignIn(message, { clinicianId = "", password = "", totp = false } = {}) {
+  const id = h("input", { id: "signin-id", name: "username", autocomplete: "username", required: true,
+                          maxlength: 64, value: clinicianId });
+  const pass = h("input", { id: "signin-password", type: "password", name: "password",
+                            autocomplete: "current-password", required: true, maxlength: 256 });
+  pass.value = password;
+  const code = h("input", { id: "signin-totp", inputmode: "numeric", autocomplete: "one-time-code",
+                            pattern: "[0-9]{6}", maxlength: 6 });
+  const codeLabel = h("label", { id: "signin-totp-label", hidden: !totp }, t("totpCode"), code);
+  const error = h("p", { class: "error", id: "sign-in-error", role: "alert", hidden: !message }, message || "");
+  const button = h("button", { id: "signin-submit", class: "primary", type: "submit" }, t("signIn"));
+  const form = h("form", { id: "signin-form" }, h("label", {}, t("clinicianId"), id),
+                 h("label", {}, t("password"), pass), codeLabel, button);
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    button.disabled = true;
+    const session = new Session();
+    try {
+      await session.signIn(id.value.trim(), pass.value, codeLabel.hidden ? undefined : code.value.trim());
+      await start(session.token, session);
+    } catch (refusal) {
+      const text = describeAuth(refusal);
+      error.textContent = text;
+      error.hidden = false;
+      error.dataset.code = refusal.code || "network";
+      if (refusal.code === "totp_required" || refusal.code === "totp_invalid") {
+        codeLabel.hidden = false;
+        code.value = "";
+        code.focus();
+      }
+    } finally { button.disabled = false; }
+  });
+  const tokenInput = h("textarea", { id: "token-input", rows: 3, placeholder: "eyJ…" });
+  const sso = h("p", { id: "sso", hidden: true });
+  oidcStart().then((startPath) => {
+    if (!startPath) return;
+    sso.replaceChildren(h("a", { href: startPath, class: "button", id: "sso-link" }, t("ssoSignIn")));
+    sso.hidden = false;
+  });
+  root.replaceChildren(h("section", { class: "card narrow", id: "sign-in" },
+    h("h2", {}, t("signIn")), error, form, sso,
+    h("details", { class: "token-sign-in" }, h("summary", {}, t("tokenSignIn")),
+      h("label", {}, t("tokenLabel"), tokenInput),
+      h("button", { id: "sign-in-button", onclick: () => {
+        const token = tokenInput.value.trim();
+        if (token) { sessionStorage.setItem("telehealth.token", token); start(token); }
+      } }, t("signIn")))));
+  (clinicianId ? (totp ? code : pass) : id).focus();
+}
+
+// -- activation (`#activate=<code>`, from `telehealth account activation` or the admin tab) --
+function renderActivation(code) {
+  const pass = h("input", { id: "activate-password", type: "password", autocomplete: "new-password",
+                            required: true, minlength: 12, maxlength: 256 });
+  const again = h("input", { id: "activate-confirm", type: "password", autocomplete: "new-password",
+                             required: true, maxlength: 256 });
+  const enable = h("input", { id: "activate-enable-totp", type: "checkbox" });
+  const totp = h("input", { id: "activate-totp", inputmode: "numeric", autocomplete: "one-time-code",
+                            pattern: "[0-9]{6}", maxlength: 6 });
+  const setup = h("div", { id: "totp-setup", class: "totp-setup", hidden: true });
+  const error = h("p", { class: "error", id: "activate-error", role: "alert", hidden: true });
+  const button = h("button", { id: "activate-submit", class: "primary", type: "submit" }, t("activate"));
+  const form = h("form", { id: "activate-form" },
+    h("p", { class: "policy", id: "password-policy" }, t("passwordPolicy")),
+    h("label", {}, t("newPassword"), pass), h("label", {}, t("confirmPassword"), again),
+    h("label", { class: "inline" }, enable, " ", t("enableTotp")), setup, button);
+  let secretShown = false;
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    error.hidden = true;
+    if (pass.value !== again.value) {
+      error.textContent = t("passwordMismatch");
+      error.hidden = false;
+      return;
+    }
+    button.disabled = true;
+    try {
+      const done = await activate(code, pass.value, { totp: secretShown ? totp.value.trim() : undefined,
+                                                      enableTotp: enable.checked });
+      history.replaceState(null, "", location.pathname + location.search);
+      if (secretShown) {
+        // The code just typed is used up (a code is good once): sign in with the next one.
+        renderSignIn(t("activatedTotp"), { clinicianId: done.clinician_id, password: pass.value, totp: true });
+        document.getElementById("sign-in-error").classList.replace("error", "info");
+        return;
+      }
+      const session = new Session();
+      await session.signIn(done.clinician_id, pass.value);
+      await start(session.token, session);
+    } catch (refusal) {
+      if (refusal.code === "totp_setup_required" && refusal.details.secret) {
+        secretShown = true;
+        setup.replaceChildren(h("p", {}, t("totpSetup")),
+          h("p", {}, `${t("secretKey")}: `, h("code", { id: "totp-secret" }, refusal.details.secret)),
+          h("p", { class: "muted" }, `${t("otpUri")}: `, h("code", { id: "totp-uri" }, refusal.details.provisioning_uri)),
+          h("label", {}, t("totpCode"), totp));
+        setup.hidden = false;
+        enable.disabled = true;
+        totp.focus();
+      } else {
+        error.textContent = describeAuth(refusal);
+        error.dataset.code = refusal.code || "network";
+        error.hidden = false;
+      }
+    } finally { button.disabled = false; }
+  });
+  root.replaceChildren(h("section", { class: "card narrow", id: "activate" },
+    h("h2", {}, t("activateTitle")), error, form));
+  pass.focus();
+}
+
+async function start(token, session = null) {
   root.replaceChildren(h("p", { class: "muted" }, t("connecting")));
   const signaling = new Signaling(token);
   try {
@@ -101,17 +206,51 @@ async function start(token) {
     state.me = await signaling.http("/api/me");
   } catch (error) {
     signaling.close();
+    if (session) session.stop();
     sessionStorage.removeItem("telehealth.token");
     const code = error && error.code;
     renderSignIn(code === "token_expired" ? t("tokenExpired") : `${t("tokenInvalid")} (${describeError(error)})`);
     return;
   }
   state.signaling = signaling;
+  state.session = session;
+  if (session) {
+    session.onToken = (renewed) => {
+      signaling.renew(renewed).catch((e) => console.warn("auth: auth:refresh refused:", e.code, e.message));
+    };
+    session.onEnded = () => endSession(t("sessionEnded"));
+  }
+  if (testHooks) testHooks.session = session;
   const sites = await signaling.http("/api/sites");
   for (const site of sites.sites) state.sites[site.id] = site;
   bindEvents(signaling);
   renderHeader();
   await refresh();
+}
+
+/** Back to the sign-in page with `message`: the room closed, the socket closed, nothing kept. */
+function endSession(message) {
+  if (state.room) {
+    const room = state.room;
+    clearInterval(room.qualityTimer);
+    if (room.media) room.media.close();
+    if (room.stream) for (const track of room.stream.getTracks()) track.stop();
+  }
+  if (state.signaling) state.signaling.close();
+  if (state.session) state.session.stop();
+  sessionStorage.removeItem("telehealth.token");
+  Object.assign(state, { signaling: null, session: null, me: null, sites: {}, queue: [], mine: [],
+                         consultations: [], room: null, view: "dashboard" });
+  document.getElementById("who").replaceChildren();
+  renderSignIn(message);
+}
+
+async function signOut() {
+  const session = state.session;
+  if (session) await session.signOut();
+  endSession(t("signedOut"));
+  const shown = document.getElementById("sign-in-error");
+  if (shown) shown.classList.replace("error", "info");
 }
 
 function renderHeader() {
@@ -122,10 +261,7 @@ function renderHeader() {
     h("span", {}, me.site.name), " · ",
     h("span", { class: "muted" }, me.roles.map(roleName).join(", ")),
     " ",
-    h("button", { class: "link", id: "sign-out", onclick: () => {
-      sessionStorage.removeItem("telehealth.token");
-      location.reload();
-    } }, t("signOut")));
+    h("button", { class: "link", id: "sign-out", onclick: signOut }, t("signOut")));
 }
 
 // Runs `task` for a burst of calls at most once per `gapMs` and never twice at once: a busy
@@ -186,6 +322,12 @@ function bindEvents(signaling) {
       renderRecording();
     }
   });
+  // The server ends a session in words, never a raw code: deactivated or changed in the
+  // directory, or a token that ran out (idle, or a `#token=` link past its time).
+  signaling.on("session:ended", (event) => {
+    endSession(event && event.code === "clinician_changed" ? t("accountChanged") : t("accountDeactivated"));
+  });
+  signaling.on("token_expired", () => endSession(state.session ? t("idleExpired") : t("tokenExpired")));
   signaling.socket.on("connect", () => {
     // A dropped signaling link came back: take the room up again.
     if (state.room) rejoinRoom();
@@ -201,6 +343,24 @@ async function refresh() {
 }
 
 // -- dashboards ---------------------------------------------------------------------------
+/** The tabs above the page, for those who administer the directory (admins, site admins). */
+function renderTabs(current) {
+  const roles = state.me.roles;
+  if (!roles.includes("admin") && !roles.includes("site_admin")) return null;
+  const tab = (id, view, label, show) => h("button", { id, role: "tab", "aria-selected": String(current === view),
+                                                        onclick: show }, label);
+  return h("nav", { class: "tabs", role: "tablist" },
+    tab("tab-consult", "dashboard", t("consultTab"), () => renderDashboard()),
+    tab("tab-admin", "admin", t("adminTab"), () => showAdmin()));
+}
+
+function showAdmin() {
+  state.view = "admin";
+  const panel = h("div", { id: "admin" });
+  root.replaceChildren(renderTabs("admin"), panel);
+  renderAdmin(panel, { signaling: state.signaling, me: state.me, roleName });
+}
+
 function renderDashboard() {
   state.view = "dashboard";
   const roles = state.me.roles;
@@ -209,7 +369,7 @@ function renderDashboard() {
   if (roles.includes("specialist") || roles.includes("coordinator")) parts.push(renderQueue());
   parts.push(renderConsultations());
   if (roles.includes("coordinator")) parts.push(renderSites());
-  root.replaceChildren(h("div", { class: "dashboard" }, parts));
+  root.replaceChildren(...[renderTabs("dashboard"), h("div", { class: "dashboard" }, parts)].filter(Boolean));
 }
 
 function renderRequestForm() {
@@ -444,6 +604,7 @@ async function enterRoom(consultationId, stream) {
   };
   for (const p of joined.participants) room.participants[p.clinician_id] = p;
   state.room = room;
+  if (state.session) state.session.inRoom = true;
   renderRoom();
   for (const message of joined.chat) roomChat(message);
   room.media = new MediaSession(state.signaling, consultationId, {
@@ -751,6 +912,7 @@ function closeRoom(ended) {
   if (room.media) room.media.close();
   if (room.stream) for (const track of room.stream.getTracks()) track.stop();
   state.room = null;
+  if (state.session) state.session.inRoom = false;
   state.view = "dashboard";
   if (ended && ended.minutes) flash(`${t("minutes")}: ${ended.minutes.conclusion}`, "info");
   refresh().catch((e) => flash(describeError(e)));
@@ -763,8 +925,18 @@ function boot() {
   switcher.value = getLanguage();
   switcher.onchange = () => { setLanguage(switcher.value); location.reload(); };
   document.getElementById("title").textContent = t("title");
+  const params = new URLSearchParams(location.hash.slice(1));
+  if (params.get("activate")) { renderActivation(params.get("activate")); return; }
+  const failed = params.get("signin-error");
+  if (failed) history.replaceState(null, "", location.pathname + location.search);
   const token = tokenFromLocation();
-  if (token) start(token); else renderSignIn();
+  if (token) { start(token); return; }
+  // A doctor reopening the tab is not asked again: the refresh cookie brings the session back.
+  root.replaceChildren(h("p", { class: "muted" }, t("connecting")));
+  const session = new Session();
+  session.refresh().then(() => start(session.token, session), () => {
+    renderSignIn(failed ? describeAuth(new AuthRefusal(400, { code: failed })) : undefined);
+  });
 }
 
 boot();

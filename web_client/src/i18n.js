@@ -54,6 +54,50 @@ const STRINGS = {
     videoResumed: "Kết nối đã tốt hơn: bật lại hình ảnh",
     relayFull: "Máy chủ truyền hình ảnh đang hết cổng kết nối. Vui lòng thử lại sau ít phút và báo phòng CNTT.",
     relayUnreachable: "Không liên lạc được với máy chủ truyền hình ảnh. Đang thử lại; nếu kéo dài, vui lòng báo phòng CNTT.",
+    // Sign-in, activation (auth.js) and the directory administration (admin.js).
+    clinicianId: "Mã đăng nhập (mã nhân viên)", password: "Mật khẩu",
+    totpCode: "Mã xác thực 6 số (trong ứng dụng xác thực)",
+    totpNeeded: "Tài khoản này cần mã xác thực: nhập mã 6 số đang hiện trong ứng dụng xác thực trên điện thoại.",
+    invalidCredentials: "Sai mã đăng nhập hoặc mật khẩu.",
+    lockedOut: "Đăng nhập sai quá nhiều lần nên tài khoản tạm bị khóa. Vui lòng thử lại sau {wait}.",
+    totpInvalid: "Mã xác thực không đúng hoặc đã được dùng. Chờ ứng dụng hiện mã mới rồi thử lại.",
+    totpSetupMissing: "Vai trò của bạn cần xác thực hai lớp nhưng tài khoản chưa thiết lập. Vui lòng xin phòng CNTT một mã kích hoạt mới.",
+    sessionEnded: "Phiên đăng nhập đã kết thúc. Vui lòng đăng nhập lại.",
+    signedOut: "Bạn đã đăng xuất.",
+    accountDeactivated: "Tài khoản của bạn vừa bị ngừng hoạt động trong danh bạ nên phiên làm việc đã kết thúc. Nếu đây là nhầm lẫn, vui lòng liên hệ phòng CNTT.",
+    accountChanged: "Thông tin của bạn trong danh bạ (cơ sở, vai trò hoặc chuyên khoa) vừa thay đổi. Vui lòng đăng nhập lại.",
+    idleExpired: "Phiên làm việc đã hết hạn vì lâu không sử dụng. Vui lòng đăng nhập lại.",
+    networkError: "Không liên lạc được với máy chủ. Kiểm tra kết nối mạng rồi thử lại.",
+    tokenSignIn: "Đăng nhập bằng mã truy cập (thử nghiệm, trình diễn)",
+    ssoSignIn: "Đăng nhập bằng tài khoản bệnh viện",
+    ssoFailed: "Đăng nhập bằng tài khoản bệnh viện không thành công. Vui lòng thử lại; nếu vẫn lỗi, liên hệ phòng CNTT.",
+    ssoUnknown: "Tài khoản bệnh viện của bạn chưa gắn với nhân viên nào trong danh bạ. Vui lòng liên hệ phòng CNTT.",
+    activateTitle: "Kích hoạt tài khoản", newPassword: "Mật khẩu mới", confirmPassword: "Nhập lại mật khẩu mới",
+    passwordPolicy: "Mật khẩu cần ít nhất 12 ký tự, không chứa mã đăng nhập của bạn và không phải mật khẩu phổ biến. Nên dùng một câu dễ nhớ, ví dụ \u201cca trực đêm ở Cô Tô\u201d.",
+    passwordMismatch: "Hai mật khẩu không giống nhau.",
+    enableTotp: "Bật xác thực hai lớp (mã 6 số từ ứng dụng trên điện thoại)",
+    activate: "Kích hoạt",
+    totpSetup: "Tài khoản này dùng xác thực hai lớp. Mở ứng dụng xác thực (Google Authenticator, Microsoft Authenticator, FreeOTP…), chọn thêm tài khoản bằng cách nhập khóa, nhập khóa bí mật dưới đây (loại: theo thời gian), rồi nhập mã 6 số ứng dụng hiện ra.",
+    secretKey: "Khóa bí mật", otpUri: "Địa chỉ otpauth:// (cho ứng dụng nhận địa chỉ)",
+    activationInvalid: "Mã kích hoạt không đúng, đã hết hạn hoặc đã được dùng. Vui lòng xin phòng CNTT mã mới.",
+    weakPassword: "Mật khẩu chưa đạt yêu cầu", invalidInput: "Thông tin nhập chưa hợp lệ",
+    activatedTotp: "Tài khoản đã được kích hoạt. Đợi ứng dụng hiện mã 6 số tiếp theo rồi đăng nhập.",
+    consultTab: "Hội chẩn", adminTab: "Quản lý danh bạ", clinicians: "Nhân viên y tế", sites: "Cơ sở (điểm cầu)",
+    search: "Tìm", searchText: "Tìm theo tên hoặc mã (không cần dấu)", site: "Cơ sở", role: "Vai trò",
+    region: "Tỉnh/thành phố", all: "Tất cả", activeOnly: "Đang hoạt động", inactiveOnly: "Ngừng hoạt động",
+    status: "Trạng thái", add: "Thêm", edit: "Sửa", save: "Lưu", deactivate: "Ngừng hoạt động",
+    reactivate: "Cho hoạt động lại", issueCode: "Cấp mã kích hoạt",
+    activationLink: "Liên kết kích hoạt cho {id}, chỉ hiện một lần, dùng được đến {time}. Gửi cho người dùng qua kênh an toàn:",
+    copy: "Sao chép", copied: "Đã sao chép", page: "Trang", results: "kết quả",
+    prev: "‹ Trang trước", next: "Trang sau ›", name: "Họ tên", id: "Mã", tier: "Tuyến",
+    specialtiesField: "Chuyên khoa (mã, cách nhau bởi dấu phẩy)", noResults: "Không có kết quả.",
+    central: "Trung ương", provincial: "Tỉnh", district: "Huyện", commune: "Xã",
+    roleSiteAdmin: "Quản trị cơ sở", activeState: "Hoạt động", inactiveState: "Ngừng hoạt động",
+    duplicateId: "Mã này đã có trong danh bạ.", unknownSite: "Không có cơ sở này trong danh bạ.",
+    roleNotGrantable: "Bạn không được cấp vai trò này (hoặc người này có vai trò ngoài quyền của bạn).",
+    forbidden: "Bạn không có quyền làm việc này.", notFound: "Không tìm thấy trong danh bạ.",
+    confirmDeactivate: "Ngừng hoạt động {name}? Các kết nối đang mở của họ sẽ bị đóng ngay.",
+    saved: "Đã lưu.", close: "Đóng",
   },
   en: {
     title: "Remote consultation", signIn: "Sign in", tokenLabel: "Access token", signOut: "Sign out",
@@ -108,6 +152,49 @@ const STRINGS = {
     videoResumed: "The connection improved: video is back on",
     relayFull: "The media server has no connection ports left. Please try again in a few minutes and tell the hospital IT team.",
     relayUnreachable: "The media server cannot be reached. Retrying; if it lasts, please tell the hospital IT team.",
+    clinicianId: "User id (clinician id)", password: "Password",
+    totpCode: "6-digit code (from the authenticator app)",
+    totpNeeded: "This account needs a second factor: type the 6-digit code your authenticator app shows.",
+    invalidCredentials: "Wrong user id or password.",
+    lockedOut: "Too many failed sign-ins: the account is locked for now. Please try again in {wait}.",
+    totpInvalid: "The code is wrong or was already used. Wait for the app's next code and try again.",
+    totpSetupMissing: "Your role needs a second factor that is not set up yet. Please ask the IT team for a new activation code.",
+    sessionEnded: "Your session has ended. Please sign in again.",
+    signedOut: "You are signed out.",
+    accountDeactivated: "Your account was just deactivated in the directory, so your session has ended. If this is a mistake, please contact the IT team.",
+    accountChanged: "Your directory entry (site, roles or specialties) just changed. Please sign in again.",
+    idleExpired: "Your session expired after a time without use. Please sign in again.",
+    networkError: "The server cannot be reached. Check the network connection and try again.",
+    tokenSignIn: "Sign in with an access token (tests, demos)",
+    ssoSignIn: "Sign in with the hospital account",
+    ssoFailed: "Signing in with the hospital account did not work. Please try again; if it keeps failing, contact the IT team.",
+    ssoUnknown: "Your hospital account is not linked to anyone in the directory. Please contact the IT team.",
+    activateTitle: "Activate your account", newPassword: "New password", confirmPassword: "New password again",
+    passwordPolicy: "At least 12 characters, not containing your user id, and not a common password. A sentence you remember works well.",
+    passwordMismatch: "The two passwords differ.",
+    enableTotp: "Turn on the second factor (a 6-digit code from an app on your phone)",
+    activate: "Activate",
+    totpSetup: "This account uses a second factor. Open your authenticator app (Google Authenticator, Microsoft Authenticator, FreeOTP…), add an account by entering a key, type the secret key below (time based), then type the 6-digit code the app shows.",
+    secretKey: "Secret key", otpUri: "otpauth:// address (for apps that take one)",
+    activationInvalid: "The activation code is wrong, expired or already used. Please ask the IT team for a new one.",
+    weakPassword: "The password does not meet the policy", invalidInput: "Something entered is not valid",
+    activatedTotp: "Your account is activated. Wait for the app's next 6-digit code, then sign in.",
+    consultTab: "Consultations", adminTab: "Directory", clinicians: "Clinicians", sites: "Sites",
+    search: "Search", searchText: "Search by name or id", site: "Site", role: "Role",
+    region: "Province", all: "All", activeOnly: "Active", inactiveOnly: "Deactivated",
+    status: "Status", add: "Add", edit: "Edit", save: "Save", deactivate: "Deactivate",
+    reactivate: "Reactivate", issueCode: "Issue activation code",
+    activationLink: "Activation link for {id}, shown once, valid until {time}. Give it to the user over a safe channel:",
+    copy: "Copy", copied: "Copied", page: "Page", results: "results",
+    prev: "‹ Previous", next: "Next ›", name: "Name", id: "Id", tier: "Tier",
+    specialtiesField: "Specialties (ids, comma separated)", noResults: "No results.",
+    central: "Central", provincial: "Provincial", district: "District", commune: "Commune",
+    roleSiteAdmin: "Site administrator", activeState: "Active", inactiveState: "Deactivated",
+    duplicateId: "This id is already in the directory.", unknownSite: "No such site in the directory.",
+    roleNotGrantable: "You may not grant this role (or this clinician holds a role beyond your reach).",
+    forbidden: "You are not allowed to do this.", notFound: "Not found in the directory.",
+    confirmDeactivate: "Deactivate {name}? Their open connections are closed at once.",
+    saved: "Saved.", close: "Close",
   },
 };
 
@@ -130,6 +217,20 @@ export function specialtyName(id) {
 
 export function t(key) {
   return (STRINGS[language] && STRINGS[language][key]) || STRINGS.vi[key] || key;
+}
+
+/** `t(key)` with `{name}` placeholders filled from `vars`. */
+export function tf(key, vars) {
+  return t(key).replace(/\{(\w+)\}/g, (_, name) => (name in vars ? String(vars[name]) : `{${name}}`));
+}
+
+/** A wait in words: "45 giây", "3 phút" (seconds up to two minutes, then minutes). */
+export function duration(seconds) {
+  const s = Math.max(1, Math.ceil(seconds));
+  const vi = language === "vi";
+  if (s < 120) return vi ? `${s} giây` : `${s} seconds`;
+  const m = Math.ceil(s / 60);
+  return vi ? `${m} phút` : `${m} minutes`;
 }
 
 export function getLanguage() { return language; }

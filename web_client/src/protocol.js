@@ -152,5 +152,31 @@ export class Signaling {
     return body;
   }
 
+  /** HTTP API call with a JSON body (POST, PATCH, PUT), with the same token. */
+  async send(method, path, payload) {
+    const init = { method, headers: { Authorization: `Bearer ${this.token}` } };
+    if (payload !== undefined) {
+      init.headers["Content-Type"] = "application/json";
+      init.body = JSON.stringify(payload);
+    }
+    const response = await fetch(path, init);
+    let body = {};
+    try { body = await response.json(); } catch { /* no JSON body */ }
+    if (!response.ok) {
+      throw new ProtocolRefusal(path, body.error || { code: "internal", message: `HTTP ${response.status}` });
+    }
+    return body;
+  }
+
+  /** A renewed access token of the same clinician: the HTTP calls use it from now on, a
+   * reconnect presents it, and the open connection is told (`auth:refresh`), so that the
+   * server closes it at the new token's expiry instead of the old one's.
+   * @returns {Promise<{expires_at: number}>} */
+  renew(token) {
+    this.token = token;
+    this.socket.auth = { token };
+    return this.call("auth:refresh", { token });
+  }
+
   close() { this.socket.disconnect(); }
 }

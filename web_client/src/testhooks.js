@@ -6,10 +6,12 @@ const enabled = new URLSearchParams(location.search).has("test-hooks");
 
 /**
  * `window.telehealthTest` when the page was loaded with `?test-hooks`, else null.
- * @type {?{media: ?import("./media.js").MediaSession, firstFrame: Object<string, number>}}
+ * @type {?{media: ?import("./media.js").MediaSession, firstFrame: Object<string, number>,
+ *   session: ?import("./auth.js").Session}}
  *   media: the latest MediaSession (its `stats`, `timeline`, `listenerCount`);
- *   firstFrame: per participant, when (epoch ms) their video first showed a frame.
+ *   firstFrame: per participant, when (epoch ms) their video first showed a frame;
+ *   session: the signed-in session (its `refreshes`), null for a `#token=` link.
  */
-export const testHooks = enabled ? { media: null, firstFrame: {} } : null;
+export const testHooks = enabled ? { media: null, firstFrame: {}, session: null } : null;
 
 if (testHooks) window.telehealthTest = testHooks;
