@@ -211,6 +211,7 @@ def directory_csv(clinicians: int) -> bytes:
              for i in range(clinicians)]
     # A clinician of the test directory, renamed: the one the admin looks for.
     rows.append("clinician,ref3,Nguyễn Thị Hồng Nhung,d3,,,referring,,true")
+    rows.append("clinician,sa-d3,Lê Văn Quản,d3,,,site_admin,,true")
     return ("\n".join(rows) + "\n").encode()
 
 
@@ -220,7 +221,7 @@ async def test_an_admin_finds_and_deactivates_a_clinician_whose_page_is_told_at_
     site = accounts_site
     status, answer = await api_call(site.url, "POST", "/api/directory/import",
                                     token=site.tokens.issue("admin"), data=directory_csv(300))
-    assert status == 200 and answer["import"]["clinicians_created"] == 300, answer
+    assert status == 200 and answer["import"]["clinicians_created"] == 301, answer
     clinician = await open_page(browser, site.link("ref3"))
     await expect(clinician.locator("#request-form")).to_be_visible()
     admin = await open_page(browser, site.link("admin"))
@@ -255,3 +256,22 @@ async def test_an_admin_finds_and_deactivates_a_clinician_whose_page_is_told_at_
     link = await admin.locator("#activation-link").input_value()
     assert re.fullmatch(re.escape(site.url) + r"/#activate=\S+", link), link
     await expect(admin.locator("#activation-copy")).to_be_visible()
+
+    # District Three's site admin (a password account) sees the tab with their site's
+    # clinicians only, may grant referring and specialist only, and reactivates her.
+    status, answer = await api_call(site.url, "POST", "/api/auth/activate", body={
+        "code": await site.activation_code("sa-d3"), "password": PASSWORD})
+    assert status == 200, answer
+    local = await open_page(browser, f"{site.url}/?test-hooks")
+    await sign_in(local, "sa-d3", PASSWORD)
+    await local.click("#tab-admin")
+    rows = local.locator("#clinician-rows tr")
+    await expect(rows).to_have_count(2)
+    assert {await r.get_attribute("data-clinician") for r in await rows.all()} == {"ref3", "sa-d3"}
+    await expect(local.locator("#site-add")).to_have_count(0)
+    await local.click("#clinician-add")
+    await expect(local.locator("#clinician-form .cf-role")).to_have_count(2)
+    local.on("dialog", lambda dialog: dialog.accept())
+    await local.locator("#clinician-rows tr[data-clinician='ref3'] .reactivate").click()
+    await expect(local.locator("#clinician-rows tr[data-clinician='ref3']")).to_have_class(
+        re.compile(r"(^| )active\b"))

@@ -465,7 +465,7 @@ function renderRecordingsButton(consultation) {
 
 function renderInvite(consultation) {
   const choices = Object.values(state.sites).filter((s) => !consultation.site_ids.includes(s.id));
-  const select = h("select", { class: "invite-site" }, choices.map((s) => h("option", { value: s.id }, `${s.region} · ${s.name}`)));
+  const select = h("select", { class: "invite-site" }, choices.map((s) => h("option", { value: s.id }, `${s.region_name || s.region} · ${s.name}`)));
   return h("span", { class: "invite" }, select, h("button", { class: "small invite-button", onclick: async () => {
     try { await state.signaling.invite(consultation.id, select.value); await refresh(); }
     catch (error) { flash(describeError(error)); }
@@ -473,10 +473,11 @@ function renderInvite(consultation) {
 }
 
 function renderSites() {
+  // Grouped by province, shown by its Vietnamese name (the code when the directory has none).
   const byRegion = {};
-  for (const site of Object.values(state.sites)) (byRegion[site.region] ||= []).push(site);
+  for (const site of Object.values(state.sites)) (byRegion[site.region_name || site.region] ||= []).push(site);
   return h("section", { class: "card", id: "sites" }, h("h2", {}, t("sitesTitle")),
-    Object.keys(byRegion).sort().map((region) => h("div", { class: "region" },
+    Object.keys(byRegion).sort((a, b) => a.localeCompare(b, "vi")).map((region) => h("div", { class: "region" },
       h("h3", {}, region),
       h("ul", {}, byRegion[region].map((s) => h("li", { class: s.online ? "online" : "offline", "data-site": s.id },
         h("span", { class: "dot" }), ` ${s.name} (${s.online ? t("online") : t("offline")})`))))));

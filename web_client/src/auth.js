@@ -5,6 +5,12 @@
 // doctor on a 12-hour shift is never logged off mid-consultation while a stolen access token
 // is good for minutes only.
 
+// When the doctor last touched the page (a click, a tap, a key), for the idle log-off below.
+let lastActivity = Date.now();
+for (const type of ["pointerdown", "keydown"]) {
+  addEventListener(type, () => { lastActivity = Date.now(); }, { passive: true, capture: true });
+}
+
 /** The server refused (an HTTP 4xx JSON body): `code`, its words in `message`, and the
  * extra fields some codes carry (`retry_after_s`, `secret`, `provisioning_uri`). */
 export class AuthRefusal extends Error {
@@ -54,12 +60,8 @@ export class Session {
     // idle time (the server's `idle_timeout_s` when it says it, else its default 30 min), or
     // is in a consultation (listening is not idle). Otherwise the token runs out and the
     // server closes the connection: the doctor signs in again.
-    this.lastActivity = Date.now();
     this.idleMs = 30 * 60 * 1000;
     this.inRoom = false;
-    for (const type of ["pointerdown", "keydown"]) {
-      addEventListener(type, () => { this.lastActivity = Date.now(); }, { passive: true, capture: true });
-    }
   }
 
   async signIn(clinicianId, password, totp) {
@@ -96,7 +98,7 @@ export class Session {
 
   async renew() {
     if (!this.token) return;
-    if (Date.now() - this.lastActivity > this.idleMs && !this.inRoom) {
+    if (Date.now() - lastActivity > this.idleMs && !this.inRoom) {
       // Idle: look again shortly before the token runs out, then let it go.
       const left = this.expiresAt * 1000 - Date.now();
       if (left > 1500) this.schedule(Math.min(5000, left - 1000));
