@@ -275,3 +275,24 @@ async def test_an_admin_finds_and_deactivates_a_clinician_whose_page_is_told_at_
     await local.locator("#clinician-rows tr[data-clinician='ref3'] .reactivate").click()
     await expect(local.locator("#clinician-rows tr[data-clinician='ref3']")).to_have_class(
         re.compile(r"(^| )active\b"))
+
+
+async def test_single_sign_on_from_the_sign_in_page(tmp_path: Path, browser: Browser) -> None:
+    """The sign-in page's hospital-account button, through the OpenID Connect provider the
+    signaling tests start (oidc-provider from npm, on another site: localhost), back to the
+    page, which gets its access token from the refresh cookie the callback set."""
+    from tests.signaling.test_oidc import HOSPITAL_LOGIN, setup
+
+    async with setup(tmp_path, host="localhost") as server:
+        page = await open_page(browser, f"{server.url}/?test-hooks")
+        await page.click("#sso-link")  # shown because /api/auth/oidc/config says enabled
+        await page.fill("input[name=login]", HOSPITAL_LOGIN)
+        await page.fill("input[name=password]", "any")
+        await page.click("button[type=submit]")
+        await page.wait_for_url("http://localhost:*/interaction/**", timeout=10_000)
+        await page.click("button[type=submit]")
+        await expect(page.locator("#queue")).to_be_visible(timeout=10_000)
+        await expect(page.locator("#who-name")).to_have_text("Cardiologist One")
+        await page.click("#sign-out")
+        await expect(page.locator("#sso-link")).to_be_visible()
+        await page.context.close()  # before the server stops: no socket left open
