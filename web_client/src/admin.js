@@ -47,14 +47,15 @@ export async function renderAdmin(panel, ctx) {
   try {
     regions = (await api.http("/api/directory/regions")).regions;
   } catch (error) { flash(describe(error)); }
-  const regionOptions = [["", t("all")], ...regions.map((r) => [r.id, r.name])];
-  const activeOptions = [["", t("all")], ["true", t("activeOnly")], ["false", t("inactiveOnly")]];
+  // Each filter's "all" choice names the filter: the selects sit in a row without labels.
+  const regionOptions = [["", `${t("region")}: ${t("all")}`], ...regions.map((r) => [r.id, r.name])];
+  const activeOptions = [["", `${t("status")}: ${t("all")}`], ["true", t("activeOnly")], ["false", t("inactiveOnly")]];
   const notice = h("div", { id: "admin-notice", class: "admin-notice", role: "status" });
 
   // -- clinicians ----------------------------------------------------------------------------
   const cq = h("input", { id: "clinician-q", type: "search", placeholder: t("searchText"), maxlength: 100 });
   const csite = h("input", { id: "clinician-site", placeholder: t("site"), maxlength: 64, list: "admin-site-ids" });
-  const crole = select("clinician-role", [["", t("all")], ...ROLES.map((r) => [r, ctx.roleName(r)])]);
+  const crole = select("clinician-role", [["", `${t("role")}: ${t("all")}`], ...ROLES.map((r) => [r, ctx.roleName(r)])]);
   const cregion = select("clinician-region", regionOptions);
   const cactive = select("clinician-active", activeOptions);
   const crows = h("tbody", { id: "clinician-rows" });
