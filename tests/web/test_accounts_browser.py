@@ -170,6 +170,17 @@ async def test_an_admin_sets_up_totp_and_signs_in_with_a_code(
     await page.reload()
     await expect(page.locator("#tab-admin")).to_be_visible(timeout=10_000)
     await expect(page.locator("#signin-form")).to_have_count(0)
+    # A second tab of the same browser too. Both renew with the one cookie, which each renewal
+    # uses up: were they to present the same one, the server would revoke the session as
+    # stolen (the page lets one tab renew at a time).
+    second = await page.context.new_page()
+    await second.goto(f"{site.url}/?test-hooks")
+    await expect(second.locator("#tab-admin")).to_be_visible(timeout=10_000)
+    await page.wait_for_timeout(2.5 * ACCESS_TTL_S * 1000)
+    for tab in (page, second):
+        assert await tab.evaluate("() => window.telehealthTest.session.refreshes") >= 2
+        await expect(tab.locator("#tab-admin")).to_be_visible()
+        await expect(tab.locator("#signin-form")).to_have_count(0)
 
 
 async def test_repeated_failures_lock_the_account_and_say_how_long(
@@ -200,6 +211,13 @@ async def test_repeated_failures_lock_the_account_and_say_how_long(
         r"Vui lòng thử lại sau (2\d|30) giây\."))
     await expect(page.locator("#request-form")).to_have_count(0)
     assert await raw_errors_shown(page) == []
+    # In English on the switch (the page reloads in that language).
+    await page.select_option("#language", "en")
+    await expect(page.locator("#sign-in h2")).to_have_text("Sign in")
+    await sign_in(page, "ref2", PASSWORD)
+    await expect(error).to_have_text(re.compile(
+        r"Too many failed sign-ins: the account is locked for now\. "
+        r"Please try again in \d+ seconds\."))
 
 
 def directory_csv(clinicians: int) -> bytes:
