@@ -248,6 +248,8 @@ async def test_an_admin_finds_and_deactivates_a_clinician_whose_page_is_told_at_
     clinician = await open_page(browser, site.link("ref3"))
     await expect(clinician.locator("#request-form")).to_be_visible()
     admin = await open_page(browser, site.link("admin"))
+    refused: list[str] = []  # the server's CSP: no inline script or style on the tab either
+    admin.on("console", lambda m: refused.append(m.text) if "Content Security" in m.text else None)
     await admin.click("#tab-admin")
     pager = admin.locator("#clinician-pager .page-info")
     await expect(pager).to_contain_text(re.compile(r"Trang 1/\d+ · 3\d\d kết quả"))
@@ -279,6 +281,7 @@ async def test_an_admin_finds_and_deactivates_a_clinician_whose_page_is_told_at_
     link = await admin.locator("#activation-link").input_value()
     assert re.fullmatch(re.escape(site.url) + r"/#activate=\S+", link), link
     await expect(admin.locator("#activation-copy")).to_be_visible()
+    assert refused == []
 
     # District Three's site admin (a password account) sees the tab with their site's
     # clinicians only, may grant referring and specialist only, and reactivates her.
