@@ -29,6 +29,7 @@ from authlib.common.urls import add_params_to_uri  # type: ignore[import-untyped
 from authlib.oauth2.rfc7636 import create_s256_code_challenge  # type: ignore[import-untyped]
 from joserfc.jwk import KeySet, RSAKey
 from playwright.async_api import async_playwright
+from yarl import URL
 
 from recorder.audit import AUDIT_LOG, AuditLog
 from signaling.auth_api import REFRESH_COOKIE
@@ -147,7 +148,7 @@ async def through_provider(session: aiohttp.ClientSession, url: str, redirect_ur
     for _ in range(12):
         async with session.get(url, allow_redirects=False) as response:
             if response.status in (302, 303):
-                url = str(response.url.join(aiohttp.helpers.URL(response.headers["Location"])))
+                url = str(response.url.join(URL(response.headers["Location"])))
                 if url.startswith(redirect_uri):
                     return url
                 continue
@@ -164,7 +165,7 @@ async def through_provider(session: aiohttp.ClientSession, url: str, redirect_ur
         async with session.post(action.group(1).replace("&amp;", "&"), data=form,
                                 allow_redirects=False) as response:
             assert response.status in (302, 303), (response.status, await response.text())
-            url = str(response.url.join(aiohttp.helpers.URL(response.headers["Location"])))
+            url = str(response.url.join(URL(response.headers["Location"])))
     raise AssertionError("the provider did not redirect to the callback in 12 steps")
 
 
