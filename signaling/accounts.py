@@ -310,6 +310,8 @@ class SignedIn:
     expires_at: float
     refresh_token: str
     session_ends_at: float
+    idle_timeout_s: float
+    """A session not refreshed for this long ends (the page stops refreshing when idle)."""
 
 
 @dataclass
@@ -644,7 +646,8 @@ class Accounts:
         ends = started_at + self.settings.session_max_s
         ttl = max(1, min(self.settings.access_ttl_s, int(ends - now)))
         token = self._tokens.issue(clinician_id, ttl_s=ttl, now=now)
-        return SignedIn(clinician_id, token, float(int(now) + ttl), refresh, ends)
+        return SignedIn(clinician_id, token, float(int(now) + ttl), refresh, ends,
+                        self.settings.idle_timeout_s)
 
     async def start_session(self, clinician_id: str, *, address: str,
                             method: str) -> SignedIn:

@@ -53,7 +53,8 @@ def _signed_in(request: web.Request, signed: SignedIn) -> web.Response:
     response = web.json_response({"ok": True, "clinician_id": signed.clinician_id,
                                   "access_token": signed.access_token,
                                   "expires_at": signed.expires_at,
-                                  "session_ends_at": signed.session_ends_at},
+                                  "session_ends_at": signed.session_ends_at,
+                                  "idle_timeout_s": signed.idle_timeout_s},
                                  headers={"Cache-Control": "no-store"})
     response.set_cookie(REFRESH_COOKIE, signed.refresh_token, path=COOKIE_PATH,
                         max_age=max(1, int(signed.session_ends_at - time.time())),

@@ -191,6 +191,7 @@ async def test_activation_sign_in_http_and_socket_refresh_keeps_the_socket_open_
         access = body["access_token"]
         first_expiry = body["expires_at"]
         assert 2 < first_expiry - signed_at <= 3
+        assert body["idle_timeout_s"] == 1800  # the page stops refreshing after it
         status, me = await b.get("/api/me", access)
         assert status == 200 and me["clinician"]["id"] == "ref1" and me["roles"] == ["referring"]
 
