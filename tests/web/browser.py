@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -15,8 +15,10 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 from playwright.async_api import Browser, Page, async_playwright, expect
 
+from config.settings import load_settings
+from signaling.directory import Directory
 from signaling.tokens import TokenAuthority
-from tests.support import ServerProcess
+from tests.support import SECRET, ServerProcess, start_server_process
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_PRESENT = Path(CHROMIUM).exists()
@@ -90,6 +92,21 @@ class Site:
         assert answer["link"].endswith(f"#activate={answer['code']}")
         code: str = answer["code"]
         return code
+
+
+@contextmanager
+def served_site(config: Path) -> Iterator[Site]:
+    """`telehealth serve` on ``config`` in its own process, with tokens signed for the test
+    directory; stopped at the end."""
+    settings = load_settings(config)
+    assert settings.directory.file is not None
+    tokens = TokenAuthority(SECRET, Directory.load(settings.directory.file), 3600)
+    server = start_server_process(config)
+    try:
+        yield Site(server, tokens)
+    finally:
+        server.process.terminate()
+        server.process.wait(timeout=15)
 
 
 LISTENER_LEDGER = """(() => {

@@ -9,25 +9,15 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Browser, async_playwright
 
-from config.settings import load_settings
-from signaling.directory import Directory
-from signaling.tokens import TokenAuthority
-from tests.support import SECRET, start_server_process, write_config
-from tests.web.browser import CHROMIUM, CHROMIUM_PRESENT, FLAGS, Site
+from tests.support import write_config
+from tests.web.browser import CHROMIUM, CHROMIUM_PRESENT, FLAGS, Site, served_site
 
 
 @pytest.fixture
 def site(tmp_path: Path) -> Iterator[Site]:
     config = write_config(tmp_path, presence={"reconnect_grace_s": 20.0})
-    settings = load_settings(config)
-    assert settings.directory.file is not None
-    tokens = TokenAuthority(SECRET, Directory.load(settings.directory.file), 3600)
-    server = start_server_process(config)
-    try:
-        yield Site(server, tokens)
-    finally:
-        server.process.terminate()
-        server.process.wait(timeout=15)
+    with served_site(config) as site:
+        yield site
 
 
 @pytest.fixture

@@ -18,10 +18,7 @@ import pyotp
 import pytest
 from playwright.async_api import Browser, Page, expect
 
-from config.settings import load_settings
-from signaling.directory import Directory
-from signaling.tokens import TokenAuthority
-from tests.support import SECRET, start_server_process, write_config
+from tests.support import write_config
 from tests.web.browser import (
     Site,
     activation_url,
@@ -30,6 +27,7 @@ from tests.web.browser import (
     open_page,
     raw_errors_shown,
     request_and_accept,
+    served_site,
     wait_decoding,
 )
 
@@ -47,15 +45,8 @@ def accounts_site(tmp_path: Path) -> Iterator[Site]:
         # Cheap hashing: the test is about the page, not Argon2's cost.
         accounts={"access_ttl_s": ACCESS_TTL_S, "argon2_memory_kib": 1024,
                   "lockout_failures": LOCKOUT_FAILURES, "lockout_base_s": 30.0})
-    settings = load_settings(config)
-    assert settings.directory.file is not None
-    tokens = TokenAuthority(SECRET, Directory.load(settings.directory.file), 3600)
-    server = start_server_process(config)
-    try:
-        yield Site(server, tokens)
-    finally:
-        server.process.terminate()
-        server.process.wait(timeout=15)
+    with served_site(config) as site:
+        yield site
 
 
 async def sign_in(page: Page, clinician: str, password: str) -> None:

@@ -11,10 +11,7 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Browser, expect
 
-from config.settings import load_settings
-from signaling.directory import Directory
-from signaling.tokens import TokenAuthority
-from tests.support import SECRET, start_server_process, write_config
+from tests.support import write_config
 from tests.turn_server import TURN_PRESENT, TurnServer
 from tests.web.browser import (
     MEDIA,
@@ -22,6 +19,7 @@ from tests.web.browser import (
     media_candidate_types,
     open_page,
     request_consultation,
+    served_site,
     wait_decoding,
 )
 
@@ -52,15 +50,8 @@ def turn_site(tmp_path: Path, turn: TurnServer, relay_only_by: str) -> Iterator[
     config = write_config(tmp_path, presence={"reconnect_grace_s": 20.0},
                           turn={"secret": turn.secret, "urls": turn.urls,
                                 "relay_only_sites": sites})
-    settings = load_settings(config)
-    assert settings.directory.file is not None
-    tokens = TokenAuthority(SECRET, Directory.load(settings.directory.file), 3600)
-    server = start_server_process(config)
-    try:
-        yield Site(server, tokens)
-    finally:
-        server.process.terminate()
-        server.process.wait(timeout=15)
+    with served_site(config) as site:
+        yield site
 
 
 async def test_a_relay_only_browser_reaches_the_relay_through_turn_and_decodes_video(
