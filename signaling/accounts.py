@@ -45,9 +45,8 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -62,6 +61,7 @@ from signaling import password_policy
 from signaling.directory import Directory
 from signaling.errors import NotFound, SignalingError, Unauthenticated
 from signaling.models import Clinician
+from signaling.sqlite import SqliteFile, transaction
 from signaling.tokens import TokenAuthority
 
 logger = logging.getLogger(__name__)
@@ -332,83 +332,41 @@ class _Turns:
     count: int = 0
 
 
-@contextmanager
-def _transaction(db: sqlite3.Connection) -> Iterator[None]:
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
 
 
-class Accounts:
+class Accounts(SqliteFile):
     """The accounts of the directory's clinicians. ``await open()``, ``await close()``."""
 
     def __init__(self, path: Path, *, directory: Directory, tokens: TokenAuthority,
                  settings: AccountsSettings, audit: AuditLog) -> None:
-        self.path = path
+        super().__init__(path, name="accounts", synchronous="NORMAL", mode=0o600)
         self.settings = settings
         self._directory = directory
         self._tokens = tokens
         self._audit = audit
         self.hashing = PasswordHashing(settings)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="accounts")
-        self._db: sqlite3.Connection | None = None
-        self._closed = False
         self._addresses = StrikeTable(settings.tracked_addresses)
         self._unknown = StrikeTable(settings.tracked_addresses)
         self._attempts: dict[str, _Turns] = {}
         """Sign-ins under way or waiting, by identifier (only while there are some)."""
 
     # -- plumbing ---------------------------------------------------------------------------
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, fn)
-
-    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._db is None:
-            raise RuntimeError(f"accounts store {self.path} is closed")
-        return fn(self._db)
-
-    def _open_sync(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.path.exists():
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                             timeout=10.0)
-        db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL, not FULL like the records: a commit survives the process dying, and a power
-        # cut may take back the last moments as a whole (a sign-in's session, a strike, a code
-        # used with the password it set: consistent, the doctor signs in again). A sign-in
-        # then costs no disk flush, which the records' durable pairing would queue behind
-        # (docs/benchmarks.md, sign-in load).
-        db.execute("PRAGMA synchronous=NORMAL")
+    # synchronous=NORMAL, not FULL like the records: a commit survives the process dying,
+    # and a power cut may take back the last moments as a whole (a sign-in's session, a
+    # strike, a code used with the password it set: consistent, the doctor signs in again).
+    # A sign-in then costs no disk flush, which the records' durable pairing would queue
+    # behind (docs/benchmarks.md, sign-in load).
+    def _prepare(self, db: sqlite3.Connection) -> None:
         db.executescript(SCHEMA)
         # Sessions that ended long ago only take room.
         horizon = time.time() - 2 * self.settings.session_max_s
-        with _transaction(db):
+        with transaction(db):
             old = "SELECT family_id FROM sessions WHERE started_at < ?"
             db.execute(f"DELETE FROM refresh_tokens WHERE family_id IN ({old})", (horizon,))
             db.execute("DELETE FROM sessions WHERE started_at < ?", (horizon,))
-        self._db = db
-
-    async def open(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._open_sync)
-        logger.info("accounts at %s", self.path)
 
     async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-
-        def _close() -> None:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
-
-        await asyncio.get_running_loop().run_in_executor(self._executor, _close)
-        self._executor.shutdown(wait=True)
+        await super().close()
         self.hashing.close()
 
     async def _record(self, actor: str, action: str, **detail: Any) -> None:
@@ -493,7 +451,7 @@ class Accounts:
         hashed = await self.hashing.hash(password)
 
         def _apply(db: sqlite3.Connection) -> bool:
-            with _transaction(db):
+            with transaction(db):
                 used = db.execute("DELETE FROM activations WHERE code_hash = ? AND "
                                   "expires_at > ?", (code_hash, time.time())).rowcount
                 if used != 1:
@@ -575,7 +533,7 @@ class Accounts:
         family = secrets.token_urlsafe(12)
 
         def _succeed(db: sqlite3.Connection) -> bool:
-            with _transaction(db):
+            with transaction(db):
                 if step is not None:
                     # Conditional: two sign-ins racing with one code, one wins.
                     won = db.execute("UPDATE accounts SET totp_last_step = ? WHERE "
@@ -662,7 +620,7 @@ class Accounts:
         family = secrets.token_urlsafe(12)
 
         def _open(db: sqlite3.Connection) -> None:
-            with _transaction(db):
+            with transaction(db):
                 db.execute("INSERT INTO sessions (family_id, clinician_id, current_hash, "
                            "started_at, refreshed_at) VALUES (?, ?, ?, ?, ?)",
                            (family, clinician_id, digest(refresh), now, now))
@@ -684,7 +642,7 @@ class Accounts:
         s = self.settings
 
         def _rotate(db: sqlite3.Connection) -> tuple[str, str | None, float, str]:
-            with _transaction(db):
+            with transaction(db):
                 row = db.execute(
                     "SELECT s.family_id, s.clinician_id, s.current_hash, s.started_at, "
                     "s.refreshed_at, s.ended_at FROM refresh_tokens t JOIN sessions s ON "
@@ -740,7 +698,7 @@ class Accounts:
         now = time.time()
 
         def _end(db: sqlite3.Connection) -> tuple[str, str] | None:
-            with _transaction(db):
+            with transaction(db):
                 row = db.execute(
                     "SELECT s.family_id, s.clinician_id FROM refresh_tokens t JOIN sessions s"
                     " ON s.family_id = t.family_id WHERE t.token_hash = ? AND s.ended_at IS "

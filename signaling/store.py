@@ -9,13 +9,10 @@ transaction, so exactly one claimant wins even across processes sharing the file
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,6 +26,7 @@ from signaling.models import (
     Minutes,
     Site,
 )
+from signaling.sqlite import SqliteFile, connect, transaction
 
 logger = logging.getLogger(__name__)
 
@@ -80,16 +78,6 @@ _CONSULTATION_COLUMNS = (
 )
 
 
-@contextmanager
-def _transaction(db: sqlite3.Connection) -> Iterator[None]:
-    """A write transaction: BEGIN IMMEDIATE, COMMIT on success, ROLLBACK on any error."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
 
 
 def _request_from_row(row: tuple[Any, ...]) -> ConsultRequest:
@@ -108,53 +96,15 @@ def _consultation_from_row(row: tuple[Any, ...]) -> Consultation:
     )
 
 
-class RecordStore:
+class RecordStore(SqliteFile):
     """The SQLite file under the data directory. Open with ``await open()``, close with
     ``await close()`` (idempotent)."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="records")
-        self._db: sqlite3.Connection | None = None
-        self._closed = False
+        super().__init__(path, name="records", synchronous="FULL")
 
-    # -- plumbing -------------------------------------------------------------------------
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._call, fn)
-
-    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._db is None:
-            raise RuntimeError(f"record store {self.path} is closed")
-        return fn(self._db)
-
-    def _open_sync(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                             timeout=10.0)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
+    def _prepare(self, db: sqlite3.Connection) -> None:
         _prepare(db)
-        self._db = db
-
-    async def open(self) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._open_sync)
-        logger.info("records at %s", self.path)
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-
-        def _close() -> None:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
-
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, _close)
-        self._executor.shutdown(wait=True)
 
     # -- directory ------------------------------------------------------------------------
     async def save_directory(self, sites: Iterable[Site] = (),
@@ -174,7 +124,7 @@ class RecordStore:
     # -- requests -------------------------------------------------------------------------
     async def add_request(self, request: ConsultRequest) -> None:
         def _write(db: sqlite3.Connection) -> None:
-            with _transaction(db):
+            with transaction(db):
                 db.execute(
                     f"INSERT INTO requests ({_REQUEST_COLUMNS}) VALUES "
                     "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -219,7 +169,7 @@ class RecordStore:
         """Move a waiting request to ``cancelled`` or ``expired``; False if it was not waiting."""
 
         def _write(db: sqlite3.Connection) -> bool:
-            with _transaction(db):
+            with transaction(db):
                 cursor = db.execute(
                     "UPDATE requests SET status = ?, closed_at = ? "
                     "WHERE id = ? AND status = 'waiting'", (status, at, request_id),
@@ -230,7 +180,7 @@ class RecordStore:
 
     async def mark_escalated(self, request_id: str, at: float) -> None:
         def _write(db: sqlite3.Connection) -> None:
-            with _transaction(db):
+            with transaction(db):
                 db.execute(
                     "UPDATE requests SET escalated_at = ? WHERE id = ? AND escalated_at IS NULL",
                     (at, request_id),
@@ -247,7 +197,7 @@ class RecordStore:
         """
 
         def _write(db: sqlite3.Connection) -> None:
-            with _transaction(db):
+            with transaction(db):
                 cursor = db.execute(
                     "UPDATE requests SET status = 'accepted', accepted_by = ?, accepted_at = ?, "
                     "consultation_id = ? WHERE id = ? AND status = 'waiting'",
@@ -315,7 +265,7 @@ class RecordStore:
 
     async def save_consultation(self, consultation: Consultation) -> None:
         def _write(db: sqlite3.Connection) -> None:
-            with _transaction(db):
+            with transaction(db):
                 db.execute(
                     "UPDATE consultations SET state = ?, started_at = ?, ended_at = ?, "
                     "site_ids = ?, clinician_ids = ?, invited_site_ids = ?, relay_id = ? "
@@ -332,7 +282,7 @@ class RecordStore:
         """Store the minutes, end the consultation and close its request, in one transaction."""
 
         def _write(db: sqlite3.Connection) -> None:
-            with _transaction(db):
+            with transaction(db):
                 cursor = db.execute(
                     "UPDATE consultations SET state = 'ended', ended_at = ?, conclusion = ?, "
                     "signed_by = ?, signed_at = ? WHERE id = ? AND state != 'ended'",
@@ -355,7 +305,7 @@ class RecordStore:
     # -- chat and attendance ---------------------------------------------------------------
     async def add_chat(self, message: ChatMessage) -> None:
         def _write(db: sqlite3.Connection) -> None:
-            with _transaction(db):
+            with transaction(db):
                 db.execute(
                     "INSERT INTO chat (id, consultation_id, sender_id, site_id, text, sent_at) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
@@ -378,7 +328,7 @@ class RecordStore:
     async def record_join(self, consultation_id: str, clinician_id: str, site_id: str,
                           at: float) -> None:
         def _write(db: sqlite3.Connection) -> None:
-            with _transaction(db):
+            with transaction(db):
                 db.execute(
                     "INSERT INTO attendance (consultation_id, clinician_id, site_id, joined_at) "
                     "VALUES (?, ?, ?, ?)", (consultation_id, clinician_id, site_id, at),
@@ -388,7 +338,7 @@ class RecordStore:
 
     async def record_leave(self, consultation_id: str, clinician_id: str, at: float) -> None:
         def _write(db: sqlite3.Connection) -> None:
-            with _transaction(db):
+            with transaction(db):
                 db.execute(
                     "UPDATE attendance SET left_at = ? WHERE consultation_id = ? "
                     "AND clinician_id = ? AND left_at IS NULL", (at, consultation_id, clinician_id),
@@ -426,7 +376,7 @@ def _prepare(db: sqlite3.Connection) -> None:
 
 def write_directory(db: sqlite3.Connection, sites: list[Site], clinicians: list[Clinician],
                     regions: Mapping[str, str]) -> None:
-    with _transaction(db):
+    with transaction(db):
         db.executemany(
             "INSERT OR REPLACE INTO sites (id, name, tier, region, active, updated_at) "
             "VALUES (?, ?, ?, ?, ?, ?)",
@@ -460,11 +410,8 @@ def open_directory(path: Path, seed: Callable[[], tuple[Directory, str]]) -> Dir
     one (and says where from) and it is written first. Synchronous: start-up and the CLI call
     it before any event loop work, and the server's own connection opens afterwards (WAL lets
     both share the file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, isolation_level=None, timeout=10.0)
+    db = connect(path, synchronous="FULL")
     try:
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
         _prepare(db)
         directory = read_directory(db)
         if directory.all_sites:

@@ -28,14 +28,13 @@ from authlib.common.security import generate_token  # type: ignore[import-untype
 from authlib.common.urls import add_params_to_uri  # type: ignore[import-untyped]
 from authlib.oauth2.rfc7636 import create_s256_code_challenge  # type: ignore[import-untyped]
 from joserfc.jwk import KeySet, RSAKey
-from playwright.async_api import async_playwright
 from yarl import URL
 
 from recorder.audit import AUDIT_LOG, AuditLog
 from signaling.auth_api import REFRESH_COOKIE
 from signaling.oidc import OIDC, OidcFailure
 from tests.support import Client, Server, run_server, write_config
-from tests.web.browser import CHROMIUM, CHROMIUM_PRESENT, FLAGS
+from tests.web.browser import CHROMIUM, CHROMIUM_PRESENT, FLAGS, chromium
 
 PROVIDER_DIR = Path(__file__).resolve().parents[1] / "oidc_provider"
 CLIENT_ID = "telehealth-bridge"
@@ -246,30 +245,25 @@ async def test_chromium_keeps_the_session_across_the_cross_site_redirects(
     own request to /api/auth/refresh carries it. The web client's script is kept from
     running (its own refresh would race the test's: a refresh token is good once)."""
     assert CHROMIUM_PRESENT, f"{CHROMIUM} is missing: `make test` installs Debian's chromium"
-    async with setup(tmp_path, host="localhost") as server, async_playwright() as playwright:
-        launched = await playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                                    args=FLAGS)
-        try:
-            page = await launched.new_page()
-            await page.route("**/app/src/**", lambda route: route.abort())
-            await page.goto(server.url + "/api/auth/oidc/start")
-            assert page.url.startswith("http://localhost:"), page.url
-            await page.fill("input[name=login]", HOSPITAL_LOGIN)
-            await page.fill("input[name=password]", "any")
+    async with setup(tmp_path, host="localhost") as server, chromium(FLAGS) as launched:
+        page = await launched.new_page()
+        await page.route("**/app/src/**", lambda route: route.abort())
+        await page.goto(server.url + "/api/auth/oidc/start")
+        assert page.url.startswith("http://localhost:"), page.url
+        await page.fill("input[name=login]", HOSPITAL_LOGIN)
+        await page.fill("input[name=password]", "any")
+        await page.click("button[type=submit]")
+        await page.wait_for_url("http://localhost:*/interaction/**", timeout=10_000)
+        async with page.expect_navigation(url=server.url + "/", timeout=10_000):
             await page.click("button[type=submit]")
-            await page.wait_for_url("http://localhost:*/interaction/**", timeout=10_000)
-            async with page.expect_navigation(url=server.url + "/", timeout=10_000):
-                await page.click("button[type=submit]")
-            status, body = await page.evaluate(
-                "fetch('/api/auth/refresh', {method: 'POST'})"
-                ".then(async (r) => [r.status, await r.json()])")
-            assert status == 200, body
-            assert server.tokens.verify(body["access_token"]).id == "cardio1"
-            cookies = {c["name"]: c for c in await page.context.cookies(server.url + "/api/auth/")}
-            assert cookies[REFRESH_COOKIE]["httpOnly"]
-            assert cookies[REFRESH_COOKIE]["sameSite"] == "Strict"
-        finally:
-            await launched.close()
+        status, body = await page.evaluate(
+            "fetch('/api/auth/refresh', {method: 'POST'})"
+            ".then(async (r) => [r.status, await r.json()])")
+        assert status == 200, body
+        assert server.tokens.verify(body["access_token"]).id == "cardio1"
+        cookies = {c["name"]: c for c in await page.context.cookies(server.url + "/api/auth/")}
+        assert cookies[REFRESH_COOKIE]["httpOnly"]
+        assert cookies[REFRESH_COOKIE]["sameSite"] == "Strict"
 
 
 async def test_refusals(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

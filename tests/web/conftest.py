@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from playwright.async_api import Browser, async_playwright
+from playwright.async_api import Browser
 
 from tests.support import write_config
-from tests.web.browser import CHROMIUM, CHROMIUM_PRESENT, FLAGS, Site, served_site
+from tests.web.browser import CHROMIUM, CHROMIUM_PRESENT, FLAGS, Site, chromium, served_site
 
 
 @pytest.fixture
@@ -24,10 +24,5 @@ def site(tmp_path: Path) -> Iterator[Site]:
 async def browser() -> AsyncIterator[Browser]:
     if not CHROMIUM_PRESENT:
         pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium")
-    async with async_playwright() as playwright:
-        launched = await playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                                    args=FLAGS)
-        try:
-            yield launched
-        finally:
-            await launched.close()
+    async with chromium(FLAGS) as launched:
+        yield launched

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright, expect
+from playwright.async_api import Browser, ConsoleMessage, Page, expect
 
 from config.settings import load_settings
 from signaling.directory import Directory
@@ -20,6 +20,7 @@ from tests.web.browser import (
     CHROMIUM,
     CHROMIUM_PRESENT,
     FLAGS,
+    chromium,
     open_page,
     page_url,
     request_and_accept,
@@ -75,13 +76,8 @@ async def https_browser(https_site: HttpsSite) -> AsyncIterator[Browser]:
         pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium")
     flags = [*FLAGS, f"--host-resolver-rules=MAP {HOST_NAME} 127.0.0.1",
              f"--ignore-certificate-errors-spki-list={https_site.certificate.spki_hash()}"]
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                                   args=flags)
-        try:
-            yield browser
-        finally:
-            await browser.close()
+    async with chromium(flags) as browser:
+        yield browser
 
 
 async def watched_page(browser: Browser, url: str, console: list[str]) -> Page:
