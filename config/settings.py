@@ -241,8 +241,28 @@ class RelaySettings(_Section):
     """Pause video toward a subscriber whose estimate stays below this. 0: never."""
     bandwidth_window_s: float = Field(default=4.0, gt=0)
     bandwidth_retry_s: float = Field(default=20.0, gt=0)
-    heartbeat_s: float = Field(default=5.0, gt=0)
-    """Standalone nodes heartbeat this often; one silent for 3 heartbeats is dropped."""
+    heartbeat_s: float = Field(default=0.5, gt=0, le=60)
+    """Standalone nodes heartbeat this often (seconds). Default 0.5."""
+    heartbeat_misses: int = Field(default=3, ge=1, le=100)
+    """A node silent for this many heartbeats is taken out and its consultations move.
+    ``heartbeat_s * heartbeat_misses`` is how long a silent relay (power cut, network cut)
+    keeps media stopped before the move starts; the default 1.5 s keeps media back within
+    5 s (docs/failover.md). Default 3."""
+    signaling_grace_s: float = Field(default=120.0, ge=0, le=3600)
+    """A standalone node that loses signaling keeps its rooms' media flowing this long while
+    it reconnects (signaling restarted or upgraded); past it, it closes them. Default 120."""
+    reconnect_delay_max_s: float = Field(default=5.0, gt=0, le=300)
+    """A standalone node redials signaling with back-off from 0.25 s up to this. Default 5."""
+    adopt_wait_s: float = Field(default=15.0, ge=0, le=600)
+    """After `serve` starts, a consultation whose node has not dialled in yet waits this long
+    for it (its media may still be flowing there) before being placed on another relay.
+    Keep it above ``reconnect_delay_max_s``. Default 15."""
+    open_room_timeout_s: float = Field(default=1.0, gt=0, le=60)
+    """A relay that does not answer ``open_room`` within this is skipped for the next one
+    when a consultation is placed or moved. Default 1."""
+    drain_s: float = Field(default=15.0, gt=0, le=600)
+    """A standalone node's SIGTERM: how long it waits for the participants moved off it to
+    connect to their new relay before closing its rooms. Default 15."""
     udp_port_range: tuple[int, int] | None = None
     """``[min, max]``: every UDP socket the relay's ICE binds lies in these ports (the
     hospital firewall opens exactly them). A full range refuses the participant that needs

@@ -86,6 +86,12 @@ class Relay(Protocol):
     async def leave(self, room_id: str, participant_id: str) -> None:
         """Close exactly this participant's publications, subscriptions and connections."""
 
+    async def resume(self, room_id: str, participant_id: str) -> bool:
+        """The participant's signaling connection changed (a reconnect, a restarted
+        signaling, the same relay found again): True if its media is still here, so the
+        client keeps its peer connections (a subscribe offer still unanswered is sent again
+        through ``RelayEvents.offer``); False if it must join afresh (``join``)."""
+
     async def publish(self, room_id: str, participant_id: str, sdp: str,
                       sources: dict[str, str]) -> dict[str, Any]:
         """Answer a publish offer: ``{transport_id, type: "answer", sdp, publications}``."""

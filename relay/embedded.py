@@ -76,6 +76,14 @@ class LocalRelay:
     async def join(self, room_id: str, participant_id: str) -> None:
         await self._room(room_id).join(participant_id)
 
+    async def resume(self, room_id: str, participant_id: str) -> bool:
+        room = self.rooms.get(room_id)
+        participant = room.participants.get(participant_id) if room is not None else None
+        if participant is None:
+            return False
+        await participant.subscriber.resend_offer()
+        return True
+
     async def leave(self, room_id: str, participant_id: str) -> None:
         room = self.rooms.get(room_id)
         if room is None:

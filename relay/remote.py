@@ -22,9 +22,9 @@ logger = logging.getLogger(__name__)
 
 NAMESPACE = NODE_NAMESPACE
 COMMAND_TIMEOUT_S = 15.0
-COMMANDS = ("open_room", "close_room", "join", "leave", "publish", "unpublish", "subscribe",
-            "answer", "add_ice_candidate", "set_audio_only", "stats", "request_keyframe",
-            "probe")
+COMMANDS = ("open_room", "close_room", "join", "leave", "resume", "publish", "unpublish",
+            "subscribe", "answer", "add_ice_candidate", "set_audio_only", "stats",
+            "request_keyframe", "probe")
 RECORD_COMMANDS = ("record_start", "record_stop")
 
 _PACKET = struct.Struct("!HHIBdI")
@@ -103,6 +103,10 @@ class RemoteRelay:
 
     async def leave(self, room_id: str, participant_id: str) -> None:
         await self._command("leave", room_id=room_id, participant_id=participant_id)
+
+    async def resume(self, room_id: str, participant_id: str) -> bool:
+        return bool(await self._command("resume", room_id=room_id,
+                                        participant_id=participant_id))
 
     async def publish(self, room_id: str, participant_id: str, sdp: str,
                       sources: dict[str, str]) -> dict[str, Any]:

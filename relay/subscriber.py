@@ -115,6 +115,9 @@ class Subscriber:
         self._on_loss = on_loss
         self._offered: set[str] = set()
         self._pending: list[Publication] = []
+        self._last_offer: dict[str, Any] | None = None
+        """The offer in flight, sent again by ``resend_offer`` (the client's signaling
+        connection changed while it was on its way)."""
         self._label = f"Subscriber({room_id}/{participant_id})"
 
     # -- offers ---------------------------------------------------------------------------
@@ -184,8 +187,14 @@ class Subscriber:
                 leg.payload_type = types.get(leg.mid)
                 tracks[leg.mid] = leg.subscription.publication.to_wire()
                 self._offered.add(leg.subscription.publication.id)
-        return {"transport_id": self.transport_id, "type": "offer",
-                "sdp": announce(sdp, self.config), "tracks": tracks}
+        self._last_offer = {"transport_id": self.transport_id, "type": "offer",
+                            "sdp": announce(sdp, self.config), "tracks": tracks}
+        return self._last_offer
+
+    async def resend_offer(self) -> None:
+        """Send the unanswered offer again, if there is one."""
+        if self.negotiation.in_flight and self._last_offer is not None and not self.closed:
+            await self._send_offer(self._last_offer)
 
     async def answer(self, transport_id: str, sdp: object) -> None:
         if transport_id != self.transport_id or self.pc is None:
