@@ -617,32 +617,55 @@ async function enterRoom(consultationId, stream) {
       if (text) flash(text, "info"); else console.info("media notice", notice.code);
     },
     onProblem: (problem) => setMediaProblem(problem),
+    onRefusal: (error) => flash(describeError(error)),
   });
   if (testHooks) testHooks.media = room.media;
   if (stream) addLocalTile(stream);
-  try {
-    await room.media.start(stream);
-  } catch (error) { flash(describeError(error)); }
+  // A refusal is flashed (onRefusal) and the session tries again by itself.
+  await room.media.start(stream);
 }
 
-/** The room says when media has no path to the relay (ICE failed, even through TURN). */
+/** The room says when media has no path to the relay (ICE failed, even through TURN), or
+ * waits for a relay (the consultation has none now). */
 function setMediaProblem(problem) {
   const el = document.getElementById("media-problem");
   if (!el) return;
   el.dataset.problem = problem || "";
-  el.textContent = problem === "nopath" ? t("noPath") : "";
+  el.textContent = problem === "nopath" ? t("noPath") : problem === "waiting" ? t("mediaWaitingNote") : "";
   el.hidden = !problem;
 }
 
+/** The signaling connection came back (a network blip, or the server restarted): join the
+ * consultation again (a restarted server has no live state), then resume the media, which kept
+ * flowing meanwhile: the relay keeps it and the connections stay (docs/protocol.md, rule 3).
+ * A refusal that may pass (the server still starting) is tried again, a few times. */
 async function rejoinRoom() {
   const room = state.room;
   if (!room) return;
-  try {
-    const joined = await state.signaling.join(room.id);
-    for (const p of joined.participants) room.participants[p.clinician_id] = p;
-    renderRoomSide();
-    await room.media.rebuild("signaling reconnected");
-  } catch (error) { flash(describeError(error)); }
+  for (let attempt = 1; ; attempt += 1) {
+    try {
+      const joined = await state.signaling.join(room.id);
+      if (state.room !== room) return;
+      room.consultation = joined.consultation;
+      room.participants = {};
+      for (const p of joined.participants) room.participants[p.clinician_id] = p;
+      room.recording = joined.recording;
+      renderRoomSide();
+      renderRecording();
+      break;
+    } catch (error) {
+      const final = error instanceof ProtocolRefusal
+        && ["forbidden", "not_found", "invalid_state", "token_expired", "unauthenticated"].includes(error.code);
+      if (final || attempt >= 4 || !state.signaling.connected) {
+        if (state.signaling.connected) flash(describeError(error));
+        return;
+      }
+      console.warn(`consult:join after a reconnect refused (${error.code || error.message}); trying again`);
+      await new Promise((resolve) => setTimeout(resolve, 1000 * attempt));
+      if (state.room !== room) return;
+    }
+  }
+  room.media.resume("signaling reconnected");
 }
 
 /** Share the screen; a refusal (the doctor cancelled, or a policy) is explained, not raw. */
@@ -661,7 +684,7 @@ function setRoomState(mediaState) {
   el.dataset.state = mediaState;
   el.textContent = mediaState === "reconnecting" ? t("reconnecting")
     : mediaState === "connected" ? t("connected") : mediaState === "failed" ? t("mediaFailed")
-    : t("connecting");
+    : mediaState === "waiting" ? t("mediaWaiting") : t("connecting");
   el.className = `room-state state-${mediaState}`;
 }
 

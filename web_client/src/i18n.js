@@ -54,6 +54,9 @@ const STRINGS = {
     videoResumed: "Kết nối đã tốt hơn: bật lại hình ảnh",
     relayFull: "Máy chủ truyền hình ảnh đang hết cổng kết nối. Vui lòng thử lại sau ít phút và báo phòng CNTT.",
     relayUnreachable: "Không liên lạc được với máy chủ truyền hình ảnh. Đang thử lại; nếu kéo dài, vui lòng báo phòng CNTT.",
+    // No relay can carry the consultation's media now (docs/protocol.md, "When things fail").
+    mediaWaiting: "Đang chờ máy chủ truyền thông…",
+    mediaWaitingNote: "Máy chủ truyền hình ảnh và âm thanh tạm thời chưa sẵn sàng. Hội chẩn vẫn tiếp tục: bạn vẫn trò chuyện và ghi biên bản được; hình ảnh và âm thanh sẽ tự kết nối lại ngay khi có máy chủ.",
     // Sign-in, activation (auth.js) and the directory administration (admin.js).
     clinicianId: "Mã đăng nhập (mã nhân viên)", password: "Mật khẩu",
     totpCode: "Mã xác thực 6 số (trong ứng dụng xác thực)",
@@ -152,6 +155,8 @@ const STRINGS = {
     videoResumed: "The connection improved: video is back on",
     relayFull: "The media server has no connection ports left. Please try again in a few minutes and tell the hospital IT team.",
     relayUnreachable: "The media server cannot be reached. Retrying; if it lasts, please tell the hospital IT team.",
+    mediaWaiting: "Waiting for a media server…",
+    mediaWaitingNote: "No media server can carry video and sound at the moment. The consultation goes on: chat and the minutes still work; video and sound come back by themselves as soon as a server is available.",
     clinicianId: "User id (clinician id)", password: "Password",
     totpCode: "6-digit code (from the authenticator app)",
     totpNeeded: "This account needs a second factor: type the 6-digit code your authenticator app shows.",

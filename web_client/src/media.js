@@ -1,11 +1,22 @@
 // A participant's media in a consultation: one publish connection for camera + microphone,
-// one for a shared screen, one subscribe connection the relay renegotiates. Reconnects by
-// rebuilding the connections (media:join again) when the network drops.
+// one for a shared screen, one subscribe connection the relay renegotiates. When something
+// fails it follows docs/protocol.md ("When things fail"): media never passes through
+// signaling, so a signaling reconnect, or the same relay found again, resumes the media on
+// the connections that still carry it; a new relay, or connections that died by themselves,
+// rebuild them; a consultation without a relay waits, and says so, until one takes it.
 
 import { icePolicy } from "./settings.js";
 
 const GATHER_WAIT_MS = 2000;
 const DISCONNECTED_GRACE_MS = 2500;
+/** While the consultation has no relay, `media:join` is tried again this often: the server
+ * says `media:moved` as soon as a relay takes it, this is only the fallback. */
+const WAITING_RETRY_MS = 5000;
+/** An hour of those retries at most; a `media:moved` with a relay still ends the wait after. */
+const WAITING_RETRIES = 720;
+/** Set-up attempts that fail in a row (not counting waits for a relay) before the room says
+ * media failed; the pause between them doubles from 0.5 s up to 5 s. */
+const MAX_FAILURES = 20;
 /** Connections not up this long after they were set up are said to have no path to the relay
  * (TURN over a slow link connects in a few seconds). ICE goes on meanwhile and the notice goes
  * when they connect: on a loaded PC a connection can take longer, and starting it again would
@@ -83,9 +94,15 @@ export class MediaSession {
    * @param {string} consultationId
    * @param {{onTrack: (t: RemoteTrack) => void, onTrackGone: (publicationId: string) => void,
    *          onState: (state: string) => void, onNotice: (notice: any) => void,
-   *          onProblem?: (problem: ?"nopath") => void}} handlers
+   *          onProblem?: (problem: ?("nopath"|"waiting")) => void,
+   *          onRefusal?: (error: Error) => void}} handlers
+   *   onState: "connecting", "connected", "reconnecting", "waiting" (the consultation has no
+   *   relay now: `media:moved` with `relay: null`, or `media:join` answered `relay_waiting`)
+   *   or "failed".
    *   onProblem: "nopath" when a connection to the relay failed (ICE found no path, even through
-   *   TURN when the ack offered it), null once every connection is up again.
+   *   TURN when the ack offered it), "waiting" while there is no relay, null once every
+   *   connection is up again.
+   *   onRefusal: the first refusal of a series of set-up attempts (the session retries).
    */
   constructor(signaling, consultationId, handlers) {
     this.signaling = signaling;
@@ -106,15 +123,25 @@ export class MediaSession {
     this.audioOnly = false;
     this.state = "idle";
     this.closed = false;
-    /** What stops the media now ("nopath"), null when nothing does. */
+    /** True while the consultation has no relay (the room says so). */
+    this.waiting = false;
+    /** What stops the media now ("nopath", "waiting"), null when nothing does. */
     this.problem = null;
+    /** Peer connections created, and `media:join` answers that kept them (`resumed`): a
+     * resumed session creates none. */
+    this.pcsCreated = 0;
+    this.resumes = 0;
     this.stats = { inbound: {}, outbound: {}, rttMs: null, lossPct: 0, bitrateKbps: 0, quality: "good" };
     this._lastBytes = null;
     this._watchdog = null;
     this._connectDeadline = null;
-    this._rebuilding = null;
+    /** The next set-up wanted ({reason, resume, delayMs}), null when none; `_recover` sets it,
+     * the loop `_recovering` serves it. */
+    this._request = null;
+    this._recovering = null;
+    this._kick = null;         // ends the loop's current pause early
     this._statsTimer = null;
-    this._waits = new Set();   // the ends of the waits under way (gathering, reconnect pauses)
+    this._waits = new Set();   // the ends of the waits under way (gathering, pauses)
     this._listeners = new Listeners();
     this._answering = Promise.resolve();
     /** Milestones of the current connection, for the quality panel and diagnosis. */
@@ -133,7 +160,14 @@ export class MediaSession {
       if (notice.consultation_id === this.consultationId) this.handlers.onNotice(notice);
     });
     listeners.addSignaling(signaling, "media:moved", (event) => {
-      if (event.consultation_id === this.consultationId) this.rebuild("relay moved");
+      if (event.consultation_id !== this.consultationId) return;
+      if (event.relay) {
+        // The same relay found again answers `resumed` and nothing is rebuilt; a new one not.
+        this._recover(`relay moved to ${event.relay.id}`, { resume: true });
+      } else {
+        this._enterWaiting();
+        this._recover("no relay", { resume: true, delayMs: WAITING_RETRY_MS });
+      }
     });
   }
 
@@ -144,11 +178,26 @@ export class MediaSession {
     }
   }
 
-  /** Start with a camera/microphone stream (may be null: receive only). */
-  async start(stream) {
+  /** Start with a camera/microphone stream (may be null: receive only). Resolves once the
+   * first set-up attempt is over (the session goes on retrying or waiting by itself). */
+  start(stream) {
     this.stream = stream;
-    await this._connect();
     this._statsTimer = setInterval(() => this._collectStats(), 1000);
+    return new Promise((resolve) => {
+      this._firstAttempt = resolve;
+      this._recover("start", { resume: false });
+    });
+  }
+
+  /** After the signaling connection came back and the consultation was joined again:
+   * `media:join {resume: true}`, keeping the connections if the relay still carries them. */
+  resume(reason = "signaling reconnected") {
+    return this._recover(reason, { resume: true });
+  }
+
+  /** Tear the connections down and build them again (`media:join` without resume). */
+  rebuild(reason) {
+    return this._recover(reason, { resume: false });
   }
 
   /** How many listeners the session has registered and not removed yet (0 once closed). */
@@ -158,13 +207,153 @@ export class MediaSession {
     this.timeline.push([label, Math.round(performance.now())]);
   }
 
-  async _connect() {
-    this._setState("connecting");
-    this._mark("connect");
-    const joined = await this.signaling.mediaJoin(this.consultationId);
-    this._mark("media:join");
+  /** Ask for the media to be set up again, with `resume` (keep the connections if the relay
+   * still carries them) or without (close and rebuild), after `delayMs`. A request made while
+   * one is served is merged into the next (a rebuild wins over a resume, the shorter delay
+   * wins) and ends the loop's pause. */
+  _recover(reason, { resume, delayMs = 0 }) {
+    if (this.closed) return Promise.resolve();
+    const pending = this._request;
+    this._request = pending
+      ? { reason, resume: resume && pending.resume, delayMs: Math.min(delayMs, pending.delayMs) }
+      : { reason, resume, delayMs };
+    if (this._kick) this._kick();
+    if (!this._recovering) {
+      this._recovering = this._recoverLoop().finally(() => { this._recovering = null; });
+    }
+    return this._recovering;
+  }
+
+  /** Serve set-up requests one at a time until none is left. Without a signaling connection
+   * it stops and keeps the request: app.js calls `resume` once the socket is back and the
+   * consultation joined again (a restarted server knows nothing before that). */
+  async _recoverLoop() {
+    let failures = 0;
+    let waits = 0;
+    while (!this.closed && this._request) {
+      if (!this.signaling.connected) return;
+      const request = this._request;
+      if (request.delayMs > 0) {
+        const pause = request.delayMs;
+        request.delayMs = 0;
+        await this._pause(pause);
+        continue;  // the request may have changed meanwhile
+      }
+      this._request = null;
+      try {
+        await this._setUp(request);
+        failures = 0;
+        waits = 0;
+      } catch (error) {
+        if (this.closed) return;
+        if (error && error.code === "relay_waiting") {
+          this._enterWaiting();
+          waits += 1;
+          if (waits > WAITING_RETRIES) {
+            console.warn("media: still no relay; retrying stops, media:moved will bring it back");
+            return;
+          }
+          if (!this._request) this._request = { reason: "waiting for a relay", resume: true, delayMs: WAITING_RETRY_MS };
+        } else {
+          failures += 1;
+          console.warn(`media: set-up failed (${request.reason}, attempt ${failures}):`,
+                       error && error.code, error && error.message);
+          if (failures === 1 && this.handlers.onRefusal) this.handlers.onRefusal(error);
+          if (failures >= MAX_FAILURES) {
+            this._problem("nopath");
+            this._setState("failed");
+            return;
+          }
+          if (!this._request) {
+            this._request = { reason: request.reason, resume: request.resume,
+                              delayMs: Math.min(500 * 2 ** (failures - 1), 5000) };
+          }
+        }
+      } finally {
+        if (this._firstAttempt) { this._firstAttempt(); this._firstAttempt = null; }
+      }
+    }
+  }
+
+  /** Wait `ms`, or until `_recover` is asked again (or the session closes). */
+  _pause(ms) {
+    return wait(ms, this._waits, (done) => {
+      this._kick = done;
+      return () => { if (this._kick === done) this._kick = null; };
+    });
+  }
+
+  /** One set-up: `media:join` (with resume when there are connections to keep), then keep
+   * them when the relay answers `resumed`, else close them and build new ones. */
+  async _setUp({ reason, resume }) {
+    const keep = resume && this._hasPcs();
+    if (this.state === "idle") this._setState("connecting");
+    this._mark(`media:join${keep ? " resume" : ""} (${reason})`);
+    const joined = await this.signaling.mediaJoin(this.consultationId, keep);
+    this._mark(joined.resumed ? "media:join resumed" : "media:join");
     this.iceServers = joined.ice_servers || [];
     this.iceTransportPolicy = icePolicy(joined.ice_transport_policy);
+    this._leaveWaiting();
+    if (keep && joined.resumed) {
+      // The relay still carries this participant's media: the connections stay as they are
+      // (an offer that was on its way comes again as media:offer).
+      this.resumes += 1;
+      console.info(`media: resumed after ${reason}: connections kept`);
+      if (this._allConnected()) {
+        this._setState("connected");
+        this._problem(null);
+      } else {
+        this._setState("reconnecting");
+      }
+      return;
+    }
+    if (this._hasPcs()) console.info(`media: rebuilding after ${reason}`);
+    this._closePcs();
+    try {
+      await this._build();
+    } catch (error) {
+      this._closePcs();  // half a set-up is never kept: the next attempt starts afresh
+      throw error;
+    }
+  }
+
+  /** Whether there are connections a resumed session could keep. */
+  _hasPcs() {
+    const pcs = [this.publishPc, this.screenPc, this.subscribePc].filter(Boolean);
+    return Boolean(this.subscribePc)
+      && pcs.every((pc) => pc.connectionState !== "failed" && pc.connectionState !== "closed");
+  }
+
+  /** The consultation has no relay: the room says so, and the media comes back by itself. */
+  _enterWaiting() {
+    if (this.closed) return;
+    if (!this.waiting) {
+      console.info("media: waiting for a relay");
+      this._mark("waiting");
+    }
+    this.waiting = true;
+    this._setState("waiting");
+    this._problem("waiting");
+  }
+
+  _leaveWaiting() {
+    if (!this.waiting) return;
+    this.waiting = false;
+    this._mark("relay back");
+    if (this.problem === "waiting") this._problem(null);
+    this._setState("connecting");
+  }
+
+  /** A connection died with no word from signaling (rule 4: the client's own link, or a
+   * path only it lost): rebuild without resume. While waiting, the dead connections go at
+   * once: the room shows no frozen picture. */
+  _lost(reason) {
+    if (this.waiting) this._closePcs();
+    this._recover(reason, { resume: false });
+  }
+
+  async _build() {
+    this._setState("connecting");
     // Receive and send are independent connections: set them up side by side.
     await Promise.all([
       this._subscribe(),
@@ -186,6 +375,7 @@ export class MediaSession {
   }
 
   _newPc() {
+    this.pcsCreated += 1;
     return new RTCPeerConnection({
       iceServers: this.iceServers, iceTransportPolicy: this.iceTransportPolicy, bundlePolicy: "max-bundle",
     });
@@ -195,21 +385,22 @@ export class MediaSession {
     this._listeners.add(pc, "connectionstatechange", () => {
       const state = pc.connectionState;
       if (state === "connected") this._mark("pc connected");
-      if (state === "connected" && this._allConnected()) {
+      if (state === "connected" && this._allConnected() && !this.waiting) {
         this._setState("connected");
         this._problem(null);
       }
       if (state === "failed") {
         console.warn(`media: connection failed (ICE ${pc.iceConnectionState}, policy `
                      + `${this.iceTransportPolicy}, ${this.iceServers.length} ICE servers)`);
-        this._problem("nopath");
-        this.rebuild("connection failed");
+        if (!this.waiting) this._problem("nopath");
+        this._lost("connection failed");
       }
       if (state === "disconnected") {
-        this._setState("reconnecting");
+        if (!this.waiting) this._setState("reconnecting");
         clearTimeout(this._watchdog);
         this._watchdog = setTimeout(() => {
-          if (pc.connectionState !== "connected") this.rebuild("connection lost");
+          const ours = [this.publishPc, this.screenPc, this.subscribePc].includes(pc);
+          if (ours && pc.connectionState !== "connected") this._lost("connection lost");
         }, DISCONNECTED_GRACE_MS);
       }
     });
@@ -375,31 +566,9 @@ export class MediaSession {
     await this.signaling.mode(this.consultationId, audioOnly);
   }
 
-  /** Tear the connections down and build them again over the same signaling session. */
-  rebuild(reason) {
-    if (this.closed) return Promise.resolve();
-    if (this._rebuilding) return this._rebuilding;
-    console.info("media: rebuilding after", reason);
-    this._setState("reconnecting");
-    this._rebuilding = (async () => {
-      for (let attempt = 0; attempt < 20 && !this.closed; attempt += 1) {
-        this._closePcs();
-        try {
-          await this._connect();
-          return;
-        } catch (error) {
-          console.warn("media: reconnect attempt failed", error);
-          await wait(Math.min(500 * 2 ** attempt, 5000), this._waits);
-        }
-      }
-      this._problem("nopath");
-      this._setState("failed");
-    })().finally(() => { this._rebuilding = null; });
-    return this._rebuilding;
-  }
-
   _closePcs() {
     clearTimeout(this._connectDeadline);
+    clearTimeout(this._watchdog);
     for (const pc of [this.publishPc, this.screenPc, this.subscribePc]) {
       if (!pc) continue;
       this._listeners.removeFrom(pc);
@@ -461,6 +630,8 @@ export class MediaSession {
   /** Stop the media and remove every listener and timer the session registered. */
   close() {
     this.closed = true;
+    this._request = null;
+    if (this._firstAttempt) { this._firstAttempt(); this._firstAttempt = null; }
     clearInterval(this._statsTimer);
     clearTimeout(this._watchdog);
     for (const end of [...this._waits]) end();

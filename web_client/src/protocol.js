@@ -56,6 +56,9 @@ export class Signaling {
     });
   }
 
+  /** Whether the socket is connected now (socket.io reconnects it by itself). */
+  get connected() { return this.socket.connected; }
+
   /** @param {string} event @param {(data: any) => void} handler */
   on(event, handler) { this.socket.on(event, handler); }
 
@@ -96,7 +99,15 @@ export class Signaling {
   }
 
   // -- media ----------------------------------------------------------------------------
-  mediaJoin(consultationId) { return this.call("media:join", { consultation_id: consultationId }); }
+  /** `media:join`; with `resume` the relay keeps this participant's media if it still carries
+   * it (the ack says `resumed`), else the media starts afresh.
+   * @returns {Promise<{resumed?: boolean, relay: object, ice_servers: RTCIceServer[],
+   *   ice_transport_policy: "all"|"relay", turn_expires_at: ?number}>} */
+  mediaJoin(consultationId, resume = false) {
+    const payload = { consultation_id: consultationId };
+    if (resume) payload.resume = true;
+    return this.call("media:join", payload);
+  }
   /** @returns {Promise<MediaDescription>} */
   publish(consultationId, sdp, sources) {
     return this.call("media:publish", { consultation_id: consultationId, sdp, sources });
