@@ -11,6 +11,11 @@ starts only when all present agree, asks later joiners too (their media is writt
 agree), and stops if anyone present declines; ``never`` records nothing. The host may stop and
 start again (a new request: those who declined are asked again). A failure (a disk error, no
 relay) stops recording until the host starts it again.
+
+A recording whose media went away while it was on (the consultation moved to another relay, the
+server stopped or died) is ``suspended``: it is still on for everyone (the state shown says so)
+and the recorder opens a new session as soon as the media is back; the rules above still hold
+meanwhile (a host's stop or a decline ends the suspension; nothing resumes by itself then).
 """
 
 from __future__ import annotations
@@ -59,6 +64,9 @@ class ConsentMachine:
     error: str | None = None
     since: float | None = None
     """When the open session started."""
+    suspended: bool = False
+    """Recording was on when its media went away (a relay move, a server restart): it resumes
+    in a new session once the media is back, unless the rules say otherwise meanwhile."""
 
     # -- events ------------------------------------------------------------------------------
     def join(self, clinician_id: str, site_id: str) -> Decision:
@@ -96,16 +104,37 @@ class ConsentMachine:
         """The session failed (a disk error): it stops, and recording stays off until the host
         starts it again."""
         self.error = message
+        self.suspended = False
         return Decision(stop=True) if self.recording else NOTHING
 
     def ended(self) -> Decision:
         """The consultation ended: the session closes."""
+        self.suspended = False
         return Decision(stop=True) if self.recording else NOTHING
+
+    def suspend(self) -> None:
+        """The open session's media went away (its relay is gone, the server stops): recording
+        stays on and resumes in a new session (``decide`` asks for it)."""
+        if self.recording:
+            self.recording = False
+            self.since = None
+            self.suspended = True
+
+    def resume_after_restart(self, *, host_stopped: bool, error: str | None) -> None:
+        """A restarted server found this recording on when the last one stopped (its manifest
+        says so): it resumes as it was, with the consents already given (the answers are loaded
+        separately). A recording the host had stopped, or that had failed, stays off."""
+        self.wanted = not host_stopped
+        self.error = error
+        if self.wanted and error is None:
+            self.started = True
+            self.suspended = True
 
     # -- outcomes the recorder reports -------------------------------------------------------
     def session_started(self, at: float) -> None:
         self.recording = True
         self.started = True
+        self.suspended = False
         self.since = at
 
     def start_failed(self, message: str) -> None:
@@ -135,6 +164,8 @@ class ConsentMachine:
             elif not self.started:
                 wanted_now = bool(self.present) and all(
                     self._answer(c) == "agreed" for c in self.present)
+        if not wanted_now:
+            self.suspended = False
         allowed = self.allowed() if wanted_now else set()
         if wanted_now and allowed:
             if not self.recording:
@@ -163,7 +194,7 @@ class ConsentMachine:
                 return "declined"
             if not self.started:
                 return "pending" if self.present else "off"
-        if self.recording and self.allowed():
+        if (self.recording or self.suspended) and self.allowed():
             return "on"
         return "pending" if self.present else "off"
 

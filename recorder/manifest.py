@@ -26,7 +26,19 @@ The document is the typed :class:`Manifest` (its parts: :class:`Consultation`,
 :class:`Recording`, :class:`ConsentAnswer`, :class:`FileEntry`, :class:`Retention`); ``load``
 is its one reader and ``write_atomic`` its one writer, for the recorder, archive
 verify/prune/export and signaling alike. The JSON layout is format 1, unchanged since the
-manifest was a plain dict: every manifest written since still reads.
+manifest was a plain dict: every manifest written since still reads. Keys added since are
+optional and written only when they say something (``recording.gaps``,
+``recording.host_stopped``), so a manifest without them reads and writes back as it was.
+
+Gaps (``recording.gaps: [{from, to, reason}]``): a recording in progress goes on across a move
+of the consultation to another relay and across a restart of the server, in new files; each
+such break is one gap. ``from`` is the arrival wall-clock of the last packet written before the
+break (else the time it was noticed), ``to`` the arrival of the first packet written after it,
+``reason`` ``relay_lost`` (the relay died or went silent), ``relay_drained`` (the relay was
+stopped for maintenance and handed its consultations over) or ``signaling_restart`` (the
+server stopped or died while recording). ``to`` is ``null`` when recording never resumed (the
+consultation ended, the host stopped recording or a participant declined before the media
+came back): nothing was recorded from ``from`` on.
 """
 
 from __future__ import annotations
@@ -41,7 +53,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+)
 
 FORMAT: Literal[1] = 1
 MANIFEST = "manifest.json"
@@ -132,8 +152,31 @@ class RecordingEvent(_Part):
     at: float
     event: str
     """``started``, ``stopped``, ``requested``, ``failed``, ``relay_changed``,
-    ``interrupted``."""
+    ``interrupted`` (the server stopped or died while recording: recording resumes once the
+    participants are back), ``resumed`` (the first file after a gap opened)."""
     by: str
+
+
+GapReason = Literal["relay_lost", "relay_drained", "signaling_restart"]
+GAP_REASONS: tuple[GapReason, ...] = ("relay_lost", "relay_drained", "signaling_restart")
+
+
+class Gap(_Part):
+    """A break in a recording that went on in new files (the module's docstring)."""
+
+    model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True,
+                              serialize_by_alias=True)
+
+    from_: float = Field(alias="from")
+    """Arrival of the last packet written before the break (else when it was noticed)."""
+    to: float | None = None
+    """Arrival of the first packet written after it; None: recording did not resume."""
+    reason: GapReason
+
+    @classmethod
+    def starting(cls, at: float, reason: GapReason) -> Gap:
+        """A gap open since ``at``."""
+        return cls.model_validate({"from": at, "to": None, "reason": reason})
 
 
 class Recording(_Part):
@@ -145,6 +188,32 @@ class Recording(_Part):
     stopped_at: float | None = None
     error: str | None = None
     events: list[RecordingEvent] = Field(default_factory=list)
+    gaps: list[Gap] = Field(default_factory=list)
+    host_stopped: bool = False
+    """The host (or a coordinator) stopped recording and has not started it again: a
+    restarted server must not start it by itself."""
+
+    @model_serializer(mode="wrap")
+    def _only_what_is_said(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # The keys added after format 1 are left out when they say nothing: a manifest
+        # without them writes back exactly as it was read.
+        data: dict[str, Any] = handler(self)
+        if not data.get("gaps"):
+            data.pop("gaps", None)
+        if not data.get("host_stopped"):
+            data.pop("host_stopped", None)
+        return data
+
+    def open_gap(self) -> Gap | None:
+        """The last gap, if recording has not resumed since."""
+        last = self.gaps[-1] if self.gaps else None
+        return last if last is not None and last.to is None else None
+
+    def resumes(self) -> bool:
+        """The server stopped or died while recording (the last event says so, and the gap
+        it opened is still open): recording goes on when the participants are back."""
+        return (self.open_gap() is not None and bool(self.events)
+                and self.events[-1].event == "interrupted")
 
 
 class ConsentAnswer(_Part):

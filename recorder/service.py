@@ -7,6 +7,13 @@ and keeps ``<archive>/<consultation>/manifest.json`` (:mod:`recorder.manifest`) 
 (atomically) as files open and close. It knows clinicians by id only; who may do what is
 signaling's business.
 
+A recording goes on across a move of the consultation to another relay (``relay_changed``)
+and across a restart of the server (``close`` on a stop, ``restore`` after a kill, then the
+participants' ``joined``): the session of the old media ends, a new one writes new files as
+soon as the media is back, and the manifest lists the break as a gap (``recording.gaps``, see
+:mod:`recorder.manifest`). A recording the host stopped, or that a decline stopped, never
+resumes by itself: the consent machine's rules hold across the break.
+
 Locks: each consultation's ``lock`` orders its events; a session's failure is an event
 (``on_failure``) that takes the lock in a task of the recorder's own, never one that the
 session's ``close()`` waits for, so a failing write while the host ends or stops the recording
@@ -34,6 +41,12 @@ from relay.errors import RelayError
 
 logger = logging.getLogger(__name__)
 
+RESUME_RETRY_S = 1.0
+RESUME_RETRIES = 900
+"""A recording waiting for its media to come back (no relay yet: a restarted server waits for
+the node to dial in again, a consultation waits for a relay with room) tries again every
+second, for at most 15 minutes; a ``relay_changed`` or a participant's join tries at once."""
+
 
 @dataclass
 class _State:
@@ -41,6 +54,11 @@ class _State:
     machine: ConsentMachine
     manifest: mf.Manifest
     session: RoomRecording | None = None
+    relay: Relay | None = None
+    """The relay ``session`` is attached to."""
+    gap: mf.Gap | None = None
+    """The gap (in ``manifest.recording.gaps``) that the next file written closes."""
+    retry: asyncio.Task[None] | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     """Manifest writes one at a time, in order: an older snapshot never replaces a newer."""
@@ -96,6 +114,12 @@ class Recorder:
                 if entry.status == "recording":
                     _describe_file(directory / entry.name, entry)
                     entry.status = "interrupted"
+            if data.recording.open_gap() is None:
+                # What reached the disk ends where the last file ends; recording resumes
+                # once the participants are back (``joined``).
+                ends = [f.ended_at for f in data.files if f.ended_at is not None]
+                data.recording.gaps.append(mf.Gap.starting(
+                    max(ends) if ends else (data.updated_at or now), "signaling_restart"))
             data.recording.status = "interrupted"
             data.recording.stopped_at = now
             data.recording.events.append(
@@ -117,7 +141,19 @@ class Recorder:
             machine = ConsentMachine(policy or "with_consent")
             for answer in data.consent:
                 machine.answers[answer.clinician_id] = (answer.answer, answer.at)
+            recording = data.recording
+            machine.wanted = not recording.host_stopped
+            if recording.status == "failed":
+                machine.error = recording.error
             state = self._states[consultation_id] = _State(consultation_id, machine, data)
+            if recording.resumes():
+                # The server stopped or died while this was recording: it goes on as it was
+                # (the consents given still hold; a host's stop or a decline still stops it).
+                machine.resume_after_restart(host_stopped=recording.host_stopped,
+                                             error=machine.error)
+                state.gap = recording.open_gap()
+                logger.info("recording %s: was on when the server stopped; resumes when the "
+                            "participants are back", consultation_id)
         if policy is not None:
             state.machine.policy = policy
             state.manifest.recording.policy = policy
@@ -158,22 +194,30 @@ class Recorder:
         async with state.lock:
             decision = state.machine.host_start()
             self._event(state, "requested", by)
+            state.manifest.recording.host_stopped = False
             await self._carry_out(state, decision, by=by)
+            await self._write(state)
         return self.state(consultation_id)
 
     async def stop(self, consultation_id: str, by: str) -> dict[str, Any]:
         state = await self._state(consultation_id)
         async with state.lock:
+            # On disk before the ack: a restarted server must not start it again.
+            state.manifest.recording.host_stopped = True
             await self._carry_out(state, state.machine.host_stop(), by=by)
+            await self._write(state)
         return self.state(consultation_id)
 
     async def ended(self, consultation_id: str) -> None:
         """The consultation ended: finish the files and write the final manifest (with the
         minutes) — for every consultation, recorded or not."""
         state = await self._state(consultation_id)
+        self._cancel_retry(state)
         async with state.lock:
             if state.machine.ended().stop:
                 await self._stop_session(state, by="system")
+            elif state.gap is not None:
+                await self._gap_stays_open(state, by="system")
             data = state.manifest
             description = await self._describe(consultation_id)
             if description is not None:
@@ -188,27 +232,124 @@ class Recorder:
         logger.info("archive of consultation %s written (%d files, recording %s)",
                     consultation_id, len(data.files), data.recording.status)
 
-    async def relay_changed(self, consultation_id: str) -> None:
-        """The consultation moved to another relay (its relay node died): the files of the old
-        one end there, and recording goes on from the new relay in new files."""
+    async def relay_changed(self, consultation_id: str, *, lost_at: float | None = None,
+                            reason: mf.GapReason = "relay_lost") -> None:
+        """The consultation's media moved (its relay died, went silent or was drained; a
+        restarted server placed or adopted it): the files of the old relay end there, and
+        recording goes on from the new one in new files. The break is a gap from the last
+        packet written (else ``lost_at``, default now) to the first one written from the new
+        relay. Also the signal that a recording waiting for its media can start now."""
         state = self._states.get(consultation_id)
         if state is None:
             return
+        noticed = time.time() if lost_at is None else lost_at
         async with state.lock:
+            relay = self._relay_for(consultation_id)
+            if state.session is not None and relay is not None and relay is state.relay:
+                return  # the same relay, still streaming to this session: nothing moved
             session, state.session = state.session, None
+            old, state.relay = state.relay, None
             if session is not None:
+                if reason == "relay_drained" and old is not None and old is not relay:
+                    # A drained relay still forwards until its participants have left it.
+                    await _detach(old, consultation_id, session)
                 await session.close()
-                state.machine.session_stopped()
+                state.machine.suspend()
                 self._event(state, "relay_changed", "system")
+                self._open_gap(state, session.last_arrival or noticed, reason)
+                logger.info("recording %s: relay changed (%s); the gap starts at %.3f",
+                            consultation_id, reason, state.gap.from_ if state.gap else noticed)
             await self._carry_out(state, state.machine.decide(), by="system")
+            await self._write(state)
 
     async def close(self) -> None:
-        """The process stops: finish every file (the manifests say ``complete`` for what was
-        closed cleanly; the consultation goes on after a restart)."""
+        """The process stops: finish every file (``complete``). A recording that was on is
+        marked ``interrupted`` (an event and an open gap): a restarted server resumes it
+        when the participants are back."""
         for state in list(self._states.values()):
+            self._cancel_retry(state)
             async with state.lock:
-                await self._stop_session(state, by="system")
+                await self._interrupt(state)
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _interrupt(self, state: _State) -> None:
+        session, state.session = state.session, None
+        relay, state.relay = state.relay, None
+        if session is None and not state.machine.suspended:
+            return
+        now = time.time()
+        if session is not None:
+            if relay is not None:
+                await _detach(relay, state.consultation_id, session)
+            await session.close()
+            state.machine.suspend()
+        self._open_gap(state, (session.last_arrival if session else None) or now,
+                       "signaling_restart")
+        recording = state.manifest.recording
+        recording.stopped_at = now
+        if recording.status == "recording":
+            recording.status = "stopped"
+        self._event(state, "interrupted", "system")
+        await self._write(state)
+        directory = mf.consultation_dir(self.archive, state.consultation_id)
+        await asyncio.to_thread(_remove_marker, directory)
+        await self.audit.append_async("system", "recording.interrupted", state.consultation_id)
+        logger.info("recording %s interrupted by the server's stop; it resumes after the "
+                    "restart", state.consultation_id)
+
+    # -- gaps ------------------------------------------------------------------------------
+    def _open_gap(self, state: _State, start: float, reason: mf.GapReason) -> None:
+        """A break begins (unless one is open already: a second break before the media came
+        back is the same gap)."""
+        if state.gap is not None:
+            return
+        state.gap = mf.Gap.starting(start, reason)
+        state.manifest.recording.gaps.append(state.gap)
+
+    async def _gap_stays_open(self, state: _State, *, by: str) -> None:
+        """Recording will not resume (the consultation ended, the host stopped it, a decline):
+        the open gap keeps ``to`` = None, and the recording is over."""
+        gap, state.gap = state.gap, None
+        if gap is None:
+            return
+        self._cancel_retry(state)
+        recording = state.manifest.recording
+        if recording.status == "recording":
+            recording.status = "stopped"
+            recording.stopped_at = time.time()
+            self._event(state, "stopped", by)
+        logger.info("recording %s: did not resume after the %s gap (from %.3f)",
+                    state.consultation_id, gap.reason, gap.from_)
+        await self._write(state)
+        directory = mf.consultation_dir(self.archive, state.consultation_id)
+        await asyncio.to_thread(_remove_marker, directory)
+
+    def _retry_later(self, state: _State) -> None:
+        if state.retry is not None and not state.retry.done():
+            return
+        state.retry = asyncio.ensure_future(self._retry(state))
+        self._tasks.add(state.retry)
+        state.retry.add_done_callback(self._tasks.discard)
+
+    async def _retry(self, state: _State) -> None:
+        for _ in range(RESUME_RETRIES):
+            await asyncio.sleep(RESUME_RETRY_S)
+            if self._states.get(state.consultation_id) is not state:
+                return
+            async with state.lock:
+                if not state.machine.suspended or state.session is not None:
+                    return
+                await self._carry_out(state, state.machine.decide(), by="system")
+                if state.session is not None:
+                    return
+        logger.warning("recording %s: its media did not come back within %.0f s; it resumes "
+                       "at the next join or relay change", state.consultation_id,
+                       RESUME_RETRY_S * RESUME_RETRIES)
+
+    @staticmethod
+    def _cancel_retry(state: _State) -> None:
+        if state.retry is not None and state.retry is not asyncio.current_task():
+            state.retry.cancel()
 
     # -- carrying out the state machine's decisions ----------------------------------------
     async def _carry_out(self, state: _State, decision: Decision, *, by: str) -> None:
@@ -221,6 +362,8 @@ class Recorder:
             await self._stop_session(state, by=by)
         if decision.allow is not None and state.session is not None:
             state.session.allow(set(decision.allow))
+        if state.gap is not None and state.session is None and not state.machine.suspended:
+            await self._gap_stays_open(state, by=by)
         await self._publish(state)
         after = state.machine.status()
         if after != before:
@@ -229,6 +372,13 @@ class Recorder:
     async def _start_session(self, state: _State, by: str) -> None:
         relay = self._relay_for(state.consultation_id)
         if relay is None:
+            if state.machine.suspended:
+                # Its media is away (a move under way, a restarted server waiting for the
+                # node): not a failure; it starts once the media is back.
+                logger.info("recording %s: waiting for the consultation's relay to resume",
+                            state.consultation_id)
+                self._retry_later(state)
+                return
             state.machine.start_failed("the consultation has no relay")
             return
         directory = mf.consultation_dir(self.archive, state.consultation_id)
@@ -247,10 +397,16 @@ class Recorder:
             await session.close()
             message = exc.message if isinstance(exc, RelayError) else \
                 f"cannot write the archive: {exc.strerror or exc}"
+            if isinstance(exc, RelayError) and state.machine.suspended:
+                logger.info("recording %s: the relay cannot take the recorder yet (%s); "
+                            "trying again", state.consultation_id, exc.code)
+                self._retry_later(state)
+                return
             state.machine.start_failed(message)
             logger.error("recording %s cannot start: %s", state.consultation_id, message)
             return
         state.session = session
+        state.relay = relay
         now = time.time()
         state.machine.session_started(now)
         recording = state.manifest.recording
@@ -266,14 +422,12 @@ class Recorder:
 
     async def _stop_session(self, state: _State, *, by: str) -> None:
         session, state.session = state.session, None
+        state.relay = None
         if session is None:
             return
         relay = self._relay_for(state.consultation_id)
         if relay is not None:
-            try:
-                await relay.detach_sink(state.consultation_id, session)
-            except RelayError as exc:
-                logger.info("recording %s: detach: %s", state.consultation_id, exc.code)
+            await _detach(relay, state.consultation_id, session)
         await session.close()
         state.machine.session_stopped()
         recording = state.manifest.recording
@@ -281,6 +435,11 @@ class Recorder:
         if recording.status == "recording":
             recording.status = "failed" if state.machine.error else "stopped"
         self._event(state, "stopped", by)
+        if state.gap is not None:
+            # Stopped before anything was written after the break: the gap stays open.
+            logger.info("recording %s: stopped before it resumed after the %s gap",
+                        state.consultation_id, state.gap.reason)
+            state.gap = None
         await self._write(state)
         directory = mf.consultation_dir(self.archive, state.consultation_id)
         await asyncio.to_thread(_remove_marker, directory)
@@ -293,6 +452,13 @@ class Recorder:
     async def _file_opened(self, state: _State, entry: mf.FileEntry) -> None:
         entry.site_id = state.machine.present.get(entry.participant_id)
         state.manifest.files.append(entry)
+        gap, state.gap = state.gap, None
+        if gap is not None:
+            # A file's time 0 is the arrival of its first frame: the first packet written
+            # since the break.
+            gap.to = entry.started_at
+            logger.info("recording %s resumed after a %s gap of %.2f s", state.consultation_id,
+                        gap.reason, gap.to - gap.from_)
         await self._write(state)
 
     async def _file_closed(self, state: _State, entry: mf.FileEntry) -> None:
@@ -366,6 +532,20 @@ class Recorder:
             return state.manifest.model_copy(deep=True)
         path = self.manifest_path(consultation_id)
         return mf.load(path) if path.exists() else None
+
+
+async def _detach(relay: Relay, consultation_id: str, session: RoomRecording) -> None:
+    try:
+        await asyncio.wait_for(relay.detach_sink(consultation_id, session), DETACH_TIMEOUT_S)
+    except RelayError as exc:
+        logger.info("recording %s: detach: %s", consultation_id, exc.code)
+    except TimeoutError:
+        logger.info("recording %s: detach: no answer within %.0f s", consultation_id,
+                    DETACH_TIMEOUT_S)
+
+
+DETACH_TIMEOUT_S = 2.0
+"""A relay that does not answer a detach (a node gone silent) does not hold the recording."""
 
 
 def _make_marker(directory: Path) -> None:

@@ -92,6 +92,9 @@ class RoomRecording:
         self.allowed: set[str] = set()
         self.failed: str | None = None
         self.closed = False
+        self.last_arrival: float | None = None
+        """Arrival wall-clock of the last frame written (a gap after this session starts
+        there)."""
         self._hold_s = hold_s
         self._cluster_ms = cluster_ms
         self._fsync_interval_s = fsync_interval_s
@@ -265,6 +268,9 @@ class RoomRecording:
             media.write(pub.index, frame.data, ms, frame.keyframe)
         except RecordingError as exc:
             self._fail(exc)
+            return
+        if self.last_arrival is None or frame.arrival > self.last_arrival:
+            self.last_arrival = frame.arrival
 
     def _close_group_file(self, group: _Group, status: FileStatus = "complete") -> None:
         media, entry = group.file, group.entry

@@ -13,7 +13,7 @@ from typing import Any
 
 from config.settings import RecordingSettings
 from recorder.consent import strictest
-from recorder.manifest import Description
+from recorder.manifest import GAP_REASONS, Description, Recording
 from recorder.service import Notify, Recorder
 from signaling import permissions
 from signaling.directory import Directory
@@ -105,8 +105,18 @@ class RecordingControl:
     async def ended(self, consultation_id: str) -> None:
         await self.recorder.ended(consultation_id)
 
-    async def relay_changed(self, consultation_id: str) -> None:
-        await self.recorder.relay_changed(consultation_id)
+    async def relay_changed(self, consultation_id: str, *, lost_at: float | None = None,
+                            reason: str = "relay_lost") -> None:
+        """The consultation's media moved to another relay (``reason``: ``relay_lost``,
+        ``relay_drained``, ``signaling_restart``; ``lost_at``: when the old relay was lost,
+        default now), or a waiting one got a relay: recording goes on in new files and the
+        manifest records the gap."""
+        gap_reason = next((r for r in GAP_REASONS if r == reason), None)
+        if gap_reason is None:
+            logger.warning("recording %s: unknown relay change %r, taken as relay_lost",
+                           consultation_id, reason)
+            gap_reason = "relay_lost"
+        await self.recorder.relay_changed(consultation_id, lost_at=lost_at, reason=gap_reason)
 
     # -- clients' requests ---------------------------------------------------------------------
     async def _present(self, principal: Principal, consultation_id: str) -> Consultation:
@@ -173,7 +183,7 @@ class RecordingControl:
                                                {"files": len(files)})
         return {
             "consultation_id": consultation_id,
-            "recording": manifest.recording.model_dump(mode="json") if manifest else None,
+            "recording": _recording_wire(manifest.recording) if manifest else None,
             "retention": manifest.retention.model_dump(mode="json") if manifest else None,
             "files": files,
         }
@@ -190,3 +200,10 @@ class RecordingControl:
         await self.recorder.audit.append_async(principal.id, "recording.download",
                                                consultation_id, {"file": name})
         return path
+
+
+def _recording_wire(recording: Recording) -> dict[str, Any]:
+    """The manifest's recording part as the API shows it: ``gaps`` always listed (the
+    manifest leaves an empty list out)."""
+    return {**recording.model_dump(mode="json", exclude={"host_stopped"}),
+            "gaps": [gap.model_dump(mode="json") for gap in recording.gaps]}

@@ -1,0 +1,299 @@
+"""A recording in progress across a relay move and across a restart of the server: it goes on
+in new files and the manifest records the gap (``recording.gaps``) with its times.
+
+The relays are real LocalRelays on 127.0.0.1 with real aiortc participants publishing
+counter-stamped video and a tone; the recorder is the real one, each part is decoded back with
+PyAV. A "restart" is what the server does around its recorder: ``close()`` on the old one (a
+stop) or nothing at all (a kill), then a new Recorder on the same archive: ``restore()``, and
+the participants' joins. Meanwhile the relay (a standalone node in production) keeps the
+media flowing."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from recorder import manifest as mf
+from recorder.archive import verify_archive
+from recorder.service import Recorder
+from relay.api import Relay
+from tests.media import wait_for
+from tests.recorder.media_check import decode, dominant_hz
+from tests.recorder.recordings import file_entry
+from tests.relay.peers import ROOM, relay_room
+
+CID = ROOM
+"""The recorder records the room named after the consultation."""
+FPS = 15
+TONE = 660.0
+
+
+def recorder_on(archive: Path, relay_for: Callable[[str], Relay | None]) -> Recorder:
+    async def describe(consultation_id: str) -> None:
+        return None
+
+    async def notify(consultation_id: str, state: dict[str, Any]) -> None:
+        pass
+
+    return Recorder(archive, relay_for=relay_for, describe=describe, notify=notify,
+                    cluster_ms=200, fsync_interval_s=0.5)
+
+
+def manifest(recorder: Recorder) -> mf.Manifest:
+    found = recorder.manifest_of(CID)
+    assert found is not None
+    return found
+
+
+def on_disk(archive: Path) -> mf.Manifest:
+    return mf.load(archive / CID / mf.MANIFEST)
+
+
+def camera_files(data: mf.Manifest, participant: str = "cardio1") -> list[mf.FileEntry]:
+    return [f for f in data.files if f.participant_id == participant and f.source == "camera"]
+
+
+def check_part(archive: Path, entry: mf.FileEntry, *, seconds: float) -> float:
+    """The part decodes: ``seconds`` of video at least, every frame in order, the tone; returns
+    the wall-clock arrival of its last video frame."""
+    decoded = decode(archive / CID / entry.name)
+    assert decoded.errors == 0, entry.name
+    counters = decoded.counters
+    assert len(counters) >= seconds * FPS, (entry.name, len(counters))
+    assert counters == sorted(counters), entry.name
+    assert len(counters) >= 0.95 * (counters[-1] - counters[0] + 1), entry.name
+    assert abs(dominant_hz(decoded.samples, decoded.sample_rate) - TONE) <= 5, entry.name
+    return entry.started_at + decoded.video_pts[-1]
+
+
+async def test_a_recording_goes_on_across_a_relay_move(tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    async with relay_room() as first, relay_room() as second:
+        placed: dict[str, Relay] = {"relay": first.relay}
+        recorder = recorder_on(archive, lambda cid: placed["relay"])
+        try:
+            state = await recorder.joined(CID, "always", "cardio1", "c1")
+            assert state["status"] == "on"
+            peer = await first.join("cardio1", subscribe=False, audio_hz=TONE)
+            await wait_for(lambda: bool(camera_files(manifest(recorder))), 15, "the first file")
+            await asyncio.sleep(2.5)
+
+            # The relay goes silent: no more media from here; signaling notices 1.5 s later
+            # (heartbeat 0.5 s x 3), moves the consultation and tells the recorder.
+            cut_at = time.time()
+            await peer.close()
+            await asyncio.sleep(1.5)
+            placed["relay"] = second.relay
+            await recorder.relay_changed(CID, lost_at=time.time(), reason="relay_lost")
+            assert recorder.state(CID)["status"] == "on"  # still on, across the move
+            moving = manifest(recorder).recording
+            assert [(g.reason, g.to) for g in moving.gaps] == [("relay_lost", None)]
+            assert abs(moving.gaps[0].from_ - cut_at) <= 0.5, (moving.gaps[0], cut_at)
+
+            # The participant's client reaches the new relay (media:moved, media:join).
+            await asyncio.sleep(0.5)
+            back_at = time.time()
+            await second.join("cardio1", subscribe=False, audio_hz=TONE)
+            await wait_for(lambda: len(camera_files(manifest(recorder))) == 2, 15,
+                           "a file from the new relay")
+            await asyncio.sleep(2.5)
+            await recorder.ended(CID)
+        finally:
+            await recorder.close()
+
+    data = on_disk(archive)
+    (gap,) = data.recording.gaps
+    before, after = camera_files(data)
+    print(f"cut at {cut_at:.3f}, back at {back_at:.3f} (outage {back_at - cut_at:.2f} s); "
+          f"gap {gap.from_:.3f} -> {gap.to} ({(gap.to or 0) - gap.from_:.2f} s)")
+    assert gap.reason == "relay_lost"
+    assert gap.to is not None
+    # The gap is the outage: from the last packet written (media stopped at the cut) to the
+    # first one written from the new relay (its connection, then the first keyframe).
+    assert abs(gap.from_ - cut_at) <= 0.5
+    assert back_at <= gap.to <= back_at + 2.0
+    assert abs((gap.to - gap.from_) - (back_at - cut_at)) <= 1.5
+    assert gap.to == after.started_at
+    assert abs(check_part(archive, before, seconds=2.0) - gap.from_) <= 0.5
+    check_part(archive, after, seconds=2.0)
+    assert [e.event for e in data.recording.events] == [
+        "started", "relay_changed", "started", "stopped"]
+    assert data.recording.status == "complete"
+    assert {f.status for f in data.files} == {"complete"}
+    report = verify_archive(archive)
+    assert report.ok, report.problems
+
+
+@pytest.mark.parametrize("policy", ["always", "with_consent"])
+async def test_a_recording_resumes_after_the_server_restarts(tmp_path: Path,
+                                                             policy: str) -> None:
+    archive = tmp_path / "archive"
+    async with relay_room() as node:
+        before = recorder_on(archive, lambda cid: node.relay)
+        try:
+            await before.joined(CID, policy, "cardio1", "c1")
+            await before.joined(CID, policy, "ref1", "d1")
+            if policy == "with_consent":
+                for clinician in ("cardio1", "ref1"):
+                    await before.consent(CID, clinician, True)
+                # A late joiner who has not answered yet: recording goes on without them.
+                await before.joined(CID, policy, "ref2", "d2")
+            assert before.state(CID)["status"] == "on"
+            await node.join("cardio1", subscribe=False, audio_hz=TONE)
+            await wait_for(lambda: bool(camera_files(manifest(before))), 15, "the first file")
+            await asyncio.sleep(2.5)
+            stopped_at = time.time()
+        finally:
+            await before.close()  # serve stops; the node keeps the media flowing
+
+        stopped = on_disk(archive)
+        assert stopped.recording.events[-1].event == "interrupted"
+        assert [(g.reason, g.to) for g in stopped.recording.gaps] == [
+            ("signaling_restart", None)]
+        assert not (archive / CID / mf.RECORDING_MARKER).exists()
+        await asyncio.sleep(1.0)  # the new process starts
+
+        after = recorder_on(archive, lambda cid: node.relay)
+        try:
+            assert await after.restore() == []  # a stop, not a kill: nothing to mark
+            rejoined_at = time.time()
+            order = ("ref2", "cardio1", "ref1") if policy == "with_consent" else (
+                "cardio1", "ref1")
+            for clinician in order:
+                state = await after.joined(CID, policy, clinician, "c1")
+            assert state["status"] == "on", state
+            if policy == "with_consent":
+                answers = {a["clinician_id"]: a["answer"] for a in state["consent"]}
+                assert answers == {"cardio1": "agreed", "ref1": "agreed", "ref2": "pending"}
+            await wait_for(lambda: len(camera_files(manifest(after))) == 2, 15,
+                           "a file after the restart")
+            await asyncio.sleep(2.5)
+            await after.ended(CID)
+        finally:
+            await after.close()
+
+    data = on_disk(archive)
+    (gap,) = data.recording.gaps
+    first, second = camera_files(data)
+    print(f"{policy}: stopped at {stopped_at:.3f}, rejoined at {rejoined_at:.3f}; "
+          f"gap {gap.from_:.3f} -> {gap.to} ({(gap.to or 0) - gap.from_:.2f} s)")
+    assert gap.reason == "signaling_restart"
+    assert gap.to is not None
+    assert abs(gap.from_ - stopped_at) <= 0.5
+    assert rejoined_at <= gap.to <= rejoined_at + 2.0
+    assert gap.to == second.started_at
+    assert abs(check_part(archive, first, seconds=2.0) - gap.from_) <= 0.5
+    check_part(archive, second, seconds=2.0)
+    assert {f.participant_id for f in data.files} == {"cardio1"}  # only cardio1 publishes
+    assert [e.event for e in data.recording.events] == [
+        "started", "interrupted", "started", "stopped"]
+    assert data.recording.status == "complete"
+    report = verify_archive(archive)
+    assert report.ok, report.problems
+
+
+async def test_a_recording_the_host_stopped_does_not_restart(tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    async with relay_room() as node:
+        before = recorder_on(archive, lambda cid: node.relay)
+        try:
+            await before.joined(CID, "always", "cardio1", "c1")
+            await node.join("cardio1", subscribe=False, audio_hz=TONE)
+            await wait_for(lambda: bool(camera_files(manifest(before))), 15, "the first file")
+            await asyncio.sleep(1.0)
+            assert (await before.stop(CID, "cardio1"))["status"] == "stopped"
+        finally:
+            await before.close()
+        assert on_disk(archive).recording.host_stopped
+
+        after = recorder_on(archive, lambda cid: node.relay)
+        try:
+            await after.restore()
+            state = await after.joined(CID, "always", "cardio1", "c1")
+            assert state["status"] == "stopped"
+            await asyncio.sleep(2.0)  # media flows on the node all along
+            assert len(manifest(after).files) == 1
+            # The host's word alone starts it again.
+            assert (await after.start(CID, "cardio1"))["status"] == "on"
+            assert not manifest(after).recording.host_stopped
+            await wait_for(lambda: len(manifest(after).files) == 2, 15, "the host's restart")
+            await after.ended(CID)
+        finally:
+            await after.close()
+    data = on_disk(archive)
+    assert data.recording.gaps == []
+    assert [e.event for e in data.recording.events] == [
+        "started", "stopped", "requested", "started", "stopped"]
+
+
+async def test_a_decline_before_the_restart_still_holds_after_it(tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    async with relay_room() as node:
+        before = recorder_on(archive, lambda cid: node.relay)
+        try:
+            for clinician in ("cardio1", "ref1"):
+                await before.joined(CID, "with_consent", clinician, "c1")
+            await before.consent(CID, "cardio1", True)
+            assert (await before.consent(CID, "ref1", False))["status"] == "declined"
+        finally:
+            await before.close()
+        after = recorder_on(archive, lambda cid: node.relay)
+        try:
+            await after.restore()
+            for clinician in ("cardio1", "ref1"):
+                state = await after.joined(CID, "with_consent", clinician, "c1")
+            assert state["status"] == "declined"
+            await after.ended(CID)
+        finally:
+            await after.close()
+    data = on_disk(archive)
+    assert data.files == [] and data.recording.gaps == []
+    assert data.recording.status == "declined"
+
+
+async def test_killed_while_recording_the_gap_starts_at_the_last_packet_on_disk(
+    tmp_path: Path, clip: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    """kill -9 leaves a file cut short, the marker and a manifest saying ``recording``; the
+    restarted recorder marks it interrupted and opens the gap where the file ends. When the
+    consultation ends before the media is back, the gap stays open (``to`` null)."""
+    archive = tmp_path / "archive"
+    directory = archive / CID
+    directory.mkdir(parents=True)
+    shutil.copyfile(clip[0], directory / "cardio1-camera-1.webm")
+    started_at = time.time() - 60
+    data = mf.new_manifest(CID)
+    data.recording.status = "recording"
+    data.recording.started_at = started_at
+    data.recording.events.append(mf.RecordingEvent(at=started_at, event="started",
+                                                   by="cardio1"))
+    data.files = [file_entry(directory, "cardio1-camera-1.webm", "cardio1",
+                             started_at=started_at, seconds=1.0, tracks=clip[1],
+                             status="recording")]
+    mf.write_atomic(directory / mf.MANIFEST, data)
+    (directory / mf.RECORDING_MARKER).touch()
+
+    recorder = recorder_on(archive, lambda cid: None)  # the node has not dialed in yet
+    try:
+        assert await recorder.restore() == [CID]
+        (gap,) = on_disk(archive).recording.gaps
+        assert gap.reason == "signaling_restart" and gap.to is None
+        assert started_at + 0.8 <= gap.from_ <= started_at + 1.1, gap.from_ - started_at
+        state = await recorder.joined(CID, "always", "cardio1", "c1")
+        assert state["status"] == "on"  # resuming as soon as the relay is back
+        await recorder.ended(CID)
+    finally:
+        await recorder.close()
+    ended = on_disk(archive)
+    assert [(g.from_, g.to) for g in ended.recording.gaps] == [(gap.from_, None)]
+    assert ended.recording.status == "interrupted"
+    assert [e.event for e in ended.recording.events] == ["started", "interrupted"]
+    assert not (directory / mf.RECORDING_MARKER).exists()
+    report = verify_archive(archive)
+    assert report.ok, report.problems
