@@ -665,7 +665,7 @@ async function rejoinRoom() {
       if (state.room !== room) return;
     }
   }
-  room.media.resume("signaling reconnected");
+  if (room.media) room.media.resume("signaling reconnected");
 }
 
 /** Share the screen; a refusal (the doctor cancelled, or a policy) is explained, not raw. */
