@@ -126,6 +126,10 @@ class LocalRelay:
     async def attach_sink(self, room_id: str, sink: MediaSink) -> None:
         self._room(room_id).attach_sink(sink)
 
+    async def announce_to(self, room_id: str, sink: MediaSink) -> int:
+        """Announce every publication of the room to ``sink`` again (Room.announce_to)."""
+        return self._room(room_id).announce_to(sink)
+
     async def detach_sink(self, room_id: str, sink: MediaSink) -> None:
         room = self.rooms.get(room_id)
         if room is not None:

@@ -7,13 +7,24 @@ Signaling sends commands as events with an ack; the node answers ``{"ok": true, 
 ``relay:notice`` and ``relay:heartbeat``. While a room is recorded (``record_start``) the node
 also streams the room's encoded packets up as ``relay:media`` (see ``pack_packets``), which
 ``RemoteRelay`` hands to the recorder's MediaSink here. This module has no aiortc import:
-signaling uses ``RemoteRelay`` from it."""
+signaling uses ``RemoteRelay`` from it.
+
+The node's lifecycle calls (relay/node.py): after each (re)connect the node calls
+``relay:hello`` (``Hello``: the rooms it still holds) and signaling answers ``HelloResult``
+(the rooms it adopts, the rooms the node closes); on SIGTERM the node calls ``relay:drain``
+and signaling answers ``DrainResult`` once the consultations moved off the node have their
+participants connected elsewhere (or after ``relay.drain_s``). A node keeps its rooms' media
+flowing while signaling is away, so a ``RemoteRelay`` built for a node that dialled in again
+may find rooms, and a recorded room's stream, already running there: ``record_start`` on a
+room the node already streams announces every publication again (``added``)."""
 
 from __future__ import annotations
 
 import logging
 import struct
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from relay.api import NODE_NAMESPACE, MediaSink, RelayInfo
 from relay.errors import RelayError
@@ -59,6 +70,59 @@ class RemoteRelayError(RelayError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class HelloRoom(BaseModel):
+    room_id: str
+    participants: list[str]
+    """The participants whose media the node still carries."""
+    recording: bool
+    """The room's media is streamed up to a recorder (``record_start``)."""
+
+
+class Hello(BaseModel):
+    """``relay:hello``: what a node says right after each (re)connect."""
+
+    rooms: list[HelloRoom]
+
+
+class HelloResult(BaseModel):
+    """Signaling's answer to ``relay:hello``."""
+
+    adopted: list[str]
+    """Rooms of open consultations now placed on this node: their media goes on."""
+    close: list[str]
+    """Rooms signaling does not want here (ended, or moved elsewhere meanwhile)."""
+
+
+class DrainResult(BaseModel):
+    """Signaling's answer to ``relay:drain``."""
+
+    moved: int
+    """Consultations moved off the node."""
+    connected: int
+    """Participants connected on their new relay when signaling answered."""
+    waited_s: float
+
+
+ResultT = TypeVar("ResultT", bound=BaseModel)
+
+
+def parse_answer(event: str, answer: Any, model: type[ResultT]) -> ResultT:
+    """The ``result`` of an ``{ok: true, result}`` answer to ``event``, validated; raises
+    RemoteRelayError for an ``{error: {code, message}}`` answer or one that does not fit."""
+    if isinstance(answer, dict) and isinstance(answer.get("error"), dict):
+        error = answer["error"]
+        raise RemoteRelayError(str(error.get("code")), str(error.get("message")))
+    if not isinstance(answer, dict) or answer.get("ok") is not True:
+        raise RemoteRelayError("invalid_answer", f"{event} was answered with {answer!r:.200}")
+    try:
+        return model.model_validate(answer.get("result"))
+    except ValidationError as exc:
+        raise RemoteRelayError("invalid_answer",
+                               f"{event} was answered with an invalid result: "
+                               f"{exc.error_count()} errors, first: "
+                               f"{exc.errors()[0]['loc']} {exc.errors()[0]['msg']}") from None
 
 
 class Caller(Protocol):

@@ -83,6 +83,20 @@ class Room:
         for publication in self._publications():
             publication.add_sink(sink)
 
+    def announce_to(self, sink: MediaSink) -> int:
+        """Give an attached sink every publication again (``publication_added``, then a
+        keyframe is asked for), as if it had just been attached: the recorder behind it
+        started afresh (a relay node's stream outlived a signaling restart). Attaches the
+        sink if it was not. Returns how many publications were announced."""
+        if sink not in self.sinks:
+            self.attach_sink(sink)
+            return len(self._publications())
+        count = 0
+        for publication in self._publications():
+            publication.remove_sink(sink)
+            count += publication.add_sink(sink)
+        return count
+
     def detach_sink(self, sink: MediaSink) -> None:
         if sink in self.sinks:
             self.sinks.remove(sink)
