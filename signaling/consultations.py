@@ -23,7 +23,7 @@ from signaling.notify import (
     site_audience,
 )
 from signaling.pairing import new_id
-from signaling.placement import RelayDirectory
+from signaling.placement import MoveReason, RelayDirectory
 from signaling.store import RecordStore
 from signaling.tokens import Principal
 
@@ -44,7 +44,12 @@ class RecordingHooks(Protocol):
     async def ended(self, consultation_id: str) -> None:
         """Finish the files and write the manifest (with the minutes)."""
 
-    async def relay_changed(self, consultation_id: str) -> None: ...
+    async def relay_changed(self, consultation_id: str, *, lost_at: float,
+                            reason: str) -> None:
+        """The consultation's Room moved to another relay (or the same relay was found again
+        after a signaling restart): the files of the old one end, new ones follow. ``lost_at``
+        (Unix time) is when the old relay was lost, ``reason`` one of ``relay_lost``,
+        ``relay_drained``, ``signaling_restart`` (the manifest's gap)."""
 
 
 class Consultations:
@@ -62,17 +67,55 @@ class Consultations:
         self._recording = recording
 
     async def restore(self) -> int:
-        """After a start: reopen the relay Rooms of consultations that had not ended."""
+        """After a start: the consultations that had not ended get their relay back
+        (``RelayDirectory.restore``: reopened on the embedded relay, or waiting
+        ``relay.adopt_wait_s`` for their node's hello, else placed elsewhere or waiting).
+        Never raises for a relay: ``serve`` starts whatever the state."""
         active = await self._store.active_consultations()
         for consultation in active:
-            site = self._directory.all_sites.get(consultation.site_ids[0])
-            relay = await self._relays.adopt(consultation.id, consultation.relay_id,
-                                             site.region if site else "")
-            if relay.info.id != consultation.relay_id:
+            site = self._directory.all_sites.get(consultation.site_ids[0]) \
+                if consultation.site_ids else None
+            region = site.region if site else ""
+            try:
+                relay = await self._relays.restore(consultation.id, consultation.relay_id,
+                                                   region)
+            except Exception:
+                logger.exception("consultation %s: its relay could not be restored; it waits "
+                                 "for one", consultation.id)
+                self._relays.wait(consultation.id, region, reason="signaling_restart",
+                                  since=time.time())
+                continue
+            if relay is None:
+                logger.info("consultation %s waits for relay %s", consultation.id,
+                            consultation.relay_id)
+            elif relay.info.id != consultation.relay_id:
                 consultation.relay_id = relay.info.id
                 await self._store.save_consultation(consultation)
         self._metrics.live_consultations.set(len(active))
         return len(active)
+
+    async def adopted(self, consultation_id: str, participant_ids: list[str]) -> None:
+        """A relay node still carries the consultation's Room (``relay:hello``). Its
+        participants whom signaling does not know (a restarted signaling keeps no live
+        state) are taken back as ``reconnecting``: the reconnect grace applies, so those
+        who never come back leave (and the relay is told)."""
+        consultation = await self._store.get_consultation(consultation_id)
+        if consultation is None or consultation.state == "ended":
+            return
+        now = time.time()
+        for clinician_id in participant_ids:
+            if await self._live.get_participant(consultation_id, clinician_id) is not None:
+                continue
+            clinician = self._directory.all_clinicians.get(clinician_id)
+            if clinician is None:
+                logger.warning("consultation %s: its relay holds unknown participant %s",
+                               consultation_id, clinician_id)
+                continue
+            participant = Participant(consultation_id, clinician_id, clinician.site_id, now,
+                                      state="reconnecting", away_since=now)
+            await self._live.put_participant(participant)
+            logger.info("consultation %s: %s taken back from its relay, reconnecting",
+                        consultation_id, clinician_id)
 
     async def _get(self, consultation_id: str) -> Consultation:
         consultation = await self._store.get_consultation(consultation_id)
@@ -271,17 +314,26 @@ class Consultations:
         await self._notifier.close(consultation_audience(consultation.id))
         return {"consultation": wire}
 
-    async def relay_moved(self, consultation_id: str, relay: Relay | None) -> None:
-        """The consultation's relay went away: record the new one and tell the participants
-        to set up their media again (``media:join``)."""
+    async def relay_moved(self, consultation_id: str, relay: Relay | None, *,
+                          reason: MoveReason = "relay_lost",
+                          lost_at: float | None = None) -> None:
+        """The consultation's relay changed (lost, drained, or found again after a restart):
+        record the new one and tell the participants (``media:moved``; they ``media:join``
+        again, resuming where the relay still has their media). ``relay`` None: it waits for
+        one, and a later call brings it."""
         consultation = await self._store.get_consultation(consultation_id)
         if consultation is None or consultation.state == "ended":
             return
         self._media.forget(consultation_id)
         if relay is not None:
-            consultation.relay_id = relay.info.id
-            await self._store.save_consultation(consultation)
-            await self._recording.relay_changed(consultation_id)
+            if consultation.relay_id != relay.info.id:
+                consultation.relay_id = relay.info.id
+                await self._store.save_consultation(consultation)
+            await self._recording.relay_changed(
+                consultation_id, lost_at=time.time() if lost_at is None else lost_at,
+                reason=reason)
+        logger.info("consultation %s: relay %s (%s); participants told", consultation_id,
+                    relay.info.id if relay is not None else "none, waiting", reason)
         await self._notifier.emit(
             "media:moved",
             {"consultation_id": consultation_id,

@@ -54,6 +54,14 @@ class NotBuilt(NotFound):
     code = "not_built"
 
 
+class RelayWaiting(SignalingError):
+    """The consultation has no relay at the moment (its relay was lost and none other could
+    take it, or a restarted signaling waits for its relay node): retry on ``media:moved``."""
+
+    code = "relay_waiting"
+    http_status = 503
+
+
 class AlreadyTaken(SignalingError):
     code = "already_taken"
     http_status = 409

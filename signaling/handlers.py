@@ -43,6 +43,7 @@ from signaling.schemas import (
     End,
     Ice,
     Invite,
+    MediaJoin,
     MediaRef,
     Mode,
     Payload,
@@ -125,7 +126,7 @@ class SocketGateway:
         self._route("chat:send", Chat, self._chat)
         self._route("consult:end", End, self._end)
         self._route("presence:list", Empty, self._presence_list)
-        self._route("media:join", MediaRef, self._media_join)
+        self._route("media:join", MediaJoin, self._media_join)
         self._route("media:publish", Publish, self._media_publish)
         self._route("media:unpublish", Unpublish, self._media_unpublish)
         self._route("media:subscribe", MediaRef, self._media_subscribe)
@@ -322,8 +323,8 @@ class SocketGateway:
     async def _presence_list(self, p: Principal, sid: str, m: Empty) -> dict[str, Any]:
         return {"sites": await self._presence.snapshot()}
 
-    async def _media_join(self, p: Principal, sid: str, m: MediaRef) -> dict[str, Any]:
-        return await self._media.join(p, sid, m.consultation_id)
+    async def _media_join(self, p: Principal, sid: str, m: MediaJoin) -> dict[str, Any]:
+        return await self._media.join(p, sid, m.consultation_id, resume=m.resume)
 
     async def _media_publish(self, p: Principal, sid: str, m: Publish) -> dict[str, Any]:
         return await self._media.publish(p, sid, m.consultation_id, m.sdp, dict(m.sources))

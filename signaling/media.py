@@ -4,6 +4,7 @@ remote node, behind ``relay.api.Relay``) does the media."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -11,7 +12,7 @@ from config.settings import TurnSettings
 from relay.api import Relay
 from relay.errors import RelayError
 from signaling import permissions
-from signaling.errors import Forbidden, InvalidState, NotFound, SignalingError
+from signaling.errors import Forbidden, InvalidState, NotFound, RelayWaiting, SignalingError
 from signaling.live import LiveStore
 from signaling.notify import Notifier, consultation_audience
 from signaling.placement import RelayDirectory
@@ -20,6 +21,9 @@ from signaling.tokens import Principal
 from signaling.turn import TurnIssuer
 
 logger = logging.getLogger(__name__)
+
+LEAVE_TIMEOUT_S = 5.0
+"""How long a participant's leave waits for the relay's answer."""
 
 
 class MediaRefused(SignalingError):
@@ -54,9 +58,15 @@ class Media:
         if participant.state != "present":
             raise InvalidState(f"clinician {principal.id!r} is reconnecting to "
                                f"{consultation_id!r}")
+        return self._placed(consultation_id)
+
+    def _placed(self, consultation_id: str) -> Relay:
+        """The relay of an open consultation; ``relay_waiting`` while it has none (lost and
+        not yet moved, or waiting for a relay: ``media:moved`` follows)."""
         relay = self._relays.for_room(consultation_id)
         if relay is None:
-            raise NotFound(f"consultation {consultation_id!r} has no relay")
+            raise RelayWaiting(f"consultation {consultation_id!r} is waiting for a media "
+                               "server; wait for media:moved (or retry in a few seconds)")
         return relay
 
     async def _call(self, what: str, consultation_id: str, step: Any) -> Any:
@@ -68,13 +78,36 @@ class Media:
             raise MediaRefused(exc.code, exc.message) from None
 
     # -- client steps ----------------------------------------------------------------------
-    async def join(self, principal: Principal, sid: str, consultation_id: str) -> dict[str, Any]:
+    async def join(self, principal: Principal, sid: str, consultation_id: str, *,
+                   resume: bool = False) -> dict[str, Any]:
+        """Bind the participant's media to connection ``sid``. With ``resume`` the relay is
+        asked first whether it still carries this participant's media (a signaling
+        reconnect, a restarted signaling, the same relay found again): if so the client keeps
+        its peer connections (``resumed: true``); else, and without ``resume``, the media
+        starts afresh on the relay (``resumed: false``: the client builds new ones)."""
         relay = await self._relay_for(principal, consultation_id)
-        await self._call("join", consultation_id, relay.join(consultation_id, principal.id))
-        self._sessions[(consultation_id, principal.id)] = sid
-        logger.info("media of %s joined %s on relay %s", principal.id, consultation_id,
-                    relay.info.id)
-        return {"relay": relay.info.to_wire(), **self._ice(principal)}
+        key = (consultation_id, principal.id)
+        before = self._sessions.get(key)
+        # Bound before the relay is asked: a resumed participant's unanswered subscribe offer
+        # is sent again while ``resume`` runs, and must reach this connection.
+        self._sessions[key] = sid
+        try:
+            resumed = False
+            if resume:
+                resumed = bool(await self._call(
+                    "resume", consultation_id, relay.resume(consultation_id, principal.id)))
+            if not resumed:
+                await self._call("join", consultation_id,
+                                 relay.join(consultation_id, principal.id))
+        except BaseException:
+            if before is None:
+                self._sessions.pop(key, None)
+            else:
+                self._sessions[key] = before
+            raise
+        logger.info("media of %s %s %s on relay %s", principal.id,
+                    "resumed in" if resumed else "joined", consultation_id, relay.info.id)
+        return {"resumed": resumed, "relay": relay.info.to_wire(), **self._ice(principal)}
 
     def _ice(self, principal: Principal) -> dict[str, Any]:
         """How the client's peer connections reach the relay: the configured ICE servers,
@@ -99,10 +132,7 @@ class Media:
                             f"{consultation_id!r}")
         if consultation.state == "ended":
             raise InvalidState(f"consultation {consultation_id!r} has ended")
-        relay = self._relays.for_room(consultation_id)
-        if relay is None:
-            raise NotFound(f"consultation {consultation_id!r} has no relay")
-        return relay
+        return self._placed(consultation_id)
 
     async def ice_servers(self, principal: Principal, consultation_id: str) -> dict[str, Any]:
         """What ``media:join`` would hand out, for the pre-call check's probe connection:
@@ -178,10 +208,13 @@ class Media:
         relay = self._relays.for_room(consultation_id)
         if relay is not None:
             try:
-                await relay.leave(consultation_id, clinician_id)
-            except RelayError as exc:
+                # Bounded: a relay node that went silent must not hold up the timers that
+                # call this (the reconnect grace); the sweep takes such a node out.
+                async with asyncio.timeout(LEAVE_TIMEOUT_S):
+                    await relay.leave(consultation_id, clinician_id)
+            except (RelayError, TimeoutError) as exc:
                 logger.info("media leave of %s in %s: %s", clinician_id, consultation_id,
-                            exc.code)
+                            getattr(exc, "code", "timeout"))
 
     def session_of(self, consultation_id: str, clinician_id: str) -> str | None:
         return self._sessions.get((consultation_id, clinician_id))

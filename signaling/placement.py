@@ -4,29 +4,59 @@ Room on one of them, and the standalone relay nodes that dial in.
 Placement: a relay of the requesting site's region with capacity to spare, least loaded first;
 otherwise the least loaded relay anywhere (the embedded relay serves every region). A placement
 is reserved while the accept that asked for it is written, then opened on the relay
-(``open_room``), adopted again after a restart, and released when the consultation ends.
+(``open_room``, bounded by ``relay.open_room_timeout_s``: a relay that does not answer is
+skipped for the next), and released when the consultation ends.
+
+A consultation with no relay *waits* (docs/failover.md): it lost its relay and no other could
+take it, or a restarted signaling waits ``relay.adopt_wait_s`` for the node that carried it to
+dial in again. A waiting consultation is placed as soon as a relay registers or frees capacity
+(and on a timer), and its participants are told (``media:moved``); meanwhile ``media:join``
+answers ``relay_waiting``.
 
 Standalone relay nodes dial in on the ``relay.api.NODE_NAMESPACE`` socket.io namespace with a
-node token, register region and capacity, heartbeat, and are dropped when silent or gone; their
-consultations are then placed on another relay and the participants told to rejoin. The start-up
+node token, register region and capacity, say which rooms they still hold (``relay:hello``),
+heartbeat, and ask to be drained before they stop (``relay:drain``). A node that closes its
+connection or goes silent is taken out and its consultations move; while signaling itself
+stops, nothing moves (the nodes keep media flowing and dial the next process). The start-up
 module hands in the factory that builds a ``Relay`` for each node (``relay.remote.RemoteRelay``),
 so this module knows nodes only through ``relay.api``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Collection, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 import socketio
+from pydantic import ValidationError
 
+from config.settings import RelaySettings
 from relay.api import NODE_NAMESPACE, Relay, RelayEvents, RelayInfo
+from relay.errors import RelayError
 from signaling.errors import SignalingError, Unauthenticated
+from signaling.schemas import NodeHello
 from signaling.tokens import TokenAuthority
 
 logger = logging.getLogger(__name__)
+
+MoveReason = Literal["relay_lost", "relay_drained", "signaling_restart"]
+"""Why a consultation changed relay (the recording's gap says the same)."""
+
+WAITING_RETRY_S = 1.0
+"""Waiting consultations are tried again at least this often (besides every registration and
+every freed placement)."""
+CLOSE_ROOM_TIMEOUT_S = 5.0
+"""Closing an ended consultation's Room: a relay that does not answer keeps it until the node
+says hello again (the answer lists it under ``close``) or its grace ends."""
+DISCONNECT_TIMEOUT_S = 1.0
+"""Closing the socket of a node that went silent: its TCP peer may not be reading."""
+DRAIN_POLL_S = 0.25
+"""How often a drain looks whether the moved participants are connected to their new relay."""
 
 
 class NoRelayAvailable(SignalingError):
@@ -34,46 +64,103 @@ class NoRelayAvailable(SignalingError):
     http_status = 503
 
 
-class RelayDirectory:
-    """The relays signaling knows and where each consultation's Room is placed."""
+class RelayUnanswered(RelayError):
+    """A relay did not answer ``open_room`` within ``relay.open_room_timeout_s``."""
 
-    def __init__(self) -> None:
+    code = "relay_unreachable"
+
+
+@dataclass
+class Waiting:
+    """A consultation with no relay at the moment."""
+
+    region: str
+    since: float
+    """When it lost its relay (Unix time): the start of the gap in its media."""
+    reason: MoveReason
+    relay_id: str | None = None
+    """The node it waits for first (a restarted signaling: its media may still flow there)."""
+    until: float = 0.0
+    """Until when (Unix time) it waits for ``relay_id``; then any relay takes it."""
+
+    def waits_for(self, relay_id: str, now: float) -> bool:
+        """True while it waits for that node only."""
+        return self.relay_id is not None and self.relay_id != relay_id and now < self.until
+
+
+class RelayDirectory:
+    """The relays signaling knows and where each consultation's Room is placed (or that it
+    waits for one)."""
+
+    def __init__(self, *, open_room_timeout_s: float = 1.0, adopt_wait_s: float = 15.0) -> None:
+        self._open_timeout_s = open_room_timeout_s
+        self._adopt_wait_s = adopt_wait_s
         self._relays: dict[str, Relay] = {}
         self._placements: dict[str, str] = {}
         """Consultation (its Room's id) -> the relay it is placed on."""
         self._regions: dict[str, str] = {}
         self._reserved: dict[str, int] = {}
         """Placements promised to a relay by ``reserve`` and not opened yet."""
+        self._waiting: dict[str, Waiting] = {}
+        self._draining: set[str] = set()
+        self.changed = asyncio.Event()
+        """Set when waiting consultations may find a place: a relay registered, a placement
+        was released. ``RelayNodes.run`` waits on it."""
 
     def register(self, relay: Relay) -> None:
         self._relays[relay.info.id] = relay
+        self._draining.discard(relay.info.id)
         logger.info("relay %s registered (region %r, capacity %d)",
                     relay.info.id, relay.info.region, relay.info.capacity)
+        self.changed.set()
 
     def unregister(self, relay_id: str) -> None:
         self._relays.pop(relay_id, None)
+        self._draining.discard(relay_id)
+
+    def get(self, relay_id: str) -> Relay | None:
+        return self._relays.get(relay_id)
 
     def for_room(self, room_id: str) -> Relay | None:
-        """The relay the Room is placed on."""
+        """The relay the Room is placed on (None: waiting, or its relay is gone)."""
         relay_id = self._placements.get(room_id)
         return self._relays.get(relay_id) if relay_id else None
 
     def relays(self) -> list[Relay]:
         return list(self._relays.values())
 
-    def _free(self, relay: Relay) -> bool:
-        return relay.info.load + self._reserved.get(relay.info.id, 0) < relay.info.capacity
+    def drain(self, relay_id: str) -> None:
+        """Place nothing more on this relay (it is about to stop)."""
+        self._draining.add(relay_id)
 
-    def choose(self, region: str) -> Relay:
-        candidates = [r for r in self._relays.values() if self._free(r)]
-        if not candidates:
-            raise NoRelayAvailable("no relay has capacity for another consultation")
+    def _placed_on(self, relay_id: str) -> int:
+        return sum(1 for where in self._placements.values() if where == relay_id)
+
+    def _load(self, relay: Relay) -> int:
+        """Rooms on the relay: a node's heartbeat reports its load every ``heartbeat_s``;
+        placements made since count at once, so that a burst of moves cannot overfill it."""
+        return max(relay.info.load, self._placed_on(relay.info.id)) \
+            + self._reserved.get(relay.info.id, 0)
+
+    def _free(self, relay: Relay) -> bool:
+        return relay.info.id not in self._draining and self._load(relay) < relay.info.capacity
+
+    def candidates(self, region: str, exclude: Collection[str] = ()) -> list[Relay]:
+        """Relays with capacity to spare, best first: the region's, then the least loaded
+        (by share of capacity, then id)."""
 
         def rank(relay: Relay) -> tuple[int, float, str]:
             local = 0 if relay.info.region == region else 1
-            return (local, relay.info.load / relay.info.capacity, relay.info.id)
+            return (local, self._load(relay) / relay.info.capacity, relay.info.id)
 
-        return min(candidates, key=rank)
+        return sorted((r for r in self._relays.values()
+                       if r.info.id not in exclude and self._free(r)), key=rank)
+
+    def choose(self, region: str, exclude: Collection[str] = ()) -> Relay:
+        candidates = self.candidates(region, exclude)
+        if not candidates:
+            raise NoRelayAvailable("no relay has capacity for another consultation")
+        return candidates[0]
 
     def reserve(self, region: str) -> Relay:
         """Choose a relay and hold a placement on it until ``open`` (or ``unreserve``), so
@@ -92,36 +179,113 @@ class RelayDirectory:
     async def open(self, room_id: str, relay: Relay, region: str = "", *,
                    reserved: bool = False) -> Relay:
         """Open the Room on ``relay`` (from ``choose``, or from ``reserve`` with
-        ``reserved=True``) and remember where it is."""
+        ``reserved=True``) and remember where it is. A relay that does not answer within
+        ``open_room_timeout_s`` raises ``RelayUnanswered``."""
         if reserved:
             self.unreserve(relay)
-        await relay.open_room(room_id)
-        self._placements[room_id] = relay.info.id
-        self._regions[room_id] = region
+        try:
+            async with asyncio.timeout(self._open_timeout_s):
+                await relay.open_room(room_id)
+        except TimeoutError:
+            raise RelayUnanswered(f"relay {relay.info.id!r} did not answer open_room within "
+                                  f"{self._open_timeout_s:g} s") from None
+        self._settle(room_id, relay, region)
         return relay
 
-    async def place(self, room_id: str, region: str) -> Relay:
-        """Open the Room on the relay ``choose`` picks."""
-        return await self.open(room_id, self.choose(region), region)
+    def _settle(self, room_id: str, relay: Relay, region: str) -> None:
+        self._placements[room_id] = relay.info.id
+        self._regions[room_id] = region
+        self._waiting.pop(room_id, None)
+
+    async def place(self, room_id: str, region: str,
+                    failed: set[str] | None = None) -> Relay:
+        """Open the Room on the best candidate that answers. A relay that fails or does not
+        answer is added to ``failed`` (the caller's batch skips it from then on) and the next
+        candidate is tried; NoRelayAvailable when none is left."""
+        failed = set() if failed is None else failed
+        for relay in self.candidates(region, failed):
+            try:
+                return await self.open(room_id, relay, region)
+            except RelayError as exc:
+                failed.add(relay.info.id)
+                logger.warning("relay %s could not open the room of consultation %s (%s); "
+                               "trying the next one", relay.info.id, room_id, exc.code)
+        raise NoRelayAvailable("no relay has capacity for another consultation"
+                               + (f" (not answering: {', '.join(sorted(failed))})"
+                                  if failed else ""))
+
+    def adopt(self, room_id: str, relay: Relay, region: str) -> None:
+        """The relay reported the Room (``relay:hello``): it is placed there as it is."""
+        self._settle(room_id, relay, region)
 
     def placements_on(self, relay_id: str) -> list[tuple[str, str]]:
         """(Room, region) of every consultation placed on the relay."""
         return [(room, self._regions.get(room, "")) for room, where in self._placements.items()
                 if where == relay_id]
 
-    async def adopt(self, room_id: str, relay_id: str, region: str) -> Relay:
-        """After a restart: reopen a live consultation's Room where it was, else place it."""
+    def region_of(self, room_id: str) -> str:
+        return self._regions.get(room_id, "")
+
+    # -- waiting ---------------------------------------------------------------------------
+    def wait(self, room_id: str, region: str, *, reason: MoveReason, since: float,
+             relay_id: str | None = None, until: float = 0.0) -> Waiting:
+        """The consultation has no relay now (``relay_id``: it waits for that node first,
+        until ``until``)."""
+        self._placements.pop(room_id, None)
+        self._regions[room_id] = region
+        waiting = self._waiting[room_id] = Waiting(region, since, reason, relay_id, until)
+        return waiting
+
+    def waiting(self, room_id: str) -> Waiting | None:
+        return self._waiting.get(room_id)
+
+    def waiting_rooms(self) -> dict[str, Waiting]:
+        return dict(self._waiting)
+
+    def is_known(self, room_id: str) -> bool:
+        """Placed or waiting: a consultation that has not ended."""
+        return room_id in self._placements or room_id in self._waiting
+
+    async def restore(self, room_id: str, relay_id: str, region: str) -> Relay | None:
+        """After a start, a consultation that had not ended: reopened on its relay if that
+        one is registered (the embedded relay: the process's media died with it, clients
+        rebuild), else it waits ``adopt_wait_s`` for that node's hello. A relay that fails
+        hands it to the next; none: it waits for any. Never raises a relay's error."""
+        now = time.time()
         relay = self._relays.get(relay_id)
-        if relay is None or not relay.info.has_capacity:
-            return await self.place(room_id, region)
-        return await self.open(room_id, relay, region)
+        if relay is None:
+            self.wait(room_id, region, reason="signaling_restart", since=now,
+                      relay_id=relay_id, until=now + self._adopt_wait_s)
+            return None
+        failed: set[str] = set()
+        try:
+            return await self.open(room_id, relay, region)
+        except RelayError as exc:
+            failed.add(relay_id)
+            logger.warning("consultation %s: relay %s could not reopen its room (%s)",
+                           room_id, relay_id, exc.code)
+        try:
+            return await self.place(room_id, region, failed)
+        except NoRelayAvailable:
+            self.wait(room_id, region, reason="signaling_restart", since=now)
+            return None
 
     async def release(self, room_id: str) -> None:
+        """The consultation ended: its Room is closed and its placement freed."""
         relay_id = self._placements.pop(room_id, None)
         self._regions.pop(room_id, None)
+        self._waiting.pop(room_id, None)
+        self.changed.set()
         relay = self._relays.get(relay_id) if relay_id else None
-        if relay is not None:
-            await relay.close_room(room_id)
+        if relay is None:
+            return
+        try:
+            async with asyncio.timeout(CLOSE_ROOM_TIMEOUT_S):
+                await relay.close_room(room_id)
+        except (RelayError, TimeoutError) as exc:
+            logger.warning("relay %s did not close the room of ended consultation %s (%s); "
+                           "it goes at the node's next hello", relay.info.id, room_id,
+                           getattr(exc, "code", "timeout"))
 
 
 # -- standalone relay nodes ---------------------------------------------------------------------
@@ -137,33 +301,67 @@ class NodeRelay(Relay, Protocol):
 NodeRelayFactory = Callable[[RelayInfo, str], NodeRelay]
 """Builds the ``Relay`` of a node that dialled in, from its info and its connection (sid)."""
 
-Moved = Callable[[str, Relay | None], Awaitable[None]]
-"""Told that a consultation's Room moved to another relay (None: no relay had capacity)."""
+
+class Moved(Protocol):
+    """Told that a consultation's Room changed relay (None: it waits for one), why, and when
+    its old relay was lost."""
+
+    def __call__(self, consultation_id: str, relay: Relay | None, *, reason: MoveReason,
+                 lost_at: float) -> Awaitable[None]: ...
+
+
+Adopted = Callable[[str, list[str]], Awaitable[None]]
+"""Told that a node's Room was adopted, with the participants the node still holds."""
 
 
 class RelayNodes:
-    """The ``relay.api.NODE_NAMESPACE`` socket.io namespace: nodes register, heartbeat and
-    report; each becomes a relay in the ``RelayDirectory`` while connected."""
+    """The ``relay.api.NODE_NAMESPACE`` socket.io namespace: nodes register, say hello,
+    heartbeat, report and drain; each becomes a relay in the ``RelayDirectory`` while
+    connected. Also the one place that moves consultations between relays, one change at a
+    time (``_lock``)."""
 
     def __init__(self, sio: socketio.AsyncServer, *, tokens: TokenAuthority,
                  relays: RelayDirectory, events: RelayEvents, on_moved: Moved,
-                 node_relay: NodeRelayFactory, heartbeat_s: float) -> None:
+                 node_relay: NodeRelayFactory, settings: RelaySettings,
+                 on_adopted: Adopted | None = None) -> None:
         self._sio = sio
         self._tokens = tokens
         self._relays = relays
         self._events = events
         self._on_moved = on_moved
+        self._on_adopted = on_adopted
         self._node_relay = node_relay
-        self._heartbeat_s = heartbeat_s
+        self._settings = settings
         self._nodes: dict[str, NodeRelay] = {}
+        self._lock = asyncio.Lock()
+        """Held while consultations change relay (moves, hello, waiting ones placed), so
+        that each decision sees the previous one and clients hear them in order."""
+        self._stopping = False
+        self._tasks: set[asyncio.Task[None]] = set()
         sio.on("connect", self._connect, namespace=NODE_NAMESPACE)
         sio.on("disconnect", self._disconnect, namespace=NODE_NAMESPACE)
+        sio.on("relay:hello", self._hello, namespace=NODE_NAMESPACE)
+        sio.on("relay:drain", self._drain, namespace=NODE_NAMESPACE)
         sio.on("relay:heartbeat", self._heartbeat, namespace=NODE_NAMESPACE)
         sio.on("relay:offer", self._offer, namespace=NODE_NAMESPACE)
         sio.on("relay:publication", self._publication, namespace=NODE_NAMESPACE)
         sio.on("relay:notice", self._notice, namespace=NODE_NAMESPACE)
         sio.on("relay:media", self._media, namespace=NODE_NAMESPACE)
 
+    @property
+    def silence_s(self) -> float:
+        """A node silent this long is taken out."""
+        return self._settings.heartbeat_s * self._settings.heartbeat_misses
+
+    def stop(self) -> None:
+        """Signaling is stopping: nodes that disconnect from now on keep their rooms (they
+        redial the next process and say hello) and nothing moves."""
+        self._stopping = True
+
+    def node(self, relay_id: str) -> NodeRelay | None:
+        return next((n for n in self._nodes.values() if n.info.id == relay_id), None)
+
+    # -- connection ------------------------------------------------------------------------
     async def _connect(self, sid: str, _environ: dict[str, Any], auth: Any = None) -> None:
         auth = auth if isinstance(auth, dict) else {}
         try:
@@ -177,10 +375,15 @@ class RelayNodes:
             logger.info("relay node connection %s refused: %s", sid, code)
             raise socketio.exceptions.ConnectionRefusedError(
                 str(exc), {"code": code, "message": str(exc)}) from None
-        if relay_id in {n.info.id for n in self._nodes.values()}:
-            raise socketio.exceptions.ConnectionRefusedError(
-                f"relay {relay_id!r} is already connected",
-                {"code": "duplicate_relay", "message": f"relay {relay_id!r} is connected"})
+        stale = next((s for s, n in self._nodes.items() if n.info.id == relay_id), None)
+        if stale is not None:
+            # The node redialled before its old connection was noticed gone (a network cut
+            # shorter than the heartbeat check): the new connection takes over, and what the
+            # old one carried stays placed here; its hello says what is still there.
+            del self._nodes[stale]
+            logger.warning("relay node %s connected again (%s); its old connection %s is "
+                           "closed", relay_id, sid, stale)
+            self._spawn(self._close_socket(stale), f"close-{stale}")
         info = RelayInfo(id=relay_id, region=str(auth.get("region") or ""),
                          public_address=str(auth.get("public_address") or ""),
                          capacity=capacity, heartbeat_at=time.time())
@@ -195,20 +398,129 @@ class RelayNodes:
         if node is not None:
             await self._lost(node, f"disconnected ({reason})")
 
+    async def _close_socket(self, sid: str) -> None:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(DISCONNECT_TIMEOUT_S):
+                await self._sio.disconnect(sid, namespace=NODE_NAMESPACE)
+
+    def _spawn(self, step: Awaitable[None], name: str) -> None:
+        async def run() -> None:
+            await step
+
+        task = asyncio.create_task(run(), name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def _lost(self, node: NodeRelay, why: str) -> None:
+        """The node is gone: its consultations move (never raises)."""
+        lost_at = time.time()
         self._relays.unregister(node.info.id)
         placements = self._relays.placements_on(node.info.id)
+        if self._stopping:
+            logger.info("relay node %s %s while signaling stops; its %d consultations stay "
+                        "there", node.info.id, why, len(placements))
+            return
         logger.warning("relay node %s %s; moving %d consultations", node.info.id, why,
                        len(placements))
-        for room_id, region in placements:
-            try:
-                relay: Relay | None = await self._relays.place(room_id, region)
-            except NoRelayAvailable:
-                relay = None
-                logger.error("consultation %s lost its relay and no other has capacity",
-                             room_id)
-            await self._on_moved(room_id, relay)
+        try:
+            async with self._lock:
+                await self._move(node.info.id, "relay_lost", lost_at)
+        except Exception:
+            logger.exception("relay node %s: moving its consultations failed", node.info.id)
 
+    async def _move(self, relay_id: str, reason: MoveReason,
+                    lost_at: float) -> list[tuple[str, Relay | None]]:
+        """Every consultation on the relay to the best other one that answers, else to the
+        waiting state; the participants told either way. The caller holds ``_lock``."""
+        failed = {relay_id}
+        moves: list[tuple[str, Relay | None]] = []
+        for room_id, region in self._relays.placements_on(relay_id):
+            relay: Relay | None
+            try:
+                relay = await self._relays.place(room_id, region, failed)
+            except NoRelayAvailable as exc:
+                relay = None
+                self._relays.wait(room_id, region, reason=reason, since=lost_at)
+                logger.warning("consultation %s waits for a relay: %s", room_id, exc.message)
+            except Exception:
+                relay = None
+                self._relays.wait(room_id, region, reason=reason, since=lost_at)
+                logger.exception("consultation %s: placing it failed; it waits", room_id)
+            moves.append((room_id, relay))
+            await self._tell(room_id, relay, reason, lost_at)
+        return moves
+
+    async def _tell(self, room_id: str, relay: Relay | None, reason: MoveReason,
+                    lost_at: float) -> None:
+        try:
+            await self._on_moved(room_id, relay, reason=reason, lost_at=lost_at)
+        except Exception:
+            logger.exception("consultation %s: telling its participants of the move failed",
+                             room_id)
+
+    # -- waiting consultations -------------------------------------------------------------
+    async def place_waiting(self) -> int:
+        """Place the waiting consultations that a relay can take now; how many were placed.
+        Those waiting for a node of their own (start-up) wait for it until their time is
+        up. Never raises."""
+        placed = 0
+        try:
+            async with self._lock:
+                now = time.time()
+                failed: set[str] = set()
+                for room_id, waiting in self._relays.waiting_rooms().items():
+                    if waiting.relay_id is not None and now < waiting.until:
+                        continue
+                    if self._relays.waiting(room_id) is not waiting:
+                        continue  # placed meanwhile
+                    try:
+                        relay = await self._relays.place(room_id, waiting.region, failed)
+                    except NoRelayAvailable:
+                        if waiting.relay_id is not None:
+                            logger.info("consultation %s: relay %s did not come back within "
+                                        "%.0f s; it waits for any relay", room_id,
+                                        waiting.relay_id, self._settings.adopt_wait_s)
+                            waiting.relay_id = None
+                            await self._tell(room_id, None, waiting.reason, waiting.since)
+                        continue
+                    placed += 1
+                    logger.info("consultation %s waited %.1f s and is placed on relay %s",
+                                room_id, now - waiting.since, relay.info.id)
+                    await self._tell(room_id, relay, waiting.reason, waiting.since)
+        except Exception:
+            logger.exception("placing waiting consultations failed; trying again")
+        return placed
+
+    async def run(self) -> None:
+        """The node timers, apart from the queue's tick: silent nodes are looked for every
+        ``heartbeat_s / 2``, waiting consultations tried on every change (a relay registered,
+        a placement freed) and every ``WAITING_RETRY_S``."""
+        every = self._settings.heartbeat_s / 2
+        last_try = 0.0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(every):
+                    await self._relays.changed.wait()
+            changed = self._relays.changed.is_set()
+            self._relays.changed.clear()
+            await self.sweep()
+            now = time.monotonic()
+            if changed or now - last_try >= WAITING_RETRY_S:
+                last_try = now
+                if self._relays.waiting_rooms():
+                    await self.place_waiting()
+
+    async def sweep(self) -> None:
+        """Take out nodes silent for ``heartbeat_s * heartbeat_misses``: their consultations
+        move first, then the socket is closed. Never raises."""
+        deadline = time.time() - self.silence_s
+        for sid, node in list(self._nodes.items()):
+            if node.info.heartbeat_at < deadline and self._nodes.get(sid) is node:
+                del self._nodes[sid]
+                await self._lost(node, f"silent for {time.time() - node.info.heartbeat_at:.1f} s")
+                self._spawn(self._close_socket(sid), f"close-{sid}")
+
+    # -- what nodes say --------------------------------------------------------------------
     async def _heartbeat(self, sid: str, data: Any = None) -> None:
         node = self._nodes.get(sid)
         if node is None:
@@ -217,14 +529,88 @@ class RelayNodes:
         if isinstance(data, dict) and isinstance(data.get("load"), int):
             node.info.load = data["load"]
 
-    async def sweep(self) -> None:
-        """Drop nodes that missed three heartbeats."""
-        deadline = time.time() - 3 * self._heartbeat_s
-        for sid, node in list(self._nodes.items()):
-            if node.info.heartbeat_at < deadline:
-                self._nodes.pop(sid, None)
-                await self._sio.disconnect(sid, namespace=NODE_NAMESPACE)
-                await self._lost(node, "stopped heartbeating")
+    async def _hello(self, sid: str, data: Any = None) -> dict[str, Any]:
+        """``relay:hello {rooms}``: adopt the rooms of consultations placed on this node or
+        waiting (for it, or for any relay); list the others for the node to close."""
+        node = self._nodes.get(sid)
+        if node is None:
+            return _refusal("unknown_node", "this connection is not a registered relay node")
+        try:
+            hello = NodeHello.model_validate(data if data is not None else {})
+        except ValidationError as exc:
+            return _refusal("invalid_payload", f"relay:hello: {exc.error_count()} invalid "
+                                               "fields")
+        relay_id = node.info.id
+        adopted: list[str] = []
+        close: list[str] = []
+        told: list[tuple[str, Waiting]] = []
+        async with self._lock:
+            now = time.time()
+            reported = set()
+            for room in hello.rooms:
+                reported.add(room.room_id)
+                placed_on = self._relays.for_room(room.room_id)
+                waiting = self._relays.waiting(room.room_id)
+                if placed_on is not None and placed_on.info.id == relay_id:
+                    adopted.append(room.room_id)
+                elif waiting is not None and not waiting.waits_for(relay_id, now):
+                    self._relays.adopt(room.room_id, node, waiting.region)
+                    adopted.append(room.room_id)
+                    told.append((room.room_id, waiting))
+                else:
+                    close.append(room.room_id)
+            for room_id, waiting in self._relays.waiting_rooms().items():
+                if waiting.relay_id == relay_id and room_id not in reported:
+                    # The node came back without it (restarted): no reason to wait longer.
+                    waiting.relay_id = None
+                    waiting.until = 0.0
+            if adopted and self._on_adopted is not None:
+                participants = {r.room_id: list(r.participants) for r in hello.rooms}
+                for room_id in adopted:
+                    try:
+                        await self._on_adopted(room_id, participants[room_id])
+                    except Exception:
+                        logger.exception("consultation %s: taking back its participants "
+                                         "failed", room_id)
+            for room_id, waiting in told:
+                await self._tell(room_id, node, waiting.reason, waiting.since)
+        self._relays.changed.set()
+        logger.info("relay node %s says hello: %d rooms adopted, %d to close", relay_id,
+                    len(adopted), len(close))
+        return {"ok": True, "result": {"adopted": adopted, "close": close}}
+
+    async def _drain(self, sid: str, data: Any = None) -> dict[str, Any]:
+        """``relay:drain {}``: place nothing more on the node, move its consultations, and
+        answer once the participants who were in its rooms are connected to their new
+        relay, or after ``relay.drain_s``."""
+        node = self._nodes.get(sid)
+        if node is None:
+            return _refusal("unknown_node", "this connection is not a registered relay node")
+        started = time.monotonic()
+        relay_id = node.info.id
+        self._relays.drain(relay_id)
+        async with self._lock:
+            who = {room_id: await _participants(node, room_id, self._settings.open_room_timeout_s)
+                   for room_id, _ in self._relays.placements_on(relay_id)}
+            moves = await self._move(relay_id, "relay_drained", time.time())
+        moved = [(room_id, relay) for room_id, relay in moves if relay is not None]
+        expected = sum(len(who.get(room_id, ())) for room_id, _ in moved)
+        connected = 0
+        deadline = started + self._settings.drain_s
+        while True:
+            connected = 0
+            for room_id, relay in moved:
+                connected += await _connected(relay, room_id, who.get(room_id, []),
+                                              self._settings.open_room_timeout_s)
+            if connected >= expected or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(DRAIN_POLL_S)
+        waited = round(time.monotonic() - started, 2)
+        logger.info("relay node %s drained: %d consultations moved (%d waiting), %d of %d "
+                    "participants connected elsewhere after %.2f s", relay_id, len(moved),
+                    len(moves) - len(moved), connected, expected, waited)
+        return {"ok": True, "result": {"moved": len(moved), "connected": connected,
+                                       "waited_s": waited}}
 
     def _owns(self, sid: str, data: Any) -> bool:
         """A node speaks only for the Rooms placed on it."""
@@ -253,3 +639,39 @@ class RelayNodes:
     async def _media(self, sid: str, data: Any = None) -> None:
         if self._owns(sid, data):
             self._nodes[sid].deliver(data)
+
+
+def _refusal(code: str, message: str) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message}}
+
+
+async def _stats(relay: Relay, room_id: str, timeout_s: float) -> dict[str, Any]:
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await relay.stats(room_id)
+    except (RelayError, TimeoutError):
+        return {}
+
+
+async def _participants(relay: Relay, room_id: str, timeout_s: float) -> list[str]:
+    """Who is in the Room on ``relay`` (empty if it does not answer)."""
+    return list(await _stats(relay, room_id, timeout_s))
+
+
+async def _connected(relay: Relay, room_id: str, participants: Iterable[str],
+                     timeout_s: float) -> int:
+    """How many of ``participants`` have media flowing on ``relay``: joined, and packets
+    forwarded to them (their subscribe connection is up) or received from them (their
+    publish connection is, when there is nothing yet to forward)."""
+    stats = await _stats(relay, room_id, timeout_s)
+    count = 0
+    for participant_id in participants:
+        entry = stats.get(participant_id)
+        if not isinstance(entry, dict):
+            continue
+        forwarded = any(s.get("forwarded", 0) > 0
+                        for s in (entry.get("subscriptions") or {}).values())
+        sent = any(p.get("packets", 0) > 0 for p in (entry.get("publications") or {}).values())
+        if forwarded or sent:
+            count += 1
+    return count

@@ -97,6 +97,14 @@ class MediaRef(Payload):
     consultation_id: Id
 
 
+class MediaJoin(Payload):
+    """``media:join``: ``resume`` asks to keep the media the relay still carries for this
+    participant (a signaling reconnect, the same relay found again), docs/protocol.md."""
+
+    consultation_id: Id
+    resume: StrictBool = False
+
+
 class Publish(Payload):
     consultation_id: Id
     sdp: Sdp
@@ -151,6 +159,21 @@ class Mode(Payload):
 class Consent(Payload):
     consultation_id: Id
     agree: StrictBool
+
+
+# -- relay nodes (signaling/placement.py, namespace /relay) -------------------------------------
+class NodeRoom(Payload):
+    """A room a relay node still holds: its id is the consultation's."""
+
+    room_id: Id
+    participants: list[Id] = Field(default_factory=list, max_length=256)
+    recording: StrictBool = False
+
+
+class NodeHello(Payload):
+    """``relay:hello``: what a node holds right after it (re)connected."""
+
+    rooms: list[NodeRoom] = Field(default_factory=list, max_length=10_000)
 
 
 # -- accounts (signaling/auth_api.py) ----------------------------------------------------------

@@ -12,12 +12,14 @@ Starting and stopping follow ``cleanup_ctx``, in this order, and close in revers
    at the end;
 3. the recorder: what a dead process was recording marked interrupted; every file finished at
    the end;
-4. the timers: escalation and expiry, the reconnect grace period, silent relay nodes.
+4. the timers: escalation and expiry, the reconnect grace period; on a timer of their own,
+   silent relay nodes and consultations waiting for a relay.
 
 Stopping (``Stopping.begin``, then ``runner.cleanup()``; ``telehealth serve`` on SIGTERM/SIGINT):
 the listening sockets close; new requests on open connections are answered 503
 ``server_stopping``; every signed-in connection is sent ``server:stopping`` and every engine.io
-session (clients, relay nodes) is closed; requests in flight get a moment to finish; then
+session (clients, relay nodes) is closed (relay nodes keep their rooms: ``RelayNodes.stop``,
+nothing moves); requests in flight get a moment to finish; then
 aiohttp's own shutdown (at most ``http_shutdown_timeout`` per stuck request) and ``cleanup_ctx``
 in reverse: timers, recorder (files finished, manifests written), records, relay. Each share of
 ``server.drain_s`` is bounded; ``Stopping.step`` names the step under way.
@@ -120,10 +122,14 @@ class Stopping:
     """The stop of one app: the step under way (named in the one line logged when
     ``server.drain_s`` runs out), the requests in flight, and telling clients."""
 
-    def __init__(self, drain_s: float, sio: socketio.AsyncServer) -> None:
+    def __init__(self, drain_s: float, sio: socketio.AsyncServer,
+                 nodes: RelayNodes | None = None) -> None:
+        """``nodes``: told first, so that relay nodes disconnecting during the stop keep
+        their rooms (nothing moves, no room is closed): they redial the next process."""
         self.drain_s = drain_s
         self.step = "serving"
         self._sio = sio
+        self._nodes = nodes
         self._stopping = False
         self._told = False
         self._in_flight = 0
@@ -173,6 +179,8 @@ class Stopping:
             return
         self._told = True
         self._stopping = True
+        if self._nodes is not None:
+            self._nodes.stop()
         self.step = "telling clients"
         sio = self._sio
         budget = self.drain_s * TELL_SHARE
@@ -266,7 +274,8 @@ def create_app(settings: Settings) -> web.Application:
     live = MemoryLiveStore()
 
     # The relay: what relays say reaches the participants' connections through MediaEvents.
-    relays = RelayDirectory()
+    relays = RelayDirectory(open_room_timeout_s=settings.relay.open_room_timeout_s,
+                            adopt_wait_s=settings.relay.adopt_wait_s)
     media = Media(relays=relays, live=live, notifier=notifier,
                   client_ice_servers=[s.model_dump(exclude_none=True)
                                       for s in settings.relay.client_ice_servers],
@@ -305,7 +314,7 @@ def create_app(settings: Settings) -> web.Application:
 
     nodes = RelayNodes(sio, tokens=tokens, relays=relays, events=media_events,
                        on_moved=consultations.relay_moved, node_relay=node_relay,
-                       heartbeat_s=settings.relay.heartbeat_s)
+                       settings=settings.relay, on_adopted=consultations.adopted)
     gateway = SocketGateway(sio, tokens=tokens, pairing=pairing, consultations=consultations,
                             presence=presence, media=media, metrics=metrics, recording=recording)
 
@@ -313,7 +322,7 @@ def create_app(settings: Settings) -> web.Application:
                         tokens=tokens, settings=settings.accounts,
                         audit=AuditLog(settings.archive_dir() / AUDIT_LOG))
 
-    stopping = Stopping(settings.server.drain_s, sio)
+    stopping = Stopping(settings.server.drain_s, sio, nodes)
     # Outermost first: the client as the trusted proxy names it, then the headers every
     # answer carries (the 503 of a stop and every JSON error included).
     forwarded = [forwarded_from(settings.server.trusted_proxies)] \
@@ -432,12 +441,26 @@ async def _recorder(app: web.Application) -> AsyncIterator[None]:
 
 async def _timers(app: web.Application) -> AsyncIterator[None]:
     services = app[SERVICES]
-    task = asyncio.create_task(_tick_forever(services), name="signaling-timers")
+    # The relay nodes' timer runs on its own: a silent relay is noticed within
+    # heartbeat_s / 2 of its deadline, whatever queue.tick_s is.
+    tasks = [asyncio.create_task(_tick_forever(services), name="signaling-timers"),
+             asyncio.create_task(_relay_timers(services), name="relay-node-timers")]
     yield
     app[STOPPING].step = "stopping the timers"
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _relay_timers(services: Services) -> None:
+    while True:
+        try:
+            await services.nodes.run()
+        except Exception:
+            logger.exception("relay node timers failed; starting them again in 1 s")
+            await asyncio.sleep(1.0)
 
 
 async def _tick_forever(services: Services) -> None:
@@ -447,6 +470,5 @@ async def _tick_forever(services: Services) -> None:
         try:
             await services.pairing.tick()
             await services.consultations.tick()
-            await services.nodes.sweep()
         except Exception:
             logger.exception("timer tick failed; trying again in %.1f s", interval)
