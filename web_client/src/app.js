@@ -330,8 +330,18 @@ function bindEvents(signaling) {
   signaling.on("token_expired", () => endSession(state.session ? t("idleExpired") : t("tokenExpired")));
   signaling.socket.on("connect", () => {
     // A dropped signaling link came back: take the room up again.
+    setServerLink(true);
     if (state.room) rejoinRoom();
   });
+  // socket.io reconnects by itself (also after `server:stopping`); the room says so meanwhile.
+  signaling.socket.on("disconnect", () => setServerLink(false));
+}
+
+/** The room says while its link to the server is down: media may well go on (it never passes
+ * through the server), but chat and the rest wait for the reconnect. */
+function setServerLink(connected) {
+  const el = document.getElementById("server-link");
+  if (el) el.hidden = connected;
 }
 
 async function refresh() {
@@ -729,6 +739,8 @@ function renderRoom() {
     h("div", { class: "stage" },
       h("div", { class: "room-bar" },
         h("span", { id: "room-state", class: "room-state" }, t("connecting")),
+        h("span", { id: "server-link", class: "server-link", role: "status",
+                    hidden: state.signaling.connected }, t("serverReconnecting")),
         h("span", { id: "quality", class: "quality" }, ""),
         h("span", { id: "recording-box", class: "recording-box" })),
       h("div", { id: "screens", class: "screens" }),

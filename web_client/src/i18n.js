@@ -56,6 +56,7 @@ const STRINGS = {
     relayUnreachable: "Không liên lạc được với máy chủ truyền hình ảnh. Đang thử lại; nếu kéo dài, vui lòng báo phòng CNTT.",
     // No relay can carry the consultation's media now (docs/protocol.md, "When things fail").
     mediaWaiting: "Đang chờ máy chủ truyền thông…",
+    serverReconnecting: "Mất kết nối tới máy chủ, đang kết nối lại…",
     mediaWaitingNote: "Máy chủ truyền hình ảnh và âm thanh tạm thời chưa sẵn sàng. Hội chẩn vẫn tiếp tục: bạn vẫn trò chuyện và ghi biên bản được; hình ảnh và âm thanh sẽ tự kết nối lại ngay khi có máy chủ.",
     // Sign-in, activation (auth.js) and the directory administration (admin.js).
     clinicianId: "Mã đăng nhập (mã nhân viên)", password: "Mật khẩu",
@@ -156,6 +157,7 @@ const STRINGS = {
     relayFull: "The media server has no connection ports left. Please try again in a few minutes and tell the hospital IT team.",
     relayUnreachable: "The media server cannot be reached. Retrying; if it lasts, please tell the hospital IT team.",
     mediaWaiting: "Waiting for a media server…",
+    serverReconnecting: "Connection to the server lost, reconnecting…",
     mediaWaitingNote: "No media server can carry video and sound at the moment. The consultation goes on: chat and the minutes still work; video and sound come back by themselves as soon as a server is available.",
     clinicianId: "User id (clinician id)", password: "Password",
     totpCode: "6-digit code (from the authenticator app)",
