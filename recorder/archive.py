@@ -30,6 +30,8 @@ class VerifyReport:
     """Files whose SHA-256 was recomputed."""
     bytes_checked: int = 0
     audit_entries: int = 0
+    gaps: int = 0
+    """Breaks listed in the manifests' ``recording.gaps`` (a relay move, a server restart)."""
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -42,7 +44,8 @@ def verify_archive(archive: Path) -> VerifyReport:
 
     Problems: manifests that cannot be read, listed files that are missing or whose size or
     SHA-256 differ, files in a consultation directory that no manifest lists, directories
-    without a manifest, and every break in the audit log's chain.
+    without a manifest, gaps that end before they start, and every break in the audit log's
+    chain.
     """
     report = VerifyReport(archive)
     if archive.is_dir():
@@ -71,6 +74,11 @@ def _verify_consultation(path: Path, report: VerifyReport) -> None:
     if recorded_id != cid:
         report.problems.append(f"{cid}/{manifest.MANIFEST}: consultation id is {recorded_id!r}, "
                                f"not the directory's {cid!r}")
+    for number, gap in enumerate(data.recording.gaps, 1):
+        report.gaps += 1
+        if gap.to is not None and gap.to < gap.from_:
+            report.problems.append(f"{cid}/{manifest.MANIFEST}: recording gap {number} "
+                                   f"({gap.reason}) ends before it starts")
     recording = (directory / manifest.RECORDING_MARKER).exists()
     listed: set[str] = set()
     for item in data.files:

@@ -3,8 +3,10 @@
 Every recorded file is placed on one wall-clock timeline (a file's time 0 is its manifest
 ``started_at``) running from the earliest start to the latest end. Each participant's camera
 (and each screen share) is a tile ``tile_height`` high keeping its aspect; a tile is black while
-its participant sends no video. All audio is summed (clipped) at 48 kHz mono. The result is
-encoded VP8 + Opus: this runs offline, transcoding is fine.
+its participant sends no video (after ``FREEZE_S`` on its last frame), so a gap in the
+recording (``recording.gaps``: a relay move, a server restart) is silent and black for its
+length. All audio is summed (clipped) at 48 kHz mono. The result is encoded VP8 + Opus: this
+runs offline, transcoding is fine.
 
 The inputs are streamed (an hour-long consultation is never held in memory): every file is
 decoded alongside the output, one frame ahead at most.

@@ -297,3 +297,21 @@ async def test_killed_while_recording_the_gap_starts_at_the_last_packet_on_disk(
     assert not (directory / mf.RECORDING_MARKER).exists()
     report = verify_archive(archive)
     assert report.ok, report.problems
+
+
+def test_verify_counts_the_gaps_and_refuses_one_that_ends_before_it_starts(
+    tmp_path: Path,
+) -> None:
+    archive = tmp_path / "archive"
+    data = mf.new_manifest(CID)
+    data.recording.gaps = [mf.Gap.starting(100.0, "relay_drained"),
+                           mf.Gap.starting(200.0, "signaling_restart")]
+    data.recording.gaps[0].to = 101.5
+    mf.write_atomic(archive / CID / mf.MANIFEST, data)
+    report = verify_archive(archive)
+    assert report.ok and report.gaps == 2, report.problems
+    data.recording.gaps[1].to = 150.0
+    mf.write_atomic(archive / CID / mf.MANIFEST, data)
+    report = verify_archive(archive)
+    assert report.problems == [f"{CID}/manifest.json: recording gap 2 (signaling_restart) "
+                               "ends before it starts"]
