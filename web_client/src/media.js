@@ -247,6 +247,7 @@ export class MediaSession {
       } catch (error) {
         if (this.closed) return;
         if (error && error.code === "relay_waiting") {
+          this._mark("relay_waiting");
           this._enterWaiting();
           waits += 1;
           if (waits > WAITING_RETRIES) {
