@@ -84,6 +84,7 @@ class Recorder:
         self._fsync_interval_s = fsync_interval_s
         self._states: dict[str, _State] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = asyncio.Event()
 
     # -- start-up --------------------------------------------------------------------------
     async def restore(self) -> list[str]:
@@ -212,7 +213,6 @@ class Recorder:
         """The consultation ended: finish the files and write the final manifest (with the
         minutes) — for every consultation, recorded or not."""
         state = await self._state(consultation_id)
-        self._cancel_retry(state)
         async with state.lock:
             if state.machine.ended().stop:
                 await self._stop_session(state, by="system")
@@ -266,8 +266,8 @@ class Recorder:
         """The process stops: finish every file (``complete``). A recording that was on is
         marked ``interrupted`` (an event and an open gap): a restarted server resumes it
         when the participants are back."""
+        self._closing.set()
         for state in list(self._states.values()):
-            self._cancel_retry(state)
             async with state.lock:
                 await self._interrupt(state)
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -312,7 +312,6 @@ class Recorder:
         gap, state.gap = state.gap, None
         if gap is None:
             return
-        self._cancel_retry(state)
         recording = state.manifest.recording
         if recording.status == "recording":
             recording.status = "stopped"
@@ -332,12 +331,19 @@ class Recorder:
         state.retry.add_done_callback(self._tasks.discard)
 
     async def _retry(self, state: _State) -> None:
+        # Never cancelled (a start cut off half-way would leave a session open): it ends by
+        # itself once recording resumed, will not, or the recorder closes.
         for _ in range(RESUME_RETRIES):
-            await asyncio.sleep(RESUME_RETRY_S)
+            try:
+                await asyncio.wait_for(self._closing.wait(), RESUME_RETRY_S)
+                return
+            except TimeoutError:
+                pass
             if self._states.get(state.consultation_id) is not state:
                 return
             async with state.lock:
-                if not state.machine.suspended or state.session is not None:
+                if (not state.machine.suspended or state.session is not None
+                        or self._closing.is_set()):
                     return
                 await self._carry_out(state, state.machine.decide(), by="system")
                 if state.session is not None:
@@ -345,11 +351,6 @@ class Recorder:
         logger.warning("recording %s: its media did not come back within %.0f s; it resumes "
                        "at the next join or relay change", state.consultation_id,
                        RESUME_RETRY_S * RESUME_RETRIES)
-
-    @staticmethod
-    def _cancel_retry(state: _State) -> None:
-        if state.retry is not None and state.retry is not asyncio.current_task():
-            state.retry.cancel()
 
     # -- carrying out the state machine's decisions ----------------------------------------
     async def _carry_out(self, state: _State, decision: Decision, *, by: str) -> None:
