@@ -423,10 +423,9 @@ class Recorder:
 
     async def _stop_session(self, state: _State, *, by: str) -> None:
         session, state.session = state.session, None
-        state.relay = None
+        relay, state.relay = state.relay, None
         if session is None:
             return
-        relay = self._relay_for(state.consultation_id)
         if relay is not None:
             await _detach(relay, state.consultation_id, session)
         await session.close()

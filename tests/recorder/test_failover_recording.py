@@ -21,6 +21,7 @@ import pytest
 
 from recorder import manifest as mf
 from recorder.archive import verify_archive
+from recorder.consent import NOTHING, ConsentMachine, Decision
 from recorder.service import Recorder
 from relay.api import Relay
 from tests.media import wait_for
@@ -326,3 +327,61 @@ def test_verify_counts_the_gaps_and_refuses_one_that_ends_before_it_starts(
     report = verify_archive(archive)
     assert report.problems == [f"{CID}/manifest.json: recording gap 2 (signaling_restart) "
                                "ends before it starts"]
+
+
+# -- the consent machine across a break (recorder/consent.py, no media) --------------------
+
+def machine_recording(policy: str = "with_consent") -> ConsentMachine:
+    machine = ConsentMachine(policy)
+    for clinician in ("cardio1", "ref1"):
+        machine.join(clinician, "c1")
+        machine.answer(clinician, True, 1.0)
+    assert machine.decide().start
+    machine.session_started(2.0)
+    return machine
+
+
+def test_a_suspended_recording_shows_on_and_asks_for_a_new_session() -> None:
+    machine = machine_recording()
+    machine.suspend()
+    assert machine.status() == "on"
+    assert machine.decide() == Decision(start=True, allow=frozenset({"cardio1", "ref1"}))
+
+
+@pytest.mark.parametrize("meanwhile", ["host stops", "a decline", "a failure", "the end"])
+def test_a_suspension_ends_for_good_on_a_stop_a_decline_a_failure_or_the_end(
+    meanwhile: str,
+) -> None:
+    machine = machine_recording()
+    machine.suspend()
+    if meanwhile == "host stops":
+        machine.host_stop()
+    elif meanwhile == "a decline":
+        machine.answer("ref1", False, 3.0)
+    elif meanwhile == "a failure":
+        machine.failure("disk full")
+    else:
+        machine.ended()  # the recorder forgets the consultation after this
+        assert not machine.suspended
+        return
+    assert not machine.suspended
+    assert not machine.decide().start
+    assert machine.status() != "on"
+
+
+def test_after_a_restart_the_consents_on_file_hold_and_a_host_stop_holds() -> None:
+    machine = ConsentMachine("with_consent")
+    machine.answers = {"cardio1": ("agreed", 1.0), "ref1": ("agreed", 1.0)}
+    machine.resume_after_restart(host_stopped=False, error=None)
+    machine.join("ref2", "d2")  # had not answered before the restart
+    assert machine.decide() == NOTHING  # nobody agreed is back yet
+    assert machine.join("cardio1", "c1") == Decision(start=True,
+                                                     allow=frozenset({"cardio1"}))
+    stopped = ConsentMachine("always")
+    stopped.resume_after_restart(host_stopped=True, error=None)
+    assert stopped.join("cardio1", "c1") == NOTHING
+    assert stopped.status() == "stopped"
+    failed = ConsentMachine("always")
+    failed.resume_after_restart(host_stopped=False, error="disk full")
+    assert failed.join("cardio1", "c1") == NOTHING
+    assert failed.status() == "failed"
