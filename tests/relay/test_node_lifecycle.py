@@ -180,7 +180,9 @@ async def frames_keep_coming(peers: dict[str, MediaPeer], seconds: float,
 
 async def test_media_flows_while_signaling_stops_and_starts_again(tmp_path: Path) -> None:
     # Presence grace long enough that a restarted signaling never removes a participant.
-    config = write_config(tmp_path, presence={"reconnect_grace_s": 60})
+    # drain_s short: at the end the node drains, and these clients never move.
+    config = write_config(tmp_path, presence={"reconnect_grace_s": 60},
+                          relay={"drain_s": 2.0})
     forwarder = Forwarder()
     await forwarder.start()
     peers: dict[str, MediaPeer] = {}
@@ -203,10 +205,12 @@ async def test_media_flows_while_signaling_stops_and_starts_again(tmp_path: Path
             for a, b in (("ref1", "cardio1"), ("cardio1", "ref1")):
                 await wait_for(lambda a=a, b=b: peers[a].frames(b) > 20, 30,
                                f"{a} decoding {b} through the node")
+            stopping = time.monotonic()
             await first.aclose()  # signaling stops (clients, then the server)
             stopped = time.monotonic()
             await wait_for(lambda: not node.sio.connected, 10, "the node to lose signaling")
-            print(f"node lost signaling {time.monotonic() - stopped:.2f} s after the stop")
+            print(f"signaling stopped in {stopped - stopping:.2f} s; the node had lost it "
+                  f"{time.monotonic() - stopping:.2f} s after the stop began")
             # Signaling is gone: the node keeps the room and media goes on between the peers.
             grown = await frames_keep_coming(peers, 2.0, at_least=15)
             print(f"frames while signaling was down (2 s): {grown}")
@@ -224,10 +228,21 @@ async def test_media_flows_while_signaling_stops_and_starts_again(tmp_path: Path
                 if answers_hello(services(again)):
                     assert hello is not None and hello.adopted == [cid], hello
                     assert hello.close == []
+                    # The participants come back to the restarted signaling and resume:
+                    # the node still has their media, so they keep their connections.
+                    async with clients(again.url, {n: again.token(n) for n in names}) as c2:
+                        for name in names:
+                            await c2[name].ok("consult:join", {"consultation_id": cid})
+                            joined = await c2[name].ok("media:join", {
+                                "consultation_id": cid, "resume": True})
+                            assert joined["resumed"] is True, joined
                 grown = await frames_keep_coming(peers, 1.0, at_least=8)
                 print(f"frames after signaling came back (1 s): {grown}, hello {hello}")
                 assert list(node.relay.rooms) == [cid]
+                began = time.monotonic()
                 assert await running.stopped(within=30) == 0
+                print(f"node drained and stopped in {time.monotonic() - began:.2f} s: "
+                      f"{running.node.drained}")
     finally:
         for peer in peers.values():
             await peer.close()
