@@ -45,6 +45,9 @@ class Forwarder:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._node_side: set[asyncio.StreamWriter] = set()
+        self._held: set[asyncio.StreamWriter] = set()
+        """Signaling's side of connections cut on the node's side only: kept open."""
         self._pipes: set[asyncio.Task[None]] = set()
 
     @property
@@ -69,6 +72,7 @@ class Forwarder:
             writer.close()
             return
         self._writers |= {writer, up_writer}
+        self._node_side.add(writer)
         for source, sink in ((reader, up_writer), (up_reader, writer)):
             task = asyncio.get_running_loop().create_task(self._pipe(source, sink))
             self._pipes.add(task)
@@ -82,14 +86,30 @@ class Forwarder:
         except (ConnectionError, OSError):
             pass
         finally:
-            sink.close()
+            if sink not in self._held:
+                sink.close()
             self._writers.discard(sink)
+            self._node_side.discard(sink)
 
     def cut(self) -> None:
         self.open = False
         for writer in list(self._writers):
             writer.transport.abort()
         self._writers.clear()
+
+    def cut_node_side(self) -> None:
+        """The node loses its connections, while signaling's side of them stays open and
+        silent (a cut signaling has not noticed yet); new connections go through."""
+        self._held |= self._writers - self._node_side
+        for writer in list(self._node_side):
+            writer.transport.abort()
+
+    def drop_held(self) -> None:
+        """Reset signaling's side of the connections ``cut_node_side`` kept open (its stop
+        would otherwise wait for their close handshake)."""
+        for writer in self._held:
+            writer.transport.abort()
+        self._held.clear()
 
     def mend(self) -> None:
         self.open = True
@@ -99,6 +119,7 @@ class Forwarder:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        self.drop_held()
         for task in list(self._pipes):
             task.cancel()
         await asyncio.gather(*self._pipes, return_exceptions=True)
@@ -307,6 +328,47 @@ async def test_a_node_that_signaling_drops_dials_back_and_keeps_its_media(
         finally:
             for peer in peers.values():
                 await peer.close()
+
+
+async def test_a_node_cut_off_gets_back_in_before_signaling_noticed_the_cut(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    config = write_config(tmp_path, relay={"embedded": False})
+    forwarder = Forwarder()
+    await forwarder.start()
+    try:
+        async with run_server(config) as server:
+            found = services(server)
+            forwarder.point_at(server)
+            async with running_node(server, forwarder.url) as running:
+                node = running.node
+                async with clients(server.url, {n: server.token(n)
+                                                for n in ("cardio1", "ref1")}) as c:
+                    cid = await open_consultation(c)
+                    old = node_remote(found)
+                    assert old is not None
+                    caplog.set_level(logging.INFO, logger="relay.node")
+                    forwarder.cut_node_side()
+                    cut = time.monotonic()
+                    await wait_for(lambda: node.connects == 2, 15, "the node to get back in")
+                    back = time.monotonic() - cut
+                    refused = [r for r in caplog.records if r.name == "relay.node"
+                               and "duplicate_relay" in r.message]
+                    print(f"node back in {back:.2f} s ({len(refused)} duplicate_relay "
+                          "refusals while signaling held its old connection)")
+                    # Signaling either lets the node in at once (dropping the old connection)
+                    # or refuses it until it notices: the node retries either way.
+                    assert back < 5.0
+                    assert all(r.levelno == logging.INFO for r in refused)
+                    new = node_remote(found)
+                    assert new is not None and new.sid != old.sid
+                    await wait_for(lambda: len(node.hellos) == 2, 15, "the second hello")
+                    if answers_hello(found):
+                        hello = node.hellos[-1]
+                        assert hello is not None and hello.adopted == [cid], hello
+                    assert list(node.relay.rooms) == [cid]
+                    forwarder.drop_held()
+    finally:
+        await forwarder.close()
 
 
 async def test_hello_closes_exactly_the_rooms_signaling_lists(tmp_path: Path) -> None:
