@@ -208,8 +208,9 @@ class RelayNode:
         self.sinks: dict[str, ForwardingSink] = {}
         self.connects = 0
         """Successful (re)connects to signaling so far."""
-        self.hellos: list[HelloResult | None] = []
-        """Signaling's answer to each ``relay:hello`` (None: none came, or none that fits)."""
+        self.hellos: collections.deque[HelloResult | None] = collections.deque(maxlen=16)
+        """Signaling's answers to the latest ``relay:hello``s (None: none came, or none
+        that fits), for the logs and tests."""
         self.drained: DrainResult | None = None
         self._down = asyncio.Event()
         """Set when the link to signaling drops; cleared as a dial starts."""
@@ -303,7 +304,7 @@ class RelayNode:
     async def _dial(self, stop: asyncio.Event, *, first: bool) -> Dialled:
         """Connect to signaling, retrying with back-off while it is unreachable (or, after
         the first start, while it refuses). The first start dials at once; a redial waits
-        the first back-off step (signaling that just dropped us is busy moving rooms)."""
+        the first back-off step, while the client finishes tearing down the old link."""
         auth = {"token": self.node_token, "region": self.region,
                 "capacity": self.settings.relay.capacity,
                 "public_address": self.settings.relay.announced_address}
@@ -325,7 +326,7 @@ class RelayNode:
                                      wait_timeout=CONNECT_TIMEOUT_S / 2),
                     CONNECT_TIMEOUT_S)
                 self.connects += 1
-                if attempts > 1 or not first:
+                if not first:
                     logger.info("relay node %s: signaling back after %d attempts",
                                 self.relay_id, attempts)
                 return Dialled.CONNECTED
@@ -415,7 +416,12 @@ class RelayNode:
         """Say hello on every (re)connect; whenever the link drops, keep the rooms for the
         grace and redial until signaling is back (or the node stops)."""
         while not stop.is_set():
-            await self._hello()
+            try:
+                await self._hello()
+            except Exception:
+                # A room that failed to close is no reason to stop redialling.
+                logger.exception("relay node %s: acting on signaling's hello failed",
+                                 self.relay_id)
             await self._down.wait()
             if stop.is_set():
                 return
