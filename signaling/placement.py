@@ -53,8 +53,8 @@ every freed placement)."""
 CLOSE_ROOM_TIMEOUT_S = 5.0
 """Closing an ended consultation's Room: a relay that does not answer keeps it until the node
 says hello again (the answer lists it under ``close``) or its grace ends."""
-DISCONNECT_TIMEOUT_S = 1.0
-"""Closing the socket of a node that went silent: its TCP peer may not be reading."""
+CLOSE_SOCKET_TIMEOUT_S = 5.0
+"""Closing the engine.io session of a node taken out: what is queued for it may not go out."""
 DRAIN_POLL_S = 0.25
 """How often a drain looks whether the moved participants are connected to their new relay."""
 
@@ -399,9 +399,15 @@ class RelayNodes:
             await self._lost(node, f"disconnected ({reason})")
 
     async def _close_socket(self, sid: str) -> None:
+        """Leave the namespace and close the engine.io session under it: a node behind a cut
+        link would otherwise keep answering engine.io's pings once the link heals, connected
+        in its own eyes and unknown to signaling."""
         with contextlib.suppress(Exception):
-            async with asyncio.timeout(DISCONNECT_TIMEOUT_S):
-                await self._sio.disconnect(sid, namespace=NODE_NAMESPACE)
+            eio_sid = self._sio.manager.eio_sid_from_sid(sid, NODE_NAMESPACE)
+            await self._sio.disconnect(sid, namespace=NODE_NAMESPACE)
+            if eio_sid is not None:
+                async with asyncio.timeout(CLOSE_SOCKET_TIMEOUT_S):
+                    await self._sio.eio.disconnect(eio_sid)
 
     def _spawn(self, step: Awaitable[None], name: str) -> None:
         async def run() -> None:
@@ -464,6 +470,8 @@ class RelayNodes:
         Those waiting for a node of their own (start-up) wait for it until their time is
         up. Never raises."""
         placed = 0
+        if self._stopping:
+            return placed
         try:
             async with self._lock:
                 now = time.time()
@@ -513,6 +521,8 @@ class RelayNodes:
     async def sweep(self) -> None:
         """Take out nodes silent for ``heartbeat_s * heartbeat_misses``: their consultations
         move first, then the socket is closed. Never raises."""
+        if self._stopping:
+            return
         deadline = time.time() - self.silence_s
         for sid, node in list(self._nodes.items()):
             if node.info.heartbeat_at < deadline and self._nodes.get(sid) is node:
