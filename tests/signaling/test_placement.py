@@ -1,12 +1,16 @@
 """Placement (``signaling.placement.RelayDirectory``): the requesting site's region first,
-then the least loaded."""
+then the least loaded; a relay that does not answer is skipped; after a restart a
+consultation reopens on its relay or waits for its node."""
 
 from __future__ import annotations
+
+import asyncio
+import time
 
 import pytest
 
 from relay.embedded import LocalRelay
-from signaling.placement import NoRelayAvailable, RelayDirectory
+from signaling.placement import NoRelayAvailable, RelayDirectory, RelayUnanswered
 
 
 async def test_a_room_goes_to_a_relay_of_the_region_then_to_the_least_loaded() -> None:
@@ -54,3 +58,82 @@ async def test_a_reserved_room_counts_until_it_is_opened_or_given_back() -> None
     assert held.info.load == 1
     with pytest.raises(NoRelayAvailable):
         relays.reserve("01")
+
+
+class FrozenRelay(LocalRelay):
+    """A relay that never answers ``open_room`` (what a frozen node looks like from here;
+    tests/signaling/test_failover_signaling.py freezes a real one behind a cut link)."""
+
+    async def open_room(self, room_id: str) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_a_relay_that_does_not_answer_open_room_is_skipped_for_the_next() -> None:
+    relays = RelayDirectory(open_room_timeout_s=0.2)
+    frozen = FrozenRelay("hn-1", region="01", capacity=5)
+    spare = LocalRelay("hn-2", region="01", capacity=5)
+    anywhere = LocalRelay("embedded", capacity=5)
+    for relay in (frozen, spare, anywhere):
+        relays.register(relay)
+    failed: set[str] = set()
+    started = time.monotonic()
+    assert (await relays.place("r1", "01", failed)).info.id == "hn-2"
+    assert failed == {"hn-1"}
+    assert 0.15 < time.monotonic() - started < 1.0
+    # The batch that saw it fail does not wait for it again.
+    started = time.monotonic()
+    assert (await relays.place("r2", "01", failed)).info.id == "hn-2"
+    assert time.monotonic() - started < 0.15
+    with pytest.raises(RelayUnanswered, match="hn-1"):
+        await relays.open("r3", frozen, "01")
+
+
+async def test_placements_count_before_the_next_heartbeat_and_a_draining_relay_takes_none(
+        ) -> None:
+    relays = RelayDirectory()
+    a = LocalRelay("a", region="01", capacity=2)
+    b = LocalRelay("b", region="01", capacity=2)
+    for relay in (a, b):
+        relays.register(relay)
+    # A node's own count comes with its heartbeat; what was placed since counts at once.
+    assert (await relays.place("r1", "01")).info.id == "a"
+    a.info.load = 0
+    assert (await relays.place("r2", "01")).info.id == "b"
+    relays.drain("a")
+    assert (await relays.place("r3", "01")).info.id == "b"
+    with pytest.raises(NoRelayAvailable):
+        await relays.place("r4", "01")  # b is full, a drains
+
+
+async def test_a_restored_consultation_reopens_on_its_relay_or_waits_for_its_node() -> None:
+    relays = RelayDirectory(adopt_wait_s=15)
+    embedded = LocalRelay("embedded", capacity=5)
+    relays.register(embedded)
+    assert await relays.restore("r1", "embedded", "01") is embedded
+    assert "r1" in embedded.rooms
+    # Its node has not dialled in yet: it waits for that node first.
+    before = time.time()
+    assert await relays.restore("r2", "node-x", "01") is None
+    waiting = relays.waiting("r2")
+    assert waiting is not None and waiting.relay_id == "node-x"
+    assert waiting.reason == "signaling_restart"
+    assert before + 14 < waiting.until <= time.time() + 15
+    assert waiting.waits_for("node-y", time.time()) and not waiting.waits_for("node-x",
+                                                                               time.time())
+    assert relays.for_room("r2") is None and relays.is_known("r2")
+    # Placed, it waits no more; ended, it is forgotten.
+    await relays.open("r2", embedded, "01")
+    assert relays.waiting("r2") is None and relays.for_room("r2") is embedded
+    await relays.release("r2")
+    assert not relays.is_known("r2") and "r2" not in embedded.rooms
+
+
+async def test_a_restored_consultation_whose_relay_fails_goes_elsewhere_or_waits() -> None:
+    relays = RelayDirectory(open_room_timeout_s=0.1)
+    relays.register(FrozenRelay("embedded", capacity=5))
+    assert await relays.restore("r1", "embedded", "01") is None  # never raises
+    waiting = relays.waiting("r1")
+    assert waiting is not None and waiting.relay_id is None
+    spare = LocalRelay("spare", capacity=5)
+    relays.register(spare)
+    assert await relays.restore("r2", "embedded", "01") is spare
