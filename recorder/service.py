@@ -89,7 +89,8 @@ class Recorder:
     # -- start-up --------------------------------------------------------------------------
     async def restore(self) -> list[str]:
         """Recordings a previous process was writing when it died: mark them ``interrupted``
-        in their manifests, with the checksum of what reached the disk."""
+        in their manifests, with the checksum of what reached the disk, and open their gap
+        (from where the last file ends): each resumes when its participants join again."""
         marked = await asyncio.to_thread(self._mark_interrupted)
         for consultation_id in marked:
             logger.warning("recording of consultation %s was interrupted (the server stopped "
