@@ -472,6 +472,65 @@ async def test_a_recording_resumes_when_serve_restarts_and_its_node_kept_the_med
     assert report.ok, report.problems
 
 
+class Microphone:
+    """The sink side of relay.api.Relay with one Opus publication whose packets come when
+    the test says (tests/recorder/test_service.py's stand-in): for what needs no video."""
+
+    def __init__(self) -> None:
+        self.sink: Any = None
+        self.seq = 0
+
+    async def attach_sink(self, room_id: str, sink: Any) -> None:
+        self.sink = sink
+        sink.publication_added({"id": "pub-1", "participant_id": "cardio1",
+                                "source": "microphone", "kind": "audio",
+                                "codec": "audio/opus", "clock_rate": 48000})
+
+    async def detach_sink(self, room_id: str, sink: Any) -> None:
+        self.sink = None
+
+    async def request_keyframe(self, room_id: str, publication_id: str) -> None:
+        pass
+
+    def speak(self, packets: int) -> None:
+        for _ in range(packets):
+            self.seq += 1
+            self.sink.packet("pub-1", self.seq & 0xFFFF, self.seq * 960, True,
+                             b"\xfc" + bytes(120), time.time())
+
+
+async def test_a_move_through_the_waiting_state_resumes_once_a_relay_takes_it(
+    tmp_path: Path,
+) -> None:
+    """relay_changed while no relay has room (placement None): the gap opens at the last
+    packet, recording shows on and resumes by itself once a relay takes the consultation."""
+    archive = tmp_path / "archive"
+    first, second = Microphone(), Microphone()
+    placed: dict[str, Microphone | None] = {"relay": first}
+    recorder = recorder_on(archive, lambda cid: placed["relay"])  # type: ignore[arg-type,return-value]
+    try:
+        await recorder.joined(CID, "always", "cardio1", "c1")
+        first.speak(10)
+        await wait_for(lambda: bool(manifest(recorder).files), 5, "the first file")
+        last = time.time()
+        placed["relay"] = None
+        await recorder.relay_changed(CID, lost_at=last + 1.5, reason="relay_lost")
+        assert recorder.state(CID)["status"] == "on"
+        (gap,) = manifest(recorder).recording.gaps
+        assert gap.to is None and abs(gap.from_ - last) <= 0.1
+        await asyncio.sleep(1.2)  # still no relay: the retry finds none
+        placed["relay"] = second
+        await wait_for(lambda: second.sink is not None, 3, "the retry attaching")
+        back = time.time()
+        second.speak(10)
+        await wait_for(lambda: len(manifest(recorder).files) == 2, 5, "the second file")
+        await recorder.ended(CID)
+    finally:
+        await recorder.close()
+    (gap,) = on_disk(archive).recording.gaps
+    assert gap.to is not None and back <= gap.to <= back + 0.5
+
+
 # -- the consent machine across a break (recorder/consent.py, no media) --------------------
 
 def machine_recording(policy: str = "with_consent") -> ConsentMachine:
