@@ -178,11 +178,28 @@ class RelayDirectory:
 
     async def open(self, room_id: str, relay: Relay, region: str = "", *,
                    reserved: bool = False) -> Relay:
-        """Open the Room on ``relay`` (from ``choose``, or from ``reserve`` with
-        ``reserved=True``) and remember where it is. A relay that does not answer within
-        ``open_room_timeout_s`` raises ``RelayUnanswered``."""
+        """Open the Room on ``relay`` (from ``choose``) and remember where it is. A relay
+        that fails or does not answer within ``open_room_timeout_s`` raises (RelayError,
+        ``RelayUnanswered``).
+
+        ``reserved=True`` (``relay`` from ``reserve``: an accept whose consultation is
+        already written) never raises a relay's failure: the next candidate takes the Room,
+        and with none the consultation waits for a relay like one that lost its own
+        (``for_room`` is None, ``media:join`` answers ``relay_waiting``); the relay returned
+        is then the one reserved."""
         if reserved:
             self.unreserve(relay)
+            try:
+                return await self.open(room_id, relay, region)
+            except RelayError as exc:
+                logger.warning("relay %s could not open the room of new consultation %s (%s)",
+                               relay.info.id, room_id, exc.code)
+            try:
+                return await self.place(room_id, region, {relay.info.id})
+            except NoRelayAvailable:
+                self.wait(room_id, region, reason="relay_lost", since=time.time())
+                logger.warning("new consultation %s waits for a relay", room_id)
+                return relay
         try:
             async with asyncio.timeout(self._open_timeout_s):
                 await relay.open_room(room_id)

@@ -137,3 +137,19 @@ async def test_a_restored_consultation_whose_relay_fails_goes_elsewhere_or_waits
     spare = LocalRelay("spare", capacity=5)
     relays.register(spare)
     assert await relays.restore("r2", "embedded", "01") is spare
+
+
+async def test_an_accepted_consultation_whose_relay_does_not_answer_goes_on_or_waits() -> None:
+    relays = RelayDirectory(open_room_timeout_s=0.1)
+    frozen = FrozenRelay("a-frozen", region="01", capacity=5)
+    relays.register(frozen)
+    held = relays.reserve("01")
+    # The consultation is written already: no error, it waits for a relay.
+    assert await relays.open("r1", held, "01", reserved=True) is frozen
+    assert relays.for_room("r1") is None and relays.waiting("r1") is not None
+    spare = LocalRelay("b-spare", region="01", capacity=5)
+    relays.register(spare)
+    held = relays.reserve("01")
+    assert held is frozen
+    assert await relays.open("r2", held, "01", reserved=True) is spare
+    assert relays.for_room("r2") is spare
