@@ -587,3 +587,26 @@ def test_after_a_restart_the_consents_on_file_hold_and_a_host_stop_holds() -> No
     failed.resume_after_restart(host_stopped=False, error="disk full")
     assert failed.join("cardio1", "c1") == NOTHING
     assert failed.status() == "failed"
+
+
+@pytest.mark.parametrize("reason", ["relay_drained", "relay_lost"])
+async def test_a_drained_relay_is_told_the_recorder_left_a_lost_one_is_not_waited_for(
+    tmp_path: Path, reason: mf.GapReason,
+) -> None:
+    """A draining relay still forwards until its participants have moved: the recorder
+    detaches from it. A lost one is not asked (a silent node would hold the move)."""
+    first, second = Microphone(), Microphone()
+    placed: dict[str, Microphone] = {"relay": first}
+    recorder = recorder_on(tmp_path / "archive", lambda cid: placed["relay"])  # type: ignore[arg-type,return-value]
+    try:
+        await recorder.joined(CID, "always", "cardio1", "c1")
+        first.speak(10)
+        await wait_for(lambda: bool(manifest(recorder).files), 5, "the first file")
+        placed["relay"] = second
+        await recorder.relay_changed(CID, reason=reason)
+        assert (first.sink is None) == (reason == "relay_drained")
+        assert second.sink is not None
+        assert [g.reason for g in manifest(recorder).recording.gaps] == [reason]
+        await recorder.ended(CID)
+    finally:
+        await recorder.close()
