@@ -412,12 +412,26 @@ class RelayNode:
         logger.info("relay node %s said hello with %d rooms: %d adopted, %d closed",
                     self.relay_id, len(hello.rooms), len(result.adopted), len(closing))
 
+    async def _announce_streams(self) -> None:
+        """After a reconnect: every recorder stream announces its room's publications again
+        (with a keyframe asked for), since what it sent while the link was down is lost. A
+        signaling that kept its recorder attached (RemoteRelay.take_over) starts new files
+        cleanly; a restarted one drops these until its ``record_start``."""
+        if self.connects < 2 or not self.sinks:
+            return
+        for room_id, sink in list(self.sinks.items()):
+            if room_id in self.relay.rooms:
+                await self.relay.announce_to(room_id, sink)
+        logger.info("relay node %s: %d recorder streams announced again after the reconnect",
+                    self.relay_id, len(self.sinks))
+
     async def _stay_linked(self, stop: asyncio.Event) -> None:
         """Say hello on every (re)connect; whenever the link drops, keep the rooms for the
         grace and redial until signaling is back (or the node stops)."""
         while not stop.is_set():
             try:
                 await self._hello()
+                await self._announce_streams()
             except Exception:
                 # A room that failed to close is no reason to stop redialling.
                 logger.exception("relay node %s: acting on signaling's hello failed",
