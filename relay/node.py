@@ -11,7 +11,10 @@ server started. After each (re)connect the node calls ``relay:hello`` with the r
 others, which the node closes: nothing else closes a room because signaling went away, until
 the grace runs out (then every room closes, one WARNING). Heartbeats go only while connected;
 what the relay reports while the link is down is lost (signaling's ``resume`` sends an
-unanswered subscribe offer again).
+unanswered subscribe offer again), and so is what a recorder stream (``ForwardingSink``, which
+outlives the link) sends meanwhile: after each reconnect every stream announces its room's
+publications again, and ``record_start`` on a room already streamed does the same, so that a
+recorder attached anew (a restarted signaling) learns them.
 
 Stopping (SIGTERM, SIGINT): a connected node drains: ``relay:drain`` asks signaling to move its
 consultations and answers once the moved participants are connected to their new relay (or
@@ -19,8 +22,8 @@ after ``relay.drain_s``); then the rooms close and the node disconnects. Without
 rooms close at once. Each step is bounded; a second signal exits at once.
 
 Exit codes: 0 after a stop; 2 when signaling refused the node (bad token, duplicate id) at its
-first start, where retrying would not help. Later a refusal is retried: a ``duplicate_relay``
-is signaling still holding this node's old connection, which it drops within seconds."""
+first start, where retrying would not help. Later a refusal is retried (a ``duplicate_relay``
+then means that signaling has not noticed the node's old connection gone yet)."""
 
 from __future__ import annotations
 
