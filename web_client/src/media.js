@@ -248,13 +248,17 @@ export class MediaSession {
         if (this.closed) return;
         if (error && error.code === "relay_waiting") {
           this._mark("relay_waiting");
+          // Connections that were to be rebuilt are dead: they go now, not when a relay comes.
+          if (!request.resume) this._closePcs();
           this._enterWaiting();
           waits += 1;
           if (waits > WAITING_RETRIES) {
             console.warn("media: still no relay; retrying stops, media:moved will bring it back");
             return;
           }
-          if (!this._request) this._request = { reason: "waiting for a relay", resume: true, delayMs: WAITING_RETRY_MS };
+          if (!this._request) {
+            this._request = { reason: "waiting for a relay", resume: request.resume, delayMs: WAITING_RETRY_MS };
+          }
         } else {
           failures += 1;
           console.warn(`media: set-up failed (${request.reason}, attempt ${failures}):`,
