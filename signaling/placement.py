@@ -354,6 +354,9 @@ class RelayNodes:
         """Held while consultations change relay (moves, hello, waiting ones placed), so
         that each decision sees the previous one and clients hear them in order."""
         self._stopping = False
+        self._replaced: dict[str, float] = {}
+        """Relay id -> the last heartbeat of a connection that a new one of the same node
+        replaced before it was noticed gone: what that node reported in between is lost."""
         self._tasks: set[asyncio.Task[None]] = set()
         sio.on("connect", self._connect, namespace=NODE_NAMESPACE)
         sio.on("disconnect", self._disconnect, namespace=NODE_NAMESPACE)
@@ -397,7 +400,7 @@ class RelayNodes:
             # The node redialled before its old connection was noticed gone (a network cut
             # shorter than the heartbeat check): the new connection takes over, and what the
             # old one carried stays placed here; its hello says what is still there.
-            del self._nodes[stale]
+            self._replaced[relay_id] = self._nodes.pop(stale).info.heartbeat_at
             logger.warning("relay node %s connected again (%s); its old connection %s is "
                            "closed", relay_id, sid, stale)
             self._spawn(self._close_socket(stale), f"close-{stale}")
@@ -523,12 +526,20 @@ class RelayNodes:
         every = self._settings.heartbeat_s / 2
         last_try = 0.0
         while True:
+            before = time.monotonic()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(every):
                     await self._relays.changed.wait()
+            late = time.monotonic() - before - every
             changed = self._relays.changed.is_set()
             self._relays.changed.clear()
-            await self.sweep()
+            if late > self._settings.heartbeat_s:
+                # This process stalled (CPU starved, a long collection), not the nodes: the
+                # heartbeats that arrived meanwhile are read before the next look.
+                logger.info("relay node timers ran %.2f s late; silent nodes looked for at "
+                            "the next turn", late)
+            else:
+                await self.sweep()
             now = time.monotonic()
             if changed or now - last_try >= WAITING_RETRY_S:
                 last_try = now
@@ -571,6 +582,7 @@ class RelayNodes:
         adopted: list[str] = []
         close: list[str] = []
         told: list[tuple[str, Waiting]] = []
+        replaced_at = self._replaced.pop(relay_id, None)
         async with self._lock:
             now = time.time()
             reported = set()
@@ -580,6 +592,12 @@ class RelayNodes:
                 waiting = self._relays.waiting(room.room_id)
                 if placed_on is not None and placed_on.info.id == relay_id:
                     adopted.append(room.room_id)
+                    if replaced_at is not None:
+                        # Back on a new connection: the participants resume (an offer sent
+                        # while the link was down comes again), the recording takes the
+                        # new connection's media.
+                        told.append((room.room_id, Waiting(
+                            self._relays.region_of(room.room_id), replaced_at, "relay_lost")))
                 elif waiting is not None and not waiting.waits_for(relay_id, now):
                     self._relays.adopt(room.room_id, node, waiting.region)
                     adopted.append(room.room_id)

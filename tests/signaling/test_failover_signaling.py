@@ -43,6 +43,9 @@ class Link:
         self.state = "up"
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._node_side: set[asyncio.StreamWriter] = set()
+        self._orphans: set[asyncio.StreamWriter] = set()
+        """Signaling's side of connections whose node side was severed: left open."""
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> Link:
@@ -64,6 +67,7 @@ class Link:
             writer.close()
             return
         self._writers |= {writer, up_writer}
+        self._node_side.add(writer)
         await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -75,15 +79,24 @@ class Link:
         except (ConnectionError, OSError):
             pass
         finally:
-            writer.close()
+            if writer in self._node_side or writer not in self._orphans:
+                writer.close()
             self._writers.discard(writer)
+            self._node_side.discard(writer)
+
+    def sever_node_side(self) -> None:
+        """The node's own connection breaks, signaling's side stays open and silent (a cut
+        the node notices first): it redials through the link at once."""
+        self._orphans = self._writers - self._node_side
+        for writer in list(self._node_side):
+            writer.close()
 
     def cut(self) -> None:
         self.state = "cut"
 
     def drop(self) -> None:
         self.state = "down"
-        for writer in list(self._writers):
+        for writer in list(self._writers | self._orphans):
             writer.close()
 
     def heal(self) -> None:
@@ -174,9 +187,12 @@ async def media_everywhere(peers: dict[str, MediaPeer], frames: int = 10) -> Non
     for name, peer in peers.items():
         for other in peers:
             if other != name:
-                start = peer.frames(other)
-                await wait_for(lambda p=peer, o=other, s=start: p.frames(o) > s + frames, 30,
-                               f"{name} receiving {other}'s video")
+                enough = peer.frames(other) + frames
+
+                def flowing(p: MediaPeer = peer, o: str = other, n: int = enough) -> bool:
+                    return p.frames(o) > n
+
+                await wait_for(flowing, 30, f"{name} receiving {other}'s video")
 
 
 def services_of(server: Server) -> Services:
@@ -217,6 +233,36 @@ async def test_a_silent_relay_is_taken_out_within_two_seconds_and_its_consultati
                 assert result is not None and result.close == [cid] and result.adopted == []
                 assert cid not in a.rooms
                 assert services.relays.for_room(cid) is services.embedded
+            finally:
+                for peer in peers.values():
+                    await peer.close()
+
+
+async def test_a_node_back_before_its_silence_was_noticed_keeps_its_participants_media(
+        tmp_path: Path) -> None:
+    async with run_server(write_config(tmp_path)) as server:
+        services = services_of(server)
+        async with relay_node(server, "relay-a", "11") as a, \
+                clients(server.url, {n: server.token(n) for n in NAMES}) as c:
+            cid = await open_consultation(c)
+            peers = {n: await start_media(c[n], cid) for n in NAMES}
+            try:
+                await media_everywhere(peers)
+                builds = {n: (p.publish_pc, p.subscribe_pc) for n, p in peers.items()}
+                connects = a.node.connects
+                a.link.sever_node_side()  # signaling still holds the old, silent connection
+                relays = await moved(c, cid)
+                assert a.node.connects == connects + 1
+                assert [r["id"] for r in relays] == ["relay-a", "relay-a"]
+                for name in NAMES:
+                    answer = await c[name].ok("media:join", {"consultation_id": cid,
+                                                             "resume": True})
+                    assert answer["resumed"] is True
+                await media_everywhere(peers)
+                assert {n: (p.publish_pc, p.subscribe_pc) for n, p in peers.items()} == builds
+                assert services.relays.for_room(cid) is services.relays.get("relay-a")
+                await asyncio.sleep(server.settings.relay.heartbeat_s * 4)
+                assert services.relays.get("relay-a") is not None  # the new one heartbeats
             finally:
                 for peer in peers.values():
                     await peer.close()
