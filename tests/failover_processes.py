@@ -40,6 +40,9 @@ NODE_RELAY = {
 SERVE_SECTIONS: dict[str, dict[str, Any]] = {
     # Only standalone nodes carry media: killing `serve` must not take media with it.
     "relay": {"embedded": False},
+    # Production's timer tick (tests/support.py's 0.1 s would check silent relays ten times
+    # as often as `serve` does by default, were the check still on this tick).
+    "queue": {"tick_s": 1.0},
     # Participants that a restarted `serve` adopts from a node's report wait this long for
     # their clients to come back before they are removed (and their media with them).
     "presence": {"reconnect_grace_s": 30.0},
