@@ -79,7 +79,7 @@ class LocalRelay:
     async def resume(self, room_id: str, participant_id: str) -> bool:
         room = self.rooms.get(room_id)
         participant = room.participants.get(participant_id) if room is not None else None
-        if participant is None:
+        if participant is None or participant.media_lost:
             return False
         await participant.subscriber.resend_offer()
         return True

@@ -89,6 +89,14 @@ class Participant:
     def legs(self) -> list[Leg]:
         return self.subscriber.legs
 
+    @property
+    def media_lost(self) -> bool:
+        """One of its connections has failed or closed (the client went away, or its network
+        did): the client must join afresh rather than resume with what it has."""
+        connections = [*self.publish_pcs.values(), self.subscribe_pc]
+        return any(pc is not None and pc.connectionState in ("failed", "closed")
+                   for pc in connections)
+
     # -- relay.api steps ------------------------------------------------------------------
     async def publish(self, sdp: object, sources: dict[str, str]) -> dict[str, Any]:
         return await self.publisher.publish(sdp, sources)

@@ -38,3 +38,19 @@ async def test_a_resumed_participant_keeps_its_connections_and_gets_its_lost_off
     assert room.events.offers_to("viewer") == offers
     assert await room.relay.resume(room.id, "ghost") is False
     assert await room.relay.resume("elsewhere", "viewer") is False
+
+
+async def test_a_participant_whose_connection_is_gone_cannot_resume(room: RelayRoom) -> None:
+    viewer = await room.join("viewer", publish=False)
+    camera = await room.join("camera")
+    participant = room.relay.rooms[room.id].participants["camera"]
+    await wait_for(lambda: viewer.frames("camera") > 5, 20, "the camera's video")
+    assert await room.relay.resume(room.id, "camera") is True
+    # The camera's client closes its publish connection (a crashed tab; a lost network ends
+    # the same way once ICE gives up): resuming would keep a dead connection, so the client
+    # is told to join afresh.
+    assert camera.publish_pc is not None
+    await camera.publish_pc.close()
+    await wait_for(lambda: participant.media_lost, 10, "the relay to see the connection go")
+    assert await room.relay.resume(room.id, "camera") is False
+    assert await room.relay.resume(room.id, "viewer") is True
