@@ -98,6 +98,13 @@ async def consultation(browser: Browser, cluster: Cluster, *,
             await page.context.close()
 
 
+async def start(cluster: Cluster, *nodes: tuple[str, str]) -> None:
+    """`serve` and the nodes (relay id, region) started side by side (a node redials until
+    `serve` listens): each start is seconds of imports on the shared machine."""
+    await asyncio.gather(cluster.start_serve(),
+                         *(cluster.start_node(relay_id, region) for relay_id, region in nodes))
+
+
 async def relay_of(cluster: Cluster, room: Room) -> str:
     """The relay the consultation is placed on, as the server's API says."""
     consultation_id = await room.specialist.get_attribute("#room", "data-consultation")
@@ -154,9 +161,7 @@ async def test_a_relay_killed_both_pages_show_video_again_by_themselves(
     tmp_path: Path, browser: Browser
 ) -> None:
     async with Cluster(tmp_path) as cluster:
-        await cluster.start_serve()
-        await cluster.start_node("relay-a", REGION_OF_D1)
-        await cluster.start_node("relay-b", OTHER_REGION)  # the spare
+        await start(cluster, ("relay-a", REGION_OF_D1), ("relay-b", OTHER_REGION))  # b: spare
         async with consultation(browser, cluster) as room:
             for page in room.pages:
                 await mark_connections(page)
@@ -182,8 +187,7 @@ async def test_serve_killed_and_restarted_video_goes_on_and_the_pages_resume(
     tmp_path: Path, browser: Browser
 ) -> None:
     async with Cluster(tmp_path) as cluster:
-        await cluster.start_serve()
-        await cluster.start_node("relay-a", REGION_OF_D1)
+        await start(cluster, ("relay-a", REGION_OF_D1))
         async with consultation(browser, cluster) as room:
             created: dict[str, int] = {}
             for name, page, _ in room.watching:
@@ -198,10 +202,10 @@ async def test_serve_killed_and_restarted_video_goes_on_and_the_pages_resume(
             down = {name: await decoded(page, other) for name, page, other in room.watching}
             for page in room.pages:  # the room says its link to the server is down
                 await expect(page.locator("#server-link")).to_be_visible(timeout=5_000)
-            await asyncio.sleep(2.0)
+            await asyncio.sleep(1.0)
             for name, page, other in room.watching:
                 now = await decoded(page, other)
-                print(f"serve down 2 s: {name} decoded {now - down[name]} frames from {other}")
+                print(f"serve down 1 s: {name} decoded {now - down[name]} frames from {other}")
                 assert now > down[name] + 10, f"{name}: video stopped with serve"
             await cluster.start_serve()
             print(f"serve back after {time.monotonic() - killed_at:.1f} s")
@@ -240,8 +244,7 @@ async def test_without_a_relay_the_room_says_it_waits_until_one_comes(
     tmp_path: Path, browser: Browser
 ) -> None:
     async with Cluster(tmp_path) as cluster:
-        await cluster.start_serve()
-        await cluster.start_node("relay-a", REGION_OF_D1)
+        await start(cluster, ("relay-a", REGION_OF_D1))
         async with consultation(browser, cluster, district_script=ENGLISH) as room:
             languages = [("en", room.district, "cardio1"), ("vi", room.specialist, "ref1")]
             for page in room.pages:
