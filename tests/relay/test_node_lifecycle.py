@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from config.settings import Settings
+from relay import node as node_module
 from relay.api import NODE_NAMESPACE
 from relay.node import RelayNode
 from relay.remote import RemoteRelay
@@ -48,6 +49,8 @@ class Forwarder:
         self._node_side: set[asyncio.StreamWriter] = set()
         self._held: set[asyncio.StreamWriter] = set()
         """Signaling's side of connections cut on the node's side only: kept open."""
+        self.frozen = False
+        """New connections are accepted and then never answered (a stopped process)."""
         self._pipes: set[asyncio.Task[None]] = set()
 
     @property
@@ -63,6 +66,9 @@ class Forwarder:
 
     async def _accept(self, reader: asyncio.StreamReader,
                       writer: asyncio.StreamWriter) -> None:
+        if self.frozen:
+            self._held.add(writer)
+            return
         if not self.open or self.target is None:
             writer.close()
             return
@@ -113,6 +119,8 @@ class Forwarder:
 
     def mend(self) -> None:
         self.open = True
+        self.frozen = False
+        self.drop_held()
 
     async def close(self) -> None:
         self.cut()
@@ -415,6 +423,34 @@ async def test_a_recorder_stream_goes_on_through_a_short_cut(
     finally:
         for peer in peers.values():
             await peer.close()
+        await forwarder.close()
+
+
+async def test_a_dial_to_a_frozen_signaling_is_given_up_and_tried_again(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(node_module, "CONNECT_TIMEOUT_S", 1.0)
+    config = write_config(tmp_path, relay={"embedded": False})
+    forwarder = Forwarder()
+    await forwarder.start()
+    try:
+        async with run_server(config) as server:
+            forwarder.point_at(server)
+            async with running_node(server, forwarder.url) as running:
+                node = running.node
+                caplog.set_level(logging.INFO, logger="relay.node")
+                # Signaling's machine hangs: connections are accepted and never answered.
+                forwarder.frozen = True
+                forwarder.cut()
+                await wait_for(lambda: any("TimeoutError" in r.message
+                                           for r in caplog.records), 10,
+                               "a dial attempt to time out")
+                forwarder.mend()
+                mended = time.monotonic()
+                await wait_for(lambda: node.connects == 2, 10, "the node to get back in")
+                print(f"node back {time.monotonic() - mended:.2f} s after signaling thawed")
+                assert node.sio.connected
+    finally:
         await forwarder.close()
 
 
