@@ -12,9 +12,9 @@ others, which the node closes: nothing else closes a room because signaling went
 the grace runs out (then every room closes, one WARNING). Heartbeats go only while connected;
 what the relay reports while the link is down is lost (signaling's ``resume`` sends an
 unanswered subscribe offer again), and so is what a recorder stream (``ForwardingSink``, which
-outlives the link) sends meanwhile: after each reconnect every stream announces its room's
-publications again, and ``record_start`` on a room already streamed does the same, so that a
-recorder attached anew (a restarted signaling) learns them.
+outlives the link) sends meanwhile: the recorder attaches again once the node is back, and
+``record_start`` on a room already streamed announces its publications again (a keyframe
+asked for each), so that the recorder learns them and starts its new files cleanly.
 
 Stopping (SIGTERM, SIGINT): a connected node drains: ``relay:drain`` asks signaling to move its
 consultations and answers once the moved participants are connected to their new relay (or
@@ -415,26 +415,12 @@ class RelayNode:
         logger.info("relay node %s said hello with %d rooms: %d adopted, %d closed",
                     self.relay_id, len(hello.rooms), len(result.adopted), len(closing))
 
-    async def _announce_streams(self) -> None:
-        """After a reconnect: every recorder stream announces its room's publications again
-        (with a keyframe asked for), since what it sent while the link was down is lost. A
-        signaling that kept its recorder attached (RemoteRelay.take_over) starts new files
-        cleanly; a restarted one drops these until its ``record_start``."""
-        if self.connects < 2 or not self.sinks:
-            return
-        for room_id, sink in list(self.sinks.items()):
-            if room_id in self.relay.rooms:
-                await self.relay.announce_to(room_id, sink)
-        logger.info("relay node %s: %d recorder streams announced again after the reconnect",
-                    self.relay_id, len(self.sinks))
-
     async def _stay_linked(self, stop: asyncio.Event) -> None:
         """Say hello on every (re)connect; whenever the link drops, keep the rooms for the
         grace and redial until signaling is back (or the node stops)."""
         while not stop.is_set():
             try:
                 await self._hello()
-                await self._announce_streams()
             except Exception:
                 # A room that failed to close is no reason to stop redialling.
                 logger.exception("relay node %s: acting on signaling's hello failed",

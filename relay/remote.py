@@ -221,18 +221,6 @@ class RemoteRelay:
             del self._sinks[room_id]
             await self._command("record_stop", room_id=room_id)
 
-    def take_over(self, previous: RemoteRelay) -> list[str]:
-        """The node dialled in again while its old connection (``previous``) was still held
-        (a cut shorter than the heartbeat check): the recorder's sinks attached through the
-        old connection move to this one, since the node's streams outlived the cut. Once
-        back, the node announces every streamed room's publications again (what it sent
-        meanwhile was lost; the recorder starts afresh at a keyframe). Returns the rooms."""
-        moved = [room_id for room_id in previous._sinks if room_id not in self._sinks]
-        for room_id in moved:
-            self._sinks[room_id] = previous._sinks[room_id]
-        previous._sinks.clear()
-        return moved
-
     async def request_keyframe(self, room_id: str, publication_id: str) -> None:
         await self._command("request_keyframe", room_id=room_id, publication_id=publication_id)
 

@@ -379,53 +379,6 @@ async def test_a_node_cut_off_gets_back_in_before_signaling_noticed_the_cut(
         await forwarder.close()
 
 
-async def test_a_recorder_stream_goes_on_through_a_short_cut(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    config = write_config(tmp_path, relay={"embedded": False},
-                          presence={"reconnect_grace_s": 60})
-    forwarder = Forwarder()
-    await forwarder.start()
-    names = ("cardio1", "ref1")
-    peers: dict[str, MediaPeer] = {}
-    try:
-        async with run_server(config) as server:
-            found = services(server)
-            forwarder.point_at(server)
-            async with running_node(server, forwarder.url) as running:
-                node = running.node
-                async with clients(server.url, {n: server.token(n) for n in names}) as c:
-                    cid = await open_consultation(c)
-                    peers = {n: await start_media(c[n], cid) for n in names}
-                    await wait_for(lambda: peers["ref1"].frames("cardio1") > 10, 30,
-                                   "video through the node")
-                    old = node_remote(found)
-                    assert old is not None
-                    recorder = PacketSink()
-                    await old.attach_sink(cid, recorder)
-                    await wait_for(lambda: sum(recorder.packets.values()) > 50, 10,
-                                   "the recorder stream")
-                    caplog.set_level(logging.INFO, logger="relay.node")
-                    forwarder.cut_node_side()
-                    await wait_for(lambda: node.connects == 2, 15, "the node to get back in")
-                    new = node_remote(found)
-                    assert new is not None and new.sid != old.sid
-                    # What signaling does when a node's new connection replaces its old one
-                    # (RelayNodes._connect): the recorder's sink moves with it.
-                    new.take_over(old)
-                    await wait_for(lambda: len(node.hellos) == 2, 15, "the second hello")
-                    assert any("recorder streams announced again" in r.message
-                               for r in caplog.records if r.name == "relay.node")
-                    before = sum(recorder.packets.values())
-                    await wait_for(lambda: sum(recorder.packets.values()) > before + 50, 10,
-                                   "the recorder stream after the cut")
-                    assert list(node.sinks) == [cid]
-                    forwarder.drop_held()
-    finally:
-        for peer in peers.values():
-            await peer.close()
-        await forwarder.close()
-
-
 async def test_a_dial_to_a_frozen_signaling_is_given_up_and_tried_again(
         tmp_path: Path, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:
