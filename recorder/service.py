@@ -140,6 +140,10 @@ class Recorder:
             path = directory / mf.MANIFEST
             data = (await asyncio.to_thread(mf.load, path) if path.exists()
                     else mf.new_manifest(consultation_id))
+            # Another event of the consultation may have loaded it meanwhile (both
+            # participants rejoining a restarted server at once): there is one state.
+            state = self._states.get(consultation_id)
+        if state is None:
             machine = ConsentMachine(policy or "with_consent")
             for answer in data.consent:
                 machine.answers[answer.clinician_id] = (answer.answer, answer.at)

@@ -479,9 +479,11 @@ class Microphone:
     def __init__(self) -> None:
         self.sink: Any = None
         self.seq = 0
+        self.attached = 0
 
     async def attach_sink(self, room_id: str, sink: Any) -> None:
         self.sink = sink
+        self.attached += 1
         sink.publication_added({"id": "pub-1", "participant_id": "cardio1",
                                 "source": "microphone", "kind": "audio",
                                 "codec": "audio/opus", "clock_rate": 48000})
@@ -610,3 +612,34 @@ async def test_a_drained_relay_is_told_the_recorder_left_a_lost_one_is_not_waite
         await recorder.ended(CID)
     finally:
         await recorder.close()
+
+
+async def test_participants_rejoining_at_once_after_a_restart_share_one_recording(
+    tmp_path: Path,
+) -> None:
+    """Both clients of a restarted server rejoin in the same instant: the manifest is loaded
+    once, one session records them both (two loads raced once: two sessions, one of them
+    orphaned with cardio1's consent, and cardio1 was never recorded again)."""
+    archive = tmp_path / "archive"
+    relay = Microphone()
+    before = recorder_on(archive, lambda cid: relay)  # type: ignore[arg-type,return-value]
+    try:
+        for clinician in ("cardio1", "ref1"):
+            await before.joined(CID, "with_consent", clinician, "c1")
+            await before.consent(CID, clinician, True)
+        relay.speak(10)
+        await wait_for(lambda: bool(manifest(before).files), 5, "the first file")
+    finally:
+        await before.close()
+    relay.attached = 0
+    after = recorder_on(archive, lambda cid: relay)  # type: ignore[arg-type,return-value]
+    try:
+        await asyncio.gather(*(after.joined(CID, "with_consent", clinician, "c1")
+                               for clinician in ("cardio1", "ref1")))
+        state = after.state(CID)
+        assert state["status"] == "on"
+        assert [a["clinician_id"] for a in state["consent"]] == ["cardio1", "ref1"]
+        assert relay.attached == 1
+        await after.ended(CID)
+    finally:
+        await after.close()
