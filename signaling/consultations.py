@@ -46,8 +46,9 @@ class RecordingHooks(Protocol):
 
     async def relay_changed(self, consultation_id: str, *, lost_at: float,
                             reason: str) -> None:
-        """The consultation's Room moved to another relay (or the same relay was found again
-        after a signaling restart): the files of the old one end, new ones follow. ``lost_at``
+        """The consultation's Room moved to another relay, lost its relay with none to take
+        it yet (called again once one does), or the same relay was found again after a
+        signaling restart: the files of the old one end, new ones follow. ``lost_at``
         (Unix time) is when the old relay was lost, ``reason`` one of ``relay_lost``,
         ``relay_drained``, ``signaling_restart`` (the manifest's gap)."""
 
@@ -325,13 +326,14 @@ class Consultations:
         if consultation is None or consultation.state == "ended":
             return
         self._media.forget(consultation_id)
-        if relay is not None:
-            if consultation.relay_id != relay.info.id:
-                consultation.relay_id = relay.info.id
-                await self._store.save_consultation(consultation)
-            await self._recording.relay_changed(
-                consultation_id, lost_at=time.time() if lost_at is None else lost_at,
-                reason=reason)
+        if relay is not None and consultation.relay_id != relay.info.id:
+            consultation.relay_id = relay.info.id
+            await self._store.save_consultation(consultation)
+        # Also with no relay: the recording's files end at the loss (a gap opens), and the
+        # call that brings a relay lets it start again at once.
+        await self._recording.relay_changed(
+            consultation_id, lost_at=time.time() if lost_at is None else lost_at,
+            reason=reason)
         logger.info("consultation %s: relay %s (%s); participants told", consultation_id,
                     relay.info.id if relay is not None else "none, waiting", reason)
         await self._notifier.emit(
