@@ -378,9 +378,6 @@ class RelayNodes:
         redial the next process and say hello) and nothing moves."""
         self._stopping = True
 
-    def node(self, relay_id: str) -> NodeRelay | None:
-        return next((n for n in self._nodes.values() if n.info.id == relay_id), None)
-
     # -- connection ------------------------------------------------------------------------
     async def _connect(self, sid: str, _environ: dict[str, Any], auth: Any = None) -> None:
         auth = auth if isinstance(auth, dict) else {}
