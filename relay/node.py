@@ -66,6 +66,10 @@ FIRST_DELAY_S = 0.25
 CONNECT_TIMEOUT_S = 10.0
 """One dial attempt, TCP and TLS to the namespace accepted (a stopped signaling process would
 otherwise hold it for minutes)."""
+STABLE_S = 10.0
+"""A connection that signaling dropped sooner than this does not reset the back-off: two nodes
+started with the same id (a copied configuration) replace each other at signaling, and would
+otherwise do so several times a second."""
 HELLO_TIMEOUT_S = 10.0
 CLOSE_TIMEOUT_S = 10.0
 """Closing every room at the end of a stop."""
@@ -220,6 +224,9 @@ class RelayNode:
         self._refusals: list[Any] = []
         self._grace: asyncio.Task[None] | None = None
         self._stopping = False
+        self._connected_at = 0.0
+        self._backoff = FIRST_DELAY_S
+        """The back-off step after the one that connected last."""
         self.sio.on("connect", self._connected, namespace=NAMESPACE)
         self.sio.on("disconnect", self._disconnected, namespace=NAMESPACE)
         self.sio.on("connect_error", self._refusals.append, namespace=NAMESPACE)
@@ -311,10 +318,18 @@ class RelayNode:
         auth = {"token": self.node_token, "region": self.region,
                 "capacity": self.settings.relay.capacity,
                 "public_address": self.settings.relay.announced_address}
+        loop = asyncio.get_running_loop()
         delay = FIRST_DELAY_S
         most = self.settings.relay.reconnect_delay_max_s
         attempts = 0
         if not first:
+            lasted = loop.time() - self._connected_at
+            if lasted < STABLE_S:
+                delay = self._backoff
+                if delay > FIRST_DELAY_S:  # short-lived connections one after another
+                    logger.warning("relay node %s: signaling dropped it again %.1f s after it "
+                                   "connected; redialling in %.2f s (is another node running "
+                                   "with this id?)", self.relay_id, lasted, delay)
             if await _wait(stop, delay):
                 return Dialled.STOPPED
             delay = min(delay * 2, most)
@@ -329,6 +344,8 @@ class RelayNode:
                                      wait_timeout=CONNECT_TIMEOUT_S / 2),
                     CONNECT_TIMEOUT_S)
                 self.connects += 1
+                self._connected_at = loop.time()
+                self._backoff = delay
                 if not first:
                     logger.info("relay node %s: signaling back after %d attempts",
                                 self.relay_id, attempts)
