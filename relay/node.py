@@ -6,15 +6,17 @@ Its rooms outlive signaling. Media never passes through signaling, so when the l
 node keeps every room's media flowing for ``relay.signaling_grace_s`` and redials by itself,
 with back-off from 0.25 s doubling up to ``relay.reconnect_delay_max_s``. The dial loop is the
 node's own (python-socketio's reconnection is off): that client never retries a disconnect the
-server started. After each (re)connect the node calls ``relay:hello`` with the rooms it holds
-(relay/remote.py ``Hello``); signaling adopts the rooms of open consultations and lists the
-others, which the node closes: nothing else closes a room because signaling went away, until
-the grace runs out (then every room closes, one WARNING). Heartbeats go only while connected;
-what the relay reports while the link is down is lost (signaling's ``resume`` sends an
-unanswered subscribe offer again), and so is what a recorder stream (``ForwardingSink``, which
-outlives the link) sends meanwhile: the recorder attaches again once the node is back, and
-``record_start`` on a room already streamed announces its publications again (a keyframe
-asked for each), so that the recorder learns them and starts its new files cleanly.
+server started. The back-off starts again from 0.25 s only after a connection that lasted
+(``STABLE_S``): two nodes sharing an id replace each other at signaling, slowly. After each
+(re)connect the node calls ``relay:hello`` with the rooms it holds (relay/remote.py
+``Hello``); signaling adopts the rooms of open consultations and lists the others, which the
+node closes: nothing else closes a room because signaling went away, until the grace runs out
+(then every room closes, one WARNING). Heartbeats go only while connected; what the relay
+reports while the link is down is lost (signaling's ``resume`` sends an unanswered subscribe
+offer again), and so is what a recorder stream (``ForwardingSink``, which outlives the link)
+sends meanwhile: the recorder attaches again once the node is back, and ``record_start`` on a
+room already streamed announces its publications again (a keyframe asked for each), so that
+the recorder learns them and starts its new files cleanly.
 
 Stopping (SIGTERM, SIGINT): a connected node drains: ``relay:drain`` asks signaling to move its
 consultations and answers once the moved participants are connected to their new relay (or
