@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -52,6 +53,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: bench/ itself is on sys.path
@@ -229,9 +232,54 @@ def backs(recoveries: list[dict[str, Any]]) -> list[float | None]:
                      r["first_frame_s"]).media_back_s for r in recoveries]
 
 
+class CpuWindow:
+    """Cores the whole machine and this benchmark's processes (itself, `serve`, the nodes,
+    the workers) kept busy over a window: on the shared machine, what the others took is
+    the difference."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self._processes = []
+        for pid in pids:
+            with contextlib.suppress(psutil.Error):
+                self._processes.append(psutil.Process(pid))
+        self._started = time.monotonic()
+        self._machine = self._busy()
+        self._ours = {p.pid: self._cpu(p) for p in self._processes}
+
+    @staticmethod
+    def _busy() -> float:
+        times = psutil.cpu_times()
+        return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+    @staticmethod
+    def _cpu(process: psutil.Process) -> float | None:
+        try:
+            cpu = process.cpu_times()
+        except psutil.Error:
+            return None  # gone (the relay killed): its share is not counted
+        return float(cpu.user + cpu.system)
+
+    def close(self) -> str:
+        seconds = max(time.monotonic() - self._started, 1e-6)
+        machine = (self._busy() - self._machine) / seconds
+        ours = 0.0
+        for process in self._processes:
+            before, after = self._ours.get(process.pid), self._cpu(process)
+            if before is not None and after is not None:
+                ours += (after - before) / seconds
+        return (f"machine {machine:.2f} cores busy, this benchmark's processes {ours:.2f}, "
+                f"others {max(machine - ours, 0.0):.2f}")
+
+
+def pids(cluster: Cluster, workers: list[Worker]) -> list[int]:
+    return [os.getpid(), *(p.pid for p in cluster.processes() if p.poll() is None),
+            *(w.process.pid for w in workers)]
+
+
 async def phase(workers: list[Worker], cluster: Cluster, name: str, relay_id: str,
                 signum: signal.Signals, timeout: float) -> list[dict[str, Any]]:
     """Takes ``relay_id`` away with ``signum`` and collects every participant's recovery."""
+    window = CpuWindow(pids(cluster, workers))
     t0 = time.monotonic()
     cluster.signal_node(relay_id, signum)
     answers = await asyncio.gather(*(w.ask({"cmd": "recover", "t0": t0, "timeout": timeout})
@@ -239,7 +287,7 @@ async def phase(workers: list[Worker], cluster: Cluster, name: str, relay_id: st
     recoveries = [r for answer in answers for r in answer["recoveries"]]
     print(f"{name}: {relay_id} {signum.name} at t0; "
           f"{sum(b is not None for b in backs(recoveries))}/{len(recoveries)} participants "
-          f"back within {timeout:.0f} s", flush=True)
+          f"back within {timeout:.0f} s; {window.close()}", flush=True)
     return recoveries
 
 

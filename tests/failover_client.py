@@ -83,8 +83,9 @@ class Peers:
 
 @dataclass
 class Recovery:
-    """Seconds after ``t0``: the ``media:moved`` with a relay, the new peer connections both
-    connected, and the first frame from each other participant (None: not seen)."""
+    """Seconds after ``t0`` (a relay lost): the ``media:moved`` with a relay, the new peer
+    connections both connected, and the first frame from each other participant through them
+    (None: not seen)."""
 
     participant: str
     learned_s: float | None
@@ -357,11 +358,10 @@ class Participant(Client):
                     times.extend(received.arrivals)
         return sorted(times)
 
-    def first_frame(self, other: str, after: float) -> float | None:
-        """The first frame from ``other`` after ``after``: through peer connections built
-        since, if there are any (a frame still in flight from a dead relay is not media
-        back), else through those kept."""
-        rebuilt = any(p.built_at > after for p in self.peer_sets)
+    def first_frame(self, other: str, after: float, *, rebuilt: bool = False) -> float | None:
+        """The first frame from ``other`` after ``after``; with ``rebuilt``, only through peer
+        connections built since (a frame still in flight from a lost relay, or in a jitter
+        buffer, is not media back)."""
         times = self.arrivals(other, built_after=after if rebuilt else None)
         index = bisect.bisect_right(times, after)
         return times[index] if index < len(times) else None
@@ -378,12 +378,14 @@ class Participant(Client):
         return max((b - a, a) for a, b in pairwise(edges))
 
     def recovery(self, t0: float, others: list[str]) -> Recovery:
+        """After the consultation's relay was lost at ``t0``: media is back from another
+        participant at its first frame through peer connections built after ``t0``."""
         learned = next((t for t, relay in self.moves if t > t0 and relay is not None), None)
         connected = next((p.connected_at for p in self.peer_sets
                           if p.built_at > t0 and p.connected_at is not None), None)
         firsts: dict[str, float | None] = {}
         for other in others:
-            first = self.first_frame(other, t0)
+            first = self.first_frame(other, t0, rebuilt=True)
             firsts[other] = None if first is None else first - t0
         return Recovery(self.name, None if learned is None else learned - t0,
                         None if connected is None else connected - t0, firsts)
