@@ -334,6 +334,8 @@ class Consultations:
         await self._recording.relay_changed(
             consultation_id, lost_at=time.time() if lost_at is None else lost_at,
             reason=reason)
+        self._metrics.relay_moves.labels(
+            reason=reason, outcome="placed" if relay is not None else "waiting").inc()
         logger.info("consultation %s: relay %s (%s); participants told", consultation_id,
                     relay.info.id if relay is not None else "none, waiting", reason)
         await self._notifier.emit(

@@ -42,6 +42,16 @@ class Metrics:
         self.live_consultations = Gauge(
             "telehealth_live_consultations", "Consultations not yet ended", registry=self.registry
         )
+        self.relay_moves = Counter(
+            "telehealth_relay_moves",
+            "Consultations that changed relay (reason: relay_lost, relay_drained, "
+            "signaling_restart; outcome: placed on a relay, or waiting for one)",
+            ["reason", "outcome"], registry=self.registry,
+        )
+        self.waiting_for_relay = Gauge(
+            "telehealth_consultations_waiting_for_relay",
+            "Open consultations that no relay carries at the moment", registry=self.registry,
+        )
         self.malformed_requests = Counter(
             "telehealth_http_malformed_requests",
             "HTTP request heads refused 400 before routing (malformed, too long)",

@@ -276,6 +276,7 @@ def create_app(settings: Settings) -> web.Application:
     # The relay: what relays say reaches the participants' connections through MediaEvents.
     relays = RelayDirectory(open_room_timeout_s=settings.relay.open_room_timeout_s,
                             adopt_wait_s=settings.relay.adopt_wait_s)
+    metrics.waiting_for_relay.set_function(lambda: len(relays.waiting_rooms()))
     media = Media(relays=relays, live=live, notifier=notifier,
                   client_ice_servers=[s.model_dump(exclude_none=True)
                                       for s in settings.relay.client_ice_servers],

@@ -313,6 +313,12 @@ async def test_without_a_spare_the_consultation_waits_and_moves_when_a_relay_arr
                                                  "text": "still here"})
                 waiting = services.relays.waiting(cid)
                 assert waiting is not None and waiting.reason == "relay_lost"
+                metrics = services.metrics.registry
+                assert metrics.get_sample_value(
+                    "telehealth_consultations_waiting_for_relay") == 1
+                assert metrics.get_sample_value(
+                    "telehealth_relay_moves_total",
+                    {"reason": "relay_lost", "outcome": "waiting"}) == 1
                 # A relay of another region arrives: the consultation goes there at once.
                 arrived_at = time.monotonic()
                 async with relay_node(server, "relay-b", "79"):
@@ -324,6 +330,11 @@ async def test_without_a_spare_the_consultation_waits_and_moves_when_a_relay_arr
                         peers[name] = await rebuild(c[name], cid, peers[name])
                     await media_everywhere(peers)
                     assert services.relays.waiting(cid) is None
+                    assert metrics.get_sample_value(
+                        "telehealth_consultations_waiting_for_relay") == 0
+                    assert metrics.get_sample_value(
+                        "telehealth_relay_moves_total",
+                        {"reason": "relay_lost", "outcome": "placed"}) == 1
             finally:
                 for peer in peers.values():
                     await peer.close()
