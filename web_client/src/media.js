@@ -337,6 +337,9 @@ export class MediaSession {
       this._mark("waiting");
     }
     this.waiting = true;
+    // A restarted server answers relay_waiting until the relay dials in again, while that
+    // relay still carries this room's media: video that plays is not "waiting" to a doctor.
+    if (this._allConnected() && [this.publishPc, this.screenPc, this.subscribePc].some(Boolean)) return;
     this._setState("waiting");
     this._problem("waiting");
   }
@@ -346,7 +349,7 @@ export class MediaSession {
     this.waiting = false;
     this._mark("relay back");
     if (this.problem === "waiting") this._problem(null);
-    this._setState("connecting");
+    if (this.state === "waiting") this._setState("connecting");
   }
 
   /** A connection died with no word from signaling (rule 4: the client's own link, or a
