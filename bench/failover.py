@@ -233,18 +233,18 @@ def backs(recoveries: list[dict[str, Any]]) -> list[float | None]:
 
 
 class CpuWindow:
-    """Cores the whole machine and this benchmark's processes (itself, `serve`, the nodes,
-    the workers) kept busy over a window: on the shared machine, what the others took is
-    the difference."""
+    """Cores the whole machine and each of this benchmark's processes (itself, `serve`, the
+    nodes, the workers) kept busy over a window: on the shared machine, what the others took
+    is the difference."""
 
-    def __init__(self, pids: list[int]) -> None:
-        self._processes = []
-        for pid in pids:
+    def __init__(self, named: dict[str, int]) -> None:
+        self._processes: dict[str, psutil.Process] = {}
+        for name, pid in named.items():
             with contextlib.suppress(psutil.Error):
-                self._processes.append(psutil.Process(pid))
+                self._processes[name] = psutil.Process(pid)
         self._started = time.monotonic()
         self._machine = self._busy()
-        self._ours = {p.pid: self._cpu(p) for p in self._processes}
+        self._before = {name: self._cpu(p) for name, p in self._processes.items()}
 
     @staticmethod
     def _busy() -> float:
@@ -262,24 +262,32 @@ class CpuWindow:
     def close(self) -> str:
         seconds = max(time.monotonic() - self._started, 1e-6)
         machine = (self._busy() - self._machine) / seconds
-        ours = 0.0
-        for process in self._processes:
-            before, after = self._ours.get(process.pid), self._cpu(process)
+        shares: dict[str, float] = {}
+        for name, process in self._processes.items():
+            before, after = self._before.get(name), self._cpu(process)
             if before is not None and after is not None:
-                ours += (after - before) / seconds
-        return (f"machine {machine:.2f} cores busy, this benchmark's processes {ours:.2f}, "
-                f"others {max(machine - ours, 0.0):.2f}")
+                shares[name] = (after - before) / seconds
+        ours = sum(shares.values())
+        each = ", ".join(f"{name} {share:.2f}" for name, share in shares.items()
+                         if share >= 0.05)
+        return (f"machine {machine:.2f} cores busy over {seconds:.1f} s, this benchmark's "
+                f"processes {ours:.2f} ({each}), others {max(machine - ours, 0.0):.2f}")
 
 
-def pids(cluster: Cluster, workers: list[Worker]) -> list[int]:
-    return [os.getpid(), *(p.pid for p in cluster.processes() if p.poll() is None),
-            *(w.process.pid for w in workers)]
+def processes(cluster: Cluster, workers: list[Worker]) -> dict[str, int]:
+    named = {"bench": os.getpid()}
+    if cluster.serve is not None and cluster.serve.process.poll() is None:
+        named["serve"] = cluster.serve.process.pid
+    named.update({node.relay_id: node.process.pid for node in cluster.nodes.values()
+                  if node.running})
+    named.update({f"worker{i}": w.process.pid for i, w in enumerate(workers)})
+    return named
 
 
 async def phase(workers: list[Worker], cluster: Cluster, name: str, relay_id: str,
                 signum: signal.Signals, timeout: float) -> list[dict[str, Any]]:
     """Takes ``relay_id`` away with ``signum`` and collects every participant's recovery."""
-    window = CpuWindow(pids(cluster, workers))
+    window = CpuWindow(processes(cluster, workers))
     t0 = time.monotonic()
     cluster.signal_node(relay_id, signum)
     answers = await asyncio.gather(*(w.ask({"cmd": "recover", "t0": t0, "timeout": timeout})
