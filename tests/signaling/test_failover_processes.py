@@ -121,7 +121,7 @@ async def test_a_silent_relay_is_taken_out_and_media_is_back_within_5_s(tmp_path
         recoveries = await recovered(parts, t0)
         for r in recoveries:
             # The move cannot start before the heartbeats are missed.
-            assert r.learned_s is not None and r.learned_s >= 1.0, r
+            assert r.learned_s is not None and r.learned_s >= 0.5, r
         assert_back_within(recoveries, MEDIA_BACK_S)
         assert {p.relay_id() for p in parts.values()} == {SPARE[0]}
 
