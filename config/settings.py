@@ -251,8 +251,10 @@ class RelaySettings(_Section):
     signaling_grace_s: float = Field(default=120.0, ge=0, le=3600)
     """A standalone node that loses signaling keeps its rooms' media flowing this long while
     it reconnects (signaling restarted or upgraded); past it, it closes them. Default 120."""
-    reconnect_delay_max_s: float = Field(default=5.0, gt=0, le=300)
-    """A standalone node redials signaling with back-off from 0.25 s up to this. Default 5."""
+    reconnect_delay_max_s: float = Field(default=2.0, gt=0, le=300)
+    """A standalone node redials signaling with back-off from 0.25 s up to this: a restarted
+    `serve` is found again within this of listening. The back-off resets only after a
+    connection that lasted 10 s (two nodes started with one id evict each other). Default 2."""
     adopt_wait_s: float = Field(default=15.0, ge=0, le=600)
     """After `serve` starts, a consultation whose node has not dialled in yet waits this long
     for it (its media may still be flowing there) before being placed on another relay.

@@ -1,10 +1,7 @@
 """A standalone relay node outlives signaling: an in-process ``RelayNode`` dials a real
 in-process signaling server through a TCP forwarder (so that signaling can stop and start
 again on another port, and a cut is a real network cut), with real aiortc participants whose
-media keeps flowing while signaling is gone.
-
-Tests marked ``needs_hello`` check signaling's answers to ``relay:hello`` (adopt, close):
-they are skipped while the server has no ``relay:hello`` handler."""
+media keeps flowing while signaling is gone."""
 
 from __future__ import annotations
 
@@ -183,17 +180,6 @@ def node_remote(found: Services) -> RemoteRelay | None:
                  if isinstance(r, RemoteRelay) and r.info.id == NODE_ID), None)
 
 
-def answers_hello(found: Services) -> bool:
-    """Signaling answers ``relay:hello`` (H-signaling's side of issue #13 has landed)."""
-    sio = found.nodes._sio
-    return "relay:hello" in sio.handlers.get(NODE_NAMESPACE, {})
-
-
-def needs_hello(found: Services) -> None:
-    if not answers_hello(found):
-        pytest.skip("signaling does not answer relay:hello yet (signaling/placement.py)")
-
-
 async def frames_keep_coming(peers: dict[str, MediaPeer], seconds: float,
                              at_least: int) -> dict[str, int]:
     """Over ``seconds``, each peer decodes at least ``at_least`` new frames of every other
@@ -254,17 +240,16 @@ async def test_media_flows_while_signaling_stops_and_starts_again(tmp_path: Path
                       f"started again (down {restarted - stopped:.2f} s)")
                 await wait_for(lambda: len(node.hellos) == 2, 15, "the node's second hello")
                 hello = node.hellos[-1]
-                if answers_hello(services(again)):
-                    assert hello is not None and hello.adopted == [cid], hello
-                    assert hello.close == []
-                    # The participants come back to the restarted signaling and resume:
-                    # the node still has their media, so they keep their connections.
-                    async with clients(again.url, {n: again.token(n) for n in names}) as c2:
-                        for name in names:
-                            await c2[name].ok("consult:join", {"consultation_id": cid})
-                            joined = await c2[name].ok("media:join", {
-                                "consultation_id": cid, "resume": True})
-                            assert joined["resumed"] is True, joined
+                assert hello is not None and hello.adopted == [cid], hello
+                assert hello.close == []
+                # The participants come back to the restarted signaling and resume:
+                # the node still has their media, so they keep their connections.
+                async with clients(again.url, {n: again.token(n) for n in names}) as c2:
+                    for name in names:
+                        await c2[name].ok("consult:join", {"consultation_id": cid})
+                        joined = await c2[name].ok("media:join", {
+                            "consultation_id": cid, "resume": True})
+                        assert joined["resumed"] is True, joined
                 grown = await frames_keep_coming(peers, 1.0, at_least=8)
                 print(f"frames after signaling came back (1 s): {grown}, hello {hello}")
                 assert list(node.relay.rooms) == [cid]
@@ -310,9 +295,8 @@ async def test_a_node_that_signaling_drops_dials_back_and_keeps_its_media(
                 await wait_for(lambda: len(node.hellos) == 2, 15, "the node's second hello")
                 print(f"node dialled back {back:.2f} s after signaling dropped it; hello "
                       f"answered {node.hellos[-1]}")
-                if answers_hello(found):
-                    hello = node.hellos[-1]
-                    assert hello is not None and hello.adopted == [cid], hello
+                hello = node.hellos[-1]
+                assert hello is not None and hello.adopted == [cid], hello
                 assert list(node.relay.rooms) == [cid]
                 await frames_keep_coming(peers, 1.0, at_least=8)
                 second = node_remote(found)
@@ -370,9 +354,8 @@ async def test_a_node_cut_off_gets_back_in_before_signaling_noticed_the_cut(
                     new = node_remote(found)
                     assert new is not None and new.sid != old.sid
                     await wait_for(lambda: len(node.hellos) == 2, 15, "the second hello")
-                    if answers_hello(found):
-                        hello = node.hellos[-1]
-                        assert hello is not None and hello.adopted == [cid], hello
+                    hello = node.hellos[-1]
+                    assert hello is not None and hello.adopted == [cid], hello
                     assert list(node.relay.rooms) == [cid]
                     forwarder.drop_held()
     finally:
@@ -429,7 +412,6 @@ async def test_hello_closes_exactly_the_rooms_signaling_lists(tmp_path: Path) ->
     try:
         async with run_server(config) as server:
             found = services(server)
-            needs_hello(found)
             forwarder.point_at(server)
             async with running_node(server, forwarder.url) as running:
                 node = running.node
