@@ -4,6 +4,8 @@
     python bench/failover.py                 # R = 4 consultations, 12 participants, ~1.5 min
     python bench/failover.py --rooms 2       # 6 participants
     python bench/failover.py --rooms 8 --workers 3
+    python bench/failover.py --idle 100      # 100 more consultations (no participants)
+                                             # on the relay, moved before the measured ones
 
 What happens (all on 127.0.0.1; every process is stopped at the end, also on failure):
 
@@ -69,14 +71,16 @@ READY_FRAMES = 15
 """Frames every participant decodes from every other before a relay is taken away."""
 FLOWING_TIMEOUT_S = 90.0
 COMMAND_TIMEOUT_S = 120.0
+IDLE_PACE_S = 0.06
+"""Between two idle consultations: each connection stays under ``limits.events_per_s``."""
 FIRST = ("relay-a", "11")
 SECOND = ("relay-b", "79")
 THIRD = ("relay-c", "11")
 
 
 def directory_toml(rooms: int) -> str:
-    sites = [("c1", "Central Hospital", "central", "01")]
-    people: list[tuple[str, str, str, str]] = []
+    sites = [("c1", "Central Hospital", "central", "01"), ("d0", "District 0", "district", "11")]
+    people: list[tuple[str, str, str, str]] = [("idle", "d0", "referring", "")]
     for i in range(1, rooms + 1):
         sites += [(f"d{i}", f"District {i}", "district", "11"),
                   (f"x{i}", f"Invited {i}", "district", "12")]
@@ -187,6 +191,22 @@ class Worker:
 
 
 # -- the bench ------------------------------------------------------------------------------
+
+
+async def open_idle(cluster: Cluster, count: int) -> None:
+    """``count`` consultations of ``idle`` (province 11) with ``spec1``, nobody joined: rooms
+    on the relay that move before the measured ones (placed first, moved first)."""
+    idle = await Client(cluster.url, cluster.token("idle")).connect()
+    spec = await Client(cluster.url, cluster.token("spec1")).connect()
+    try:
+        for _ in range(count):
+            asked = await idle.ok("consult:request", {
+                "specialty": "cardiology", "priority": "routine", "reason": "idle room"})
+            await spec.ok("consult:accept", {"request_id": asked["request"]["id"]})
+            await asyncio.sleep(IDLE_PACE_S)
+    finally:
+        await idle.close()
+        await spec.close()
 
 
 async def open_consultations(cluster: Cluster, rooms: int) -> list[str]:
@@ -317,6 +337,11 @@ async def bench(args: argparse.Namespace, tmp: Path) -> str:
             await cluster.start_node(relay_id, region, wait=False)
         for relay_id, _ in (FIRST, SECOND):
             await cluster.wait_registered(relay_id)
+        if args.idle:
+            started = time.monotonic()
+            await open_idle(cluster, args.idle)
+            print(f"{args.idle} consultations without participants placed first on "
+                  f"{FIRST[0]} in {time.monotonic() - started:.1f} s", flush=True)
         cids = await open_consultations(cluster, args.rooms)
         labels = {cid: f"C{i}" for i, cid in enumerate(cids, 1)}
         people = []
@@ -372,12 +397,15 @@ def main(argv: list[str] | None = None) -> int:
                         "participant sends (default 15)")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds a participant "
                         "may take to get media back before it counts as unrecovered")
+    parser.add_argument("--idle", type=int, default=0, help="consultations without "
+                        "participants placed on the relay before the measured ones (they "
+                        "move first: a relay holding many consultations); default 0")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return asyncio.run(worker())
-    if args.rooms < 1 or args.workers < 1:
-        parser.error("--rooms and --workers must be >= 1")
+    if args.rooms < 1 or args.workers < 1 or args.idle < 0:
+        parser.error("--rooms and --workers must be >= 1, --idle >= 0")
     tmp = Path(tempfile.mkdtemp(prefix="failover-bench-"))  # left for a look at the logs
     result = asyncio.run(bench(args, tmp))
     print(result)
