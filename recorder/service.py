@@ -363,7 +363,7 @@ class Recorder:
         everyone the new state."""
         before = state.machine.status()
         if decision.start:
-            await self._start_session(state, by)
+            await self._start_session(state, by, decision.allow)
         if decision.stop:
             await self._stop_session(state, by=by)
         if decision.allow is not None and state.session is not None:
@@ -375,7 +375,8 @@ class Recorder:
         if after != before:
             logger.info("recording %s: %s -> %s", state.consultation_id, before, after)
 
-    async def _start_session(self, state: _State, by: str) -> None:
+    async def _start_session(self, state: _State, by: str,
+                             allow: frozenset[str] | None = None) -> None:
         relay = self._relay_for(state.consultation_id)
         if relay is None:
             if state.machine.suspended:
@@ -398,6 +399,9 @@ class Recorder:
         )
         try:
             await asyncio.to_thread(_make_marker, directory)
+            if allow is not None:
+                # Before the relay's first packet: none of those allowed is lost.
+                session.allow(set(allow))
             await relay.attach_sink(state.consultation_id, session)
         except (OSError, RelayError) as exc:
             await session.close()

@@ -524,8 +524,12 @@ async def test_a_move_through_the_waiting_state_resumes_once_a_relay_takes_it(
         placed["relay"] = second
         await wait_for(lambda: second.sink is not None, 3, "the retry attaching")
         back = time.time()
-        second.speak(10)
-        await wait_for(lambda: len(manifest(recorder).files) == 2, 5, "the second file")
+
+        def speaking() -> bool:
+            second.speak(2)
+            return len(manifest(recorder).files) == 2
+
+        await wait_for(speaking, 5, "the second file")
         await recorder.ended(CID)
     finally:
         await recorder.close()
