@@ -55,6 +55,11 @@ CLOSE_ROOM_TIMEOUT_S = 5.0
 says hello again (the answer lists it under ``close``) or its grace ends."""
 CLOSE_SOCKET_TIMEOUT_S = 5.0
 """Closing the engine.io session of a node taken out: what is queued for it may not go out."""
+MOVES_AT_ONCE = 32
+"""Consultations of a lost relay moved at the same time: each move waits on the new relay's
+``open_room`` (a round trip to a node, tens of ms over a WAN) and on the record and the
+participants; one after another, the last of a full relay (``relay.capacity`` 200) would be
+told seconds after the first."""
 DRAIN_POLL_S = 0.25
 """How often a drain looks whether the moved participants are connected to their new relay."""
 
@@ -200,12 +205,17 @@ class RelayDirectory:
                 self.wait(room_id, region, reason="relay_lost", since=time.time())
                 logger.warning("new consultation %s waits for a relay", room_id)
                 return relay
+        # Held while the relay answers, so that moves placing other Rooms at the same time
+        # count this one (``_load``) and cannot overfill the relay.
+        self._reserved[relay.info.id] = self._reserved.get(relay.info.id, 0) + 1
         try:
             async with asyncio.timeout(self._open_timeout_s):
                 await relay.open_room(room_id)
         except TimeoutError:
             raise RelayUnanswered(f"relay {relay.info.id!r} did not answer open_room within "
                                   f"{self._open_timeout_s:g} s") from None
+        finally:
+            self.unreserve(relay)
         self._settle(room_id, relay, region)
         return relay
 
@@ -221,6 +231,8 @@ class RelayDirectory:
         candidate is tried; NoRelayAvailable when none is left."""
         failed = set() if failed is None else failed
         for relay in self.candidates(region, failed):
+            if relay.info.id in failed or not self._free(relay):
+                continue  # failed or filled by another move while this one waited
             try:
                 return await self.open(room_id, relay, region)
             except RelayError as exc:
@@ -456,22 +468,28 @@ class RelayNodes:
         """Every consultation on the relay to the best other one that answers, else to the
         waiting state; the participants told either way. The caller holds ``_lock``."""
         failed = {relay_id}
-        moves: list[tuple[str, Relay | None]] = []
-        for room_id, region in self._relays.placements_on(relay_id):
+        slots = asyncio.Semaphore(MOVES_AT_ONCE)
+
+        async def move(room_id: str, region: str) -> tuple[str, Relay | None]:
             relay: Relay | None
-            try:
-                relay = await self._relays.place(room_id, region, failed)
-            except NoRelayAvailable as exc:
-                relay = None
-                self._relays.wait(room_id, region, reason=reason, since=lost_at)
-                logger.warning("consultation %s waits for a relay: %s", room_id, exc.message)
-            except Exception:
-                relay = None
-                self._relays.wait(room_id, region, reason=reason, since=lost_at)
-                logger.exception("consultation %s: placing it failed; it waits", room_id)
-            moves.append((room_id, relay))
-            await self._tell(room_id, relay, reason, lost_at)
-        return moves
+            async with slots:
+                try:
+                    relay = await self._relays.place(room_id, region, failed)
+                except NoRelayAvailable as exc:
+                    relay = None
+                    self._relays.wait(room_id, region, reason=reason, since=lost_at)
+                    logger.warning("consultation %s waits for a relay: %s", room_id,
+                                   exc.message)
+                except Exception:
+                    relay = None
+                    self._relays.wait(room_id, region, reason=reason, since=lost_at)
+                    logger.exception("consultation %s: placing it failed; it waits", room_id)
+                await self._tell(room_id, relay, reason, lost_at)
+            return room_id, relay
+
+        return list(await asyncio.gather(
+            *(move(room_id, region)
+              for room_id, region in self._relays.placements_on(relay_id))))
 
     async def _tell(self, room_id: str, relay: Relay | None, reason: MoveReason,
                     lost_at: float) -> None:

@@ -153,3 +153,37 @@ async def test_an_accepted_consultation_whose_relay_does_not_answer_goes_on_or_w
     assert held is frozen
     assert await relays.open("r2", held, "01", reserved=True) is spare
     assert relays.for_room("r2") is spare
+
+
+class SlowRelay(LocalRelay):
+    """A relay whose ``open_room`` takes a round trip (a node across a WAN); counts how many
+    are in flight at once."""
+
+    def __init__(self, relay_id: str, *, region: str, capacity: int) -> None:
+        super().__init__(relay_id, region=region, capacity=capacity)
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    async def open_room(self, room_id: str) -> None:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(0.02)
+            await super().open_room(room_id)
+        finally:
+            self.in_flight -= 1
+
+
+async def test_rooms_placed_at_the_same_time_overlap_and_never_overfill_a_relay() -> None:
+    relays = RelayDirectory()
+    near = SlowRelay("hn-1", region="01", capacity=5)
+    far = SlowRelay("hcm-1", region="79", capacity=100)
+    for relay in (near, far):
+        relays.register(relay)
+    failed: set[str] = set()
+    placed = await asyncio.gather(*(relays.place(f"r{i}", "01", failed) for i in range(40)))
+    # The region's relay takes what it can hold, the rest go to the other; a room being
+    # opened counts against its relay while the relay answers.
+    assert sum(1 for r in placed if r is near) == 5 and len(near.rooms) == 5
+    assert sum(1 for r in placed if r is far) == 35 and len(far.rooms) == 35
+    assert near.most_in_flight == 5 and far.most_in_flight > 1
