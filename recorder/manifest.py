@@ -153,7 +153,8 @@ class RecordingEvent(_Part):
     event: str
     """``started``, ``stopped``, ``requested``, ``failed``, ``relay_changed``,
     ``interrupted`` (the server stopped or died while recording: recording resumes once the
-    participants are back), ``resumed`` (the first file after a gap opened)."""
+    participants are back; the next ``started`` is that resumption, the gap's ``to`` its first
+    packet)."""
     by: str
 
 
