@@ -3,6 +3,7 @@ media:* events of docs/protocol.md, and a standalone `telehealth relay` node pro
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -68,3 +69,11 @@ def start_node(config: Path, url: str, token: str, region: str) -> subprocess.Po
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
         env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )
+
+
+async def stop_node(node: subprocess.Popen[str], timeout: float = 20.0) -> None:
+    """SIGTERM a node started by ``start_node`` and wait for it off the event loop: the node
+    drains first (``relay:drain``), which a server running in this event loop must answer."""
+    if node.poll() is None:
+        node.terminate()
+        await asyncio.to_thread(node.wait, timeout)

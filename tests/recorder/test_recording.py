@@ -23,7 +23,7 @@ from relay.remote import RemoteRelay
 from signaling.directory import Directory
 from signaling.tokens import TokenAuthority
 from telehealth.startup import SERVICES
-from tests.consultation_media import open_consultation, start_media, start_node
+from tests.consultation_media import open_consultation, start_media, start_node, stop_node
 from tests.media import MediaPeer, wait_for
 from tests.recorder.media_check import decode, dominant_hz
 from tests.support import (
@@ -194,8 +194,7 @@ async def test_a_consultation_on_a_standalone_relay_node_is_recorded(tmp_path: P
                 await c["cardio1"].ok("consult:end", {"consultation_id": cid,
                                                       "conclusion": "ok"})
         finally:
-            node.terminate()
-            node.wait(timeout=10)
+            await stop_node(node)
     manifest = manifest_of(server, cid)
     assert manifest.recording.status == "complete"
     for name in names:

@@ -16,7 +16,7 @@ from relay.embedded import LocalRelay
 from relay.probe import ProbeClosed
 from relay.remote import RemoteRelay
 from telehealth.startup import SERVICES
-from tests.consultation_media import open_consultation, start_node
+from tests.consultation_media import open_consultation, start_node, stop_node
 from tests.media import wait_for
 from tests.support import Client, Server, clients, run_server, write_config
 
@@ -204,9 +204,7 @@ async def test_a_standalone_relay_node_answers_probes_too(tmp_path: Path) -> Non
                 assert local.type == "host" and remote[0] == "127.0.0.1"
         finally:
             await client.close()
-            if node.poll() is None:
-                node.terminate()
-                node.wait(timeout=10)
+            await stop_node(node)
 
 
 async def test_of_two_probes_at_once_from_one_participant_the_later_one_stays() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from relay.remote import RemoteRelay
 from telehealth.startup import SERVICES
-from tests.consultation_media import open_consultation, start_media, start_node
+from tests.consultation_media import open_consultation, start_media, start_node, stop_node
 from tests.media import wait_for
 from tests.support import clients, run_server, write_config
 
@@ -51,9 +51,7 @@ async def test_a_consultation_runs_through_a_standalone_relay_node(tmp_path: Pat
                     for peer in peers.values():
                         await peer.close()
         finally:
-            if node.poll() is None:
-                node.terminate()
-                node.wait(timeout=10)
+            await stop_node(node)
 
 
 async def test_a_node_with_a_bad_token_is_refused(tmp_path: Path) -> None:
@@ -70,6 +68,4 @@ async def test_a_node_with_a_bad_token_is_refused(tmp_path: Path) -> None:
             assert node.returncode == 2
             assert not any(isinstance(r, RemoteRelay) for r in services.relays.relays())
         finally:
-            if node.poll() is None:
-                node.terminate()
-                node.wait(timeout=10)
+            await stop_node(node)
