@@ -223,8 +223,9 @@ def _archive(settings: Settings, args: argparse.Namespace) -> int:
         for problem in report.problems:
             print(problem)
         summary = (f"{report.consultations} consultations, {report.files_checked} files "
-                   f"({report.bytes_checked / 1e6:.1f} MB) re-hashed, {report.audit_entries} "
-                   f"audit entries in {archive}")
+                   f"({report.bytes_checked / 1e6:.1f} MB) re-hashed, {report.gaps} recording "
+                   f"gaps (relay moves, restarts), {report.audit_entries} audit entries in "
+                   f"{archive}")
         if report.ok:
             print(f"archive OK: {summary}")
             return 0
