@@ -27,107 +27,10 @@ from tests.consultation_media import open_consultation, start_media
 from tests.media import MediaPeer, wait_for
 from tests.relay.peers import PacketSink
 from tests.support import Server, clients, run_server, write_config
+from tests.tcp_link import TcpLink
 
 NODE_ID = "relay-muongnhe"
 REGION = "11"  # ref1's district (d1): consultations ref1 asks for are placed on the node
-
-
-class Forwarder:
-    """TCP between the node and signaling. The node dials the forwarder's port, which stays
-    the same while signaling restarts on another; ``cut`` closes every connection and refuses
-    new ones until ``mend``."""
-
-    def __init__(self) -> None:
-        self.target: int | None = None
-        self.open = True
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._node_side: set[asyncio.StreamWriter] = set()
-        self._held: set[asyncio.StreamWriter] = set()
-        """Signaling's side of connections cut on the node's side only: kept open."""
-        self.frozen = False
-        """New connections are accepted and then never answered (a stopped process)."""
-        self._pipes: set[asyncio.Task[None]] = set()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    def point_at(self, server: Server) -> None:
-        self.target = int(server.url.rsplit(":", 1)[1])
-
-    async def _accept(self, reader: asyncio.StreamReader,
-                      writer: asyncio.StreamWriter) -> None:
-        if self.frozen:
-            self._held.add(writer)
-            return
-        if not self.open or self.target is None:
-            writer.close()
-            return
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
-        except OSError:
-            writer.close()
-            return
-        self._writers |= {writer, up_writer}
-        self._node_side.add(writer)
-        for source, sink in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.get_running_loop().create_task(self._pipe(source, sink))
-            self._pipes.add(task)
-            task.add_done_callback(self._pipes.discard)
-
-    async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-        try:
-            while data := await source.read(65536):
-                sink.write(data)
-                await sink.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            if sink not in self._held:
-                sink.close()
-            self._writers.discard(sink)
-            self._node_side.discard(sink)
-
-    def cut(self) -> None:
-        self.open = False
-        for writer in list(self._writers):
-            writer.transport.abort()
-        self._writers.clear()
-
-    def cut_node_side(self) -> None:
-        """The node loses its connections, while signaling's side of them stays open and
-        silent (a cut signaling has not noticed yet); new connections go through."""
-        self._held |= self._writers - self._node_side
-        for writer in list(self._node_side):
-            writer.transport.abort()
-
-    def drop_held(self) -> None:
-        """Reset signaling's side of the connections ``cut_node_side`` kept open (its stop
-        would otherwise wait for their close handshake)."""
-        for writer in self._held:
-            writer.transport.abort()
-        self._held.clear()
-
-    def mend(self) -> None:
-        self.open = True
-        self.frozen = False
-        self.drop_held()
-
-    async def close(self) -> None:
-        self.cut()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-        self.drop_held()
-        for task in list(self._pipes):
-            task.cancel()
-        await asyncio.gather(*self._pipes, return_exceptions=True)
 
 
 @dataclass
@@ -169,6 +72,10 @@ async def running_node(server: Server, url: str, **relay: Any) -> AsyncIterator[
             await asyncio.wait_for(task, 30)
 
 
+def port_of(server: Server) -> int:
+    return int(server.url.rsplit(":", 1)[1])
+
+
 def services(server: Server) -> Services:
     assert server.app is not None
     return server.app[SERVICES]
@@ -198,7 +105,7 @@ async def test_media_flows_while_signaling_stops_and_starts_again(tmp_path: Path
     # drain_s short: at the end the node drains, and these clients never move.
     config = write_config(tmp_path, presence={"reconnect_grace_s": 60},
                           relay={"drain_s": 2.0})
-    forwarder = Forwarder()
+    forwarder = TcpLink()
     await forwarder.start()
     peers: dict[str, MediaPeer] = {}
     names = ("cardio1", "ref1")
@@ -207,7 +114,7 @@ async def test_media_flows_while_signaling_stops_and_starts_again(tmp_path: Path
             first = AsyncExitStack()  # signaling and its clients; the node outlives them
             outer.push_async_callback(first.aclose)
             server = await first.enter_async_context(run_server(config))
-            forwarder.point_at(server)
+            forwarder.point_at(port_of(server))
             running = await outer.enter_async_context(
                 running_node(server, forwarder.url, signaling_grace_s=30))
             node = running.node
@@ -234,7 +141,7 @@ async def test_media_flows_while_signaling_stops_and_starts_again(tmp_path: Path
 
             async with run_server(config) as again:
                 restarted = time.monotonic()
-                forwarder.point_at(again)
+                forwarder.point_at(port_of(again))
                 await wait_for(lambda: node.connects == 2, 10, "the node to dial back")
                 print(f"node back {time.monotonic() - restarted:.2f} s after signaling "
                       f"started again (down {restarted - stopped:.2f} s)")
@@ -325,12 +232,12 @@ async def test_a_node_that_signaling_drops_dials_back_and_keeps_its_media(
 async def test_a_node_cut_off_gets_back_in_before_signaling_noticed_the_cut(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     config = write_config(tmp_path, relay={"embedded": False})
-    forwarder = Forwarder()
+    forwarder = TcpLink()
     await forwarder.start()
     try:
         async with run_server(config) as server:
             found = services(server)
-            forwarder.point_at(server)
+            forwarder.point_at(port_of(server))
             async with running_node(server, forwarder.url) as running:
                 node = running.node
                 async with clients(server.url, {n: server.token(n)
@@ -339,7 +246,7 @@ async def test_a_node_cut_off_gets_back_in_before_signaling_noticed_the_cut(
                     old = node_remote(found)
                     assert old is not None
                     caplog.set_level(logging.INFO, logger="relay.node")
-                    forwarder.cut_node_side()
+                    forwarder.sever_node_side()
                     cut = time.monotonic()
                     await wait_for(lambda: node.connects == 2, 15, "the node to get back in")
                     back = time.monotonic() - cut
@@ -357,7 +264,7 @@ async def test_a_node_cut_off_gets_back_in_before_signaling_noticed_the_cut(
                     hello = node.hellos[-1]
                     assert hello is not None and hello.adopted == [cid], hello
                     assert list(node.relay.rooms) == [cid]
-                    forwarder.drop_held()
+                    forwarder.release_held()
     finally:
         await forwarder.close()
 
@@ -367,21 +274,21 @@ async def test_a_dial_to_a_frozen_signaling_is_given_up_and_tried_again(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(node_module, "CONNECT_TIMEOUT_S", 1.0)
     config = write_config(tmp_path, relay={"embedded": False})
-    forwarder = Forwarder()
+    forwarder = TcpLink()
     await forwarder.start()
     try:
         async with run_server(config) as server:
-            forwarder.point_at(server)
+            forwarder.point_at(port_of(server))
             async with running_node(server, forwarder.url) as running:
                 node = running.node
                 caplog.set_level(logging.INFO, logger="relay.node")
                 # Signaling's machine hangs: connections are accepted and never answered.
-                forwarder.frozen = True
-                forwarder.cut()
+                forwarder.drop()
+                forwarder.freeze()
                 await wait_for(lambda: any("TimeoutError" in r.message
                                            for r in caplog.records), 10,
                                "a dial attempt to time out")
-                forwarder.mend()
+                forwarder.heal()
                 mended = time.monotonic()
                 await wait_for(lambda: node.connects == 2, 10, "the node to get back in")
                 print(f"node back {time.monotonic() - mended:.2f} s after signaling thawed")
@@ -407,12 +314,12 @@ async def test_two_nodes_with_one_id_back_off_instead_of_replacing_each_other_al
 
 async def test_hello_closes_exactly_the_rooms_signaling_lists(tmp_path: Path) -> None:
     config = write_config(tmp_path, relay={"embedded": False})
-    forwarder = Forwarder()
+    forwarder = TcpLink()
     await forwarder.start()
     try:
         async with run_server(config) as server:
             found = services(server)
-            forwarder.point_at(server)
+            forwarder.point_at(port_of(server))
             async with running_node(server, forwarder.url) as running:
                 node = running.node
                 names = ("cardio1", "ref1", "cardio2", "ref2")
@@ -421,13 +328,13 @@ async def test_hello_closes_exactly_the_rooms_signaling_lists(tmp_path: Path) ->
                     ended = await open_consultation(c, host="cardio2", guests=("ref2",))
                     assert set(node.relay.rooms) == {kept, ended}
                     # The node is cut off; meanwhile one consultation ends.
-                    forwarder.cut()
+                    forwarder.drop()
                     await wait_for(lambda: not node.sio.connected, 10, "the cut")
                     await wait_for(lambda: node_remote(found) is None, 10,
                                    "signaling to lose the node")
                     await c["cardio2"].ok("consult:end", {"consultation_id": ended,
                                                           "conclusion": "done"})
-                    forwarder.mend()
+                    forwarder.heal()
                     await wait_for(lambda: len(node.hellos) == 2, 15, "the second hello")
                     hello = node.hellos[-1]
                     assert hello is not None, "signaling did not answer relay:hello"
@@ -440,11 +347,11 @@ async def test_hello_closes_exactly_the_rooms_signaling_lists(tmp_path: Path) ->
 async def test_past_the_grace_the_node_closes_every_room(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     config = write_config(tmp_path, relay={"embedded": False})
-    forwarder = Forwarder()
+    forwarder = TcpLink()
     await forwarder.start()
     try:
         async with run_server(config) as server:
-            forwarder.point_at(server)
+            forwarder.point_at(port_of(server))
             async with running_node(server, forwarder.url, signaling_grace_s=1.0) as running:
                 node = running.node
                 names = ("cardio1", "ref1")
@@ -452,7 +359,7 @@ async def test_past_the_grace_the_node_closes_every_room(
                     cid = await open_consultation(c)
                     assert list(node.relay.rooms) == [cid]
                     caplog.set_level(logging.INFO, logger="relay.node")
-                    forwarder.cut()
+                    forwarder.drop()
                     cut = time.monotonic()
                     await wait_for(lambda: not node.relay.rooms, 10, "the grace to run out")
                     took = time.monotonic() - cut
@@ -463,7 +370,7 @@ async def test_past_the_grace_the_node_closes_every_room(
                     assert len(closing) == 1, [r.message for r in closing]
                     # The node goes on dialling; once signaling is reachable it says hello,
                     # with no rooms left.
-                    forwarder.mend()
+                    forwarder.heal()
                     await wait_for(lambda: len(node.hellos) == 2, 15, "the second hello")
                     assert node.sio.connected
                     assert await running.stopped(within=10) == 0
@@ -473,16 +380,16 @@ async def test_past_the_grace_the_node_closes_every_room(
 
 async def test_a_node_without_signaling_stops_at_once(tmp_path: Path) -> None:
     config = write_config(tmp_path, relay={"embedded": False})
-    forwarder = Forwarder()
+    forwarder = TcpLink()
     await forwarder.start()
     try:
         async with run_server(config) as server:
-            forwarder.point_at(server)
+            forwarder.point_at(port_of(server))
             async with running_node(server, forwarder.url) as running:
                 async with clients(server.url, {n: server.token(n)
                                                 for n in ("cardio1", "ref1")}) as c:
                     await open_consultation(c)
-                    forwarder.cut()
+                    forwarder.drop()
                     await wait_for(lambda: not running.node.sio.connected, 10, "the cut")
                     began = time.monotonic()
                     assert await running.stopped(within=5) == 0

@@ -28,86 +28,9 @@ from telehealth.startup import SERVICES, STOPPING, Services, create_app
 from tests.consultation_media import media_peer, open_consultation, start_media
 from tests.media import MediaPeer, wait_for
 from tests.support import Client, Server, clients, run_server, write_config
+from tests.tcp_link import TcpLink
 
 NAMES = ("cardio1", "ref1")
-
-
-class Link:
-    """A TCP forwarder between a relay node and signaling. ``cut()``: bytes are dropped both
-    ways and new connections refused, nothing closes (a power or cable cut). ``drop()``:
-    every connection closed and new ones refused (the relay's process died). ``heal()``:
-    new connections go through again."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.state = "up"
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._node_side: set[asyncio.StreamWriter] = set()
-        self._orphans: set[asyncio.StreamWriter] = set()
-        """Signaling's side of connections whose node side was severed: left open."""
-        self._tasks: set[asyncio.Task[Any]] = set()
-
-    async def start(self) -> Link:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        return self
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None
-        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.state != "up":
-            writer.close()
-            return
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.close()
-            return
-        self._writers |= {writer, up_writer}
-        self._node_side.add(writer)
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                if self.state == "up":
-                    writer.write(data)
-                    await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            if writer in self._node_side or writer not in self._orphans:
-                writer.close()
-            self._writers.discard(writer)
-            self._node_side.discard(writer)
-
-    def sever_node_side(self) -> None:
-        """The node's own connection breaks, signaling's side stays open and silent (a cut
-        the node notices first): it redials through the link at once."""
-        self._orphans = self._writers - self._node_side
-        for writer in list(self._node_side):
-            writer.close()
-
-    def cut(self) -> None:
-        self.state = "cut"
-
-    def drop(self) -> None:
-        self.state = "down"
-        for writer in list(self._writers | self._orphans):
-            writer.close()
-
-    def heal(self) -> None:
-        self.state = "up"
-
-    async def close(self) -> None:
-        self.drop()
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._server.wait_closed(), 5)
 
 
 def port_of(server: Server) -> int:
@@ -116,11 +39,11 @@ def port_of(server: Server) -> int:
 
 @dataclass
 class Node:
-    """A relay node running in this process behind its ``Link``; ``stop`` stops it (a
+    """A relay node running in this process behind its ``TcpLink``; ``stop`` stops it (a
     SIGTERM: it drains while its link is up)."""
 
     node: RelayNode
-    link: Link
+    link: TcpLink
     stop: asyncio.Event
     task: asyncio.Task[int]
 
@@ -131,7 +54,7 @@ class Node:
 
 async def start_node(settings: Settings, tokens: TokenAuthority, port: int, relay_id: str,
                      region: str) -> Node:
-    link = await Link(port).start()
+    link = await TcpLink(port).start()
     node = RelayNode(settings, signaling_url=link.url,
                      node_token=tokens.issue_node(relay_id), region=region)
     stop = asyncio.Event()
@@ -148,7 +71,7 @@ async def end_node(node: Node) -> None:
 
 @asynccontextmanager
 async def relay_node(server: Server, relay_id: str, region: str) -> AsyncIterator[Node]:
-    """A relay node in this process dialling in through a ``Link``; registered on entry."""
+    """A relay node in this process dialling in through a ``TcpLink``; registered on entry."""
     services = services_of(server)
     node = await start_node(server.settings, services.tokens, port_of(server), relay_id,
                             region)
