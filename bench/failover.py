@@ -269,7 +269,7 @@ class CpuWindow:
     @staticmethod
     def _busy() -> float:
         times = psutil.cpu_times()
-        return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+        return float(sum(times) - times.idle - getattr(times, "iowait", 0.0))
 
     @staticmethod
     def _cpu(process: psutil.Process) -> float | None:
