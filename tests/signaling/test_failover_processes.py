@@ -4,6 +4,13 @@ and restarted by the test; two aiortc participants (tests/failover_client.py) fo
 client rules of docs/protocol.md. Times are printed per participant; the goals (media back
 within 5 s) are measured across many participants in bench/failover.py.
 
+Against the code before #13 (7ec0d0d, its media:join made to accept and ignore ``resume``)
+these tests fail but the SIGKILL one, which the issue lists as working: the silent relay's
+media came back after 9.0 s, the dropped node never registered again, the consultation
+without a spare answered ``not_found`` for good, nobody was told of the frozen spare, media
+stopped with `serve` and `serve` could not start again, the relay's SIGTERM closed its rooms
+before the move.
+
 Placement is made predictable by regions: the consultation's requester (ref1) is at d1, in
 province 11, so it is placed on the node of region 11 (``HOME``); ``SPARE`` serves province 79
 and takes the consultation only when it must move."""
