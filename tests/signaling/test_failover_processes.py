@@ -7,10 +7,9 @@ within 5 s) are measured across many participants in bench/failover.py.
 Against the code before #13 (35be236, its media:join made to accept and ignore ``resume``)
 these tests fail but the SIGKILL one, which the issue lists as working, and the SIGSTOP one,
 which needs 7ec0d0d's 5 s heartbeat to fail (media back after 9.0 s; 35be236 set 0.5 s): the
-dropped node never registered again, the consultation
-without a spare answered ``not_found`` for good, nobody was told of the frozen spare, media
-stopped with `serve` and `serve` could not start again, the relay's SIGTERM closed its rooms
-before the move.
+dropped node never registered again, the consultation without a spare answered ``not_found``
+for good, nobody was told of the frozen spare, media stopped with `serve` and `serve` could
+not start again, the relay's SIGTERM closed its rooms before the move.
 
 Placement is made predictable by regions: the consultation's requester (ref1) is at d1, in
 province 11, so it is placed on the node of region 11 (``HOME``); ``SPARE`` serves province 79
