@@ -61,14 +61,19 @@ async def start_media(client: Client, cid: str, *, publish: bool = True, fps: in
     return peer
 
 
-def start_node(config: Path, url: str, token: str, region: str) -> subprocess.Popen[str]:
-    """`telehealth relay` as a subprocess dialling in to the signaling server at ``url``."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "telehealth.cli", "--config", str(config), "relay",
-         "--signaling", url, "--node-token", token, "--region", region],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )
+def start_node(config: Path, url: str, token: str, region: str,
+               log: Path | None = None) -> subprocess.Popen[str]:
+    """`telehealth relay` as a subprocess dialling in to the signaling server at ``url``;
+    its output goes to ``log`` (default: nowhere)."""
+    command = [sys.executable, "-m", "telehealth.cli", "--config", str(config), "relay",
+               "--signaling", url, "--node-token", token, "--region", region]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if log is None:
+        return subprocess.Popen(command, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, text=True, env=env)
+    with log.open("w", encoding="utf-8") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                env=env)
 
 
 async def stop_node(node: subprocess.Popen[str], timeout: float = 20.0) -> None:

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import Any
 
 from signaling.directory import Directory
 from signaling.tokens import TokenAuthority
+from tests.consultation_media import start_node
 from tests.support import SECRET, ServerProcess, start_server_process, write_config
 
 SERVE_START_S = 30.0
@@ -52,17 +51,6 @@ _REGISTERED = "relay node {} connected"
 """What `serve` logs (signaling/placement.py, INFO) each time a node registers."""
 
 
-def _spawn_node(config: Path, url: str, token: str, region: str,
-                log: Path) -> subprocess.Popen[bytes]:
-    """tests/consultation_media.py start_node's command, with the output kept: a failover
-    test that fails is read through its nodes' logs."""
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "telehealth.cli", "--config", str(config), "relay",
-             "--signaling", url, "--node-token", token, "--region", region],
-            stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-
-
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now; `serve` listens on it for the whole test, restarts
     included (the listening socket sets SO_REUSEADDR: TIME_WAIT does not block it)."""
@@ -78,7 +66,7 @@ class Node:
 
     relay_id: str
     region: str
-    process: subprocess.Popen[bytes]
+    process: subprocess.Popen[str]
     log: Path
 
     @property
@@ -197,8 +185,8 @@ class Cluster:
         if old is not None:
             self._old.append(old.process)
         log = self.tmp / f"{relay_id}.{len(self._old)}.log"
-        process = _spawn_node(self._node_config(relay_id), self.url,
-                              self.tokens.issue_node(relay_id), region, log)
+        process = start_node(self._node_config(relay_id), self.url,
+                             self.tokens.issue_node(relay_id), region, log)
         node = Node(relay_id, region, process, log)
         self.nodes[relay_id] = node
         if wait:

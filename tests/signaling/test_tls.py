@@ -27,6 +27,7 @@ import pytest
 from relay.remote import RemoteRelay
 from signaling.security import CONTENT_SECURITY_POLICY
 from telehealth.startup import SERVICES
+from tests.consultation_media import stop_node
 from tests.media import wait_for
 from tests.signaling.raw_http import RawResponse, read_response
 from tests.support import run_server, start_server_process, write_config
@@ -365,8 +366,7 @@ async def test_a_relay_node_trusts_https_signaling_through_its_ca_file_and_only_
                                 timeout=20)
             assert not any(isinstance(r, RemoteRelay) for r in services.relays.relays())
         finally:
-            untrusting.terminate()
-            untrusting.wait(timeout=10)
+            await stop_node(untrusting)
         # With relay.signaling_ca_file: registered.
         (tmp_path / "node").mkdir()
         node_config = write_config(tmp_path / "node",
@@ -378,8 +378,7 @@ async def test_a_relay_node_trusts_https_signaling_through_its_ca_file_and_only_
                                        if isinstance(r, RemoteRelay)), 20,
                            "the node to register over https")
         finally:
-            node.terminate()
-            node.wait(timeout=10)
+            await stop_node(node)
 
 
 async def test_the_relay_gathers_on_loopback_by_itself_for_a_one_machine_demo(
