@@ -197,8 +197,15 @@ class PresenceSettings(_Section):
 
 
 class LiveSettings(_Section):
-    backend: Literal["memory"] = "memory"
-    """Where live state (presence, membership) lives. Default and only value for now: memory."""
+    backend: Literal["memory", "redis"] = "memory"
+    """Where live state (presence, membership) lives: ``memory`` (one process, the default)
+    or ``redis`` (redis-server: it outlives a restart of `serve`; the first step towards
+    several signaling nodes, issue #14)."""
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0",
+                           pattern=r"^(redis|rediss|unix)://")
+    """The Redis server of ``backend = "redis"``. Default: a local one, database 0."""
+    key_prefix: str = Field(default="telehealth:", min_length=1, max_length=64)
+    """Prefix of every key this deployment writes (several deployments on one Redis)."""
 
 
 VideoCodec = Literal["VP8", "H264"]
@@ -241,6 +248,10 @@ class RelaySettings(_Section):
     """Pause video toward a subscriber whose estimate stays below this. 0: never."""
     bandwidth_window_s: float = Field(default=4.0, gt=0)
     bandwidth_retry_s: float = Field(default=20.0, gt=0)
+    workers: int = Field(default=0, ge=0, le=64)
+    """`telehealth relay`: relay processes on this machine, each a node of its own
+    (``<id>.w<k>``) sharing the machine's UDP ports (the range split between them, or one
+    single port each: ``udp_port + k``). 0 (default): one per core."""
     heartbeat_s: float = Field(default=0.5, gt=0, le=60)
     """Standalone nodes heartbeat this often (seconds). Default 0.5."""
     heartbeat_misses: int = Field(default=3, ge=1, le=100)
