@@ -263,6 +263,25 @@ async def test_without_a_relay_the_room_says_it_waits_until_one_comes(
                     timeout=15_000, polling=200)
                 await expect(page.locator("#room-state")).to_have_attribute("data-state",
                                                                             "waiting")
+            # A site invited meanwhile: its pre-call check says the consultation waits for a
+            # media server (not "not checked").
+            third = await open_page(browser, page_url(cluster.url, cluster.token("ref3")))
+            try:
+                consultation_id = await room.specialist.get_attribute("#room",
+                                                                      "data-consultation")
+                await room.specialist.evaluate(
+                    "(id) => window.telehealthTest.media.signaling.invite(id, 'd3')",
+                    consultation_id)
+                join = third.locator(
+                    f"#consultations li[data-consultation='{consultation_id}'] .join")
+                await expect(join).to_be_visible(timeout=15_000)
+                await join.click()
+                network = third.locator("#check-network")
+                await expect(network).to_have_attribute("data-state", "warn", timeout=15_000)
+                await expect(network).to_contain_text(WAITING_TEXT["vi"])
+                await expect(third.locator("#network-problem")).to_be_visible()
+            finally:
+                await third.context.close()
             # Chat goes on meanwhile.
             await room.specialist.fill("#chat-input", "Chờ máy chủ")
             await room.specialist.click("#chat-send")

@@ -550,6 +550,10 @@ async function precheck(consultationId) {
         note(networkNote, policy === "relay" ? t("turnForced") : t("turnOnly"));
       }
       else if (path === "none") { network.set("bad", t("networkNone")); note(networkNote, t("noPath")); }
+      else if (path === "waiting") {
+        network.set("warn", t("mediaWaiting"));
+        note(networkNote, t("mediaWaitingNote"));
+      }
       else network.set("skip", t("notChecked"));
     });
   };

@@ -12,7 +12,7 @@ import { icePolicy } from "./settings.js";
 const CONNECT_DEADLINE_MS = 8000;
 
 /**
- * @typedef {"direct"|"relay"|"none"|"unchecked"} NetworkPath
+ * @typedef {"direct"|"relay"|"none"|"waiting"|"unchecked"} NetworkPath
  *   unchecked: the server does not offer the probe, or the check was stopped (the doctor went in).
  */
 
@@ -37,8 +37,10 @@ export class NetworkProbe {
       this._running = new Promise((resolve) => { this._finish = resolve; });
       this._probe().then((found) => this._end(found), (error) => {
         console.warn("network probe:", error && error.name, error && error.message);
-        this._end({ path: error instanceof ProtocolRefusal && error.code === "relay_unreachable"
-          ? "none" : "unchecked" });
+        const code = error instanceof ProtocolRefusal ? error.code : null;
+        // relay_waiting: no relay carries the consultation at the moment (docs/failover.md).
+        this._end({ path: code === "relay_unreachable" ? "none"
+          : code === "relay_waiting" ? "waiting" : "unchecked" });
       });
     }
     return this._running;
