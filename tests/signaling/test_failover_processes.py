@@ -278,3 +278,24 @@ async def test_serve_s_sigterm_stops_within_seconds_and_relays_keep_media(
                   f"{gap_at - t0:.2f} s")
             assert gap <= SMOOTH_GAP_S, (p.name, other, gap)
             assert p.builds(after=t0) == 0, p.peer_sets
+
+
+async def test_serve_with_its_embedded_relay_restarted_the_clients_rebuild_media(
+        tmp_path: Path) -> None:
+    # The one-process default (`make run`): the media dies with `serve`, and a restarted one
+    # reopens the consultation on its embedded relay; the clients' resume is answered
+    # `resumed: false` and they build new peer connections by themselves.
+    async with Cluster(tmp_path, sections={"relay": {"embedded": True}}) as cluster, \
+            consultation(cluster, []) as (_, parts):
+        cluster.kill_serve()
+        t_restart = time.monotonic()
+        await cluster.start_serve()
+        await wait_for(lambda: all(p.builds(after=t_restart) >= 1 for p in parts.values()),
+                       RECOVERY_WAIT_S, "every participant rebuilt its media")
+        recoveries = await recovered(parts, t_restart)
+        for p in parts.values():
+            outcomes = [j.outcome for j in p.joins if j.at > t_restart]
+            print(f"{p.name}: joins after the restart {outcomes}")
+            assert "resumed" not in outcomes, outcomes  # the old relay's media is gone
+            assert p.relay_id() == "embedded"
+        assert all(r.media_back_s is not None for r in recoveries)
