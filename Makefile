@@ -30,12 +30,14 @@ $(OIDC_STAMP): tests/oidc_provider/package-lock.json | system-deps
 system-deps:
 	@command -v npm >/dev/null || (apt-get update && apt-get install -y nodejs npm)
 
-# Browser tests use Debian's Chromium (never a downloaded browser); the TURN and reverse-proxy
-# tests start Debian's coturn and nginx themselves (never as system services).
+# Browser tests use Debian's Chromium (never a downloaded browser); the TURN, reverse-proxy and
+# live-state tests start Debian's coturn, nginx and redis-server themselves (never as system
+# services).
 test-system-deps: system-deps
 	@test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
 	@test -x /usr/bin/turnserver || (apt-get update && apt-get install -y coturn)
 	@test -x /usr/sbin/nginx || (apt-get update && apt-get install -y nginx-light)
+	@test -x /usr/bin/redis-server || (apt-get update && apt-get install -y redis-server)
 
 ## run: the product on its embedded defaults (no Redis, no external services)
 run: $(STAMP) $(NODE_STAMP)

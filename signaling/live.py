@@ -1,6 +1,8 @@
 """Live state: presence (who is connected, from which site) and membership (who is in
 which consultation, present or reconnecting). It is rebuilt as clients reconnect, so it may live
-in memory; ``LiveStore`` is the narrow interface a Redis implementation will also answer."""
+in memory (``MemoryLiveStore``, the default); ``LiveStore`` is the narrow interface that
+``signaling.live_redis.RedisLiveStore`` also answers (``live.backend = "redis"``), with the
+same semantics: tests/signaling/test_live_store.py runs one contract against both."""
 
 from __future__ import annotations
 

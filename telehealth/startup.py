@@ -5,6 +5,8 @@ in its constructor, and returns one aiohttp application.
 
 Starting and stopping follow ``cleanup_ctx``, in this order, and close in reverse:
 
+0. the live state: with ``live.backend = "redis"``, what this process's previous run left in
+   Redis is swept (its participants reconnecting) and the heartbeat starts; stopped last;
 1. the relay: aiortc's private hooks checked and the ICE host addresses set before any media
    flows; at the end every Room of the embedded relay is closed;
 2. the records: the SQLite store opened (``load_directory`` read the directory from it first),
@@ -60,7 +62,8 @@ from signaling.directory_admin import DirectoryAdmin
 from signaling.directory_api import add_directory_routes
 from signaling.handlers import SocketGateway, SocketIONotifier
 from signaling.http_api import add_routes, json_errors, make_auth_middleware
-from signaling.live import MemoryLiveStore
+from signaling.live import LiveStore, MemoryLiveStore
+from signaling.live_redis import RedisLiveStore, instance_id_for
 from signaling.media import Media, MediaEvents
 from signaling.metrics import Metrics
 from signaling.oidc import add_oidc_routes
@@ -113,6 +116,9 @@ class Services:
     consultations: Consultations
     accounts: Accounts
     """Clinicians' passwords, TOTP and sessions (their own SQLite file, ``ACCOUNTS_FILE``)."""
+    live: LiveStore
+    """Presence and membership: ``MemoryLiveStore``, or ``RedisLiveStore`` with
+    ``live.backend = "redis"``."""
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
@@ -271,7 +277,7 @@ def create_app(settings: Settings) -> web.Application:
     )
     notifier = SocketIONotifier(sio)
     store = RecordStore(settings.storage.data_dir / RECORDS_FILE)
-    live = MemoryLiveStore()
+    live = live_store(settings)
 
     # The relay: what relays say reaches the participants' connections through MediaEvents.
     relays = RelayDirectory(open_room_timeout_s=settings.relay.open_room_timeout_s,
@@ -338,7 +344,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SERVICES] = Services(settings=settings, directory=directory, tokens=tokens,
                              metrics=metrics, store=store, relays=relays, embedded=embedded,
                              nodes=nodes, recorder=recorder, recording=recording, pairing=pairing,
-                             consultations=consultations, accounts=accounts)
+                             consultations=consultations, accounts=accounts, live=live)
     sio.attach(app)
     add_routes(app, directory=directory, metrics=metrics, pairing=pairing,
                consultations=consultations, recording=recording, presence=presence)
@@ -353,12 +359,34 @@ def create_app(settings: Settings) -> web.Application:
         await app[STOPPING].tell_clients()
 
     app.on_shutdown.append(tell_clients)
+    app.cleanup_ctx.append(_live)
     app.cleanup_ctx.append(_relay)
     app.cleanup_ctx.append(_records)
     app.cleanup_ctx.append(_accounts)
     app.cleanup_ctx.append(_recorder)
     app.cleanup_ctx.append(_timers)
     return app
+
+
+def live_store(settings: Settings) -> LiveStore:
+    """The live state's store: this process's memory (the default) or Redis."""
+    if settings.live.backend == "redis":
+        return RedisLiveStore.from_url(
+            settings.live.redis_url, prefix=settings.live.key_prefix,
+            instance_id=instance_id_for(settings.storage.data_dir))
+    return MemoryLiveStore()
+
+
+async def _live(app: web.Application) -> AsyncIterator[None]:
+    """Redis: sweep this process's previous run and heartbeat (before the records are
+    restored, which may take participants back); stop heartbeating last."""
+    live = app[SERVICES].live
+    if isinstance(live, RedisLiveStore):
+        await live.start()
+    yield
+    if isinstance(live, RedisLiveStore):
+        app[STOPPING].step = "closing the live state"
+        await live.close()
 
 
 async def _relay(app: web.Application) -> AsyncIterator[None]:

@@ -1,0 +1,235 @@
+"""The LiveStore contract, run against MemoryLiveStore and RedisLiveStore (a real redis-server
+this module starts on 127.0.0.1, an ephemeral port, in a temporary directory, without
+persistence, stopped at the end); then what only Redis does: a dead process's connections and
+sids swept, a restarted process's own previous run swept at start."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from signaling.live import Connection, LiveStore, MemoryLiveStore, Participant
+from signaling.live_redis import RedisLiveStore, instance_id_for
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+pytestmark = pytest.mark.skipif(not Path(REDIS_SERVER).exists(),
+                                reason="redis-server is not installed (make test installs it)")
+
+
+@dataclass
+class RedisServer:
+    url: str
+    process: subprocess.Popen[bytes]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def start_redis(directory: Path, timeout: float = 10.0) -> RedisServer:
+    """redis-server on 127.0.0.1 and a free port, no RDB or AOF; ready when it answers PING.
+    The port is picked just before, so another process may take it: three tries."""
+    for _ in range(3):
+        port = _free_port()
+        process = subprocess.Popen(
+            [REDIS_SERVER, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(directory),
+             "--save", "", "--appendonly", "no", "--protected-mode", "yes",
+             "--logfile", str(directory / f"redis-{port}.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(16).startswith(b"+PONG"):
+                        return RedisServer(f"redis://127.0.0.1:{port}/0", process)
+            except OSError:
+                time.sleep(0.05)
+        stop_redis(RedisServer("", process))
+    raise RuntimeError(f"redis-server did not start (log in {directory})")
+
+
+def stop_redis(server: RedisServer) -> None:
+    if server.process.poll() is None:
+        server.process.terminate()
+        try:
+            server.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+            server.process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    try:
+        yield server
+    finally:
+        stop_redis(server)
+
+
+def redis_store(server: RedisServer, prefix: str, instance: str, **kwargs: float
+                ) -> RedisLiveStore:
+    return RedisLiveStore.from_url(server.url, prefix=prefix, instance_id=instance, **kwargs)
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[LiveStore]:
+    if request.param == "memory":
+        yield MemoryLiveStore()
+        return
+    server: RedisServer = request.getfixturevalue("redis_server")
+    live = redis_store(server, f"t{secrets.token_hex(4)}:", "node-a")
+    await live.start()
+    try:
+        yield live
+    finally:
+        await live.close()
+
+
+# -- the contract ----------------------------------------------------------------------------
+async def test_presence(store: LiveStore) -> None:
+    assert await store.add_connection(Connection("s1", "ref1", "d1")) is True
+    assert await store.add_connection(Connection("s2", "ref1", "d1")) is False
+    assert await store.add_connection(Connection("s3", "cardio1", "c1")) is True
+    assert await store.online_sites() == {"d1": 2, "c1": 1}
+    assert await store.remove_connection("s1") == (Connection("s1", "ref1", "d1"), False)
+    assert await store.remove_connection("s2") == (Connection("s2", "ref1", "d1"), True)
+    assert await store.remove_connection("s2") == (None, False)
+    assert await store.remove_connection("never") == (None, False)
+    assert await store.online_sites() == {"c1": 1}
+
+
+async def test_a_site_comes_online_and_goes_offline_exactly_once(store: LiveStore) -> None:
+    """40 connections of one site arrive at once, then leave at once."""
+    firsts = await asyncio.gather(*(store.add_connection(Connection(f"s{i}", "ref1", "d1"))
+                                    for i in range(40)))
+    assert sum(firsts) == 1
+    assert await store.online_sites() == {"d1": 40}
+    removed = await asyncio.gather(*(store.remove_connection(f"s{i}") for i in range(40)))
+    assert sum(last for _, last in removed) == 1
+    assert all(c is not None for c, _ in removed)
+    assert await store.online_sites() == {}
+
+
+async def test_membership(store: LiveStore) -> None:
+    joined = 1764745200.123456789
+    one = Participant("k1", "ref1", "d1", joined, sids={"s1", "s2"})
+    two = Participant("k1", "cardio1", "c1", joined + 1, sids={"s3"})
+    other = Participant("k2", "ref1", "d1", joined + 2, sids={"s1"})
+    for participant in (one, two, other):
+        await store.put_participant(participant)
+    assert await store.get_participant("k1", "ref1") == one
+    assert await store.get_participant("k1", "nobody") is None
+    assert await store.get_participant("none", "ref1") is None
+    assert sorted(await store.participants("k1"), key=lambda p: p.joined_at) == [one, two]
+    assert await store.participants("none") == []
+    assert sorted(await store.memberships_of("ref1"), key=lambda p: p.joined_at) \
+        == [one, other]
+    assert await store.reconnecting() == []
+
+    two.sids.clear()
+    two.state = "reconnecting"
+    two.away_since = joined + 5.000001
+    await store.put_participant(two)
+    assert await store.reconnecting() == [two]
+    assert await store.get_participant("k1", "cardio1") == two
+
+    await store.remove_participant("k1", "ref1")
+    await store.remove_participant("k1", "ref1")
+    assert await store.memberships_of("ref1") == [other]
+    assert await store.participants("k1") == [two]
+
+    assert await store.drop_consultation("k1") == [two]
+    assert await store.drop_consultation("k1") == []
+    assert await store.memberships_of("cardio1") == []
+    assert await store.reconnecting() == []
+    assert await store.participants("k2") == [other]
+
+
+# -- Redis only: processes come and go -------------------------------------------------------
+async def test_a_dead_process_is_swept_by_another(redis_server: RedisServer) -> None:
+    """Node a stops heartbeating (as if killed): within its TTL node b's heartbeat forgets its
+    connections (its sites go offline) and takes its sids out of the participants; one left
+    with none is reconnecting, one still connected through b stays present."""
+    prefix = f"t{secrets.token_hex(4)}:"
+    a = redis_store(redis_server, prefix, "node-a", heartbeat_s=0.2, ttl_s=0.6)
+    b = redis_store(redis_server, prefix, "node-b", heartbeat_s=0.2, ttl_s=0.6)
+    await a.start()
+    await b.start()
+    try:
+        await a.add_connection(Connection("a1", "ref1", "d1"))
+        await a.add_connection(Connection("a2", "cardio1", "c1"))
+        assert await b.add_connection(Connection("b1", "cardio1", "c1")) is False
+        now = time.time()
+        await a.put_participant(Participant("k1", "ref1", "d1", now, sids={"a1"}))
+        await a.put_participant(Participant("k1", "cardio1", "c1", now, sids={"a2"}))
+        # b puts cardio1 again with its own sid added: a2 stays a's, b1 is b's.
+        await b.put_participant(Participant("k1", "cardio1", "c1", now, sids={"a2", "b1"}))
+        assert await b.online_sites() == {"d1": 1, "c1": 2}
+
+        await a.close()  # no more heartbeats, nothing cleaned: as a kill -9 leaves it
+        started = time.monotonic()
+        while await b.online_sites() != {"c1": 1}:
+            assert time.monotonic() - started < 5.0, await b.online_sites()
+            await asyncio.sleep(0.05)
+        print(f"dead instance swept {time.monotonic() - started:.2f} s after its last beat "
+              f"(ttl 0.6 s, heartbeat 0.2 s)")
+        ref1 = await b.get_participant("k1", "ref1")
+        assert ref1 is not None
+        assert ref1.state == "reconnecting" and ref1.sids == set()
+        assert ref1.away_since is not None and ref1.away_since >= now
+        cardio1 = await b.get_participant("k1", "cardio1")
+        assert cardio1 is not None
+        assert cardio1.state == "present" and cardio1.sids == {"b1"}
+        assert await b.reconnecting() == [ref1]
+        # a's sids are gone for good: removing one now changes nothing.
+        assert await b.remove_connection("a1") == (None, False)
+    finally:
+        await b.close()
+
+
+async def test_a_restart_sweeps_its_own_previous_run(redis_server: RedisServer,
+                                                     tmp_path: Path) -> None:
+    """The same instance id (from the data directory) starting again: its connections are
+    forgotten at once (no TTL to wait for), its participants reconnecting from the start."""
+    prefix = f"t{secrets.token_hex(4)}:"
+    instance = instance_id_for(tmp_path)
+    assert instance_id_for(tmp_path) == instance
+    first = redis_store(redis_server, prefix, instance)
+    await first.start()
+    await first.add_connection(Connection("s1", "ref1", "d1"))
+    await first.put_participant(Participant("k1", "ref1", "d1", 1.5, sids={"s1"}))
+    await first.close()
+
+    before = time.time()
+    again = redis_store(redis_server, prefix, instance)
+    await again.start()
+    try:
+        assert await again.online_sites() == {}
+        participant = await again.get_participant("k1", "ref1")
+        assert participant is not None
+        assert (participant.state, participant.sids, participant.joined_at) \
+            == ("reconnecting", set(), 1.5)
+        assert participant.away_since is not None and participant.away_since >= before
+        assert await again.add_connection(Connection("s2", "ref1", "d1")) is True
+    finally:
+        await again.close()
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        assert await client.zscore(prefix + "instances", instance) is not None
+    finally:
+        await client.aclose()
