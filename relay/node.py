@@ -58,6 +58,7 @@ from relay.remote import (
     RemoteRelayError,
     pack_packets,
     parse_answer,
+    worker_relay_id,
 )
 
 logger = logging.getLogger(__name__)
@@ -195,11 +196,15 @@ class SignalingLost(Exception):
 
 class RelayNode:
     def __init__(self, settings: Settings, *, signaling_url: str, node_token: str,
-                 region: str, relay_id: str | None = None) -> None:
+                 region: str, relay_id: str | None = None, worker: int | None = None) -> None:
         if relay_id is None:
             # The token names the node; signaling verifies it, here it only names the logs.
             relay_id = str(jwt.decode(node_token, options={"verify_signature": False})
                            .get("sub") or settings.relay.id)
+            if worker is not None:
+                relay_id = worker_relay_id(relay_id, worker)
+        self.worker = worker
+        """Worker k of a machine (relay/workers.py): said in the connect auth."""
         self.settings = settings
         self.signaling_url = signaling_url.rstrip("/")
         self.node_token = node_token
@@ -317,9 +322,11 @@ class RelayNode:
         """Connect to signaling, retrying with back-off while it is unreachable (or, after
         the first start, while it refuses). The first start dials at once; a redial waits
         the first back-off step, while the client finishes tearing down the old link."""
-        auth = {"token": self.node_token, "region": self.region,
-                "capacity": self.settings.relay.capacity,
-                "public_address": self.settings.relay.announced_address}
+        auth: dict[str, Any] = {"token": self.node_token, "region": self.region,
+                                "capacity": self.settings.relay.capacity,
+                                "public_address": self.settings.relay.announced_address}
+        if self.worker is not None:
+            auth["worker"] = self.worker
         loop = asyncio.get_running_loop()
         delay = FIRST_DELAY_S
         most = self.settings.relay.reconnect_delay_max_s
@@ -573,10 +580,16 @@ def _certificate_error(exc: BaseException) -> ssl.SSLCertVerificationError | Non
 
 
 
+PARENT_CHECK_S = 1.0
+"""A worker looks this often whether its supervisor is still there."""
+
+
 async def serve_node(settings: Settings, *, signaling_url: str, node_token: str,
-                     region: str, relay_id: str | None = None) -> int:
+                     region: str, relay_id: str | None = None, worker: int | None = None) -> int:
+    """One node until it stops; ``worker``: it is worker k of a machine, started by the
+    supervisor of relay/workers.py, and stops (drains) by itself if the supervisor is gone."""
     node = RelayNode(settings, signaling_url=signaling_url, node_token=node_token,
-                     region=region, relay_id=relay_id)
+                     region=region, relay_id=relay_id, worker=worker)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -594,4 +607,21 @@ async def serve_node(settings: Settings, *, signaling_url: str, node_token: str,
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
-    return await node.run(stop)
+    if worker is None:
+        return await node.run(stop)
+    orphaned = loop.create_task(_stop_when_orphaned(node.relay_id, os.getppid(), stop))
+    try:
+        return await node.run(stop)
+    finally:
+        orphaned.cancel()
+
+
+async def _stop_when_orphaned(relay_id: str, parent: int, stop: asyncio.Event) -> None:
+    """A worker whose supervisor died (``kill -9``: it could not forward a signal) stops
+    as after a SIGTERM: nobody would restart or stop it otherwise."""
+    while not stop.is_set():
+        await asyncio.sleep(PARENT_CHECK_S)
+        if os.getppid() != parent:
+            logger.warning("relay node %s: its supervisor (pid %d) is gone; draining",
+                           relay_id, parent)
+            stop.set()

@@ -15,7 +15,10 @@ answers ``relay_waiting``.
 
 Standalone relay nodes dial in on the ``relay.api.NODE_NAMESPACE`` socket.io namespace with a
 node token, register region and capacity, say which rooms they still hold (``relay:hello``),
-heartbeat, and ask to be drained before they stop (``relay:drain``). A node that closes its
+heartbeat, and ask to be drained before they stop (``relay:drain``). The workers of one relay
+machine (relay/workers.py) are nodes of their own, ``<machine>.w<k>``, from the machine's one
+token; one worker's drain drains the whole machine (its supervisor stops them all at once), so
+that a stopping machine's consultations move once, elsewhere. A node that closes its
 connection or goes silent is taken out and its consultations move; while signaling itself
 stops, nothing moves (the nodes keep media flowing and dial the next process). The start-up
 module hands in the factory that builds a ``Relay`` for each node (``relay.remote.RemoteRelay``),
@@ -370,6 +373,8 @@ class RelayNodes:
         """Relay id -> the last heartbeat of a connection that a new one of the same node
         replaced before it was noticed gone: what that node reported in between is lost."""
         self._tasks: set[asyncio.Task[None]] = set()
+        self._machines: dict[str, str] = {}
+        """Relay id of a machine's worker (relay/workers.py) -> the machine's relay id."""
         sio.on("connect", self._connect, namespace=NODE_NAMESPACE)
         sio.on("disconnect", self._disconnect, namespace=NODE_NAMESPACE)
         sio.on("relay:hello", self._hello, namespace=NODE_NAMESPACE)
@@ -394,7 +399,11 @@ class RelayNodes:
     async def _connect(self, sid: str, _environ: dict[str, Any], auth: Any = None) -> None:
         auth = auth if isinstance(auth, dict) else {}
         try:
-            relay_id = self._tokens.verify_node(auth.get("token"))
+            # A worker of a machine (relay/workers.py): its own id, from the machine's token.
+            worker = auth.get("worker")
+            relay_id = self._tokens.verify_node(auth.get("token"), worker)
+            if worker is not None:
+                self._machines[relay_id] = relay_id.removesuffix(f".w{worker}")
             capacity = int(auth.get("capacity") or 0)
             if capacity <= 0:
                 raise Unauthenticated(f"capacity must be > 0, got {auth.get('capacity')!r}",
@@ -649,6 +658,14 @@ class RelayNodes:
         started = time.monotonic()
         relay_id = node.info.id
         self._relays.drain(relay_id)
+        machine = self._machines.get(relay_id)
+        if machine is not None:
+            # A worker drains when its machine stops (its supervisor signals every worker at
+            # once): its consultations go to another machine, not to a sibling that is about
+            # to drain too and move them a second time.
+            for relay in self._relays.relays():
+                if self._machines.get(relay.info.id) == machine:
+                    self._relays.drain(relay.info.id)
         async with self._lock:
             who = {room_id: await _participants(node, room_id, self._settings.open_room_timeout_s)
                    for room_id, _ in self._relays.placements_on(relay_id)}

@@ -59,6 +59,8 @@ class Principal:
 
 
 NODE_KIND = "relay-node"
+MAX_NODE_WORKERS = 64
+"""Worker processes of one relay machine at most (relay/remote.py ``MAX_WORKERS``)."""
 
 
 class TokenAuthority:
@@ -130,8 +132,14 @@ class TokenAuthority:
                   "exp": issued + ttl_s}
         return jwt.encode(claims, self._secret, algorithm=ALGORITHM)
 
-    def verify_node(self, token: object) -> str:
-        """The relay id a node token names, or Unauthenticated."""
+    def verify_node(self, token: object, worker: object = None) -> str:
+        """The relay id a node token names, or Unauthenticated. ``worker`` (the connect
+        auth's, relay/workers.py): the node is worker k of that machine and registers as
+        ``<relay id>.w<k>`` (relay/remote.py ``worker_relay_id`` composes the same)."""
+        if worker is not None and (isinstance(worker, bool) or not isinstance(worker, int)
+                                   or not 0 <= worker < MAX_NODE_WORKERS):
+            raise Unauthenticated(f"worker must be a whole number 0-{MAX_NODE_WORKERS - 1}, "
+                                  f"got {worker!r}", code="invalid_registration")
         if not token or not isinstance(token, str):
             raise Unauthenticated("a node token is required", code="token_missing")
         try:
@@ -144,4 +152,5 @@ class TokenAuthority:
                                   code="token_invalid") from None
         if claims.get("kind") != NODE_KIND:
             raise Unauthenticated("this is not a relay node token", code="token_invalid")
-        return str(claims["sub"])
+        relay_id = str(claims["sub"])
+        return relay_id if worker is None else f"{relay_id}.w{worker}"

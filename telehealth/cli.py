@@ -51,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--node-token", required=True,
                       help="node token from `telehealth node-token`")
     node.add_argument("--region", default="", help="province code this relay serves")
+    node.add_argument("--workers", type=int, default=None,
+                      help="relay processes on this machine, each registered as "
+                           "<relay id>.w<k> and given its share of the UDP ports; 0: one per "
+                           "core (default: relay.workers)")
+    # Set by the supervisor of relay/workers.py on the processes it starts.
+    node.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     node_token = commands.add_parser("node-token",
                                      help="issue the token a standalone relay node presents")
     node_token.add_argument("relay_id", help="the node's id, e.g. bv-bachmai-relay-1")
@@ -124,10 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "token":
             return _token(settings, args.clinician, args.ttl)
         if args.command == "relay":
-            from relay.node import serve_node
-
-            return asyncio.run(serve_node(settings, signaling_url=args.signaling,
-                                          node_token=args.node_token, region=args.region))
+            return _relay(settings, args)
         if args.command == "node-token":
             _, authority = _authority(settings)
             print(authority.issue_node(args.relay_id, ttl_s=args.ttl_days * 86400))
@@ -142,6 +145,37 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DirectoryError, RelayCannotStart) as exc:
         print(f"telehealth: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+
+
+def _relay(settings: Settings, args: argparse.Namespace) -> int:
+    """One node, or with more than one worker the supervisor of relay/workers.py."""
+    from relay.node import serve_node
+    from relay.workers import supervise, worker_command, worker_count, worker_settings
+
+    workers = worker_count(settings.relay.workers if args.workers is None else args.workers)
+    if args.worker is not None:
+        return asyncio.run(serve_node(worker_settings(settings, args.worker, workers),
+                                      signaling_url=args.signaling,
+                                      node_token=args.node_token, region=args.region,
+                                      worker=args.worker))
+    if workers == 1:
+        return asyncio.run(serve_node(settings, signaling_url=args.signaling,
+                                      node_token=args.node_token, region=args.region))
+    for k in range(workers):
+        worker_settings(settings, k, workers)  # a port range too small stops us here
+    import jwt
+
+    try:  # the token names the machine; signaling verifies it, here it names the logs
+        machine = str(jwt.decode(args.node_token, options={"verify_signature": False})
+                      .get("sub") or settings.relay.id)
+    except jwt.InvalidTokenError:
+        machine = settings.relay.id  # the workers are refused, and say why
+    argv = [*(["--config", str(args.config)] if args.config is not None else []), "relay",
+            "--signaling", args.signaling, "--node-token", args.node_token,
+            "--region", args.region, "--workers", str(workers)]
+    return asyncio.run(supervise(machine, workers, lambda k: worker_command(argv, k),
+                                 signaling_url=args.signaling,
+                                 drain_s=settings.relay.drain_s))
 
 
 def _authority(settings: Settings) -> tuple[Directory, TokenAuthority]:

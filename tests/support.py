@@ -140,7 +140,8 @@ def write_config(tmp: Path, **sections: dict[str, Any]) -> Path:
         "directory": {"file": str(tmp / "directory.toml")},
         "queue": {"tick_s": 0.1},
         "presence": {"reconnect_grace_s": 1.0, "ping_interval_s": 5, "ping_timeout_s": 5},
-        "relay": {"host_addresses": ["127.0.0.1"]},
+        # One relay process per node (relay.workers' default is one per core).
+        "relay": {"host_addresses": ["127.0.0.1"], "workers": 1},
         "logging": {"level": "INFO"},
     }
     for name, values in sections.items():

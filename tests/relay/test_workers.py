@@ -1,0 +1,259 @@
+"""All cores of a relay machine (relay/workers.py): `telehealth relay` with ``relay.workers``
+N > 1 runs N worker processes under a supervisor, each registered with signaling as
+``<relay id>.w<k>`` and holding its own share of the machine's UDP ports.
+
+The process test runs the real `serve` and the real supervisor with 4 workers as
+subprocesses (tests/failover_processes.py) and aiortc participants that follow the client
+rules of docs/protocol.md (tests/failover_client.py): consultations spread over the workers,
+everyone decodes everyone, a killed worker is restarted while its consultation moves to
+another worker, and a SIGTERM stops every worker."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from config.settings import Settings
+from relay.errors import UdpPortsUnavailable
+from relay.remote import MAX_WORKERS, worker_relay_id
+from relay.workers import port_slice, worker_count, worker_settings
+from signaling.directory import Directory
+from signaling.errors import Unauthenticated
+from signaling.tokens import TokenAuthority
+from tests.consultation_media import open_consultation, start_node
+from tests.failover_client import Participant, describe, participants
+from tests.failover_processes import Cluster
+from tests.media import wait_for
+from tests.relay.test_ports import free_udp_ports, relay_candidate_ports
+from tests.support import SECRET, Client, write_config
+
+MACHINE = "relay-machine"
+WORKERS = 4
+PORTS_PER_WORKER = 20
+CONSULTATIONS = (("racer0", "ref1"), ("racer1", "ref2"), ("racer2", "ref3"))
+"""(host, guest): three consultations, one per referring site (each client is in one)."""
+FPS = 10
+DRAIN_S = 5.0
+
+
+# -- the ports of each worker -------------------------------------------------------------
+
+
+def test_a_port_range_is_split_into_disjoint_slices_that_cover_it() -> None:
+    slices = [port_slice(40000, 40199, k, 4) for k in range(4)]
+    assert slices == [(40000, 40049), (40050, 40099), (40100, 40149), (40150, 40199)]
+    uneven = [port_slice(100, 109, k, 3) for k in range(3)]
+    assert uneven == [(100, 103), (104, 106), (107, 109)]
+    covered = [p for low, high in uneven for p in range(low, high + 1)]
+    assert covered == list(range(100, 110))
+
+
+def test_a_range_smaller_than_the_workers_stops_start_up() -> None:
+    with pytest.raises(UdpPortsUnavailable, match=r"\[100, 102\] has 3 ports for 4 workers"):
+        port_slice(100, 102, 0, 4)
+
+
+def test_single_port_mode_gives_each_worker_the_next_port() -> None:
+    settings = Settings.model_validate({"relay": {"udp_port": 3479, "capacity": 50}})
+    ports = [worker_settings(settings, k, 4).relay.udp_port for k in range(4)]
+    assert ports == [3479, 3480, 3481, 3482]
+    assert settings.relay.udp_port == 3479  # the machine's settings are untouched
+    with pytest.raises(UdpPortsUnavailable, match="passes 65535"):
+        worker_settings(Settings.model_validate({"relay": {"udp_port": 65534}}), 0, 4)
+
+
+def test_each_worker_takes_its_share_of_the_capacity_and_of_the_range() -> None:
+    settings = Settings.model_validate({"relay": {"udp_port_range": [40000, 40199],
+                                                  "capacity": 50}})
+    shares = [worker_settings(settings, k, 4).relay for k in range(4)]
+    assert [s.capacity for s in shares] == [math.ceil(50 / 4)] * 4
+    assert [s.udp_port_range for s in shares] == [port_slice(40000, 40199, k, 4)
+                                                  for k in range(4)]
+    plain = worker_settings(Settings(), 1, 2).relay
+    assert plain.udp_port is None and plain.udp_port_range is None
+
+
+def test_zero_workers_means_one_per_core() -> None:
+    assert worker_count(0) == min(os.cpu_count() or 1, MAX_WORKERS)
+    assert worker_count(3) == 3
+    with pytest.raises(UdpPortsUnavailable):
+        worker_count(MAX_WORKERS + 1)
+
+
+def test_signaling_names_a_worker_from_the_machine_s_token(tmp_path: Path) -> None:
+    write_config(tmp_path)
+    tokens = TokenAuthority(SECRET, Directory.load(tmp_path / "directory.toml"), 3600)
+    token = tokens.issue_node(MACHINE)
+    assert tokens.verify_node(token) == MACHINE
+    assert tokens.verify_node(token, 3) == worker_relay_id(MACHINE, 3) == f"{MACHINE}.w3"
+    for wrong in (True, -1, MAX_WORKERS, "1", 1.0):
+        with pytest.raises(Unauthenticated) as refused:
+            tokens.verify_node(token, wrong)
+        assert refused.value.code == "invalid_registration"
+
+
+# -- the machine's workers, as processes -----------------------------------------------------
+
+
+def worker_pids(supervisor: int) -> dict[int, int]:
+    """Worker index -> pid, from the supervisor's children's command lines."""
+    found = {}
+    for child in psutil.Process(supervisor).children():
+        with _gone():
+            line = child.cmdline()
+            if "--worker" in line:
+                found[int(line[line.index("--worker") + 1])] = child.pid
+    return found
+
+
+class _gone:
+    """Ignore a process that exits while it is looked at."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, exc: object, tb: object) -> bool:
+        return isinstance(exc, psutil.NoSuchProcess | psutil.ZombieProcess)
+
+
+def kill_all(pids: list[int]) -> None:
+    for pid in pids:
+        with _gone():
+            psutil.Process(pid).kill()
+
+
+async def test_four_workers_spread_consultations_restart_and_stop(tmp_path: Path) -> None:
+    low, high = free_udp_ports(WORKERS * PORTS_PER_WORKER)
+    ids = [worker_relay_id(MACHINE, k) for k in range(WORKERS)]
+    started = time.monotonic()
+    leftover: list[int] = []
+    async with Cluster(tmp_path, node_relay={"workers": WORKERS, "drain_s": DRAIN_S,
+                                             "udp_port_range": [low, high]}) as cluster:
+        await cluster.start_serve()
+        node = await cluster.start_node(MACHINE, "11", wait=False)
+        try:
+            for relay_id in ids:
+                await cluster.wait_registered(relay_id)
+            await wait_for(lambda: f"READY relay {MACHINE} ({WORKERS} workers" in node.output(),
+                           20, "the supervisor's READY line")
+            pids = worker_pids(node.process.pid)
+            leftover += pids.values()
+            assert sorted(pids) == list(range(WORKERS)), pids
+            print(f"{WORKERS} workers registered {time.monotonic() - started:.1f} s after the "
+                  "test started")
+
+            names = [n for pair in CONSULTATIONS for n in pair]
+            parts = await participants(cluster.url, {n: cluster.token(n) for n in names},
+                                       fps=FPS, audio=False)
+            try:
+                as_clients: dict[str, Client] = dict(parts)
+                cids = [await open_consultation(as_clients, host=host, guests=(guest,))
+                        for host, guest in CONSULTATIONS]
+                for cid, pair in zip(cids, CONSULTATIONS, strict=True):
+                    for name in pair:
+                        await parts[name].start(cid)
+                await wait_for(lambda: all(parts[a].frames(b, 0, time.monotonic()) >= FPS
+                                           for a, b in _pairs()), 40,
+                               "every participant decoding the other")
+                where = {cid: {parts[n].relay_id() for n in pair}
+                         for cid, pair in zip(cids, CONSULTATIONS, strict=True)}
+                print(f"placed: {where}")
+                # One worker per consultation (least loaded first), both participants on it.
+                assert all(len(on) == 1 for on in where.values()), where
+                used = [str(next(iter(on))) for on in where.values()]
+                assert len(set(used)) == len(cids) and set(used) <= set(ids), used
+                for name in names:
+                    _check_ports(parts[name], low, high)
+
+                # A worker dies: the supervisor starts it again, its consultation moves.
+                victim = used[0]
+                index = ids.index(victim)
+                moved = CONSULTATIONS[0]
+                registered = cluster.registrations(victim)
+                t0 = time.monotonic()
+                os.kill(pids[index], signal.SIGKILL)
+                await _media_back({n: parts[n] for n in moved}, t0)
+                after = {parts[n].relay_id() for n in moved}
+                assert len(after) == 1 and after <= set(ids) - {victim}, after
+                await cluster.wait_registered(victim, more_than=registered, timeout=30)
+                print(f"worker {victim} registered again {time.monotonic() - t0:.1f} s after "
+                      "its kill")
+                assert "died (exit -9" in node.output()
+                restarted = worker_pids(node.process.pid)
+                leftover += restarted.values()
+                assert restarted[index] != pids[index] and node.running
+                # The consultations on the other workers went on.
+                others = [p for pair in CONSULTATIONS[1:] for p in pair]
+                now = time.monotonic()
+                await wait_for(lambda: all(parts[a].frames(b, now, time.monotonic()) >= FPS
+                                           for a, b in _pairs() if a in others), 20,
+                               "media on the other workers")
+            finally:
+                for part in parts.values():
+                    await part.close()
+
+            # SIGTERM: every worker drains and exits, then the supervisor, with 0.
+            running = worker_pids(node.process.pid)
+            node.process.send_signal(signal.SIGTERM)
+            code, took = await cluster.node_exit(MACHINE, DRAIN_S + 30)
+            print(f"SIGTERM: the supervisor exited with {code} after {took:.1f} s")
+            assert code == 0, node.output()[-3000:]
+            # One worker's drain drained the machine: nothing moved between its workers.
+            assert took < DRAIN_S, took
+            assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status()
+                           != psutil.STATUS_ZOMBIE for pid in running.values()), running
+        finally:
+            kill_all(leftover)
+
+
+def _pairs() -> list[tuple[str, str]]:
+    return [(a, b) for pair in CONSULTATIONS for a in pair for b in pair if a != b]
+
+
+def _check_ports(part: Participant, low: int, high: int) -> None:
+    """The relay's candidates to this participant lie in its worker's slice of the range."""
+    relay_id = part.relay_id()
+    peer = part.peer
+    assert relay_id is not None and peer is not None and peer.subscribe_pc is not None
+    index = int(relay_id.rsplit(".w", 1)[1])
+    first, last = port_slice(low, high, index, WORKERS)
+    description = peer.subscribe_pc.remoteDescription
+    assert description is not None
+    ports = relay_candidate_ports(description.sdp)
+    assert ports and all(first <= p <= last for p in ports), (relay_id, ports, first, last)
+
+
+async def _media_back(parts: dict[str, Participant], t0: float) -> None:
+    def back() -> bool:
+        return all(p.recovery(t0, [o for o in parts if o != p.name]).media_back_s is not None
+                   for p in parts.values())
+
+    try:
+        await wait_for(back, 30, "media back after the worker's kill")
+    finally:
+        print(describe([p.recovery(t0, [o for o in parts if o != p.name])
+                        for p in parts.values()]))
+
+
+async def test_a_machine_whose_token_is_refused_exits_2(tmp_path: Path) -> None:
+    async with Cluster(tmp_path) as cluster:
+        await cluster.start_serve()
+        (tmp_path / "machine").mkdir()
+        config = write_config(tmp_path / "machine", relay={"workers": 2})
+        log = tmp_path / "machine.log"
+        # Not a node token: every worker is refused, and the machine stops as one node does.
+        process = start_node(config, cluster.url, cluster.token("admin"), "11", log)
+        try:
+            code = await asyncio.to_thread(process.wait, 60)
+            assert code == 2, log.read_text()
+            assert "was refused at its start" in log.read_text()
+        finally:
+            if process.poll() is None:
+                process.kill()
