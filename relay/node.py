@@ -37,6 +37,7 @@ import logging
 import os
 import signal
 import ssl
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -580,27 +581,26 @@ def _certificate_error(exc: BaseException) -> ssl.SSLCertVerificationError | Non
 
 
 
-PARENT_CHECK_S = 1.0
-"""A worker looks this often whether its supervisor is still there."""
-
-
 async def serve_node(settings: Settings, *, signaling_url: str, node_token: str,
                      region: str, relay_id: str | None = None, worker: int | None = None) -> int:
     """One node until it stops; ``worker``: it is worker k of a machine, started by the
-    supervisor of relay/workers.py, and stops (drains) by itself if the supervisor is gone."""
+    supervisor of relay/workers.py, which asks it to stop through its stdin (a line, or the
+    pipe closing: also when the supervisor is killed)."""
     node = RelayNode(settings, signaling_url=signaling_url, node_token=node_token,
                      region=region, relay_id=relay_id, worker=worker)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    signalled: list[int] = []
 
     def on_signal(signum: int) -> None:
         name = signal.Signals(signum).name
-        if stop.is_set():
+        if signalled:
             # Whoever sends a second signal wants the process gone now, not after the drain.
             logger.warning("relay node %s: second %s; exiting at once", node.relay_id, name)
             for handler in logging.getLogger().handlers:
                 handler.flush()
             os._exit(128 + signum)
+        signalled.append(signum)
         logger.info("relay node %s: %s; draining (a second signal exits at once)",
                     node.relay_id, name)
         stop.set()
@@ -609,19 +609,27 @@ async def serve_node(settings: Settings, *, signaling_url: str, node_token: str,
         loop.add_signal_handler(signum, on_signal, signum)
     if worker is None:
         return await node.run(stop)
-    orphaned = loop.create_task(_stop_when_orphaned(node.relay_id, os.getppid(), stop))
+    told = loop.create_task(_stop_when_told(node.relay_id, stop))
     try:
         return await node.run(stop)
     finally:
-        orphaned.cancel()
+        told.cancel()
 
 
-async def _stop_when_orphaned(relay_id: str, parent: int, stop: asyncio.Event) -> None:
-    """A worker whose supervisor died (``kill -9``: it could not forward a signal) stops
-    as after a SIGTERM: nobody would restart or stop it otherwise."""
-    while not stop.is_set():
-        await asyncio.sleep(PARENT_CHECK_S)
-        if os.getppid() != parent:
-            logger.warning("relay node %s: its supervisor (pid %d) is gone; draining",
-                           relay_id, parent)
-            stop.set()
+async def _stop_when_told(relay_id: str, stop: asyncio.Event) -> None:
+    """A worker stops (drains) when its supervisor says so on its stdin, or is gone. Not a
+    signal: systemd (KillMode=control-group) and a terminal's Ctrl-C also signal every worker
+    directly, and a signal forwarded on top would count as the second one, which exits at
+    once without draining."""
+    reader = asyncio.StreamReader()
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    try:
+        line = await reader.readline()
+    finally:
+        transport.close()
+    if not stop.is_set():
+        logger.info("relay node %s: %s; draining", relay_id,
+                    "its supervisor stops it" if line else "its supervisor is gone")
+        stop.set()

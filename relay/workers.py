@@ -17,11 +17,13 @@ worker takes its share, rounded up.
 The supervisor (``Supervisor``): prints ``READY`` once every worker has registered; exits 2
 when a worker exits 2 before that (signaling refused the token, or the configuration cannot
 work), as one node does; restarts a worker that dies later, with back-off (``RESTART_FIRST_S``
-doubling up to ``RESTART_MAX_S``, reset after ``STABLE_S`` of life), logged; forwards SIGTERM
-and SIGINT to the workers (each drains as one node does) and exits once they have, 0 (a
-second signal is forwarded too: the workers exit at once, the supervisor with 128 + the
-signal). A worker whose supervisor is gone (``kill -9``) drains and exits by itself
-(relay/node.py ``serve_node``).
+doubling up to ``RESTART_MAX_S``, reset after ``STABLE_S`` of life), logged; passes SIGTERM
+and SIGINT on to the workers (each drains as one node does) and exits once they have, 0 (a
+second signal kills the workers; the supervisor exits with 128 + the signal). It asks its
+workers to stop through their stdin, never with a signal: under systemd's default KillMode,
+and with Ctrl-C in a terminal, every worker gets the signal itself too, and a second one
+would exit without draining. A worker whose supervisor is gone (``kill -9``: its stdin
+closes) drains and exits by itself (relay/node.py ``serve_node``).
 
 N = 1 runs no supervisor: the one node keeps the id and the ports of the configuration."""
 
@@ -121,8 +123,10 @@ class Supervisor:
         worker.ready = False
         worker.starts += 1
         # stdout is read (its READY line); the logs (stderr) go where the supervisor's go.
+        # stdin: how the supervisor asks it to stop (relay/node.py, ``_stop_when_told``).
         worker.process = await asyncio.create_subprocess_exec(
-            *self.command(worker.index), stdout=asyncio.subprocess.PIPE)
+            *self.command(worker.index), stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE)
         worker.started_at = asyncio.get_running_loop().time()
         logger.info("relay %s: worker %s started (pid %d)", self.relay_id, worker.relay_id,
                     worker.process.pid)
@@ -140,23 +144,36 @@ class Supervisor:
         await worker.exits.put(await process.wait())
         self._changed.set()
 
-    def _signal(self, signum: int) -> None:
-        for worker in self.workers:
-            if worker.process is not None and worker.process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    worker.process.send_signal(signum)
+    def _running(self) -> list[asyncio.subprocess.Process]:
+        return [w.process for w in self.workers
+                if w.process is not None and w.process.returncode is None]
+
+    def _kill(self) -> None:
+        for process in self._running():
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+
+    def _stop_workers(self) -> None:
+        """Ask every worker to drain and stop: a line on its stdin, which it reads as one
+        SIGTERM (a signal forwarded on top of one that systemd or a terminal's Ctrl-C sent
+        to every process would count as the second, which exits without draining)."""
+        for process in self._running():
+            if process.stdin is not None and not process.stdin.is_closing():
+                with contextlib.suppress(OSError):
+                    process.stdin.write(b"stop\n")
+                    process.stdin.close()
 
     def on_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
         if self._stopping:
-            logger.warning("relay %s: second %s; the workers exit at once", self.relay_id,
-                           name)
+            logger.warning("relay %s: second %s; the workers are killed", self.relay_id, name)
             self._second = signum
+            self._kill()
         else:
             logger.info("relay %s: %s; its %d workers drain (a second signal exits at once)",
                         self.relay_id, name, len(self.workers))
-        self._stopping = True
-        self._signal(signum)
+            self._stopping = True
+            self._stop_workers()
         self._changed.set()
 
     def _exited(self) -> list[tuple[Worker, int]]:
@@ -177,16 +194,14 @@ class Supervisor:
             self._changed.clear()
             for worker, code in self._exited():
                 if self._stopping:
-                    logger.info("relay %s: worker %s exited (%d)", self.relay_id,
-                                worker.relay_id, code)
-                    continue
+                    continue  # _wait_all says how each exited
                 if not announced and code == 2:
                     # Refused by signaling (or a configuration that cannot work): as one node,
                     # the machine stops; retrying would not help.
                     logger.error("relay %s: worker %s was refused at its start (exit 2); "
                                  "stopping the others", self.relay_id, worker.relay_id)
                     self._stopping = True
-                    self._signal(signal.SIGTERM)
+                    self._stop_workers()
                     await self._wait_all()
                     return 2
                 lived = loop.time() - worker.started_at
@@ -216,22 +231,22 @@ class Supervisor:
 
     async def _wait_all(self) -> None:
         """Every worker's exit, each drain bounded: killed past ``drain_s + KILL_AFTER_S``."""
-        running = [w for w in self.workers
-                   if w.process is not None and w.process.returncode is None]
         try:
             async with asyncio.timeout(self.drain_s + KILL_AFTER_S):
-                for worker in running:
-                    assert worker.process is not None
-                    await worker.process.wait()
+                for process in self._running():
+                    await process.wait()
         except TimeoutError:
             logger.warning("relay %s: workers still running %.0f s after the stop; killed",
                            self.relay_id, self.drain_s + KILL_AFTER_S)
-            self._signal(signal.SIGKILL)
+            self._kill()
         for worker in self.workers:
             if worker.reader is not None:
                 with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                     async with asyncio.timeout(5):
                         await worker.reader
+            if worker.process is not None:
+                logger.info("relay %s: worker %s exited (%s)", self.relay_id, worker.relay_id,
+                            worker.process.returncode)
         logger.info("relay %s stopped (%d workers)", self.relay_id, len(self.workers))
 
 

@@ -199,12 +199,17 @@ async def test_four_workers_spread_consultations_restart_and_stop(tmp_path: Path
                 for part in parts.values():
                     await part.close()
 
-            # SIGTERM: every worker drains and exits, then the supervisor, with 0.
+            # SIGTERM to every process, as systemd sends it (KillMode=control-group): every
+            # worker drains once (not "second signal") and exits, then the supervisor, with 0.
             running = worker_pids(node.process.pid)
             node.process.send_signal(signal.SIGTERM)
+            for pid in running.values():
+                os.kill(pid, signal.SIGTERM)
             code, took = await cluster.node_exit(MACHINE, DRAIN_S + 30)
             print(f"SIGTERM: the supervisor exited with {code} after {took:.1f} s")
             assert code == 0, node.output()[-3000:]
+            assert node.output().count(" exited (0)") == WORKERS, node.output()[-3000:]
+            assert "exiting at once" not in node.output()
             # One worker's drain drained the machine: nothing moved between its workers.
             assert took < DRAIN_S, took
             assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status()
@@ -257,3 +262,27 @@ async def test_a_machine_whose_token_is_refused_exits_2(tmp_path: Path) -> None:
         finally:
             if process.poll() is None:
                 process.kill()
+
+
+async def test_workers_whose_supervisor_is_killed_stop_by_themselves(tmp_path: Path) -> None:
+    async with Cluster(tmp_path, node_relay={"workers": 2}) as cluster:
+        await cluster.start_serve()
+        node = await cluster.start_node(MACHINE, "11", wait=False)
+        for k in range(2):
+            await cluster.wait_registered(worker_relay_id(MACHINE, k))
+        pids = list(worker_pids(node.process.pid).values())
+        try:
+            assert len(pids) == 2
+            cluster.signal_node(MACHINE, signal.SIGKILL)
+            # Their stdin closed: each drains (nothing to move) and exits.
+            await wait_for(lambda: not any(_alive(pid) for pid in pids), 20,
+                           "the orphaned workers to exit")
+            assert "its supervisor is gone; draining" in node.output()
+        finally:
+            kill_all(pids)
+
+
+def _alive(pid: int) -> bool:
+    with _gone():
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    return False
