@@ -267,6 +267,7 @@ def create_app(settings: Settings) -> web.Application:
     settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
     directory, tokens = token_authority(settings)
     metrics = Metrics()
+    manager = client_manager(settings)
     sio = SignalingServer(
         settings, metrics=metrics, async_mode="aiohttp",
         ping_interval=settings.presence.ping_interval_s,
@@ -274,6 +275,7 @@ def create_app(settings: Settings) -> web.Application:
         logger=False,
         engineio_logger=False,
         cors_allowed_origins=same_origin,
+        **({"client_manager": manager} if manager is not None else {}),
     )
     notifier = SocketIONotifier(sio)
     store = RecordStore(settings.storage.data_dir / RECORDS_FILE)
@@ -359,7 +361,7 @@ def create_app(settings: Settings) -> web.Application:
         await app[STOPPING].tell_clients()
 
     app.on_shutdown.append(tell_clients)
-    app.cleanup_ctx.append(_live)
+    app.cleanup_ctx.append(_live(manager))
     app.cleanup_ctx.append(_relay)
     app.cleanup_ctx.append(_records)
     app.cleanup_ctx.append(_accounts)
@@ -377,16 +379,48 @@ def live_store(settings: Settings) -> LiveStore:
     return MemoryLiveStore()
 
 
-async def _live(app: web.Application) -> AsyncIterator[None]:
-    """Redis: sweep this process's previous run and heartbeat (before the records are
-    restored, which may take participants back); stop heartbeating last."""
-    live = app[SERVICES].live
-    if isinstance(live, RedisLiveStore):
-        await live.start()
-    yield
-    if isinstance(live, RedisLiveStore):
+def client_manager(settings: Settings) -> socketio.AsyncRedisManager | None:
+    """With ``live.backend = "redis"``: python-socketio's ``AsyncRedisManager``, so that an
+    emit published on Redis (by another process on the same prefix) reaches this process's
+    sockets too; None (its in-memory manager) by default. Every emit is then also one PUBLISH."""
+    if settings.live.backend != "redis":
+        return None
+    return socketio.AsyncRedisManager(settings.live.redis_url,
+                                      channel=settings.live.key_prefix + "socketio",
+                                      logger=logger)
+
+
+def _live(manager: socketio.AsyncRedisManager | None,
+          ) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def live_state(app: web.Application) -> AsyncIterator[None]:
+        """Redis: sweep this process's previous run and heartbeat (before the records are
+        restored, which may take participants back); stop heartbeating last, and the
+        socket.io manager's listener with it."""
+        live = app[SERVICES].live
+        if isinstance(live, RedisLiveStore):
+            await live.start()
+        yield
         app[STOPPING].step = "closing the live state"
-        await live.close()
+        if isinstance(live, RedisLiveStore):
+            await live.close()
+        if manager is not None:
+            await _stop_manager(manager)
+
+    return live_state
+
+
+async def _stop_manager(manager: socketio.AsyncRedisManager) -> None:
+    """``AsyncServer.shutdown`` leaves the manager's listener running (python-socketio
+    5.18): its task (``thread``, started at the first connection) is cancelled and its Redis
+    client (``redis``) closed here."""
+    task = getattr(manager, "thread", None)
+    if isinstance(task, asyncio.Task):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    client = getattr(manager, "redis", None)
+    if client is not None:
+        await client.aclose()
 
 
 async def _relay(app: web.Application) -> AsyncIterator[None]:

@@ -17,10 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
+import socketio
 
 from config.settings import load_settings
 from signaling.directory import Directory
 from signaling.live_redis import RedisLiveStore
+from signaling.notify import clinician_audience
 from signaling.tokens import TokenAuthority
 from telehealth.startup import SERVICES
 from tests.signaling.test_live_store import RedisServer, start_redis, stop_redis
@@ -171,3 +174,42 @@ async def test_after_a_kill_the_restart_sweeps_its_dead_connections(
                 assert await online(watch["coord"]) == {"c1": 2}
             finally:
                 await cardio1.close()
+
+
+async def test_an_emit_published_on_redis_reaches_a_client(tmp_path: Path,
+                                                           redis_server: RedisServer) -> None:
+    """python-socketio's AsyncRedisManager: what another process publishes on the deployment's
+    channel (here a write-only manager, as a second node's emit would be) reaches this
+    server's socket. One node only: several acting as one needs more than this."""
+    config = config_for(tmp_path, redis_server)
+    prefix = load_settings(config).live.key_prefix
+    async with run_server(config) as server:
+        ref1 = await Client(server.url, server.token("ref1")).connect()
+        other = socketio.AsyncRedisManager(redis_server.url, channel=prefix + "socketio",
+                                           write_only=True)
+        probe = aioredis.Redis.from_url(redis_server.url)
+        try:
+            # The server subscribes at its first connection: wait for it, bounded.
+            for _ in range(100):
+                [(_, subscribers)] = await probe.pubsub_numsub(prefix + "socketio")
+                if subscribers:
+                    break
+                await asyncio.sleep(0.05)
+            assert subscribers == 1
+            started = time.monotonic()
+            await other.emit("chat:message", {"message": {"text": "from another node"}},
+                             room=clinician_audience("ref1"))
+            got = await ref1.next("chat:message")
+            print(f"published emit delivered in {1000 * (time.monotonic() - started):.1f} ms")
+            assert got == {"message": {"text": "from another node"}}
+            # Not to everyone: another clinician's socket hears nothing.
+            await other.emit("chat:message", {"message": {"text": "not yours"}},
+                             room=clinician_audience("cardio1"))
+            await other.emit("chat:message", {"message": {"text": "second"}},
+                             room=clinician_audience("ref1"))
+            assert (await ref1.next("chat:message"))["message"]["text"] == "second"
+        finally:
+            await ref1.close()
+            await probe.aclose()
+            if other.redis is not None:
+                await other.redis.aclose()
