@@ -23,6 +23,10 @@ consultations and answers once the moved participants are connected to their new
 after ``relay.drain_s``); then the rooms close and the node disconnects. Without signaling the
 rooms close at once. Each step is bounded; a second signal exits at once.
 
+A node may be one worker of a machine (relay/workers.py, ``relay.workers``): it then says its
+index in the connect auth (``worker``), signaling registers it as ``<relay id>.w<k>``, and it
+stops when its supervisor asks on its stdin (or is gone), as after a SIGTERM.
+
 Exit codes: 0 after a stop; 2 when signaling refused the node (bad token, duplicate id) at its
 first start, where retrying would not help. Later a refusal is retried (a ``duplicate_relay``
 then means that signaling has not noticed the node's old connection gone yet)."""
