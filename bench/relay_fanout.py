@@ -48,6 +48,22 @@ same steps, publisher and subscribers. Its rows read ``sfu-1port``; before the R
     RESULT_SINGLE_PORT cpu_ratio_vs_default=<r> at_n=<n>
 
 is its CPU per stream-second over the default's at the largest N both sustain (goal <= 1.1).
+
+``--workers-relay W`` measures instead what a relay machine's workers add (relay/workers.py,
+`telehealth relay --workers W`): W relay processes side by side, each with its own room, its
+own publisher and its own subscriber process (what placement does: rooms spread over the
+workers), against one relay process measured the same way in the same run. Each step adds N
+subscribers per relay process; the servers are pinned one per CPU (the generator processes
+share all CPUs). The figure is the machine's capacity in streams: ``0.8 x relay processes /
+CPU seconds per stream-second`` (what each relay process forwards at 80 % of its core), at
+the largest N per process that both configurations sustain (>= 95 % of frames delivered to
+every subscriber of every process); the last line is
+
+    RESULT_WORKERS workers=<w> ratio=<r> streams_1=<a> streams_w=<b> at_n=<n> measured=<yes|no>
+
+with ``measured=no`` when the relay processes never reached 80 % of their cores (the load
+generator shares the machine: the capacities are then extrapolated from CPU per stream).
+Goal: ratio >= 1.8 with 2 workers on 2 cores.
 """
 
 from __future__ import annotations
@@ -87,6 +103,9 @@ SINGLE_PORT_RATIO_GOAL = 1.1
 SINGLE_PORT_QUICK_BUDGET_S = 35.0
 """Seconds --quick adds for the single-port phase."""
 STREAMS_GOAL = 300
+WORKER_STEPS = (4, 16, 32, 64)
+WORKER_QUICK_STEPS = (4, 16)
+WORKERS_RATIO_GOAL = 1.8
 CORE_SHARE = 0.8
 ADDED_P50_GOAL_MS = 5.0
 ADDED_P99_GOAL_MS = 20.0
@@ -465,6 +484,9 @@ class Settings:
     other_cpus: list[int]
     udp_port: int | None = None
     """Also measure the relay in single-port mode on this port."""
+    workers_relay: int | None = None
+    """Measure W relay processes side by side against one, instead of the phases above."""
+    worker_steps: tuple[int, ...] = WORKER_STEPS
 
 
 def run_phase(ctx: SpawnContext, mode: str, steps: Sequence[int], publisher: Child,
@@ -727,6 +749,184 @@ def single_port_report(sfu: Sequence[Step], single: Sequence[Step]) -> None:
     print(f"RESULT_SINGLE_PORT cpu_ratio_vs_default={ratio:.3f} at_n={at_n}")
 
 
+# -- relay workers ----------------------------------------------------------------------------
+
+
+@dataclass
+class Group:
+    """One relay process with its own room, publisher and subscriber process."""
+
+    server: Child
+    publisher: Child
+    subscribers: Child
+
+
+@dataclass
+class WorkersStep:
+    processes: int
+    n: int
+    """Subscribers per relay process."""
+    steps: list[Step]
+
+    @property
+    def sustained(self) -> bool:
+        return all(s.sustained for s in self.steps)
+
+    @property
+    def ms_per_stream_s(self) -> float:
+        """Relay CPU per forwarded stream-second, all the relay processes together."""
+        cpu = sum(s.server_cpu_s for s in self.steps)
+        return 1000 * cpu / sum(s.n * s.window_s for s in self.steps)
+
+    @property
+    def busiest_core(self) -> float:
+        return max(s.server_core for s in self.steps)
+
+    @property
+    def capacity(self) -> int:
+        """Streams the processes forward at CORE_SHARE of a core each, from CPU per stream."""
+        return int(self.processes * CORE_SHARE / (self.ms_per_stream_s / 1000))
+
+    def row(self) -> str:
+        delivered = min(s.delivered_pct for s in self.steps)
+        cores = " ".join(f"{100 * s.server_core:.0f}" for s in self.steps)
+        # Each step's own "other" counts the other processes' relay and generator as noise.
+        other = max(0.0, self.steps[0].machine_cores - sum(s.server_core + s.generator_cores
+                                                           for s in self.steps))
+        return (f"{self.processes:>9} {self.n:>6} {self.processes * self.n:>7} "
+                f"{self.ms_per_stream_s:>8.2f} {cores:>15} {delivered:>7.1f} "
+                f"{max(s.probe_p99_ms for s in self.steps):>8.1f} {other:>5.2f} "
+                f"{self.capacity:>9}")
+
+
+WORKERS_HEADER = (f"{'processes':>9} {'N/proc':>6} {'streams':>7} {'ms/str-s':>8} "
+                  f"{'srv %core each':>15} {'deliv %':>7} {'p99 ms':>8} {'other':>5} "
+                  f"{'capacity':>9}")
+
+
+def start_groups(ctx: SpawnContext, count: int, clip: Path, settings: Settings,
+                 children: list[Child]) -> list[Group]:
+    cpus = settings.server_cpus + settings.other_cpus or sorted(os.sched_getaffinity(0))
+    life: dict[str, Any] = {"max_life_s": settings.budget_s + 120, "cpus": cpus}
+    groups = []
+    for k in range(count):
+        server = Child(ctx, f"relay{k}", "server",
+                       {"mode": "sfu", "max_life_s": settings.budget_s + 120,
+                        "cpus": [cpus[k % len(cpus)]], "udp_port": None})
+        publisher = Child(ctx, f"publisher{k}", "publisher", {"clip": str(clip), **life})
+        subscribers = Child(ctx, f"subscribers{k}", "worker", {**life, "remb": settings.remb})
+        children += [server, publisher, subscribers]
+        groups.append(Group(server, publisher, subscribers))
+    for group in groups:
+        for child in (group.server, group.publisher, group.subscribers):
+            child.started()
+        group.publisher.request("publish", port=group.server.info["port"])
+        group.subscribers.request("connect", port=group.server.info["port"])
+    return groups
+
+
+def stop_groups(groups: list[Group]) -> None:
+    for group in groups:
+        for child in (group.subscribers, group.publisher, group.server):
+            child.stop()
+
+
+def run_workers(ctx: SpawnContext, processes: int, clip: Path, settings: Settings,
+                deadline: float) -> list[WorkersStep]:
+    """``processes`` relay processes side by side, N subscribers each, step by step."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    children: list[Child] = []
+    rows: list[WorkersStep] = []
+    try:
+        groups = start_groups(ctx, processes, clip, settings, children)
+        current = 0
+        with ThreadPoolExecutor(max_workers=processes) as pool:
+            for n in settings.worker_steps:
+                if time.monotonic() + 10 + 0.12 * processes * (n - current) \
+                        + settings.window_s > deadline:
+                    print(f"  {processes} processes: N={n} skipped, the time budget would "
+                          "run out", flush=True)
+                    break
+                for group in groups:
+                    group.subscribers.request("add", timeout=60 + 0.5 * (n - current),
+                                              ids=subscriber_ids(current, n))
+                current = n
+                ready = [wait_ready([g.subscribers], n, 20 + 0.1 * n) for g in groups]
+                time.sleep(settings.settle_s)
+                # The same window for every relay process: one thread per group.
+                steps = list(pool.map(lambda g, n=n: measure(
+                    "sfu", n, g.server, g.publisher, [g.subscribers], settings.window_s),
+                    groups))
+                for step, count in zip(steps, ready, strict=True):
+                    step.ready = count
+                row = WorkersStep(processes, n, steps)
+                rows.append(row)
+                print(row.row(), flush=True)
+                if not row.sustained:
+                    break
+    finally:
+        for child in reversed(children):
+            child.stop()
+    return rows
+
+
+def workers_report(workers: int, one: list[WorkersStep], many: list[WorkersStep]) -> float:
+    """The comparison, and the RESULT_WORKERS line; returns the ratio."""
+    both = {s.n for s in one if s.sustained} & {s.n for s in many if s.sustained}
+    ratio, at_n, measured = math.nan, 0, False
+    streams_1 = streams_w = 0
+    if both:
+        at_n = max(both)
+        a = next(s for s in one if s.n == at_n)
+        b = next(s for s in many if s.n == at_n)
+        streams_1, streams_w = a.capacity, b.capacity
+        ratio = streams_w / streams_1
+        measured = a.busiest_core >= CORE_SHARE and b.busiest_core >= CORE_SHARE
+        print(f"at N={at_n} per process: 1 process {a.ms_per_stream_s:.2f} ms per "
+              f"stream-second -> {streams_1} streams at {CORE_SHARE:.0%} of its core; "
+              f"{workers} processes {b.ms_per_stream_s:.2f} ms -> {streams_w} streams at "
+              f"{CORE_SHARE:.0%} of each core; ratio {ratio:.2f} (goal >= "
+              f"{WORKERS_RATIO_GOAL}: {'met' if ratio >= WORKERS_RATIO_GOAL else 'NOT met'})")
+        if not measured:
+            print(f"the capacities are EXTRAPOLATED from CPU per stream: the relay processes "
+                  f"ran at {100 * a.busiest_core:.0f} % (1 process) and at most "
+                  f"{100 * b.busiest_core:.0f} % ({workers} processes) of their cores; the "
+                  "load generator (publishers, subscribers) shares the machine's cores")
+    else:
+        print("no N per process was sustained by both configurations")
+    print(f"RESULT_WORKERS workers={workers} ratio={ratio:.2f} streams_1={streams_1} "
+          f"streams_w={streams_w} at_n={at_n} measured={'yes' if measured else 'no'}")
+    return ratio
+
+
+def main_workers(settings: Settings, clip: Path, started: float) -> int:
+    assert settings.workers_relay is not None
+    ctx = mp.get_context("spawn")
+    deadline = started + settings.budget_s
+    print(f"relay workers: {settings.workers_relay} relay processes side by side against one; "
+          f"N subscribers per process, {settings.window_s:.0f} s windows", flush=True)
+    print(WORKERS_HEADER, flush=True)
+    try:
+        # Half the time each: one process first, then the workers.
+        one = run_workers(ctx, 1, clip, settings, started + settings.budget_s / 2)
+        many = run_workers(ctx, settings.workers_relay, clip, settings, deadline)
+    except BenchError as exc:
+        print(f"relay_fanout: {exc}", file=sys.stderr)
+        return 1
+    print("\nRelay workers: one VP8 640x480 30 fps publisher per relay process")
+    print(WORKERS_HEADER)
+    for row in one + many:
+        print(row.row())
+    print("ms/str-s: relay CPU ms per forwarded stream-second, all relay processes together; "
+          "srv %core each: each relay process's CPU / wall; deliv %: the worst process's "
+          "frames delivered; p99 ms: the worst process's probe frame latency p99 (publisher "
+          "send -> frame complete); other: cores busy with other programs; capacity: streams "
+          f"forwarded at {CORE_SHARE:.0%} of each relay process's core, from ms/str-s")
+    workers_report(settings.workers_relay, one, many)
+    return 0
+
+
 # -- main -------------------------------------------------------------------------------------
 
 
@@ -760,6 +960,9 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     parser.add_argument("--udp-port", type=int, help="also measure the relay in single-port "
                         "mode (relay.udp_port) on this UDP port, after the default relay, with "
                         "the same steps")
+    parser.add_argument("--workers-relay", type=int, help="measure W relay processes side "
+                        "by side (relay.workers) against one, instead of the phases above; "
+                        "last line RESULT_WORKERS")
     parser.add_argument("--no-pin", action="store_true",
                         help="do not pin the server to CPU 0 and every other process of the "
                         "benchmark to the other CPUs")
@@ -770,6 +973,8 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     args = parser.parse_args(argv)
     if args.udp_port is not None and not 1 <= args.udp_port <= 65535:
         parser.error("--udp-port: give a UDP port, 1-65535")
+    if args.workers_relay is not None and not 2 <= args.workers_relay <= 64:
+        parser.error("--workers-relay: give 2-64 relay processes")
     quick = bool(args.quick)
     budget = args.budget or (55.0 if quick else 570.0)
     if args.udp_port is not None and not args.budget:
@@ -783,7 +988,8 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         window_s=args.window or (4.0 if quick else 10.0),
         settle_s=0.5 if quick else 1.5,
         workers=max(1, args.workers),
-        budget_s=budget, udp_port=args.udp_port,
+        budget_s=budget, udp_port=args.udp_port, workers_relay=args.workers_relay,
+        worker_steps=args.steps or (WORKER_QUICK_STEPS if quick else WORKER_STEPS),
         cache_dir=args.cache_dir, profile=args.profile, json_path=args.json, quick=quick,
         remb=args.remb, noise_retries=0 if quick else NOISE_RETRIES)
 
@@ -799,6 +1005,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = peers.clip_summary(peers.load_clip(clip))
     print(f"clip {clip} ({'encoded now' if made else 'cached'}): {summary['frames']} frames, "
           f"{summary['keyframes']} keyframes, {summary['kbps']} kbps", flush=True)
+    if settings.workers_relay is not None:
+        try:
+            return main_workers(settings, clip, started)
+        finally:
+            print(f"(run took {time.monotonic() - started:.0f} s)", file=sys.stderr)
     ctx = mp.get_context("spawn")
     children: list[Child] = []
     life: dict[str, Any] = {"max_life_s": settings.budget_s + 120, "cpus": settings.other_cpus}
