@@ -11,7 +11,9 @@ Layout, every key under ``live.key_prefix`` (``P``):
 - ``P consultation:<id>``: hash, clinician id -> the participant (JSON; ``sids`` maps each
   sid to its instance; times are strings, so that Lua never rounds them);
 - ``P memberships:<clinician>``: set of consultation ids; ``P consultations``: set of the
-  consultation ids with at least one participant.
+  consultation ids with at least one participant; ``P reconnecting``: set of the
+  ``[consultation, clinician]`` pairs (JSON) whose participant is reconnecting, so that the
+  grace timer's ``reconnecting()`` reads only those.
 
 Every read-modify-write that two connections (or two processes) may race is one Lua script,
 so Redis runs it alone: a site comes online (or goes offline) exactly once. A process whose
@@ -46,6 +48,11 @@ INSTANCE_TTL_S = 15.0
 """How long an instance counts as alive after its last heartbeat: a killed process's
 connections stop counting (and its participants become reconnecting) within this time plus
 one heartbeat of another process."""
+
+POOL_SIZE = 32
+"""Connections to Redis at most: it runs one command at a time anyway."""
+POOL_WAIT_S = 10.0
+"""How long a command waits for a free connection before it fails."""
 
 # Helpers shared by the scripts: ``sweep(P, instance, away_since)`` forgets one instance's
 # connections (returning the sites that went offline) and takes its sids out of every
@@ -84,6 +91,7 @@ local function sweep(p, instance, away_since)
         if left == 0 and participant['state'] == 'present' then
           participant['state'] = 'reconnecting'
           participant['away_since'] = away_since
+          redis.call('SADD', p .. 'reconnecting', cjson.encode({cid, members[i]}))
         end
         redis.call('HSET', key, members[i], cjson.encode(participant))
         changed = changed + 1
@@ -170,6 +178,11 @@ local sids = {}
 for _, sid in ipairs(participant['sids']) do sids[sid] = known[sid] or me end
 participant['sids'] = sids
 redis.call('HSET', key, clinician, cjson.encode(participant))
+if participant['state'] == 'reconnecting' then
+  redis.call('SADD', p .. 'reconnecting', cjson.encode({cid, clinician}))
+else
+  redis.call('SREM', p .. 'reconnecting', cjson.encode({cid, clinician}))
+end
 redis.call('SADD', p .. 'memberships:' .. clinician, cid)
 redis.call('SADD', p .. 'consultations', cid)
 return 1
@@ -180,6 +193,7 @@ REMOVE_PARTICIPANT = """
 local p, cid, clinician = ARGV[1], ARGV[2], ARGV[3]
 local key = p .. 'consultation:' .. cid
 redis.call('HDEL', key, clinician)
+redis.call('SREM', p .. 'reconnecting', cjson.encode({cid, clinician}))
 if redis.call('EXISTS', key) == 0 then redis.call('SREM', p .. 'consultations', cid) end
 redis.call('SREM', p .. 'memberships:' .. clinician, cid)
 return 1
@@ -206,6 +220,7 @@ local key = p .. 'consultation:' .. cid
 local members = redis.call('HGETALL', key)
 for i = 1, #members, 2 do
   redis.call('SREM', p .. 'memberships:' .. members[i], cid)
+  redis.call('SREM', p .. 'reconnecting', cjson.encode({cid, members[i]}))
 end
 redis.call('DEL', key)
 redis.call('SREM', p .. 'consultations', cid)
@@ -216,14 +231,15 @@ return members
 RECONNECTING = """
 local p = ARGV[1]
 local found = {}
-for _, cid in ipairs(redis.call('SMEMBERS', p .. 'consultations')) do
-  local members = redis.call('HGETALL', p .. 'consultation:' .. cid)
-  for i = 1, #members, 2 do
-    if cjson.decode(members[i + 1])['state'] == 'reconnecting' then
-      table.insert(found, cid)
-      table.insert(found, members[i])
-      table.insert(found, members[i + 1])
-    end
+for _, pair in ipairs(redis.call('SMEMBERS', p .. 'reconnecting')) do
+  local ids = cjson.decode(pair)
+  local raw = redis.call('HGET', p .. 'consultation:' .. ids[1], ids[2])
+  if raw and cjson.decode(raw)['state'] == 'reconnecting' then
+    table.insert(found, ids[1])
+    table.insert(found, ids[2])
+    table.insert(found, raw)
+  else
+    redis.call('SREM', p .. 'reconnecting', pair)
   end
 end
 return found
@@ -293,7 +309,12 @@ class RedisLiveStore:
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RedisLiveStore:
-        return cls(aioredis.Redis.from_url(url, decode_responses=True), **kwargs)
+        """A client whose pool waits for a free connection (``POOL_WAIT_S`` at most) when
+        ``POOL_SIZE`` are busy: redis-py's default pool raises at its 101st concurrent command,
+        which a burst of reconnecting clients reaches."""
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=POOL_SIZE, timeout=POOL_WAIT_S, decode_responses=True)
+        return cls(aioredis.Redis.from_pool(pool), **kwargs)
 
     def _args(self, *values: object) -> list[str]:
         return [self._prefix, self.instance_id, *(str(v) for v in values)]

@@ -382,12 +382,15 @@ def live_store(settings: Settings) -> LiveStore:
 def client_manager(settings: Settings) -> socketio.AsyncRedisManager | None:
     """With ``live.backend = "redis"``: python-socketio's ``AsyncRedisManager``, so that an
     emit published on Redis (by another process on the same prefix) reaches this process's
-    sockets too; None (its in-memory manager) by default. Every emit is then also one PUBLISH."""
+    sockets too; None (its in-memory manager) by default. Every emit is then also one PUBLISH,
+    over one connection (``single_connection_client``): redis-py's default pool refuses its
+    101st concurrent command, and the manager gives up on a message after two refusals."""
     if settings.live.backend != "redis":
         return None
     return socketio.AsyncRedisManager(settings.live.redis_url,
                                       channel=settings.live.key_prefix + "socketio",
-                                      logger=logger)
+                                      logger=logger,
+                                      redis_options={"single_connection_client": True})
 
 
 def _live(manager: socketio.AsyncRedisManager | None,

@@ -147,6 +147,16 @@ async def test_membership(store: LiveStore) -> None:
     await store.put_participant(two)
     assert await store.reconnecting() == [two]
     assert await store.get_participant("k1", "cardio1") == two
+    two.sids.add("s4")
+    two.state = "present"
+    two.away_since = None
+    await store.put_participant(two)
+    assert await store.reconnecting() == []
+    two.sids.clear()
+    two.state = "reconnecting"
+    two.away_since = joined + 6.5
+    await store.put_participant(two)
+    assert await store.reconnecting() == [two]
 
     await store.remove_participant("k1", "ref1")
     await store.remove_participant("k1", "ref1")
@@ -158,6 +168,27 @@ async def test_membership(store: LiveStore) -> None:
     assert await store.memberships_of("cardio1") == []
     assert await store.reconnecting() == []
     assert await store.participants("k2") == [other]
+
+
+async def test_timings(store: LiveStore) -> None:
+    """Not a benchmark: the figures of one run, printed, with a generous bound."""
+    started = time.perf_counter()
+    await asyncio.gather(*(store.add_connection(Connection(f"s{i}", f"c{i}", f"site{i % 500}"))
+                           for i in range(2000)))
+    for i in range(2000):
+        await store.put_participant(Participant(f"k{i // 4}", f"c{i}", f"site{i % 500}", 1.0,
+                                                sids={f"s{i}"},
+                                                state="reconnecting" if i % 10 else "present",
+                                                away_since=2.0 if i % 10 else None))
+    filled = time.perf_counter() - started
+    started = time.perf_counter()
+    for _ in range(10):
+        away = await store.reconnecting()
+    scan = (time.perf_counter() - started) / 10
+    assert len(away) == 1800 and len(await store.online_sites()) == 500
+    print(f"{type(store).__name__}: 2000 connections and participants in {filled:.2f} s, "
+          f"reconnecting() of 1800 in {1000 * scan:.1f} ms")
+    assert filled < 30 and scan < 5
 
 
 # -- Redis only: processes come and go -------------------------------------------------------
