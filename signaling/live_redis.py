@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from signaling.live import Connection, Participant
 
@@ -322,7 +323,13 @@ class RedisLiveStore:
     async def start(self) -> None:
         """Sweep what this instance's previous run left (its connections are gone, its
         participants reconnecting from now), then heartbeat until ``close()``."""
-        offline, changed = await self._restart(args=self._args(self._ttl_s, repr(time.time())))
+        try:
+            offline, changed = await self._restart(
+                args=self._args(self._ttl_s, repr(time.time())))
+        except RedisError as exc:
+            logger.error("live state: Redis (live.redis_url) does not answer: %s; "
+                         "serve cannot start with live.backend = \"redis\"", exc)
+            raise
         logger.info("live state in Redis (instance %s): the previous run's connections "
                     "forgotten (%d sites offline), %d participants reconnecting",
                     self.instance_id, len(offline), changed)
@@ -344,8 +351,12 @@ class RedisLiveStore:
             await asyncio.sleep(self._heartbeat_s)
             try:
                 await self.beat()
+            except RedisError as exc:
+                # Once per beat while Redis is away: one line each, no traceback.
+                logger.warning("live state: heartbeat to Redis failed (%s); again in %.1f s",
+                               exc, self._heartbeat_s)
             except Exception:
-                logger.exception("live state: heartbeat to Redis failed; again in %.1f s",
+                logger.exception("live state: heartbeat failed; again in %.1f s",
                                  self._heartbeat_s)
 
     async def close(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 import socketio
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from config.settings import load_settings
 from signaling.directory import Directory
@@ -26,7 +28,7 @@ from signaling.live_redis import RedisLiveStore
 from signaling.notify import clinician_audience
 from signaling.tokens import TokenAuthority
 from telehealth.startup import SERVICES
-from tests.signaling.test_live_store import RedisServer, start_redis, stop_redis
+from tests.signaling.test_live_store import REDIS_SERVER, RedisServer, start_redis, stop_redis
 from tests.support import (
     SECRET,
     Client,
@@ -36,6 +38,9 @@ from tests.support import (
     start_server_process,
     write_config,
 )
+
+pytestmark = pytest.mark.skipif(not Path(REDIS_SERVER).exists(),
+                                reason="redis-server is not installed (make test installs it)")
 
 GRACE_S = 6.0
 """The reconnect grace of these servers: long enough for an in-process restart, short enough
@@ -213,3 +218,21 @@ async def test_an_emit_published_on_redis_reaches_a_client(tmp_path: Path,
             await probe.aclose()
             if other.redis is not None:
                 await other.redis.aclose()
+
+
+async def test_serve_does_not_start_without_its_redis(tmp_path: Path) -> None:
+    """live.backend = "redis" and nothing listening at live.redis_url: the start fails with
+    Redis's error (and a log line), it does not run on without its live state."""
+    config = write_config(tmp_path, live={"backend": "redis",
+                                          "redis_url": f"redis://127.0.0.1:{_closed_port()}/0"})
+    with pytest.raises(RedisConnectionError):
+        async with asyncio.timeout(30):
+            async with run_server(config):
+                pass
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port  # closed again: nothing listens there
