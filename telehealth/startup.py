@@ -5,16 +5,17 @@ in its constructor, and returns one aiohttp application.
 
 Starting and stopping follow ``cleanup_ctx``, in this order, and close in reverse:
 
-0. the live state: with ``live.backend = "redis"``, what this process's previous run left in
-   Redis is swept (its participants reconnecting) and the heartbeat starts; stopped last;
 1. the relay: aiortc's private hooks checked and the ICE host addresses set before any media
    flows; at the end every Room of the embedded relay is closed;
-2. the records: the SQLite store opened (``load_directory`` read the directory from it first),
+2. the live state: with ``live.backend = "redis"``, what this process's previous run left in
+   Redis is swept (its participants reconnecting, before the records are restored) and the
+   heartbeat starts; with it python-socketio's Redis manager's listener stops at the end;
+3. the records: the SQLite store opened (``load_directory`` read the directory from it first),
    waiting requests and open consultations restored (their Rooms reopened on a relay); closed
    at the end;
-3. the recorder: what a dead process was recording marked interrupted; every file finished at
+4. the recorder: what a dead process was recording marked interrupted; every file finished at
    the end;
-4. the timers: escalation and expiry, the reconnect grace period; on a timer of their own,
+5. the timers: escalation and expiry, the reconnect grace period; on a timer of their own,
    silent relay nodes and consultations waiting for a relay.
 
 Stopping (``Stopping.begin``, then ``runner.cleanup()``; ``telehealth serve`` on SIGTERM/SIGINT):
@@ -23,8 +24,8 @@ the listening sockets close; new requests on open connections are answered 503
 session (clients, relay nodes) is closed (relay nodes keep their rooms: ``RelayNodes.stop``,
 nothing moves); requests in flight get a moment to finish; then
 aiohttp's own shutdown (at most ``http_shutdown_timeout`` per stuck request) and ``cleanup_ctx``
-in reverse: timers, recorder (files finished, manifests written), records, relay. Each share of
-``server.drain_s`` is bounded; ``Stopping.step`` names the step under way.
+in reverse: timers, recorder (files finished, manifests written), records, live state, relay.
+Each share of ``server.drain_s`` is bounded; ``Stopping.step`` names the step under way.
 
 Everything is reached through the typed ``SERVICES`` key; nothing is module-level state.
 Signaling knows relays only through ``relay.api``: this module picks the implementations
@@ -361,8 +362,8 @@ def create_app(settings: Settings) -> web.Application:
         await app[STOPPING].tell_clients()
 
     app.on_shutdown.append(tell_clients)
-    app.cleanup_ctx.append(_live(manager))
     app.cleanup_ctx.append(_relay)
+    app.cleanup_ctx.append(_live(manager))
     app.cleanup_ctx.append(_records)
     app.cleanup_ctx.append(_accounts)
     app.cleanup_ctx.append(_recorder)
@@ -397,14 +398,14 @@ def _live(manager: socketio.AsyncRedisManager | None,
           ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def live_state(app: web.Application) -> AsyncIterator[None]:
         """Redis: sweep this process's previous run and heartbeat (before the records are
-        restored, which may take participants back); stop heartbeating last, and the
+        restored, which may take participants back); at the end stop heartbeating, and the
         socket.io manager's listener with it."""
         live = app[SERVICES].live
         if isinstance(live, RedisLiveStore):
             await live.start()
         yield
-        app[STOPPING].step = "closing the live state"
         if isinstance(live, RedisLiveStore):
+            app[STOPPING].step = "closing the live state"
             await live.close()
         if manager is not None:
             await _stop_manager(manager)
