@@ -28,7 +28,7 @@ from signaling.live_redis import RedisLiveStore
 from signaling.notify import clinician_audience
 from signaling.tokens import TokenAuthority
 from telehealth.startup import SERVICES
-from tests.signaling.test_live_store import REDIS_SERVER, RedisServer, start_redis, stop_redis
+from tests.redis_server import RedisServer, start_redis, stop_redis
 from tests.support import (
     SECRET,
     Client,
@@ -38,9 +38,6 @@ from tests.support import (
     start_server_process,
     write_config,
 )
-
-pytestmark = pytest.mark.skipif(not Path(REDIS_SERVER).exists(),
-                                reason="redis-server is not installed (make test installs it)")
 
 GRACE_S = 6.0
 """The reconnect grace of these servers: long enough for an in-process restart, short enough
