@@ -55,11 +55,18 @@ steps are bounded: drain, closing the rooms, the link, the relay)."""
 READY_PREFIX = "READY "
 
 
+def cores() -> int:
+    """The cores this process may run on (a container's or systemd's CPU affinity counts)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
 def worker_count(configured: int) -> int:
     """``relay.workers`` or ``--workers``: 0 means one per core."""
     if configured < 0 or configured > MAX_WORKERS:
         raise UdpPortsUnavailable(f"relay.workers must be 0-{MAX_WORKERS}, got {configured}")
-    return configured or min(os.cpu_count() or 1, MAX_WORKERS)
+    return configured or min(cores(), MAX_WORKERS)
 
 
 def port_slice(low: int, high: int, worker: int, workers: int) -> tuple[int, int]:

@@ -81,7 +81,7 @@ def test_each_worker_takes_its_share_of_the_capacity_and_of_the_range() -> None:
 
 
 def test_zero_workers_means_one_per_core() -> None:
-    assert worker_count(0) == min(os.cpu_count() or 1, MAX_WORKERS)
+    assert worker_count(0) == min(len(os.sched_getaffinity(0)), MAX_WORKERS)
     assert worker_count(3) == 3
     with pytest.raises(UdpPortsUnavailable):
         worker_count(MAX_WORKERS + 1)
