@@ -14,7 +14,9 @@ import asyncio
 import math
 import os
 import signal
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -23,7 +25,13 @@ import pytest
 from config.settings import Settings
 from relay.errors import UdpPortsUnavailable
 from relay.remote import MAX_WORKERS, worker_relay_id
-from relay.workers import port_slice, worker_count, worker_settings
+from relay.workers import (
+    RESTART_FIRST_S,
+    Supervisor,
+    port_slice,
+    worker_count,
+    worker_settings,
+)
 from signaling.directory import Directory
 from signaling.errors import Unauthenticated
 from signaling.tokens import TokenAuthority
@@ -97,6 +105,82 @@ def test_signaling_names_a_worker_from_the_machine_s_token(tmp_path: Path) -> No
         with pytest.raises(Unauthenticated) as refused:
             tokens.verify_node(token, wrong)
         assert refused.value.code == "invalid_registration"
+
+
+# -- the supervisor, with stand-in worker processes -------------------------------------------
+
+
+def stand_in(worker: int, *, exit_code: int | None = None, drain_s: float = 0.0,
+             refuse: int | None = None) -> list[str]:
+    """A real worker process that does what a relay worker does with its supervisor: prints
+    READY (or exits 2 when it is ``refuse``), then exits with ``exit_code`` at once, or reads
+    its stdin and "drains" ``drain_s`` before exiting 0."""
+    if worker == refuse:
+        return [sys.executable, "-c", "import sys; sys.exit(2)"]
+    body = ["import sys, time", "print('READY relay stand-in', flush=True)"]
+    if exit_code is not None:
+        body.append(f"sys.exit({exit_code})")
+    body += ["sys.stdin.readline()", f"time.sleep({drain_s})", "sys.exit(0)"]
+    return [sys.executable, "-c", "; ".join(body)]
+
+
+async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    await wait_for(predicate, timeout, what)
+
+
+async def test_the_supervisor_is_ready_once_every_worker_is_and_stops_them() -> None:
+    supervisor = Supervisor(MACHINE, 3, lambda k: stand_in(k, drain_s=0.2),
+                            signaling_url="http://signaling", drain_s=5)
+    run = asyncio.create_task(supervisor.run())
+    try:
+        await until(lambda: all(w.ready for w in supervisor.workers), 20, "3 READY workers")
+        supervisor.on_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(run, 20) == 0
+        assert all(w.process is not None and w.process.returncode == 0
+                   for w in supervisor.workers)
+    finally:
+        supervisor.on_signal(signal.SIGTERM)
+        supervisor.on_signal(signal.SIGTERM)  # kills what is left
+
+
+async def test_a_second_signal_kills_the_draining_workers() -> None:
+    supervisor = Supervisor(MACHINE, 2, lambda k: stand_in(k, drain_s=60),
+                            signaling_url="http://signaling", drain_s=5)
+    run = asyncio.create_task(supervisor.run())
+    await until(lambda: all(w.ready for w in supervisor.workers), 20, "2 READY workers")
+    supervisor.on_signal(signal.SIGTERM)
+    await asyncio.sleep(0.2)
+    started = time.monotonic()
+    supervisor.on_signal(signal.SIGINT)
+    assert await asyncio.wait_for(run, 10) == 128 + signal.SIGINT
+    assert time.monotonic() - started < 5
+    assert all(w.process is not None and w.process.returncode == -signal.SIGKILL
+               for w in supervisor.workers)
+
+
+async def test_a_worker_refused_at_its_start_stops_the_machine_with_2() -> None:
+    supervisor = Supervisor(MACHINE, 2, lambda k: stand_in(k, refuse=1),
+                            signaling_url="http://signaling", drain_s=5)
+    assert await asyncio.wait_for(supervisor.run(), 20) == 2
+    first = supervisor.workers[0].process
+    assert first is not None and first.returncode == 0  # asked to stop, not left behind
+
+
+async def test_a_dying_worker_is_restarted_with_back_off() -> None:
+    supervisor = Supervisor(MACHINE, 1, lambda k: stand_in(k, exit_code=1),
+                            signaling_url="http://signaling", drain_s=5)
+    run = asyncio.create_task(supervisor.run())
+    worker = supervisor.workers[0]
+    try:
+        started = time.monotonic()
+        await until(lambda: worker.starts >= 3, 20, "two restarts")
+        took = time.monotonic() - started
+        print(f"third start {took:.2f} s after the first")
+        # 0.5 s, then 1 s: the back-off doubles between restarts.
+        assert took >= RESTART_FIRST_S * 3 and worker.delay >= 4 * RESTART_FIRST_S
+    finally:
+        supervisor.on_signal(signal.SIGTERM)
+        await asyncio.wait_for(run, 20)
 
 
 # -- the machine's workers, as processes -----------------------------------------------------
