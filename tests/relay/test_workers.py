@@ -14,6 +14,7 @@ import asyncio
 import math
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -86,6 +87,17 @@ def test_each_worker_takes_its_share_of_the_capacity_and_of_the_range() -> None:
                                                   for k in range(4)]
     plain = worker_settings(Settings(), 1, 2).relay
     assert plain.udp_port is None and plain.udp_port_range is None
+
+
+def test_a_range_too_small_for_the_workers_stops_the_relay_command_with_2(
+        tmp_path: Path) -> None:
+    config = write_config(tmp_path, relay={"udp_port_range": [40000, 40002]})
+    done = subprocess.run(
+        [sys.executable, "-m", "telehealth.cli", "--config", str(config), "relay",
+         "--signaling", "http://127.0.0.1:1", "--node-token", "x", "--workers", "4"],
+        capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "relay.udp_port_range [40000, 40002] has 3 ports for 4 workers" in done.stderr
 
 
 def test_zero_workers_means_one_per_core() -> None:
