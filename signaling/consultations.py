@@ -3,8 +3,10 @@ the reconnect grace period that lets a participant keep their place."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -66,6 +68,18 @@ class Consultations:
         self._grace_s = reconnect_grace_s
         self._media = media
         self._recording = recording
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = \
+            weakref.WeakValueDictionary()
+        """One per clinician while in use: a participant is read, changed and written back
+        (its sockets, its state) one step at a time. With live state in memory every caller
+        shares one object; from Redis each gets a copy, and two tabs joining or closing at
+        once would otherwise lose a socket or keep a dead one."""
+
+    def _lock(self, clinician_id: str) -> asyncio.Lock:
+        lock = self._locks.get(clinician_id)
+        if lock is None:
+            lock = self._locks[clinician_id] = asyncio.Lock()
+        return lock
 
     async def restore(self) -> int:
         """After a start: the consultations that had not ended get their relay back
@@ -105,16 +119,17 @@ class Consultations:
             return
         now = time.time()
         for clinician_id in participant_ids:
-            if await self._live.get_participant(consultation_id, clinician_id) is not None:
-                continue
             clinician = self._directory.all_clinicians.get(clinician_id)
             if clinician is None:
                 logger.warning("consultation %s: its relay holds unknown participant %s",
                                consultation_id, clinician_id)
                 continue
-            participant = Participant(consultation_id, clinician_id, clinician.site_id, now,
-                                      state="reconnecting", away_since=now)
-            await self._live.put_participant(participant)
+            async with self._lock(clinician_id):
+                if await self._live.get_participant(consultation_id, clinician_id) is not None:
+                    continue
+                participant = Participant(consultation_id, clinician_id, clinician.site_id,
+                                          now, state="reconnecting", away_since=now)
+                await self._live.put_participant(participant)
             logger.info("consultation %s: %s taken back from its relay, reconnecting",
                         consultation_id, clinician_id)
 
@@ -162,15 +177,17 @@ class Consultations:
     async def join(self, principal: Principal, sid: str, consultation_id: str) -> dict[str, Any]:
         consultation = await self._open_for(principal, consultation_id, permissions.may_join)
         now = time.time()
-        participant = await self._live.get_participant(consultation_id, principal.id)
-        fresh = participant is None
-        if participant is None:
-            participant = Participant(consultation_id, principal.id, principal.site.id, now)
-        returning = participant.state == "reconnecting"
-        participant.sids.add(sid)
-        participant.state = "present"
-        participant.away_since = None
-        await self._live.put_participant(participant)
+        async with self._lock(principal.id):
+            participant = await self._live.get_participant(consultation_id, principal.id)
+            fresh = participant is None
+            if participant is None:
+                participant = Participant(consultation_id, principal.id, principal.site.id,
+                                          now)
+            returning = participant.state == "reconnecting"
+            participant.sids.add(sid)
+            participant.state = "present"
+            participant.away_since = None
+            await self._live.put_participant(participant)
         await self._notifier.enter(sid, consultation_audience(consultation_id))
         if fresh:
             await self._store.record_join(consultation_id, principal.id, principal.site.id, now)
@@ -197,13 +214,14 @@ class Consultations:
         }
 
     async def leave(self, principal: Principal, sid: str, consultation_id: str) -> dict[str, Any]:
-        participant = await self._live.get_participant(consultation_id, principal.id)
-        if participant is None:
-            raise InvalidState(f"clinician {principal.id!r} is not in consultation "
-                               f"{consultation_id!r}")
-        for other_sid in participant.sids | {sid}:
-            await self._notifier.leave(other_sid, consultation_audience(consultation_id))
-        await self._remove(participant)
+        async with self._lock(principal.id):
+            participant = await self._live.get_participant(consultation_id, principal.id)
+            if participant is None:
+                raise InvalidState(f"clinician {principal.id!r} is not in consultation "
+                                   f"{consultation_id!r}")
+            for other_sid in participant.sids | {sid}:
+                await self._notifier.leave(other_sid, consultation_audience(consultation_id))
+            await self._remove(participant)
         return {"consultation_id": consultation_id}
 
     async def _remove(self, participant: Participant) -> None:
@@ -219,39 +237,50 @@ class Consultations:
     # -- connections come and go ----------------------------------------------------------
     async def connection_lost(self, sid: str, clinician_id: str) -> None:
         """A connection closed: its participant waits ``reconnect_grace_s`` for a return."""
-        for participant in await self._live.memberships_of(clinician_id):
-            if sid not in participant.sids:
-                continue
-            participant.sids.discard(sid)
-            if participant.sids:
+        async with self._lock(clinician_id):
+            for participant in await self._live.memberships_of(clinician_id):
+                if sid not in participant.sids:
+                    continue
+                participant.sids.discard(sid)
+                if participant.sids:
+                    await self._live.put_participant(participant)
+                    continue
+                participant.state = "reconnecting"
+                participant.away_since = time.time()
                 await self._live.put_participant(participant)
-                continue
-            participant.state = "reconnecting"
-            participant.away_since = time.time()
-            await self._live.put_participant(participant)
-            await self._announce(participant.consultation_id, "reconnecting", participant)
+                await self._announce(participant.consultation_id, "reconnecting", participant)
 
     async def connection_made(self, sid: str, principal: Principal) -> list[str]:
         """A clinician connected: give back the places they held in consultations."""
         restored = []
-        for participant in await self._live.memberships_of(principal.id):
-            if participant.state != "reconnecting":
-                continue
-            participant.sids.add(sid)
-            participant.state = "present"
-            participant.away_since = None
-            await self._live.put_participant(participant)
-            await self._notifier.enter(sid, consultation_audience(participant.consultation_id))
-            await self._announce(participant.consultation_id, "returned", participant)
-            restored.append(participant.consultation_id)
+        async with self._lock(principal.id):
+            for participant in await self._live.memberships_of(principal.id):
+                if participant.state != "reconnecting":
+                    continue
+                participant.sids.add(sid)
+                participant.state = "present"
+                participant.away_since = None
+                await self._live.put_participant(participant)
+                await self._notifier.enter(sid,
+                                           consultation_audience(participant.consultation_id))
+                await self._announce(participant.consultation_id, "returned", participant)
+                restored.append(participant.consultation_id)
         return restored
 
     async def tick(self, now: float | None = None) -> None:
         """Participants away longer than the grace period leave."""
         now = time.time() if now is None else now
-        for participant in await self._live.reconnecting():
-            if participant.away_since is not None and now - participant.away_since >= self._grace_s:
-                await self._remove(participant)
+        for seen in await self._live.reconnecting():
+            if seen.away_since is None or now - seen.away_since < self._grace_s:
+                continue
+            async with self._lock(seen.clinician_id):
+                # Read again: the clinician may have come back since the list was read.
+                participant = await self._live.get_participant(seen.consultation_id,
+                                                               seen.clinician_id)
+                if participant is not None and participant.state == "reconnecting" and \
+                        participant.away_since is not None and \
+                        now - participant.away_since >= self._grace_s:
+                    await self._remove(participant)
 
     # -- invite / chat / end --------------------------------------------------------------
     async def invite(self, principal: Principal, consultation_id: str,

@@ -233,3 +233,40 @@ def _closed_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
     return port  # closed again: nothing listens there
+
+
+async def test_two_tabs_of_one_clinician_joining_and_closing_at_once_keep_the_right_sockets(
+        tmp_path: Path, redis_server: RedisServer) -> None:
+    # From Redis each caller reads its own copy of the participant: without the clinician's
+    # lock in Consultations, the last write of two joins at once drops the other's socket.
+    config = config_for(tmp_path, redis_server)
+    async with run_server(config) as server:
+        services = server.app[SERVICES] if server.app is not None else None
+        assert services is not None
+        tokens = {n: server.token(n) for n in ("ref1", "cardio1")}
+        async with clients(server.url, tokens) as c:
+            cid = await start_consultation(c)
+            # Four tabs beside ref1's first connection (limits.connections_per_clinician 5).
+            tabs = [await Client(server.url, tokens["ref1"]).connect() for _ in range(4)]
+            try:
+                await asyncio.gather(*(tab.ok("consult:join", {"consultation_id": cid})
+                                       for tab in tabs))
+                joined = await services.live.get_participant(cid, "ref1")
+                assert joined is not None
+                tab_sids = {tab.sio.get_sid() for tab in tabs}
+                assert tab_sids <= joined.sids, (len(tab_sids - joined.sids), "sockets lost")
+                await asyncio.gather(*(tab.close() for tab in tabs[:2]))
+
+                async def three_left() -> bool:
+                    left = await services.live.get_participant(cid, "ref1")
+                    return left is not None and len(left.sids & tab_sids) == 2
+
+                deadline = time.monotonic() + 10
+                while not await three_left():
+                    assert time.monotonic() < deadline, "the closed tabs' sockets stayed"
+                    await asyncio.sleep(0.05)
+                left = await services.live.get_participant(cid, "ref1")
+                assert left is not None and left.state == "present"
+                assert left.sids & tab_sids == {tab.sio.get_sid() for tab in tabs[2:]}
+            finally:
+                await asyncio.gather(*(tab.close() for tab in tabs))
