@@ -382,3 +382,42 @@ def _alive(pid: int) -> bool:
     with _gone():
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     return False
+
+
+async def test_single_port_workers_each_carry_media_on_their_own_port(tmp_path: Path) -> None:
+    base, _ = free_udp_ports(2)
+    async with Cluster(tmp_path, node_relay={"workers": 2, "udp_port": base}) as cluster:
+        await cluster.start_serve()
+        node = await cluster.start_node(MACHINE, "11", wait=False)
+        pids = []
+        try:
+            for k in range(2):
+                await cluster.wait_registered(worker_relay_id(MACHINE, k))
+            pids = list(worker_pids(node.process.pid).values())
+            names = [n for pair in CONSULTATIONS[:2] for n in pair]
+            parts = await participants(cluster.url, {n: cluster.token(n) for n in names},
+                                       fps=FPS, audio=False)
+            try:
+                as_clients: dict[str, Client] = dict(parts)
+                for host, guest in CONSULTATIONS[:2]:
+                    cid = await open_consultation(as_clients, host=host, guests=(guest,))
+                    for name in (host, guest):
+                        await parts[name].start(cid)
+                await wait_for(lambda: all(parts[a].frames(b, 0, time.monotonic()) >= FPS
+                                           for a, b in _pairs() if a in names), 40,
+                               "every participant decoding the other")
+                for name in names:
+                    relay_id, peer = parts[name].relay_id(), parts[name].peer
+                    assert relay_id is not None and peer is not None
+                    assert peer.subscribe_pc is not None
+                    description = peer.subscribe_pc.remoteDescription
+                    assert description is not None
+                    index = int(relay_id.rsplit(".w", 1)[1])
+                    assert set(relay_candidate_ports(description.sdp)) == {base + index}
+                assert {parts[n].relay_id() for n in names} == {
+                    worker_relay_id(MACHINE, 0), worker_relay_id(MACHINE, 1)}
+            finally:
+                for part in parts.values():
+                    await part.close()
+        finally:
+            kill_all(pids)
