@@ -226,7 +226,9 @@ class RelaySettings(_Section):
     region: str = ""
     """Province code the relay serves; empty: any region."""
     capacity: int = Field(default=200, gt=0)
-    """Consultations (rooms) this relay accepts at most."""
+    """Consultations (rooms) this relay accepts at most; for `telehealth relay --workers N`,
+    the machine's total, shared out between its workers (each takes capacity / N, rounded
+    up)."""
     host_addresses: list[str] = Field(default_factory=list)
     """Addresses to gather ICE host candidates on. Empty: 127.0.0.1 when ``server.host`` is a
     loopback address (the one-machine demo), else every address of the machine but loopback

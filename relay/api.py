@@ -11,6 +11,15 @@ from typing import Any, Protocol
 
 NODE_NAMESPACE = "/relay"
 """The socket.io namespace standalone relay nodes dial in on (see relay/remote.py)."""
+MAX_WORKERS = 64
+"""Relay processes of one machine at most (``relay.workers``, relay/workers.py): worker
+indexes 0-63."""
+
+
+def worker_relay_id(machine_id: str, worker: int) -> str:
+    """The relay id worker ``worker`` of a machine registers under: the node composes it, and
+    signaling composes the same from the machine's node token and the worker index."""
+    return f"{machine_id}.w{worker}"
 
 
 @dataclass

@@ -49,6 +49,7 @@ import jwt
 import socketio
 
 from config.settings import Settings
+from relay.api import worker_relay_id
 from relay.config import from_settings
 from relay.embedded import LocalRelay
 from relay.errors import RelayError
@@ -63,7 +64,6 @@ from relay.remote import (
     RemoteRelayError,
     pack_packets,
     parse_answer,
-    worker_relay_id,
 )
 
 logger = logging.getLogger(__name__)

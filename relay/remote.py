@@ -3,7 +3,8 @@
 A node dials out to signaling (so it works from behind a hospital firewall) on the socket.io
 namespace ``/relay`` with ``auth={"token", "region", "capacity", "public_address"}``, and
 ``"worker": k`` when it is worker k of a machine (relay/workers.py): signaling then registers
-it as ``<the token's relay id>.w<k>`` (``worker_relay_id``), one node token for the machine.
+it as ``<the token's relay id>.w<k>`` (``relay.api.worker_relay_id``), one node token for
+the machine.
 Signaling sends commands as events with an ack; the node answers ``{"ok": true, "result"}`` or
 ``{"error": {"code", "message"}}`` and reports with ``relay:offer``, ``relay:publication``,
 ``relay:notice`` and ``relay:heartbeat``. While a room is recorded (``record_start``) the node
@@ -39,15 +40,6 @@ COMMANDS = ("open_room", "close_room", "join", "leave", "resume", "publish", "un
             "subscribe", "answer", "add_ice_candidate", "set_audio_only", "stats",
             "request_keyframe", "probe")
 RECORD_COMMANDS = ("record_start", "record_stop")
-MAX_WORKERS = 64
-"""Workers of one machine at most (``relay.workers``): indexes 0-63."""
-
-
-def worker_relay_id(machine_id: str, worker: int) -> str:
-    """The relay id worker ``worker`` of a machine registers under (signaling composes the
-    same in signaling/tokens.py, ``TokenAuthority.verify_node``)."""
-    return f"{machine_id}.w{worker}"
-
 _PACKET = struct.Struct("!HHIBdI")
 """One packet in a ``relay:media`` batch: publication index, sequence number, timestamp,
 marker, arrival (wall-clock), payload length; the payload follows."""

@@ -40,8 +40,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from config.settings import Settings
+from relay.api import MAX_WORKERS, worker_relay_id
 from relay.errors import UdpPortsUnavailable
-from relay.remote import MAX_WORKERS, worker_relay_id
 
 logger = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ import socketio
 from pydantic import ValidationError
 
 from config.settings import RelaySettings
-from relay.api import NODE_NAMESPACE, Relay, RelayEvents, RelayInfo
+from relay.api import NODE_NAMESPACE, Relay, RelayEvents, RelayInfo, worker_relay_id
 from relay.errors import RelayError
 from signaling.errors import SignalingError, Unauthenticated
 from signaling.schemas import NodeHello
@@ -403,7 +403,7 @@ class RelayNodes:
             worker = auth.get("worker")
             relay_id = self._tokens.verify_node(auth.get("token"), worker)
             if worker is not None:
-                self._machines[relay_id] = relay_id.removesuffix(f".w{worker}")
+                self._machines[relay_id] = relay_id.removesuffix(worker_relay_id("", worker))
             capacity = int(auth.get("capacity") or 0)
             if capacity <= 0:
                 raise Unauthenticated(f"capacity must be > 0, got {auth.get('capacity')!r}",

@@ -12,6 +12,7 @@ from typing import Any
 
 import jwt
 
+from relay.api import MAX_WORKERS, worker_relay_id
 from signaling.directory import Directory
 from signaling.errors import Unauthenticated
 from signaling.models import Clinician, Site
@@ -59,8 +60,6 @@ class Principal:
 
 
 NODE_KIND = "relay-node"
-MAX_NODE_WORKERS = 64
-"""Worker processes of one relay machine at most (relay/remote.py ``MAX_WORKERS``)."""
 
 
 class TokenAuthority:
@@ -135,10 +134,10 @@ class TokenAuthority:
     def verify_node(self, token: object, worker: object = None) -> str:
         """The relay id a node token names, or Unauthenticated. ``worker`` (the connect
         auth's, relay/workers.py): the node is worker k of that machine and registers as
-        ``<relay id>.w<k>`` (relay/remote.py ``worker_relay_id`` composes the same)."""
+        ``relay.api.worker_relay_id`` of the token's relay id."""
         if worker is not None and (isinstance(worker, bool) or not isinstance(worker, int)
-                                   or not 0 <= worker < MAX_NODE_WORKERS):
-            raise Unauthenticated(f"worker must be a whole number 0-{MAX_NODE_WORKERS - 1}, "
+                                   or not 0 <= worker < MAX_WORKERS):
+            raise Unauthenticated(f"worker must be a whole number 0-{MAX_WORKERS - 1}, "
                                   f"got {worker!r}", code="invalid_registration")
         if not token or not isinstance(token, str):
             raise Unauthenticated("a node token is required", code="token_missing")
@@ -153,4 +152,4 @@ class TokenAuthority:
         if claims.get("kind") != NODE_KIND:
             raise Unauthenticated("this is not a relay node token", code="token_invalid")
         relay_id = str(claims["sub"])
-        return relay_id if worker is None else f"{relay_id}.w{worker}"
+        return relay_id if worker is None else worker_relay_id(relay_id, worker)

@@ -24,8 +24,8 @@ import psutil
 import pytest
 
 from config.settings import Settings
+from relay.api import MAX_WORKERS, worker_relay_id
 from relay.errors import UdpPortsUnavailable
-from relay.remote import MAX_WORKERS, worker_relay_id
 from relay.workers import (
     RESTART_FIRST_S,
     Supervisor,
