@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -16,16 +16,7 @@ import redis.asyncio as aioredis
 
 from signaling.live import Connection, LiveStore, MemoryLiveStore, Participant
 from signaling.live_redis import RedisLiveStore, instance_id_for
-from tests.redis_server import RedisServer, start_redis, stop_redis
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = start_redis(tmp_path_factory.mktemp("redis"))
-    try:
-        yield server
-    finally:
-        stop_redis(server)
+from tests.redis_server import RedisServer
 
 
 def redis_store(server: RedisServer, prefix: str, instance: str, **kwargs: float

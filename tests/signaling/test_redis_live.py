@@ -13,7 +13,6 @@ import asyncio
 import secrets
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from signaling.live_redis import RedisLiveStore
 from signaling.notify import clinician_audience
 from signaling.tokens import TokenAuthority
 from telehealth.startup import SERVICES
-from tests.redis_server import RedisServer, start_redis, stop_redis
+from tests.redis_server import RedisServer
 from tests.support import (
     SECRET,
     Client,
@@ -43,14 +42,6 @@ GRACE_S = 6.0
 """The reconnect grace of these servers: long enough for an in-process restart, short enough
 to watch a participant who never comes back leave."""
 
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = start_redis(tmp_path_factory.mktemp("redis"))
-    try:
-        yield server
-    finally:
-        stop_redis(server)
 
 
 def config_for(tmp_path: Path, redis: RedisServer | None) -> Path:
