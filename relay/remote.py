@@ -23,6 +23,8 @@ room the node already streams announces every publication again (``added``)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import struct
 from typing import Any, Protocol, TypeVar
@@ -141,11 +143,35 @@ class RemoteRelay:
         self.sid = sid
         self._server = server
         self._sinks: dict[str, MediaSink] = {}
+        self._gone = asyncio.Event()
+
+    def abandon(self) -> None:
+        """The node's connection is gone (closed, silent, or replaced by a new one): commands
+        waiting for its answer fail now, ``relay_unreachable``, instead of at
+        ``COMMAND_TIMEOUT_S`` (a client's ``media:join`` on a frozen node would otherwise hold
+        its media set-up 15 s, past the move that the sweep makes after 1.5 s)."""
+        self._gone.set()
 
     async def _command(self, command: str, **payload: Any) -> Any:
+        if self._gone.is_set():
+            raise RemoteRelayError("relay_unreachable",
+                                   f"relay {self.info.id!r} is gone ({command} not sent)")
+        call = asyncio.ensure_future(self._server.call(
+            command, payload, to=self.sid, namespace=NAMESPACE, timeout=COMMAND_TIMEOUT_S))
+        gone = asyncio.ensure_future(self._gone.wait())
         try:
-            answer = await self._server.call(command, payload, to=self.sid,
-                                             namespace=NAMESPACE, timeout=COMMAND_TIMEOUT_S)
+            await asyncio.wait({call, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not call.done():
+                call.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await call
+        if call.cancelled():
+            raise RemoteRelayError("relay_unreachable",
+                                   f"relay {self.info.id!r} is gone ({command} not answered)")
+        try:
+            answer = call.result()
         except Exception as exc:
             raise RemoteRelayError("relay_unreachable",
                                    f"relay {self.info.id!r} did not answer {command}: "

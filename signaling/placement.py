@@ -329,6 +329,9 @@ class NodeRelay(Relay, Protocol):
 
     def deliver(self, data: dict[str, Any]) -> None: ...
 
+    def abandon(self) -> None:
+        """The connection is gone: commands waiting for an answer fail now."""
+
 
 NodeRelayFactory = Callable[[RelayInfo, str], NodeRelay]
 """Builds the ``Relay`` of a node that dialled in, from its info and its connection (sid)."""
@@ -418,7 +421,9 @@ class RelayNodes:
             # The node redialled before its old connection was noticed gone (a network cut
             # shorter than the heartbeat check): the new connection takes over, and what the
             # old one carried stays placed here; its hello says what is still there.
-            self._replaced[relay_id] = self._nodes.pop(stale).info.heartbeat_at
+            old = self._nodes.pop(stale)
+            old.abandon()
+            self._replaced[relay_id] = old.info.heartbeat_at
             logger.warning("relay node %s connected again (%s); its old connection %s is "
                            "closed", relay_id, sid, stale)
             self._spawn(self._close_socket(stale), f"close-{stale}")
@@ -458,6 +463,7 @@ class RelayNodes:
     async def _lost(self, node: NodeRelay, why: str) -> None:
         """The node is gone: its consultations move (never raises)."""
         lost_at = time.time()
+        node.abandon()
         self._relays.unregister(node.info.id)
         placements = self._relays.placements_on(node.info.id)
         if self._stopping:

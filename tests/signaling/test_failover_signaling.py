@@ -424,3 +424,28 @@ async def test_signaling_restarts_while_relay_nodes_keep_the_media_and_adopts_th
             await peer.close()
         for node in nodes:
             await end_node(node)
+
+
+async def test_a_media_step_waiting_on_a_frozen_relay_fails_when_the_relay_is_taken_out(
+        tmp_path: Path) -> None:
+    # A command to a node waits up to relay/remote.py's COMMAND_TIMEOUT_S (15 s) for its
+    # answer; a frozen node never answers, and the client's media set-up would hang behind it
+    # well past the move. Taking the node out abandons what waits on it.
+    async with run_server(write_config(tmp_path)) as server:
+        async with relay_node(server, "relay-a", "11") as a, \
+                clients(server.url, {n: server.token(n) for n in NAMES}) as c:
+            cid = await open_consultation(c)
+            await c["ref1"].ok("media:join", {"consultation_id": cid})
+            a.link.cut()  # power cut: the node's socket stays open and says nothing
+            frozen_at = time.monotonic()
+            answer = await c["ref1"].call("media:join", {"consultation_id": cid,
+                                                         "resume": True}, timeout=20)
+            took = time.monotonic() - frozen_at
+            print(f"media:join on a frozen relay answered after {took:.2f} s: {answer}")
+            assert answer["error"]["code"] == "relay_unreachable", answer
+            assert took < 5.0, "the step waited for the command timeout, not the sweep"
+            moved_to = await c["ref1"].next_matching(
+                "media:moved", lambda d: d["consultation_id"] == cid, 10)
+            assert moved_to["relay"]["id"] == "embedded"
+            joined = await c["ref1"].ok("media:join", {"consultation_id": cid, "resume": True})
+            assert joined["resumed"] is False  # a new relay: build new connections
