@@ -65,6 +65,7 @@ from relay.remote import (
     pack_packets,
     parse_answer,
 )
+from relay.tasks import Abandoned, unless
 
 logger = logging.getLogger(__name__)
 
@@ -407,20 +408,11 @@ class RelayNode:
     async def _call(self, event: str, data: dict[str, Any], wait_s: float) -> Any:
         """A call to signaling that gives up as soon as the link drops (its answer would
         never come): raises SignalingLost, or socketio's TimeoutError."""
-        call = asyncio.ensure_future(self.sio.call(event, data, namespace=NAMESPACE,
-                                                   timeout=wait_s))
-        down = asyncio.ensure_future(self._down.wait())
         try:
-            await asyncio.wait({call, down}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            down.cancel()
-            if not call.done():
-                call.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await call
-        if call.cancelled():
-            raise SignalingLost(event)
-        return call.result()
+            return await unless(self._down, self.sio.call(event, data, namespace=NAMESPACE,
+                                                          timeout=wait_s))
+        except Abandoned:
+            raise SignalingLost(event) from None
 
     async def _hello(self) -> None:
         """Tell signaling which rooms are here; close those it lists in ``close``."""

@@ -24,7 +24,6 @@ room the node already streams announces every publication again (``added``)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import struct
 from typing import Any, Protocol, TypeVar
@@ -33,6 +32,7 @@ from pydantic import BaseModel, ValidationError
 
 from relay.api import NODE_NAMESPACE, MediaSink, RelayInfo
 from relay.errors import RelayError
+from relay.tasks import Abandoned, unless
 
 logger = logging.getLogger(__name__)
 
@@ -156,22 +156,14 @@ class RemoteRelay:
         if self._gone.is_set():
             raise RemoteRelayError("relay_unreachable",
                                    f"relay {self.info.id!r} is gone ({command} not sent)")
-        call = asyncio.ensure_future(self._server.call(
-            command, payload, to=self.sid, namespace=NAMESPACE, timeout=COMMAND_TIMEOUT_S))
-        gone = asyncio.ensure_future(self._gone.wait())
         try:
-            await asyncio.wait({call, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-            if not call.done():
-                call.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await call
-        if call.cancelled():
+            answer = await unless(self._gone, self._server.call(
+                command, payload, to=self.sid, namespace=NAMESPACE,
+                timeout=COMMAND_TIMEOUT_S))
+        except Abandoned:
             raise RemoteRelayError("relay_unreachable",
-                                   f"relay {self.info.id!r} is gone ({command} not answered)")
-        try:
-            answer = call.result()
+                                   f"relay {self.info.id!r} is gone ({command} not answered)"
+                                   ) from None
         except Exception as exc:
             raise RemoteRelayError("relay_unreachable",
                                    f"relay {self.info.id!r} did not answer {command}: "

@@ -4,11 +4,36 @@ cancelled when their owner closes (nothing outlives its parent)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Coroutine
-from typing import Any
+from collections.abc import Awaitable, Coroutine
+from typing import Any, TypeVar
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Abandoned(Exception):
+    """``unless``: the event came first and the step was cancelled."""
+
+
+async def unless(event: asyncio.Event, step: Awaitable[T]) -> T:
+    """``step``'s result, unless ``event`` is set first (the link it waits on is gone): then
+    the step is cancelled and ``Abandoned`` raised. The step's own errors pass through."""
+    work = asyncio.ensure_future(step)
+    gone = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+    if work.cancelled():
+        raise Abandoned
+    return work.result()
 
 
 class Tasks:
