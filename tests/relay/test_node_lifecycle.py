@@ -72,6 +72,16 @@ async def running_node(server: Server, url: str, **relay: Any) -> AsyncIterator[
             await asyncio.wait_for(task, 30)
 
 
+@pytest.fixture
+async def forwarder() -> AsyncIterator[TcpLink]:
+    """The node's TCP link to signaling, closed at the end of the test."""
+    link = await TcpLink().start()
+    try:
+        yield link
+    finally:
+        await link.close()
+
+
 def port_of(server: Server) -> int:
     return int(server.url.rsplit(":", 1)[1])
 
@@ -100,13 +110,12 @@ async def frames_keep_coming(peers: dict[str, MediaPeer], seconds: float,
     return grown
 
 
-async def test_media_flows_while_signaling_stops_and_starts_again(tmp_path: Path) -> None:
+async def test_media_flows_while_signaling_stops_and_starts_again(
+        tmp_path: Path, forwarder: TcpLink) -> None:
     # Presence grace long enough that a restarted signaling never removes a participant.
     # drain_s short: at the end the node drains, and these clients never move.
     config = write_config(tmp_path, presence={"reconnect_grace_s": 60},
                           relay={"drain_s": 2.0})
-    forwarder = TcpLink()
-    await forwarder.start()
     peers: dict[str, MediaPeer] = {}
     names = ("cardio1", "ref1")
     try:
@@ -167,7 +176,6 @@ async def test_media_flows_while_signaling_stops_and_starts_again(tmp_path: Path
     finally:
         for peer in peers.values():
             await peer.close()
-        await forwarder.close()
 
 
 async def test_a_node_that_signaling_drops_dials_back_and_keeps_its_media(
@@ -230,71 +238,61 @@ async def test_a_node_that_signaling_drops_dials_back_and_keeps_its_media(
 
 
 async def test_a_node_cut_off_gets_back_in_before_signaling_noticed_the_cut(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, forwarder: TcpLink, caplog: pytest.LogCaptureFixture) -> None:
     config = write_config(tmp_path, relay={"embedded": False})
-    forwarder = TcpLink()
-    await forwarder.start()
-    try:
-        async with run_server(config) as server:
-            found = services(server)
-            forwarder.point_at(port_of(server))
-            async with running_node(server, forwarder.url) as running:
-                node = running.node
-                async with clients(server.url, {n: server.token(n)
-                                                for n in ("cardio1", "ref1")}) as c:
-                    cid = await open_consultation(c)
-                    old = node_remote(found)
-                    assert old is not None
-                    caplog.set_level(logging.INFO, logger="relay.node")
-                    forwarder.sever_node_side()
-                    cut = time.monotonic()
-                    await wait_for(lambda: node.connects == 2, 15, "the node to get back in")
-                    back = time.monotonic() - cut
-                    refused = [r for r in caplog.records if r.name == "relay.node"
-                               and "duplicate_relay" in r.message]
-                    print(f"node back in {back:.2f} s ({len(refused)} duplicate_relay "
-                          "refusals while signaling held its old connection)")
-                    # Signaling either lets the node in at once (dropping the old connection)
-                    # or refuses it until it notices: the node retries either way.
-                    assert back < 5.0
-                    assert all(r.levelno == logging.INFO for r in refused)
-                    new = node_remote(found)
-                    assert new is not None and new.sid != old.sid
-                    await wait_for(lambda: len(node.hellos) == 2, 15, "the second hello")
-                    hello = node.hellos[-1]
-                    assert hello is not None and hello.adopted == [cid], hello
-                    assert list(node.relay.rooms) == [cid]
-                    forwarder.release_held()
-    finally:
-        await forwarder.close()
+    async with run_server(config) as server:
+        found = services(server)
+        forwarder.point_at(port_of(server))
+        async with running_node(server, forwarder.url) as running:
+            node = running.node
+            async with clients(server.url, {n: server.token(n)
+                                            for n in ("cardio1", "ref1")}) as c:
+                cid = await open_consultation(c)
+                old = node_remote(found)
+                assert old is not None
+                caplog.set_level(logging.INFO, logger="relay.node")
+                forwarder.sever_node_side()
+                cut = time.monotonic()
+                await wait_for(lambda: node.connects == 2, 15, "the node to get back in")
+                back = time.monotonic() - cut
+                refused = [r for r in caplog.records if r.name == "relay.node"
+                           and "duplicate_relay" in r.message]
+                print(f"node back in {back:.2f} s ({len(refused)} duplicate_relay "
+                      "refusals while signaling held its old connection)")
+                # Signaling either lets the node in at once (dropping the old connection)
+                # or refuses it until it notices: the node retries either way.
+                assert back < 5.0
+                assert all(r.levelno == logging.INFO for r in refused)
+                new = node_remote(found)
+                assert new is not None and new.sid != old.sid
+                await wait_for(lambda: len(node.hellos) == 2, 15, "the second hello")
+                hello = node.hellos[-1]
+                assert hello is not None and hello.adopted == [cid], hello
+                assert list(node.relay.rooms) == [cid]
+                forwarder.release_held()
 
 
 async def test_a_dial_to_a_frozen_signaling_is_given_up_and_tried_again(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        tmp_path: Path, forwarder: TcpLink, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(node_module, "CONNECT_TIMEOUT_S", 1.0)
     config = write_config(tmp_path, relay={"embedded": False})
-    forwarder = TcpLink()
-    await forwarder.start()
-    try:
-        async with run_server(config) as server:
-            forwarder.point_at(port_of(server))
-            async with running_node(server, forwarder.url) as running:
-                node = running.node
-                caplog.set_level(logging.INFO, logger="relay.node")
-                # Signaling's machine hangs: connections are accepted and never answered.
-                forwarder.drop()
-                forwarder.freeze()
-                await wait_for(lambda: any("TimeoutError" in r.message
-                                           for r in caplog.records), 10,
-                               "a dial attempt to time out")
-                forwarder.heal()
-                mended = time.monotonic()
-                await wait_for(lambda: node.connects == 2, 10, "the node to get back in")
-                print(f"node back {time.monotonic() - mended:.2f} s after signaling thawed")
-                assert node.sio.connected
-    finally:
-        await forwarder.close()
+    async with run_server(config) as server:
+        forwarder.point_at(port_of(server))
+        async with running_node(server, forwarder.url) as running:
+            node = running.node
+            caplog.set_level(logging.INFO, logger="relay.node")
+            # Signaling's machine hangs: connections are accepted and never answered.
+            forwarder.drop()
+            forwarder.freeze()
+            await wait_for(lambda: any("TimeoutError" in r.message
+                                       for r in caplog.records), 10,
+                           "a dial attempt to time out")
+            forwarder.heal()
+            mended = time.monotonic()
+            await wait_for(lambda: node.connects == 2, 10, "the node to get back in")
+            print(f"node back {time.monotonic() - mended:.2f} s after signaling thawed")
+            assert node.sio.connected
 
 
 async def test_two_nodes_with_one_id_back_off_instead_of_replacing_each_other_all_the_time(
@@ -312,89 +310,75 @@ async def test_two_nodes_with_one_id_back_off_instead_of_replacing_each_other_al
     assert any("another node running with this id" in r.message for r in caplog.records)
 
 
-async def test_hello_closes_exactly_the_rooms_signaling_lists(tmp_path: Path) -> None:
+async def test_hello_closes_exactly_the_rooms_signaling_lists(
+        tmp_path: Path, forwarder: TcpLink) -> None:
     config = write_config(tmp_path, relay={"embedded": False})
-    forwarder = TcpLink()
-    await forwarder.start()
-    try:
-        async with run_server(config) as server:
-            found = services(server)
-            forwarder.point_at(port_of(server))
-            async with running_node(server, forwarder.url) as running:
-                node = running.node
-                names = ("cardio1", "ref1", "cardio2", "ref2")
-                async with clients(server.url, {n: server.token(n) for n in names}) as c:
-                    kept = await open_consultation(c, host="cardio1", guests=("ref1",))
-                    ended = await open_consultation(c, host="cardio2", guests=("ref2",))
-                    assert set(node.relay.rooms) == {kept, ended}
-                    # The node is cut off; meanwhile one consultation ends.
-                    forwarder.drop()
-                    await wait_for(lambda: not node.sio.connected, 10, "the cut")
-                    await wait_for(lambda: node_remote(found) is None, 10,
-                                   "signaling to lose the node")
-                    await c["cardio2"].ok("consult:end", {"consultation_id": ended,
-                                                          "conclusion": "done"})
-                    forwarder.heal()
-                    await wait_for(lambda: len(node.hellos) == 2, 15, "the second hello")
-                    hello = node.hellos[-1]
-                    assert hello is not None, "signaling did not answer relay:hello"
-                    assert hello.close == [ended] and hello.adopted == [kept], hello
-                    assert list(node.relay.rooms) == [kept]
-    finally:
-        await forwarder.close()
+    async with run_server(config) as server:
+        found = services(server)
+        forwarder.point_at(port_of(server))
+        async with running_node(server, forwarder.url) as running:
+            node = running.node
+            names = ("cardio1", "ref1", "cardio2", "ref2")
+            async with clients(server.url, {n: server.token(n) for n in names}) as c:
+                kept = await open_consultation(c, host="cardio1", guests=("ref1",))
+                ended = await open_consultation(c, host="cardio2", guests=("ref2",))
+                assert set(node.relay.rooms) == {kept, ended}
+                # The node is cut off; meanwhile one consultation ends.
+                forwarder.drop()
+                await wait_for(lambda: not node.sio.connected, 10, "the cut")
+                await wait_for(lambda: node_remote(found) is None, 10,
+                               "signaling to lose the node")
+                await c["cardio2"].ok("consult:end", {"consultation_id": ended,
+                                                      "conclusion": "done"})
+                forwarder.heal()
+                await wait_for(lambda: len(node.hellos) == 2, 15, "the second hello")
+                hello = node.hellos[-1]
+                assert hello is not None, "signaling did not answer relay:hello"
+                assert hello.close == [ended] and hello.adopted == [kept], hello
+                assert list(node.relay.rooms) == [kept]
 
 
 async def test_past_the_grace_the_node_closes_every_room(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, forwarder: TcpLink, caplog: pytest.LogCaptureFixture) -> None:
     config = write_config(tmp_path, relay={"embedded": False})
-    forwarder = TcpLink()
-    await forwarder.start()
-    try:
-        async with run_server(config) as server:
-            forwarder.point_at(port_of(server))
-            async with running_node(server, forwarder.url, signaling_grace_s=1.0) as running:
-                node = running.node
-                names = ("cardio1", "ref1")
-                async with clients(server.url, {n: server.token(n) for n in names}) as c:
-                    cid = await open_consultation(c)
-                    assert list(node.relay.rooms) == [cid]
-                    caplog.set_level(logging.INFO, logger="relay.node")
-                    forwarder.drop()
-                    cut = time.monotonic()
-                    await wait_for(lambda: not node.relay.rooms, 10, "the grace to run out")
-                    took = time.monotonic() - cut
-                    print(f"rooms closed {took:.2f} s after the cut (grace 1 s)")
-                    assert took >= 0.9
-                    closing = [r for r in caplog.records if r.name == "relay.node"
-                               and r.levelno == logging.WARNING and "closing its" in r.message]
-                    assert len(closing) == 1, [r.message for r in closing]
-                    # The node goes on dialling; once signaling is reachable it says hello,
-                    # with no rooms left.
-                    forwarder.heal()
-                    await wait_for(lambda: len(node.hellos) == 2, 15, "the second hello")
-                    assert node.sio.connected
-                    assert await running.stopped(within=10) == 0
-    finally:
-        await forwarder.close()
+    async with run_server(config) as server:
+        forwarder.point_at(port_of(server))
+        async with running_node(server, forwarder.url, signaling_grace_s=1.0) as running:
+            node = running.node
+            names = ("cardio1", "ref1")
+            async with clients(server.url, {n: server.token(n) for n in names}) as c:
+                cid = await open_consultation(c)
+                assert list(node.relay.rooms) == [cid]
+                caplog.set_level(logging.INFO, logger="relay.node")
+                forwarder.drop()
+                cut = time.monotonic()
+                await wait_for(lambda: not node.relay.rooms, 10, "the grace to run out")
+                took = time.monotonic() - cut
+                print(f"rooms closed {took:.2f} s after the cut (grace 1 s)")
+                assert took >= 0.9
+                closing = [r for r in caplog.records if r.name == "relay.node"
+                           and r.levelno == logging.WARNING and "closing its" in r.message]
+                assert len(closing) == 1, [r.message for r in closing]
+                # The node goes on dialling; once signaling is reachable it says hello,
+                # with no rooms left.
+                forwarder.heal()
+                await wait_for(lambda: len(node.hellos) == 2, 15, "the second hello")
+                assert node.sio.connected
+                assert await running.stopped(within=10) == 0
 
 
-async def test_a_node_without_signaling_stops_at_once(tmp_path: Path) -> None:
+async def test_a_node_without_signaling_stops_at_once(tmp_path: Path, forwarder: TcpLink) -> None:
     config = write_config(tmp_path, relay={"embedded": False})
-    forwarder = TcpLink()
-    await forwarder.start()
-    try:
-        async with run_server(config) as server:
-            forwarder.point_at(port_of(server))
-            async with running_node(server, forwarder.url) as running:
-                async with clients(server.url, {n: server.token(n)
-                                                for n in ("cardio1", "ref1")}) as c:
-                    await open_consultation(c)
-                    forwarder.drop()
-                    await wait_for(lambda: not running.node.sio.connected, 10, "the cut")
-                    began = time.monotonic()
-                    assert await running.stopped(within=5) == 0
-                    print(f"stopped without signaling in {time.monotonic() - began:.2f} s")
-                    assert not running.node.relay.rooms
-                    assert running.node.drained is None
-    finally:
-        await forwarder.close()
+    async with run_server(config) as server:
+        forwarder.point_at(port_of(server))
+        async with running_node(server, forwarder.url) as running:
+            async with clients(server.url, {n: server.token(n)
+                                            for n in ("cardio1", "ref1")}) as c:
+                await open_consultation(c)
+                forwarder.drop()
+                await wait_for(lambda: not running.node.sio.connected, 10, "the cut")
+                began = time.monotonic()
+                assert await running.stopped(within=5) == 0
+                print(f"stopped without signaling in {time.monotonic() - began:.2f} s")
+                assert not running.node.relay.rooms
+                assert running.node.drained is None
