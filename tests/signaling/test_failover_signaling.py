@@ -93,6 +93,19 @@ async def moved(c: dict[str, Client], cid: str, timeout: float = 10) -> list[Any
     return relays
 
 
+@asynccontextmanager
+async def media_of(c: dict[str, Client], cid: str) -> AsyncIterator[dict[str, MediaPeer]]:
+    """Media of ``NAMES`` in the consultation, flowing every way on entry; on exit the peers
+    the dict then holds (a test may rebuild them) are closed."""
+    peers = {n: await start_media(c[n], cid) for n in NAMES}
+    try:
+        await media_everywhere(peers)
+        yield peers
+    finally:
+        for peer in peers.values():
+            await peer.close()
+
+
 async def rebuild(client: Client, cid: str, old: MediaPeer | None) -> MediaPeer:
     """Rule 1 of docs/protocol.md after a move to a new relay: ``media:join {resume: true}``
     answers ``resumed: false``, so the old connections go and new ones are built."""
@@ -131,9 +144,7 @@ async def test_a_silent_relay_is_taken_out_within_two_seconds_and_its_consultati
                 clients(server.url, {n: server.token(n) for n in NAMES}) as c:
             cid = await open_consultation(c)  # ref1's site is in region 11
             assert services.relays.for_room(cid) is services.relays.get("relay-a")
-            peers = {n: await start_media(c[n], cid) for n in NAMES}
-            try:
-                await media_everywhere(peers)
+            async with media_of(c, cid) as peers:
                 cut_at = time.monotonic()
                 a.link.cut()
                 relays = await moved(c, cid)
@@ -156,9 +167,6 @@ async def test_a_silent_relay_is_taken_out_within_two_seconds_and_its_consultati
                 assert result is not None and result.close == [cid] and result.adopted == []
                 assert cid not in a.rooms
                 assert services.relays.for_room(cid) is services.embedded
-            finally:
-                for peer in peers.values():
-                    await peer.close()
 
 
 async def test_a_node_back_before_its_silence_was_noticed_keeps_its_participants_media(
@@ -168,9 +176,7 @@ async def test_a_node_back_before_its_silence_was_noticed_keeps_its_participants
         async with relay_node(server, "relay-a", "11") as a, \
                 clients(server.url, {n: server.token(n) for n in NAMES}) as c:
             cid = await open_consultation(c)
-            peers = {n: await start_media(c[n], cid) for n in NAMES}
-            try:
-                await media_everywhere(peers)
+            async with media_of(c, cid) as peers:
                 builds = {n: (p.publish_pc, p.subscribe_pc) for n, p in peers.items()}
                 connects = a.node.connects
                 a.link.sever_node_side()  # signaling still holds the old, silent connection
@@ -186,9 +192,6 @@ async def test_a_node_back_before_its_silence_was_noticed_keeps_its_participants
                 assert services.relays.for_room(cid) is services.relays.get("relay-a")
                 await asyncio.sleep(server.settings.relay.heartbeat_s * 4)
                 assert services.relays.get("relay-a") is not None  # the new one heartbeats
-            finally:
-                for peer in peers.values():
-                    await peer.close()
 
 
 async def test_a_spare_that_does_not_answer_is_skipped_for_the_next(tmp_path: Path) -> None:
@@ -224,9 +227,7 @@ async def test_without_a_spare_the_consultation_waits_and_moves_when_a_relay_arr
         async with relay_node(server, "relay-a", "11") as a, \
                 clients(server.url, {n: server.token(n) for n in NAMES}) as c:
             cid = await open_consultation(c)
-            peers: dict[str, MediaPeer] = {n: await start_media(c[n], cid) for n in NAMES}
-            try:
-                await media_everywhere(peers)
+            async with media_of(c, cid) as peers:
                 a.link.drop()
                 assert await moved(c, cid) == [None, None]  # no relay: the waiting state
                 for name in NAMES:
@@ -258,9 +259,6 @@ async def test_without_a_spare_the_consultation_waits_and_moves_when_a_relay_arr
                     assert metrics.get_sample_value(
                         "telehealth_relay_moves_total",
                         {"reason": "relay_lost", "outcome": "placed"}) == 1
-            finally:
-                for peer in peers.values():
-                    await peer.close()
 
 
 async def test_a_draining_relay_is_answered_once_its_participants_are_connected_elsewhere(
