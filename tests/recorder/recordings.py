@@ -1,9 +1,13 @@
 """Synthetic recordings shaped like the recorder's: WebM (VP8 + Opus) in milliseconds, with a
-manifest written the recorder's way (atomically, SHA-256 of each file)."""
+manifest written the recorder's way (atomically, SHA-256 of each file); and ``Microphone``, a
+stand-in for the relay side the recorder attaches to."""
 
 from __future__ import annotations
 
+import asyncio
 import math
+import time
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -14,6 +18,8 @@ import numpy as np
 from recorder import manifest
 
 WIDTH, HEIGHT, FPS, RATE = 320, 240, 15, 48000
+MICROPHONE = {"id": "pub-1", "participant_id": "cardio1", "source": "microphone",
+              "kind": "audio", "codec": "audio/opus", "clock_rate": 48000}
 T0 = 1_767_225_600.0
 """2026-01-01T00:00:00Z: when the synthetic consultations start."""
 
@@ -103,3 +109,36 @@ def write_manifest(archive: Path, consultation_id: str, files: list[manifest.Fil
     manifest.write_atomic(manifest.consultation_dir(archive, consultation_id) / manifest.MANIFEST,
                           data)
     return data
+
+
+class Microphone:
+    """The sink side of relay.api.Relay with one Opus publication whose packets come when the
+    test says: for recorder tests that need no video. ``spacing_s``: each packet arrives that
+    much later than the one before (0: every packet arrives now)."""
+
+    def __init__(self, spacing_s: float = 0.0) -> None:
+        self.spacing_s = spacing_s
+        self.sink: Any = None
+        self.seq = 0
+        self.attached = 0
+        self.on_detach: Callable[[], None] | None = None
+
+    async def attach_sink(self, room_id: str, sink: Any) -> None:
+        self.sink = sink
+        self.attached += 1
+        sink.publication_added(dict(MICROPHONE))
+
+    async def detach_sink(self, room_id: str, sink: Any) -> None:
+        await asyncio.sleep(0)
+        if self.on_detach is not None:
+            self.on_detach()
+        self.sink = None
+
+    async def request_keyframe(self, room_id: str, publication_id: str) -> None:
+        pass
+
+    def speak(self, packets: int) -> None:
+        for _ in range(packets):
+            self.seq += 1
+            self.sink.packet("pub-1", self.seq & 0xFFFF, self.seq * 960, True,
+                             b"\xfc" + bytes(120), time.time() + self.seq * self.spacing_s)

@@ -32,7 +32,7 @@ from tests.failover_client import participants
 from tests.failover_processes import Cluster
 from tests.media import MediaPeer, wait_for
 from tests.recorder.media_check import decode, dominant_hz
-from tests.recorder.recordings import file_entry
+from tests.recorder.recordings import Microphone, file_entry
 from tests.relay.peers import ROOM, relay_room
 from tests.support import clients, run_server, write_config
 
@@ -470,35 +470,6 @@ async def test_a_recording_resumes_when_serve_restarts_and_its_node_kept_the_med
     assert data.recording.status == ("interrupted" if how == "killed" else "complete")
     report = verify_archive(archive)
     assert report.ok, report.problems
-
-
-class Microphone:
-    """The sink side of relay.api.Relay with one Opus publication whose packets come when
-    the test says (tests/recorder/test_service.py's stand-in): for what needs no video."""
-
-    def __init__(self) -> None:
-        self.sink: Any = None
-        self.seq = 0
-        self.attached = 0
-
-    async def attach_sink(self, room_id: str, sink: Any) -> None:
-        self.sink = sink
-        self.attached += 1
-        sink.publication_added({"id": "pub-1", "participant_id": "cardio1",
-                                "source": "microphone", "kind": "audio",
-                                "codec": "audio/opus", "clock_rate": 48000})
-
-    async def detach_sink(self, room_id: str, sink: Any) -> None:
-        self.sink = None
-
-    async def request_keyframe(self, room_id: str, publication_id: str) -> None:
-        pass
-
-    def speak(self, packets: int) -> None:
-        for _ in range(packets):
-            self.seq += 1
-            self.sink.packet("pub-1", self.seq & 0xFFFF, self.seq * 960, True,
-                             b"\xfc" + bytes(120), time.time())
 
 
 async def test_a_move_through_the_waiting_state_resumes_once_a_relay_takes_it(

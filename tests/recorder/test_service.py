@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,40 +19,9 @@ import pytest
 from recorder import manifest as mf
 from recorder import writer
 from recorder.service import Recorder
+from tests.recorder.recordings import Microphone
 
 CID = "c-1"
-MICROPHONE = {"id": "pub-1", "participant_id": "cardio1", "source": "microphone",
-              "kind": "audio", "codec": "audio/opus", "clock_rate": 48000}
-
-
-class Microphones:
-    """The sink side of relay.api.Relay: one publication, packets when the test says."""
-
-    def __init__(self) -> None:
-        self.sink: Any = None
-        self.seq = 0
-        self.on_detach: Callable[[], None] | None = None
-
-    async def attach_sink(self, room_id: str, sink: Any) -> None:
-        self.sink = sink
-        sink.publication_added(dict(MICROPHONE))
-
-    async def detach_sink(self, room_id: str, sink: Any) -> None:
-        await asyncio.sleep(0)
-        if self.on_detach is not None:
-            self.on_detach()
-        self.sink = None
-
-    async def request_keyframe(self, room_id: str, publication_id: str) -> None:
-        pass
-
-    def speak(self, packets: int) -> None:
-        for _ in range(packets):
-            self.seq += 1
-            self.sink.packet("pub-1", self.seq & 0xFFFF, self.seq * 960, True,
-                             b"\xfc" + bytes(120), time.time() + self.seq * 0.02)
-
-
 @pytest.fixture
 def full_disk(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
     """Call it and every later write into a recorded file fails with ENOSPC, as a full disk
@@ -74,7 +42,7 @@ def full_disk(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
     return fill
 
 
-async def recording(tmp_path: Path, relay: Microphones) -> tuple[Recorder, list[dict[str, Any]]]:
+async def recording(tmp_path: Path, relay: Microphone) -> tuple[Recorder, list[dict[str, Any]]]:
     shown: list[dict[str, Any]] = []
 
     async def describe(consultation_id: str) -> None:
@@ -102,7 +70,7 @@ async def recording(tmp_path: Path, relay: Microphones) -> tuple[Recorder, list[
 async def test_a_write_failing_while_the_host_ends_or_stops_does_not_hang(
     tmp_path: Path, full_disk: Callable[[], None], host: str,
 ) -> None:
-    relay = Microphones()
+    relay = Microphone(spacing_s=0.02)
     recorder, shown = await recording(tmp_path, relay)
 
     def fail_now() -> None:
@@ -131,7 +99,7 @@ async def test_a_write_failing_while_the_host_ends_or_stops_does_not_hang(
 async def test_a_write_failing_while_recording_stops_the_session_and_shows_it(
     tmp_path: Path, full_disk: Callable[[], None],
 ) -> None:
-    relay = Microphones()
+    relay = Microphone(spacing_s=0.02)
     recorder, shown = await recording(tmp_path, relay)
     full_disk()
     relay.speak(100)
