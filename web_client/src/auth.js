@@ -73,12 +73,15 @@ export class Session {
   /** Renew the access token with the refresh cookie (also: the first thing a page tries).
    * Tabs of one browser share the cookie, which is used up by each renewal: the Web Locks
    * API lets one tab renew at a time, so that two never present the same cookie (which the
-   * server takes for a stolen copy and revokes the session). */
+   * server takes for a stolen copy and revokes the session). Every renewed token goes to
+   * `onToken` at once, whoever asked for it: the open socket must never keep a token older
+   * than the one the timer is counting from. */
   async refresh() {
     const run = async () => this.accept(await post("/api/auth/refresh"));
     if (navigator.locks) await navigator.locks.request("telehealth-refresh", run);
     else await run();
     this.refreshes += 1;
+    this.onToken(this.token);
   }
 
   accept(answer) {
@@ -106,7 +109,6 @@ export class Session {
     }
     try {
       await this.refresh();
-      this.onToken(this.token);
     } catch (error) {
       if (error instanceof AuthRefusal && error.status < 500) {
         this.stop();
