@@ -214,26 +214,36 @@ async def test_the_page_reconnects_by_itself_when_its_relay_connections_are_cut(
         consultation = await specialist.get_attribute("#room", "data-consultation")
         assert consultation is not None
         participant = relay.rooms[consultation].participants["ref1"]
+        built = await district.evaluate(f"() => {MEDIA}.pcsCreated")
         cut_at = time.monotonic()
         for pc in [participant.subscribe_pc, *participant.publish_pcs.values()]:
             if pc is not None:
                 await pc.close()
         await expect(district.locator("#room-state")).to_have_attribute(
             "data-state", "reconnecting", timeout=10_000)
-        before = await decoded_from(district, "cardio1")
+        # Decoding again on connections the page built anew (stats taken before the cut
+        # would show decoded frames and "connected" too).
         await district.wait_for_function(
-            f"""(n) => {INBOUND}
-                 .some((s) => s.kind === 'video' && s.participant === 'cardio1'
-                              && s.framesDecoded > 5)
-               && {STATS}.state === 'connected'""",
-            arg=before, timeout=25_000, polling=200)
+            f"""(built) => {MEDIA}.pcsCreated > built
+                 && {INBOUND}.some((s) => s.kind === 'video' && s.participant === 'cardio1'
+                                          && s.framesDecoded > 5)
+                 && {STATS}.state === 'connected'""",
+            arg=built, timeout=25_000, polling=200)
         took = time.monotonic() - cut_at
         # About 5 s on a quiet machine; the bound is about "by itself", not speed (a loaded
         # 2-core CI machine took 11.5 s once).
         print(f"reconnected and decoding again {took:.1f} s after the cut")
         assert took < 30
         await wait_decoding(specialist, "ref1", frames=5)
-        await expect(district.locator("#room-state")).to_have_attribute("data-state", "connected")
+        # Once on CI (2 cores, loaded) a new connection went "disconnected" right after and the
+        # page rebuilt it again by itself: that is still "by itself", so the bound is generous;
+        # should it fail, the page's own timeline tells what it went through.
+        try:
+            await expect(district.locator("#room-state")).to_have_attribute(
+                "data-state", "connected", timeout=20_000)
+        except AssertionError:
+            print("district media timeline:", await district.evaluate(f"() => {MEDIA}.timeline"))
+            raise
         for page in (district, specialist):  # before the server stops: no sockets left open
             await page.context.close()
 
