@@ -31,13 +31,14 @@ system-deps:
 	@command -v npm >/dev/null || (apt-get update && apt-get install -y nodejs npm)
 
 # Browser tests use Debian's Chromium (never a downloaded browser); the TURN, reverse-proxy and
-# live-state tests start Debian's coturn, nginx and redis-server themselves (never as system
-# services).
+# live-state and store tests start Debian's coturn, nginx, redis-server and PostgreSQL themselves
+# (never as system services; PostgreSQL as an unprivileged user in a temporary directory).
 test-system-deps: system-deps
 	@test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
 	@test -x /usr/bin/turnserver || (apt-get update && apt-get install -y coturn)
 	@test -x /usr/sbin/nginx || (apt-get update && apt-get install -y nginx-light)
 	@test -x /usr/bin/redis-server || (apt-get update && apt-get install -y redis-server)
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || (apt-get update && apt-get install -y postgresql)
 
 ## run: the product on its embedded defaults (no Redis, no external services)
 run: $(STAMP) $(NODE_STAMP)

@@ -149,6 +149,20 @@ class SecuritySettings(_Section):
 class StorageSettings(_Section):
     data_dir: Path = Path("var")
     """Directory for the SQLite records, the generated token secret and the demo directory."""
+    backend: Literal["sqlite", "postgresql"] = "sqlite"
+    """Where the durable records (directory, requests, consultations, chat, attendance,
+    minutes) live: ``sqlite`` (a file in ``data_dir``: one `serve` process, the default) or
+    ``postgresql`` (a PostgreSQL server that several `serve` processes share, issue #14).
+    Either way a record is on disk before the client's ack, and the claim of a request is
+    one transaction."""
+    postgresql_dsn: str = Field(
+        default="postgresql://telehealth@127.0.0.1:5432/telehealth",
+        pattern=r"^postgres(ql)?://")
+    """The PostgreSQL server of ``backend = "postgresql"`` (libpq URL; a password is better
+    given as ``TELEHEALTH_STORAGE__POSTGRESQL_DSN`` or in ~/.pgpass than in this file).
+    Default: a local server, database and user ``telehealth``."""
+    postgresql_pool_size: int = Field(default=10, ge=1, le=200)
+    """Connections this process keeps open to PostgreSQL. Default 10."""
 
 
 class DirectorySettings(_Section):
@@ -206,6 +220,10 @@ class LiveSettings(_Section):
     """The Redis server of ``backend = "redis"``. Default: a local one, database 0."""
     key_prefix: str = Field(default="telehealth:", min_length=1, max_length=64)
     """Prefix of every key this deployment writes (several deployments on one Redis)."""
+    timers_lease_s: float = Field(default=5.0, ge=1, le=60)
+    """With several `serve` processes on one Redis, one of them runs the timers (escalation,
+    expiry, queue positions, reconnect grace) under a lease in Redis, renewed every
+    ``queue.tick_s``; when it dies another takes over within this time. Default 5 s."""
 
 
 VideoCodec = Literal["VP8", "H264"]
