@@ -5,6 +5,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.postgres_server import (
+    PostgresServer,
+    create_database,
+    drop_database,
+    start_postgres,
+    stop_postgres,
+)
 from tests.redis_server import RedisServer, start_redis, stop_redis
 from tests.support import Server, run_server, write_config
 
@@ -28,3 +35,27 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
     finally:
         stop_redis(server)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A real PostgreSQL (tests/postgres_server.py) for the whole session: one cluster, a
+    fresh database per test (``postgres_dsn``); stopped and removed at the end, even after a
+    failure."""
+    server = start_postgres()
+    try:
+        yield server
+    finally:
+        stop_postgres(server)
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: PostgresServer) -> Iterator[str]:
+    """The DSN of a new, empty database for this test alone (CREATE DATABASE from template0,
+    ~0.1 s), dropped afterwards (its connections closed by force)."""
+    name = postgres_server.next_name()
+    dsn = create_database(postgres_server, name)
+    try:
+        yield dsn
+    finally:
+        drop_database(postgres_server, name)
