@@ -28,6 +28,11 @@ class Participant:
     sids: set[str] = field(default_factory=set)
     state: ParticipantState = "present"
     away_since: float | None = None
+    media_sid: str | None = None
+    """The connection that carries the participant's media (``media:join``): where the
+    relay's offers and notices for them go, on whichever process it lives. Written only by
+    ``set_media_sid``: a ``put_participant`` keeps the stored one, so that the lifecycle's
+    read-modify-write of a participant never undoes a ``media:join`` that ran meanwhile."""
 
     def to_wire(self) -> dict[str, object]:
         return {
@@ -65,6 +70,12 @@ class LiveStore(Protocol):
 
     async def reconnecting(self) -> list[Participant]: ...
 
+    async def set_media_sid(self, consultation_id: str, clinician_id: str, sid: str | None, *,
+                            expected: str | None = None) -> bool:
+        """Bind the participant's media to connection ``sid`` (None: to none); with
+        ``expected``, only while it is bound to that one (a compare-and-set). True if it was
+        written; False for a participant that is not there or bound to another."""
+
 
 class MemoryLiveStore:
     """LiveStore in this process's memory: the embedded default."""
@@ -97,6 +108,9 @@ class MemoryLiveStore:
 
     async def put_participant(self, participant: Participant) -> None:
         members = self._members.setdefault(participant.consultation_id, {})
+        old = members.get(participant.clinician_id)
+        if old is not None and old is not participant:
+            participant.media_sid = old.media_sid
         members[participant.clinician_id] = participant
         self._memberships.setdefault(participant.clinician_id, set()).add(
             participant.consultation_id
@@ -141,3 +155,11 @@ class MemoryLiveStore:
     async def reconnecting(self) -> list[Participant]:
         return [p for members in self._members.values() for p in members.values()
                 if p.state == "reconnecting"]
+
+    async def set_media_sid(self, consultation_id: str, clinician_id: str, sid: str | None, *,
+                            expected: str | None = None) -> bool:
+        participant = self._members.get(consultation_id, {}).get(clinician_id)
+        if participant is None or (expected is not None and participant.media_sid != expected):
+            return False
+        participant.media_sid = sid
+        return True

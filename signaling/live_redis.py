@@ -9,7 +9,8 @@ Layout, every key under ``live.key_prefix`` (``P``):
   belongs to one process, so its connections are kept under that process's instance id;
 - ``P sites``: hash, site id -> connections at that site over every live instance;
 - ``P consultation:<id>``: hash, clinician id -> the participant (JSON; ``sids`` maps each
-  sid to its instance; times are strings, so that Lua never rounds them);
+  sid to its instance, ``media_sid`` is the connection its media is bound to, on any
+  instance; times are strings, so that Lua never rounds them);
 - ``P memberships:<clinician>``: set of consultation ids; ``P consultations``: set of the
   consultation ids with at least one participant; ``P reconnecting``: set of the
   ``[consultation, clinician]`` pairs (JSON) whose participant is reconnecting, so that the
@@ -167,14 +168,21 @@ return {old, 0}
 """
 
 # ARGV: prefix, instance, consultation, clinician, participant JSON (sids as a list). Each sid
-# keeps the instance it is already known under; a new one is this instance's.
+# keeps the instance it is already known under; a new one is this instance's. The media sid
+# stays what it is (SET_MEDIA_SID writes it).
 PUT_PARTICIPANT = """
 local p, me, cid, clinician = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local key = p .. 'consultation:' .. cid
 local known = {}
+local media = nil
 local old = redis.call('HGET', key, clinician)
-if old then known = cjson.decode(old)['sids'] end
+if old then
+  local decoded = cjson.decode(old)
+  known = decoded['sids']
+  media = decoded['media_sid']
+end
 local participant = cjson.decode(ARGV[5])
+participant['media_sid'] = media
 local sids = {}
 for _, sid in ipairs(participant['sids']) do sids[sid] = known[sid] or me end
 participant['sids'] = sids
@@ -186,6 +194,22 @@ else
 end
 redis.call('SADD', p .. 'memberships:' .. clinician, cid)
 redis.call('SADD', p .. 'consultations', cid)
+return 1
+"""
+
+# ARGV: prefix, consultation, clinician, sid ('' for none), expected ('' for any). Returns 1
+# if written.
+SET_MEDIA_SID = """
+local p, cid, clinician, sid, expected = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local key = p .. 'consultation:' .. cid
+local raw = redis.call('HGET', key, clinician)
+if not raw then return 0 end
+local participant = cjson.decode(raw)
+local bound = participant['media_sid']
+if bound == cjson.null then bound = nil end
+if expected ~= '' and bound ~= expected then return 0 end
+if sid == '' then participant['media_sid'] = nil else participant['media_sid'] = sid end
+redis.call('HSET', key, clinician, cjson.encode(participant))
 return 1
 """
 
@@ -277,7 +301,8 @@ def _decode(consultation_id: str, clinician_id: str, raw: str | bytes) -> Partic
     # An empty Lua table is encoded as {} by Redis's cjson: a dict or a list, both iterate.
     return Participant(consultation_id, clinician_id, data["site_id"],
                        float(data["joined_at"]), sids=set(data.get("sids") or ()),
-                       state=data["state"], away_since=None if away is None else float(away))
+                       state=data["state"], away_since=None if away is None else float(away),
+                       media_sid=data.get("media_sid") or None)
 
 
 def _text(value: str | bytes) -> str:
@@ -307,6 +332,7 @@ class RedisLiveStore:
         self._memberships = client.register_script(MEMBERSHIPS_OF)
         self._drop = client.register_script(DROP_CONSULTATION)
         self._reconnecting = client.register_script(RECONNECTING)
+        self._set_media = client.register_script(SET_MEDIA_SID)
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RedisLiveStore:
@@ -401,6 +427,13 @@ class RedisLiveStore:
     async def participants(self, consultation_id: str) -> list[Participant]:
         members = await self._redis.hgetall(self._prefix + "consultation:" + consultation_id)
         return [_decode(consultation_id, _text(c), raw) for c, raw in members.items()]
+
+    async def set_media_sid(self, consultation_id: str, clinician_id: str, sid: str | None, *,
+                            expected: str | None = None) -> bool:
+        # Socket.io sids are never empty: '' stands for "none" / "any" in the script.
+        written = await self._set_media(args=[self._prefix, consultation_id, clinician_id,
+                                              sid or "", expected or ""])
+        return bool(written)
 
     async def remove_participant(self, consultation_id: str, clinician_id: str) -> None:
         await self._remove_participant(args=[self._prefix, consultation_id, clinician_id])

@@ -1,11 +1,17 @@
 """Media signaling: the SDP/ICE exchange between a participant's browser and the relay that
 hosts the consultation's Room. Signaling checks who may do what; the relay (embedded or a
-remote node, behind ``relay.api.Relay``) does the media."""
+remote node, behind ``relay.api.Relay``) does the media.
+
+Which connection carries a participant's media (``media:join`` binds it) is kept in the live
+store (``Participant.media_sid``), not in this process: with ``live.backend = "redis"`` the
+process that hears the relay's offer may not be the one the client is connected to, and an
+emit to a sid reaches it on whichever process it lives (socket.io's Redis manager)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 from typing import Any
 
 from config.settings import TurnSettings
@@ -13,7 +19,7 @@ from relay.api import Relay
 from relay.errors import RelayError
 from signaling import permissions
 from signaling.errors import Forbidden, InvalidState, NotFound, RelayWaiting, SignalingError
-from signaling.live import LiveStore
+from signaling.live import LiveStore, Participant
 from signaling.notify import Notifier, consultation_audience
 from signaling.placement import RelayDirectory
 from signaling.store import RecordStore
@@ -47,10 +53,13 @@ class Media:
         self._client_ice_servers = client_ice_servers
         self.turn = TurnIssuer(turn)
         self._store = store
-        self._sessions: dict[tuple[str, str], str] = {}
-        """(consultation, clinician) -> the connection (sid) that carries its media."""
+        self._forgetting: dict[str, asyncio.Task[None]] = {}
+        """Consultation -> the unbinding of its media sessions that ``forget`` started: the
+        steps of this process wait for it, so that they see it as if it were done at once."""
 
-    async def _relay_for(self, principal: Principal, consultation_id: str) -> Relay:
+    async def _relay_for(self, principal: Principal,
+                         consultation_id: str) -> tuple[Relay, Participant]:
+        await self._forgotten(consultation_id)
         participant = await self._live.get_participant(consultation_id, principal.id)
         if participant is None or not permissions.is_in(principal, participant):
             raise Forbidden(f"clinician {principal.id!r} is not in consultation "
@@ -58,12 +67,12 @@ class Media:
         if participant.state != "present":
             raise InvalidState(f"clinician {principal.id!r} is reconnecting to "
                                f"{consultation_id!r}")
-        return self._placed(consultation_id)
+        return await self._placed(consultation_id), participant
 
-    def _placed(self, consultation_id: str) -> Relay:
+    async def _placed(self, consultation_id: str) -> Relay:
         """The relay of an open consultation; ``relay_waiting`` while it has none (lost and
         not yet moved, or waiting for a relay: ``media:moved`` follows)."""
-        relay = self._relays.for_room(consultation_id)
+        relay = await self._relays.locate(consultation_id)
         if relay is None:
             raise RelayWaiting(f"consultation {consultation_id!r} is waiting for a media "
                                "server; wait for media:moved (or retry in a few seconds)")
@@ -85,12 +94,11 @@ class Media:
         reconnect, a restarted signaling, the same relay found again): if so the client keeps
         its peer connections (``resumed: true``); else, and without ``resume``, the media
         starts afresh on the relay (``resumed: false``: the client builds new ones)."""
-        relay = await self._relay_for(principal, consultation_id)
-        key = (consultation_id, principal.id)
-        before = self._sessions.get(key)
+        relay, participant = await self._relay_for(principal, consultation_id)
+        before = participant.media_sid
         # Bound before the relay is asked: a resumed participant's unanswered subscribe offer
         # is sent again while ``resume`` runs, and must reach this connection.
-        self._sessions[key] = sid
+        await self._live.set_media_sid(consultation_id, principal.id, sid)
         try:
             resumed = False
             if resume:
@@ -100,10 +108,8 @@ class Media:
                 await self._call("join", consultation_id,
                                  relay.join(consultation_id, principal.id))
         except BaseException:
-            if before is None:
-                self._sessions.pop(key, None)
-            else:
-                self._sessions[key] = before
+            # Back to the connection bound before, unless another join bound one meanwhile.
+            await self._live.set_media_sid(consultation_id, principal.id, before, expected=sid)
             raise
         logger.info("media of %s %s %s on relay %s", principal.id,
                     "resumed in" if resumed else "joined", consultation_id, relay.info.id)
@@ -132,7 +138,7 @@ class Media:
                             f"{consultation_id!r}")
         if consultation.state == "ended":
             raise InvalidState(f"consultation {consultation_id!r} has ended")
-        return self._placed(consultation_id)
+        return await self._placed(consultation_id)
 
     async def ice_servers(self, principal: Principal, consultation_id: str) -> dict[str, Any]:
         """What ``media:join`` would hand out, for the pre-call check's probe connection:
@@ -153,8 +159,8 @@ class Media:
 
     async def _session_relay(self, principal: Principal, sid: str,
                              consultation_id: str) -> Relay:
-        relay = await self._relay_for(principal, consultation_id)
-        if self._sessions.get((consultation_id, principal.id)) != sid:
+        relay, participant = await self._relay_for(principal, consultation_id)
+        if participant.media_sid != sid:
             raise InvalidState(f"send media:join for {consultation_id!r} on this connection "
                                "first")
         return relay
@@ -203,9 +209,9 @@ class Media:
         return {"audio_only": audio_only}
 
     async def leave(self, consultation_id: str, clinician_id: str) -> None:
-        """The participant left the consultation (or its grace period ran out)."""
-        self._sessions.pop((consultation_id, clinician_id), None)
-        relay = self._relays.for_room(consultation_id)
+        """The participant left the consultation (or its grace period ran out): their media
+        session went with them from the live store."""
+        relay = await self._relays.locate(consultation_id)
         if relay is not None:
             try:
                 # Bounded: a relay node that went silent must not hold up the timers that
@@ -216,12 +222,47 @@ class Media:
                 logger.info("media leave of %s in %s: %s", clinician_id, consultation_id,
                             getattr(exc, "code", "timeout"))
 
-    def session_of(self, consultation_id: str, clinician_id: str) -> str | None:
-        return self._sessions.get((consultation_id, clinician_id))
+    async def session_of(self, consultation_id: str, clinician_id: str) -> str | None:
+        """The connection that carries the participant's media, on any process."""
+        await self._forgotten(consultation_id)
+        participant = await self._live.get_participant(consultation_id, clinician_id)
+        return None if participant is None else participant.media_sid
+
+    async def unbind(self, consultation_id: str) -> None:
+        """The consultation's media sessions end (its relay changed, or it ended): each
+        participant sends ``media:join`` again before any other media step."""
+        for participant in await self._live.participants(consultation_id):
+            if participant.media_sid is not None:
+                await self._live.set_media_sid(consultation_id, participant.clinician_id,
+                                               None, expected=participant.media_sid)
 
     def forget(self, consultation_id: str) -> None:
-        for key in [k for k in self._sessions if k[0] == consultation_id]:
-            del self._sessions[key]
+        """``unbind``, for a caller that cannot wait (Consultations): started now; the media
+        steps and events of this process wait for it before they read a binding."""
+        before = self._forgetting.get(consultation_id)
+
+        async def run() -> None:
+            if before is not None:
+                await before
+            try:
+                await self.unbind(consultation_id)
+            except Exception:
+                logger.exception("consultation %s: unbinding its media sessions failed",
+                                 consultation_id)
+
+        task = asyncio.get_running_loop().create_task(run(), name=f"forget-{consultation_id}")
+        self._forgetting[consultation_id] = task
+
+        def done(_: asyncio.Task[None]) -> None:
+            if self._forgetting.get(consultation_id) is task:
+                del self._forgetting[consultation_id]
+
+        task.add_done_callback(done)
+
+    async def _forgotten(self, consultation_id: str) -> None:
+        pending: Awaitable[None] | None = self._forgetting.get(consultation_id)
+        if pending is not None:
+            await asyncio.shield(pending)
 
 
 class MediaEvents:
@@ -232,7 +273,7 @@ class MediaEvents:
         self._notifier = notifier
 
     async def offer(self, room_id: str, participant_id: str, offer: dict[str, Any]) -> None:
-        sid = self._media.session_of(room_id, participant_id)
+        sid = await self._media.session_of(room_id, participant_id)
         if sid is not None:
             await self._notifier.emit("media:offer", {"consultation_id": room_id, **offer}, sid)
 
@@ -244,7 +285,7 @@ class MediaEvents:
         )
 
     async def notice(self, room_id: str, participant_id: str, notice: dict[str, Any]) -> None:
-        sid = self._media.session_of(room_id, participant_id)
+        sid = await self._media.session_of(room_id, participant_id)
         if sid is not None:
             await self._notifier.emit("media:notice", {"consultation_id": room_id, **notice},
                                       sid)

@@ -134,6 +134,12 @@ class RelayDirectory:
         relay_id = self._placements.get(room_id)
         return self._relays.get(relay_id) if relay_id else None
 
+    async def locate(self, room_id: str) -> Relay | None:
+        """``for_room`` where the answer may live elsewhere: with a fleet's registry
+        (signaling/relay_registry.py) the Room may have been placed by another process, on a
+        relay connected to any of them. Here: ``for_room``."""
+        return self.for_room(room_id)
+
     def relays(self) -> list[Relay]:
         return list(self._relays.values())
 

@@ -202,3 +202,44 @@ async def test_a_restart_sweeps_its_own_previous_run(redis_server: RedisServer,
         assert await client.zscore(prefix + "instances", instance) is not None
     finally:
         await client.aclose()
+
+
+async def test_media_sid(store: LiveStore) -> None:
+    """The connection that carries a participant's media: written only by set_media_sid (a
+    put_participant keeps it, so that the lifecycle's read-modify-write of a participant cannot
+    undo a media:join that ran meanwhile), compare-and-set with ``expected``, gone with the
+    participant."""
+    assert await store.set_media_sid("k1", "ref1", "s1") is False  # no such participant
+    await store.put_participant(Participant("k1", "ref1", "d1", 1.0, sids={"s1"}))
+    stale = await store.get_participant("k1", "ref1")
+    assert stale is not None and stale.media_sid is None
+    stale = Participant(stale.consultation_id, stale.clinician_id, stale.site_id,
+                        stale.joined_at, sids=set(stale.sids))  # a copy, as from Redis
+    assert await store.set_media_sid("k1", "ref1", "s1") is True
+    found = await store.get_participant("k1", "ref1")
+    assert found is not None and found.media_sid == "s1"
+
+    # The copy read before the bind, written back after it (another tab connected): the
+    # bind stays.
+    stale.sids.add("s2")
+    await store.put_participant(stale)
+    found = await store.get_participant("k1", "ref1")
+    assert found is not None and found.media_sid == "s1" and found.sids == {"s1", "s2"}
+    assert [p.media_sid for p in await store.memberships_of("ref1")] == ["s1"]
+
+    assert await store.set_media_sid("k1", "ref1", None, expected="s2") is False
+    assert await store.set_media_sid("k1", "ref1", "s2", expected="s1") is True
+    assert [p.media_sid for p in await store.participants("k1")] == ["s2"]
+    assert await store.set_media_sid("k1", "ref1", None, expected="s2") is True
+    found = await store.get_participant("k1", "ref1")
+    assert found is not None and found.media_sid is None
+
+    assert await store.set_media_sid("k1", "ref1", "s3") is True
+    await store.remove_participant("k1", "ref1")
+    await store.put_participant(Participant("k1", "ref1", "d1", 2.0, sids={"s4"}))
+    found = await store.get_participant("k1", "ref1")
+    assert found is not None and found.media_sid is None
+    assert await store.set_media_sid("k1", "ref1", "s4") is True
+    dropped = await store.drop_consultation("k1")
+    assert [p.media_sid for p in dropped] == ["s4"]
+    assert await store.set_media_sid("k1", "ref1", "s5") is False
