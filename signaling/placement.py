@@ -72,6 +72,12 @@ class NoRelayAvailable(SignalingError):
     http_status = 503
 
 
+class Superseded(Exception):
+    """Another process changed the consultation's placement first (a fleet's registry,
+    signaling/relay_registry.py): what this one was doing for it is dropped, the other's
+    stands."""
+
+
 class RelayUnanswered(RelayError):
     """A relay did not answer ``open_room`` within ``relay.open_room_timeout_s``."""
 
@@ -90,6 +96,12 @@ class Waiting:
     """The node it waits for first (a restarted signaling: its media may still flow there)."""
     until: float = 0.0
     """Until when (Unix time) it waits for ``relay_id``; then any relay takes it."""
+    version: int = -1
+    """A fleet's registry: the version of the shared record this was read from (the
+    compare-and-set of its next change). Unused in one process."""
+    claim: str | None = None
+    """A fleet's registry: the process placing it now, until ``claim_until``."""
+    claim_until: float = 0.0
 
     def waits_for(self, relay_id: str, now: float) -> bool:
         """True while it waits for that node only."""
@@ -114,6 +126,10 @@ class RelayDirectory:
         self.changed = asyncio.Event()
         """Set when waiting consultations may find a place: a relay registered, a placement
         was released. ``RelayNodes.run`` waits on it."""
+
+    def _all(self) -> Iterable[Relay]:
+        """Every relay a placement may go to."""
+        return self._relays.values()
 
     def register(self, relay: Relay) -> None:
         self._relays[relay.info.id] = relay
@@ -167,7 +183,7 @@ class RelayDirectory:
             local = 0 if relay.info.region == region else 1
             return (local, self._load(relay) / relay.info.capacity, relay.info.id)
 
-        return sorted((r for r in self._relays.values()
+        return sorted((r for r in self._all()
                        if r.info.id not in exclude and self._free(r)), key=rank)
 
     def choose(self, region: str, exclude: Collection[str] = ()) -> Relay:
@@ -211,7 +227,7 @@ class RelayDirectory:
             try:
                 return await self.place(room_id, region, {relay.info.id})
             except NoRelayAvailable:
-                self.wait(room_id, region, reason="relay_lost", since=time.time())
+                await self.set_waiting(room_id, region, reason="relay_lost", since=time.time())
                 logger.warning("new consultation %s waits for a relay", room_id)
                 return relay
         # Held while the relay answers, so that moves placing other Rooms at the same time
@@ -225,7 +241,7 @@ class RelayDirectory:
                                   f"{self._open_timeout_s:g} s") from None
         finally:
             self.unreserve(relay)
-        self._settle(room_id, relay, region)
+        await self.record(room_id, relay, region)
         return relay
 
     def _settle(self, room_id: str, relay: Relay, region: str) -> None:
@@ -261,6 +277,60 @@ class RelayDirectory:
         return [(room, self._regions.get(room, "")) for room, where in self._placements.items()
                 if where == relay_id]
 
+    # -- what a fleet's registry shares (signaling/relay_registry.py); one process: memory --
+    async def record(self, room_id: str, relay: Relay, region: str) -> None:
+        """The Room is open on ``relay``: remember it (a fleet: share it, or raise Superseded
+        when another process placed it meanwhile)."""
+        self._settle(room_id, relay, region)
+
+    async def placements_of(self, relay_id: str) -> list[tuple[str, str]]:
+        """``placements_on``, by every process of a fleet."""
+        return self.placements_on(relay_id)
+
+    async def claim(self, room_id: str, relay_id: str, *, reason: MoveReason,
+                    since: float) -> bool:
+        """Take the Room off lost relay ``relay_id`` to move it; False when it is no longer
+        there (moved meanwhile by another process). One process: its lock serialises moves."""
+        return True
+
+    async def claim_waiting(self, room_id: str, waiting: Waiting) -> bool:
+        """Take the waiting Room to place it; False when it was placed (or is being placed)
+        meanwhile."""
+        return self._waiting.get(room_id) is waiting
+
+    async def set_waiting(self, room_id: str, region: str, *, reason: MoveReason, since: float,
+                          relay_id: str | None = None, until: float = 0.0) -> Waiting:
+        """``wait``, shared with a fleet."""
+        return self.wait(room_id, region, reason=reason, since=since, relay_id=relay_id,
+                         until=until)
+
+    async def update_waiting(self, room_id: str, waiting: Waiting) -> None:
+        """A waiting Room's ``relay_id``/``until`` changed (it waits for any relay now)."""
+
+    async def placement(self, room_id: str) -> tuple[str | None, Waiting | None]:
+        """Where the Room is placed (its relay's id, registered or not) or how it waits."""
+        return self._placements.get(room_id), self._waiting.get(room_id)
+
+    async def announce(self, relay: Relay) -> None:
+        """A node connected here (or its drain began): a fleet's other processes may place
+        on it."""
+
+    async def withdraw(self, relay_id: str) -> bool:
+        """A node connected here is gone: False when it is connected to another process of
+        the fleet now (its consultations stay where they are)."""
+        return True
+
+    async def refresh(self) -> None:
+        """A fleet: share this process's nodes (load, liveness) and read the others'."""
+
+    async def orphans(self) -> list[tuple[str, float]]:
+        """A fleet: relays whose process died and which no process took back within
+        ``adopt_wait_s``, with when they were last seen; their consultations move."""
+        return []
+
+    async def forget_orphan(self, relay_id: str, seen_at: float) -> None:
+        """The orphan's consultations are moved: its entry goes."""
+
     def region_of(self, room_id: str) -> str:
         return self._regions.get(room_id, "")
 
@@ -290,10 +360,10 @@ class RelayDirectory:
         rebuild), else it waits ``adopt_wait_s`` for that node's hello. A relay that fails
         hands it to the next; none: it waits for any. Never raises a relay's error."""
         now = time.time()
-        relay = self._relays.get(relay_id)
+        relay = self.get(relay_id)
         if relay is None:
-            self.wait(room_id, region, reason="signaling_restart", since=now,
-                      relay_id=relay_id, until=now + self._adopt_wait_s)
+            await self.set_waiting(room_id, region, reason="signaling_restart", since=now,
+                                   relay_id=relay_id, until=now + self._adopt_wait_s)
             return None
         failed: set[str] = set()
         try:
@@ -305,7 +375,7 @@ class RelayDirectory:
         try:
             return await self.place(room_id, region, failed)
         except NoRelayAvailable:
-            self.wait(room_id, region, reason="signaling_restart", since=now)
+            await self.set_waiting(room_id, region, reason="signaling_restart", since=now)
             return None
 
     async def release(self, room_id: str) -> None:
@@ -314,7 +384,7 @@ class RelayDirectory:
         self._regions.pop(room_id, None)
         self._waiting.pop(room_id, None)
         self.changed.set()
-        relay = self._relays.get(relay_id) if relay_id else None
+        relay = self.get(relay_id) if relay_id else None
         if relay is None:
             return
         try:
@@ -439,6 +509,11 @@ class RelayNodes:
         node = self._node_relay(info, sid)
         self._nodes[sid] = node
         self._relays.register(node)
+        try:
+            await self._relays.announce(node)
+        except Exception:
+            # The next refresh shares it (every heartbeat_s / 2).
+            logger.exception("relay node %s: sharing it with the fleet failed", relay_id)
         logger.info("relay node %s connected (region %r, capacity %d)", relay_id, info.region,
                     capacity)
 
@@ -471,7 +546,17 @@ class RelayNodes:
         lost_at = time.time()
         node.abandon()
         self._relays.unregister(node.info.id)
-        placements = self._relays.placements_on(node.info.id)
+        try:
+            ours = await self._relays.withdraw(node.info.id)
+        except Exception:
+            logger.exception("relay node %s: withdrawing it from the fleet failed; its "
+                             "consultations move from here", node.info.id)
+            ours = True
+        if not ours:
+            logger.info("relay node %s %s here, and is connected to another signaling process "
+                        "now: its consultations stay there", node.info.id, why)
+            return
+        placements = await self._relays.placements_of(node.info.id)
         if self._stopping:
             logger.info("relay node %s %s while signaling stops; its %d consultations stay "
                         "there", node.info.id, why, len(placements))
@@ -487,30 +572,47 @@ class RelayNodes:
     async def _move(self, relay_id: str, reason: MoveReason,
                     lost_at: float) -> list[tuple[str, Relay | None]]:
         """Every consultation on the relay to the best other one that answers, else to the
-        waiting state; the participants told either way. The caller holds ``_lock``."""
+        waiting state; the participants told either way. The caller holds ``_lock``. In a
+        fleet every process's placements on the relay move, each claimed first (once across
+        the processes); those another process moved or placed meanwhile are left out of the
+        list returned."""
         failed = {relay_id}
         slots = asyncio.Semaphore(MOVES_AT_ONCE)
 
-        async def move(room_id: str, region: str) -> tuple[str, Relay | None]:
+        async def move(room_id: str, region: str) -> tuple[str, Relay | None] | None:
             relay: Relay | None
             async with slots:
+                if not await self._relays.claim(room_id, relay_id, reason=reason,
+                                                since=lost_at):
+                    return None
                 try:
-                    relay = await self._relays.place(room_id, region, failed)
-                except NoRelayAvailable as exc:
-                    relay = None
-                    self._relays.wait(room_id, region, reason=reason, since=lost_at)
-                    logger.warning("consultation %s waits for a relay: %s", room_id,
-                                   exc.message)
-                except Exception:
-                    relay = None
-                    self._relays.wait(room_id, region, reason=reason, since=lost_at)
-                    logger.exception("consultation %s: placing it failed; it waits", room_id)
+                    try:
+                        relay = await self._relays.place(room_id, region, failed)
+                    except NoRelayAvailable as exc:
+                        relay = None
+                        await self._relays.set_waiting(room_id, region, reason=reason,
+                                                       since=lost_at)
+                        logger.warning("consultation %s waits for a relay: %s", room_id,
+                                       exc.message)
+                    except Superseded:
+                        raise
+                    except Exception:
+                        relay = None
+                        await self._relays.set_waiting(room_id, region, reason=reason,
+                                                       since=lost_at)
+                        logger.exception("consultation %s: placing it failed; it waits",
+                                         room_id)
+                except Superseded:
+                    logger.info("consultation %s was placed by another signaling process "
+                                "meanwhile", room_id)
+                    return None
                 await self._tell(room_id, relay, reason, lost_at)
             return room_id, relay
 
-        return list(await asyncio.gather(
+        moves = await asyncio.gather(
             *(move(room_id, region)
-              for room_id, region in self._relays.placements_on(relay_id))))
+              for room_id, region in await self._relays.placements_of(relay_id)))
+        return [m for m in moves if m is not None]
 
     async def _tell(self, room_id: str, relay: Relay | None, reason: MoveReason,
                     lost_at: float) -> None:
@@ -535,16 +637,19 @@ class RelayNodes:
                 for room_id, waiting in self._relays.waiting_rooms().items():
                     if waiting.relay_id is not None and now < waiting.until:
                         continue
-                    if self._relays.waiting(room_id) is not waiting:
-                        continue  # placed meanwhile
+                    if not await self._relays.claim_waiting(room_id, waiting):
+                        continue  # placed meanwhile (here or by another process)
                     try:
                         relay = await self._relays.place(room_id, waiting.region, failed)
+                    except Superseded:
+                        continue
                     except NoRelayAvailable:
                         if waiting.relay_id is not None:
                             logger.info("consultation %s: relay %s did not come back within "
                                         "%.0f s; it waits for any relay", room_id,
                                         waiting.relay_id, self._settings.adopt_wait_s)
                             waiting.relay_id = None
+                            await self._relays.update_waiting(room_id, waiting)
                             await self._tell(room_id, None, waiting.reason, waiting.since)
                         continue
                     placed += 1
@@ -569,6 +674,7 @@ class RelayNodes:
             late = time.monotonic() - before - every
             changed = self._relays.changed.is_set()
             self._relays.changed.clear()
+            await self._relays.refresh()
             if late > self._settings.heartbeat_s:
                 # This process stalled (CPU starved, a long collection), not the nodes: the
                 # heartbeats that arrived meanwhile are read before the next look.
@@ -576,11 +682,30 @@ class RelayNodes:
                             "the next turn", late)
             else:
                 await self.sweep()
+                await self.move_orphans()
             now = time.monotonic()
             if changed or now - last_try >= WAITING_RETRY_S:
                 last_try = now
                 if self._relays.waiting_rooms():
                     await self.place_waiting()
+
+    async def move_orphans(self) -> None:
+        """A fleet: the consultations of relays whose signaling process died and which
+        dialled no other within ``adopt_wait_s`` move (each claimed once across the
+        processes). Never raises."""
+        if self._stopping:
+            return
+        try:
+            for relay_id, seen_at in await self._relays.orphans():
+                logger.warning("relay node %s: its signaling process is gone and it did not "
+                               "dial another within %.0f s; its consultations move", relay_id,
+                               self._settings.adopt_wait_s)
+                async with self._lock:
+                    await self._move(relay_id, "relay_lost", seen_at)
+                await self._relays.forget_orphan(relay_id, seen_at)
+        except Exception:
+            logger.exception("moving the consultations of orphaned relays failed; trying "
+                             "again")
 
     async def sweep(self) -> None:
         """Take out nodes silent for ``heartbeat_s * heartbeat_misses``: their consultations
@@ -624,9 +749,11 @@ class RelayNodes:
             reported = set()
             for room in hello.rooms:
                 reported.add(room.room_id)
-                placed_on = self._relays.for_room(room.room_id)
-                waiting = self._relays.waiting(room.room_id)
-                if placed_on is not None and placed_on.info.id == relay_id:
+                placed_on, waiting = await self._relays.placement(room.room_id)
+                if placed_on == relay_id:
+                    # Placed here already (by any process): settled here as it is.
+                    await self._relays.record(room.room_id, node,
+                                              self._relays.region_of(room.room_id))
                     adopted.append(room.room_id)
                     if replaced_at is not None:
                         # Back on a new connection: the participants resume (an offer sent
@@ -634,8 +761,13 @@ class RelayNodes:
                         # new connection's media.
                         told.append((room.room_id, Waiting(
                             self._relays.region_of(room.room_id), replaced_at, "relay_lost")))
-                elif waiting is not None and not waiting.waits_for(relay_id, now):
-                    self._relays.adopt(room.room_id, node, waiting.region)
+                elif waiting is not None and not waiting.waits_for(relay_id, now) \
+                        and await self._relays.claim_waiting(room.room_id, waiting):
+                    try:
+                        await self._relays.record(room.room_id, node, waiting.region)
+                    except Superseded:
+                        close.append(room.room_id)
+                        continue
                     adopted.append(room.room_id)
                     told.append((room.room_id, waiting))
                 else:
@@ -645,6 +777,8 @@ class RelayNodes:
                     # The node came back without it (restarted): no reason to wait longer.
                     waiting.relay_id = None
                     waiting.until = 0.0
+                    with contextlib.suppress(Superseded):
+                        await self._relays.update_waiting(room_id, waiting)
             if adopted and self._on_adopted is not None:
                 participants = {r.room_id: list(r.participants) for r in hello.rooms}
                 for room_id in adopted:
@@ -670,6 +804,8 @@ class RelayNodes:
         started = time.monotonic()
         relay_id = node.info.id
         self._relays.drain(relay_id)
+        with contextlib.suppress(Exception):
+            await self._relays.announce(node)  # the fleet's other processes stop placing
         machine = self._machines.get(relay_id)
         if machine is not None:
             # A worker drains when its machine stops (its supervisor signals every worker at
@@ -680,7 +816,7 @@ class RelayNodes:
                     self._relays.drain(relay.info.id)
         async with self._lock:
             who = {room_id: await _participants(node, room_id, self._settings.open_room_timeout_s)
-                   for room_id, _ in self._relays.placements_on(relay_id)}
+                   for room_id, _ in await self._relays.placements_of(relay_id)}
             moves = await self._move(relay_id, "relay_drained", time.time())
         moved = [(room_id, relay) for room_id, relay in moves if relay is not None]
         expected = sum(len(who.get(room_id, ())) for room_id, _ in moved)
@@ -701,33 +837,37 @@ class RelayNodes:
         return {"ok": True, "result": {"moved": len(moved), "connected": connected,
                                        "waited_s": waited}}
 
-    def _owns(self, sid: str, data: Any) -> bool:
-        """A node speaks only for the Rooms placed on it."""
+    async def _owns(self, sid: str, data: Any) -> bool:
+        """A node speaks only for the Rooms placed on it (by any process of a fleet)."""
         node = self._nodes.get(sid)
         if node is None or not isinstance(data, dict):
             return False
-        placed = self._relays.for_room(str(data.get("room_id")))
+        placed = await self._relays.locate(str(data.get("room_id")))
         return placed is node
 
     async def _offer(self, sid: str, data: Any = None) -> None:
-        if self._owns(sid, data):
+        if await self._owns(sid, data):
             await self._events.offer(str(data.get("room_id")), str(data.get("participant_id")),
                                      dict(data.get("offer") or {}))
 
     async def _publication(self, sid: str, data: Any = None) -> None:
-        if self._owns(sid, data):
+        if await self._owns(sid, data):
             await self._events.publication(str(data.get("room_id")), str(data.get("event")),
                                            dict(data.get("publication") or {}))
 
     async def _notice(self, sid: str, data: Any = None) -> None:
-        if self._owns(sid, data):
+        if await self._owns(sid, data):
             await self._events.notice(str(data.get("room_id")),
                                       str(data.get("participant_id")),
                                       dict(data.get("notice") or {}))
 
     async def _media(self, sid: str, data: Any = None) -> None:
-        if self._owns(sid, data):
-            self._nodes[sid].deliver(data)
+        # Many a second while a Room is recorded: this process's own view (recording stays
+        # with the process that placed the Room; not across a fleet yet).
+        node = self._nodes.get(sid)
+        if node is not None and isinstance(data, dict) \
+                and self._relays.for_room(str(data.get("room_id"))) is node:
+            node.deliver(data)
 
 
 def _refusal(code: str, message: str) -> dict[str, Any]:
