@@ -667,15 +667,15 @@ class SearchQuery(BaseModel):
 # -- the command line (telehealth directory import|export) --------------------------------------
 
 
-def cli_import(directory: Directory, store_path: Path, audit: AuditLog, path: Path, *,
+def cli_import(directory: Directory, store: RecordStore, audit: AuditLog, path: Path, *,
                dry_run: bool, actor: str) -> int:
-    """``telehealth directory import``: 0 when applied (or a clean dry run), 2 with every bad
-    row on stderr when the file has any (then nothing changed)."""
+    """``telehealth directory import`` into ``store`` (not opened yet: opened and closed
+    here): 0 when applied (or a clean dry run), 2 with every bad row on stderr when the file
+    has any (then nothing changed)."""
     started = time.monotonic()
     batch = read_import_file(path)
 
     async def run() -> ImportReport:
-        store = RecordStore(store_path)
         await store.open()
         try:
             return await DirectoryAdmin(directory, store, audit).import_batch(

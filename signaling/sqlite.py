@@ -1,6 +1,6 @@
 """One SQLite file served off the event loop: a single worker thread owns the connection, so
 every statement runs in order and the loop never waits on the disk. The records
-(``signaling.store.RecordStore``) and the accounts (``signaling.accounts.Accounts``) are each
+(``signaling.store.SqliteRecordStore``) and the accounts (``signaling.accounts.Accounts``) are each
 one of these, with their own schema and durability."""
 
 from __future__ import annotations

@@ -1,10 +1,17 @@
-"""Durable records in SQLite: the directory (its source of truth), consult requests,
-consultations, minutes, chat and attendance. Every write is committed (WAL, synchronous=FULL)
-before the call returns, so an acknowledged request survives a kill -9 of the server.
+"""Durable records: the directory (its source of truth), consult requests, consultations,
+minutes, chat and attendance. ``RecordStore`` is what the services use; two backends answer it
+with the same guarantees (``storage.backend``):
 
-All database work runs on one dedicated thread: the event loop never blocks on disk, and writes
-of this process are serialized. A claim (accept) is a conditional UPDATE inside a write
-transaction, so exactly one claimant wins even across processes sharing the file.
+- ``SqliteRecordStore`` (here): a file in the data directory, for one `serve` process. Every
+  write is committed (WAL, synchronous=FULL) before the call returns, so an acknowledged
+  request survives a kill -9 of the server. All database work runs on one dedicated thread:
+  the event loop never blocks on disk, and writes of this process are serialized.
+- ``signaling.store_pg.PostgresRecordStore``: a PostgreSQL database several `serve` processes
+  share (a fleet).
+
+Either way a claim (accept) is a conditional UPDATE inside one write transaction, so exactly one
+claimant wins even across processes, and the schema is ``signaling.migrations``'s steps,
+applied at open.
 """
 
 from __future__ import annotations
@@ -14,10 +21,11 @@ import logging
 import sqlite3
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from signaling.directory import Directory
 from signaling.errors import AlreadyTaken, InvalidState, NotFound
+from signaling.migrations import migrate_sqlite
 from signaling.models import (
     ChatMessage,
     Clinician,
@@ -32,59 +40,24 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS sites (
-    id TEXT PRIMARY KEY, name TEXT NOT NULL, tier TEXT NOT NULL, region TEXT NOT NULL,
-    active INTEGER NOT NULL DEFAULT 1, updated_at REAL NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS clinicians (
-    id TEXT PRIMARY KEY, name TEXT NOT NULL, site_id TEXT NOT NULL,
-    roles TEXT NOT NULL, specialties TEXT NOT NULL,
-    active INTEGER NOT NULL DEFAULT 1, updated_at REAL NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS regions (id TEXT PRIMARY KEY, name TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS requests (
-    id TEXT PRIMARY KEY, site_id TEXT NOT NULL, requester_id TEXT NOT NULL,
-    specialty TEXT NOT NULL, priority TEXT NOT NULL, reason TEXT NOT NULL,
-    patient_pseudonym TEXT, status TEXT NOT NULL, created_at REAL NOT NULL,
-    escalated_at REAL, accepted_by TEXT, accepted_at REAL, consultation_id TEXT, closed_at REAL
-);
-CREATE INDEX IF NOT EXISTS requests_status ON requests (status);
-CREATE TABLE IF NOT EXISTS consultations (
-    id TEXT PRIMARY KEY, request_id TEXT NOT NULL UNIQUE, host_id TEXT NOT NULL,
-    relay_id TEXT NOT NULL, state TEXT NOT NULL, created_at REAL NOT NULL,
-    started_at REAL, ended_at REAL, site_ids TEXT NOT NULL, clinician_ids TEXT NOT NULL,
-    invited_site_ids TEXT NOT NULL, conclusion TEXT, signed_by TEXT, signed_at REAL
-);
-CREATE TABLE IF NOT EXISTS chat (
-    id TEXT PRIMARY KEY, consultation_id TEXT NOT NULL, sender_id TEXT NOT NULL,
-    site_id TEXT NOT NULL, text TEXT NOT NULL, sent_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS chat_consultation ON chat (consultation_id, sent_at);
-CREATE TABLE IF NOT EXISTS attendance (
-    consultation_id TEXT NOT NULL, clinician_id TEXT NOT NULL, site_id TEXT NOT NULL,
-    joined_at REAL NOT NULL, left_at REAL
-);
-CREATE INDEX IF NOT EXISTS attendance_consultation ON attendance (consultation_id);
-"""
-
-_REQUEST_COLUMNS = (
+REQUEST_COLUMNS = (
     "id, site_id, requester_id, specialty, priority, reason, patient_pseudonym, status, "
     "created_at, escalated_at, accepted_by, accepted_at, consultation_id, closed_at"
 )
-_CONSULTATION_COLUMNS = (
+CONSULTATION_COLUMNS = (
     "id, request_id, host_id, relay_id, state, created_at, started_at, ended_at, site_ids, "
     "clinician_ids, invited_site_ids, conclusion, signed_by, signed_at"
 )
 
 
+ALREADY_TAKEN = "consult request {!r} was already taken by another specialist"
 
 
-def _request_from_row(row: tuple[Any, ...]) -> ConsultRequest:
+def request_from_row(row: tuple[Any, ...]) -> ConsultRequest:
     return ConsultRequest(*row)
 
 
-def _consultation_from_row(row: tuple[Any, ...]) -> Consultation:
+def consultation_from_row(row: tuple[Any, ...]) -> Consultation:
     (cid, request_id, host_id, relay_id, state, created_at, started_at, ended_at, site_ids,
      clinician_ids, invited, conclusion, signed_by, signed_at) = row
     minutes = Minutes(conclusion, signed_by, signed_at) if conclusion is not None else None
@@ -96,9 +69,86 @@ def _consultation_from_row(row: tuple[Any, ...]) -> Consultation:
     )
 
 
-class RecordStore(SqliteFile):
-    """The SQLite file under the data directory. Open with ``await open()``, close with
-    ``await close()`` (idempotent)."""
+class RecordStore(Protocol):
+    """The durable records, whatever holds them. Open with ``await open()`` (the schema is
+    brought up to date), close with ``await close()`` (idempotent). Every write is durable
+    when its call returns."""
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def save_directory(self, sites: Iterable[Site] = (),
+                             clinicians: Iterable[Clinician] = (),
+                             regions: Mapping[str, str] | None = None) -> None:
+        """Insert or replace these records in one transaction: all of them or none."""
+        ...
+
+    async def read_directory(self) -> Directory: ...
+
+    async def add_request(self, request: ConsultRequest) -> None: ...
+
+    async def get_request(self, request_id: str) -> ConsultRequest | None: ...
+
+    async def waiting_requests(self) -> list[ConsultRequest]: ...
+
+    async def requests_of(self, requester_id: str, limit: int = 50) -> list[ConsultRequest]:
+        """The requester's requests, newest first."""
+        ...
+
+    async def finish_request(self, request_id: str, status: str, at: float) -> bool:
+        """Move a waiting request to ``cancelled`` or ``expired``; False if it was not waiting."""
+        ...
+
+    async def mark_escalated(self, request_id: str, at: float) -> bool:
+        """Note that the request escalated at ``at``. True only for the one call that did it:
+        False when it had escalated already (another node's timer, say) or does not exist."""
+        ...
+
+    async def claim(self, request_id: str, clinician_id: str, consultation: Consultation,
+                    at: float) -> None:
+        """Atomically accept a waiting request and create its consultation.
+
+        Raises AlreadyTaken if someone else accepted it first, InvalidState if it is no longer
+        waiting for another reason, NotFound if there is no such request.
+        """
+        ...
+
+    async def get_consultation(self, consultation_id: str) -> Consultation | None: ...
+
+    async def active_consultations(self) -> list[Consultation]: ...
+
+    async def consultations_for(self, clinician_id: str, site_id: str, *, everything: bool,
+                                limit: int = 100) -> list[Consultation]:
+        """Consultations the clinician is named on or whose sites were invited (all of them
+        when ``everything``), newest first."""
+        ...
+
+    async def save_consultation(self, consultation: Consultation) -> None: ...
+
+    async def end_consultation(self, consultation: Consultation, minutes: Minutes) -> None:
+        """Store the minutes, end the consultation and close its request, in one transaction;
+        InvalidState if it had ended already."""
+        ...
+
+    async def add_chat(self, message: ChatMessage) -> None: ...
+
+    async def chat_of(self, consultation_id: str) -> list[ChatMessage]: ...
+
+    async def record_join(self, consultation_id: str, clinician_id: str, site_id: str,
+                          at: float) -> None: ...
+
+    async def record_leave(self, consultation_id: str, clinician_id: str, at: float) -> None: ...
+
+    async def attendance_of(self, consultation_id: str) -> list[dict[str, Any]]: ...
+
+    async def attendees_of(self, consultation_id: str) -> frozenset[str]:
+        """The clinicians who joined the consultation at least once."""
+        ...
+
+
+class SqliteRecordStore(SqliteFile):
+    """The SQLite file under the data directory (``RecordStore``)."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(path, name="records", synchronous="FULL")
@@ -126,7 +176,7 @@ class RecordStore(SqliteFile):
         def _write(db: sqlite3.Connection) -> None:
             with transaction(db):
                 db.execute(
-                    f"INSERT INTO requests ({_REQUEST_COLUMNS}) VALUES "
+                    f"INSERT INTO requests ({REQUEST_COLUMNS}) VALUES "
                     "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (request.id, request.site_id, request.requester_id, request.specialty,
                      request.priority, request.reason, request.patient_pseudonym,
@@ -140,28 +190,28 @@ class RecordStore(SqliteFile):
     async def get_request(self, request_id: str) -> ConsultRequest | None:
         def _read(db: sqlite3.Connection) -> ConsultRequest | None:
             row = db.execute(
-                f"SELECT {_REQUEST_COLUMNS} FROM requests WHERE id = ?", (request_id,)
+                f"SELECT {REQUEST_COLUMNS} FROM requests WHERE id = ?", (request_id,)
             ).fetchone()
-            return _request_from_row(row) if row else None
+            return request_from_row(row) if row else None
 
         return await self._run(_read)
 
     async def waiting_requests(self) -> list[ConsultRequest]:
         def _read(db: sqlite3.Connection) -> list[ConsultRequest]:
             rows = db.execute(
-                f"SELECT {_REQUEST_COLUMNS} FROM requests WHERE status = 'waiting'"
+                f"SELECT {REQUEST_COLUMNS} FROM requests WHERE status = 'waiting'"
             ).fetchall()
-            return [_request_from_row(r) for r in rows]
+            return [request_from_row(r) for r in rows]
 
         return await self._run(_read)
 
     async def requests_of(self, requester_id: str, limit: int = 50) -> list[ConsultRequest]:
         def _read(db: sqlite3.Connection) -> list[ConsultRequest]:
             rows = db.execute(
-                f"SELECT {_REQUEST_COLUMNS} FROM requests WHERE requester_id = ? "
+                f"SELECT {REQUEST_COLUMNS} FROM requests WHERE requester_id = ? "
                 "ORDER BY created_at DESC LIMIT ?", (requester_id, limit),
             ).fetchall()
-            return [_request_from_row(r) for r in rows]
+            return [request_from_row(r) for r in rows]
 
         return await self._run(_read)
 
@@ -178,15 +228,16 @@ class RecordStore(SqliteFile):
 
         return await self._run(_write)
 
-    async def mark_escalated(self, request_id: str, at: float) -> None:
-        def _write(db: sqlite3.Connection) -> None:
+    async def mark_escalated(self, request_id: str, at: float) -> bool:
+        def _write(db: sqlite3.Connection) -> bool:
             with transaction(db):
-                db.execute(
+                cursor = db.execute(
                     "UPDATE requests SET escalated_at = ? WHERE id = ? AND escalated_at IS NULL",
                     (at, request_id),
                 )
+            return cursor.rowcount == 1
 
-        await self._run(_write)
+        return await self._run(_write)
 
     async def claim(self, request_id: str, clinician_id: str, consultation: Consultation,
                     at: float) -> None:
@@ -210,10 +261,7 @@ class RecordStore(SqliteFile):
                     if row is None:
                         raise NotFound(f"no consult request {request_id!r}")
                     if row[0] in ("accepted", "closed"):
-                        raise AlreadyTaken(
-                            f"consult request {request_id!r} was already taken by another "
-                            "specialist"
-                        )
+                        raise AlreadyTaken(ALREADY_TAKEN.format(request_id))
                     raise InvalidState(f"consult request {request_id!r} is {row[0]}")
                 _insert_consultation(db, consultation)
 
@@ -223,19 +271,19 @@ class RecordStore(SqliteFile):
     async def get_consultation(self, consultation_id: str) -> Consultation | None:
         def _read(db: sqlite3.Connection) -> Consultation | None:
             row = db.execute(
-                f"SELECT {_CONSULTATION_COLUMNS} FROM consultations WHERE id = ?",
+                f"SELECT {CONSULTATION_COLUMNS} FROM consultations WHERE id = ?",
                 (consultation_id,),
             ).fetchone()
-            return _consultation_from_row(row) if row else None
+            return consultation_from_row(row) if row else None
 
         return await self._run(_read)
 
     async def active_consultations(self) -> list[Consultation]:
         def _read(db: sqlite3.Connection) -> list[Consultation]:
             rows = db.execute(
-                f"SELECT {_CONSULTATION_COLUMNS} FROM consultations WHERE state != 'ended'"
+                f"SELECT {CONSULTATION_COLUMNS} FROM consultations WHERE state != 'ended'"
             ).fetchall()
-            return [_consultation_from_row(r) for r in rows]
+            return [consultation_from_row(r) for r in rows]
 
         return await self._run(_read)
 
@@ -247,19 +295,19 @@ class RecordStore(SqliteFile):
         def _read(db: sqlite3.Connection) -> list[Consultation]:
             if everything:
                 rows = db.execute(
-                    f"SELECT {_CONSULTATION_COLUMNS} FROM consultations "
+                    f"SELECT {CONSULTATION_COLUMNS} FROM consultations "
                     "ORDER BY created_at DESC LIMIT ?", (limit,),
                 ).fetchall()
             else:
                 rows = db.execute(
-                    f"SELECT {_CONSULTATION_COLUMNS} FROM consultations WHERE id IN ("
+                    f"SELECT {CONSULTATION_COLUMNS} FROM consultations WHERE id IN ("
                     " SELECT c.id FROM consultations c, json_each(c.clinician_ids) j"
                     " WHERE j.value = ?"
                     " UNION SELECT c.id FROM consultations c, json_each(c.invited_site_ids) j"
                     " WHERE j.value = ?) ORDER BY created_at DESC LIMIT ?",
                     (clinician_id, site_id, limit),
                 ).fetchall()
-            return [_consultation_from_row(r) for r in rows]
+            return [consultation_from_row(r) for r in rows]
 
         return await self._run(_read)
 
@@ -363,15 +411,9 @@ class RecordStore(SqliteFile):
 
 
 def _prepare(db: sqlite3.Connection) -> None:
-    """The schema, and the columns a store written before the directory lived here lacks
-    (its ``sites`` and ``clinicians`` were a mirror of the file: they become the directory)."""
-    db.executescript(SCHEMA)
-    for table in ("sites", "clinicians"):
-        columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
-        if "active" not in columns:
-            db.execute(f"ALTER TABLE {table} ADD COLUMN active INTEGER NOT NULL DEFAULT 1")
-        if "updated_at" not in columns:
-            db.execute(f"ALTER TABLE {table} ADD COLUMN updated_at REAL NOT NULL DEFAULT 0")
+    """The schema brought to the latest step (``signaling.migrations``; a file from before
+    migrations is recognised as step 1)."""
+    migrate_sqlite(db)
 
 
 def write_directory(db: sqlite3.Connection, sites: list[Site], clinicians: list[Clinician],
@@ -433,7 +475,7 @@ def open_directory(path: Path, seed: Callable[[], tuple[Directory, str]]) -> Dir
 
 def _insert_consultation(db: sqlite3.Connection, c: Consultation) -> None:
     db.execute(
-        f"INSERT INTO consultations ({_CONSULTATION_COLUMNS}) VALUES "
+        f"INSERT INTO consultations ({CONSULTATION_COLUMNS}) VALUES "
         "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (c.id, c.request_id, c.host_id, c.relay_id, c.state, c.created_at, c.started_at,
          c.ended_at, json.dumps(c.site_ids), json.dumps(c.clinician_ids),

@@ -293,11 +293,12 @@ def _archive(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _directory(settings: Settings, args: argparse.Namespace) -> int:
-    """On the store in ``storage.data_dir`` (a running server does not see it: ``--server``
-    imports through its ``POST /api/directory/import`` instead)."""
+    """On the records of ``storage.backend`` (a running server does not see the change:
+    ``--server`` imports through its ``POST /api/directory/import`` instead)."""
     from recorder.audit import AUDIT_LOG, AuditLog
     from signaling.directory_admin import cli_export, cli_import, cli_import_remote
-    from telehealth.startup import RECORDS_FILE, load_directory
+    from signaling.records import record_store
+    from telehealth.startup import load_directory
 
     if args.directory_command == "import" and args.server is not None:
         return cli_import_remote(args.server, args.token or "", args.file,
@@ -305,7 +306,7 @@ def _directory(settings: Settings, args: argparse.Namespace) -> int:
     directory = load_directory(settings)
     if args.directory_command == "export":
         return cli_export(directory, args.out)
-    return cli_import(directory, settings.storage.data_dir / RECORDS_FILE,
+    return cli_import(directory, record_store(settings.storage),
                       AuditLog(settings.archive_dir() / AUDIT_LOG), args.file,
                       dry_run=args.dry_run, actor=f"cli:{_user()}")
 

@@ -10,9 +10,9 @@ Starting and stopping follow ``cleanup_ctx``, in this order, and close in revers
 2. the live state: with ``live.backend = "redis"``, what this process's previous run left in
    Redis is swept (its participants reconnecting, before the records are restored) and the
    heartbeat starts; with it python-socketio's Redis manager's listener stops at the end;
-3. the records: the SQLite store opened (``load_directory`` read the directory from it first),
-   waiting requests and open consultations restored (their Rooms reopened on a relay); closed
-   at the end;
+3. the records: the store of ``storage.backend`` opened (``load_directory`` read the directory
+   from it first), waiting requests and open consultations restored (their Rooms reopened on a
+   relay); closed at the end;
 4. the recorder: what a dead process was recording marked interrupted; every file finished at
    the end;
 5. the timers: escalation and expiry, the reconnect grace period; on a timer of their own,
@@ -77,14 +77,13 @@ from signaling.recording import (
     RecordingControl,
     recording_state_notifier,
 )
+from signaling.records import open_directory, record_store
 from signaling.security import forwarded_from, same_origin, security_headers
 from signaling.socket_server import SignalingServer
-from signaling.store import RecordStore, open_directory
+from signaling.store import RecordStore
 from signaling.tokens import TokenAuthority, load_or_create_secret
 
 logger = logging.getLogger(__name__)
-
-RECORDS_FILE = "records.sqlite3"
 
 STOPPING_EVENT = "server:stopping"
 """Sent to every signed-in connection before the server closes it on a stop."""
@@ -254,7 +253,7 @@ def load_directory(settings: Settings) -> Directory:
         path = directory_path(settings)
         return Directory.load(path), str(path)
 
-    return open_directory(settings.storage.data_dir / RECORDS_FILE, seed)
+    return open_directory(settings.storage, seed)
 
 
 def token_authority(settings: Settings) -> tuple[Directory, TokenAuthority]:
@@ -279,7 +278,7 @@ def create_app(settings: Settings) -> web.Application:
         **({"client_manager": manager} if manager is not None else {}),
     )
     notifier = SocketIONotifier(sio)
-    store = RecordStore(settings.storage.data_dir / RECORDS_FILE)
+    store = record_store(settings.storage)
     live = live_store(settings)
 
     # The relay: what relays say reaches the participants' connections through MediaEvents.

@@ -15,7 +15,7 @@ import pytest
 
 from recorder.audit import AUDIT_LOG, AuditLog
 from signaling.recording import ArchiveDescription
-from signaling.store import RecordStore
+from signaling.store import SqliteRecordStore
 from telehealth.startup import SERVICES
 from tests.signaling.test_permissions import connect_refusal
 from tests.support import Client, Server, clients, run_server, write_config
@@ -256,7 +256,7 @@ async def test_bad_input_is_refused_clearly_and_changes_nothing(tmp_path: Path) 
         async with session.get(server.url + "/healthz") as response:
             assert response.status == 200
     # Nothing reached the store either.
-    store = RecordStore(server.settings.storage.data_dir / "records.sqlite3")
+    store = SqliteRecordStore(server.settings.storage.data_dir / "records.sqlite3")
     await store.open()
     try:
         stored = await store.read_directory()
