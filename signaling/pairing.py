@@ -1,4 +1,13 @@
-"""Consult requests and pairing: request, cancel, accept (atomic claim), escalation, expiry."""
+"""Consult requests and pairing: request, cancel, accept (atomic claim), escalation, expiry.
+
+In a fleet (signaling/fleet.py) every member keeps its own index of the waiting requests
+(``ConsultQueue``): after each write to the shared store, the member that wrote says so on
+the bus (``queue`` {action: added | removed | escalated, request}); the others apply it to
+their index, and ``resync`` (every ``fleet.RESYNC_S`` and when the bus is back) heals what the
+bus lost. Clients are told by the member that wrote (socket.io's Redis manager carries its
+emits to every member's sockets), never again by the members that apply. The store decides
+every race (a claim, a finish, an escalation is written once), and only the member leading
+the timers runs ``tick``."""
 
 from __future__ import annotations
 
@@ -6,7 +15,10 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import Any
+from collections import OrderedDict
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from config.settings import QueueSettings
 from signaling import permissions
@@ -19,8 +31,9 @@ from signaling.errors import (
     NotFound,
     TooManyRequests,
 )
+from signaling.fleet import Fleet, LocalFleet, describe
 from signaling.metrics import Metrics
-from signaling.models import Consultation, ConsultRequest, Priority
+from signaling.models import Consultation, ConsultRequest, Priority, RequestStatus
 from signaling.notify import (
     CENTRAL_SPECIALISTS,
     COORDINATORS,
@@ -41,14 +54,69 @@ EXPIRED_MESSAGE = (
 )
 
 
+QUEUE_MESSAGE = "queue"
+"""The fleet's message kind for changes of the waiting requests."""
+GONE_REMEMBERED = 4096
+"""Requests that left the queue remembered (newest last): a late ``added`` about one of them
+(sent by another member before it was accepted here) is ignored."""
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:20]}"
+
+
+class RequestWire(BaseModel):
+    """``ConsultRequest.to_wire()`` as another member sent it. Fields a newer member adds are
+    ignored (members of two versions meet during a rolling upgrade)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    id: str
+    site_id: str
+    requester_id: str
+    specialty: str
+    priority: Priority
+    reason: str
+    patient_pseudonym: str | None
+    status: RequestStatus
+    created_at: float
+    escalated: bool
+    accepted_by: str | None = None
+    accepted_at: float | None = None
+    consultation_id: str | None = None
+    closed_at: float | None = None
+
+
+class QueueChange(BaseModel):
+    """The ``queue`` message: what a member wrote to the store about one request."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    action: Literal["added", "removed", "escalated"]
+    request: RequestWire
+    escalated_at: float | None = None
+    """The wire says only whether; the index keeps when."""
+    position: int | None = None
+    """``added``: the position its requester was told in the ack."""
+
+    def to_request(self) -> ConsultRequest:
+        wire = self.request
+        escalated_at = self.escalated_at
+        if escalated_at is None and wire.escalated:
+            escalated_at = wire.created_at
+        return ConsultRequest(
+            id=wire.id, site_id=wire.site_id, requester_id=wire.requester_id,
+            specialty=wire.specialty, priority=wire.priority, reason=wire.reason,
+            patient_pseudonym=wire.patient_pseudonym, status=wire.status,
+            created_at=wire.created_at, escalated_at=escalated_at,
+            accepted_by=wire.accepted_by, accepted_at=wire.accepted_at,
+            consultation_id=wire.consultation_id, closed_at=wire.closed_at)
 
 
 class Pairing:
     def __init__(self, *, store: RecordStore, queue: ConsultQueue, directory: Directory,
                  relays: RelayDirectory, notifier: Notifier, metrics: Metrics,
-                 settings: QueueSettings) -> None:
+                 settings: QueueSettings, fleet: Fleet | None = None) -> None:
         self._store = store
         self._queue = queue
         self._directory = directory
@@ -64,6 +132,14 @@ class Pairing:
         """Specialties whose lane changed since the last tick: positions to tell."""
         self._told: dict[str, int] = {}
         """The position last told to each waiting request's requester."""
+        self._gone: OrderedDict[str, None] = OrderedDict()
+        """Requests that left the queue lately (``GONE_REMEMBERED`` at most)."""
+        self._touched: set[str] | None = None
+        """While ``resync`` reads the store: the requests changed meanwhile (left alone)."""
+        self._resyncing = asyncio.Lock()
+        self._fleet: Fleet = fleet if fleet is not None else LocalFleet()
+        self._fleet.subscribe(QUEUE_MESSAGE, self._apply)
+        self._fleet.on_resync(self.resync)
 
     async def restore(self) -> int:
         """Rebuild the queue from the store after a start or restart."""
@@ -101,6 +177,94 @@ class Pairing:
         """``request`` arrived in or left its lane: the positions behind it moved. They are
         told at the next tick (``tell_positions``), at most once per request per tick."""
         self._moved.add(request.specialty)
+
+    # -- the index: this member's writes, the other members' messages, resync -------------
+    def _index(self, request: ConsultRequest) -> None:
+        if request.id in self._gone:
+            return  # Left the queue already (accepted on another member meanwhile).
+        if self._touched is not None:
+            self._touched.add(request.id)
+        self._queue.add(request)
+
+    def _forget(self, request_id: str) -> ConsultRequest | None:
+        """``request_id`` left the queue (here or on another member)."""
+        if self._touched is not None:
+            self._touched.add(request_id)
+        self._gone[request_id] = None
+        self._gone.move_to_end(request_id)
+        while len(self._gone) > GONE_REMEMBERED:
+            self._gone.popitem(last=False)
+        self._told.pop(request_id, None)
+        removed = self._queue.remove(request_id)
+        if removed is not None:
+            self._lane_moved(removed)
+        return removed
+
+    async def _say(self, action: str, request: ConsultRequest, **extra: Any) -> None:
+        """Tell the other members what this one just wrote to the store."""
+        await self._fleet.publish(QUEUE_MESSAGE, {
+            "action": action, "request": request.to_wire(),
+            "escalated_at": request.escalated_at, **extra})
+
+    async def _apply(self, data: dict[str, Any]) -> None:
+        """Another member's ``queue`` message: this member's index follows (nobody is told
+        here: the member that wrote told the clients)."""
+        try:
+            change = QueueChange.model_validate(data)
+        except ValidationError as exc:
+            logger.warning("fleet: a malformed queue message dropped (%s)", describe(exc))
+            return
+        request = change.to_request()
+        if change.action == "removed":
+            self._forget(request.id)
+        elif request.id in self._gone:
+            pass  # It left here first (this member accepted it, or heard so before).
+        elif change.action == "added":
+            if request.id not in self._queue:
+                self._index(request)
+                self._lane_moved(request)
+                if change.position is not None:
+                    self._told[request.id] = change.position
+        else:  # escalated
+            known = self._queue.get(request.id)
+            if known is None:
+                self._index(request)
+                self._lane_moved(request)
+            elif known.escalated_at is None:
+                known.escalated_at = request.escalated_at
+        self._metrics.set_queue(self._queue.counts_by_priority())
+
+    async def resync(self) -> int:
+        """Make the index what the store says is waiting: the requests missing are added,
+        those no longer waiting dropped, escalations copied; a request changed while the store
+        was read is left as it is now. Returns how many were corrected."""
+        async with self._resyncing:
+            before = self._queue.ids()
+            self._touched = set()
+            try:
+                stored = await self._store.waiting_requests()
+            finally:
+                touched, self._touched = self._touched, None
+            corrected = 0
+            waiting = {r.id for r in stored}
+            for request in stored:
+                if request.id in touched:
+                    continue
+                known = self._queue.get(request.id)
+                if known is None:
+                    self._queue.add(request)
+                    self._lane_moved(request)
+                    corrected += 1
+                elif known.escalated_at is None and request.escalated_at is not None:
+                    known.escalated_at = request.escalated_at
+                    corrected += 1
+            for request_id in before - waiting - touched:
+                if self._forget(request_id) is not None:
+                    corrected += 1
+            if corrected:
+                logger.info("queue resync: %d requests corrected from the store", corrected)
+                self._metrics.set_queue(self._queue.counts_by_priority())
+            return corrected
 
     async def tell_positions(self) -> int:
         """Tell each waiting requester whose position changed since they were last told
@@ -144,7 +308,7 @@ class Pairing:
         self._creating[principal.id] = self._creating.get(principal.id, 0) + 1
         try:
             await self._store.add_request(request)
-            self._queue.add(request)
+            self._index(request)
         finally:
             left = self._creating.pop(principal.id) - 1
             if left:
@@ -152,11 +316,12 @@ class Pairing:
         self._metrics.requests.labels(outcome="created").inc()
         logger.info("request %s created by %s (%s, %s)", request.id, principal.id,
                     request.specialty, request.priority)
-        await self._queue_changed("added", request)
-        self._lane_moved(request)
         position = self._queue.position(request.id)
         if position is not None:
             self._told[request.id] = position
+        await self._say("added", request, position=position)
+        await self._queue_changed("added", request)
+        self._lane_moved(request)
         return {"request": request.to_wire(), "position": position}
 
     async def cancel(self, principal: Principal, request_id: str) -> dict[str, Any]:
@@ -176,20 +341,24 @@ class Pairing:
             raise NotFound(f"no consult request {request_id!r}")
         if stored.status in ("accepted", "closed"):
             raise AlreadyTaken(f"consult request {request_id!r} was already taken")
+        if stored.status == "waiting" and stored.id not in self._gone:
+            # Made on another member, whose message has not arrived (or was lost).
+            self._index(stored)
+            self._lane_moved(stored)
+            return stored
         raise InvalidState(f"consult request {request_id!r} is {stored.status}, not waiting")
 
     async def _finish(self, request: ConsultRequest, status: str, **extra: Any) -> None:
         now = time.time()
         if not await self._store.finish_request(request.id, status, now):
-            # Claimed or finished meanwhile (another node): the store decides.
-            self._queue.remove(request.id)
-            self._told.pop(request.id, None)
-            self._lane_moved(request)
+            # Claimed or finished meanwhile (another member): the store decides.
+            self._forget(request.id)
             raise InvalidState(f"consult request {request.id!r} is no longer waiting")
-        self._queue.remove(request.id)
+        self._forget(request.id)
         self._lane_moved(request)
         request.status = status  # type: ignore[assignment]
         request.closed_at = now
+        await self._say("removed", request)
         self._metrics.requests.labels(outcome=status).inc()
         await self._queue_changed("removed", request)
         await self._tell_requester(request, **extra)
@@ -230,13 +399,13 @@ class Pairing:
             if self._claims.get(request.id) is claim:
                 del self._claims[request.id]
             claim.set_result(None)
-        self._queue.remove(request.id)
-        self._told.pop(request.id, None)
+        self._forget(request.id)
         self._lane_moved(request)
         request.status = "accepted"
         request.accepted_by = principal.id
         request.accepted_at = now
         request.consultation_id = consultation.id
+        await self._say("removed", request)
         await self._relays.open(consultation.id, relay, region, reserved=True)
         self._metrics.requests.labels(outcome="accepted").inc()
         self._metrics.wait_seconds.labels(priority=request.priority).observe(
@@ -257,7 +426,9 @@ class Pairing:
     # -- timers --------------------------------------------------------------------------
     async def tick(self, now: float | None = None) -> None:
         """Escalate and expire waiting requests whose time has come; tell the requesters
-        whose positions moved."""
+        whose positions moved. In a fleet only the member leading the timers ticks; the store
+        writes each escalation and expiry once, and only the member whose write it was tells
+        (a former leader's late tick says nothing twice)."""
         now = time.time() if now is None else now
         for request in self._queue.all():
             age = now - request.created_at
@@ -269,9 +440,15 @@ class Pairing:
                 logger.info("request %s expired after %.0f s", request.id, age)
             elif (request.escalated_at is None
                   and age >= self._settings.escalate_after_s[request.priority]):
-                await self._store.mark_escalated(request.id, now)
+                if not await self._store.mark_escalated(request.id, now):
+                    # Escalated by another member (a former leader's late tick): it told.
+                    stored = await self._store.get_request(request.id)
+                    request.escalated_at = now if stored is None or \
+                        stored.escalated_at is None else stored.escalated_at
+                    continue
                 request.escalated_at = now
                 logger.info("request %s escalated after %.0f s", request.id, age)
+                await self._say("escalated", request)
                 await self._notifier.emit(
                     "queue:escalated", {"request": request.to_wire(), "waited_s": age},
                     COORDINATORS,

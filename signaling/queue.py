@@ -1,6 +1,8 @@
 """The consult queue: waiting requests ordered by priority (stat, asap, urgent, routine) then
 by waiting time. The durable store is the authority; this is its in-memory index of the
-requests that are waiting, rebuilt from the store at start-up."""
+requests that are waiting, rebuilt from the store at start-up. In a fleet each member keeps
+one, kept in step by the fleet's messages and healed by ``Pairing.resync`` (signaling/
+pairing.py)."""
 
 from __future__ import annotations
 
@@ -24,6 +26,9 @@ class ConsultQueue:
 
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._by_id
+
+    def ids(self) -> set[str]:
+        return set(self._by_id)
 
     def get(self, request_id: str) -> ConsultRequest | None:
         return self._by_id.get(request_id)

@@ -15,8 +15,13 @@ Starting and stopping follow ``cleanup_ctx``, in this order, and close in revers
    relay); closed at the end;
 4. the recorder: what a dead process was recording marked interrupted; every file finished at
    the end;
-5. the timers: escalation and expiry, the reconnect grace period; on a timer of their own,
-   silent relay nodes and consultations waiting for a relay.
+5. the fleet (signaling/fleet.py): with ``live.backend = "redis"`` and ``storage.backend =
+   "postgresql"`` this process joins the other `serve` processes on that Redis (their queue
+   messages heard from now on, the waiting requests read again); at the end it leaves and
+   releases the timers' lease, so that another member runs them at its next tick;
+6. the timers: escalation and expiry, the reconnect grace period (in a fleet, only on the
+   member holding the timers' lease); on a timer of their own, silent relay nodes and
+   consultations waiting for a relay.
 
 Stopping (``Stopping.begin``, then ``runner.cleanup()``; ``telehealth serve`` on SIGTERM/SIGINT):
 the listening sockets close; new requests on open connections are answered 503
@@ -61,6 +66,7 @@ from signaling.demo import ensure_demo_directory
 from signaling.directory import Directory
 from signaling.directory_admin import DirectoryAdmin
 from signaling.directory_api import add_directory_routes
+from signaling.fleet import Fleet, LocalFleet, fleet_for
 from signaling.handlers import SocketGateway, SocketIONotifier
 from signaling.http_api import add_routes, json_errors, make_auth_middleware
 from signaling.live import LiveStore, MemoryLiveStore
@@ -119,6 +125,9 @@ class Services:
     live: LiveStore
     """Presence and membership: ``MemoryLiveStore``, or ``RedisLiveStore`` with
     ``live.backend = "redis"``."""
+    fleet: Fleet
+    """The other `serve` processes (``fleet_for``): ``LocalFleet`` unless the live state is
+    in Redis and the records in PostgreSQL."""
 
 
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
@@ -310,8 +319,9 @@ def create_app(settings: Settings) -> web.Application:
                                  settings=settings.recording)
 
     # Signaling.
+    fleet = fleet_for(settings, instance_id_for(settings.storage.data_dir))
     pairing = Pairing(store=store, queue=ConsultQueue(), directory=directory, relays=relays,
-                      notifier=notifier, metrics=metrics, settings=settings.queue)
+                      notifier=notifier, metrics=metrics, settings=settings.queue, fleet=fleet)
     consultations = Consultations(store=store, live=live, directory=directory, relays=relays,
                                   notifier=notifier, metrics=metrics,
                                   reconnect_grace_s=settings.presence.reconnect_grace_s,
@@ -346,7 +356,8 @@ def create_app(settings: Settings) -> web.Application:
     app[SERVICES] = Services(settings=settings, directory=directory, tokens=tokens,
                              metrics=metrics, store=store, relays=relays, embedded=embedded,
                              nodes=nodes, recorder=recorder, recording=recording, pairing=pairing,
-                             consultations=consultations, accounts=accounts, live=live)
+                             consultations=consultations, accounts=accounts, live=live,
+                             fleet=fleet)
     sio.attach(app)
     add_routes(app, directory=directory, metrics=metrics, pairing=pairing,
                consultations=consultations, recording=recording, presence=presence)
@@ -366,6 +377,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_records)
     app.cleanup_ctx.append(_accounts)
     app.cleanup_ctx.append(_recorder)
+    app.cleanup_ctx.append(_fleet)
     app.cleanup_ctx.append(_timers)
     return app
 
@@ -505,6 +517,19 @@ async def _recorder(app: web.Application) -> AsyncIterator[None]:
     await recorder.close()
 
 
+async def _fleet(app: web.Application) -> AsyncIterator[None]:
+    """Join the fleet, then read the waiting requests again: what other members wrote
+    between the restore and the subscription was said to nobody here. At the end leave it:
+    the timers' lease released, so another member takes the timers at its next tick."""
+    services = app[SERVICES]
+    await services.fleet.start()
+    if not isinstance(services.fleet, LocalFleet):
+        await services.pairing.resync()
+    yield
+    app[STOPPING].step = "leaving the fleet"
+    await services.fleet.stop()
+
+
 async def _timers(app: web.Application) -> AsyncIterator[None]:
     services = app[SERVICES]
     # The relay nodes' timer runs on its own: a silent relay is noticed within
@@ -530,10 +555,18 @@ async def _relay_timers(services: Services) -> None:
 
 
 async def _tick_forever(services: Services) -> None:
+    """Escalation, expiry, queue positions and the reconnect grace, every ``queue.tick_s``,
+    while this process leads the timers (always, alone; in a fleet, while it holds the lease,
+    renewed here: so ticks come at least twice per ``live.timers_lease_s``)."""
     interval = services.settings.queue.tick_s
+    fleet = services.fleet
+    if not isinstance(fleet, LocalFleet):
+        interval = min(interval, services.settings.live.timers_lease_s / 2)
     while True:
         await asyncio.sleep(interval)
         try:
+            if not await fleet.leads_timers():
+                continue
             await services.pairing.tick()
             await services.consultations.tick()
         except Exception:
