@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 NODE_STAMP := web_client/node_modules/.package-lock.json
 OIDC_STAMP := tests/oidc_provider/node_modules/.package-lock.json
 
-.PHONY: run test lint bench-signaling bench-relay bench-recorder bench-abuse system-deps test-system-deps clean
+.PHONY: run fleet test lint bench-signaling bench-relay bench-recorder bench-abuse system-deps test-system-deps clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version' 
@@ -43,6 +43,16 @@ test-system-deps: system-deps
 ## run: the product on its embedded defaults (no Redis, no external services)
 run: $(STAMP) $(NODE_STAMP)
 	$(BIN)/telehealth serve
+
+## fleet: a local fleet on 127.0.0.1 (docs/fleet.md): redis-server, PostgreSQL, two `serve`
+## nodes, two relays and nginx in front; prints the sign-in links; Ctrl-C stops everything.
+## Debian's redis-server, postgresql and nginx-light are installed when missing (never started
+## as system services: the fleet starts its own, in var/fleet).
+fleet: $(STAMP) $(NODE_STAMP)
+	@test -x /usr/sbin/nginx || (apt-get update && apt-get install -y nginx-light)
+	@test -x /usr/bin/redis-server || (apt-get update && apt-get install -y redis-server)
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || (apt-get update && apt-get install -y postgresql)
+	$(BIN)/python -m tests.fleet_processes
 
 ## test: lint, type-check and the whole test suite
 test: $(STAMP) $(NODE_STAMP) $(OIDC_STAMP) test-system-deps

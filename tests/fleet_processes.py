@@ -472,8 +472,9 @@ async def _run(port: int, folder: Path) -> int:
                           f"{member.log}); the rest keeps running", flush=True)
     finally:
         print("Stopping the fleet ...", flush=True)
+        stopping = time.monotonic()
         await asyncio.to_thread(fleet.stop_all, True)
-        print("Stopped.", flush=True)
+        print(f"Stopped in {time.monotonic() - stopping:.1f} s.", flush=True)
     return 0
 
 
