@@ -30,6 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from config.settings import ConfigError
 from signaling.directory import Directory
 from signaling.errors import AlreadyTaken, InvalidState, NotFound
 from signaling.migrations import migrate_postgresql, postgresql_version
@@ -57,6 +58,16 @@ SEED_LOCK = 0x7E1E_4EA1_0000_0015
 """Advisory lock key held while an empty database's directory is seeded (nodes starting
 together seed it once)."""
 SERVER_SETTINGS = {"application_name": "telehealth", "synchronous_commit": "on"}
+OPEN_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+"""What opening the records may meet: the server unreachable, refusing the user or the
+database, or the user not allowed to create the tables."""
+
+
+def cannot_open(dsn: str, exc: BaseException) -> ConfigError:
+    """Start-up's error for records that cannot be opened: it names the setting, and the
+    CLI prints it and exits 2 (as for any other configuration problem)."""
+    return ConfigError(f"storage.postgresql_dsn = {redacted(dsn)!r}: cannot open the records "
+                       f"there: {type(exc).__name__}: {exc}")
 
 
 def redacted(dsn: str) -> str:
@@ -82,17 +93,22 @@ class PostgresRecordStore:
         self._closed = False
 
     async def open(self) -> None:
-        self._pool = await asyncpg.create_pool(
-            self.dsn, min_size=min(2, self.pool_size), max_size=self.pool_size,
-            command_timeout=self.timeout_s, timeout=self.timeout_s,
-            server_settings=SERVER_SETTINGS)
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.dsn, min_size=min(2, self.pool_size), max_size=self.pool_size,
+                command_timeout=self.timeout_s, timeout=self.timeout_s,
+                server_settings=SERVER_SETTINGS)
+        except OPEN_ERRORS as exc:
+            raise cannot_open(self.dsn, exc) from exc
         try:
             async with self._connection() as conn:
                 await migrate_postgresql(conn)
                 version = await postgresql_version(conn)
-        except BaseException:
-            await self._pool.close()
+        except BaseException as exc:
+            self._pool.terminate()
             self._pool = None
+            if isinstance(exc, OPEN_ERRORS):
+                raise cannot_open(self.dsn, exc) from exc
             raise
         logger.info("records in PostgreSQL %s (schema step %d, %d connections at most)",
                     redacted(self.dsn), version, self.pool_size)
@@ -367,10 +383,16 @@ def open_directory(dsn: str, seed: Callable[[], tuple[Directory, str]],
 
 async def _open_directory(dsn: str, seed: Callable[[], tuple[Directory, str]],
                           timeout_s: float) -> Directory:
-    conn = await asyncpg.connect(dsn, timeout=timeout_s, command_timeout=timeout_s,
-                                 server_settings=SERVER_SETTINGS)
     try:
-        await migrate_postgresql(conn)
+        conn = await asyncpg.connect(dsn, timeout=timeout_s, command_timeout=timeout_s,
+                                     server_settings=SERVER_SETTINGS)
+    except OPEN_ERRORS as exc:
+        raise cannot_open(dsn, exc) from exc
+    try:
+        try:
+            await migrate_postgresql(conn)
+        except OPEN_ERRORS as exc:
+            raise cannot_open(dsn, exc) from exc
         directory = await read_directory(conn)
         if directory.all_sites:
             logger.info("directory: %d sites, %d clinicians (%d active) from PostgreSQL %s",

@@ -19,6 +19,7 @@ Usage::
     try:
         dsn = create_database(server, "t1")  # a fresh, empty database
         ...
+        restart_postgres(server)  # same cluster and port; clients' connections cut
     finally:
         stop_postgres(server)
 """
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 SUPERUSER = "postgres"
+LOG = "postgres.log"
 
 
 def _bin_dir() -> Path | None:
@@ -134,28 +136,49 @@ def _start(directory: Path, timeout: float) -> PostgresServer:
     if init.returncode != 0:
         raise RuntimeError(f"initdb failed ({init.returncode}): "
                            f"{init.stderr.decode(errors='replace')[-2000:]}")
-    log = directory / "postgres.log"
     for _ in range(3):
         port = _free_port()
-        with open(log, "ab") as log_file:
-            process = subprocess.Popen(
-                [_tool("postgres"), "-D", str(data), "-p", str(port), "-k", str(sockets),
-                 "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
-                 "-c", "full_page_writes=off", "-c", "max_connections=300",
-                 "-c", "shared_buffers=32MB", "-c", "log_min_messages=warning"],
-                env=env, cwd=directory, stdout=subprocess.DEVNULL, stderr=log_file,
-                start_new_session=True, **privileges)
-        server = PostgresServer("127.0.0.1", port, directory, process)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and process.poll() is None:
-            ready = subprocess.run(
-                [_tool("pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port), "-U", SUPERUSER,
-                 "-d", "postgres", "-t", "1"], env=env, capture_output=True, timeout=10)
-            if ready.returncode == 0:
-                return server
-            time.sleep(0.05)
+        server = PostgresServer("127.0.0.1", port, directory, _launch(directory, port))
+        if _ready(server, timeout):
+            return server
         _stop_process(server)
-    raise RuntimeError(f"postgres did not start; its log:\n{_log_tail(log)}")
+    raise RuntimeError(f"postgres did not start; its log:\n{_log_tail(directory / LOG)}")
+
+
+def _launch(directory: Path, port: int) -> subprocess.Popen[bytes]:
+    with open(directory / LOG, "ab") as log:
+        return subprocess.Popen(
+            [_tool("postgres"), "-D", str(directory / "data"), "-p", str(port),
+             "-k", str(directory / "sock"),
+             "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
+             "-c", "full_page_writes=off", "-c", "max_connections=300",
+             "-c", "shared_buffers=32MB", "-c", "log_min_messages=warning"],
+            env=_environment(), cwd=directory, stdout=subprocess.DEVNULL, stderr=log,
+            start_new_session=True, **_as_unprivileged())
+
+
+def _ready(server: PostgresServer, timeout: float) -> bool:
+    """Bounded: True once ``pg_isready`` answers, False if the server exits or time is up."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and server.process.poll() is None:
+        ready = subprocess.run(
+            [_tool("pg_isready"), "-q", "-h", server.host, "-p", str(server.port),
+             "-U", SUPERUSER, "-d", "postgres", "-t", "1"],
+            env=_environment(), capture_output=True, timeout=10)
+        if ready.returncode == 0:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def restart_postgres(server: PostgresServer, timeout: float = 30.0) -> None:
+    """Stop the server if it runs (fast shutdown: its clients' connections are cut) and start
+    it again on the same cluster and port, as an operator's restart or a failover would."""
+    _stop_process(server)
+    server.process = _launch(server.directory, server.port)
+    if not _ready(server, timeout):
+        raise RuntimeError(f"postgres did not restart; its log:\n"
+                           f"{_log_tail(server.directory / LOG)}")
 
 
 def psql(server: PostgresServer, sql: str, database: str = "postgres") -> str:
@@ -194,9 +217,11 @@ def _stop_process(server: PostgresServer) -> None:
             process.wait(timeout=10)
 
 
-def stop_postgres(server: PostgresServer) -> None:
-    """Stop the server and remove its cluster."""
+def stop_postgres(server: PostgresServer, *, remove: bool = True) -> None:
+    """Stop the server and remove its cluster (``remove=False``: keep it, for
+    ``restart_postgres``; idempotent either way)."""
     try:
         _stop_process(server)
     finally:
-        shutil.rmtree(server.directory, ignore_errors=True)
+        if remove:
+            shutil.rmtree(server.directory, ignore_errors=True)

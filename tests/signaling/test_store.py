@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from signaling.directory import Directory
@@ -25,6 +26,12 @@ from signaling.models import (
 )
 from signaling.store import RecordStore, SqliteRecordStore
 from signaling.store_pg import PostgresRecordStore
+from tests.postgres_server import (
+    create_database,
+    restart_postgres,
+    start_postgres,
+    stop_postgres,
+)
 
 BACKENDS = ["sqlite", "postgresql"]
 RACERS = 20
@@ -281,3 +288,36 @@ async def test_a_closed_store_refuses_work(new_store: StoreFactory) -> None:
     await store.close()
     with pytest.raises(RuntimeError):
         await store.get_request("r1")
+
+
+async def test_the_postgresql_store_carries_on_after_the_server_restarts(
+        tmp_path: Path) -> None:
+    """A PostgreSQL of its own (the session's is shared): restarted under an open store, the
+    store goes on (the pool replaces the connections the restart cut); while the server is
+    down a call fails at once instead of hanging, and once it is back the records are all
+    there."""
+    server = start_postgres()
+    try:
+        store = PostgresRecordStore(create_database(server, "restart"), pool_size=4,
+                                    timeout_s=5.0)
+        await store.open()
+        try:
+            await asyncio.gather(*(store.add_request(a_request(f"r{i}")) for i in range(8)))
+            await asyncio.to_thread(restart_postgres, server)
+            for i in range(8):  # more calls than connections: every one of them was cut
+                assert len(await store.waiting_requests()) == 8, i
+            await asyncio.to_thread(stop_postgres, server, remove=False)
+            started = time.monotonic()
+            with pytest.raises((OSError, asyncpg.PostgresError, asyncpg.InterfaceError)):
+                await store.add_request(a_request("lost"))
+            failed_after = time.monotonic() - started
+            await asyncio.to_thread(restart_postgres, server)
+            await store.add_request(a_request("r8"))
+            assert len(await store.waiting_requests()) == 9
+            assert await store.get_request("lost") is None
+            print(f"PostgreSQL down: a call failed after {failed_after:.2f} s")
+            assert failed_after < 5.0
+        finally:
+            await store.close()
+    finally:
+        stop_postgres(server)

@@ -5,6 +5,7 @@ directory; a waiting request is restored by a process started on another data di
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 import asyncpg
 
 from signaling.directory_admin import CSV_COLUMNS
+from tests.postgres_server import PostgresServer
 from tests.support import clients, http_get, run_server, write_config
 
 
@@ -108,3 +110,24 @@ async def test_directory_import_export_and_token_on_postgresql(tmp_path: Path,
         status, me = await http_get(f"{server.url}/api/me", token.stdout.split()[0])
     assert status == 200 and me["clinician"]["id"] == "bs-new", me
     assert not (tmp_path / "a" / "data" / "records.sqlite3").exists()
+
+
+def test_records_that_cannot_be_opened_stop_serve_naming_the_setting(
+        tmp_path: Path, postgres_server: PostgresServer) -> None:
+    """Nothing listening, or a database that does not exist: `serve` exits 2 with the key and
+    the reason (the password left out), as for any configuration problem."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    for dsn in (f"postgresql://telehealth:s3cret@127.0.0.1:{closed}/telehealth",
+                postgres_server.dsn("no_such_database").replace("postgres@",
+                                                                 "postgres:s3cret@")):
+        config = postgres_config(tmp_path, dsn)
+        started = time.monotonic()
+        done = telehealth("--config", str(config), "serve")
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert "storage.postgresql_dsn" in done.stderr and "cannot open the records" in \
+            done.stderr, done.stderr[-2000:]
+        assert "s3cret" not in done.stderr + done.stdout
+        assert "Traceback" not in done.stderr
+        print(f"{dsn.split('@')[1]}: exit 2 after {time.monotonic() - started:.1f} s")
