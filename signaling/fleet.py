@@ -29,6 +29,8 @@ from typing import Annotated, Any, Protocol
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
 from config.settings import Settings
@@ -55,6 +57,8 @@ LISTEN_POLL_S = 1.0
 """The listener's read timeout: it wakes this often while the bus is quiet."""
 BACKOFF_S = (0.1, 5.0)
 """The listener's first and longest wait before it dials Redis again after a loss."""
+RETRIES = 1
+"""A command failing on a dead connection is tried once more, on a new one."""
 START_TIMEOUT_S = 10.0
 """``start`` waits this long at most for the bus's subscription."""
 STOP_FLUSH_S = 1.0
@@ -156,9 +160,11 @@ class RedisFleet:
         self._lease_key = prefix + LEASE_KEY
         self._lease_ms = max(1, round(lease_s * 1000))
         self._resync_s = resync_s
+        # A command that fails on a connection that died (Redis restarted) is tried once more
+        # on a new one: redis-py 8 retries none by default.
         self._redis = aioredis.Redis.from_url(
-            url, socket_connect_timeout=CONNECT_TIMEOUT_S,
-            socket_timeout=COMMAND_TIMEOUT_S)
+            url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=COMMAND_TIMEOUT_S,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), RETRIES))
         self._renew = self._redis.register_script(RENEW)
         self._release = self._redis.register_script(RELEASE)
         self._handlers: dict[str, list[Handler]] = {}

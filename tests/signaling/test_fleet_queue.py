@@ -9,6 +9,7 @@ once and move when their leader stops."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -28,7 +29,8 @@ from signaling.queue import ConsultQueue
 from signaling.store import SqliteRecordStore
 from signaling.tokens import Principal, TokenAuthority
 from telehealth.startup import SERVICES, Services
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, start_redis, stop_redis
+from tests.signaling.test_fleet_timers import redis_on
 from tests.support import DIRECTORY, RACERS, SECRET, Server, clients, run_server, write_config
 
 PREFIXES = iter(range(1_000_000))
@@ -399,3 +401,40 @@ async def test_with_two_nodes_the_timers_run_once_and_move_when_the_leader_stops
         print(f"the leader's stop took {stop_s:.2f} s; then the other node leads at once and "
               f"expired a new request {late:.2f} s after it was made (due at 1.0 s)")
         assert 1.0 <= late < 3.0
+
+
+async def test_after_redis_restarts_the_nodes_resync_the_queue(
+        tmp_path: Path, postgres_dsn: str) -> None:
+    """Redis killed: a request made on A meanwhile is on disk (PostgreSQL) but its message is
+    lost; once Redis is back on its port, B's bus dials again and resyncs: B's queue has it,
+    and B's specialist sees it."""
+    redis = start_redis(tmp_path)
+    port = int(redis.url.rsplit(":", 1)[1].split("/")[0])
+    again: subprocess.Popen[bytes] | None = None
+    prefix = f"n{next(PREFIXES)}:"
+    try:
+        async with node(tmp_path, "a", redis, postgres_dsn, prefix) as a, \
+                node(tmp_path, "b", redis, postgres_dsn, prefix) as b:
+            fleet_b = services(b).fleet
+            assert isinstance(fleet_b, RedisFleet)
+            async with clients(a.url, {"ref1": a.token("ref1")}) as on_a, \
+                    clients(b.url, {"cardio1": b.token("cardio1")}) as on_b:
+                redis.process.kill()
+                redis.process.wait(timeout=10)
+                killed = time.monotonic()
+                asked = await on_a["ref1"].ok("consult:request", {
+                    "specialty": "cardiology", "priority": "stat", "reason": "no redis"})
+                rid = asked["request"]["id"]
+                await asyncio.sleep(0.5)
+                assert waiting_on(b) == [], "the message was lost"
+                again = redis_on(port, tmp_path)
+                await until(lambda: waiting_on(b) == [rid], timeout=20)
+                print(f"Redis away 0.5 s; B's queue has the request made meanwhile "
+                      f"{time.monotonic() - killed:.2f} s after the kill (bus back "
+                      f"{fleet_b.reconnects} time(s))")
+                queue = (await on_b["cardio1"].ok("queue:get", {}))["queue"]
+                assert [r["id"] for r in queue] == [rid]
+    finally:
+        stop_redis(redis)
+        if again is not None:
+            stop_redis(RedisServer("", again))
