@@ -124,7 +124,11 @@ class RecordStore(Protocol):
         when ``everything``), newest first."""
         ...
 
-    async def save_consultation(self, consultation: Consultation) -> None: ...
+    async def save_consultation(self, consultation: Consultation) -> None:
+        """Write its state, times, sites, clinicians and relay; never over an ended one
+        (only ``end_consultation`` ends it: a process holding an older copy, another node of
+        a fleet, cannot bring it back)."""
+        ...
 
     async def end_consultation(self, consultation: Consultation, minutes: Minutes) -> None:
         """Store the minutes, end the consultation and close its request, in one transaction;
@@ -317,7 +321,7 @@ class SqliteRecordStore(SqliteFile):
                 db.execute(
                     "UPDATE consultations SET state = ?, started_at = ?, ended_at = ?, "
                     "site_ids = ?, clinician_ids = ?, invited_site_ids = ?, relay_id = ? "
-                    "WHERE id = ?",
+                    "WHERE id = ? AND state != 'ended'",
                     (consultation.state, consultation.started_at, consultation.ended_at,
                      json.dumps(consultation.site_ids), json.dumps(consultation.clinician_ids),
                      json.dumps(consultation.invited_site_ids), consultation.relay_id,

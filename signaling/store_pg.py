@@ -263,7 +263,7 @@ class PostgresRecordStore:
             await conn.execute(
                 "UPDATE consultations SET state = $1, started_at = $2, ended_at = $3, "
                 "site_ids = $4, clinician_ids = $5, invited_site_ids = $6, relay_id = $7 "
-                "WHERE id = $8",
+                "WHERE id = $8 AND state != 'ended'",
                 c.state, c.started_at, c.ended_at, json.dumps(c.site_ids),
                 json.dumps(c.clinician_ids), json.dumps(c.invited_site_ids), c.relay_id, c.id)
 
