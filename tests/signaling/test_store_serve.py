@@ -13,9 +13,19 @@ from pathlib import Path
 
 import asyncpg
 
+from config.settings import load_settings
+from signaling.directory import Directory
 from signaling.directory_admin import CSV_COLUMNS
+from signaling.tokens import TokenAuthority
 from tests.postgres_server import PostgresServer
-from tests.support import clients, http_get, run_server, write_config
+from tests.support import (
+    SECRET,
+    clients,
+    http_get,
+    run_server,
+    start_server_process,
+    write_config,
+)
 
 
 def postgres_config(tmp: Path, dsn: str, node: str = "a") -> Path:
@@ -131,3 +141,46 @@ def test_records_that_cannot_be_opened_stop_serve_naming_the_setting(
         assert "s3cret" not in done.stderr + done.stdout
         assert "Traceback" not in done.stderr
         print(f"{dsn.split('@')[1]}: exit 2 after {time.monotonic() - started:.1f} s")
+
+
+async def test_acknowledged_records_survive_a_sigkill_of_serve_on_postgresql(
+        tmp_path: Path, postgres_dsn: str) -> None:
+    """The real `telehealth serve` on PostgreSQL, killed -9 right after its last ack: every
+    acknowledged record is in the database, and a process on another data directory picks
+    the waiting requests up."""
+    config = postgres_config(tmp_path, postgres_dsn, "a")
+    settings = load_settings(config)
+    assert settings.directory.file is not None
+    tokens = TokenAuthority(SECRET, Directory.load(settings.directory.file), 3600)
+    token = {n: tokens.issue(n) for n in ("ref1", "ref2", "cardio1")}
+    first = start_server_process(config)
+    try:
+        async with clients(first.url, token) as c:
+            waiting = [(await c[who].ok("consult:request", {
+                "specialty": "cardiology", "priority": "urgent", "reason": f"case {i}"}
+            ))["request"]["id"] for i, who in enumerate(["ref1", "ref2", "ref1", "ref2"])]
+            taken = waiting.pop(0)
+            accepted = await c["cardio1"].ok("consult:accept", {"request_id": taken})
+            cid = accepted["consultation"]["id"]
+            await c["ref1"].ok("consult:join", {"consultation_id": cid})
+            sent = await c["ref1"].ok("chat:send", {"consultation_id": cid, "text": "labs"})
+            first.kill()  # the last ack has arrived: kill -9 now
+    finally:
+        if first.process.poll() is None:
+            first.kill()
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        statuses = dict(await conn.fetch("SELECT id, status FROM requests"))
+        chat = await conn.fetchval("SELECT text FROM chat WHERE id = $1",
+                                   sent["message"]["id"])
+    finally:
+        await conn.close()
+    assert statuses == {taken: "accepted", **{r: "waiting" for r in waiting}}
+    assert chat == "labs"
+    second = start_server_process(postgres_config(tmp_path, postgres_dsn, "b"))
+    try:
+        async with clients(second.url, {"cardio1": token["cardio1"]}) as c:
+            queue = (await c["cardio1"].ok("queue:get", {}))["queue"]
+            assert sorted(r["id"] for r in queue) == sorted(waiting)
+    finally:
+        second.kill()
