@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -232,6 +233,16 @@ class Fleet:
                 if m and m.group(1) == relay_name and (home is None or line[:23] > home[1]):
                     home = (name, line[:23])
         return None if home is None else home[0]
+
+    def registered_at(self, relay_name: str, node: str) -> list[float]:
+        """When (``time.time()``, from the log's timestamps) ``node`` registered the
+        relay."""
+        member = self.members.get(node)
+        if member is None:
+            return []
+        return [datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                for line in list(member.lines)
+                if (m := _REGISTERED.search(line)) and m.group(1) == relay_name]
 
     async def wait_registered(self, relay_name: str, *, more_than: int = 0,
                               timeout: float = RELAY_START_S) -> None:
