@@ -38,7 +38,9 @@ test-system-deps: system-deps
 	@test -x /usr/bin/turnserver || (apt-get update && apt-get install -y coturn)
 	@test -x /usr/sbin/nginx || (apt-get update && apt-get install -y nginx-light)
 	@test -x /usr/bin/redis-server || (apt-get update && apt-get install -y redis-server)
-	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || (apt-get update && apt-get install -y postgresql)
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || (mkdir -p /etc/postgresql-common/createcluster.d \
+		&& echo 'create_main_cluster = false' > /etc/postgresql-common/createcluster.d/telehealth.conf \
+		&& apt-get update && apt-get install -y postgresql)
 
 ## run: the product on its embedded defaults (no Redis, no external services)
 run: $(STAMP) $(NODE_STAMP)
@@ -51,7 +53,9 @@ run: $(STAMP) $(NODE_STAMP)
 fleet: $(STAMP) $(NODE_STAMP)
 	@test -x /usr/sbin/nginx || (apt-get update && apt-get install -y nginx-light)
 	@test -x /usr/bin/redis-server || (apt-get update && apt-get install -y redis-server)
-	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || (apt-get update && apt-get install -y postgresql)
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || (mkdir -p /etc/postgresql-common/createcluster.d \
+		&& echo 'create_main_cluster = false' > /etc/postgresql-common/createcluster.d/telehealth.conf \
+		&& apt-get update && apt-get install -y postgresql)
 	$(BIN)/python -m tests.fleet_processes
 
 ## test: lint, type-check and the whole test suite
