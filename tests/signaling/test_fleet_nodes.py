@@ -255,9 +255,11 @@ async def test_a_killed_node_s_participants_reconnect_to_the_other_and_media_goe
         other = next(n for n in fleet.node_names if n != home)
         parts: dict[str, Participant] = {n: ThroughNginx(fleet, n, source)
                                          for n in ("cardio2", "ref2")}
-        async with consultation(parts, "cardio2", "ref2"):
+        async with consultation(parts, "cardio2", "ref2") as cid:
             for part in parts.values():
                 assert part.sio.eio.current_transport == "websocket"  # upgraded through nginx
+            before = await parts["ref2"].ok("chat:send", {"consultation_id": cid,
+                                                          "text": "sent before the kill"})
             assert {p.relay_id() for p in parts.values()} == {relay}
             print(f"participants on {home} through nginx from {source}, their relay {relay} "
                   f"registered with {home} too; killing {home}")
@@ -288,6 +290,14 @@ async def test_a_killed_node_s_participants_reconnect_to_the_other_and_media_goe
                 assert gap <= SMOOTH_GAP_S, (p.name, peer_name, gap)
             assert fleet.relay_home(relay) == other
             assert await node_for(fleet, source) == other
+            # Nothing acknowledged is lost, and chat goes on between them on the other node.
+            joined = await parts["cardio2"].ok("consult:join", {"consultation_id": cid})
+            assert before["message"]["id"] in [m["id"] for m in joined["chat"]]
+            after = await parts["cardio2"].ok("chat:send", {"consultation_id": cid,
+                                                            "text": "sent after the kill"})
+            got = await parts["ref2"].next_matching(
+                "chat:message", lambda m: m["message"]["id"] == after["message"]["id"])
+            assert got["message"]["text"] == "sent after the kill"
 
 
 async def source_on(fleet: Fleet, node: str) -> str:
