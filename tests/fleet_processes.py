@@ -61,6 +61,12 @@ GRACEFUL_STOP_S = 20.0
 """`make fleet`'s Ctrl-C: SIGTERM, then this long before SIGKILL (a relay's drain is 15 s at
 most; with every node stopping it has nowhere to move and closes at once)."""
 
+REGISTRY_SETTLE_S = 0.5
+"""A relay registers with one node; every other node reads the shared registry every
+``relay.heartbeat_s / 2`` (0.25 s, signaling/relay_registry.py) and places on it from then
+on. A fleet is ready once this has passed after the last relay registered (measured: a node
+asked to place 0.07 s after a relay registered elsewhere answered ``no_relay``)."""
+
 NODE_SECTIONS: dict[str, dict[str, Any]] = {
     "relay": {"embedded": False},
     # Production's timer tick, and the shortest timers lease: a dead leader is replaced
@@ -172,6 +178,8 @@ class Fleet:
             await self.start_relay(name, self.regions[i % len(self.regions)], wait=False)
         for name in self.relay_names:
             await self.wait_registered(name)
+        # The other nodes see a relay at their next look at the shared registry.
+        await asyncio.sleep(REGISTRY_SETTLE_S)
 
     def token(self, clinician_id: str) -> str:
         return self.tokens.issue(clinician_id)
@@ -304,7 +312,10 @@ class Fleet:
             f"pid {folder / 'nginx.pid'};\n"
             "events { worker_connections 1024; }\n"
             "http {\n"
-            f"    access_log {folder / 'access.log'} combined;\n{temp_paths}"
+            # Which node took each request (the tests read it).
+            "    log_format fleet '$remote_addr:$remote_port \"$request\" $status "
+            "upstream=$upstream_addr';\n"
+            f"    access_log {folder / 'access.log'} fleet;\n{temp_paths}"
             f"    include {folder / 'fleet.conf'};\n"
             "}\n", encoding="utf-8")
         log = folder / "stderr.log"
@@ -380,6 +391,14 @@ class Fleet:
         if error_log.exists():
             print(f"--- nginx error.log ---\n"
                   f"{error_log.read_text(errors='replace')[-tail:]}")
+
+    def access_log(self) -> list[str]:
+        """nginx's access log lines: ``address:port "request" status upstream=host:port``."""
+        try:
+            text = (self.tmp / "nginx" / "access.log").read_text(errors="replace")
+        except OSError:
+            return []
+        return text.splitlines()
 
     def node_log(self, name: str, pattern: str) -> list[str]:
         """Lines of a node's output that match ``pattern``."""

@@ -213,6 +213,32 @@ async def test_participants_on_different_nodes_see_each_other_through_one_relay(
                 assert p.frames(other, now, now + 1.0) >= FPS / 2, (p.name, other)
 
 
+async def test_nginx_serves_the_page_and_spreads_direct_websockets_over_both_nodes(
+        fleet: Fleet) -> None:
+    with logs_on_failure(fleet):
+        async with aiohttp.ClientSession() as session, session.get(fleet.url + "/") as page:
+            assert page.status == 200 and page.content_type == "text/html"
+        # The web client opens its WebSocket directly (no long-polling first): nginx hashes
+        # such a connection on address and port, so one address's connections use every node.
+        count = 16
+        logged = len(fleet.access_log())
+        clients = [Client(fleet.url, fleet.token(f"racer{i}")) for i in range(count)]
+        try:
+            for client in clients:
+                await client.connect()
+                assert (await client.ok("queue:get", {}))["queue"] is not None
+        finally:
+            await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+        await asyncio.sleep(0.2)  # nginx writes a WebSocket's line when it closes
+        ports = {str(p): n for n, p in fleet.node_ports.items()}
+        taken = [ports.get(line.rsplit(":", 1)[1], "?") for line in fleet.access_log()[logged:]
+                 if "transport=websocket" in line and '" 101 ' in line
+                 and "127.0.0.1:" in line.split()[0] and "sid=" not in line]
+        used = {n: taken.count(n) for n in fleet.node_names}
+        print(f"{count} direct WebSockets through nginx went to {used}")
+        assert len(taken) >= count and all(used.values()), used
+
+
 class ThroughNginx(Participant):
     """A participant that reaches the fleet through nginx the way a browser on long-polling
     does (polling first, then the WebSocket upgrade), from its own loopback address: nginx
