@@ -289,6 +289,7 @@ async def test_a_killed_node_s_participants_reconnect_to_the_other_and_media_goe
             assert {p.relay_id() for p in parts.values()} == {relay}
             print(f"participants on {home} through nginx from {source}, their relay {relay} "
                   f"registered with {home} too; killing {home}")
+            failed_before = {n: len(p.failures) for n, p in parts.items()}
             t0, wall0 = time.monotonic(), time.time()
             fleet.kill(home, signal.SIGKILL)
             await wait_for(lambda: all(any(j.at > t0 and j.outcome in ("resumed", "fresh")
@@ -305,13 +306,16 @@ async def test_a_killed_node_s_participants_reconnect_to_the_other_and_media_goe
                 join = next(j for j in p.joins if j.at > t0)
                 gap, gap_at = p.longest_gap(peer_name, t0, now)
                 print(f"{p.name}: reconnected {connected - t0:.2f} s after the kill, "
-                      f"media:join {join.outcome} at {join.at - t0:.2f} s (relay "
+                      f"media:join sent at {join.at - t0:.2f} s answered {join.outcome} (relay "
                       f"{join.relay_id}); {p.frames(peer_name, t0, now)} frames from "
                       f"{peer_name} since the kill, longest gap {gap:.2f} s at "
                       f"{gap_at - t0:.2f} s; joins {[j.outcome for j in p.joins if j.at > t0]}"
                       f"{f'; on the way: {p.failures}' if p.failures else ''}")
                 assert join.outcome == "resumed", p.joins  # the same peer connections
                 assert join.at - t0 <= RESUMED_WITHIN_S, (p.name, p.joins, p.failures)
+                # No call went unanswered or was refused on the way (each would have cost the
+                # participant a 10 s call timeout or a 5 s retry).
+                assert p.failures[failed_before[p.name]:] == [], p.failures
                 assert p.builds(after=t0) == 0, p.peer_sets
                 assert gap <= SMOOTH_GAP_S, (p.name, peer_name, gap)
             assert fleet.relay_home(relay) == other
