@@ -19,7 +19,12 @@ and signaling answers ``DrainResult`` once the consultations moved off the node 
 participants connected elsewhere (or after ``relay.drain_s``). A node keeps its rooms' media
 flowing while signaling is away, so a ``RemoteRelay`` built for a node that dialled in again
 may find rooms, and a recorded room's stream, already running there: ``record_start`` on a
-room the node already streams announces every publication again (``added``)."""
+room the node already streams announces every publication again (``added``).
+
+In a fleet (``live.backend = "redis"``, signaling/relay_registry.py) a process also builds a
+``RemoteRelay`` for a node connected to another process, with the node's sid there: the
+socket.io Redis manager carries each command to that process and the ack back (a few ms
+more per command). Its ``relay:*`` reports reach only the process it is connected to."""
 
 from __future__ import annotations
 

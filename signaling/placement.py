@@ -23,6 +23,13 @@ connection or goes silent is taken out and its consultations move; while signali
 stops, nothing moves (the nodes keep media flowing and dial the next process). The start-up
 module hands in the factory that builds a ``Relay`` for each node (``relay.remote.RemoteRelay``),
 so this module knows nodes only through ``relay.api``.
+
+With ``live.backend = "redis"`` the directory is signaling/relay_registry.py's
+``FleetRelayDirectory``: the relays and placements of every ``serve`` process in Redis, each
+change of placement a compare-and-set (the hooks ``record``, ``claim``, ``claim_waiting``,
+``set_waiting``... which here, in one process, are plain memory). ``RelayNodes`` stays the
+lifecycle of the nodes connected to this process; it moves every consultation placed on one
+it lost, whichever process placed it, and those of orphans (relays whose process died).
 """
 
 from __future__ import annotations
@@ -546,6 +553,13 @@ class RelayNodes:
         lost_at = time.time()
         node.abandon()
         self._relays.unregister(node.info.id)
+        if self._stopping:
+            # A fleet's registry keeps its entry: the node dials another process (or this
+            # one again) and says hello there; one that does not becomes an orphan.
+            logger.info("relay node %s %s while signaling stops; its %d consultations stay "
+                        "there", node.info.id, why, len(self._relays.placements_on(
+                            node.info.id)))
+            return
         try:
             ours = await self._relays.withdraw(node.info.id)
         except Exception:
@@ -557,10 +571,6 @@ class RelayNodes:
                         "now: its consultations stay there", node.info.id, why)
             return
         placements = await self._relays.placements_of(node.info.id)
-        if self._stopping:
-            logger.info("relay node %s %s while signaling stops; its %d consultations stay "
-                        "there", node.info.id, why, len(placements))
-            return
         logger.warning("relay node %s %s; moving %d consultations", node.info.id, why,
                        len(placements))
         try:

@@ -10,6 +10,8 @@ Starting and stopping follow ``cleanup_ctx``, in this order, and close in revers
 2. the live state: with ``live.backend = "redis"``, what this process's previous run left in
    Redis is swept (its participants reconnecting, before the records are restored) and the
    heartbeat starts; with it python-socketio's Redis manager's listener stops at the end;
+   then, with Redis, the relay registry (signaling/relay_registry.py): the manager's listener
+   started (the acks of relays connected to other processes) and the fleet's relays read;
 3. the records: the store of ``storage.backend`` opened (``load_directory`` read the directory
    from it first), waiting requests and open consultations restored (their Rooms reopened on a
    relay); closed at the end;
@@ -84,6 +86,7 @@ from signaling.recording import (
     recording_state_notifier,
 )
 from signaling.records import open_directory, record_store
+from signaling.relay_registry import FleetRelayDirectory, RelayRegistry
 from signaling.security import forwarded_from, same_origin, security_headers
 from signaling.socket_server import SignalingServer
 from signaling.store import RecordStore
@@ -291,8 +294,7 @@ def create_app(settings: Settings) -> web.Application:
     live = live_store(settings)
 
     # The relay: what relays say reaches the participants' connections through MediaEvents.
-    relays = RelayDirectory(open_room_timeout_s=settings.relay.open_room_timeout_s,
-                            adopt_wait_s=settings.relay.adopt_wait_s)
+    relays = relay_directory(settings, sio)
     metrics.waiting_for_relay.set_function(lambda: len(relays.waiting_rooms()))
     media = Media(relays=relays, live=live, notifier=notifier,
                   client_ice_servers=[s.model_dump(exclude_none=True)
@@ -374,6 +376,7 @@ def create_app(settings: Settings) -> web.Application:
     app.on_shutdown.append(tell_clients)
     app.cleanup_ctx.append(_relay)
     app.cleanup_ctx.append(_live(manager))
+    app.cleanup_ctx.append(_relay_registry(sio))
     app.cleanup_ctx.append(_records)
     app.cleanup_ctx.append(_accounts)
     app.cleanup_ctx.append(_recorder)
@@ -389,6 +392,41 @@ def live_store(settings: Settings) -> LiveStore:
             settings.live.redis_url, prefix=settings.live.key_prefix,
             instance_id=instance_id_for(settings.storage.data_dir))
     return MemoryLiveStore()
+
+
+def relay_directory(settings: Settings, sio: socketio.AsyncServer) -> RelayDirectory:
+    """Where consultations are placed: this process's relays (the default), or with
+    ``live.backend = "redis"`` every standalone relay of the fleet, in Redis; a relay connected
+    to another process is driven through the socket.io Redis manager (``RemoteRelay``)."""
+    if settings.live.backend != "redis":
+        return RelayDirectory(open_room_timeout_s=settings.relay.open_room_timeout_s,
+                              adopt_wait_s=settings.relay.adopt_wait_s)
+    registry = RelayRegistry.from_url(settings.live.redis_url,
+                                      prefix=settings.live.key_prefix,
+                                      instance_id=instance_id_for(settings.storage.data_dir))
+
+    def remote(info: RelayInfo, sid: str) -> RemoteRelay:
+        return RemoteRelay(info, sid, sio)
+
+    return FleetRelayDirectory(registry, remote,
+                               open_room_timeout_s=settings.relay.open_room_timeout_s,
+                               adopt_wait_s=settings.relay.adopt_wait_s)
+
+
+def _relay_registry(sio: socketio.AsyncServer,
+                    ) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def relay_registry(app: web.Application) -> AsyncIterator[None]:
+        """With Redis: hear acks from other processes from the start, read the fleet's
+        relays before the records are restored; close the registry's client at the end."""
+        relays = app[SERVICES].relays
+        if isinstance(relays, FleetRelayDirectory):
+            await relays.listen(sio)
+            await relays.refresh()
+        yield
+        if isinstance(relays, FleetRelayDirectory):
+            await relays.close()
+
+    return relay_registry
 
 
 def client_manager(settings: Settings) -> socketio.AsyncRedisManager | None:
