@@ -171,6 +171,11 @@ class Fleet:
             asyncio.to_thread(start_redis, self.tmp / "redis"),
             asyncio.to_thread(start_postgres))
         self.postgres = postgres
+        self.members["redis"] = Member("redis", self.redis.process,
+                                       self.tmp / "redis" / f"redis-{_port(self.redis.url)}.log",
+                                       _port(self.redis.url))
+        self.members["postgres"] = Member("postgres", postgres.process,
+                                          postgres.directory / "postgres.log", postgres.port)
         self.dsn = await asyncio.to_thread(create_database, postgres, "telehealth")
         await asyncio.gather(*(self.start_node(name) for name in self.node_names))
         await asyncio.to_thread(self.start_nginx)
@@ -341,14 +346,17 @@ class Fleet:
 
     # -- members --------------------------------------------------------------------------
     def kill(self, name: str, signum: signal.Signals = signal.SIGKILL) -> None:
-        """``signum`` to a member (a node, a relay, "nginx"); after SIGKILL, waits for it."""
+        """``signum`` to a member (a node, a relay, "nginx", "redis", "postgres"); after
+        SIGKILL, waits for it."""
         member = self.members[name]
         member.process.send_signal(signum)
         if signum == signal.SIGKILL:
             member.process.wait(timeout=STOP_WAIT_S)
 
     def processes(self) -> list[subprocess.Popen[Any]]:
-        return [m.process for m in self.members.values()] + self._old
+        """Every process started (old ones included) but Redis and PostgreSQL's."""
+        return [m.process for name, m in self.members.items()
+                if name not in ("redis", "postgres")] + self._old
 
     def stop_all(self, graceful: bool = False) -> None:
         """Every process: with ``graceful``, SIGTERM (nginx SIGQUIT) and up to
@@ -373,6 +381,11 @@ class Fleet:
         for process in processes:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=STOP_WAIT_S)
+        for name in ("redis", "postgres"):  # a test may have stopped one (SIGSTOP)
+            member = self.members.get(name)
+            if member is not None and member.running:
+                with contextlib.suppress(ProcessLookupError):
+                    member.process.send_signal(signal.SIGCONT)
         if self.redis is not None:
             stop_redis(self.redis)
         if self.postgres is not None:
@@ -406,6 +419,10 @@ class Fleet:
         if member is None:
             return []
         return [line for line in list(member.lines) if re.search(pattern, line)]
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].split("/", 1)[0])
 
 
 def _env() -> dict[str, str]:
