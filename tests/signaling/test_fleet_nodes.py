@@ -19,12 +19,14 @@ from contextlib import asynccontextmanager
 
 import aiohttp
 import pytest
+from playwright.async_api import expect
 
 from tests.consultation_media import open_consultation
 from tests.failover_client import Participant
 from tests.fleet_processes import Fleet
 from tests.media import wait_for
 from tests.support import RACERS, Client
+from tests.web.browser import FLAGS, chromium, open_page, page_url, wait_decoding
 
 FPS = 15
 MEDIA_WAIT_S = 30.0
@@ -237,6 +239,43 @@ async def test_nginx_serves_the_page_and_spreads_direct_websockets_over_both_nod
         used = {n: taken.count(n) for n in fleet.node_names}
         print(f"{count} direct WebSockets through nginx went to {used}")
         assert len(taken) >= count and all(used.values()), used
+
+
+async def test_two_browsers_through_nginx_see_each_other(fleet: Fleet) -> None:
+    # The web client as `make fleet` serves it: Debian's Chromium signed in through nginx,
+    # each page's WebSocket on whichever node nginx hashes it to.
+    with logs_on_failure(fleet):
+        logged = len(fleet.access_log())
+        async with chromium(FLAGS) as browser:
+            district = await open_page(browser, page_url(fleet.url, fleet.token("ref3")))
+            specialist = await open_page(browser, page_url(fleet.url, fleet.token("infect1")))
+            try:
+                await expect(district.locator("#request-form")).to_be_visible()
+                await expect(specialist.locator("#queue")).to_be_visible()
+                await district.select_option("#request-specialty", "infectious-disease")
+                await district.select_option("#request-priority", "stat")
+                await district.fill("#request-reason", "fleet: browsers")
+                await district.click("#request-send")
+                accept = specialist.locator("#queue li.request .accept").first
+                await expect(accept).to_be_visible(timeout=10_000)
+                started = time.monotonic()
+                await accept.click()
+                await specialist.click("#precheck-join")
+                await district.locator("#my-requests .join").first.click(timeout=10_000)
+                await district.click("#precheck-join")
+                await wait_decoding(specialist, "ref3")
+                await wait_decoding(district, "infect1")
+                print(f"two browsers through nginx decoding each other "
+                      f"{time.monotonic() - started:.2f} s after the accept")
+            finally:
+                for page in (district, specialist):
+                    await page.context.close()
+        await asyncio.sleep(0.2)  # nginx writes a WebSocket's line when it closes
+        ports = {str(p): n for n, p in fleet.node_ports.items()}
+        served = [ports.get(line.rsplit(":", 1)[1], "?") for line in fleet.access_log()[logged:]
+                  if "transport=websocket" in line and '" 101 ' in line]
+        print(f"the pages' WebSockets went to {served}")
+        assert len(served) >= 2, fleet.access_log()[logged:]
 
 
 class ThroughNginx(Participant):
