@@ -496,9 +496,11 @@ async def _run(port: int, folder: Path) -> int:
         print(f"  Redis       {fleet.redis.url}")
         print(f"  PostgreSQL  {fleet.dsn}")
         for name in fleet.node_names:
-            print(f"  {name}      {fleet.node_url(name)}  (log {fleet.members[name].log})")
+            node = fleet.members[name]
+            print(f"  {name}      {fleet.node_url(name)}  pid {node.process.pid}  (log {node.log})")
         for name in fleet.relay_names:
-            print(f"  {name}     dials nginx, registered with {fleet.relay_home(name)}")
+            print(f"  {name}     pid {fleet.members[name].process.pid}, dials nginx, registered "
+                  f"with {fleet.relay_home(name)}")
         print(f"  nginx       {fleet.url}  <- open this one\n")
         print(f"Sign-in links through nginx (valid {DEMO_TOKEN_TTL_S // 3600} h):")
         directory = Directory.load(fleet.directory_file)
