@@ -48,8 +48,8 @@ run: $(STAMP) $(NODE_STAMP)
 
 ## fleet: a local fleet on 127.0.0.1 (docs/fleet.md): redis-server, PostgreSQL, two `serve`
 ## nodes, two relays and nginx in front; prints the sign-in links; Ctrl-C stops everything.
-## Debian's redis-server, postgresql and nginx-light are installed when missing (never started
-## as system services: the fleet starts its own, in var/fleet).
+## Debian's redis-server, postgresql and nginx-light are installed when missing; the fleet
+## starts its own on free ports, configs, data and logs in var/fleet (never a system service).
 fleet: $(STAMP) $(NODE_STAMP)
 	@test -x /usr/sbin/nginx || (apt-get update && apt-get install -y nginx-light)
 	@test -x /usr/bin/redis-server || (apt-get update && apt-get install -y redis-server)
