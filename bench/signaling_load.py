@@ -29,6 +29,31 @@ job on the machine) is visible. Diagnostics: ``--gc-trace`` logs the server's GC
 ``--ping-interval`` are experiments that change settings, never the server's code. The last
 line printed is ``RESULT sites=<n> pair_p50_ms=<x> pair_p99_ms=<y> rss_mb=<z>``;
 docs/benchmarks.md has figures.
+
+A fleet (issue #14): ``--nodes 2 --redis --postgres --sites 4000``
+
+    python bench/signaling_load.py --nodes 2 --redis --postgres --sites 4000
+    python bench/signaling_load.py --nodes 2 --redis --postgres --quick   # smoke, ~40 s
+
+The same population and the same open-loop schedule, against a real local fleet started by
+tests/fleet_processes.py (the harness of the fleet tests and of `make fleet`: redis-server,
+PostgreSQL as an unprivileged user, ``--nodes`` `serve` processes with ``live.backend =
+"redis"``, ``storage.backend = "postgresql"`` and ``relay.embedded = false``, ``--relays``
+standalone `telehealth relay` processes, nginx in front). Every client connects to **one
+node directly**, not through nginx: the split is then known and even (referring clients in
+turn over the nodes; each specialty's specialists in turn, so every node has specialists of
+every specialty), each pairing can be told same-node or cross-node (the requester knows which
+specialist accepted and on which node it is), and nginx's proxy hop and CPU stay out of a
+figure about the nodes (nginx is the fleet's address for the relays; the fleet tests cover
+clients through it). ``--split cross`` puts every referring client on the first node and the
+specialists on the others: every pairing then crosses nodes.
+
+The baseline is measured in the same invocation, first: the single-node embedded
+configuration (SQLite records, live state in memory, the embedded relay), same population,
+same schedule, same seed, same logging level; ``--no-baseline`` skips it. The comparison
+table gives both and the ratio of the p99s. With more than one node the last line is
+``RESULT sites=<n> nodes=<k> pair_p50_ms=<x> pair_p99_ms=<y>``; with one node it keeps the
+format above.
 """
 
 from __future__ import annotations
@@ -57,12 +82,12 @@ import traceback
 import urllib.request
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_for_messages
 from pathlib import Path
 from queue import Empty, Queue
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import psutil
@@ -79,6 +104,12 @@ REGIONS = tuple(f"{n:02d}" for n in range(1, 64))
 GOAL_SITES = 2000
 GOAL_RATE = 50.0
 GOAL_P99_MS = 50.0
+GOAL_FLEET_SITES = 4000
+"""The fleet's goal (issue #14): the same p99 at 50 requests per second, 4000 sites."""
+FLEET_START_TIMEOUT_S = 120.0
+"""Redis, PostgreSQL, the nodes (each importing aiortc and PyAV), nginx and the relays, on a
+machine whose two cores the load generator's workers are starting on too."""
+ROOT = Path(__file__).resolve().parent.parent
 
 CALL_TIMEOUT_S = 15.0
 SERVER_START_TIMEOUT_S = 30.0
@@ -110,6 +141,8 @@ class ClientSpec:
     kind: str
     specialty: str | None
     token: str = ""
+    node: int = 0
+    """Index of the node this client connects to (always 0 with one node)."""
 
 
 @dataclass(frozen=True)
@@ -133,7 +166,8 @@ class Population:
 class WorkerPlan:
     index: int
     workers: int
-    url: str
+    urls: tuple[str, ...]
+    """The nodes' URLs; each client connects to ``urls[spec.node]``."""
     clients: tuple[ClientSpec, ...]
     rate: float
     """Aggregate requests per second over all workers; this worker sends rate / workers."""
@@ -144,6 +178,8 @@ class WorkerPlan:
     connect_timeout_s: float
     specialties: tuple[str, ...]
     seed: int
+    specialist_nodes: tuple[tuple[str, int], ...] = ()
+    """(clinician id, node) of every specialist: a requester tells a cross-node pairing."""
 
 
 @dataclass
@@ -172,6 +208,8 @@ class RunReport:
     pair_ms: list[float] = field(default_factory=list)
     pair_sent_s: list[float] = field(default_factory=list)
     """For each pair_ms: when the request was emitted, seconds after the common start."""
+    pair_cross: list[bool] = field(default_factory=list)
+    """For each pair_ms: the accepting specialist is on another node than the requester."""
     ack_ms: list[float] = field(default_factory=list)
     lag_ms: list[float] = field(default_factory=list)
     last_send_s: float = 0.0
@@ -218,7 +256,7 @@ def build_population(sites: int, central: int, specialists: int,
 
 def config_toml(data_dir: Path, directory_file: Path, secret: str, metrics_token: str,
                 ping_interval_s: float | None = None,
-                gc_thresholds: tuple[int, ...] | None = None) -> str:
+                gc_thresholds: tuple[int, ...] | None = None, log_level: str = "WARNING") -> str:
     def q(value: str) -> str:
         return json.dumps(value)  # a JSON string is a valid TOML basic string
 
@@ -229,7 +267,7 @@ def config_toml(data_dir: Path, directory_file: Path, secret: str, metrics_token
         f"metrics_token = {q(metrics_token)}", "",
         "[storage]", f"data_dir = {q(str(data_dir))}", "",
         "[directory]", f"file = {q(str(directory_file))}", "",
-        "[logging]", 'level = "WARNING"', "",
+        "[logging]", f"level = {q(log_level)}", "",
         *(["[presence]", f"ping_interval_s = {ping_interval_s}", ""]
           if ping_interval_s is not None else []),
     ])
@@ -242,6 +280,29 @@ def mint_tokens(population: Population, directory_file: Path, secret: str) -> li
     authority = TokenAuthority(secret, Directory.load(directory_file), ttl_s=7200)
     return [ClientSpec(c.clinician_id, c.site_id, c.kind, c.specialty,
                        authority.issue(c.clinician_id)) for c in population.clients]
+
+
+def assign_nodes(clients: Sequence[ClientSpec], nodes: int,
+                 split: str = "mixed") -> list[ClientSpec]:
+    """Each client's node. ``mixed``: referring clients in turn over the nodes, and each
+    specialty's specialists in turn (counted per specialty, so that every node has
+    specialists of every specialty whatever the counts); a request is then accepted from
+    any node. ``cross``: referring clients on node 0, specialists over the others, so that
+    every pairing crosses nodes."""
+    if nodes == 1:
+        return [replace(c, node=0) for c in clients]
+    seen: Counter[str] = Counter()
+    placed = []
+    for client in clients:
+        key = REFERRING if client.kind == REFERRING else f"{SPECIALIST}:{client.specialty}"
+        rank = seen[key]
+        seen[key] += 1
+        if split == "cross":
+            node = 0 if client.kind == REFERRING else 1 + rank % (nodes - 1)
+        else:
+            node = rank % nodes
+        placed.append(replace(client, node=node))
+    return placed
 
 
 def split_clients(clients: Sequence[ClientSpec], workers: int) -> list[tuple[ClientSpec, ...]]:
@@ -307,6 +368,7 @@ class WorkerState:
     stopping: bool = False
     start: float = 0.0
     """Monotonic time the requests start (common to all workers)."""
+    specialist_nodes: dict[str, int] = field(default_factory=dict)
 
     def spawn(self, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro)
@@ -365,7 +427,7 @@ class SiteClient:
         """Connect and sign in; returns the time it took in ms."""
         started = time.monotonic()
         await asyncio.wait_for(
-            self.sio.connect(self.plan.url, auth={"token": self.spec.token},
+            self.sio.connect(self.plan.urls[self.spec.node], auth={"token": self.spec.token},
                              transports=["websocket"], wait_timeout=self.plan.connect_timeout_s),
             self.plan.connect_timeout_s + 5,
         )
@@ -419,6 +481,9 @@ class SiteClient:
         self.state.report.paired += 1
         self.state.report.pair_ms.append((received - emitted) * 1000)
         self.state.report.pair_sent_s.append(emitted - self.state.start)
+        winner = request.get("accepted_by") if isinstance(request, dict) else None
+        node = self.state.specialist_nodes.get(winner) if isinstance(winner, str) else None
+        self.state.report.pair_cross.append(node is not None and node != self.spec.node)
         self.state.changed.set()
 
     async def _on_request_update(self, data: Any) -> None:
@@ -515,7 +580,7 @@ async def _generate(plan: WorkerPlan, clients: list[SiteClient], state: WorkerSt
 
 
 async def _worker(plan: WorkerPlan, conn: Connection) -> None:
-    state = WorkerState()
+    state = WorkerState(specialist_nodes=dict(plan.specialist_nodes))
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as http:
         clients = [SiteClient(spec, plan, http, state) for spec in plan.clients]
@@ -580,11 +645,43 @@ def _die_with_parent() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+class Target(Protocol):
+    """What the benchmark runs against: one `serve` (``Server``) or a fleet
+    (``FleetTarget``)."""
+
+    label: str
+    nodes: int
+    relays: int
+
+    @property
+    def urls(self) -> list[str]: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> object: ...
+
+    def alive(self) -> bool: ...
+
+    def log_tail(self, lines: int = 20) -> str: ...
+
+    def node_pids(self) -> list[int]: ...
+
+    def side_processes(self) -> dict[str, list[psutil.Process]]:
+        """The other processes of the configuration (Redis, PostgreSQL, relays, nginx), whose
+        CPU is reported beside the nodes'."""
+        ...
+
+
 class Server:
     """``python -m telehealth.cli --config CFG serve`` as a subprocess."""
 
+    nodes = 1
+    relays = 0
+
     def __init__(self, config: Path, log: Path, *, gc_trace: bool = False,
-                 wrapper_gc_threshold: str = "") -> None:
+                 wrapper_gc_threshold: str = "",
+                 label: str = "1 node, embedded: SQLite, memory, embedded relay") -> None:
+        self.label = label
         self.config = config
         self.log_path = log
         self.gc_trace = gc_trace or bool(wrapper_gc_threshold)
@@ -636,6 +733,16 @@ class Server:
         assert self.process is not None
         return self.process.pid
 
+    @property
+    def urls(self) -> list[str]:
+        return [self.url]
+
+    def node_pids(self) -> list[int]:
+        return [self.pid]
+
+    def side_processes(self) -> dict[str, list[psutil.Process]]:
+        return {}  # records, live state and the relay are all inside the server
+
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
@@ -659,11 +766,109 @@ class Server:
         return self.process.returncode
 
 
-class Sampler:
-    """Samples the server's CPU use every SAMPLE_EVERY_S in a thread; keeps the peak."""
+class FleetTarget:
+    """A real local fleet from tests/fleet_processes.py (H4's harness, also `make fleet`'s):
+    redis-server, PostgreSQL, ``nodes`` `serve` processes, ``relays`` standalone relays
+    dialling nginx. The harness reads relay registrations from the nodes' INFO log, so the
+    nodes log at INFO (and the baseline of the same run too, for a like-for-like figure)."""
 
-    def __init__(self, process: psutil.Process) -> None:
-        self._process = process
+    def __init__(self, folder: Path, *, nodes: int, relays: int, directory_toml: str,
+                 secret: str, sections: dict[str, dict[str, Any]]) -> None:
+        if str(ROOT) not in sys.path:  # run as a script: bench/ itself is on sys.path
+            sys.path.insert(0, str(ROOT))
+        from tests.fleet_processes import Fleet
+
+        self.nodes = nodes
+        self.relays = relays
+        self.label = (f"fleet: {nodes} node{'s' if nodes > 1 else ''}, Redis, PostgreSQL, "
+                      f"{relays} standalone relays")
+        self.fleet = Fleet(folder, nodes=nodes, relays=relays, directory=directory_toml,
+                           sections=sections, secret=secret, token_ttl_s=7200)
+
+    @property
+    def urls(self) -> list[str]:
+        return [self.fleet.node_url(name) for name in self.fleet.node_names]
+
+    def start(self) -> None:
+        try:
+            asyncio.run(asyncio.wait_for(self.fleet.start(), FLEET_START_TIMEOUT_S))
+        except Exception as exc:
+            tail = self.log_tail()
+            self.fleet.stop_all()
+            raise BenchError(f"the fleet did not start: {exc!r}\n{tail}") from exc
+        except BaseException:
+            self.fleet.stop_all()
+            raise
+
+    def stop(self) -> None:
+        self.fleet.stop_all()
+
+    def alive(self) -> bool:
+        members = self.fleet.members
+        return all(name in members and members[name].running
+                   for name in (*self.fleet.node_names, *self.fleet.relay_names,
+                                "redis", "postgres"))
+
+    def log_tail(self, lines: int = 20) -> str:
+        parts = []
+        for name, member in self.fleet.members.items():
+            state = "running" if member.running else f"exited {member.process.returncode}"
+            tail = member.output().splitlines()[-lines:]
+            parts.append(f"--- {name} ({state}) ---\n" + "\n".join(tail))
+        return "\n".join(parts)
+
+    def node_pids(self) -> list[int]:
+        return [self.fleet.members[name].process.pid for name in self.fleet.node_names]
+
+    def side_processes(self) -> dict[str, list[psutil.Process]]:
+        """PostgreSQL's backends (one per pooled connection) and nginx's worker are children
+        of the processes the harness started: each member with its children, as they are
+        now (after the connects, the pools are full)."""
+        groups: dict[str, list[psutil.Process]] = {}
+        for name, member in self.fleet.members.items():
+            if name in self.fleet.node_names or not member.running:
+                continue
+            group = "relays" if name in self.fleet.relay_names else name
+            with contextlib.suppress(psutil.Error):
+                top = psutil.Process(member.process.pid)
+                groups.setdefault(group, []).extend([top, *top.children(recursive=True)])
+        return groups
+
+
+class Processes:
+    """The nodes of a configuration as one: their RSS, CPU and fds summed."""
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        self.members = [psutil.Process(pid) for pid in pids]
+
+    def rss(self) -> int:
+        return sum(p.memory_info().rss for p in self.members)
+
+    def cpu(self) -> float:
+        return sum(cpu_seconds(p) for p in self.members)
+
+    def fds(self) -> int:
+        return sum(p.num_fds() for p in self.members)
+
+
+def group_cpu(groups: dict[str, list[psutil.Process]]) -> dict[str, float]:
+    """CPU seconds so far of each group (a process gone meanwhile counts what it had)."""
+    totals: dict[str, float] = {}
+    for name, members in groups.items():
+        total = 0.0
+        for process in members:
+            with contextlib.suppress(psutil.Error):
+                total += cpu_seconds(process)
+        totals[name] = total
+    return totals
+
+
+class Sampler:
+    """Samples the nodes' CPU use (summed) every SAMPLE_EVERY_S in a thread; keeps the
+    peak."""
+
+    def __init__(self, processes: Sequence[psutil.Process]) -> None:
+        self._processes = list(processes)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="sampler")
         self.peak_cpu_percent = 0.0
@@ -679,11 +884,13 @@ class Sampler:
 
     def _run(self) -> None:
         with contextlib.suppress(psutil.Error):
-            self._process.cpu_percent(None)
+            for process in self._processes:
+                process.cpu_percent(None)
             while not self._stop.wait(SAMPLE_EVERY_S):
-                self.peak_cpu_percent = max(self.peak_cpu_percent,
-                                            self._process.cpu_percent(None))
-                self.peak_rss = max(self.peak_rss, self._process.memory_info().rss)
+                self.peak_cpu_percent = max(self.peak_cpu_percent, sum(
+                    p.cpu_percent(None) for p in self._processes))
+                self.peak_rss = max(self.peak_rss,
+                                    sum(p.memory_info().rss for p in self._processes))
 
 
 def server_gc_thresholds() -> tuple[int, ...] | None:
@@ -841,10 +1048,26 @@ class Results:
     """The common start on the machine's monotonic clock (to line up server-side logs)."""
     pairings: list[tuple[float, float]] = field(default_factory=list)
     """(emitted at, seconds after the start; pairing latency ms), by emission time."""
+    label: str = ""
+    """The configuration measured (Target.label)."""
+    nodes: int = 1
+    relays: int = 0
+    """Standalone relays (0: the embedded one)."""
+    split: str = ""
+    """How the clients are spread over the nodes (assign_nodes); empty with one node."""
+    log_level: str = "WARNING"
+    cross_pairs: int = 0
+    """Pairings whose specialist was on another node than the requester."""
+    cross_p50_ms: float = math.nan
+    cross_p99_ms: float = math.nan
+    same_p50_ms: float = math.nan
+    same_p99_ms: float = math.nan
+    side_cpu_s: dict[str, float] = field(default_factory=dict)
+    """CPU seconds during the run of Redis, PostgreSQL, the relays, nginx (a fleet)."""
 
 
 def _gather(conns: Sequence[Connection], expected: str, timeout: float,
-            server: Server) -> list[tuple[Any, ...]]:
+            server: Target) -> list[tuple[Any, ...]]:
     """One ``expected`` message from every worker, bounded by ``timeout``."""
     deadline = time.monotonic() + timeout
     got: dict[int, tuple[Any, ...]] = {}
@@ -887,14 +1110,19 @@ def _start_profiler(pid: int, seconds: float, output: Path) -> subprocess.Popen[
     )
 
 
-def summarize_profile(path: Path, top: int = 15) -> list[tuple[str, float]]:
+def summarize_profile(paths: Sequence[Path], top: int = 15) -> list[tuple[str, float]]:
     """Self time per function, as a share of the busy samples, from py-spy's raw (collapsed)
-    output. Samples of a thread waiting (the event loop in select, the records thread waiting
-    for work) are left out: with --nonblocking py-spy cannot always tell they are idle."""
+    output (of several nodes: their samples added). Samples of a thread waiting (the event
+    loop in select, the records thread waiting for work) are left out: with --nonblocking
+    py-spy cannot always tell they are idle."""
     counts: Counter[str] = Counter()
     total = 0
-    with contextlib.suppress(OSError):
-        for line in path.read_text().splitlines():
+    for path in paths:
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
             stack, _, number = line.rpartition(" ")
             if not stack or not number.isdigit():
                 continue
@@ -907,75 +1135,137 @@ def summarize_profile(path: Path, top: int = 15) -> list[tuple[str, float]]:
     return [(name, n / total) for name, n in counts.most_common(top)] if total else []
 
 
-def run(args: argparse.Namespace) -> Results:
+def new_results(args: argparse.Namespace, population: Population, target: Target,
+                log_level: str) -> Results:
+    return Results(sites=args.sites, referring=population.referring, central=args.central,
+                   specialists=population.specialists, specialties=len(population.specialties),
+                   workers=args.workers, rate=args.rate, duration_s=args.duration,
+                   hold_s=args.hold, connect_concurrency=args.connect_concurrency,
+                   clients=len(population.clients), cores=psutil.cpu_count() or 0,
+                   gc_trace=args.gc_trace or bool(args.gc_threshold),
+                   gc_threshold=args.gc_threshold, server_gc_thresholds=server_gc_thresholds(),
+                   ping_interval_s=args.ping_interval, code=code_version(),
+                   relay_capacity=(relay_capacity() or 0) * max(1, target.relays) or None,
+                   label=target.label, nodes=target.nodes, relays=target.relays,
+                   split=args.split if target.nodes > 1 else "", log_level=log_level)
+
+
+def fleet_sections(args: argparse.Namespace, metrics_token: str) -> dict[str, dict[str, Any]]:
+    """Every fleet node's config over the harness's: the server defaults wherever the
+    harness (made for quick tests) differs from them and the load depends on it (presence
+    pings: 5 s in tests/support.py, 20 s by default), the metrics token, INFO logging (the
+    harness reads relay registrations from it)."""
+    from config.settings import PresenceSettings
+
+    presence = PresenceSettings().model_dump()
+    if args.ping_interval is not None:
+        presence["ping_interval_s"] = args.ping_interval
+    return {"presence": presence, "security": {"metrics_token": metrics_token},
+            "logging": {"level": "INFO"}}
+
+
+def run(args: argparse.Namespace) -> list[Results]:
+    """Every configuration of the invocation, in turn, on one population: the baseline
+    first when a fleet is measured (unless --no-baseline), then the configuration asked
+    for."""
     population = build_population(args.sites, args.central, args.specialists, args.specialties)
-    res = Results(sites=args.sites, referring=population.referring, central=args.central,
-                  specialists=population.specialists, specialties=len(population.specialties),
-                  workers=args.workers, rate=args.rate, duration_s=args.duration,
-                  hold_s=args.hold, connect_concurrency=args.connect_concurrency,
-                  clients=len(population.clients), cores=psutil.cpu_count() or 0,
-                  gc_trace=args.gc_trace or bool(args.gc_threshold),
-                  gc_threshold=args.gc_threshold, server_gc_thresholds=server_gc_thresholds(),
-                  ping_interval_s=args.ping_interval,
-                  code=code_version(), relay_capacity=relay_capacity())
     workdir = Path(tempfile.mkdtemp(prefix="telehealth-bench-", dir=args.tmp_dir))
-    # Since 0ed36e8 `serve` sets the collector thresholds from its config: an experiment goes
-    # there. Older servers have no such setting: gc_trace_server.py sets them before start-up.
-    own_gc = server_gc_thresholds()
-    wanted_gc = tuple(int(v) for v in args.gc_threshold.split(",")) if args.gc_threshold else None
-    server = Server(workdir / "config.toml", workdir / "server.log",
-                    gc_trace=args.gc_trace or bool(wanted_gc),
-                    wrapper_gc_threshold=args.gc_threshold if own_gc is None else "")
+    fleet = args.redis and args.postgres
+    # The harness's nodes log at INFO; a baseline beside them does too (like for like).
+    log_level = "INFO" if fleet else "WARNING"
+    try:
+        secret = secrets.token_urlsafe(48)
+        metrics_token = secrets.token_urlsafe(32)
+        directory_file = workdir / "directory.toml"
+        directory_file.write_text(population.directory_toml, encoding="utf-8")
+        clients = mint_tokens(population, directory_file, secret)
+        results: list[Results] = []
+        if not fleet or args.baseline:
+            # Since 0ed36e8 `serve` sets the collector thresholds from its config: an
+            # experiment goes there. Older servers have no such setting:
+            # gc_trace_server.py sets them before start-up.
+            own_gc = server_gc_thresholds()
+            wanted_gc = (tuple(int(v) for v in args.gc_threshold.split(","))
+                         if args.gc_threshold else None)
+            server = Server(workdir / "config.toml", workdir / "server.log",
+                            gc_trace=args.gc_trace or bool(wanted_gc),
+                            wrapper_gc_threshold=args.gc_threshold if own_gc is None else "",
+                            label=("baseline: " if fleet else "")
+                            + "1 node, embedded: SQLite, memory, embedded relay")
+            server.config.write_text(config_toml(
+                workdir / "data", directory_file, secret, metrics_token, args.ping_interval,
+                wanted_gc if own_gc is not None else None, log_level))
+            results.append(measure(args, population, clients, server, log_level,
+                                   metrics_token, profile=not fleet))
+        if fleet:
+            target = FleetTarget(workdir / "fleet", nodes=args.nodes, relays=args.relays,
+                                 directory_toml=population.directory_toml, secret=secret,
+                                 sections=fleet_sections(args, metrics_token))
+            results.append(measure(args, population,
+                                   assign_nodes(clients, args.nodes, args.split), target,
+                                   log_level, metrics_token, profile=True))
+    finally:
+        if args.keep:
+            print(f"kept {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return results
+
+
+def measure(args: argparse.Namespace, population: Population, clients: Sequence[ClientSpec],
+            target: Target, log_level: str, metrics_token: str, *,
+            profile: bool) -> Results:
+    """Start ``target``, connect every client to its node, run the schedule, stop it all
+    (also on failure)."""
+    res = new_results(args, population, target, log_level)
     processes: list[mp.process.BaseProcess] = []
     conns: list[Connection] = []
-    profiler: subprocess.Popen[bytes] | None = None
+    profilers: list[subprocess.Popen[bytes]] = []
+    profile_paths: list[Path] = []
+    print(f"measuring {target.label}...", file=sys.stderr, flush=True)
     try:
         res.busy_before = busy_fraction(2.0)
         if res.busy_before > 0.2:
             print(f"warning: the machine is already {res.busy_before * 100:.0f}% busy before "
                   "the benchmark starts; figures will be disturbed", file=sys.stderr)
-        secret = secrets.token_urlsafe(48)
-        metrics_token = secrets.token_urlsafe(32)
-        directory_file = workdir / "directory.toml"
-        directory_file.write_text(population.directory_toml, encoding="utf-8")
-        server.config.write_text(config_toml(
-            workdir / "data", directory_file, secret, metrics_token, args.ping_interval,
-            wanted_gc if own_gc is not None else None))
-        clients = mint_tokens(population, directory_file, secret)
-
-        server.start()
-        proc = psutil.Process(server.pid)
+        target.start()
+        nodes = Processes(target.node_pids())
         time.sleep(0.5)
-        rss_idle = proc.memory_info().rss
+        rss_idle = nodes.rss()
         res.rss_idle_mb = rss_idle / 2**20
 
+        specialist_nodes = tuple((c.clinician_id, c.node) for c in clients
+                                 if c.kind == SPECIALIST)
         context = mp.get_context("spawn")
         for index, share in enumerate(split_clients(clients, args.workers)):
             parent, child = context.Pipe()
-            plan = WorkerPlan(index=index, workers=args.workers, url=server.url, clients=share,
-                              rate=args.rate, duration_s=args.duration, hold_s=args.hold,
-                              drain_s=args.drain, connect_concurrency=args.connect_concurrency,
+            plan = WorkerPlan(index=index, workers=args.workers, urls=tuple(target.urls),
+                              clients=share, rate=args.rate, duration_s=args.duration,
+                              hold_s=args.hold, drain_s=args.drain,
+                              connect_concurrency=args.connect_concurrency,
                               connect_timeout_s=args.connect_timeout,
-                              specialties=population.specialties, seed=args.seed)
+                              specialties=population.specialties, seed=args.seed,
+                              specialist_nodes=specialist_nodes)
             process = context.Process(target=worker_main, args=(plan, child),
                                       name=f"bench-worker-{index}", daemon=True)
             process.start()
             child.close()
             processes.append(process)
             conns.append(parent)
-        _gather(conns, "ready", WORKER_START_TIMEOUT_S, server)
+        _gather(conns, "ready", WORKER_START_TIMEOUT_S, target)
 
         # -- connect -------------------------------------------------------------------------
         print(f"connecting {len(clients)} clients ({args.workers} workers x "
-              f"{args.connect_concurrency} at a time)...", file=sys.stderr, flush=True)
-        server_cpu0 = cpu_seconds(proc)
+              f"{args.connect_concurrency} at a time) to {len(target.urls)} node(s)...",
+              file=sys.stderr, flush=True)
+        server_cpu0 = nodes.cpu()
         started = time.monotonic()
         _broadcast(conns, "connect")
         connect_timeout = args.connect_timeout + 60 + len(clients) * 0.05
         reports: list[ConnectReport] = [m[1] for m in _gather(conns, "connected",
-                                                              connect_timeout, server)]
+                                                              connect_timeout, target)]
         res.connect_total_s = time.monotonic() - started
-        res.connect_server_cpu_s = cpu_seconds(proc) - server_cpu0
+        res.connect_server_cpu_s = nodes.cpu() - server_cpu0
         connect_ms = [ms for r in reports for ms in r.connect_ms]
         res.connected = sum(r.connected for r in reports)
         res.connect_errors = [e for r in reports for e in r.errors][:5]
@@ -983,48 +1273,62 @@ def run(args: argparse.Namespace) -> Results:
         res.connect_p99_ms = percentile(connect_ms, 99)
         res.connect_generator_cpu_s = sum(r.cpu_s for r in reports)
         time.sleep(1.0)  # let the server finish the tail of the connects before measuring
-        rss_connected = proc.memory_info().rss
+        rss_connected = nodes.rss()
         res.rss_connected_mb = rss_connected / 2**20
         res.rss_per_site_kb = (rss_connected - rss_idle) / 1024 / args.sites
-        res.server_fds = proc.num_fds()
+        res.server_fds = nodes.fds()
         if res.connected == 0:
             raise BenchError("no client could connect: " + "; ".join(res.connect_errors))
 
         # -- requests ------------------------------------------------------------------------
         print(f"sending {args.rate:g} requests/s for {args.duration:g} s...", file=sys.stderr,
               flush=True)
-        server_cpu0 = cpu_seconds(proc)
+        side = target.side_processes()
+        side0 = group_cpu(side)
+        server_cpu0 = nodes.cpu()
         busy0, total0 = machine_busy()
         start = time.monotonic() + 0.5
         res.start_monotonic = start
-        if args.py_spy is not None:
-            profiler = _start_profiler(server.pid, args.duration, args.py_spy)
-        with Sampler(proc) as sampler:
+        if profile and args.py_spy is not None:
+            pids = target.node_pids()
+            for i, pid in enumerate(pids):
+                path = (args.py_spy if len(pids) == 1
+                        else args.py_spy.with_name(f"{args.py_spy.name}.node{i}"))
+                profiler = _start_profiler(pid, args.duration, path)
+                if profiler is not None:
+                    profilers.append(profiler)
+                    profile_paths.append(path)
+        with Sampler(nodes.members) as sampler:
             _broadcast(conns, "go", start)
-            _gather(conns, "drained", args.duration + args.drain + args.hold + 60, server)
+            _gather(conns, "drained", args.duration + args.drain + args.hold + 60, target)
             _broadcast(conns, "stop")
             res.run_wall_s = time.monotonic() - start
-            res.run_server_cpu_s = cpu_seconds(proc) - server_cpu0
+            res.run_server_cpu_s = nodes.cpu() - server_cpu0
+            side1 = group_cpu(side)
             busy1, total1 = machine_busy()
             runs: list[RunReport] = [m[1] for m in _gather(
-                conns, "report", args.hold + CALL_TIMEOUT_S + 60, server)]
+                conns, "report", args.hold + CALL_TIMEOUT_S + 60, target)]
+        res.side_cpu_s = {name: side1[name] - side0[name] for name in side0}
         res.run_server_peak_cpu_percent = sampler.peak_cpu_percent
         res.run_machine_busy = (busy1 - busy0) / (total1 - total0) if total1 > total0 else 0
-        res.rss_end_mb = proc.memory_info().rss / 2**20
+        res.rss_end_mb = nodes.rss() / 2**20
         _collect(res, runs)
-        res.run_other_cpu_s = busy1 - busy0 - res.run_server_cpu_s - res.run_generator_cpu_s
-        _scrape_metrics(res, server.url, metrics_token)
-        if server.gc_trace:
-            res.gc_pauses_run = gc_pauses(server.log_path, start, start + res.run_wall_s)
-        if profiler is not None:
+        res.run_other_cpu_s = (busy1 - busy0 - res.run_server_cpu_s - res.run_generator_cpu_s
+                               - sum(res.side_cpu_s.values()))
+        _scrape_metrics(res, target.urls, metrics_token)
+        if isinstance(target, Server) and target.gc_trace:
+            res.gc_pauses_run = gc_pauses(target.log_path, start, start + res.run_wall_s)
+        for profiler in profilers:
             try:
                 profiler.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 profiler.kill()
-            res.profile_top = summarize_profile(args.py_spy)
+        if profile_paths:
+            res.profile_top = summarize_profile(profile_paths)
     finally:
-        if profiler is not None and profiler.poll() is None:
-            profiler.kill()
+        for profiler in profilers:
+            if profiler.poll() is None:
+                profiler.kill()
         for conn in conns:  # a worker still waiting for orders sees EOF and winds down
             conn.close()
         for worker in processes:
@@ -1032,11 +1336,7 @@ def run(args: argparse.Namespace) -> Results:
             if worker.is_alive():
                 worker.kill()
                 worker.join(timeout=5)
-        server.stop()
-        if args.keep:
-            print(f"kept {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        target.stop()
     return res
 
 
@@ -1053,21 +1353,23 @@ def gc_pauses(log: Path, start: float, until: float) -> list[tuple[int, float, f
     return found
 
 
-def _scrape_metrics(res: Results, url: str, token: str) -> None:
-    """Cross-check with the server's own accept timing (``telehealth_pairing_seconds``)."""
-    request = urllib.request.Request(f"{url}/metrics",
-                                     headers={"Authorization": f"Bearer {token}"})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            text = response.read().decode()
-    except OSError as exc:
-        print(f"could not read /metrics: {exc}", file=sys.stderr)
-        return
+def _scrape_metrics(res: Results, urls: Sequence[str], token: str) -> None:
+    """Cross-check with the server's own accept timing (``telehealth_pairing_seconds``),
+    summed over the nodes (each counts the accepts it handled)."""
     values: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("telehealth_pairing_seconds"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
+    for url in urls:
+        request = urllib.request.Request(f"{url}/metrics",
+                                         headers={"Authorization": f"Bearer {token}"})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                text = response.read().decode()
+        except OSError as exc:
+            print(f"could not read {url}/metrics: {exc}", file=sys.stderr)
+            return
+        for line in text.splitlines():
+            if line.startswith("telehealth_pairing_seconds"):
+                name, _, value = line.rpartition(" ")
+                values[name] = values.get(name, 0.0) + float(value)
     count = values.get("telehealth_pairing_seconds_count", 0.0)
     within = values.get('telehealth_pairing_seconds_bucket{le="0.05"}', 0.0)
     res.server_pairing_count = int(count)
@@ -1093,6 +1395,11 @@ def _collect(res: Results, runs: Sequence[RunReport]) -> None:
     res.pair_p90_ms = percentile(pair_ms, 90)
     res.pair_p99_ms = percentile(pair_ms, 99)
     res.pair_max_ms = max(pair_ms, default=math.nan)
+    cross = [ms for r in runs for ms, x in zip(r.pair_ms, r.pair_cross, strict=True) if x]
+    same = [ms for r in runs for ms, x in zip(r.pair_ms, r.pair_cross, strict=True) if not x]
+    res.cross_pairs = len(cross)
+    res.cross_p50_ms, res.cross_p99_ms = percentile(cross, 50), percentile(cross, 99)
+    res.same_p50_ms, res.same_p99_ms = percentile(same, 50), percentile(same, 99)
     res.pairings = sorted((round(t, 4), round(ms, 3)) for r in runs
                           for t, ms in zip(r.pair_sent_s, r.pair_ms, strict=True))
     res.lag_p99_ms = percentile(lag_ms, 99)
@@ -1154,12 +1461,15 @@ def render(res: Results) -> list[str]:
     server_cores = res.run_server_cpu_s / wall if wall > 0 else math.nan
     generator_cores = res.run_generator_cpu_s / wall if wall > 0 else math.nan
     rows: list[tuple[str, str]] = [
+        ("configuration", res.label + (f"; clients connect to the nodes directly, split "
+                                       f"{res.split}; server figures are the {res.nodes} "
+                                       "nodes' summed" if res.nodes > 1 else "")),
         ("setup", f"{res.sites} sites: {res.central} central with {res.specialists} specialists "
                   f"over {res.specialties} specialties, {res.referring} referring sites"),
         ("machine", f"{res.cores} cores, server and load generator share them; "
                     f"loopback {HOST}; {res.workers} generator processes"),
         ("server code", res.code),
-        ("server settings", "defaults, logging WARNING"
+        ("server settings", f"defaults, logging {res.log_level}"
          + (f", presence.ping_interval_s = {res.ping_interval_s:g}"
             if res.ping_interval_s is not None else "")
          + _gc_setting(res)),
@@ -1180,6 +1490,10 @@ def render(res: Results) -> list[str]:
         ("pairing latency p50 / p90 / p99 / max",
          f"{_ms(res.pair_p50_ms)} / {_ms(res.pair_p90_ms)} / {_ms(res.pair_p99_ms)} / "
          f"{_ms(res.pair_max_ms)} ms"),
+        *([("pairing cross-node p50 / p99 (count)",
+            f"{_ms(res.cross_p50_ms)} / {_ms(res.cross_p99_ms)} ms ({res.cross_pairs}); "
+            f"same node {_ms(res.same_p50_ms)} / {_ms(res.same_p99_ms)} ms "
+            f"({res.paired - res.cross_pairs})")] if res.nodes > 1 else []),
         ("slowest seconds of the run", slowest_seconds(res.pairings)),
         ("send lag behind schedule p99 / max", f"{_ms(res.lag_p99_ms)} / {_ms(res.lag_max_ms)} "
                                                "ms (generator)"),
@@ -1209,8 +1523,12 @@ def render(res: Results) -> list[str]:
                                   f"{SAMPLE_EVERY_S:g} s"),
         ("generator CPU during run", f"{res.run_generator_cpu_s:.1f} s = "
                                      f"{generator_cores:.2f} cores"),
+        *([("fleet's other processes' CPU", ", ".join(
+            f"{name} {cpu:.1f} s" for name, cpu in sorted(res.side_cpu_s.items())))]
+          if res.side_cpu_s else []),
         ("machine CPU busy during run", f"{res.run_machine_busy * 100:.0f}% of {res.cores} "
-                                        f"cores (other than server and generator: "
+                                        f"cores (other than server, generator"
+                                        f"{' and the fleet' if res.side_cpu_s else ''}: "
                                         f"{res.run_other_cpu_s:.1f} s; "
                                         f"{res.busy_before * 100:.0f}% busy before start)"),
     ]
@@ -1238,19 +1556,46 @@ def render(res: Results) -> list[str]:
         lines.append("server profile (py-spy, self time, share of busy samples):")
         lines += [f"  {share * 100:5.1f}%  {name}" for name, share in res.profile_top]
     lines.append("")
-    at_goal = res.sites >= GOAL_SITES and res.rate >= GOAL_RATE
+    goal_sites = GOAL_FLEET_SITES if res.nodes > 1 else GOAL_SITES
+    at_goal = res.sites >= goal_sites and res.rate >= GOAL_RATE
     met = (at_goal and res.connected == res.clients and res.unpaired == 0
            and res.pair_p99_ms <= GOAL_P99_MS)
     verdict = ("met" if met else "NOT met") if at_goal else "not applicable (smaller run)"
-    lines.append(f"goal ({GOAL_SITES} sites, {GOAL_RATE:g} req/s, pairing p99 <= "
+    lines.append(f"goal ({goal_sites} sites, {GOAL_RATE:g} req/s, pairing p99 <= "
                  f"{GOAL_P99_MS:g} ms, all connected and paired): {verdict}")
+    return lines
+
+
+def compare(results: Sequence[Results]) -> list[str]:
+    """The configurations of the run side by side, and the ratio of the p99s (the last
+    against the first, the baseline)."""
+    rows = [("configuration", "clients", "paired", "p50 ms", "p90 ms", "p99 ms", "max ms",
+             "nodes' CPU", "other fleet CPU")]
+    for res in results:
+        rows.append((res.label, f"{res.connected}/{res.clients}", f"{res.paired}/{res.acked}",
+                     _ms(res.pair_p50_ms), _ms(res.pair_p90_ms), _ms(res.pair_p99_ms),
+                     _ms(res.pair_max_ms), f"{res.run_server_cpu_s:.1f} s",
+                     f"{sum(res.side_cpu_s.values()):.1f} s" if res.side_cpu_s else "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                       for i, (cell, w) in enumerate(zip(row, widths, strict=True))).rstrip()
+             for row in rows]
+    base, last = results[0], results[-1]
+
+    def ratio(ours: float, theirs: float) -> str:
+        return "n/a" if not theirs > 0 or math.isnan(ours) else f"{ours / theirs:.2f}"
+
+    lines.append(f"ratio of p99s, {last.label.split(':')[0]} / baseline: "
+                 f"{ratio(last.pair_p99_ms, base.pair_p99_ms)} "
+                 f"(of p50s: {ratio(last.pair_p50_ms, base.pair_p50_ms)})")
     return lines
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Load-test the signaling server: N sites, consult requests at R/s.")
-    parser.add_argument("--sites", type=int, help="sites in the directory (default 1000)")
+    parser.add_argument("--sites", type=int,
+                        help="sites in the directory (default 1000; 4000 for a fleet)")
     parser.add_argument("--rate", type=float, help="consult requests per second (default 50)")
     parser.add_argument("--duration", type=float, help="seconds of requests (default 20)")
     parser.add_argument("--specialists", type=int, help="specialist clinicians (default 40)")
@@ -1287,12 +1632,35 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "before it starts); implies --gc-trace; the server code is unchanged")
     parser.add_argument("--py-spy", type=Path, default=None, metavar="RAW_FILE",
                         help="profile the server with py-spy during the requests "
-                             "(collapsed stacks written here, top functions printed)")
+                             "(collapsed stacks written here, top functions printed; a fleet: "
+                             "each node's to RAW_FILE.node<i>, the top of all of them)")
+    fleet = parser.add_argument_group(
+        "fleet (issue #14)", "--redis --postgres: a real local fleet from "
+        "tests/fleet_processes.py, measured after the embedded single node (the baseline)")
+    fleet.add_argument("--nodes", type=int, default=1,
+                       help="signaling nodes (default 1; more than one needs --redis "
+                            "--postgres)")
+    fleet.add_argument("--redis", action="store_true",
+                       help='live.backend = "redis" (a redis-server started for the run)')
+    fleet.add_argument("--postgres", action="store_true",
+                       help='storage.backend = "postgresql" (a PostgreSQL started for the '
+                            "run)")
+    fleet.add_argument("--relays", type=int, default=2,
+                       help="standalone relays of the fleet (default 2); the nodes run "
+                            "relay.embedded = false")
+    fleet.add_argument("--split", choices=("mixed", "cross"), default="mixed",
+                       help="mixed (default): both kinds of clients spread over the nodes, a "
+                            "request accepted from any node; cross: referring clients on the "
+                            "first node, specialists on the others")
+    fleet.add_argument("--no-baseline", dest="baseline", action="store_false",
+                       help="measure the fleet alone, without the embedded single node "
+                            "first")
     args = parser.parse_args(argv)
     defaults: dict[str, float] = (
         {"sites": 50, "rate": 10, "duration": 3, "specialists": 10, "hold": 0.5, "drain": 3}
         if args.quick else
-        {"sites": 1000, "rate": 50, "duration": 20, "specialists": 40, "hold": 2, "drain": 5}
+        {"sites": GOAL_FLEET_SITES if args.nodes > 1 else 1000, "rate": 50, "duration": 20,
+         "specialists": 40, "hold": 2, "drain": 5}
     )
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -1312,6 +1680,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         problems.append("--workers and --connect-concurrency must be >= 1")
     if args.gc_threshold and not re.fullmatch(r"[1-9]\d*,[1-9]\d*,[1-9]\d*", args.gc_threshold):
         problems.append("--gc-threshold takes three positive integers: A,B,C")
+    if args.nodes < 1 or args.relays < 1:
+        problems.append("--nodes and --relays must be >= 1")
+    if args.redis != args.postgres:
+        problems.append("--redis and --postgres go together: the nodes act as one only with "
+                        "both (signaling/fleet.py), and the harness starts both")
+    if args.nodes > 1 and not args.redis:
+        problems.append("--nodes > 1 needs --redis --postgres (separate nodes on SQLite and "
+                        "memory do not share requests)")
+    if args.split == "cross" and args.nodes < 2:
+        problems.append("--split cross needs --nodes >= 2")
+    if args.redis and (args.gc_trace or args.gc_threshold):
+        problems.append("--gc-trace and --gc-threshold are for one server: the fleet's nodes "
+                        "are started by tests/fleet_processes.py")
     if problems:
         parser.error("; ".join(problems))
     return args
@@ -1327,19 +1708,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)
     try:
-        res = run(args)
+        results = run(args)
     except BenchError as exc:
         print(f"signaling_load: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("signaling_load: interrupted; server and workers stopped", file=sys.stderr)
         return 130
-    for line in render(res):
-        print(line)
+    for res in results:
+        if len(results) > 1:
+            print(f"== {res.label} ==")
+        for line in render(res):
+            print(line)
+        print()
+    if len(results) > 1:
+        for line in compare(results):
+            print(line)
     if args.json is not None:
-        args.json.write_text(json.dumps(asdict(res), indent=2) + "\n")
-    print(f"RESULT sites={res.sites} pair_p50_ms={_ms(res.pair_p50_ms)} "
-          f"pair_p99_ms={_ms(res.pair_p99_ms)} rss_mb={res.rss_connected_mb:.1f}", flush=True)
+        # One run: its results, as before; a comparison: every configuration in order.
+        payload: Any = ([asdict(r) for r in results] if len(results) > 1
+                        else asdict(results[0]))
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    res = results[-1]
+    if res.nodes > 1:
+        print(f"RESULT sites={res.sites} nodes={res.nodes} pair_p50_ms={_ms(res.pair_p50_ms)} "
+              f"pair_p99_ms={_ms(res.pair_p99_ms)}", flush=True)
+    else:
+        print(f"RESULT sites={res.sites} pair_p50_ms={_ms(res.pair_p50_ms)} "
+              f"pair_p99_ms={_ms(res.pair_p99_ms)} rss_mb={res.rss_connected_mb:.1f}",
+              flush=True)
     return 0
 
 
