@@ -3,12 +3,17 @@ password and, for some roles, a TOTP code; a signed-in browser holds a short-liv
 (the JWT of ``signaling.tokens``, unchanged claims) and a refresh token that is rotated on
 every use.
 
-Credentials live in their own SQLite file, ``<data_dir>/accounts.sqlite3``, apart from the
-records on purpose: password hashes, TOTP secrets and refresh-token hashes are backed up,
-retained and wiped on another schedule than consultation records (a records backup handed to
-an archive must not carry them, and a lost password must never be restored from an old
-backup). The file is created mode 0600. As in ``signaling.store``, every query runs on one
-dedicated thread, never on the event loop.
+Credentials live apart from the records on purpose: password hashes, TOTP secrets and
+refresh-token hashes are backed up, retained and wiped on another schedule than consultation
+records (a records backup handed to an archive must not carry them, and a lost password must
+never be restored from an old backup). Where, follows ``storage.backend``
+(``signaling.account_backends``): with ``sqlite``, their own file
+``<data_dir>/accounts.sqlite3`` (``SqliteAccountStore``, created mode 0600, every query on one
+dedicated thread as in ``signaling.store``); with ``postgresql``, tables of their own in the
+records' database (``signaling.accounts_pg``), shared by every process of a fleet with the
+same guarantees. ``Accounts`` holds the rules; an ``AccountStore`` only keeps the rows, and
+each of its calls that settles a race (a code used, a TOTP step, a strike, a refresh-token
+rotation) is one transaction.
 
 Password hashes are Argon2id (argon2-cffi) with the cost of ``[accounts]``; a hash made with
 an older cost is redone at the next successful sign-in. Hashing and verifying run on a small
@@ -17,14 +22,17 @@ instead of stalling the event loop or starting a thread each.
 
 What an attacker learns is kept equal: an unknown identifier is verified against a dummy hash
 (the same time as a known one) and answered ``invalid_credentials`` like a wrong password; both
-count towards the lockout, an unknown identifier in memory, a known account in SQLite. The
-client address is counted too (in memory, a bounded table), with its own, higher threshold
-(a site's clinicians share one NAT address).
+count towards the lockout, a known account in its store, an unknown identifier with the
+addresses. The client address is counted too, with its own, higher threshold (a site's
+clinicians share one NAT address): both in a bounded table (``StrikeStore``), in memory, or in
+Redis with ``live.backend = "redis"`` (``signaling.accounts_redis``: a fleet counts them
+together).
 
 Activation and reset codes and refresh tokens are random (192 and 256 bits) and stored only
 as SHA-256 hashes: with that much entropy a slow hash adds nothing. TOTP secrets are stored as
-they are (base32) in this 0600 file: encrypting them needs a key kept elsewhere and a
-cryptography dependency the project does not declare yet. They are never logged nor audited.
+they are (base32) in the 0600 file or the accounts table: encrypting them needs a key kept
+elsewhere and a cryptography dependency the project does not declare yet. They are never
+logged nor audited.
 
 Audit (``recorder.audit.AuditLog``, the archive's hash-chained log; ``consultation_id`` is
 None): sign-in, failed sign-in, lockout, activation issued and used, password reset,
@@ -47,9 +55,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import pyotp
 from argon2 import PasswordHasher, Type
@@ -315,12 +323,130 @@ class SignedIn:
 
 
 @dataclass
-class _Account:
+class AccountRow:
+    """One account as its store holds it."""
+
     clinician_id: str
     password_hash: str | None
     totp_secret: str | None
     totp_last_step: int
     strikes: Strikes = field(default_factory=Strikes)
+
+
+Judge = Callable[[str, float, float], str | None]
+"""Why a session may not be refreshed (``expired``, ``idle``, ``removed``) or None, from its
+clinician, start and last refresh: ``Accounts`` decides, the store asks inside its
+transaction."""
+
+
+class AccountStore(Protocol):
+    """Where the accounts are kept: ``SqliteAccountStore`` (one `serve`, today's file) or
+    ``signaling.accounts_pg.PostgresAccountStore`` (a fleet). Each method is one transaction;
+    those that decide a race (``use_activation``, ``succeed``, ``strike``, ``rotate``) decide
+    it there, so two processes on one database see one winner."""
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def forget_sessions_before(self, horizon: float) -> None:
+        """Delete the sessions (and their refresh tokens) started before ``horizon``."""
+
+    async def load(self, clinician_id: str) -> AccountRow | None: ...
+
+    async def write_activation(self, clinician_id: str, code_hash: str, expires_at: float,
+                               issued_at: float, issued_by: str) -> None:
+        """The clinician's one activation code (replacing any earlier one)."""
+
+    async def read_activation(self, code_hash: str) -> tuple[str, float, str | None, bool] | None:
+        """(clinician, expires_at, pending TOTP secret, has a password already) or None."""
+
+    async def set_pending_totp(self, code_hash: str, secret: str) -> None: ...
+
+    async def use_activation(self, code_hash: str, clinician_id: str, password_hash: str,
+                             totp_secret: str | None, totp_last_step: int, now: float) -> bool:
+        """Use the code up (if still unexpired and unused: False otherwise), set the
+        password and TOTP, clear the strikes and end the clinician's open sessions."""
+
+    async def succeed(self, clinician_id: str, totp_step: int | None, new_hash: str | None,
+                      family: str, refresh_hash: str, now: float) -> bool:
+        """A sign-in's writes: the TOTP step used (False if another sign-in used it first),
+        the strikes cleared, the rehashed password, the new session."""
+
+    async def strike(self, clinician_id: str, now: float, threshold: int, base_s: float,
+                     max_s: float) -> tuple[Strikes, bool]:
+        """Count a failure against the account: its strikes after, and whether it locked."""
+
+    async def open_session(self, family: str, clinician_id: str, refresh_hash: str,
+                           now: float) -> None: ...
+
+    async def rotate(self, token_hash: str, fresh_hash: str, now: float,
+                     judge: Judge) -> tuple[str, str | None, float, str]:
+        """(outcome, clinician, started_at, family) of presenting refresh token
+        ``token_hash``: ``ok`` (``fresh_hash`` is now the family's current token),
+        ``unknown``, ``ended``, ``reused`` (not the current token: the family ends) or what
+        ``judge`` said (the family ends)."""
+
+    async def end_session(self, token_hash: str, now: float) -> tuple[str, str] | None:
+        """End the open session of the token's family: (family, clinician) or None."""
+
+
+class StrikeStore(Protocol):
+    """Strikes of what has no account row: client addresses (``kind`` ``address``) and
+    unknown identifiers (``unknown``), at most ``accounts.tracked_addresses`` keys of each.
+    ``MemoryStrikes`` (one process) or ``signaling.accounts_redis.RedisStrikes`` (shared by
+    a fleet's processes through Redis)."""
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def get(self, kind: str, key: str) -> Strikes: ...
+
+    async def strike(self, kind: str, key: str, now: float, threshold: int, base_s: float,
+                     max_s: float) -> tuple[Strikes, bool]:
+        """Count a failure: the strikes after, and whether it locked."""
+
+    async def forgive(self, kind: str, key: str) -> None:
+        """A success from there: its failures start again (its lockouts' doubling stays)."""
+
+
+class MemoryStrikes:
+    """``StrikeStore`` in this process's memory: a bounded ``StrikeTable`` per kind."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._tables: dict[str, StrikeTable] = {}
+
+    def _table(self, kind: str) -> StrikeTable:
+        table = self._tables.get(kind)
+        if table is None:
+            table = self._tables[kind] = StrikeTable(self._size)
+        return table
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def get(self, kind: str, key: str) -> Strikes:
+        return replace(self._table(kind).get(key))
+
+    async def strike(self, kind: str, key: str, now: float, threshold: int, base_s: float,
+                     max_s: float) -> tuple[Strikes, bool]:
+        strikes = replace(self._table(kind).get(key))
+        locked = strikes.strike(now, threshold, base_s, max_s)
+        self._table(kind).put(key, strikes)
+        return replace(strikes), locked
+
+    async def forgive(self, kind: str, key: str) -> None:
+        strikes = replace(self._table(kind).get(key), failures=0)
+        self._table(kind).put(key, strikes)
+
+
+ADDRESS = "address"
+UNKNOWN = "unknown"
 
 
 @dataclass
@@ -332,43 +458,227 @@ class _Turns:
     count: int = 0
 
 
+# -- the SQLite file ------------------------------------------------------------------------------
+class SqliteAccountStore(SqliteFile):
+    """``AccountStore`` in ``<data_dir>/accounts.sqlite3`` (mode 0600), every query on its
+    one thread; the schema is ``SCHEMA``, created if missing (this file has no numbered
+    steps: ``signaling.accounts_pg`` has for PostgreSQL)."""
 
-
-class Accounts(SqliteFile):
-    """The accounts of the directory's clinicians. ``await open()``, ``await close()``."""
-
-    def __init__(self, path: Path, *, directory: Directory, tokens: TokenAuthority,
-                 settings: AccountsSettings, audit: AuditLog) -> None:
-        super().__init__(path, name="accounts", synchronous="NORMAL", mode=0o600)
-        self.settings = settings
-        self._directory = directory
-        self._tokens = tokens
-        self._audit = audit
-        self.hashing = PasswordHashing(settings)
-        self._addresses = StrikeTable(settings.tracked_addresses)
-        self._unknown = StrikeTable(settings.tracked_addresses)
-        self._attempts: dict[str, _Turns] = {}
-        """Sign-ins under way or waiting, by identifier (only while there are some)."""
-
-    # -- plumbing ---------------------------------------------------------------------------
     # synchronous=NORMAL, not FULL like the records: a commit survives the process dying,
     # and a power cut may take back the last moments as a whole (a sign-in's session, a
     # strike, a code used with the password it set: consistent, the doctor signs in again).
     # A sign-in then costs no disk flush, which the records' durable pairing would queue
     # behind (docs/benchmarks.md, sign-in load).
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, name="accounts", synchronous="NORMAL", mode=0o600)
+
     def _prepare(self, db: sqlite3.Connection) -> None:
         db.executescript(SCHEMA)
-        # Sessions that ended long ago only take room.
-        horizon = time.time() - 2 * self.settings.session_max_s
-        with transaction(db):
-            old = "SELECT family_id FROM sessions WHERE started_at < ?"
-            db.execute(f"DELETE FROM refresh_tokens WHERE family_id IN ({old})", (horizon,))
-            db.execute("DELETE FROM sessions WHERE started_at < ?", (horizon,))
+
+    async def forget_sessions_before(self, horizon: float) -> None:
+        def _forget(db: sqlite3.Connection) -> None:
+            with transaction(db):
+                old = "SELECT family_id FROM sessions WHERE started_at < ?"
+                db.execute(f"DELETE FROM refresh_tokens WHERE family_id IN ({old})",
+                           (horizon,))
+                db.execute("DELETE FROM sessions WHERE started_at < ?", (horizon,))
+
+        await self._run(_forget)
+
+    async def load(self, clinician_id: str) -> AccountRow | None:
+        return await self._run(lambda db: _load(db, clinician_id))
+
+    async def write_activation(self, clinician_id: str, code_hash: str, expires_at: float,
+                               issued_at: float, issued_by: str) -> None:
+        await self._run(lambda db: db.execute(
+            "INSERT OR REPLACE INTO activations (clinician_id, code_hash, expires_at, "
+            "issued_at, issued_by, pending_totp) VALUES (?, ?, ?, ?, ?, NULL)",
+            (clinician_id, code_hash, expires_at, issued_at, issued_by)))
+
+    async def read_activation(self, code_hash: str) -> tuple[str, float, str | None, bool] | None:
+        def _read(db: sqlite3.Connection) -> tuple[str, float, str | None, bool] | None:
+            row = db.execute("SELECT clinician_id, expires_at, pending_totp FROM activations "
+                             "WHERE code_hash = ?", (code_hash,)).fetchone()
+            if row is None:
+                return None
+            had = db.execute("SELECT password_hash IS NOT NULL FROM accounts "
+                             "WHERE clinician_id = ?", (row[0],)).fetchone()
+            return row[0], row[1], row[2], bool(had and had[0])
+
+        return await self._run(_read)
+
+    async def set_pending_totp(self, code_hash: str, secret: str) -> None:
+        await self._run(lambda db: db.execute(
+            "UPDATE activations SET pending_totp = ? WHERE code_hash = ?", (secret, code_hash)))
+
+    async def use_activation(self, code_hash: str, clinician_id: str, password_hash: str,
+                             totp_secret: str | None, totp_last_step: int, now: float) -> bool:
+        def _apply(db: sqlite3.Connection) -> bool:
+            with transaction(db):
+                used = db.execute("DELETE FROM activations WHERE code_hash = ? AND "
+                                  "expires_at > ?", (code_hash, time.time())).rowcount
+                if used != 1:
+                    return False  # used meanwhile by another request
+                db.execute(
+                    "INSERT INTO accounts (clinician_id, password_hash, totp_secret, "
+                    "totp_last_step, password_set_at, created_at) VALUES (?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (clinician_id) DO UPDATE SET password_hash = excluded."
+                    "password_hash, totp_secret = excluded.totp_secret, totp_last_step = "
+                    "excluded.totp_last_step, password_set_at = excluded.password_set_at, "
+                    "failures = 0, lockouts = 0, locked_until = 0",
+                    (clinician_id, password_hash, totp_secret, totp_last_step, now, now))
+                db.execute("UPDATE sessions SET ended_at = ?, end_reason = 'password_set' "
+                           "WHERE clinician_id = ? AND ended_at IS NULL", (now, clinician_id))
+            return True
+
+        return await self._run(_apply)
+
+    async def succeed(self, clinician_id: str, totp_step: int | None, new_hash: str | None,
+                      family: str, refresh_hash: str, now: float) -> bool:
+        def _succeed(db: sqlite3.Connection) -> bool:
+            with transaction(db):
+                if totp_step is not None:
+                    # Conditional: two sign-ins racing with one code, one wins.
+                    won = db.execute("UPDATE accounts SET totp_last_step = ? WHERE "
+                                     "clinician_id = ? AND totp_last_step < ?",
+                                     (totp_step, clinician_id, totp_step)).rowcount
+                    if not won:
+                        return False
+                db.execute("UPDATE accounts SET failures = 0, lockouts = 0, locked_until = 0"
+                           " WHERE clinician_id = ?", (clinician_id,))
+                if new_hash is not None:
+                    db.execute("UPDATE accounts SET password_hash = ? WHERE clinician_id = ?",
+                               (new_hash, clinician_id))
+                _insert_session(db, family, clinician_id, refresh_hash, now)
+            return True
+
+        return await self._run(_succeed)
+
+    async def strike(self, clinician_id: str, now: float, threshold: int, base_s: float,
+                     max_s: float) -> tuple[Strikes, bool]:
+        def _strike(db: sqlite3.Connection) -> tuple[Strikes, bool]:
+            with transaction(db):
+                account = _load(db, clinician_id)
+                strikes = account.strikes if account is not None else Strikes()
+                locked = strikes.strike(now, threshold, base_s, max_s)
+                db.execute("UPDATE accounts SET failures = ?, lockouts = ?, locked_until = ?, "
+                           "last_failure_at = ? WHERE clinician_id = ?",
+                           (strikes.failures, strikes.lockouts, strikes.locked_until,
+                            strikes.last_failure_at, clinician_id))
+            return strikes, locked
+
+        return await self._run(_strike)
+
+    async def open_session(self, family: str, clinician_id: str, refresh_hash: str,
+                           now: float) -> None:
+        def _open(db: sqlite3.Connection) -> None:
+            with transaction(db):
+                _insert_session(db, family, clinician_id, refresh_hash, now)
+
+        await self._run(_open)
+
+    async def rotate(self, token_hash: str, fresh_hash: str, now: float,
+                     judge: Judge) -> tuple[str, str | None, float, str]:
+        def _rotate(db: sqlite3.Connection) -> tuple[str, str | None, float, str]:
+            with transaction(db):
+                row = db.execute(
+                    "SELECT s.family_id, s.clinician_id, s.current_hash, s.started_at, "
+                    "s.refreshed_at, s.ended_at FROM refresh_tokens t JOIN sessions s ON "
+                    "s.family_id = t.family_id WHERE t.token_hash = ?",
+                    (token_hash,)).fetchone()
+                if row is None:
+                    return "unknown", None, 0.0, ""
+                family, clinician_id, current, started, refreshed, ended = row
+                if ended is not None:
+                    return "ended", clinician_id, started, family
+                why = "reused" if current != token_hash \
+                    else judge(clinician_id, started, refreshed)
+                if why is not None:
+                    db.execute("UPDATE sessions SET ended_at = ?, end_reason = ? "
+                               "WHERE family_id = ?", (now, why, family))
+                    return why, clinician_id, started, family
+                db.execute("UPDATE sessions SET current_hash = ?, refreshed_at = ? "
+                           "WHERE family_id = ?", (fresh_hash, now, family))
+                db.execute("INSERT INTO refresh_tokens (token_hash, family_id) VALUES (?, ?)",
+                           (fresh_hash, family))
+                return "ok", clinician_id, started, family
+
+        return await self._run(_rotate)
+
+    async def end_session(self, token_hash: str, now: float) -> tuple[str, str] | None:
+        def _end(db: sqlite3.Connection) -> tuple[str, str] | None:
+            with transaction(db):
+                row = db.execute(
+                    "SELECT s.family_id, s.clinician_id FROM refresh_tokens t JOIN sessions s"
+                    " ON s.family_id = t.family_id WHERE t.token_hash = ? AND s.ended_at IS "
+                    "NULL", (token_hash,)).fetchone()
+                if row is None:
+                    return None
+                db.execute("UPDATE sessions SET ended_at = ?, end_reason = 'signout' "
+                           "WHERE family_id = ?", (now, row[0]))
+                return row[0], row[1]
+
+        return await self._run(_end)
+
+
+def _load(db: sqlite3.Connection, clinician_id: str) -> AccountRow | None:
+    row = db.execute("SELECT password_hash, totp_secret, totp_last_step, failures, lockouts, "
+                     "locked_until, last_failure_at FROM accounts WHERE clinician_id = ?",
+                     (clinician_id,)).fetchone()
+    if row is None:
+        return None
+    return AccountRow(clinician_id, row[0], row[1], row[2],
+                      Strikes(row[3], row[4], row[5], row[6]))
+
+
+def _insert_session(db: sqlite3.Connection, family: str, clinician_id: str,
+                    refresh_hash: str, now: float) -> None:
+    db.execute("INSERT INTO sessions (family_id, clinician_id, current_hash, started_at, "
+               "refreshed_at) VALUES (?, ?, ?, ?, ?)",
+               (family, clinician_id, refresh_hash, now, now))
+    db.execute("INSERT INTO refresh_tokens (token_hash, family_id) VALUES (?, ?)",
+               (refresh_hash, family))
+
+
+# -- the accounts -------------------------------------------------------------------------------
+class Accounts:
+    """The accounts of the directory's clinicians. ``await open()``, ``await close()``.
+    ``store``: an ``AccountStore``, or the path of the SQLite file; ``strikes``: where the
+    addresses' and unknown identifiers' strikes are counted (default: this process's
+    memory). ``signaling.account_backends.accounts_for`` picks both from the settings."""
+
+    def __init__(self, store: AccountStore | Path, *, directory: Directory,
+                 tokens: TokenAuthority, settings: AccountsSettings, audit: AuditLog,
+                 strikes: StrikeStore | None = None) -> None:
+        self.store: AccountStore = SqliteAccountStore(store) if isinstance(store, Path) \
+            else store
+        self.settings = settings
+        self._directory = directory
+        self._tokens = tokens
+        self._audit = audit
+        self.hashing = PasswordHashing(settings)
+        self.strikes: StrikeStore = strikes if strikes is not None \
+            else MemoryStrikes(settings.tracked_addresses)
+        self._attempts: dict[str, _Turns] = {}
+        """Sign-ins under way or waiting, by identifier (only while there are some)."""
+
+    # -- plumbing ---------------------------------------------------------------------------
+    async def open(self) -> None:
+        await self.store.open()
+        try:
+            await self.strikes.open()
+            # Sessions that ended long ago only take room.
+            await self.store.forget_sessions_before(time.time() - 2 * self.settings.session_max_s)
+        except BaseException:
+            await self.close()
+            raise
 
     async def close(self) -> None:
-        await super().close()
-        self.hashing.close()
-
+        try:
+            await self.strikes.close()
+        finally:
+            await self.store.close()
+            self.hashing.close()
     async def _record(self, actor: str, action: str, **detail: Any) -> None:
         try:
             await self._audit.append_async(actor, action, None, detail)
@@ -394,13 +704,7 @@ class Accounts(SqliteFile):
         now = time.time()
         expires_at = now + self.settings.activation_ttl_s
 
-        def _write(db: sqlite3.Connection) -> None:
-            db.execute(
-                "INSERT OR REPLACE INTO activations (clinician_id, code_hash, expires_at, "
-                "issued_at, issued_by, pending_totp) VALUES (?, ?, ?, ?, ?, NULL)",
-                (clinician_id, digest(code), expires_at, now, actor))
-
-        await self._run(_write)
+        await self.store.write_activation(clinician_id, digest(code), expires_at, now, actor)
         logger.info("accounts: activation code issued for %s by %s", clinician_id, actor)
         await self._record(actor, "account.activation_issued", subject=clinician_id,
                            expires_at=round(expires_at, 3), address=address)
@@ -414,16 +718,7 @@ class Accounts(SqliteFile):
         now = time.time()
         code_hash = digest(code)
 
-        def _read(db: sqlite3.Connection) -> tuple[str, float, str | None, bool] | None:
-            row = db.execute("SELECT clinician_id, expires_at, pending_totp FROM activations "
-                             "WHERE code_hash = ?", (code_hash,)).fetchone()
-            if row is None:
-                return None
-            had = db.execute("SELECT password_hash IS NOT NULL FROM accounts "
-                             "WHERE clinician_id = ?", (row[0],)).fetchone()
-            return row[0], row[1], row[2], bool(had and had[0])
-
-        found = await self._run(_read)
+        found = await self.store.read_activation(code_hash)
         if found is None or found[1] <= now or self._directory.clinician(found[0]) is None:
             logger.info("accounts: activation refused from %s: unknown, expired or used code",
                         address)
@@ -437,9 +732,7 @@ class Accounts(SqliteFile):
         if enable_totp or self.needs_totp(clinician_id):
             secret = pending or pyotp.random_base32()
             if pending is None:
-                await self._run(lambda db: db.execute(
-                    "UPDATE activations SET pending_totp = ? WHERE code_hash = ?",
-                    (secret, code_hash)))
+                await self.store.set_pending_totp(code_hash, secret)
             if not totp:
                 uri = pyotp.TOTP(secret).provisioning_uri(
                     name=clinician_id, issuer_name=self.settings.totp_issuer)
@@ -450,24 +743,8 @@ class Accounts(SqliteFile):
             step = matched
         hashed = await self.hashing.hash(password)
 
-        def _apply(db: sqlite3.Connection) -> bool:
-            with transaction(db):
-                used = db.execute("DELETE FROM activations WHERE code_hash = ? AND "
-                                  "expires_at > ?", (code_hash, time.time())).rowcount
-                if used != 1:
-                    return False  # used meanwhile by another request
-                db.execute(
-                    "INSERT INTO accounts (clinician_id, password_hash, totp_secret, "
-                    "totp_last_step, password_set_at, created_at) VALUES (?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT (clinician_id) DO UPDATE SET password_hash = excluded."
-                    "password_hash, totp_secret = excluded.totp_secret, totp_last_step = "
-                    "excluded.totp_last_step, password_set_at = excluded.password_set_at, "
-                    "failures = 0, lockouts = 0, locked_until = 0",
-                    (clinician_id, hashed, secret, step, now, now))
-                _end_sessions(db, clinician_id, "password_set", now)
-            return True
-
-        if not await self._run(_apply):
+        if not await self.store.use_activation(code_hash, clinician_id, hashed, secret, step,
+                                               now):
             raise ActivationInvalid()
         action = "account.password_reset" if had_password else "account.activated"
         logger.info("accounts: %s for %s (totp %s)", action, clinician_id,
@@ -497,12 +774,12 @@ class Accounts(SqliteFile):
     async def _sign_in(self, clinician_id: str, password: str, totp: str | None,
                        address: str) -> SignedIn:
         now = time.time()
-        account = await self._run(lambda db: _load(db, clinician_id))
+        account = await self.store.load(clinician_id)
         known = account is not None and account.password_hash is not None \
             and self._directory.clinician(clinician_id) is not None
         account_strikes = account.strikes if account is not None and known \
-            else self._unknown.get(clinician_id)
-        address_strikes = self._addresses.get(address)
+            else await self.strikes.get(UNKNOWN, clinician_id)
+        address_strikes = await self.strikes.get(ADDRESS, address)
         wait = max(account_strikes.retry_after(now), address_strikes.retry_after(now))
         if wait > 0:
             logger.info("accounts: sign-in from %s refused: locked out (%.0f s)", address, wait)
@@ -510,8 +787,7 @@ class Accounts(SqliteFile):
         ok = await self.hashing.verify(account.password_hash if account and known else None,
                                        password)
         if not ok or account is None:
-            await self._failed(clinician_id, known, account_strikes, address_strikes,
-                               address, "password")
+            await self._failed(clinician_id, known, address, "password")
             raise InvalidCredentials()
         step: int | None = None
         if account.totp_secret is not None:
@@ -519,8 +795,7 @@ class Accounts(SqliteFile):
                 raise totp_required()
             step = totp_step(account.totp_secret, totp, time.time(), account.totp_last_step)
             if step is None:
-                await self._failed(clinician_id, True, account_strikes, address_strikes,
-                                   address, "totp")
+                await self._failed(clinician_id, True, address, "totp")
                 raise TotpInvalid()
         elif self.needs_totp(clinician_id):
             raise Unauthenticated("this account needs a second factor that is not set up "
@@ -532,31 +807,10 @@ class Accounts(SqliteFile):
         refresh = secrets.token_urlsafe(32)
         family = secrets.token_urlsafe(12)
 
-        def _succeed(db: sqlite3.Connection) -> bool:
-            with transaction(db):
-                if step is not None:
-                    # Conditional: two sign-ins racing with one code, one wins.
-                    won = db.execute("UPDATE accounts SET totp_last_step = ? WHERE "
-                                     "clinician_id = ? AND totp_last_step < ?",
-                                     (step, clinician_id, step)).rowcount
-                    if not won:
-                        return False
-                db.execute("UPDATE accounts SET failures = 0, lockouts = 0, locked_until = 0"
-                           " WHERE clinician_id = ?", (clinician_id,))
-                if new_hash is not None:
-                    db.execute("UPDATE accounts SET password_hash = ? WHERE clinician_id = ?",
-                               (new_hash, clinician_id))
-                db.execute("INSERT INTO sessions (family_id, clinician_id, current_hash, "
-                           "started_at, refreshed_at) VALUES (?, ?, ?, ?, ?)",
-                           (family, clinician_id, digest(refresh), now, now))
-                db.execute("INSERT INTO refresh_tokens (token_hash, family_id) VALUES (?, ?)",
-                           (digest(refresh), family))
-            return True
-
-        if not await self._run(_succeed):
+        if not await self.store.succeed(clinician_id, step, new_hash, family, digest(refresh),
+                                        now):
             raise TotpInvalid()
-        address_strikes.failures = 0
-        self._addresses.put(address, address_strikes)
+        await self.strikes.forgive(ADDRESS, address)
         if new_hash is not None:
             logger.info("accounts: password hash of %s redone with the current cost",
                         clinician_id)
@@ -565,26 +819,22 @@ class Accounts(SqliteFile):
                            session=family[:8])
         return self._signed_in(clinician_id, refresh, now)
 
-    async def _failed(self, identifier: str, known: bool, account_strikes: Strikes,
-                      address_strikes: Strikes, address: str, factor: str) -> None:
-        """Count a failed sign-in against the account (or the unknown identifier, in memory
-        and unnamed) and the address; audit it, and the lockout it causes."""
+    async def _failed(self, identifier: str, known: bool, address: str, factor: str) -> None:
+        """Count a failed sign-in against the account (or the unknown identifier, unnamed)
+        and the address, each in one step of its store (exact when several processes count
+        at once); audit it, and the lockout it causes."""
         s = self.settings
         clinician_id = identifier if known else None
         now = time.time()
-        locked = account_strikes.strike(now, s.lockout_failures, s.lockout_base_s,
-                                        s.lockout_max_s)
-        address_locked = address_strikes.strike(now, s.address_lockout_failures,
-                                                s.lockout_base_s, s.lockout_max_s)
-        self._addresses.put(address, address_strikes)
         if clinician_id is None:
-            self._unknown.put(identifier, account_strikes)
+            account_strikes, locked = await self.strikes.strike(
+                UNKNOWN, identifier, now, s.lockout_failures, s.lockout_base_s, s.lockout_max_s)
         else:
-            st = account_strikes
-            await self._run(lambda db: db.execute(
-                "UPDATE accounts SET failures = ?, lockouts = ?, locked_until = ?, "
-                "last_failure_at = ? WHERE clinician_id = ?",
-                (st.failures, st.lockouts, st.locked_until, st.last_failure_at, clinician_id)))
+            account_strikes, locked = await self.store.strike(
+                clinician_id, now, s.lockout_failures, s.lockout_base_s, s.lockout_max_s)
+        address_strikes, address_locked = await self.strikes.strike(
+            ADDRESS, address, now, s.address_lockout_failures, s.lockout_base_s,
+            s.lockout_max_s)
         logger.info("accounts: failed sign-in (%s) of %s from %s", factor,
                     clinician_id or "an unknown account", address)
         actor = clinician_id or "unknown"
@@ -619,15 +869,7 @@ class Accounts(SqliteFile):
         refresh = secrets.token_urlsafe(32)
         family = secrets.token_urlsafe(12)
 
-        def _open(db: sqlite3.Connection) -> None:
-            with transaction(db):
-                db.execute("INSERT INTO sessions (family_id, clinician_id, current_hash, "
-                           "started_at, refreshed_at) VALUES (?, ?, ?, ?, ?)",
-                           (family, clinician_id, digest(refresh), now, now))
-                db.execute("INSERT INTO refresh_tokens (token_hash, family_id) VALUES (?, ?)",
-                           (digest(refresh), family))
-
-        await self._run(_open)
+        await self.store.open_session(family, clinician_id, digest(refresh), now)
         logger.info("accounts: %s signed in (%s) from %s", clinician_id, method, address)
         await self._record(clinician_id, "auth.signin", subject=clinician_id, method=method,
                            address=address, session=family[:8])
@@ -641,38 +883,17 @@ class Accounts(SqliteFile):
         fresh = secrets.token_urlsafe(32)
         s = self.settings
 
-        def _rotate(db: sqlite3.Connection) -> tuple[str, str | None, float, str]:
-            with transaction(db):
-                row = db.execute(
-                    "SELECT s.family_id, s.clinician_id, s.current_hash, s.started_at, "
-                    "s.refreshed_at, s.ended_at FROM refresh_tokens t JOIN sessions s ON "
-                    "s.family_id = t.family_id WHERE t.token_hash = ?",
-                    (digest(token),)).fetchone()
-                if row is None:
-                    return "unknown", None, 0.0, ""
-                family, clinician_id, current, started, refreshed, ended = row
-                if ended is not None:
-                    return "ended", clinician_id, started, family
-                why = None
-                if current != digest(token):
-                    why = "reused"
-                elif now - started >= s.session_max_s:
-                    why = "expired"
-                elif now - refreshed >= s.idle_timeout_s:
-                    why = "idle"
-                elif self._directory.clinician(clinician_id) is None:
-                    why = "removed"
-                if why is not None:
-                    db.execute("UPDATE sessions SET ended_at = ?, end_reason = ? "
-                               "WHERE family_id = ?", (now, why, family))
-                    return why, clinician_id, started, family
-                db.execute("UPDATE sessions SET current_hash = ?, refreshed_at = ? "
-                           "WHERE family_id = ?", (digest(fresh), now, family))
-                db.execute("INSERT INTO refresh_tokens (token_hash, family_id) VALUES (?, ?)",
-                           (digest(fresh), family))
-                return "ok", clinician_id, started, family
+        def judge(clinician_id: str, started: float, refreshed: float) -> str | None:
+            if now - started >= s.session_max_s:
+                return "expired"
+            if now - refreshed >= s.idle_timeout_s:
+                return "idle"
+            if self._directory.clinician(clinician_id) is None:
+                return "removed"
+            return None
 
-        outcome, clinician_id, started, family = await self._run(_rotate)
+        outcome, clinician_id, started, family = await self.store.rotate(
+            digest(token), digest(fresh), now, judge)
         if outcome == "ok" and clinician_id is not None:
             return self._signed_in(clinician_id, fresh, started)
         logger.info("accounts: refresh from %s refused: %s%s", address, outcome,
@@ -697,19 +918,7 @@ class Accounts(SqliteFile):
             return False
         now = time.time()
 
-        def _end(db: sqlite3.Connection) -> tuple[str, str] | None:
-            with transaction(db):
-                row = db.execute(
-                    "SELECT s.family_id, s.clinician_id FROM refresh_tokens t JOIN sessions s"
-                    " ON s.family_id = t.family_id WHERE t.token_hash = ? AND s.ended_at IS "
-                    "NULL", (digest(token),)).fetchone()
-                if row is None:
-                    return None
-                db.execute("UPDATE sessions SET ended_at = ?, end_reason = 'signout' "
-                           "WHERE family_id = ?", (now, row[0]))
-                return row[0], row[1]
-
-        ended = await self._run(_end)
+        ended = await self.store.end_session(digest(token), now)
         if ended is None:
             return False
         family, clinician_id = ended
@@ -718,17 +927,3 @@ class Accounts(SqliteFile):
                            session=family[:8])
         return True
 
-
-def _load(db: sqlite3.Connection, clinician_id: str) -> _Account | None:
-    row = db.execute("SELECT password_hash, totp_secret, totp_last_step, failures, lockouts, "
-                     "locked_until, last_failure_at FROM accounts WHERE clinician_id = ?",
-                     (clinician_id,)).fetchone()
-    if row is None:
-        return None
-    return _Account(clinician_id, row[0], row[1], row[2],
-                    Strikes(row[3], row[4], row[5], row[6]))
-
-
-def _end_sessions(db: sqlite3.Connection, clinician_id: str, why: str, now: float) -> None:
-    db.execute("UPDATE sessions SET ended_at = ?, end_reason = ? WHERE clinician_id = ? AND "
-               "ended_at IS NULL", (now, why, clinician_id))

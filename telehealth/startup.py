@@ -61,7 +61,8 @@ from relay.api import RelayInfo
 from relay.config import MediaConfig, from_settings
 from relay.embedded import LocalRelay
 from relay.remote import RemoteRelay
-from signaling.accounts import ACCOUNTS_FILE, Accounts
+from signaling.account_backends import accounts_for
+from signaling.accounts import Accounts
 from signaling.auth_api import add_auth_routes
 from signaling.consultations import Consultations
 from signaling.demo import ensure_demo_directory
@@ -124,7 +125,8 @@ class Services:
     pairing: Pairing
     consultations: Consultations
     accounts: Accounts
-    """Clinicians' passwords, TOTP and sessions (their own SQLite file, ``ACCOUNTS_FILE``)."""
+    """Clinicians' passwords, TOTP and sessions (``accounts_for``: their own SQLite file, or
+    the records' PostgreSQL database)."""
     live: LiveStore
     """Presence and membership: ``MemoryLiveStore``, or ``RedisLiveStore`` with
     ``live.backend = "redis"``."""
@@ -339,9 +341,10 @@ def create_app(settings: Settings) -> web.Application:
     gateway = SocketGateway(sio, tokens=tokens, pairing=pairing, consultations=consultations,
                             presence=presence, media=media, metrics=metrics, recording=recording)
 
-    accounts = Accounts(settings.storage.data_dir / ACCOUNTS_FILE, directory=directory,
-                        tokens=tokens, settings=settings.accounts,
-                        audit=AuditLog(settings.archive_dir() / AUDIT_LOG))
+    # storage.backend: their own SQLite file, or the records' PostgreSQL database (a fleet);
+    # the addresses' strikes follow live.backend (memory, or Redis).
+    accounts = accounts_for(settings, directory=directory, tokens=tokens,
+                            audit=AuditLog(settings.archive_dir() / AUDIT_LOG))
 
     stopping = Stopping(settings.server.drain_s, sio, nodes)
     # Outermost first: the client as the trusted proxy names it, then the headers every

@@ -43,9 +43,19 @@ roles = ["site_admin"]
 """
 
 
-def config(tmp_path: Path, **accounts: Any) -> Path:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The ``[storage]`` of a test that runs on both backends: the accounts in their SQLite
+    file, or in a fresh PostgreSQL database (``postgres_dsn``)."""
+    if request.param == "sqlite":
+        return {}
+    return {"backend": "postgresql", "postgresql_dsn": request.getfixturevalue("postgres_dsn")}
+
+
+def config(tmp_path: Path, storage: dict[str, Any] | None = None, **accounts: Any) -> Path:
     path = write_config(tmp_path, accounts={**CHEAP, **accounts},
-                        server={"trusted_proxies": ["127.0.0.1"]})
+                        server={"trusted_proxies": ["127.0.0.1"]},
+                        storage={"data_dir": str(tmp_path / "data"), **(storage or {})})
     with (tmp_path / "directory.toml").open("a", encoding="utf-8") as directory:
         directory.write(SITE_ADMIN)
     return path
@@ -159,9 +169,9 @@ def test_the_password_policy() -> None:
 
 # -- the whole way through --------------------------------------------------------------------
 async def test_activation_sign_in_http_and_socket_refresh_keeps_the_socket_open_sign_out(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, storage: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
-    async with run_server(config(tmp_path, access_ttl_s=3)) as server, \
+    async with run_server(config(tmp_path, storage, access_ttl_s=3)) as server, \
             browser(server) as b:
         status, body = await b.post("/api/accounts/ref1/activation", token=server.token("ref2"))
         assert (status, body["error"]["code"]) == (403, "forbidden")
@@ -235,11 +245,13 @@ async def test_activation_sign_in_http_and_socket_refresh_keeps_the_socket_open_
         assert entry["actor"] == "ref1" and entry["detail"]["address"] == "10.0.0.1"
         assert_not_leaked(server, caplog, [PASSWORD, code, old_code, first_cookie or "?",
                                            fresh])
+    # The accounts follow storage.backend: in PostgreSQL, no accounts file at all.
+    assert (tmp_path / "data" / "accounts.sqlite3").exists() == (not storage)
 
 
 async def test_a_site_admin_issues_codes_for_their_own_sites_clinicians_only(
-        tmp_path: Path) -> None:
-    async with run_server(config(tmp_path)) as server, browser(server) as b:
+        tmp_path: Path, storage: dict[str, Any]) -> None:
+    async with run_server(config(tmp_path, storage)) as server, browser(server) as b:
         for clinician_id, status in (("ref1", 200), ("distspec", 200), ("ref2", 403),
                                      ("admin", 403), ("coord", 403)):
             answer, body = await b.post(f"/api/accounts/{clinician_id}/activation",
@@ -251,9 +263,9 @@ async def test_a_site_admin_issues_codes_for_their_own_sites_clinicians_only(
 
 
 async def test_an_admin_signs_in_with_totp_and_a_code_is_used_once(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, storage: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
-    async with run_server(config(tmp_path)) as server, browser(server) as b:
+    async with run_server(config(tmp_path, storage)) as server, browser(server) as b:
         code = await b.activation("admin")
         status, body = await b.post("/api/auth/activate", {"code": code, "password": PASSWORD})
         assert (status, body["error"]["code"]) == (400, "totp_setup_required")
@@ -287,8 +299,8 @@ async def test_an_admin_signs_in_with_totp_and_a_code_is_used_once(
 
 
 async def test_lockout_per_account_and_per_address_with_a_growing_retry_after(
-        tmp_path: Path) -> None:
-    async with run_server(config(tmp_path, lockout_failures=3, address_lockout_failures=5,
+        tmp_path: Path, storage: dict[str, Any]) -> None:
+    async with run_server(config(tmp_path, storage, lockout_failures=3, address_lockout_failures=5,
                                  lockout_base_s=1, lockout_max_s=4)) as server, \
             browser(server, "10.0.0.1") as b, browser(server, "10.0.0.2") as b2, \
             browser(server, "10.0.0.3") as b3, browser(server, "10.0.0.4") as b4:
@@ -356,8 +368,10 @@ async def test_an_unknown_account_is_answered_and_timed_like_a_wrong_password(
             assert 0.5 < statistics.median(timings[who]) / known < 2.0, timings
 
 
-async def test_expired_codes_reused_refresh_tokens_and_idle_sessions(tmp_path: Path) -> None:
-    async with run_server(config(tmp_path, activation_ttl_s=1, idle_timeout_s=1)) as server, \
+async def test_expired_codes_reused_refresh_tokens_and_idle_sessions(
+        tmp_path: Path, storage: dict[str, Any]) -> None:
+    async with run_server(config(tmp_path, storage, activation_ttl_s=1,
+                                 idle_timeout_s=1)) as server, \
             browser(server) as b:
         expired = await b.activation("ref2")
         code = await b.activation("ref1")
@@ -411,9 +425,8 @@ async def test_the_cli_prints_an_activation_link_and_a_rehash_follows_a_new_cost
             browser(server) as b:
         assert (await b.sign_in("cardio1", PASSWORD))[0] == 200
         services = _services(server)
-        stored = await services.accounts._run(lambda db: db.execute(
-            "SELECT password_hash FROM accounts WHERE clinician_id = 'cardio1'").fetchone()[0])
-        assert ",t=2," in stored
+        stored = await services.accounts.store.load("cardio1")
+        assert stored is not None and ",t=2," in stored.password_hash
 
 
 async def test_concurrent_sign_ins_use_the_bounded_pool_and_keep_the_loop_free(
