@@ -268,7 +268,9 @@ class Consultations:
         return restored
 
     async def tick(self, now: float | None = None) -> None:
-        """Participants away longer than the grace period leave."""
+        """Participants away longer than the grace period leave. In a fleet only the member
+        holding the timers' lease ticks (``telehealth.startup._tick_forever``), over every
+        member's reconnecting participants (the live state is in Redis)."""
         now = time.time() if now is None else now
         for seen in await self._live.reconnecting():
             if seen.away_since is None or now - seen.away_since < self._grace_s:

@@ -69,7 +69,7 @@ from signaling.demo import ensure_demo_directory
 from signaling.directory import Directory
 from signaling.directory_admin import DirectoryAdmin
 from signaling.directory_api import add_directory_routes
-from signaling.fleet import Fleet, LocalFleet, fleet_for
+from signaling.fleet import Fleet, LocalFleet, fleet_for, raise_if_cancelled
 from signaling.handlers import SocketGateway, SocketIONotifier
 from signaling.http_api import add_routes, json_errors, make_auth_middleware
 from signaling.live import LiveStore, MemoryLiveStore
@@ -606,9 +606,9 @@ async def _tick_forever(services: Services) -> None:
     while True:
         await asyncio.sleep(interval)
         try:
-            if not await fleet.leads_timers():
-                continue
-            await services.pairing.tick()
-            await services.consultations.tick()
+            if await fleet.leads_timers():
+                await services.pairing.tick()
+                await services.consultations.tick()
         except Exception:
             logger.exception("timer tick failed; trying again in %.1f s", interval)
+        raise_if_cancelled()

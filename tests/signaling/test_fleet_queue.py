@@ -290,6 +290,25 @@ def services(server: Server) -> Services:
     return server.app[SERVICES]
 
 
+async def leader_of(redis: RedisServer, prefix: str, a: Server, b: Server,
+                    ) -> tuple[Server, Server]:
+    """(the node holding the timers' lease, the other), as Redis says."""
+    probe = aioredis.Redis.from_url(redis.url, decode_responses=True)
+    try:
+        holder: str | None = None
+
+        async def held() -> bool:
+            nonlocal holder
+            found = await probe.get(prefix + "timers")
+            holder = found.decode() if isinstance(found, bytes) else found
+            return holder is not None
+
+        await until(held, timeout=5)
+    finally:
+        await probe.aclose()
+    return (a, b) if holder == services(a).fleet.instance_id else (b, a)
+
+
 def waiting_on(server: Server) -> list[str]:
     return [r["id"] for r in services(server).pairing.visible_queue(
         services(server).tokens.verify(server.token("coord")))]
@@ -383,11 +402,9 @@ async def test_with_two_nodes_the_timers_run_once_and_move_when_the_leader_stops
         await asyncio.sleep(0.5)  # long enough for a second announcement to arrive
         assert on_a["coord"].drain("queue:escalated") == []
         assert on_b["coord"].drain("queue:escalated") == []
-        leaders = [s for s in (a, b) if await services(s).fleet.leads_timers()]
-        assert len(leaders) == 1
-
-        leader_stack, follower, on_follower = \
-            (first, b, on_b) if leaders[0] is a else (second, a, on_a)
+        leader, follower = await leader_of(redis_server, prefix, a, b)
+        assert not await services(follower).fleet.leads_timers()
+        leader_stack, on_follower = (first, on_b) if leader is a else (second, on_a)
         started = time.monotonic()
         await leader_stack.aclose()
         stop_s = time.monotonic() - started
@@ -438,3 +455,71 @@ async def test_after_redis_restarts_the_nodes_resync_the_queue(
         stop_redis(redis)
         if again is not None:
             stop_redis(RedisServer("", again))
+
+
+async def test_the_reconnect_grace_runs_once_across_two_nodes(
+        tmp_path: Path, redis_server: RedisServer, postgres_dsn: str) -> None:
+    """A participant on the node that does not run the timers drops and never comes back:
+    the leader, on the other node, lets them leave after the 1 s grace, once (one ``left``
+    to the other participant, one leave in the attendance)."""
+    prefix = f"n{next(PREFIXES)}:"
+    async with node(tmp_path, "a", redis_server, postgres_dsn, prefix) as a, \
+            node(tmp_path, "b", redis_server, postgres_dsn, prefix) as b:
+        leader, follower = await leader_of(redis_server, prefix, a, b)
+        async with clients(follower.url, {"ref1": follower.token("ref1")}) as away, \
+                clients(leader.url, {"cardio1": leader.token("cardio1")}) as there:
+            asked = await away["ref1"].ok("consult:request", {
+                "specialty": "cardiology", "priority": "stat", "reason": "x"})
+            accepted = await there["cardio1"].ok("consult:accept",
+                                                 {"request_id": asked["request"]["id"]})
+            cid = accepted["consultation"]["id"]
+            await away["ref1"].ok("consult:join", {"consultation_id": cid})
+            await there["cardio1"].ok("consult:join", {"consultation_id": cid})
+            there["cardio1"].drain("consult:participant")
+            dropped = time.monotonic()
+            await away["ref1"].close()
+
+            def about_ref1(event: str) -> Callable[[dict[str, Any]], bool]:
+                return lambda e: e["event"] == event and \
+                    e["participant"]["clinician_id"] == "ref1"
+
+            await there["cardio1"].next_matching("consult:participant",
+                                                 about_ref1("reconnecting"), timeout=5)
+            await there["cardio1"].next_matching("consult:participant", about_ref1("left"),
+                                                 timeout=5)
+            left_after = time.monotonic() - dropped
+            await asyncio.sleep(1.0)  # a second removal would be announced by now
+            again = [e for e in there["cardio1"].drain("consult:participant")
+                     if about_ref1("left")(e)]
+            assert again == []
+            attendance = await services(a).store.attendance_of(cid)
+            ref1 = [row for row in attendance if row["clinician_id"] == "ref1"]
+            assert len(ref1) == 1 and ref1[0]["left_at"] is not None, attendance
+            print(f"a participant on the follower dropped: 'left' once, told by the leader "
+                  f"{left_after:.2f} s later (grace 1.0 s)")
+
+
+async def test_positions_are_told_once_across_two_nodes(
+        tmp_path: Path, redis_server: RedisServer, postgres_dsn: str) -> None:
+    """The first of two waiting requests is cancelled on node A: the requester behind it,
+    connected to B, is told their new place once (only the leader tells positions)."""
+    prefix = f"n{next(PREFIXES)}:"
+    async with node(tmp_path, "a", redis_server, postgres_dsn, prefix) as a, \
+            node(tmp_path, "b", redis_server, postgres_dsn, prefix) as b:
+        async with clients(a.url, {"ref1": a.token("ref1")}) as on_a, \
+                clients(b.url, {"ref2": b.token("ref2")}) as on_b:
+            first = await on_a["ref1"].ok("consult:request", {
+                "specialty": "cardiology", "priority": "stat", "reason": "first"})
+            second = await on_b["ref2"].ok("consult:request", {
+                "specialty": "cardiology", "priority": "stat", "reason": "second"})
+            assert second["position"] == 2
+            rid = second["request"]["id"]
+            await until(lambda: waiting_on(a) == waiting_on(b) ==
+                        [first["request"]["id"], rid])
+            await on_a["ref1"].ok("consult:cancel", {"request_id": first["request"]["id"]})
+            moved = await on_b["ref2"].next_matching(
+                "request:update", lambda u: u["request"]["id"] == rid, timeout=5)
+            assert moved["position"] == 1
+            await asyncio.sleep(1.0)  # ten ticks of each node
+            assert [u for u in on_b["ref2"].drain("request:update")
+                    if u["request"]["id"] == rid] == []
