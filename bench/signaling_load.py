@@ -45,8 +45,12 @@ turn over the nodes; each specialty's specialists in turn, so every node has spe
 every specialty), each pairing can be told same-node or cross-node (the requester knows which
 specialist accepted and on which node it is), and nginx's proxy hop and CPU stay out of a
 figure about the nodes (nginx is the fleet's address for the relays; the fleet tests cover
-clients through it). ``--split cross`` puts every referring client on the first node and the
-specialists on the others: every pairing then crosses nodes.
+clients through it). ``--split cross`` (the default with several nodes): a specialist
+accepts only the requests made on another node than its own (the requester's node is known
+from the request's ``requester_id``), so **every pairing crosses nodes**, each request raced
+by its specialty's specialists on the other nodes. ``--split mixed``: every specialist
+accepts every request; the specialists on the requester's node hear of it first (socket.io's
+Redis manager emits locally, then publishes) and win most races.
 
 The baseline is measured in the same invocation, first: the single-node embedded
 configuration (SQLite records, live state in memory, the embedded relay), same population,
@@ -180,6 +184,10 @@ class WorkerPlan:
     seed: int
     specialist_nodes: tuple[tuple[str, int], ...] = ()
     """(clinician id, node) of every specialist: a requester tells a cross-node pairing."""
+    referring_nodes: tuple[tuple[str, int], ...] = ()
+    """(clinician id, node) of every referring clinician, with ``cross_only``."""
+    cross_only: bool = False
+    """A specialist accepts only requests made on another node than its own."""
 
 
 @dataclass
@@ -282,26 +290,16 @@ def mint_tokens(population: Population, directory_file: Path, secret: str) -> li
                        authority.issue(c.clinician_id)) for c in population.clients]
 
 
-def assign_nodes(clients: Sequence[ClientSpec], nodes: int,
-                 split: str = "mixed") -> list[ClientSpec]:
-    """Each client's node. ``mixed``: referring clients in turn over the nodes, and each
-    specialty's specialists in turn (counted per specialty, so that every node has
-    specialists of every specialty whatever the counts); a request is then accepted from
-    any node. ``cross``: referring clients on node 0, specialists over the others, so that
-    every pairing crosses nodes."""
-    if nodes == 1:
-        return [replace(c, node=0) for c in clients]
+def assign_nodes(clients: Sequence[ClientSpec], nodes: int) -> list[ClientSpec]:
+    """Each client's node: referring clients in turn over the nodes, and each specialty's
+    specialists in turn (counted per specialty, so that every node has specialists of every
+    specialty whatever the counts)."""
     seen: Counter[str] = Counter()
     placed = []
     for client in clients:
         key = REFERRING if client.kind == REFERRING else f"{SPECIALIST}:{client.specialty}"
-        rank = seen[key]
+        placed.append(replace(client, node=seen[key] % nodes))
         seen[key] += 1
-        if split == "cross":
-            node = 0 if client.kind == REFERRING else 1 + rank % (nodes - 1)
-        else:
-            node = rank % nodes
-        placed.append(replace(client, node=node))
     return placed
 
 
@@ -369,6 +367,7 @@ class WorkerState:
     start: float = 0.0
     """Monotonic time the requests start (common to all workers)."""
     specialist_nodes: dict[str, int] = field(default_factory=dict)
+    referring_nodes: dict[str, int] = field(default_factory=dict)
 
     def spawn(self, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro)
@@ -496,6 +495,9 @@ class SiteClient:
         request = data.get("request")
         if not isinstance(request, dict) or not isinstance(request.get("id"), str):
             return
+        if (self.plan.cross_only and self.state.referring_nodes.get(
+                str(request.get("requester_id")), self.spec.node) == self.spec.node):
+            return  # made on this node: the other nodes' specialists take it
         report = self.state.report
         answer, code = await self.call("consult:accept", {"request_id": request["id"]})
         if code == "already_taken":
@@ -580,7 +582,8 @@ async def _generate(plan: WorkerPlan, clients: list[SiteClient], state: WorkerSt
 
 
 async def _worker(plan: WorkerPlan, conn: Connection) -> None:
-    state = WorkerState(specialist_nodes=dict(plan.specialist_nodes))
+    state = WorkerState(specialist_nodes=dict(plan.specialist_nodes),
+                        referring_nodes=dict(plan.referring_nodes))
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as http:
         clients = [SiteClient(spec, plan, http, state) for spec in plan.clients]
@@ -1202,7 +1205,7 @@ def run(args: argparse.Namespace) -> list[Results]:
                                  directory_toml=population.directory_toml, secret=secret,
                                  sections=fleet_sections(args, metrics_token))
             results.append(measure(args, population,
-                                   assign_nodes(clients, args.nodes, args.split), target,
+                                   assign_nodes(clients, args.nodes), target,
                                    log_level, metrics_token, profile=True))
     finally:
         if args.keep:
@@ -1236,6 +1239,9 @@ def measure(args: argparse.Namespace, population: Population, clients: Sequence[
 
         specialist_nodes = tuple((c.clinician_id, c.node) for c in clients
                                  if c.kind == SPECIALIST)
+        cross_only = target.nodes > 1 and args.split == "cross"
+        referring_nodes = tuple((c.clinician_id, c.node) for c in clients
+                                if c.kind == REFERRING) if cross_only else ()
         context = mp.get_context("spawn")
         for index, share in enumerate(split_clients(clients, args.workers)):
             parent, child = context.Pipe()
@@ -1245,7 +1251,8 @@ def measure(args: argparse.Namespace, population: Population, clients: Sequence[
                               connect_concurrency=args.connect_concurrency,
                               connect_timeout_s=args.connect_timeout,
                               specialties=population.specialties, seed=args.seed,
-                              specialist_nodes=specialist_nodes)
+                              specialist_nodes=specialist_nodes,
+                              referring_nodes=referring_nodes, cross_only=cross_only)
             process = context.Process(target=worker_main, args=(plan, child),
                                       name=f"bench-worker-{index}", daemon=True)
             process.start()
@@ -1501,7 +1508,9 @@ def render(res: Results) -> list[str]:
                                         f"{_ms(res.server_pairing_mean_ms)} ms, "
                                         f"{res.server_pairing_over_50ms} over 50 ms "
                                         "(telehealth_pairing_seconds)"),
-        ("accepts won / already_taken", f"{res.accepts_won} / {res.accepts_taken}"),
+        ("accepts won / already_taken", f"{res.accepts_won} / {res.accepts_taken}"
+         + (" (a specialist accepts only requests made on another node)"
+            if res.split == "cross" else "")),
         ("consultations ended", f"{res.ended} (hold {res.hold_s:g} s: about "
                                 f"{res.rate * res.hold_s:.0f} open at a time; relay capacity "
                                 f"{res.relay_capacity or 'unknown'})"),
@@ -1648,10 +1657,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     fleet.add_argument("--relays", type=int, default=2,
                        help="standalone relays of the fleet (default 2); the nodes run "
                             "relay.embedded = false")
-    fleet.add_argument("--split", choices=("mixed", "cross"), default="mixed",
-                       help="mixed (default): both kinds of clients spread over the nodes, a "
-                            "request accepted from any node; cross: referring clients on the "
-                            "first node, specialists on the others")
+    fleet.add_argument("--split", choices=("cross", "mixed"), default="cross",
+                       help="both kinds of clients spread over the nodes; cross (default): a "
+                            "specialist accepts only requests made on another node, so every "
+                            "pairing crosses nodes; mixed: every specialist accepts every "
+                            "request")
     fleet.add_argument("--no-baseline", dest="baseline", action="store_false",
                        help="measure the fleet alone, without the embedded single node "
                             "first")
@@ -1688,8 +1698,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.nodes > 1 and not args.redis:
         problems.append("--nodes > 1 needs --redis --postgres (separate nodes on SQLite and "
                         "memory do not share requests)")
-    if args.split == "cross" and args.nodes < 2:
-        problems.append("--split cross needs --nodes >= 2")
+    if args.nodes > 1 and args.split == "cross" and args.specialists < (
+            args.specialties * args.nodes):
+        problems.append("--split cross needs a specialist of every specialty on every node: "
+                        "--specialists >= --specialties x --nodes")
     if args.redis and (args.gc_trace or args.gc_threshold):
         problems.append("--gc-trace and --gc-threshold are for one server: the fleet's nodes "
                         "are started by tests/fleet_processes.py")
