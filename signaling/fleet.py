@@ -202,6 +202,7 @@ class RedisFleet:
         except RedisError as exc:
             logger.error("fleet: Redis (live.redis_url) does not answer: %s; serve cannot "
                          "start as a member of a fleet", exc)
+            await self._redis.aclose()
             raise
         self._tasks = [asyncio.create_task(self._listen(), name="fleet-bus"),
                        asyncio.create_task(self._send(), name="fleet-outbox"),
@@ -211,6 +212,7 @@ class RedisFleet:
                 await self._subscribed.wait()
         except TimeoutError:
             await self._cancel_tasks()
+            await self._redis.aclose()
             raise RuntimeError(f"fleet: no subscription to {self._channel} within "
                                f"{START_TIMEOUT_S:.0f} s") from None
         logger.info("fleet: instance %s on %s (timers' lease %.1f s)", self.instance_id,

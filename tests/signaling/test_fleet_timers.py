@@ -13,7 +13,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from config.settings import load_settings
 from signaling.fleet import LocalFleet, RedisFleet, fleet_for, raise_if_cancelled
@@ -263,3 +265,16 @@ async def test_a_loop_over_the_lease_always_stops_when_cancelled(
             slowest = max(slowest, time.monotonic() - started)
         print(f"100 cancellations of a loop over the lease: each stopped, slowest "
               f"{slowest * 1000:.1f} ms")
+
+
+async def test_a_member_does_not_start_without_its_redis(tmp_path: Path) -> None:
+    """Nothing listens at the URL: ``start`` fails at once (serve does not start), saying
+    so, as the live state does."""
+    server = start_redis(tmp_path)
+    url = server.url
+    stop_redis(server)
+    fleet = RedisFleet(url, prefix=prefix(), instance_id="x", lease_s=1.0)
+    started = time.monotonic()
+    with pytest.raises(RedisConnectionError):
+        await fleet.start()
+    assert time.monotonic() - started < 5.0
