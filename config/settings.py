@@ -223,7 +223,9 @@ class LiveSettings(_Section):
     timers_lease_s: float = Field(default=5.0, ge=1, le=60)
     """With several `serve` processes on one Redis, one of them runs the timers (escalation,
     expiry, queue positions, reconnect grace) under a lease in Redis, renewed every
-    ``queue.tick_s``; when it dies another takes over within this time. Default 5 s."""
+    ``queue.tick_s`` or half the lease if shorter; when it dies another takes over within
+    this time (with records in PostgreSQL; with SQLite each process runs its own timers).
+    Default 5 s."""
 
 
 VideoCodec = Literal["VP8", "H264"]
