@@ -7,6 +7,8 @@ in Redis with ``live.backend = "redis"`` (``signaling.accounts_redis``)."""
 
 from __future__ import annotations
 
+import hashlib
+
 from config.settings import Settings
 from recorder.audit import AuditLog
 from signaling.accounts import (
@@ -20,7 +22,7 @@ from signaling.accounts import (
 from signaling.accounts_pg import PostgresAccountStore
 from signaling.accounts_redis import RedisStrikes
 from signaling.directory import Directory
-from signaling.tokens import TokenAuthority
+from signaling.tokens import TokenAuthority, load_or_create_secret
 
 ACCOUNTS_POOL_MAX = 4
 """The accounts' own PostgreSQL connections per process at most (beside the records'
@@ -41,8 +43,11 @@ def strike_store(settings: Settings) -> StrikeStore:
     """Where addresses' and unknown identifiers' strikes are counted, not opened yet."""
     size = settings.accounts.tracked_addresses
     if settings.live.backend == "redis":
+        secret = load_or_create_secret(settings.security.token_secret,
+                                       settings.storage.data_dir)
+        key = hashlib.sha256(b"telehealth strikes\0" + secret.encode("utf-8")).digest()
         return RedisStrikes.from_url(settings.live.redis_url, prefix=settings.live.key_prefix,
-                                     size=size)
+                                     size=size, key=key)
     return MemoryStrikes(size)
 
 

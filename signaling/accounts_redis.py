@@ -11,6 +11,11 @@ Layout under ``live.key_prefix`` (``P``), for each kind (``address``, ``unknown`
   ``accounts.tracked_addresses`` keys, the least recently struck are forgotten first (as the
   in-memory ``StrikeTable`` does), and keys an hour quiet leave it.
 
+An unknown identifier may be a password typed into the wrong field: it is never written to
+Redis (whose append-only file is on disk) as typed, only as an HMAC-SHA256 keyed with the
+fleet's ``security.token_secret`` (``key``), the same on every node, so the nodes still count
+it together. Addresses are kept as they are (the audit log names them too).
+
 A strike is one Lua script (read, count as ``Strikes.strike`` does, write, index, trim): Redis
 runs it alone, so failures arriving at several nodes at once are all counted. Times are the
 nodes' clocks (time.time(), as the accounts' own lockouts in PostgreSQL): keep them in sync.
@@ -18,12 +23,14 @@ nodes' clocks (time.time(), as the accounts' own lockouts in PostgreSQL): keep t
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 from typing import Any
 
 import redis.asyncio as aioredis
 
-from signaling.accounts import FORGET_LOCKOUTS_AFTER_S, Strikes
+from signaling.accounts import FORGET_LOCKOUTS_AFTER_S, UNKNOWN, Strikes
 
 logger = logging.getLogger(__name__)
 
@@ -84,12 +91,13 @@ return 0
 
 class RedisStrikes:
     """``signaling.accounts.StrikeStore`` in the Redis at ``url``, keys under ``prefix``, at
-    most ``size`` keys of each kind."""
+    most ``size`` keys of each kind; unknown identifiers named by their HMAC with ``key``."""
 
-    def __init__(self, client: aioredis.Redis, *, prefix: str, size: int) -> None:
+    def __init__(self, client: aioredis.Redis, *, prefix: str, size: int, key: bytes) -> None:
         self._redis = client
         self._prefix = prefix
         self._size = size
+        self._key = key
         self._strike = client.register_script(STRIKE)
         self._forgive = client.register_script(FORGIVE)
 
@@ -107,8 +115,14 @@ class RedisStrikes:
     async def close(self) -> None:
         await self._redis.aclose()
 
+    def _name(self, kind: str, key: str) -> str:
+        """How ``key`` is named in Redis."""
+        if kind != UNKNOWN:
+            return key
+        return hmac.new(self._key, key.encode("utf-8"), hashlib.sha256).hexdigest()
+
     def _hash(self, kind: str, key: str) -> str:
-        return f"{self._prefix}strikes:{kind}:{key}"
+        return f"{self._prefix}strikes:{kind}:{self._name(kind, key)}"
 
     async def get(self, kind: str, key: str) -> Strikes:
         values = await self._redis.hmget(self._hash(kind, key), "failures", "lockouts",
@@ -120,11 +134,11 @@ class RedisStrikes:
 
     async def strike(self, kind: str, key: str, now: float, threshold: int, base_s: float,
                      max_s: float) -> tuple[Strikes, bool]:
-        values = await self._strike(args=[self._prefix, kind, key, repr(now), threshold,
-                                          repr(base_s), repr(max_s),
-                                          repr(FORGET_LOCKOUTS_AFTER_S), self._size])
+        values = await self._strike(args=[
+            self._prefix, kind, self._name(kind, key), repr(now), threshold, repr(base_s),
+            repr(max_s), repr(FORGET_LOCKOUTS_AFTER_S), self._size])
         return (Strikes(int(values[0]), int(values[1]), float(values[2]), float(values[3])),
                 values[4] == "1")
 
     async def forgive(self, kind: str, key: str) -> None:
-        await self._forgive(args=[self._prefix, kind, key])
+        await self._forgive(args=[self._prefix, kind, self._name(kind, key)])

@@ -106,6 +106,9 @@ async def test_a_session_opened_on_one_node_renews_and_ends_on_the_other(
         with pytest.raises(InvalidCredentials):
             await a.sign_in("ref1", PASSWORD, address="10.0.0.1")
         assert (await a.sign_in("ref1", SECOND, address="10.0.0.1")).clinician_id == "ref1"
+        # A session the hospital's issuer opened (OIDC) on one node renews on the other.
+        sso = await b.start_session("ref2", address="10.0.0.1", method="oidc")
+        assert (await a.refresh(sso.refresh_token, address="10.0.0.1")).clinician_id == "ref2"
 
 
 async def test_one_refresh_token_on_both_nodes_at_once_wins_once_and_revokes_the_family(
@@ -164,6 +167,12 @@ async def test_failed_sign_ins_are_counted_exactly_across_nodes(
                  for e in AuditLog(tmp_path / name / "audit.log").entries()
                  if e["action"] == "auth.locked_out"]
         assert sorted(locks) == ["account", "account", "address"]
+        raw = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+        try:
+            keys = str(await raw.keys("*strikes*"))
+        finally:
+            await raw.aclose()
+        assert "10.0.3.1" in keys and "nobody" not in keys and "guess" not in keys
 
 
 async def test_parallel_failures_on_both_nodes_are_all_counted(
@@ -186,8 +195,8 @@ async def test_parallel_failures_on_both_nodes_are_all_counted(
 
 async def test_the_redis_strike_table_is_bounded_and_expires(redis_server: RedisServer) -> None:
     prefix = f"bound-{secrets.token_hex(4)}:"
-    one = RedisStrikes.from_url(redis_server.url, prefix=prefix, size=3)
-    two = RedisStrikes.from_url(redis_server.url, prefix=prefix, size=3)
+    one = RedisStrikes.from_url(redis_server.url, prefix=prefix, size=3, key=b"fleet key")
+    two = RedisStrikes.from_url(redis_server.url, prefix=prefix, size=3, key=b"fleet key")
     raw = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
     try:
         await one.open()
@@ -202,9 +211,13 @@ async def test_the_redis_strike_table_is_bounded_and_expires(redis_server: Redis
         ttl = await raw.pttl(prefix + "strikes:address:10.9.0.4")
         assert 3_500_000 < ttl <= 3_600_000
         # A lockout lasting longer than the hour keeps its key that long.
-        strikes, locked = await one.strike("unknown", "x", now, 1, 7200, 7200)
+        strikes, locked = await one.strike("unknown", "hunter2 typed here", now, 1, 7200, 7200)
         assert locked and strikes.locked_until == pytest.approx(now + 7200, abs=1e-3)
-        assert await raw.pttl(prefix + "strikes:unknown:x") > 7_000_000
+        assert (await two.get("unknown", "hunter2 typed here")).lockouts == 1
+        # An unknown identifier (maybe a password) is in Redis only as its HMAC.
+        [name] = await raw.zrange(prefix + "strikes:unknown", 0, -1)
+        assert len(name) == 64 and "hunter2" not in str(await raw.keys(prefix + "*"))
+        assert await raw.pttl(f"{prefix}strikes:unknown:{name!s}") > 7_000_000
         # Forgiving a success keeps the doubling, restarts the failures.
         await one.strike("address", "10.9.0.4", now + 5, 10, 30, 900)
         await two.forgive("address", "10.9.0.4")
