@@ -286,3 +286,45 @@ async def test_an_orphaned_relay_s_consultations_move_once(
         print(f"relay-1 orphaned when A stopped: its consultation moved once "
               f"({'B' if moves(b) else 'C'}) {took:.1f} s later (entry stale after "
               f"{STALE_S:.0f} s, adopt_wait_s 2)")
+
+
+async def test_a_waiting_consultation_is_placed_once_when_a_relay_comes(
+        tmp_path: Path, redis_server: RedisServer, postgres_dsn: str) -> None:
+    """relay-1 (at A) dies with no other relay: B's consultation on it waits (every node's
+    gauge counts it); relay-2 connects to B: A and B both try the waiting, one places it,
+    and the participants (on B) are told once."""
+    prefix = f"r{next(PREFIXES)}:"
+    async with node(tmp_path, "a", redis_server, postgres_dsn, prefix) as a, \
+            node(tmp_path, "b", redis_server, postgres_dsn, prefix) as b, \
+            redis_client(redis_server) as redis, \
+            clients(b.url, {n: b.token(n) for n in NAMES}) as on_b:
+        async with relay_node(a, "relay-1", "01") as one:
+            await sees(b, "relay-1")
+            cid = await open_consultation(on_b)
+            one.link.drop()
+            for name in NAMES:
+                data = await on_b[name].next_matching(
+                    "media:moved", lambda d: d["consultation_id"] == cid, 10)
+                assert data["relay"] is None
+            record = await placed(redis, prefix, cid)
+            assert record.relay_id is None and record.waiting is not None
+            await wait_for(lambda: all(fleet_of(s).waiting(cid) is not None for s in (a, b)),
+                           5, "both nodes to see it waiting")
+        async with relay_node(b, "relay-2", "01") as two:
+            started = time.monotonic()
+            for name in NAMES:
+                data = await on_b[name].next_matching(
+                    "media:moved", lambda d: d["consultation_id"] == cid, 10)
+                assert data["relay"]["id"] == "relay-2"
+            took = time.monotonic() - started
+            await wait_for(lambda: cid in two.rooms, 10, "the room on relay-2")
+            await _quiet(on_b, on_b, 1.5)
+            record = await placed(redis, prefix, cid)
+            assert (record.relay_id, record.waiting) == ("relay-2", None)
+            placed_by = [services(s).metrics.relay_moves.labels(
+                reason="relay_lost", outcome="placed")._value.get() for s in (a, b)]
+            assert sorted(placed_by) == [0, 1], placed_by
+            await wait_for(lambda: all(not fleet_of(s).waiting_rooms() for s in (a, b)), 5,
+                           "no node to count it waiting")
+            print(f"waiting consultation placed once ({'A' if placed_by[0] else 'B'}) "
+                  f"{took:.2f} s after relay-2 connected")
