@@ -3,7 +3,7 @@ standalone `telehealth relay` processes, with nginx in front (docs/nginx/fleet.c
 127.0.0.1 and ports picked free at the start. The tests of tests/signaling/test_fleet_nodes.py
 use it, and so does `make fleet` (``python -m tests.fleet_processes``).
 
-Every node has its own data directory (its instance id in Redis, its accounts file) and the
+Every node has its own data directory (its instance id in Redis, its archive) and the
 same ``security.token_secret``, ``live.backend = "redis"``, ``storage.backend =
 "postgresql"`` and ``relay.embedded = false``: media only on the standalone relays, which
 outlive any node. The relays dial **nginx**, the fleet's one address, not a node: a relay
