@@ -797,14 +797,20 @@ class FleetTarget:
             asyncio.run(asyncio.wait_for(self.fleet.start(), FLEET_START_TIMEOUT_S))
         except Exception as exc:
             tail = self.log_tail()
-            self.fleet.stop_all()
+            self.stop()
             raise BenchError(f"the fleet did not start: {exc!r}\n{tail}") from exc
         except BaseException:
-            self.fleet.stop_all()
+            self.stop()
             raise
 
     def stop(self) -> None:
+        nginx = self.fleet.members.get("nginx")
         self.fleet.stop_all()
+        if nginx is not None:
+            # stop_all kills nginx's master alone; its worker, in the master's process group
+            # (its own session), would be left running, reparented to init.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(nginx.process.pid, signal.SIGKILL)
 
     def alive(self) -> bool:
         members = self.fleet.members
