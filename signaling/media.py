@@ -211,7 +211,14 @@ class Media:
     async def leave(self, consultation_id: str, clinician_id: str) -> None:
         """The participant left the consultation (or its grace period ran out): their media
         session went with them from the live store."""
-        relay = await self._relays.locate(consultation_id)
+        try:
+            relay = await self._relays.locate(consultation_id)
+        except Exception as exc:
+            # A fleet's registry away (Redis): the relay drops the participant at the Room's
+            # close; the grace timer that calls this must go on.
+            logger.warning("media leave of %s in %s: the consultation's relay could not be "
+                           "read (%s)", clinician_id, consultation_id, type(exc).__name__)
+            return
         if relay is not None:
             try:
                 # Bounded: a relay node that went silent must not hold up the timers that

@@ -852,7 +852,15 @@ class RelayNodes:
         node = self._nodes.get(sid)
         if node is None or not isinstance(data, dict):
             return False
-        placed = await self._relays.locate(str(data.get("room_id")))
+        room_id = str(data.get("room_id"))
+        try:
+            placed = await self._relays.locate(room_id)
+        except Exception as exc:
+            # A fleet's Redis away: this process's own view decides meanwhile.
+            logger.warning("relay node %s: where room %s is placed could not be read (%s); "
+                           "this process's view decides", node.info.id, room_id,
+                           type(exc).__name__)
+            placed = self._relays.for_room(room_id)
         return placed is node
 
     async def _offer(self, sid: str, data: Any = None) -> None:
