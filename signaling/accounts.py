@@ -134,6 +134,19 @@ class ActivationInvalid(SignalingError):
                          "a new one")
 
 
+class AccountsUnavailable(SignalingError):
+    """The accounts' database or the Redis counting strikes does not answer (a fleet's
+    shared stores): sign-ins, activations and refreshes wait for it, none is decided
+    without it (a lockout not counted, a token not rotated)."""
+
+    code = "accounts_unavailable"
+    http_status = 503
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"sign-in is unavailable for a moment ({what} does not answer); "
+                         "try again shortly")
+
+
 class WeakPassword(SignalingError):
     code = "weak_password"
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import asyncpg
 
-from signaling.accounts import SCHEMA, AccountRow, Judge, Strikes
+from signaling.accounts import SCHEMA, AccountRow, AccountsUnavailable, Judge, Strikes
 from signaling.migrations.step import Step
 from signaling.store_pg import OPEN_ERRORS, SERVER_SETTINGS, TIMEOUT_S, cannot_open, redacted
 
@@ -72,6 +72,12 @@ STEPS: tuple[Step, ...] = (
     Step(1, "accounts as they were", sqlite=SCHEMA, postgresql=STEP_1),
 )
 LATEST = STEPS[-1].version
+
+UNAVAILABLE = (OSError, TimeoutError, asyncpg.InterfaceError,
+               asyncpg.exceptions.PostgresConnectionError,
+               asyncpg.exceptions.OperatorInterventionError)
+"""What a call meets while the database is away (unreachable, restarting, shut down, the
+connection cut): the client is answered ``accounts_unavailable`` (503), not a 500."""
 
 ADVISORY_LOCK = 0x7E1E_4EA1_0000_0016
 """Held while an accounts step is applied (the records' steps hold ``...0014``)."""
@@ -161,8 +167,14 @@ class PostgresAccountStore:
     async def _connection(self) -> AsyncIterator[Any]:
         if self._pool is None:
             raise RuntimeError(f"accounts store {redacted(self.dsn)} is closed")
-        async with self._pool.acquire(timeout=self.timeout_s) as conn:
-            yield conn
+        try:
+            async with self._pool.acquire(timeout=self.timeout_s) as conn:
+                yield conn
+        except UNAVAILABLE as exc:
+            # A transaction cut short is rolled back by the server: nothing half-written.
+            logger.warning("accounts: PostgreSQL %s does not answer: %s: %s",
+                           redacted(self.dsn), type(exc).__name__, exc)
+            raise AccountsUnavailable("the accounts' database") from exc
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[Any]:

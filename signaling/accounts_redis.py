@@ -26,16 +26,22 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
-from signaling.accounts import FORGET_LOCKOUTS_AFTER_S, UNKNOWN, Strikes
+from signaling.accounts import FORGET_LOCKOUTS_AFTER_S, UNKNOWN, AccountsUnavailable, Strikes
 
 logger = logging.getLogger(__name__)
 
 POOL_SIZE = 20
 POOL_WAIT_S = 5.0
+TIMEOUT_S = 5.0
+"""Bound on connecting to Redis and on each answer (a hung Redis fails the sign-in with
+``accounts_unavailable`` instead of holding it)."""
 
 # ARGV: prefix, kind, key, now, threshold, base_s, max_s, forget_s, size.
 # Returns {failures, lockouts, locked_until, last_failure_at, locked} as strings (Lua numbers
@@ -104,7 +110,8 @@ class RedisStrikes:
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RedisStrikes:
         pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=POOL_SIZE, timeout=POOL_WAIT_S, decode_responses=True)
+            url, max_connections=POOL_SIZE, timeout=POOL_WAIT_S, decode_responses=True,
+            socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S)
         return cls(aioredis.Redis.from_pool(pool), **kwargs)
 
     async def open(self) -> None:
@@ -125,8 +132,9 @@ class RedisStrikes:
         return f"{self._prefix}strikes:{kind}:{self._name(kind, key)}"
 
     async def get(self, kind: str, key: str) -> Strikes:
-        values = await self._redis.hmget(self._hash(kind, key), "failures", "lockouts",
-                                         "locked_until", "last_failure_at")
+        with _answering():
+            values = await self._redis.hmget(self._hash(kind, key), "failures", "lockouts",
+                                             "locked_until", "last_failure_at")
         if any(v is None for v in values):
             return Strikes()
         failures, lockouts, locked_until, last = (str(v) for v in values)
@@ -134,11 +142,24 @@ class RedisStrikes:
 
     async def strike(self, kind: str, key: str, now: float, threshold: int, base_s: float,
                      max_s: float) -> tuple[Strikes, bool]:
-        values = await self._strike(args=[
-            self._prefix, kind, self._name(kind, key), repr(now), threshold, repr(base_s),
-            repr(max_s), repr(FORGET_LOCKOUTS_AFTER_S), self._size])
+        with _answering():
+            values = await self._strike(args=[
+                self._prefix, kind, self._name(kind, key), repr(now), threshold, repr(base_s),
+                repr(max_s), repr(FORGET_LOCKOUTS_AFTER_S), self._size])
         return (Strikes(int(values[0]), int(values[1]), float(values[2]), float(values[3])),
                 values[4] == "1")
 
     async def forgive(self, kind: str, key: str) -> None:
-        await self._forgive(args=[self._prefix, kind, self._name(kind, key)])
+        with _answering():
+            await self._forgive(args=[self._prefix, kind, self._name(kind, key)])
+
+
+@contextmanager
+def _answering() -> Iterator[None]:
+    """Redis away (``live.redis_url``): a sign-in is answered ``accounts_unavailable``
+    (503), never decided without its strikes counted."""
+    try:
+        yield
+    except RedisError as exc:
+        logger.warning("accounts: Redis does not answer: %s: %s", type(exc).__name__, exc)
+        raise AccountsUnavailable("Redis") from exc

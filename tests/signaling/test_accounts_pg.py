@@ -10,7 +10,9 @@ on node A signs in on node B."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -26,6 +28,7 @@ from recorder.audit import AuditLog
 from signaling.account_backends import accounts_for
 from signaling.accounts import (
     Accounts,
+    AccountsUnavailable,
     InvalidCredentials,
     LockedOut,
     SignedIn,
@@ -37,8 +40,10 @@ from signaling.directory import Directory
 from signaling.errors import Unauthenticated
 from signaling.store_pg import PostgresRecordStore
 from signaling.tokens import TokenAuthority
-from tests.redis_server import RedisServer
+from tests.postgres_server import create_database, restart_postgres, start_postgres, stop_postgres
+from tests.redis_server import RedisServer, start_redis, stop_redis
 from tests.signaling.test_accounts import CHEAP, PASSWORD, SECOND, browser
+from tests.signaling.test_fleet_timers import redis_on
 from tests.support import SECRET, run_server, write_config
 
 
@@ -299,3 +304,53 @@ async def test_a_clinician_activated_on_serve_node_a_signs_in_on_node_b(
         assert answers == [(401, "invalid_credentials")] * 4 + [(429, "locked_out")] * 2
         assert not (tmp_path / "a" / "data" / "accounts.sqlite3").exists()
         assert not (tmp_path / "b" / "data" / "accounts.sqlite3").exists()
+
+
+async def test_a_store_away_answers_accounts_unavailable_and_then_carries_on(
+        tmp_path: Path) -> None:
+    """Redis, then PostgreSQL, stopped under running nodes: a sign-in is refused
+    ``accounts_unavailable`` (503) at once, never decided without its store; each back on
+    its port, the next sign-in works and nothing was lost."""
+    (tmp_path / "redis").mkdir()
+    redis = start_redis(tmp_path / "redis")
+    postgres = start_postgres()
+    again: subprocess.Popen[bytes] | None = None
+    try:
+        dsn = create_database(postgres)
+        async with two_nodes(tmp_path, dsn, redis) as (a, b):
+            await activated(a)
+            assert (await b.sign_in("ref1", PASSWORD, address="10.0.5.1")).clinician_id
+            refused = []
+            stop_redis(redis)
+            for node in (a, b):
+                started = time.perf_counter()
+                with pytest.raises(AccountsUnavailable) as away:
+                    await node.sign_in("ref1", PASSWORD, address="10.0.5.1")
+                refused.append(time.perf_counter() - started)
+                assert away.value.http_status == 503
+            port = int(redis.url.rsplit(":", 1)[1].split("/")[0])
+            again = redis_on(port, tmp_path / "redis")
+            signed = None
+            for _ in range(50):  # redis-server starts in well under 5 s
+                await asyncio.sleep(0.1)
+                with contextlib.suppress(AccountsUnavailable):
+                    signed = await a.sign_in("ref1", PASSWORD, address="10.0.5.1")
+                    break
+            assert signed is not None
+            stop_postgres(postgres, remove=False)
+            started = time.perf_counter()
+            with pytest.raises(AccountsUnavailable):
+                await b.refresh(signed.refresh_token, address="10.0.5.1")
+            refused.append(time.perf_counter() - started)
+            restart_postgres(postgres)
+            renewed = await b.refresh(signed.refresh_token, address="10.0.5.1")
+            assert renewed.clinician_id == "ref1"  # the refused call rotated nothing
+            print("store away: refused in " + ", ".join(f"{t * 1000:.0f}" for t in refused)
+                  + " ms (Redis on a, b; PostgreSQL on b)")
+            assert max(refused) < 5.0
+    finally:
+        if again is not None:
+            again.kill()
+            again.wait(timeout=10)
+        stop_redis(redis)
+        stop_postgres(postgres)
