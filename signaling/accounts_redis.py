@@ -115,7 +115,8 @@ class RedisStrikes:
         return cls(aioredis.Redis.from_pool(pool), **kwargs)
 
     async def open(self) -> None:
-        await self._redis.ping()
+        # No round trip here: `serve` has already reached Redis for its live state, and a
+        # CLI command that only issues an activation code needs no Redis at all.
         logger.info("accounts: strikes of addresses and unknown identifiers in Redis (%d "
                     "keys of each at most)", self._size)
 
