@@ -91,6 +91,16 @@ async def sees(server: Server, relay_id: str) -> None:
                    f"{relay_id} in the view of {server.url}")
 
 
+async def _command_ms(relay: RemoteRelay, cid: str) -> float:
+    """Median time of 20 ``stats`` commands to the relay, in ms."""
+    times = []
+    for _ in range(20):
+        started = time.perf_counter()
+        await relay.stats(cid)
+        times.append((time.perf_counter() - started) * 1000)
+    return sorted(times)[len(times) // 2]
+
+
 def moves(server: Server) -> float:
     """Consultations this node moved off a lost relay onto another."""
     counter = services(server).metrics.relay_moves.labels(reason="relay_lost",
@@ -122,6 +132,8 @@ async def test_node_b_places_on_a_relay_connected_to_node_a_and_media_flows(
             assert (record.relay_id, record.private, record.waiting) == ("relay-a", None, None)
             assert await redis.smembers(prefix + "on:relay-a") == {cid}
             assert cid in relay.rooms  # opened by node B, through node A
+            local_ms = await _command_ms(here, cid)
+            remote_ms = await _command_ms(there, cid)
 
             # Every media step from B's clients crosses to A; the relay's offers (heard by
             # A) reach the participants on B: without them nobody would receive video.
@@ -132,7 +144,8 @@ async def test_node_b_places_on_a_relay_connected_to_node_a_and_media_flows(
                 resumed = time.monotonic() - started
                 assert again["resumed"] is True and again["relay"]["id"] == "relay-a"
             print(f"request+accept+joins on B with the relay on A: {opened * 1000:.0f} ms; "
-                  f"media:join resume across nodes {resumed * 1000:.1f} ms")
+                  f"media:join resume across nodes {resumed * 1000:.1f} ms; a command "
+                  f"(stats, median of 20) from A {local_ms:.1f} ms, from B {remote_ms:.1f} ms")
 
             await c["cardio1"].ok("consult:end", {"consultation_id": cid,
                                                   "conclusion": "fine"})
