@@ -771,7 +771,9 @@ class Accounts:
                       address: str) -> SignedIn:
         """Check the password (and TOTP) and open a session. Attempts on one identifier go
         one at a time: else a burst of parallel guesses would all be verified before the
-        first failure is counted, and the lockout would come too late."""
+        first failure is counted, and the lockout would come too late. One at a time in this
+        process: a burst spread over a fleet's N nodes may have N - 1 more verified before
+        the lock (tests/signaling/test_accounts_pg.py); every failure is still counted."""
         waiting = self._attempts.get(clinician_id)
         if waiting is None:
             waiting = self._attempts[clinician_id] = _Turns()

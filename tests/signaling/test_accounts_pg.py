@@ -168,10 +168,19 @@ async def test_failed_sign_ins_are_counted_exactly_across_nodes(
                 await node.sign_in(f"guess{i}", SECOND, address="10.0.3.1")
         with pytest.raises(LockedOut):
             await b.sign_in("ref2", PASSWORD, address="10.0.3.1")
+        # A burst over both nodes: each node takes one attempt on an account at a time, so at
+        # most one attempt per other node was already being verified when the lock came.
+        await activated(b, "ref2")
+        burst = await asyncio.gather(*(
+            (a, b)[i % 2].sign_in("ref2", SECOND, address=f"10.0.6.{i}") for i in range(8)),
+            return_exceptions=True)
+        wrong = sum(isinstance(r, InvalidCredentials) for r in burst)
+        assert 3 <= wrong <= 4 and wrong + sum(isinstance(r, LockedOut) for r in burst) == 8
+        print(f"a burst of 8 over 2 nodes on one account (lock at 3): {wrong} verified")
         locks = [e["detail"]["scope"] for name in ("a", "b")
                  for e in AuditLog(tmp_path / name / "audit.log").entries()
                  if e["action"] == "auth.locked_out"]
-        assert sorted(locks) == ["account", "account", "address"]
+        assert sorted(locks) == ["account", "account", "account", "address"]
         raw = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
         try:
             keys = str(await raw.keys("*strikes*"))
