@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pyotp
 import pytest
 import redis.asyncio as aioredis
 
@@ -33,6 +34,7 @@ from signaling.accounts import (
     LockedOut,
     SignedIn,
     Strikes,
+    TotpSetupRequired,
 )
 from signaling.accounts_pg import PostgresAccountStore
 from signaling.accounts_redis import RedisStrikes
@@ -141,6 +143,22 @@ async def test_one_refresh_token_on_both_nodes_at_once_wins_once_and_revokes_the
             audit_actions(tmp_path, "b").count("auth.refresh_family_revoked")
         assert revoked == 10
         print(f"two nodes refreshing one token at once: {max(took) * 1000:.1f} ms at most")
+
+
+async def test_one_totp_code_on_both_nodes_at_once_signs_in_once(
+        tmp_path: Path, postgres_dsn: str, redis_server: RedisServer) -> None:
+    async with two_nodes(tmp_path, postgres_dsn, redis_server) as (a, b):
+        code = (await a.issue_activation("admin", actor="admin", address=None)).code
+        with pytest.raises(TotpSetupRequired) as setup:
+            await b.activate(code, PASSWORD, address="10.0.7.1")  # the secret kept on B
+        totp = pyotp.TOTP(setup.value.secret)
+        assert await a.activate(code, PASSWORD, totp=totp.now(), address="10.0.7.1") == "admin"
+        following = totp.at(time.time() + 30)
+        results = await asyncio.gather(
+            a.sign_in("admin", PASSWORD, following, address="10.0.7.1"),
+            b.sign_in("admin", PASSWORD, following, address="10.0.7.2"),
+            return_exceptions=True)
+        assert sorted(type(r).__name__ for r in results) == ["SignedIn", "TotpInvalid"]
 
 
 async def test_failed_sign_ins_are_counted_exactly_across_nodes(
