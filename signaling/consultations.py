@@ -97,8 +97,8 @@ class Consultations:
             except Exception:
                 logger.exception("consultation %s: its relay could not be restored; it waits "
                                  "for one", consultation.id)
-                self._relays.wait(consultation.id, region, reason="signaling_restart",
-                                  since=time.time())
+                await self._relays.set_waiting(consultation.id, region,
+                                               reason="signaling_restart", since=time.time())
                 continue
             if relay is None:
                 logger.info("consultation %s waits for relay %s", consultation.id,
@@ -335,7 +335,7 @@ class Consultations:
         # relay's Room closes.
         await self._recording.ended(consultation.id)
         await self._live.drop_consultation(consultation.id)
-        self._media.forget(consultation.id)
+        await self._media.unbind(consultation.id)
         await self._relays.release(consultation.id)
         self._metrics.live_consultations.dec()
         logger.info("consultation %s ended by %s", consultation.id, principal.id)
@@ -356,7 +356,7 @@ class Consultations:
         consultation = await self._store.get_consultation(consultation_id)
         if consultation is None or consultation.state == "ended":
             return
-        self._media.forget(consultation_id)
+        await self._media.unbind(consultation_id)
         if relay is not None and consultation.relay_id != relay.info.id:
             consultation.relay_id = relay.info.id
             await self._store.save_consultation(consultation)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
 from typing import Any
 
 from config.settings import TurnSettings
@@ -53,13 +52,9 @@ class Media:
         self._client_ice_servers = client_ice_servers
         self.turn = TurnIssuer(turn)
         self._store = store
-        self._forgetting: dict[str, asyncio.Task[None]] = {}
-        """Consultation -> the unbinding of its media sessions that ``forget`` started: the
-        steps of this process wait for it, so that they see it as if it were done at once."""
 
     async def _relay_for(self, principal: Principal,
                          consultation_id: str) -> tuple[Relay, Participant]:
-        await self._forgotten(consultation_id)
         participant = await self._live.get_participant(consultation_id, principal.id)
         if participant is None or not permissions.is_in(principal, participant):
             raise Forbidden(f"clinician {principal.id!r} is not in consultation "
@@ -231,7 +226,6 @@ class Media:
 
     async def session_of(self, consultation_id: str, clinician_id: str) -> str | None:
         """The connection that carries the participant's media, on any process."""
-        await self._forgotten(consultation_id)
         participant = await self._live.get_participant(consultation_id, clinician_id)
         return None if participant is None else participant.media_sid
 
@@ -242,34 +236,6 @@ class Media:
             if participant.media_sid is not None:
                 await self._live.set_media_sid(consultation_id, participant.clinician_id,
                                                None, expected=participant.media_sid)
-
-    def forget(self, consultation_id: str) -> None:
-        """``unbind``, for a caller that cannot wait (Consultations): started now; the media
-        steps and events of this process wait for it before they read a binding."""
-        before = self._forgetting.get(consultation_id)
-
-        async def run() -> None:
-            if before is not None:
-                await before
-            try:
-                await self.unbind(consultation_id)
-            except Exception:
-                logger.exception("consultation %s: unbinding its media sessions failed",
-                                 consultation_id)
-
-        task = asyncio.get_running_loop().create_task(run(), name=f"forget-{consultation_id}")
-        self._forgetting[consultation_id] = task
-
-        def done(_: asyncio.Task[None]) -> None:
-            if self._forgetting.get(consultation_id) is task:
-                del self._forgetting[consultation_id]
-
-        task.add_done_callback(done)
-
-    async def _forgotten(self, consultation_id: str) -> None:
-        pending: Awaitable[None] | None = self._forgetting.get(consultation_id)
-        if pending is not None:
-            await asyncio.shield(pending)
 
 
 class MediaEvents:
