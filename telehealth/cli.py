@@ -206,9 +206,10 @@ def _token(settings: Settings, clinician_id: str, ttl: int | None) -> int:
 
 async def _account_activation(settings: Settings, clinician_id: str) -> int:
     """A one-time activation (or reset) code for ``clinician_id``, written to the accounts
-    file the server reads (a new code replaces the previous one), and its link."""
+    the server reads (its accounts.sqlite3, or PostgreSQL with ``storage.backend =
+    "postgresql"``; a new code replaces the previous one), and its link."""
     from recorder.audit import AUDIT_LOG, AuditLog
-    from signaling.accounts import ACCOUNTS_FILE, Accounts
+    from signaling.account_backends import accounts_for
     from signaling.auth_api import ACTIVATE_FRAGMENT
     from telehealth.tls import CertificateInfo, doctor_url
 
@@ -216,9 +217,8 @@ async def _account_activation(settings: Settings, clinician_id: str) -> int:
     if directory.clinician(clinician_id) is None:
         print(f"telehealth: no clinician {clinician_id!r} in the directory", file=sys.stderr)
         return EXIT_CONFIG
-    accounts = Accounts(settings.storage.data_dir / ACCOUNTS_FILE, directory=directory,
-                        tokens=authority, settings=settings.accounts,
-                        audit=AuditLog(settings.archive_dir() / AUDIT_LOG))
+    accounts = accounts_for(settings, directory=directory, tokens=authority,
+                            audit=AuditLog(settings.archive_dir() / AUDIT_LOG))
     await accounts.open()
     try:
         issued = await accounts.issue_activation(clinician_id, actor=f"cli:{_user()}",

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import aiohttp
 import asyncpg
 
 from config.settings import load_settings
@@ -85,7 +86,7 @@ async def test_serve_on_postgresql_pairs_a_request_and_keeps_every_record_there(
     assert [r[0] for r in chat] == ["ECG attached"] and sites == 6
     data = tmp_path / "a" / "data"
     assert not (data / "records.sqlite3").exists()
-    assert (data / "accounts.sqlite3").exists()  # accounts stay in SQLite in this slice
+    assert not (data / "accounts.sqlite3").exists()  # the accounts are in PostgreSQL too
 
 
 async def test_a_waiting_request_is_restored_by_a_process_on_another_data_directory(
@@ -116,9 +117,18 @@ async def test_directory_import_export_and_token_on_postgresql(tmp_path: Path,
     assert "bs-new,BS. Lê Minh Thư" in exported.stdout and "ref1," in exported.stdout
     token = telehealth("--config", str(config), "token", "bs-new")
     assert token.returncode == 0, token.stderr
+    # An activation code issued by the command line is one the server (any node) accepts.
+    issued = telehealth("--config", str(config), "account", "activation", "bs-new")
+    assert issued.returncode == 0, issued.stderr
+    code = issued.stdout.split("code: ")[1].split()[0]
     async with run_server(config) as server:
         status, me = await http_get(f"{server.url}/api/me", token.stdout.split()[0])
+        async with aiohttp.ClientSession() as http, http.post(
+                f"{server.url}/api/auth/activate",
+                json={"code": code, "password": "Phòng khám đảo 2026!"}) as response:
+            activated = response.status, await response.json()
     assert status == 200 and me["clinician"]["id"] == "bs-new", me
+    assert activated[0] == 200, activated
     assert not (tmp_path / "a" / "data" / "records.sqlite3").exists()
 
 
