@@ -83,6 +83,7 @@ function describeAuth(error) {
     case "oidc_unavailable": case "state_mismatch": case "provider_error": case "token_failed":
     case "bad_id_token": case "no_clinician_claim": return t("ssoFailed");
     case "unknown_clinician": return t("ssoUnknown");
+    case "accounts_unavailable": return t("accountsUnavailable");
     default: return t("unexpectedError");
   }
 }
