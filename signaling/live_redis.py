@@ -38,9 +38,13 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from signaling.fleet import raise_if_cancelled
 from signaling.live import Connection, Participant
 
 logger = logging.getLogger(__name__)
+
+STOP_WAIT_S = 1.0
+"""How long ``close`` waits for the heartbeat task to stop."""
 
 INSTANCE_FILE = "live-instance"
 """In the data directory: this process's instance id, the same on every restart."""
@@ -384,14 +388,15 @@ class RedisLiveStore:
             except Exception:
                 logger.exception("live state: heartbeat failed; again in %.1f s",
                                  self._heartbeat_s)
+            raise_if_cancelled()
 
     async def close(self) -> None:
         """Stop heartbeating. The instance's keys stay: the next run of this process sweeps
         them at once, another process when the TTL runs out."""
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Bounded: redis-py may lose a cancellation (signaling.fleet.raise_if_cancelled).
+            await asyncio.wait([self._task], timeout=STOP_WAIT_S)
             self._task = None
         await self._redis.aclose()
 

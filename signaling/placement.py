@@ -49,6 +49,7 @@ from config.settings import RelaySettings
 from relay.api import NODE_NAMESPACE, Relay, RelayEvents, RelayInfo, worker_relay_id
 from relay.errors import RelayError
 from signaling.errors import SignalingError, Unauthenticated
+from signaling.fleet import raise_if_cancelled
 from signaling.schemas import NodeHello
 from signaling.tokens import TokenAuthority
 
@@ -698,6 +699,7 @@ class RelayNodes:
                 last_try = now
                 if self._relays.waiting_rooms():
                     await self.place_waiting()
+            raise_if_cancelled()
 
     async def move_orphans(self) -> None:
         """A fleet: the consultations of relays whose signaling process died and which

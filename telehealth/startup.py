@@ -41,7 +41,6 @@ Signaling knows relays only through ``relay.api``: this module picks the impleme
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import math
@@ -472,8 +471,8 @@ async def _stop_manager(manager: socketio.AsyncRedisManager) -> None:
     task = getattr(manager, "thread", None)
     if isinstance(task, asyncio.Task):
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        # Bounded: redis-py may lose a cancellation (signaling.fleet.raise_if_cancelled).
+        await asyncio.wait([task], timeout=1.0)
     client = getattr(manager, "redis", None)
     if client is not None:
         await client.aclose()
@@ -581,9 +580,11 @@ async def _timers(app: web.Application) -> AsyncIterator[None]:
     app[STOPPING].step = "stopping the timers"
     for task in tasks:
         task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    # Bounded: a tick awaiting Redis may lose its cancellation (raise_if_cancelled ends it
+    # at the end of that round; a stop never waits on it for long).
+    _, stuck = await asyncio.wait(tasks, timeout=2.0)
+    for task in stuck:
+        logger.warning("%s did not stop within 2 s; left behind", task.get_name())
 
 
 async def _relay_timers(services: Services) -> None:
