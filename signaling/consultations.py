@@ -3,11 +3,10 @@ the reconnect grace period that lets a participant keep their place."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-import weakref
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
 from relay.api import Relay
@@ -68,18 +67,13 @@ class Consultations:
         self._grace_s = reconnect_grace_s
         self._media = media
         self._recording = recording
-        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = \
-            weakref.WeakValueDictionary()
-        """One per clinician while in use: a participant is read, changed and written back
-        (its sockets, its state) one step at a time. With live state in memory every caller
-        shares one object; from Redis each gets a copy, and two tabs joining or closing at
-        once would otherwise lose a socket or keep a dead one."""
 
-    def _lock(self, clinician_id: str) -> asyncio.Lock:
-        lock = self._locks.get(clinician_id)
-        if lock is None:
-            lock = self._locks[clinician_id] = asyncio.Lock()
-        return lock
+    def _lock(self, clinician_id: str) -> AbstractAsyncContextManager[object]:
+        """A participant is read, changed and written back (its sockets, its state) one step
+        at a time. With live state in memory every caller shares one object; from Redis each
+        gets a copy, and two tabs joining or closing at once (on one node or two), or a return
+        racing the reconnect grace, would otherwise lose a socket or keep a dead one."""
+        return self._live.clinician_lock(clinician_id)
 
     async def restore(self) -> int:
         """After a start: the consultations that had not ended get their relay back

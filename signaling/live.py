@@ -6,6 +6,9 @@ same semantics: tests/signaling/test_live_store.py runs one contract against bot
 
 from __future__ import annotations
 
+import asyncio
+import weakref
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -43,8 +46,27 @@ class Participant:
         }
 
 
+class ClinicianLocks:
+    """One ``asyncio.Lock`` per clinician while in use (dropped when no one holds or waits)."""
+
+    def __init__(self) -> None:
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = \
+            weakref.WeakValueDictionary()
+
+    def get(self, clinician_id: str) -> asyncio.Lock:
+        lock = self._locks.get(clinician_id)
+        if lock is None:
+            lock = self._locks[clinician_id] = asyncio.Lock()
+        return lock
+
+
 class LiveStore(Protocol):
     """Presence and membership. Every method is a coroutine so that a networked store fits."""
+
+    def clinician_lock(self, clinician_id: str) -> AbstractAsyncContextManager[object]:
+        """Held while one of the clinician's participants is read, changed and written back
+        (its sockets, its state): in this process, and with Redis across every process that
+        shares it (a return on one node and the reconnect grace running out on another)."""
 
     async def add_connection(self, connection: Connection) -> bool:
         """Record a connection; True if it is the clinician's site's first one."""
@@ -85,6 +107,10 @@ class MemoryLiveStore:
         self._by_site: dict[str, set[str]] = {}
         self._members: dict[str, dict[str, Participant]] = {}
         self._memberships: dict[str, set[str]] = {}
+        self._locks = ClinicianLocks()
+
+    def clinician_lock(self, clinician_id: str) -> asyncio.Lock:
+        return self._locks.get(clinician_id)
 
     async def add_connection(self, connection: Connection) -> bool:
         self._connections[connection.sid] = connection

@@ -32,6 +32,7 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +40,18 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from signaling.fleet import raise_if_cancelled
-from signaling.live import Connection, Participant
+from signaling.live import ClinicianLocks, Connection, Participant
 
 logger = logging.getLogger(__name__)
 
 STOP_WAIT_S = 1.0
+"""How long ``close`` waits for the heartbeat task to stop."""
+LOCK_TTL_S = 10.0
+"""A clinician's lock expires after this if its holder died (what it guards takes well under
+a second: a few Redis writes, an emit, a bounded media leave)."""
+LOCK_WAIT_S = 10.0
+"""How long a caller waits for a clinician's lock before its step fails (redis-py's
+``LockError``)."""
 """How long ``close`` waits for the heartbeat task to stop."""
 
 INSTANCE_FILE = "live-instance"
@@ -337,6 +345,18 @@ class RedisLiveStore:
         self._drop = client.register_script(DROP_CONSULTATION)
         self._reconnecting = client.register_script(RECONNECTING)
         self._set_media = client.register_script(SET_MEDIA_SID)
+        self._locks = ClinicianLocks()
+
+    @contextlib.asynccontextmanager
+    async def clinician_lock(self, clinician_id: str) -> AsyncIterator[object]:
+        """This process's lock first (its own callers queue without asking Redis), then
+        redis-py's ``Lock`` (a token, released only by its holder; it expires after
+        ``LOCK_TTL_S`` should this process die holding it)."""
+        async with self._locks.get(clinician_id):
+            lock = self._redis.lock(f"{self._prefix}lock:clinician:{clinician_id}",
+                                    timeout=LOCK_TTL_S, blocking_timeout=LOCK_WAIT_S)
+            async with lock:
+                yield lock
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RedisLiveStore:

@@ -243,3 +243,55 @@ async def test_media_sid(store: LiveStore) -> None:
     dropped = await store.drop_consultation("k1")
     assert [p.media_sid for p in dropped] == ["s4"]
     assert await store.set_media_sid("k1", "ref1", "s5") is False
+
+
+async def test_a_clinician_lock_is_held_by_one_caller_at_a_time(store: LiveStore) -> None:
+    """Callers of one process queue; another clinician's lock is independent."""
+    inside: list[str] = []
+    most = 0
+
+    async def step(name: str) -> None:
+        nonlocal most
+        async with store.clinician_lock("cardio1"):
+            inside.append(name)
+            most = max(most, len(inside))
+            await asyncio.sleep(0.01)
+            inside.remove(name)
+
+    async with store.clinician_lock("ref1"):
+        await asyncio.wait_for(asyncio.gather(*(step(f"s{k}") for k in range(5))), 5)
+    assert most == 1
+
+
+async def test_a_clinician_lock_holds_across_processes(redis_server: RedisServer) -> None:
+    """Two processes on one Redis (a return on one node, the reconnect grace on another):
+    while one holds the clinician's lock the other waits, and takes it once it is let go."""
+    prefix = f"t{secrets.token_hex(4)}:"
+    a, b = redis_store(redis_server, prefix, "node-a"), redis_store(redis_server, prefix, "node-b")
+    await a.start()
+    await b.start()
+    try:
+        order: list[str] = []
+        held = asyncio.Event()
+
+        async def first() -> None:
+            async with a.clinician_lock("cardio1"):
+                held.set()
+                order.append("a in")
+                await asyncio.sleep(0.3)
+                order.append("a out")
+
+        async def second() -> None:
+            await held.wait()
+            started = time.monotonic()
+            async with b.clinician_lock("cardio1"):
+                order.append("b in")
+                waited = time.monotonic() - started
+            print(f"node b waited {waited:.2f} s for node a's lock")
+            assert waited >= 0.2
+
+        await asyncio.wait_for(asyncio.gather(first(), second()), 10)
+        assert order == ["a in", "a out", "b in"]
+    finally:
+        await a.close()
+        await b.close()
