@@ -1065,6 +1065,8 @@ class Results:
     split: str = ""
     """How the clients are spread over the nodes (assign_nodes); empty with one node."""
     log_level: str = "WARNING"
+    heartbeat_misses: int | None = None
+    """--heartbeat-misses given to the fleet's nodes (None: the server's default)."""
     cross_pairs: int = 0
     """Pairings whose specialist was on another node than the requester."""
     cross_p50_ms: float = math.nan
@@ -1156,7 +1158,9 @@ def new_results(args: argparse.Namespace, population: Population, target: Target
                    ping_interval_s=args.ping_interval, code=code_version(),
                    relay_capacity=(relay_capacity() or 0) * max(1, target.relays) or None,
                    label=target.label, nodes=target.nodes, relays=target.relays,
-                   split=args.split if target.nodes > 1 else "", log_level=log_level)
+                   split=args.split if target.nodes > 1 else "", log_level=log_level,
+                   heartbeat_misses=(args.heartbeat_misses if isinstance(target, FleetTarget)
+                                     else None))
 
 
 def fleet_sections(args: argparse.Namespace, metrics_token: str) -> dict[str, dict[str, Any]]:
@@ -1169,8 +1173,12 @@ def fleet_sections(args: argparse.Namespace, metrics_token: str) -> dict[str, di
     presence = PresenceSettings().model_dump()
     if args.ping_interval is not None:
         presence["ping_interval_s"] = args.ping_interval
-    return {"presence": presence, "security": {"metrics_token": metrics_token},
-            "logging": {"level": "INFO"}}
+    sections: dict[str, dict[str, Any]] = {
+        "presence": presence, "security": {"metrics_token": metrics_token},
+        "logging": {"level": "INFO"}}
+    if args.heartbeat_misses is not None:
+        sections["relay"] = {"heartbeat_misses": args.heartbeat_misses}
+    return sections
 
 
 def run(args: argparse.Namespace) -> list[Results]:
@@ -1483,6 +1491,8 @@ def render(res: Results) -> list[str]:
                     f"loopback {HOST}; {res.workers} generator processes"),
         ("server code", res.code),
         ("server settings", f"defaults, logging {res.log_level}"
+         + (f", relay.heartbeat_misses = {res.heartbeat_misses}"
+            if res.heartbeat_misses is not None else "")
          + (f", presence.ping_interval_s = {res.ping_interval_s:g}"
             if res.ping_interval_s is not None else "")
          + _gc_setting(res)),
@@ -1668,6 +1678,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                             "specialist accepts only requests made on another node, so every "
                             "pairing crosses nodes; mixed: every specialist accepts every "
                             "request")
+    fleet.add_argument("--heartbeat-misses", type=int, default=None, metavar="N",
+                       help="experiment: relay.heartbeat_misses of the fleet's nodes (default: "
+                            "the server's, 3 x 0.5 s); a node whose loop lags behind its "
+                            "relays' heartbeats takes a live relay out")
     fleet.add_argument("--no-baseline", dest="baseline", action="store_false",
                        help="measure the fleet alone, without the embedded single node "
                             "first")
@@ -1708,6 +1722,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             args.specialties * args.nodes):
         problems.append("--split cross needs a specialist of every specialty on every node: "
                         "--specialists >= --specialties x --nodes")
+    if args.heartbeat_misses is not None and (not args.redis or args.heartbeat_misses < 1):
+        problems.append("--heartbeat-misses is for a fleet (--redis --postgres), >= 1")
     if args.redis and (args.gc_trace or args.gc_threshold):
         problems.append("--gc-trace and --gc-threshold are for one server: the fleet's nodes "
                         "are started by tests/fleet_processes.py")
