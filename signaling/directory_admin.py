@@ -48,6 +48,7 @@ from signaling.directory import (
     site_of,
 )
 from signaling.errors import Forbidden, InvalidPayload, NotFound, SignalingError
+from signaling.fleet import Fleet
 from signaling.models import Clinician, Site
 from signaling.store import RecordStore
 from signaling.tokens import Principal
@@ -321,6 +322,10 @@ def export_csv(directory: Directory) -> str:
     return out.getvalue()
 
 
+DIRECTORY_CHANGED = "directory"
+"""The fleet message of a directory change (the others read the store again)."""
+
+
 # -- the service --------------------------------------------------------------------------------
 
 
@@ -333,6 +338,42 @@ class DirectoryAdmin:
         self._sessions = sessions
         self._folded: dict[str, tuple[object, str]] = {}
         self._lock = asyncio.Lock()
+        self._fleet: Fleet | None = None
+
+    # -- a fleet -----------------------------------------------------------------------------
+    def join(self, fleet: Fleet) -> None:
+        """Several `serve` processes: each change is told to the others (``directory`` on the
+        bus), and theirs are read back from the shared store, here at once and at every
+        resync (the bus may lose a message), so that a clinician deactivated on one node is
+        signed out of every node and a new one can sign in anywhere, without a restart."""
+        self._fleet = fleet
+        fleet.subscribe(DIRECTORY_CHANGED, self._changed_elsewhere)
+        fleet.on_resync(self._resync)
+
+    async def _changed_elsewhere(self, _data: dict[str, Any]) -> None:
+        await self.reload()
+
+    async def _resync(self) -> None:
+        await self.reload()
+
+    async def reload(self) -> int:
+        """Apply what the store holds and memory does not (another process changed it), then
+        close this process's connections it affects; returns how many were closed."""
+        async with self._lock:
+            stored = await self._store.read_directory()
+            known = self.directory
+            sites = [s for s in stored.all_sites.values() if known.all_sites.get(s.id) != s]
+            clinicians = [c for c in stored.all_clinicians.values()
+                          if known.all_clinicians.get(c.id) != c]
+            regions = {code: name for code, name in stored.regions.items()
+                       if known.regions.get(code) != name}
+            if not (sites or clinicians or regions):
+                return 0
+            before = {c.id: known.all_clinicians.get(c.id) for c in clinicians}
+            gone = known.apply(sites, clinicians, regions)
+            logger.info("directory: %d sites, %d clinicians and %d regions changed by another "
+                        "process", len(sites), len(clinicians), len(regions))
+            return await self._end_affected(gone, clinicians, before)
 
     # -- reading ---------------------------------------------------------------------------
     def site_wire(self, site: Site) -> dict[str, Any]:
@@ -603,9 +644,18 @@ class DirectoryAdmin:
         before = {c.id: self.directory.all_clinicians.get(c.id) for c in clinicians}
         gone = self.directory.apply(sites, clinicians, regions)
         await self._audit.append_async(actor, action, None, detail)
-        changed = {c.id for c in clinicians if c.id not in gone and _narrowed(before[c.id], c)}
         logger.info("directory: %s by %s (%d sites, %d clinicians)", action, actor, len(sites),
                     len(clinicians))
+        if self._fleet is not None:
+            await self._fleet.publish(DIRECTORY_CHANGED, {"sites": len(sites),
+                                                          "clinicians": len(clinicians)})
+        return await self._end_affected(gone, clinicians, before)
+
+    async def _end_affected(self, gone: set[str], clinicians: list[Clinician],
+                            before: dict[str, Clinician | None]) -> int:
+        """Close this process's connections of clinicians who can no longer sign in, or whose
+        grants narrowed."""
+        changed = {c.id for c in clinicians if c.id not in gone and _narrowed(before[c.id], c)}
         if self._sessions is None:
             return 0
         closed = 0

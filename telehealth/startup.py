@@ -368,7 +368,9 @@ def create_app(settings: Settings) -> web.Application:
     add_auth_routes(app, accounts, public_url=settings.server.public_url)
     add_oidc_routes(app, settings.oidc, accounts, recorder.audit,
                     public_url=settings.server.public_url)
-    add_directory_routes(app, DirectoryAdmin(directory, store, recorder.audit, gateway))
+    directory_admin = DirectoryAdmin(directory, store, recorder.audit, gateway)
+    directory_admin.join(fleet)
+    add_directory_routes(app, directory_admin)
     app[STOPPING] = stopping
 
     async def tell_clients(app: web.Application) -> None:
