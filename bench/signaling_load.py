@@ -1644,7 +1644,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tmp-dir", type=Path, default=None,
                         help="where the temporary data dir goes (default: system temp)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary data dir")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write the results here (a fleet with its baseline: a list, "
+                             "the baseline first)")
     parser.add_argument("--ping-interval", type=float, default=None, metavar="S",
                         help="experiment: presence.ping_interval_s of the server (default: the "
                              "server's own, 20 s)")
