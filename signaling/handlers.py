@@ -21,7 +21,12 @@ from signaling.errors import (
     SignalingError,
     Unauthenticated,
 )
-from signaling.limits import ChatLimits, ExpiryTimers
+from signaling.limits import (
+    ClinicianLimits,
+    ExpiryTimers,
+    LimitsUnavailable,
+    LocalClinicianLimits,
+)
 from signaling.media import Media
 from signaling.metrics import Metrics
 from signaling.notify import (
@@ -97,7 +102,8 @@ class SocketGateway:
 
     def __init__(self, sio: SignalingServer, *, tokens: TokenAuthority,
                  pairing: Pairing, consultations: Consultations, presence: Presence,
-                 media: Media, metrics: Metrics, recording: RecordingControl) -> None:
+                 media: Media, metrics: Metrics, recording: RecordingControl,
+                 clinician_limits: ClinicianLimits | None = None) -> None:
         self._sio = sio
         self._tokens = tokens
         self._pairing = pairing
@@ -110,7 +116,8 @@ class SocketGateway:
         self._connections: dict[str, set[str]] = {}
         """Clinician id -> their open connections (``limits.connections_per_clinician``)."""
         self._limits = sio.limits
-        self._chat_limits = ChatLimits(sio.limits)
+        self._clinician_limits = clinician_limits or LocalClinicianLimits(sio.limits)
+        """Chat and connections per clinician: in this process, or over a fleet."""
         self._expiry = ExpiryTimers(self._token_expired)
         self._tasks: set[asyncio.Task[None]] = set()
         sio.on("connect", self._on_connect)
@@ -150,21 +157,35 @@ class SocketGateway:
             raise socketio.exceptions.ConnectionRefusedError(
                 exc.message, {"code": exc.code, "message": exc.message}
             ) from None
-        open_ones = self._connections.setdefault(principal.id, set())
-        if len(open_ones) >= self._limits.connections_per_clinician:
-            message = (f"clinician {principal.id!r} already has {len(open_ones)} open "
+        open_here = len(self._connections.get(principal.id, ()))
+        try:
+            admitted, count = await self._clinician_limits.admit_connection(
+                principal.id, sid, open_here)
+        except LimitsUnavailable as exc:
+            logger.info("connection %s refused: %s (%s)", sid, exc.code, principal.id)
+            raise socketio.exceptions.ConnectionRefusedError(
+                exc.message, {"code": exc.code, "message": exc.message}) from None
+        if not admitted:
+            message = (f"clinician {principal.id!r} already has {count} open "
                        f"connections; at most {self._limits.connections_per_clinician}")
             logger.info("connection %s refused: %s (%s)", sid, TOO_MANY_CONNECTIONS,
                         principal.id)
             raise socketio.exceptions.ConnectionRefusedError(
                 message, {"code": TOO_MANY_CONNECTIONS, "message": message})
-        open_ones.add(sid)
+        # Looked up again: a fleet's admission awaited Redis, meanwhile the clinician's
+        # last connection here may have closed and taken the set away.
+        self._connections.setdefault(principal.id, set()).add(sid)
         self._principals[sid] = principal
-        self._expiry.start(sid, principal.expires_at)
-        for audience in self._audiences_of(principal):
-            await self._sio.enter_room(sid, audience)
-        await self._presence.connected(sid, principal)
-        await self._consultations.connection_made(sid, principal)
+        try:
+            self._expiry.start(sid, principal.expires_at)
+            for audience in self._audiences_of(principal):
+                await self._sio.enter_room(sid, audience)
+            await self._presence.connected(sid, principal)
+            await self._consultations.connection_made(sid, principal)
+        except BaseException:
+            # Not connected after all (socket.io sends no disconnect for it): its place goes.
+            await self._forget_connection(sid, principal)
+            raise
         logger.info("connection %s: clinician %s of site %s", sid, principal.id,
                     principal.site.id)
 
@@ -184,6 +205,17 @@ class SocketGateway:
         principal = self._principals.pop(sid, None)
         if principal is None:
             return
+        await self._forget_connection(sid, principal)
+        try:
+            await self._presence.disconnected(sid)
+            await self._consultations.connection_lost(sid, principal.id)
+        except Exception:
+            logger.exception("connection %s: cleanup after disconnect failed", sid)
+        logger.info("connection %s closed (%s)", sid, reason)
+
+    async def _forget_connection(self, sid: str, principal: Principal) -> None:
+        """``sid`` no longer counts among its clinician's connections."""
+        self._principals.pop(sid, None)
         self._expiry.cancel(sid)
         open_ones = self._connections.get(principal.id)
         if open_ones is not None:
@@ -191,11 +223,10 @@ class SocketGateway:
             if not open_ones:
                 del self._connections[principal.id]
         try:
-            await self._presence.disconnected(sid)
-            await self._consultations.connection_lost(sid, principal.id)
+            await self._clinician_limits.release_connection(principal.id, sid)
         except Exception:
-            logger.exception("connection %s: cleanup after disconnect failed", sid)
-        logger.info("connection %s closed (%s)", sid, reason)
+            logger.exception("connection %s: releasing its place among %s's connections "
+                             "failed", sid, principal.id)
 
     async def end_sessions(self, clinician_ids: Collection[str], code: str,
                            message: str) -> int:
@@ -311,7 +342,7 @@ class SocketGateway:
         return await self._consultations.invite(p, m.consultation_id, m.site_id)
 
     async def _chat(self, p: Principal, sid: str, m: Chat) -> dict[str, Any]:
-        if not self._chat_limits.admit(p.id):
+        if not await self._clinician_limits.admit_chat(p.id):
             what = f"more than {self._limits.chat_per_minute} chat messages a minute"
             self._sio.rate_limited(sid, what)
             raise RateLimited(f"{what}; wait a little before sending more")

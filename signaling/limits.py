@@ -3,7 +3,13 @@ one per clinician for chat, a count of refusals that closes a connection which k
 and a timer per connection that closes it when its access token expires.
 
 Pure bookkeeping with an injectable clock (``signaling.socket_server`` and
-``signaling.handlers`` act on the verdicts); no socket.io here."""
+``signaling.handlers`` act on the verdicts); no socket.io here.
+
+The per-clinician limits (chat, open connections) are asked through ``ClinicianLimits``:
+``LocalClinicianLimits`` counts in this process (one `serve`, the embedded default);
+``signaling.limits_redis.RedisClinicianLimits`` counts over every process of a fleet
+(``live.backend = "redis"``), since a clinician's tabs may be on several nodes. A
+connection's own event bucket stays here in any case: a connection lives on one process."""
 
 from __future__ import annotations
 
@@ -12,8 +18,10 @@ import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from config.settings import LimitsSettings
+from signaling.errors import SignalingError
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +145,59 @@ class ChatLimits:
         """Drop the buckets that refilled (those clinicians are back to a full allowance)."""
         for clinician_id in [c for c, b in self._buckets.items() if b.full(now)]:
             del self._buckets[clinician_id]
+
+
+class LimitsUnavailable(SignalingError):
+    """The shared counts of a fleet (Redis) do not answer: a clinician's chat message or new
+    connection is refused rather than let through uncounted (as a sign-in is refused
+    ``accounts_unavailable``); the client retries."""
+
+    code = "limits_unavailable"
+    http_status = 503
+
+
+class ClinicianLimits(Protocol):
+    """The limits of one clinician over all their connections (``limits.chat_per_minute``,
+    ``limits.connections_per_clinician``). Each may raise ``LimitsUnavailable``."""
+
+    async def admit_chat(self, clinician_id: str) -> bool:
+        """One chat message; False when the clinician is over their allowance."""
+
+    async def admit_connection(self, clinician_id: str, sid: str,
+                               open_here: int) -> tuple[bool, int]:
+        """Count connection ``sid`` among the clinician's open ones if there is room:
+        (admitted, how many are open with it, or were open when refused). ``open_here``:
+        theirs already open on this process."""
+
+    async def release_connection(self, clinician_id: str, sid: str) -> None:
+        """``sid`` (admitted) is closed: it no longer counts."""
+
+    async def close(self) -> None: ...
+
+
+class LocalClinicianLimits:
+    """Counted in this process: chat in ``ChatLimits``, connections from the caller's own
+    count of them. Nothing here awaits, so a check and the add that follows it are not split
+    by another connection's."""
+
+    def __init__(self, settings: LimitsSettings, clock: Clock = time.monotonic) -> None:
+        self._chat = ChatLimits(settings, clock)
+        self._per_clinician = settings.connections_per_clinician
+
+    async def admit_chat(self, clinician_id: str) -> bool:
+        return self._chat.admit(clinician_id)
+
+    async def admit_connection(self, clinician_id: str, sid: str,
+                               open_here: int) -> tuple[bool, int]:
+        if open_here >= self._per_clinician:
+            return False, open_here
+        return True, open_here + 1
+
+    async def release_connection(self, clinician_id: str, sid: str) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
 
 
 OnExpired = Callable[[str], Awaitable[None]]

@@ -11,6 +11,12 @@ Layout, every key under ``live.key_prefix`` (``P``):
 - ``P consultation:<id>``: hash, clinician id -> the participant (JSON; ``sids`` maps each
   sid to its instance, ``media_sid`` is the connection its media is bound to, on any
   instance; times are strings, so that Lua never rounds them);
+- ``P clinician-connections:<clinician>``: hash, sid -> instance, the clinician's connections
+  admitted under ``limits.connections_per_clinician`` (``admit_connection``), over every
+  process; ``P admitted:<instance>``: set of the clinicians an instance admitted, so that
+  its sweep takes its places back. A dead instance's places stop counting at once (checked
+  against ``P instances``), and a restarted one's are swept with its previous run, even
+  those whose release or connection record never reached Redis;
 - ``P memberships:<clinician>``: set of consultation ids; ``P consultations``: set of the
   consultation ids with at least one participant; ``P reconnecting``: set of the
   ``[consultation, clinician]`` pairs (JSON) whose participant is reconnecting, so that the
@@ -84,6 +90,14 @@ local function sweep(p, instance, away_since)
     end
   end
   redis.call('DEL', p .. 'connections:' .. instance)
+  for _, clinician in ipairs(redis.call('SMEMBERS', p .. 'admitted:' .. instance)) do
+    local key = p .. 'clinician-connections:' .. clinician
+    local slots = redis.call('HGETALL', key)
+    for i = 1, #slots, 2 do
+      if slots[i + 1] == instance then redis.call('HDEL', key, slots[i]) end
+    end
+  end
+  redis.call('DEL', p .. 'admitted:' .. instance)
   redis.call('ZREM', p .. 'instances', instance)
   local changed = 0
   for _, cid in ipairs(redis.call('SMEMBERS', p .. 'consultations')) do
@@ -162,6 +176,31 @@ if old then
 end
 redis.call('HSET', key, sid, ARGV[4])
 return redis.call('HINCRBY', p .. 'sites', site, 1) == 1 and 1 or 0
+"""
+
+# ARGV: prefix, instance, clinician, sid, limit. Returns {1 if admitted else 0, the clinician's
+# connections open over every live instance (with this one if admitted)}. A slot whose
+# instance stopped heartbeating (killed, frozen) is dropped here rather than counted.
+ADMIT_CONNECTION = """
+local p, me, clinician, sid = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local limit = tonumber(ARGV[5])
+local key = p .. 'clinician-connections:' .. clinician
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local open = 0
+local slots = redis.call('HGETALL', key)
+for i = 1, #slots, 2 do
+  local until_ = redis.call('ZSCORE', p .. 'instances', slots[i + 1])
+  if not until_ or tonumber(until_) <= now then
+    redis.call('HDEL', key, slots[i])
+  elseif slots[i] ~= sid then
+    open = open + 1
+  end
+end
+if open >= limit then return {0, open} end
+redis.call('HSET', key, sid, me)
+redis.call('SADD', p .. 'admitted:' .. me, clinician)
+return {1, open + 1}
 """
 
 # ARGV: prefix, instance, sid. Returns {connection JSON or false, 1 if its site went offline}.
@@ -345,6 +384,7 @@ class RedisLiveStore:
         self._drop = client.register_script(DROP_CONSULTATION)
         self._reconnecting = client.register_script(RECONNECTING)
         self._set_media = client.register_script(SET_MEDIA_SID)
+        self._admit = client.register_script(ADMIT_CONNECTION)
         self._locks = ClinicianLocks()
 
     @contextlib.asynccontextmanager
@@ -433,6 +473,18 @@ class RedisLiveStore:
             return None, False
         data = json.loads(raw)
         return Connection(sid, data["clinician_id"], data["site_id"]), bool(last)
+
+    async def admit_connection(self, clinician_id: str, sid: str,
+                               limit: int) -> tuple[bool, int]:
+        """Count ``sid`` among the clinician's connections over every live process if fewer
+        than ``limit`` are open: (admitted, how many are open with it, or when refused). One
+        script, so two processes admitting the clinician at once cannot both take the last
+        place. Kept until ``release_connection``, or until this process stops heartbeating."""
+        admitted, count = await self._admit(args=self._args(clinician_id, sid, limit))
+        return bool(admitted), int(count)
+
+    async def release_connection(self, clinician_id: str, sid: str) -> None:
+        await self._redis.hdel(f"{self._prefix}clinician-connections:{clinician_id}", sid)
 
     async def online_sites(self) -> dict[str, int]:
         counts = await self._redis.hgetall(self._prefix + "sites")

@@ -71,6 +71,8 @@ from signaling.directory_api import add_directory_routes
 from signaling.fleet import Fleet, LocalFleet, fleet_for, raise_if_cancelled
 from signaling.handlers import SocketGateway, SocketIONotifier
 from signaling.http_api import add_routes, json_errors, make_auth_middleware
+from signaling.limits import ClinicianLimits, LocalClinicianLimits
+from signaling.limits_redis import RedisClinicianLimits
 from signaling.live import LiveStore, MemoryLiveStore
 from signaling.live_redis import RedisLiveStore, instance_id_for
 from signaling.media import Media, MediaEvents
@@ -337,8 +339,10 @@ def create_app(settings: Settings) -> web.Application:
     nodes = RelayNodes(sio, tokens=tokens, relays=relays, events=media_events,
                        on_moved=consultations.relay_moved, node_relay=node_relay,
                        settings=settings.relay, on_adopted=consultations.adopted)
+    limits = clinician_limits(settings, live)
     gateway = SocketGateway(sio, tokens=tokens, pairing=pairing, consultations=consultations,
-                            presence=presence, media=media, metrics=metrics, recording=recording)
+                            presence=presence, media=media, metrics=metrics, recording=recording,
+                            clinician_limits=limits)
 
     # storage.backend: their own SQLite file, or the records' PostgreSQL database (a fleet);
     # the addresses' strikes follow live.backend (memory, or Redis).
@@ -380,6 +384,7 @@ def create_app(settings: Settings) -> web.Application:
     app.on_shutdown.append(tell_clients)
     app.cleanup_ctx.append(_relay)
     app.cleanup_ctx.append(_live(manager))
+    app.cleanup_ctx.append(_limits(limits))
     app.cleanup_ctx.append(_relay_registry(sio))
     app.cleanup_ctx.append(_records)
     app.cleanup_ctx.append(_accounts)
@@ -431,6 +436,25 @@ def _relay_registry(sio: socketio.AsyncServer,
             await relays.close()
 
     return relay_registry
+
+
+def clinician_limits(settings: Settings, live: LiveStore) -> ClinicianLimits:
+    """Each clinician's chat and connections: counted in this process, or with the live
+    state in Redis over every process sharing it (signaling/limits_redis.py)."""
+    if isinstance(live, RedisLiveStore):
+        return RedisClinicianLimits.from_url(settings.live.redis_url,
+                                             prefix=settings.live.key_prefix, live=live,
+                                             settings=settings.limits)
+    return LocalClinicianLimits(settings.limits)
+
+
+def _limits(limits: ClinicianLimits) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def clinician_limits(app: web.Application) -> AsyncIterator[None]:
+        """At the end: the Redis client of a fleet's limits closed."""
+        yield
+        await limits.close()
+
+    return clinician_limits
 
 
 def client_manager(settings: Settings) -> socketio.AsyncRedisManager | None:

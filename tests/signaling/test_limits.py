@@ -14,7 +14,14 @@ import pytest
 import socketio
 
 from config.settings import LimitsSettings
-from signaling.limits import ChatLimits, ConnectionLimits, ExpiryTimers, TokenBucket, Verdict
+from signaling.limits import (
+    ChatLimits,
+    ConnectionLimits,
+    ExpiryTimers,
+    LocalClinicianLimits,
+    TokenBucket,
+    Verdict,
+)
 from tests.consultation_media import open_consultation
 from tests.support import Client, clients, run_server, write_config
 
@@ -59,6 +66,21 @@ def test_chat_is_limited_per_participant_per_minute() -> None:
     assert chat.admit("cardio1")
     clock.now += 20
     assert chat.admit("ref1") and not chat.admit("ref1")
+
+
+async def test_one_process_counts_a_clinician_chat_and_connections_itself() -> None:
+    """Without Redis: chat in ChatLimits, connections from the caller's count (the
+    gateway's open connections of that clinician here); a fleet's count is
+    tests/signaling/test_limits_fleet.py."""
+    clock = FakeClock()
+    limits = LocalClinicianLimits(
+        LimitsSettings(chat_per_minute=2, connections_per_clinician=2), clock)
+    assert [await limits.admit_chat("ref1") for _ in range(3)] == [True, True, False]
+    assert await limits.admit_connection("ref1", "s1", 0) == (True, 1)
+    assert await limits.admit_connection("ref1", "s2", 1) == (True, 2)
+    assert await limits.admit_connection("ref1", "s3", 2) == (False, 2)
+    await limits.release_connection("ref1", "s1")
+    await limits.close()
 
 
 async def test_expiry_timers_fire_at_expiry_and_a_refresh_moves_them() -> None:
