@@ -27,7 +27,7 @@ from signaling.live_redis import RedisLiveStore
 from tests.consultation_media import open_consultation
 from tests.redis_server import REDIS_SERVER, RedisServer, _free_port
 from tests.signaling.test_fleet_queue import node
-from tests.support import Client, clients
+from tests.support import Client, clients, run_server, write_config
 
 PREFIXES = iter(range(1_000_000))
 
@@ -296,3 +296,42 @@ async def test_a_clinician_chat_from_tabs_on_two_nodes_gets_one_allowance(
         assert c["cardio1"].drain("chat:message") == []
         # Another participant's allowance is their own.
         await c["cardio1"].ok("chat:send", {"consultation_id": cid, "text": "reply"})
+
+
+async def test_a_node_with_redis_away_refuses_connects_and_chat_with_limits_unavailable(
+        tmp_path: Path) -> None:
+    """The codes a client sees (a connect's ``connect_error``, a chat's ack) while the
+    fleet's Redis is away, and the node admitting again once it is back (from its AOF, as
+    docs/fleet.md sets Redis up: the participants are still there)."""
+    port = _free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    server = redis_with_aof(port, tmp_path)
+    home = tmp_path / "node"
+    home.mkdir()
+    config = write_config(home, live={"backend": "redis", "redis_url": url,
+                                      "key_prefix": prefix()})
+    try:
+        await answers(url)
+        async with run_server(config) as node_a, \
+                clients(node_a.url, {"ref1": node_a.token("ref1"),
+                                     "cardio1": node_a.token("cardio1")}) as c:
+            cid = await open_consultation(c)
+            await c["ref1"].ok("chat:send", {"consultation_id": cid, "text": "before"})
+            server.kill()
+            server.wait(timeout=10)
+            started = time.perf_counter()
+            assert await connect(node_a.url, node_a.token("ref2")) == "limits_unavailable"
+            await c["ref1"].refused("chat:send", {"consultation_id": cid, "text": "away"},
+                                    "limits_unavailable")
+            took = time.perf_counter() - started
+            server = redis_with_aof(port, tmp_path)
+            await answers(url)
+            back = await connect(node_a.url, node_a.token("ref2"))
+            assert isinstance(back, Client), back
+            await back.close()
+            await c["ref1"].ok("chat:send", {"consultation_id": cid, "text": "after"})
+            print(f"Redis away: a connect and a chat refused limits_unavailable in "
+                  f"{took * 1000:.0f} ms; both admitted again once it answered")
+    finally:
+        server.kill()
+        server.wait(timeout=10)
