@@ -80,6 +80,10 @@ class NoRelayAvailable(SignalingError):
     http_status = 503
 
 
+LATE_CLOSE_TIMEOUT_S = 5.0
+"""How long the close of a Room a relay opened too late may take."""
+
+
 class Superseded(Exception):
     """Another process changed the consultation's placement first (a fleet's registry,
     signaling/relay_registry.py): what this one was doing for it is dropped, the other's
@@ -129,6 +133,8 @@ class RelayDirectory:
         self._regions: dict[str, str] = {}
         self._reserved: dict[str, int] = {}
         """Placements promised to a relay by ``reserve`` and not opened yet."""
+        self._late: set[asyncio.Task[None]] = set()
+        """Rooms to close on relays that answered ``open_room`` too late (``_close_late``)."""
         self._waiting: dict[str, Waiting] = {}
         self._draining: set[str] = set()
         self.changed = asyncio.Event()
@@ -245,12 +251,40 @@ class RelayDirectory:
             async with asyncio.timeout(self._open_timeout_s):
                 await relay.open_room(room_id)
         except TimeoutError:
+            self._close_late(relay, room_id)
             raise RelayUnanswered(f"relay {relay.info.id!r} did not answer open_room within "
                                   f"{self._open_timeout_s:g} s") from None
         finally:
             self.unreserve(relay)
         await self.record(room_id, relay, region)
         return relay
+
+    def _close_late(self, relay: Relay, room_id: str) -> None:
+        """``open_room`` timed out, and a slow relay may still open the Room: close it there a
+        moment later unless the Room has been placed on that relay meanwhile. A Room nobody
+        placed would otherwise count against the relay's capacity until it stops (seen under
+        load: hundreds left open, every accept then refused ``no_relay``)."""
+
+        async def run() -> None:
+            await asyncio.sleep(self._open_timeout_s)
+            try:
+                placed, _ = await self.placement(room_id)
+                if placed == relay.info.id:
+                    return
+                async with asyncio.timeout(LATE_CLOSE_TIMEOUT_S):
+                    await relay.close_room(room_id)
+                logger.info("room of %s closed on relay %s, which opened it too late",
+                            room_id, relay.info.id)
+            except (RelayError, TimeoutError) as exc:
+                logger.info("room of %s on relay %s (opened too late) not closed: %s", room_id,
+                            relay.info.id, getattr(exc, "code", "timeout"))
+            except Exception:
+                logger.exception("room of %s on relay %s (opened too late) not closed",
+                                 room_id, relay.info.id)
+
+        task = asyncio.get_running_loop().create_task(run(), name=f"close-late-{room_id}")
+        self._late.add(task)
+        task.add_done_callback(self._late.discard)
 
     def _settle(self, room_id: str, relay: Relay, region: str) -> None:
         self._placements[room_id] = relay.info.id

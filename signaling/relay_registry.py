@@ -596,10 +596,13 @@ class FleetRelayDirectory(RelayDirectory):
         try:
             return await super().open(room_id, relay, region, reserved=reserved)
         except Superseded:
-            # Opened here, placed elsewhere by another process meanwhile: not ours to keep.
-            with contextlib.suppress(RelayError, TimeoutError):
-                async with asyncio.timeout(self._open_timeout_s):
-                    await relay.close_room(room_id)
+            # Opened here, placed elsewhere by another process meanwhile: not ours to keep
+            # (unless that other placement is this very relay: the Room is theirs then).
+            with contextlib.suppress(RelayError, TimeoutError, RedisError):
+                record = await self._registry.get(room_id)
+                if record is None or record.relay_id != relay.info.id:
+                    async with asyncio.timeout(self._open_timeout_s):
+                        await relay.close_room(room_id)
             raise
 
     async def claim(self, room_id: str, relay_id: str, *, reason: MoveReason,

@@ -88,6 +88,40 @@ async def test_a_relay_that_does_not_answer_open_room_is_skipped_for_the_next() 
         await relays.open("r3", frozen, "01")
 
 
+async def test_a_room_a_relay_opened_too_late_is_closed_there_unless_placed_there() -> None:
+    relays = RelayDirectory(open_room_timeout_s=0.1)
+    slow = LocalRelay("hn-1", region="01", capacity=5)
+    relays.register(slow)
+
+    # The relay's own open goes on after the timeout (a remote node's would: the call was
+    # sent); here the open is shielded from the timeout's cancellation to do the same.
+    opening: list[asyncio.Task[None]] = []
+    plain_open = LocalRelay.open_room
+
+    async def late_open(room_id: str) -> None:
+        async def go() -> None:
+            await asyncio.sleep(0.15)
+            await plain_open(slow, room_id)
+        opening.append(asyncio.ensure_future(go()))
+        await asyncio.shield(opening[-1])
+
+    slow.open_room = late_open  # type: ignore[method-assign]
+    with pytest.raises(RelayUnanswered):
+        await relays.open("r1", slow, "01")
+    await asyncio.wait_for(opening[0], 1.0)
+    assert "r1" in slow.rooms  # opened after all, and placed nowhere
+    await asyncio.sleep(0.3)
+    assert "r1" not in slow.rooms
+    # Placed on that relay meanwhile (a later try that succeeded): the Room stays.
+    with pytest.raises(RelayUnanswered):
+        await relays.open("r2", slow, "01")
+    await asyncio.wait_for(opening[1], 1.0)
+    slow.open_room = lambda room_id: plain_open(slow, room_id)  # type: ignore[method-assign]
+    await relays.open("r2", slow, "01")
+    await asyncio.sleep(0.3)
+    assert "r2" in slow.rooms and relays.for_room("r2") is slow
+
+
 async def test_placements_count_before_the_next_heartbeat_and_a_draining_relay_takes_none(
         ) -> None:
     relays = RelayDirectory()
