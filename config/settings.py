@@ -411,11 +411,11 @@ class LimitsSettings(_Section):
     refusal_window_s: float = Field(default=10.0, gt=0)
     """The window ``refusals_before_disconnect`` counts in. Default 10 s."""
     chat_per_minute: int = Field(default=30, ge=1)
-    """Chat messages a participant (a clinician, over all their connections) may send per
-    minute. Default 30."""
+    """Chat messages a participant (a clinician, over all their connections, on every process
+    with ``live.backend = "redis"``) may send per minute. Default 30."""
     connections_per_clinician: int = Field(default=5, ge=1)
-    """Open socket.io connections one clinician may hold; another is refused
-    ``too_many_connections``. Default 5."""
+    """Open socket.io connections one clinician may hold (on every process with
+    ``live.backend = "redis"``); another is refused ``too_many_connections``. Default 5."""
     waiting_requests_per_clinician: int = Field(default=5, ge=1)
     """Waiting consult requests one clinician may hold; another ``consult:request`` is refused
     ``too_many_requests``. Default 5."""

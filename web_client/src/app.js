@@ -27,6 +27,7 @@ function describeError(error) {
     if (error.code === "already_taken") return t("alreadyTaken");
     if (error.code === "media_ports_exhausted") return t("relayFull");
     if (error.code === "relay_unreachable") return t("relayUnreachable");
+    if (error.code === "limits_unavailable") return t("limitsUnavailable");
     return error.message;
   }
   // A browser's own error text means nothing to a doctor: it goes to the console, the page

@@ -30,12 +30,26 @@ export class ProtocolRefusal extends Error {
   }
 }
 
+/** The connect refusal that is tried again (after 2-4 s) instead of ending the session. */
+const TRY_AGAIN = "limits_unavailable";
+const TRY_AGAIN_MS = 2000;
+
 /** A signed-in signaling session. Events are delivered to handlers registered with `on`. */
 export class Signaling {
   /** @param {string} token */
   constructor(token) {
     this.token = token;
     this.socket = io({ auth: { token }, transports: ["websocket"], reconnectionDelayMax: 3000 });
+    // A refusal with a code ends socket.io's own reconnection; `limits_unavailable` (the
+    // fleet's Redis does not answer for a moment) is worth trying again by ourselves.
+    this.socket.on("connect_error", (error) => {
+      const data = error && error.data;
+      if (data && data.code === TRY_AGAIN && this.socket.disconnected) {
+        console.warn(`signaling: ${data.code}; connecting again`);
+        setTimeout(() => { if (this.socket.disconnected) this.socket.connect(); },
+                   TRY_AGAIN_MS + Math.random() * TRY_AGAIN_MS);
+      }
+    });
   }
 
   /** Resolves once connected; rejects with the server's refusal (`code`: token_expired...). */
@@ -45,7 +59,7 @@ export class Signaling {
       const ok = () => { this.socket.off("connect_error", bad); resolve(undefined); };
       const bad = (error) => {
         const data = error && error.data;
-        if (data && data.code) {
+        if (data && data.code && data.code !== TRY_AGAIN) {
           this.socket.off("connect", ok);
           this.socket.disconnect();
           reject(new ProtocolRefusal("connect", data));
