@@ -97,8 +97,20 @@ class Media:
         try:
             resumed = False
             if resume:
-                resumed = bool(await self._call(
-                    "resume", consultation_id, relay.resume(consultation_id, principal.id)))
+                try:
+                    resumed = bool(await self._call(
+                        "resume", consultation_id, relay.resume(consultation_id, principal.id)))
+                except MediaRefused as exc:
+                    if exc.code != "relay_unreachable":
+                        raise
+                    # Its node's signaling process died and the node redialled another one
+                    # meanwhile: ask once more where the relay is now.
+                    again, _ = await self._relay_for(principal, consultation_id)
+                    if again is relay:
+                        raise
+                    relay = again
+                    resumed = bool(await self._call(
+                        "resume", consultation_id, relay.resume(consultation_id, principal.id)))
             if not resumed:
                 await self._call("join", consultation_id,
                                  relay.join(consultation_id, principal.id))

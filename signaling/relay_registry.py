@@ -463,7 +463,11 @@ class FleetRelayDirectory(RelayDirectory):
         known = self._shared.get(relay.info.id)
         connected_at = known[1] if known is not None and known[0] is relay else time.time()
         self._shared[relay.info.id] = (relay, connected_at)
-        self._remote.pop(relay.info.id, None)
+        replaced = self._remote.pop(relay.info.id, None)
+        if replaced is not None and replaced[1] is not relay:
+            # The node redialled here (its process died): calls still waiting on the way
+            # through the old process fail now, not at the command timeout (15 s).
+            replaced[1].abandon()
         await self._registry.write_relays([self._entry(relay, connected_at)])
 
     def _entry(self, relay: Relay, connected_at: float) -> RelayEntry:
