@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -47,7 +48,7 @@ from tests.postgres_server import (
     start_postgres,
     stop_postgres,
 )
-from tests.redis_server import RedisServer, start_redis, stop_redis
+from tests.redis_server import REDIS_SERVER, RedisServer, stop_redis
 from tests.support import DIRECTORY, SECRET, write_config
 
 NGINX = "/usr/sbin/nginx"
@@ -166,9 +167,12 @@ class Fleet:
     async def start(self) -> None:
         """Redis and PostgreSQL, then the nodes (at once), nginx, and the relays (at once),
         each waited for: a node until it printed READY, a relay until a node registered it."""
-        (self.tmp / "redis").mkdir(exist_ok=True)
+        # A fresh Redis each time (a previous run's append-only file would bring back its
+        # live state over a fresh PostgreSQL).
+        shutil.rmtree(self.tmp / "redis", ignore_errors=True)
+        (self.tmp / "redis").mkdir()
         self.redis, postgres = await asyncio.gather(
-            asyncio.to_thread(start_redis, self.tmp / "redis"),
+            asyncio.to_thread(start_persistent_redis, self.tmp / "redis"),
             asyncio.to_thread(start_postgres))
         self.postgres = postgres
         self.members["redis"] = Member("redis", self.redis.process,
@@ -344,6 +348,20 @@ class Fleet:
                     raise
                 time.sleep(0.05)
 
+    async def restart_redis(self, down_s: float = 1.0) -> float:
+        """kill -9 redis-server, ``down_s`` later start it again on its port and directory
+        (its append-only file replayed); returns when it answers, the seconds it was away."""
+        assert self.redis is not None
+        port = _port(self.redis.url)
+        started = time.monotonic()
+        self.kill("redis", signal.SIGKILL)
+        await asyncio.sleep(down_s)
+        self._old.append(self.redis.process)
+        self.redis = await asyncio.to_thread(start_persistent_redis, self.tmp / "redis", port)
+        self.members["redis"] = Member("redis", self.redis.process,
+                                       self.tmp / "redis" / f"redis-{port}.log", port)
+        return time.monotonic() - started
+
     # -- members --------------------------------------------------------------------------
     def kill(self, name: str, signum: signal.Signals = signal.SIGKILL) -> None:
         """``signum`` to a member (a node, a relay, "nginx", "redis", "postgres"); after
@@ -419,6 +437,31 @@ class Fleet:
         if member is None:
             return []
         return [line for line in list(member.lines) if re.search(pattern, line)]
+
+
+def start_persistent_redis(directory: Path, port: int = 0,
+                           timeout: float = 10.0) -> RedisServer:
+    """redis-server as docs/fleet.md recommends (``appendonly yes``, ``appendfsync
+    everysec``) on 127.0.0.1 and ``port`` (0: a free one), its files in ``directory``; ready
+    when it answers PING (after replaying its append-only file)."""
+    for _ in range(1 if port else 3):
+        chosen = port or free_port()
+        process = subprocess.Popen(
+            [REDIS_SERVER, "--bind", "127.0.0.1", "--port", str(chosen), "--dir", str(directory),
+             "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
+             "--protected-mode", "yes", "--logfile", str(directory / f"redis-{chosen}.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                with socket.create_connection(("127.0.0.1", chosen), timeout=0.5) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(16).startswith(b"+PONG"):
+                        return RedisServer(f"redis://127.0.0.1:{chosen}/0", process)
+            except OSError:
+                time.sleep(0.05)
+        stop_redis(RedisServer("", process))
+    raise RuntimeError(f"redis-server did not start (log in {directory})")
 
 
 def _port(url: str) -> int:
