@@ -137,6 +137,8 @@ class Pairing:
         self._touched: set[str] | None = None
         """While ``resync`` reads the store: the requests changed meanwhile (left alone)."""
         self._resyncing = asyncio.Lock()
+        self._next_resync: asyncio.Future[int] | None = None
+        """The resync the callers of ``fresh`` arriving now share (it starts after them)."""
         self._fleet: Fleet = fleet if fleet is not None else LocalFleet()
         self._fleet.subscribe(QUEUE_MESSAGE, self._apply)
         self._fleet.on_resync(self.resync)
@@ -239,32 +241,36 @@ class Pairing:
         those no longer waiting dropped, escalations copied; a request changed while the store
         was read is left as it is now. Returns how many were corrected."""
         async with self._resyncing:
-            before = self._queue.ids()
-            self._touched = set()
-            try:
-                stored = await self._store.waiting_requests()
-            finally:
-                touched, self._touched = self._touched, None
-            corrected = 0
-            waiting = {r.id for r in stored}
-            for request in stored:
-                if request.id in touched:
-                    continue
-                known = self._queue.get(request.id)
-                if known is None:
-                    self._queue.add(request)
-                    self._lane_moved(request)
-                    corrected += 1
-                elif known.escalated_at is None and request.escalated_at is not None:
-                    known.escalated_at = request.escalated_at
-                    corrected += 1
-            for request_id in before - waiting - touched:
-                if self._forget(request_id) is not None:
-                    corrected += 1
-            if corrected:
-                logger.info("queue resync: %d requests corrected from the store", corrected)
-                self._metrics.set_queue(self._queue.counts_by_priority())
-            return corrected
+            return await self._resync_locked()
+
+    async def _resync_locked(self) -> int:
+        """``resync``'s work, the lock held."""
+        before = self._queue.ids()
+        self._touched = set()
+        try:
+            stored = await self._store.waiting_requests()
+        finally:
+            touched, self._touched = self._touched, None
+        corrected = 0
+        waiting = {r.id for r in stored}
+        for request in stored:
+            if request.id in touched:
+                continue
+            known = self._queue.get(request.id)
+            if known is None:
+                self._queue.add(request)
+                self._lane_moved(request)
+                corrected += 1
+            elif known.escalated_at is None and request.escalated_at is not None:
+                known.escalated_at = request.escalated_at
+                corrected += 1
+        for request_id in before - waiting - touched:
+            if self._forget(request_id) is not None:
+                corrected += 1
+        if corrected:
+            logger.info("queue resync: %d requests corrected from the store", corrected)
+            self._metrics.set_queue(self._queue.counts_by_priority())
+        return corrected
 
     async def tell_positions(self) -> int:
         """Tell each waiting requester whose position changed since they were last told
@@ -478,6 +484,24 @@ class Pairing:
         ]
 
     async def queue_view(self, principal: Principal) -> dict[str, Any]:
-        """``{queue, mine}``: what the clinician may accept and what they asked for."""
+        """``{queue, mine}``: what the clinician may accept and what they asked for. In a
+        fleet the index is read again from the store first (``fresh``): the ``queue:update``
+        that made the client ask may have come from another member, over another Redis
+        channel than the bus message that updates this member's index."""
+        if not isinstance(self._fleet, LocalFleet):
+            await self.fresh()
         return {"queue": self.visible_queue(principal),
                 "mine": await self.my_requests(principal)}
+
+    async def fresh(self) -> None:
+        """Return once the index holds everything written to the store before this call: a
+        resync that starts after it. Callers arriving while a resync runs share the next one
+        (one store read however many clients ask at once)."""
+        if self._next_resync is None:
+            async def run() -> int:
+                async with self._resyncing:  # the running one (if any) finishes first
+                    self._next_resync = None  # callers from now on need a later read
+                    return await self._resync_locked()
+
+            self._next_resync = asyncio.ensure_future(run())
+        await asyncio.shield(self._next_resync)

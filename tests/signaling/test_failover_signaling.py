@@ -440,10 +440,17 @@ async def test_a_media_step_waiting_on_a_frozen_relay_fails_when_the_relay_is_ta
                                                          "resume": True}, timeout=20)
             took = time.monotonic() - frozen_at
             print(f"media:join on a frozen relay answered after {took:.2f} s: {answer}")
-            assert answer["error"]["code"] == "relay_unreachable", answer
+            # Refused relay_unreachable when the node is taken out, or, the consultation having
+            # moved by then, joined afresh where it went (a resume is asked once more where
+            # the relay is): either way within the sweep's time, not the command timeout.
+            if "error" in answer:
+                assert answer["error"]["code"] == "relay_unreachable", answer
+            else:
+                assert answer["resumed"] is False and answer["relay"]["id"] == "embedded", answer
             assert took < 5.0, "the step waited for the command timeout, not the sweep"
             moved_to = await c["ref1"].next_matching(
                 "media:moved", lambda d: d["consultation_id"] == cid, 10)
             assert moved_to["relay"]["id"] == "embedded"
             joined = await c["ref1"].ok("media:join", {"consultation_id": cid, "resume": True})
-            assert joined["resumed"] is False  # a new relay: build new connections
+            # A new relay: new connections, unless the first join already set them up there.
+            assert joined["resumed"] is ("error" not in answer)
