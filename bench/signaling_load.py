@@ -804,13 +804,7 @@ class FleetTarget:
             raise
 
     def stop(self) -> None:
-        nginx = self.fleet.members.get("nginx")
-        self.fleet.stop_all()
-        if nginx is not None:
-            # stop_all kills nginx's master alone; its worker, in the master's process group
-            # (its own session), would be left running, reparented to init.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(nginx.process.pid, signal.SIGKILL)
+        self.fleet.stop_all()  # every member's process group (nginx's worker included)
 
     def alive(self) -> bool:
         members = self.fleet.members

@@ -392,10 +392,11 @@ class Fleet:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     process.wait(timeout=max(0.1, deadline - time.monotonic()))
         for process in processes:
-            if process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    process.send_signal(signal.SIGCONT)
-                    process.send_signal(signal.SIGKILL)
+            # The whole process group (each member has its own session): nginx's worker
+            # outlives a SIGKILL of its master alone, a relay supervisor's workers too.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGCONT)
+                os.killpg(process.pid, signal.SIGKILL)
         for process in processes:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=STOP_WAIT_S)
