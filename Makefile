@@ -63,7 +63,7 @@ test: $(STAMP) $(NODE_STAMP) $(OIDC_STAMP) test-system-deps
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadgroup
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -59,3 +59,19 @@ def postgres_dsn(postgres_server: PostgresServer) -> Iterator[str]:
         yield dsn
     finally:
         drop_database(postgres_server, name)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`make test` runs two pytest-xdist workers (``--dist loadgroup``). Every module that
+    drives Chromium goes to one worker, whole: two browsers encoding and decoding video at
+    once on a 2-core machine starve each other (a decode wait of 20 s timed out), and such a
+    module's expensive module-scoped set-up (a whole fleet) runs once. Everything else is
+    spread over both workers."""
+    modules: dict[Path, bool] = {}
+    for item in items:
+        path = item.path
+        if path not in modules:
+            modules[path] = path.parent.name == "web" or "chromium(" in path.read_text(
+                encoding="utf-8")
+        if modules[path]:
+            item.add_marker(pytest.mark.xdist_group("chromium"))
