@@ -25,7 +25,6 @@ Every connection sets ``synchronous_commit = on``; every wait is bounded (``time
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -36,7 +35,7 @@ import asyncpg
 
 from signaling.accounts import SCHEMA, AccountRow, AccountsUnavailable, Judge, Strikes
 from signaling.migrations.step import Step
-from signaling.store_pg import OPEN_ERRORS, SERVER_SETTINGS, TIMEOUT_S, cannot_open, redacted
+from signaling.store_pg import TIMEOUT_S, close_pool, open_pool, redacted
 
 logger = logging.getLogger(__name__)
 
@@ -130,22 +129,9 @@ class PostgresAccountStore:
         self._closed = False
 
     async def open(self) -> None:
-        try:
-            self._pool = await asyncpg.create_pool(
-                self.dsn, min_size=1, max_size=self.pool_size, command_timeout=self.timeout_s,
-                timeout=self.timeout_s, server_settings=SERVER_SETTINGS)
-        except OPEN_ERRORS as exc:
-            raise cannot_open(self.dsn, exc) from exc
-        try:
-            async with self._connection() as conn:
-                await migrate(conn)
-                version = await schema_version(conn)
-        except BaseException as exc:
-            self._pool.terminate()
-            self._pool = None
-            if isinstance(exc, OPEN_ERRORS):
-                raise cannot_open(self.dsn, exc) from exc
-            raise
+        self._pool, version = await open_pool(
+            self.dsn, min_size=1, max_size=self.pool_size, timeout_s=self.timeout_s,
+            migrate=migrate, version=schema_version)
         logger.info("accounts in PostgreSQL %s (schema step %d, %d connections at most)",
                     redacted(self.dsn), version, self.pool_size)
 
@@ -154,14 +140,8 @@ class PostgresAccountStore:
             return
         self._closed = True
         pool, self._pool = self._pool, None
-        if pool is None:
-            return
-        try:
-            await asyncio.wait_for(pool.close(), self.timeout_s)
-        except TimeoutError:
-            logger.warning("accounts: PostgreSQL connections still busy after %.0f s; closed "
-                           "by force", self.timeout_s)
-            pool.terminate()
+        if pool is not None:
+            await close_pool(pool, self.timeout_s, "accounts")
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[Any]:

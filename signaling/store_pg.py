@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
@@ -80,6 +80,39 @@ def redacted(dsn: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
+async def open_pool(dsn: str, *, min_size: int, max_size: int, timeout_s: float,
+                    migrate: Callable[[Any], Awaitable[object]],
+                    version: Callable[[Any], Awaitable[int]]) -> tuple[Any, int]:
+    """An asyncpg pool at ``dsn`` whose schema ``migrate`` brought up to date, and the schema
+    step it is at (the records and the accounts each open their own). A server that cannot
+    be reached, or a schema that cannot be made, is ``cannot_open``'s configuration error."""
+    try:
+        pool = await asyncpg.create_pool(
+            dsn, min_size=min_size, max_size=max_size, command_timeout=timeout_s,
+            timeout=timeout_s, server_settings=SERVER_SETTINGS)
+    except OPEN_ERRORS as exc:
+        raise cannot_open(dsn, exc) from exc
+    try:
+        async with pool.acquire(timeout=timeout_s) as conn:
+            await migrate(conn)
+            return pool, await version(conn)
+    except BaseException as exc:
+        pool.terminate()
+        if isinstance(exc, OPEN_ERRORS):
+            raise cannot_open(dsn, exc) from exc
+        raise
+
+
+async def close_pool(pool: Any, timeout_s: float, what: str) -> None:
+    """Close ``pool``, waiting at most ``timeout_s`` for its connections to be given back."""
+    try:
+        await asyncio.wait_for(pool.close(), timeout_s)
+    except TimeoutError:
+        logger.warning("%s: PostgreSQL connections still busy after %.0f s; closed by force",
+                       what, timeout_s)
+        pool.terminate()
+
+
 class PostgresRecordStore:
     """The records in the PostgreSQL database at ``dsn`` (``RecordStore``), through at most
     ``pool_size`` connections. Open with ``await open()``, close with ``await close()``
@@ -93,23 +126,9 @@ class PostgresRecordStore:
         self._closed = False
 
     async def open(self) -> None:
-        try:
-            self._pool = await asyncpg.create_pool(
-                self.dsn, min_size=min(2, self.pool_size), max_size=self.pool_size,
-                command_timeout=self.timeout_s, timeout=self.timeout_s,
-                server_settings=SERVER_SETTINGS)
-        except OPEN_ERRORS as exc:
-            raise cannot_open(self.dsn, exc) from exc
-        try:
-            async with self._connection() as conn:
-                await migrate_postgresql(conn)
-                version = await postgresql_version(conn)
-        except BaseException as exc:
-            self._pool.terminate()
-            self._pool = None
-            if isinstance(exc, OPEN_ERRORS):
-                raise cannot_open(self.dsn, exc) from exc
-            raise
+        self._pool, version = await open_pool(
+            self.dsn, min_size=min(2, self.pool_size), max_size=self.pool_size,
+            timeout_s=self.timeout_s, migrate=migrate_postgresql, version=postgresql_version)
         logger.info("records in PostgreSQL %s (schema step %d, %d connections at most)",
                     redacted(self.dsn), version, self.pool_size)
 
@@ -118,14 +137,8 @@ class PostgresRecordStore:
             return
         self._closed = True
         pool, self._pool = self._pool, None
-        if pool is None:
-            return
-        try:
-            await asyncio.wait_for(pool.close(), self.timeout_s)
-        except TimeoutError:
-            logger.warning("records: PostgreSQL connections still busy after %.0f s; closed "
-                           "by force", self.timeout_s)
-            pool.terminate()
+        if pool is not None:
+            await close_pool(pool, self.timeout_s, "records")
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[Any]:
