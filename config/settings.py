@@ -148,7 +148,8 @@ class SecuritySettings(_Section):
 
 class StorageSettings(_Section):
     data_dir: Path = Path("var")
-    """Directory for the SQLite records and accounts, the generated token secret, the demo directory and this process's live-state instance id."""
+    """Directory for the SQLite records and accounts, the generated token secret, the demo
+    directory and this process's live-state instance id."""
     backend: Literal["sqlite", "postgresql"] = "sqlite"
     """Where the durable records (directory, requests, consultations, chat, attendance,
     minutes) live: ``sqlite`` (a file in ``data_dir``: one `serve` process, the default) or
