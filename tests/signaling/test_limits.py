@@ -147,17 +147,23 @@ async def test_an_event_flood_is_refused_then_the_connection_is_closed(
             def keep(*args: Any) -> None:
                 answers.append(args[0] if args else None)
 
+            sent = 0
             for _ in range(60):
                 if not flooder.sio.connected:
                     break
                 await flooder.sio.emit("queue:get", {}, callback=keep)
+                sent += 1
             for _ in range(100):
                 if not flooder.sio.connected:
                     break
                 await asyncio.sleep(0.05)
             assert not flooder.sio.connected
             codes = [a["error"]["code"] if "error" in a else "ok" for a in answers]
-            assert codes.count("ok") >= 10 and "rate_limited" in codes, codes
+            # The burst (10) is admitted: each answered ok, or still being answered when the
+            # server closed the flooder's connection (a loaded machine: the refusals of the
+            # events after it are quicker than the store reads of the admitted ones).
+            unanswered = sent - len(answers)
+            assert codes.count("ok") + unanswered >= 10 and "rate_limited" in codes, codes
             assert codes.count("rate_limited") <= 30, codes
             # A bystander is served at once (a few ms; the bound is for a shared CI machine:
             # bench/abuse_load.py measures the bystanders' latency under floods).
