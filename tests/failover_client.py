@@ -50,6 +50,9 @@ CLOSE_OLD_AFTER_S = 10.0
 """Old peer connections are closed once the new ones are connected, or after this long."""
 
 
+CLOSE_STEP_S = 5.0
+"""How long each step of a participant's close may take."""
+
 class MediaRefused(Exception):
     def __init__(self, command: str, error: dict[str, Any]) -> None:
         super().__init__(f"{command}: {error.get('code')}: {error.get('message')}")
@@ -405,14 +408,17 @@ class Participant(Client):
         for task in [*self._tasks, *self._offers,
                      *([self._redial] if self._redial is not None else [])]:
             task.cancel()
-        for task in [*self._tasks, *self._offers]:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        # Every step bounded: a teardown stuck on one peer (aiortc's close waits for its
+        # transports) must not hold the test until pytest's timeout (CI saw one such hang
+        # after the test's assertions had all passed).
+        pending = [*self._tasks, *self._offers]
+        if pending:
+            await asyncio.wait(pending, timeout=CLOSE_STEP_S)
         for peers in self.peer_sets:
             with contextlib.suppress(Exception):
-                await peers.peer.close()
+                await asyncio.wait_for(peers.peer.close(), CLOSE_STEP_S)
         with contextlib.suppress(Exception):
-            await self.sio.disconnect()
+            await asyncio.wait_for(self.sio.disconnect(), CLOSE_STEP_S)
 
 
 async def participants(url: str, tokens: dict[str, str], **options: Any) -> dict[str,
