@@ -48,7 +48,7 @@ from tests.postgres_server import (
     start_postgres,
     stop_postgres,
 )
-from tests.redis_server import REDIS_SERVER, RedisServer, stop_redis
+from tests.redis_server import RedisServer, start_redis, stop_redis
 from tests.support import DIRECTORY, SECRET, write_config
 
 NGINX = "/usr/sbin/nginx"
@@ -172,7 +172,7 @@ class Fleet:
         shutil.rmtree(self.tmp / "redis", ignore_errors=True)
         (self.tmp / "redis").mkdir()
         self.redis, postgres = await asyncio.gather(
-            asyncio.to_thread(start_persistent_redis, self.tmp / "redis"),
+            asyncio.to_thread(start_redis, self.tmp / "redis", persistent=True),
             asyncio.to_thread(start_postgres))
         self.postgres = postgres
         self.members["redis"] = Member("redis", self.redis.process,
@@ -357,7 +357,8 @@ class Fleet:
         self.kill("redis", signal.SIGKILL)
         await asyncio.sleep(down_s)
         self._old.append(self.redis.process)
-        self.redis = await asyncio.to_thread(start_persistent_redis, self.tmp / "redis", port)
+        self.redis = await asyncio.to_thread(start_redis, self.tmp / "redis", port=port,
+                                       persistent=True)
         self.members["redis"] = Member("redis", self.redis.process,
                                        self.tmp / "redis" / f"redis-{port}.log", port)
         return time.monotonic() - started
@@ -438,31 +439,6 @@ class Fleet:
         if member is None:
             return []
         return [line for line in list(member.lines) if re.search(pattern, line)]
-
-
-def start_persistent_redis(directory: Path, port: int = 0,
-                           timeout: float = 10.0) -> RedisServer:
-    """redis-server as docs/fleet.md recommends (``appendonly yes``, ``appendfsync
-    everysec``) on 127.0.0.1 and ``port`` (0: a free one), its files in ``directory``; ready
-    when it answers PING (after replaying its append-only file)."""
-    for _ in range(1 if port else 3):
-        chosen = port or free_port()
-        process = subprocess.Popen(
-            [REDIS_SERVER, "--bind", "127.0.0.1", "--port", str(chosen), "--dir", str(directory),
-             "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
-             "--protected-mode", "yes", "--logfile", str(directory / f"redis-{chosen}.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                with socket.create_connection(("127.0.0.1", chosen), timeout=0.5) as conn:
-                    conn.sendall(b"PING\r\n")
-                    if conn.recv(16).startswith(b"+PONG"):
-                        return RedisServer(f"redis://127.0.0.1:{chosen}/0", process)
-            except OSError:
-                time.sleep(0.05)
-        stop_redis(RedisServer("", process))
-    raise RuntimeError(f"redis-server did not start (log in {directory})")
 
 
 def _port(url: str) -> int:
