@@ -34,6 +34,7 @@ from typing import Any
 import asyncpg
 
 from signaling.accounts import SCHEMA, AccountRow, AccountsUnavailable, Judge, Strikes
+from signaling.migrations import apply_postgresql_steps, postgresql_version
 from signaling.migrations.step import Step
 from signaling.store_pg import TIMEOUT_S, close_pool, open_pool, redacted
 
@@ -81,34 +82,19 @@ connection cut): the client is answered ``accounts_unavailable`` (503), not a 50
 ADVISORY_LOCK = 0x7E1E_4EA1_0000_0016
 """Held while an accounts step is applied (the records' steps hold ``...0014``)."""
 
-_VERSIONS = """CREATE TABLE IF NOT EXISTS account_schema_migrations (
-    version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at DOUBLE PRECISION NOT NULL)"""
+VERSIONS_TABLE = "account_schema_migrations"
 
 
 async def schema_version(conn: Any) -> int:
     """The accounts' schema step in the database behind ``conn`` (0: none yet)."""
-    if await conn.fetchval("SELECT to_regclass('account_schema_migrations')") is None:
-        return 0
-    return int(await conn.fetchval(
-        "SELECT coalesce(max(version), 0) FROM account_schema_migrations"))
+    return await postgresql_version(conn, VERSIONS_TABLE)
 
 
 async def migrate(conn: Any, steps: tuple[Step, ...] = STEPS) -> list[int]:
     """Apply the accounts' steps the database has not had, each in one transaction with its
     row (nodes starting together: one applies, the others wait and find it done)."""
-    applied: list[int] = []
-    for step in steps:
-        async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", ADVISORY_LOCK)
-            await conn.execute(_VERSIONS)
-            if await schema_version(conn) >= step.version:
-                continue
-            await conn.execute(step.postgresql)
-            await conn.execute("INSERT INTO account_schema_migrations (version, name, "
-                               "applied_at) VALUES ($1, $2, $3)",
-                               step.version, step.name, time.time())
-        applied.append(step.version)
-        logger.info("accounts: schema step %d (%s) applied", step.version, step.name)
+    applied = await apply_postgresql_steps(conn, steps, table=VERSIONS_TABLE,
+                                           lock=ADVISORY_LOCK, what="accounts")
     version = await schema_version(conn)
     if version > steps[-1].version:
         logger.warning("accounts are at schema step %d, newer than this program's %d (a newer "

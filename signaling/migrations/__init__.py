@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from signaling.migrations import m0001_first_schema, m0002_lookup_indexes
@@ -42,8 +43,6 @@ database's other users do not take)."""
 
 _SQLITE_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (
     version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"""
-_POSTGRESQL_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (
-    version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at DOUBLE PRECISION NOT NULL)"""
 
 
 def _target(target: int | None, steps: tuple[Step, ...]) -> int:
@@ -130,11 +129,35 @@ def migrate_sqlite(db: sqlite3.Connection, target: int | None = None,
 # -- PostgreSQL -----------------------------------------------------------------------------
 
 
-async def postgresql_version(conn: Any) -> int:
-    """The database's schema step (0: none yet). ``conn``: an asyncpg connection."""
-    if await conn.fetchval("SELECT to_regclass('schema_migrations')") is None:
+async def postgresql_version(conn: Any, table: str = "schema_migrations") -> int:
+    """The database's schema step (0: none yet) as ``table`` records it. ``conn``: an asyncpg
+    connection."""
+    if await conn.fetchval("SELECT to_regclass($1)", table) is None:
         return 0
-    return int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations"))
+    return int(await conn.fetchval(f"SELECT coalesce(max(version), 0) FROM {table}"))
+
+
+async def apply_postgresql_steps(conn: Any, steps: Iterable[Step], *, table: str, lock: int,
+                                 what: str) -> list[int]:
+    """Apply the ``steps`` the database has not had, each in one transaction with its row in
+    ``table``, under the advisory ``lock`` (nodes starting together: one applies, the others
+    wait and find it done); the versions applied. The records' and the accounts' series each
+    have their own table and lock."""
+    applied: list[int] = []
+    for step in steps:
+        async with conn.transaction():
+            # Held to the end of this transaction: one process applies a step at a time.
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", lock)
+            await conn.execute(f"CREATE TABLE IF NOT EXISTS {table} (version INTEGER PRIMARY "
+                               "KEY, name TEXT NOT NULL, applied_at DOUBLE PRECISION NOT NULL)")
+            if await postgresql_version(conn, table) >= step.version:
+                continue
+            await conn.execute(step.postgresql)
+            await conn.execute(f"INSERT INTO {table} (version, name, applied_at) "
+                               "VALUES ($1, $2, $3)", step.version, step.name, time.time())
+        applied.append(step.version)
+        logger.info("%s: schema step %d (%s) applied", what, step.version, step.name)
+    return applied
 
 
 async def migrate_postgresql(conn: Any, target: int | None = None,
@@ -142,18 +165,7 @@ async def migrate_postgresql(conn: Any, target: int | None = None,
     """Bring the database behind the asyncpg connection ``conn`` to step ``target`` (default:
     the latest); the steps applied. ``steps``: as for ``migrate_sqlite``."""
     target = _target(target, steps)
-    applied: list[int] = []
-    for step in steps[:target]:
-        async with conn.transaction():
-            # Held to the end of this transaction: one process applies a step at a time.
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", ADVISORY_LOCK)
-            await conn.execute(_POSTGRESQL_TABLE)
-            if await postgresql_version(conn) >= step.version:
-                continue
-            await conn.execute(step.postgresql)
-            await conn.execute("INSERT INTO schema_migrations (version, name, applied_at) "
-                               "VALUES ($1, $2, $3)", step.version, step.name, time.time())
-        applied.append(step.version)
-        logger.info("records: schema step %d (%s) applied", step.version, step.name)
+    applied = await apply_postgresql_steps(conn, steps[:target], table="schema_migrations",
+                                           lock=ADVISORY_LOCK, what="records")
     _warn_if_newer(await postgresql_version(conn), "database")
     return applied
