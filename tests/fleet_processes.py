@@ -82,6 +82,9 @@ NODE_SECTIONS: dict[str, dict[str, Any]] = {
 _REGISTERED = re.compile(r"relay node (\S+) connected")
 """What a node logs (signaling/placement.py, INFO) each time a relay registers with it."""
 _READY = re.compile(r"READY (\S+)")
+_CONNECTION = re.compile(r"connection (\S+): clinician (\S+) of site|connection (\S+) closed")
+"""What a node logs (signaling/handlers.py, INFO) when a client's connection is made, and
+when one closes."""
 
 
 @dataclass
@@ -260,6 +263,27 @@ class Fleet:
         return [datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
                 for line in list(member.lines)
                 if (m := _REGISTERED.search(line)) and m.group(1) == relay_name]
+
+    def clinician_nodes(self, clinician_id: str) -> list[str]:
+        """The running nodes that hold an open connection of the clinician, by their logs (a
+        connection logged as made and not yet as closed): one node per signed-in page."""
+        holding = []
+        for name in self.node_names:
+            member = self.members.get(name)
+            if member is None or not member.running:
+                continue
+            open_sids: set[str] = set()
+            for line in list(member.lines):
+                m = _CONNECTION.search(line)
+                if m is None:
+                    continue
+                if m.group(2) == clinician_id:
+                    open_sids.add(m.group(1))
+                elif m.group(3) is not None:
+                    open_sids.discard(m.group(3))
+            if open_sids:
+                holding.append(name)
+        return holding
 
     async def wait_registered(self, relay_name: str, *, more_than: int = 0,
                               timeout: float = RELAY_START_S) -> None:
