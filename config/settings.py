@@ -275,6 +275,11 @@ class RelaySettings(_Section):
     """`telehealth relay`: relay processes on this machine, each a node of its own
     (``<id>.w<k>``) sharing the machine's UDP ports (the range split between them, or one
     single port each: ``udp_port + k``). 0 (default): one per core."""
+    embedded_workers: int = Field(default=0, ge=0, le=64)
+    """`serve`: run the embedded relay as this many worker processes (``<id>.w<k>``, started,
+    restarted and stopped by `serve`; ports and capacity shared out as for ``workers``)
+    instead of inside `serve`'s own process, whose one core signaling needs too. 0 (default):
+    the in-process relay. Needs ``embedded = true`` (docs/deploy.md)."""
     heartbeat_s: float = Field(default=0.5, gt=0, le=60)
     """Standalone nodes heartbeat this often (seconds). Default 0.5."""
     heartbeat_misses: int = Field(default=3, ge=1, le=100)
@@ -326,6 +331,14 @@ class RelaySettings(_Section):
         if self.udp_port is not None and self.udp_port_range is not None:
             raise ValueError("udp_port (one shared port) and udp_port_range exclude each "
                              "other: set one")
+        return self
+
+    @model_validator(mode="after")
+    def _embedded_workers(self) -> RelaySettings:
+        if self.embedded_workers and not self.embedded:
+            raise ValueError(f"embedded_workers = {self.embedded_workers} runs the embedded "
+                             "relay as worker processes: it needs embedded = true (or "
+                             "embedded_workers = 0)")
         return self
 
 

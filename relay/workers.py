@@ -116,11 +116,20 @@ class Supervisor:
     """Runs ``workers`` worker processes, each started as ``command(k)``."""
 
     def __init__(self, relay_id: str, workers: int, command: Callable[[int], list[str]], *,
-                 signaling_url: str, drain_s: float) -> None:
+                 signaling_url: str, drain_s: float, env: dict[str, str] | None = None,
+                 own_session: bool = False, ready_line: bool = True) -> None:
+        """``env``: the workers' environment (default: this process's). ``own_session``:
+        each worker in a session (and process group) of its own, so that a terminal's
+        Ctrl-C reaches only the parent, which stops them (`serve`'s embedded workers,
+        telehealth/relay_workers.py). ``ready_line``: print ``READY ...`` once every worker
+        registered (`telehealth relay`'s start-up contract); without it, a log line."""
         self.relay_id = relay_id
         self.command = command
         self.signaling_url = signaling_url
         self.drain_s = drain_s
+        self.env = env
+        self.own_session = own_session
+        self.ready_line = ready_line
         self.workers = [Worker(k, worker_relay_id(relay_id, k)) for k in range(workers)]
         self._changed = asyncio.Event()
         self._stopping = False
@@ -133,7 +142,7 @@ class Supervisor:
         # stdin: how the supervisor asks it to stop (relay/node.py, ``_stop_when_told``).
         worker.process = await asyncio.create_subprocess_exec(
             *self.command(worker.index), stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE)
+            stdout=asyncio.subprocess.PIPE, env=self.env, start_new_session=self.own_session)
         worker.started_at = asyncio.get_running_loop().time()
         logger.info("relay %s: worker %s started (pid %d)", self.relay_id, worker.relay_id,
                     worker.process.pid)
@@ -171,14 +180,19 @@ class Supervisor:
                     process.stdin.close()
 
     def on_signal(self, signum: int) -> None:
-        name = signal.Signals(signum).name
+        self.stop(signum, signal.Signals(signum).name)
+
+    def stop(self, signum: int = signal.SIGTERM, why: str = "stopping") -> None:
+        """The first call asks every worker to drain and stop; a second kills them (``run``
+        then returns 128 + ``signum``)."""
         if self._stopping:
-            logger.warning("relay %s: second %s; the workers are killed", self.relay_id, name)
+            logger.warning("relay %s: second stop (%s); the workers are killed",
+                           self.relay_id, why)
             self._second = signum
             self._kill()
         else:
             logger.info("relay %s: %s; its %d workers drain (a second signal exits at once)",
-                        self.relay_id, name, len(self.workers))
+                        self.relay_id, why, len(self.workers))
             self._stopping = True
             self._stop_workers()
         self._changed.set()
@@ -228,9 +242,13 @@ class Supervisor:
                     await self._start(self.workers[index])
             if not announced and all(w.ready for w in self.workers):
                 announced = True
-                print(f"{READY_PREFIX}relay {self.relay_id} ({len(self.workers)} workers: "
-                      f"{', '.join(w.relay_id for w in self.workers)}) -> "
-                      f"{self.signaling_url}", flush=True)
+                ready = (f"relay {self.relay_id} ({len(self.workers)} workers: "
+                         f"{', '.join(w.relay_id for w in self.workers)}) -> "
+                         f"{self.signaling_url}")
+                if self.ready_line:
+                    print(f"{READY_PREFIX}{ready}", flush=True)
+                else:
+                    logger.info("ready: %s", ready)
             wait = min((when - loop.time() for when in restarts.values()), default=1.0)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.01, wait)):

@@ -23,7 +23,10 @@ Starting and stopping follow ``cleanup_ctx``, in this order, and close in revers
    releases the timers' lease, so that another member runs them at its next tick;
 6. the timers: escalation and expiry, the reconnect grace period (in a fleet, only on the
    member holding the timers' lease); on a timer of their own, silent relay nodes and
-   consultations waiting for a relay.
+   consultations waiting for a relay;
+7. with ``relay.embedded_workers``, the embedded relay as worker processes instead of in this
+   one (telehealth/relay_workers.py): their loopback listener opened and the workers started
+   (`serve` waits for them to register); stopped first, their rooms closed.
 
 Stopping (``Stopping.begin``, then ``runner.cleanup()``; ``telehealth serve`` on SIGTERM/SIGINT):
 the listening sockets close; new requests on open connections are answered 503
@@ -93,6 +96,7 @@ from signaling.security import forwarded_from, same_origin, security_headers
 from signaling.socket_server import SignalingServer
 from signaling.store import RecordStore
 from signaling.tokens import TokenAuthority, load_or_create_secret
+from telehealth.relay_workers import relay_workers
 
 logger = logging.getLogger(__name__)
 
@@ -305,7 +309,7 @@ def create_app(settings: Settings) -> web.Application:
                   turn=settings.turn, store=store)
     media_events = MediaEvents(media, notifier)
     embedded: LocalRelay | None = None
-    if settings.relay.embedded:
+    if settings.relay.embedded and not settings.relay.embedded_workers:
         embedded = LocalRelay(settings.relay.id, region=settings.relay.region,
                               capacity=settings.relay.capacity,
                               public_address=settings.relay.announced_address,
@@ -391,6 +395,9 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_recorder)
     app.cleanup_ctx.append(_fleet)
     app.cleanup_ctx.append(_timers)
+    if settings.relay.embedded_workers:  # last: they start after all else, stop first
+        app.cleanup_ctx.append(relay_workers(settings, tokens, relay_config(settings),
+                                             stopping))
     return app
 
 
