@@ -3,17 +3,19 @@ redis-server, PostgreSQL, two `serve` nodes, two standalone relays, nginx in fro
 once for the module, and two Chromium pages signed in through nginx, a district doctor and a
 specialist, in one consultation with video both ways.
 
-- The relay carrying the consultation is killed -9: both pages show the other's video again
-  by themselves, on the other relay (new peer connections), the time from the kill printed.
-- The signaling node the pages are connected to is killed -9: the pages' WebSockets reconnect
-  through nginx to the surviving node, they rejoin the consultation and resume their media on
-  the same relay without rebuilding anything; the video never stops meanwhile (it never went
-  through signaling).
+- The relay carrying the consultation is killed -9, with a third site's aiortc participant in
+  the room too: both pages and the aiortc peer decode each other again by themselves, on the
+  other relay (new peer connections), the times from the kill printed.
+- The signaling node holding both pages, and the registration of the relay carrying their
+  room, is killed -9: the pages' WebSockets reconnect through nginx to the surviving node,
+  they rejoin the consultation and resume their media on the same relay without rebuilding
+  anything, and the video never stops meanwhile (it never went through signaling).
 
 Which node holds a page and which relay carries the room come from the nodes' logs
 (``Fleet.clinician_nodes``, ``Fleet.relay_home``) and the server's API; what a page decodes
 from its subscribe connection's own getStats() (tests/web/test_failover_browser.py's helpers).
-The relay test runs first: the node test then uses the one relay left."""
+The relay test runs first: the node test then uses the one relay left, and is the last (the
+module's fleet keeps one node after it)."""
 
 from __future__ import annotations
 
@@ -28,7 +30,9 @@ from dataclasses import dataclass
 import pytest
 from playwright.async_api import Browser, Page, expect
 
+from tests.failover_client import Participant, describe
 from tests.fleet_processes import Fleet
+from tests.media import wait_for
 from tests.web.browser import (
     MEDIA,
     api_call,
@@ -45,18 +49,32 @@ from tests.web.test_failover_browser import (
     video_back,
 )
 
+FPS = 15
+"""The aiortc participant's video."""
+MEDIA_WAIT_S = 30.0
+GUEST = "ref3"
+GUEST_SITE = "d3"
+"""The aiortc participant of the relay test, and its site (invited by the specialist)."""
 BACK_WITHIN_S = 20.0
 """Video back on a page after its relay died. The issue's target is 5 s (printed); the bound
 only says "by itself", on the shared 2-core machine."""
-RESUMED_WITHIN_S = 20.0
-"""A page of a killed node has reconnected through nginx, rejoined and resumed its media."""
+RESUMED_WITHIN_S = 5.0
+"""A page of a killed node has reconnected through nginx, rejoined and resumed its media
+within the issue's "within seconds" (the bound tests/signaling/test_fleet_nodes.py holds
+aiortc participants to); measured 0.8-1.6 s, socket.io's first redial being 0.5-1.5 s after
+the drop."""
+NODE_WAIT_S = 30.0
+"""How long the node test waits for a reconnect and a resume, to measure them (the bound
+asserted is ``RESUMED_WITHIN_S``)."""
 SMOOTH_STALL_S = 3.0
 """Media never passes through signaling: a node's death must not stop the video longer than
 this (the bound of test_failover_browser's `serve` kill)."""
+ROOM_RELAY = "relay-2"
+"""The relay of the node test's room: ref2's site d2 is in region 79, the fleet's second
+relay's (regions in turn: 11, 79); the first relay is dead by then anyway."""
 SAME_NODE_TRIES = 6
-"""Reloads of the specialist's page to bring it on the district page's node (nginx hashes a
-direct WebSocket on the address and port: each reload is a coin toss), so that the node test
-kills both pages' node at once."""
+"""Reloads of a page to bring its WebSocket to a chosen node (nginx hashes a direct WebSocket
+on the address and port: each reload is a coin toss)."""
 
 
 @pytest.fixture(scope="module")
@@ -152,34 +170,86 @@ async def relay_of(fleet: Fleet, pair: Pair) -> str:
     return relay
 
 
-async def test_the_relay_killed_both_pages_show_video_again_on_the_other_relay(
+async def test_the_relay_killed_the_pages_and_an_aiortc_participant_are_back_on_the_other(
         fleet: Fleet, browser: Browser) -> None:
+    # The issue's "a consultation of aiortc participants and of two Chromium pages": a third
+    # site (ref3, an aiortc participant through nginx) invited into the pages' consultation,
+    # so one relay kill moves Chromium and aiortc peers at once, each decoding the others.
     with logs_on_failure(fleet):
         async with pages(browser, fleet, "ref1", "cardio1") as pair:
             await in_consultation(pair)
-            relay = await relay_of(fleet, pair)
-            spare = next(r for r in fleet.relay_names if r != relay)
-            print(f"pages on {({c: fleet.clinician_nodes(c) for c, _, _ in pair.watching})}; "
-                  f"the room on {relay} (registered with {fleet.relay_home(relay)}), "
-                  f"{spare} spare (registered with {fleet.relay_home(spare)}); killing {relay}")
-            for page in pair.pages:
-                await mark_connections(page)
-            killed_at = time.monotonic()
-            fleet.kill(relay, signal.SIGKILL)
-            took = await asyncio.gather(*(video_back(page, other, killed_at, BACK_WITHIN_S)
-                                          for _, page, other in pair.watching))
-            for (name, _, other), seconds in zip(pair.watching, took, strict=True):
-                print(f"relay killed: {name}'s page decodes {other}'s video again after "
-                      f"{seconds:.2f} s (target <= 5 s)")
-            for name, page, other in pair.watching:
-                frames = await decoded(page, other)
-                await page.wait_for_timeout(1000)
-                assert await decoded(page, other) > frames + 5, f"{name}: no video after"
-                await expect(page.locator("#room-state")).to_have_attribute(
-                    "data-state", "connected", timeout=10_000)
-                # A new relay: media:join {resume: true} was answered resumed: false.
-                assert await page.evaluate(f"() => {MEDIA}.resumes") == 0
-            assert await relay_of(fleet, pair) == spare
+            guest = Participant(fleet.url, fleet.token(GUEST), GUEST, fps=FPS, audio=False)
+            try:
+                await guest_joins(pair, guest)
+                await media_back_on_the_other_relay(fleet, pair, guest)
+            except BaseException:
+                print(f"{GUEST}: joins {guest.joins}\n  connects {guest.connects}\n  "
+                      f"failures {guest.failures}")
+                raise
+            finally:
+                await guest.close()
+
+
+async def guest_joins(pair: Pair, guest: Participant) -> None:
+    """The specialist invites the guest's site; the guest joins, its media flows both ways
+    with both pages."""
+    consultation_id = await pair.specialist.get_attribute("#room", "data-consultation")
+    assert consultation_id is not None
+    await guest.connect()
+    await pair.specialist.evaluate(
+        f"(id) => window.telehealthTest.media.signaling.invite(id, '{GUEST_SITE}')",
+        consultation_id)
+    await guest.ok("consult:join", {"consultation_id": consultation_id})
+    started = time.monotonic()
+    await guest.start(consultation_id)
+    await wait_for(lambda: all(guest.frames(name, started, time.monotonic()) >= FPS
+                               for name, _, _ in pair.watching),
+                   MEDIA_WAIT_S, f"{GUEST} decoding both pages")
+    for _, page, _ in pair.watching:
+        await wait_decoding(page, GUEST)
+    print(f"{GUEST} (aiortc) and both pages decoding each other "
+          f"{time.monotonic() - started:.2f} s after its media:join")
+
+
+async def media_back_on_the_other_relay(fleet: Fleet, pair: Pair,
+                                        guest: Participant) -> None:
+    relay = await relay_of(fleet, pair)
+    assert guest.relay_id() == relay
+    spare = next(r for r in fleet.relay_names if r != relay)
+    print(f"pages on {({c: fleet.clinician_nodes(c) for c, _, _ in pair.watching})}, "
+          f"{GUEST} on {fleet.clinician_nodes(GUEST)}; the room on {relay} (registered with "
+          f"{fleet.relay_home(relay)}), {spare} spare (registered with "
+          f"{fleet.relay_home(spare)}); killing {relay}")
+    for page in pair.pages:
+        await mark_connections(page)
+    watched = [(name, page, other) for name, page, first in pair.watching
+               for other in (first, GUEST)]
+    killed_at = time.monotonic()
+    fleet.kill(relay, signal.SIGKILL)
+    took = await asyncio.gather(*(video_back(page, other, killed_at, BACK_WITHIN_S)
+                                  for _, page, other in watched))
+    peers = [name for name, _, _ in pair.watching]
+    await wait_for(lambda: guest.recovery(killed_at, peers).media_back_s is not None,
+                   BACK_WITHIN_S, f"{GUEST}'s media back")
+    for (name, _, other), seconds in zip(watched, took, strict=True):
+        print(f"relay killed: {name}'s page decodes {other}'s video again after "
+              f"{seconds:.2f} s (target <= 5 s)")
+    print(f"relay killed: (aiortc) {describe([guest.recovery(killed_at, peers)])} "
+          "(target <= 5 s)")
+    for name, page, other in watched:
+        frames = await decoded(page, other)
+        await page.wait_for_timeout(1000)
+        assert await decoded(page, other) > frames + 5, f"{name}: no video from {other}"
+    for name, page, _ in pair.watching:
+        await expect(page.locator("#room-state")).to_have_attribute(
+            "data-state", "connected", timeout=10_000)
+        # A new relay: media:join {resume: true} was answered resumed: false.
+        assert await page.evaluate(f"() => {MEDIA}.resumes") == 0, name
+    now = time.monotonic()
+    for name in peers:
+        assert guest.frames(name, now - 1.0, now) >= FPS / 2, (GUEST, name)
+    assert guest.relay_id() == spare and guest.builds(after=killed_at) >= 1, guest.peer_sets
+    assert await relay_of(fleet, pair) == spare
 
 
 SOCKET_ID = f"() => {MEDIA}.signaling.socket.id"
@@ -207,17 +277,18 @@ async def test_the_pages_node_killed_they_reconnect_to_the_other_and_video_goes_
         fleet: Fleet, browser: Browser) -> None:
     with logs_on_failure(fleet):
         async with pages(browser, fleet, "ref2", "cardio2") as pair:
-            # Both pages on one node (the harder case: both reconnect at once).
-            target = await on_one_node(fleet, pair.district_id)
-            for _ in range(SAME_NODE_TRIES):
-                if await on_one_node(fleet, pair.specialist_id) == target:
-                    break
-                await pair.specialist.reload(wait_until="commit")
-                await expect(pair.specialist.locator("#queue")).to_be_visible(timeout=15_000)
-                await asyncio.sleep(0.3)  # the old connection's close reaches the log
+            # The hard case: the node that dies holds both pages and the registration of the
+            # relay that carries their room (the relay redials through nginx meanwhile).
+            target = fleet.relay_home(ROOM_RELAY)
+            assert target is not None, f"{ROOM_RELAY} registered with no running node"
+            for name, page, _ in pair.watching:
+                await bring_to(fleet, pair, name, page, target)
             await in_consultation(pair)
             relay = await relay_of(fleet, pair)
+            assert relay == ROOM_RELAY
             placed = {c: await on_one_node(fleet, c) for c, _, _ in pair.watching}
+            if target not in placed.values():  # every reload hashed elsewhere: the district's
+                target = placed[pair.district_id]
             survivor = next(n for n in fleet.node_names if n != target)
             home = fleet.relay_home(relay)
             print(f"pages on {placed}; the room on {relay} (registered with {home}); "
@@ -237,10 +308,10 @@ async def test_the_pages_node_killed_they_reconnect_to_the_other_and_video_goes_
             fleet.kill(target, signal.SIGKILL)
             try:
                 back = await asyncio.gather(*(
-                    reconnected(page, before[name][0], killed_at, RESUMED_WITHIN_S)
+                    reconnected(page, before[name][0], killed_at, NODE_WAIT_S)
                     for name, page, _ in on_killed))
                 again = await asyncio.gather(*(
-                    resumed(page, before[name][1], killed_at, RESUMED_WITHIN_S)
+                    resumed(page, before[name][1], killed_at, NODE_WAIT_S)
                     for name, page, _ in on_killed))
             finally:
                 await asyncio.sleep(1.0)  # video after the resume, in the stall too
@@ -279,6 +350,22 @@ async def test_the_pages_node_killed_they_reconnect_to_the_other_and_video_goes_
             await pair.district.click("#chat-send")
             await expect(pair.specialist.locator("#chat li", has_text="Vẫn thấy hình")
                          ).to_be_visible(timeout=10_000)
+            # Last, so that a slow resume is reported with everything above checked.
+            for (name, _, _), resumed_s in zip(on_killed, again, strict=True):
+                assert resumed_s <= RESUMED_WITHIN_S, f"{name} resumed after {resumed_s:.2f} s"
+
+
+async def bring_to(fleet: Fleet, pair: Pair, clinician: str, page: Page, node: str) -> str:
+    """Reload ``page`` until its connection is on ``node`` (``SAME_NODE_TRIES`` at most);
+    returns the node it is on."""
+    ready = "#request-form" if page is pair.district else "#queue"
+    for _ in range(SAME_NODE_TRIES):
+        if (now := await on_one_node(fleet, clinician)) == node:
+            return now
+        await page.reload(wait_until="commit")
+        await expect(page.locator(ready)).to_be_visible(timeout=15_000)
+        await asyncio.sleep(0.3)  # the old connection's close reaches its node's log
+    return await on_one_node(fleet, clinician)
 
 
 async def on_registered(fleet: Fleet, relay: str, node: str, timeout: float = 20.0) -> None:
