@@ -14,23 +14,29 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from config.settings import ConfigError, load_settings
+from config.settings import ConfigError, Settings, load_settings
 from recorder import manifest as mf
 from relay.api import worker_relay_id
+from relay.config import MediaConfig
+from relay.workers import port_slice
+from telehealth.relay_workers import worker_environment
 from tests.consultation_media import open_consultation
 from tests.failover_client import Participant, describe, participants
 from tests.failover_processes import Cluster
 from tests.media import wait_for
 from tests.recorder.media_check import decode
-from tests.relay.test_ports import free_udp_ports
+from tests.relay.test_ports import free_udp_ports, relay_candidate_ports
 from tests.relay.test_workers import kill_all, worker_pids
-from tests.support import Client
+from tests.support import Client, write_config
 
 WORKERS = 2
 PORTS_PER_WORKER = 20
@@ -51,6 +57,33 @@ def test_embedded_workers_need_the_embedded_relay() -> None:
     with pytest.raises(ConfigError, match=r"embedded_workers = 2 .* needs embedded = true"):
         load_settings(None, overrides={"relay": {"embedded": False, "embedded_workers": 2}})
     assert load_settings(None).relay.embedded_workers == 0  # the in-process relay by default
+
+
+def test_the_workers_get_serve_s_relay_settings_and_nothing_else(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through their environment: this process's ``[relay]`` with the ICE host addresses the
+    in-process relay would use, its ``[logging]``; not `serve`'s config file (a
+    ``TELEHEALTH_CONFIG`` would make a worker read it) nor its other variables."""
+    monkeypatch.setenv("TELEHEALTH_CONFIG", "/etc/telehealth/serve.toml")
+    monkeypatch.setenv("TELEHEALTH_STORAGE__DATA_DIR", "/var/lib/telehealth")
+    settings = Settings.model_validate({
+        "relay": {"embedded_workers": 3, "udp_port_range": [40000, 40299], "capacity": 90,
+                  "region": "22", "ice_servers": [{"urls": "stun:stun.example.vn:3478"}]},
+        "logging": {"level": "WARNING"}})
+    env = worker_environment(settings, MediaConfig(host_addresses=["127.0.0.1"]))
+    assert sorted(k for k in env if k.startswith("TELEHEALTH_")) == [
+        "TELEHEALTH_LOGGING", "TELEHEALTH_RELAY"]
+    monkeypatch.delenv("TELEHEALTH_CONFIG")
+    monkeypatch.delenv("TELEHEALTH_STORAGE__DATA_DIR")
+    for key in ("TELEHEALTH_LOGGING", "TELEHEALTH_RELAY"):
+        monkeypatch.setenv(key, env[key])
+    worker = load_settings(None)  # what `telehealth relay --worker k` reads
+    assert worker.relay.host_addresses == ["127.0.0.1"]
+    assert worker.relay.udp_port_range == (40000, 40299)
+    assert (worker.relay.capacity, worker.relay.region) == (90, "22")
+    assert worker.relay.ice_servers == settings.relay.ice_servers
+    assert (worker.relay.workers, worker.relay.embedded_workers) == (3, 0)
+    assert worker.logging.level == "WARNING"
 
 
 def _pairs(consultations: tuple[tuple[str, str], ...]) -> list[tuple[str, str]]:
@@ -113,6 +146,8 @@ async def test_serve_runs_its_relay_as_two_workers(tmp_path: Path) -> None:
                 assert all(len(on) == 1 for on in where.values()), where
                 used = [str(next(iter(on))) for on in where.values()]
                 assert sorted(used) == IDS, used  # one consultation on each worker
+                for name in (n for pair in CONSULTATIONS for n in pair):
+                    _check_ports(parts[name], low, high)
 
                 # kill -9 the first consultation's worker: serve starts it again; the
                 # consultation moves to the other worker meanwhile.
@@ -189,3 +224,55 @@ async def _media_back(parts: dict[str, Participant], t0: float) -> None:
     finally:
         print(describe([p.recovery(t0, [o for o in parts if o != p.name])
                         for p in parts.values()]))
+
+
+def _check_ports(part: Participant, low: int, high: int) -> None:
+    """The relay's candidates to this participant lie in its worker's slice of the range."""
+    relay_id, peer = part.relay_id(), part.peer
+    assert relay_id is not None and peer is not None and peer.subscribe_pc is not None
+    description = peer.subscribe_pc.remoteDescription
+    assert description is not None
+    first, last = port_slice(low, high, IDS.index(relay_id), WORKERS)
+    ports = relay_candidate_ports(description.sdp)
+    assert ports and all(first <= p <= last for p in ports), (relay_id, ports, first, last)
+
+
+async def test_the_workers_of_a_killed_serve_stop_by_themselves(tmp_path: Path) -> None:
+    sections = {"relay": {"embedded": True, "embedded_workers": WORKERS,
+                          "host_addresses": ["127.0.0.1"]}}
+    async with Cluster(tmp_path, sections=sections) as cluster:
+        serve = await cluster.start_serve()
+        pids = list(worker_pids(serve.process.pid).values())
+        try:
+            assert len(pids) == WORKERS
+            t0 = time.monotonic()
+            cluster.kill_serve()
+            # Their stdin closed: each stops (nothing to drain: signaling is gone).
+            await wait_for(lambda: not _alive(pids), 20, "the workers of a dead serve to exit")
+            print(f"workers gone {time.monotonic() - t0:.2f} s after serve's kill -9")
+        finally:
+            kill_all(pids)
+
+
+def test_a_worker_that_cannot_start_stops_serve_s_start_with_2(tmp_path: Path) -> None:
+    """Single-port mode, worker 1's port (``udp_port + 1``) taken: that worker exits 2, so
+    `serve` stops the other and exits 2, naming the cause."""
+    base, _ = free_udp_ports(2)
+    config = write_config(tmp_path, relay={"embedded_workers": WORKERS, "udp_port": base,
+                                           "host_addresses": ["127.0.0.1"]})
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", base + 1))
+        process = subprocess.Popen(
+            [sys.executable, "-m", "telehealth.cli", "--config", str(config), "serve"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True)
+        try:
+            output, _ = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(10)
+    assert process.returncode == 2, output[-3000:]
+    assert f"relay.udp_port {base + 1} cannot be bound" in output, output[-3000:]
+    assert "the relay workers stopped at their start (exit 2)" in output, output[-3000:]
+    assert "READY" not in output
