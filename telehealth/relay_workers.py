@@ -108,6 +108,9 @@ class EmbeddedWorkers:
         self.supervisor: Supervisor | None = None
         self._runner: web.BaseRunner | None = None
         self._run: asyncio.Task[int] | None = None
+        self._started = False
+        """``start`` returned: from then on the supervisor ending is news."""
+        self._stopping = False
 
     def command(self, worker: int) -> list[str]:
         """Worker ``worker``'s command line, with a node token signed now."""
@@ -127,6 +130,7 @@ class EmbeddedWorkers:
             drain_s=self.settings.relay.drain_s, env=self._env, own_session=True,
             ready_line=False)
         self._run = asyncio.create_task(self.supervisor.run(), name="relay-workers")
+        self._run.add_done_callback(self._ended)
         deadline = started + READY_S
         while not all(w.ready for w in self.supervisor.workers):
             if self._run.done():
@@ -136,15 +140,30 @@ class EmbeddedWorkers:
                                        f"at their start (exit {code}); their log lines say "
                                        "why")
             if time.monotonic() >= deadline:
+                self._started = True
                 waiting = [w.relay_id for w in self.supervisor.workers if not w.ready]
                 logger.warning("relay: %s not registered %.0f s after their start; serving "
                                "meanwhile (consultations wait for a relay)",
                                ", ".join(waiting), READY_S)
                 return
             await asyncio.sleep(READY_POLL_S)
+        self._started = True
         logger.info("relay: %d embedded workers registered in %.1f s (%s), on %s", self.count,
                     time.monotonic() - started,
                     ", ".join(w.relay_id for w in self.supervisor.workers), self.url)
+
+    def _ended(self, task: asyncio.Task[int]) -> None:
+        """The supervisor ends only when asked to, or when a worker cannot start at all (the
+        start says so); anything else leaves `serve` without its relay: an ERROR."""
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            logger.error("relay: the embedded workers' supervisor failed; no relay worker "
+                         "runs any more", exc_info=error)
+        elif self._started and not self._stopping:
+            logger.error("relay: the embedded workers' supervisor ended (%d); no relay worker "
+                         "runs any more", task.result())
 
     async def _listen(self, app: web.Application) -> None:
         # aiohttp (pinned, 3.14) has no public way to serve one started application on a
@@ -168,6 +187,7 @@ class EmbeddedWorkers:
         close the listener. Bounded: ``budget + KILLED_WAIT_S`` at most."""
         if self.supervisor is not None and self._run is not None:
             started = time.monotonic()
+            self._stopping = True
             self.supervisor.stop(signal.SIGTERM, "serve stops")
             done, _ = await asyncio.wait([self._run], timeout=budget)
             if not done:
