@@ -75,6 +75,16 @@ class ConsentMachine:
             self.answers[clinician_id] = ("pending", None)
         return self.decide()
 
+    def present_again(self, present: dict[str, str]) -> Decision:
+        """Another signaling process takes the recording over (a fleet: the media moved to a
+        relay connected there) and tells who is in the consultation: as if each had joined,
+        in one decision."""
+        for clinician_id, site_id in present.items():
+            self.present[clinician_id] = site_id
+            if self.policy == "with_consent" and clinician_id not in self.answers:
+                self.answers[clinician_id] = ("pending", None)
+        return self.decide()
+
     def leave(self, clinician_id: str) -> Decision:
         self.present.pop(clinician_id, None)
         if self._answer(clinician_id) == "pending":

@@ -67,7 +67,10 @@ FORMAT: Literal[1] = 1
 MANIFEST = "manifest.json"
 RECORDING_MARKER = ".recording"
 """Present in a consultation's directory while files are being written: a start that finds
-it knows the previous process died mid-recording."""
+it knows the previous process died mid-recording. It holds the writing process's instance id
+(a fleet's processes share one archive: each takes back only its own, or an empty one)."""
+RESUMING_EVENTS = frozenset({"interrupted", "handed_over"})
+"""The last recording events after which a recording resumes by itself (its gap open)."""
 
 SECONDS_PER_YEAR = 365.25 * 86400
 CONSULTATION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -154,7 +157,9 @@ class RecordingEvent(_Part):
     """``started``, ``stopped``, ``requested``, ``failed``, ``relay_changed``,
     ``interrupted`` (the server stopped or died while recording: recording resumes once the
     participants are back; the next ``started`` is that resumption, the gap's ``to`` its first
-    packet)."""
+    packet), ``handed_over`` (a fleet: the media moved to a relay connected to another
+    signaling process, which goes on with the recording in new files, like after
+    ``interrupted``)."""
     by: str
 
 
@@ -214,7 +219,7 @@ class Recording(_Part):
         """The server stopped or died while recording (the last event says so, and the gap
         it opened is still open): recording goes on when the participants are back."""
         return (self.open_gap() is not None and bool(self.events)
-                and self.events[-1].event == "interrupted")
+                and self.events[-1].event in RESUMING_EVENTS)
 
 
 class ConsentAnswer(_Part):

@@ -72,8 +72,11 @@ class Recorder:
     def __init__(self, archive: Path, *, relay_for: Callable[[str], Relay | None],
                  describe: Describe, notify: Notify, retention_years: float = 10,
                  hold_s: float = 1.5, cluster_ms: int = 500, fsync_interval_s: float = 1.0,
-                 audit: AuditLog | None = None) -> None:
+                 audit: AuditLog | None = None, instance: str = "") -> None:
         self.archive = archive
+        self.instance = instance
+        """This process's name in the archive's markers: a fleet's processes share one archive
+        and each takes back only what it was writing (empty: a lone process)."""
         self.audit = audit or AuditLog(archive / "audit.log")
         self._relay_for = relay_for
         self._describe = describe
@@ -103,33 +106,10 @@ class Recorder:
         if not self.archive.is_dir():
             return marked
         for marker in sorted(self.archive.glob(f"*/{mf.RECORDING_MARKER}")):
-            directory = marker.parent
-            path = directory / mf.MANIFEST
-            try:
-                data = mf.load(path) if path.exists() else mf.new_manifest(directory.name)
-            except (OSError, ValueError) as exc:
-                logger.error("archive %s: manifest unreadable (%s); left as it is",
-                             directory.name, exc)
-                continue
-            now = time.time()
-            for entry in data.files:
-                if entry.status == "recording":
-                    _describe_file(directory / entry.name, entry)
-                    entry.status = "interrupted"
-            if data.recording.open_gap() is None:
-                # What reached the disk ends where the last file ends; recording resumes
-                # once the participants are back (``joined``).
-                ends = [f.ended_at for f in data.files if f.ended_at is not None]
-                data.recording.gaps.append(mf.Gap.starting(
-                    max(ends) if ends else (data.updated_at or now), "signaling_restart"))
-            data.recording.status = "interrupted"
-            data.recording.stopped_at = now
-            data.recording.events.append(
-                mf.RecordingEvent(at=now, event="interrupted", by="system"))
-            data.updated_at = now
-            mf.write_atomic(path, data)
-            marker.unlink()
-            marked.append(directory.name)
+            if _marker_owner(marker) not in ("", self.instance):
+                continue  # another process of the fleet writes there (or died: see adopt)
+            if _interrupt_directory(marker.parent):
+                marked.append(marker.parent.name)
         return marked
 
     # -- what signaling tells ----------------------------------------------------------------
@@ -236,6 +216,62 @@ class Recorder:
             self._states.pop(consultation_id, None)
         logger.info("archive of consultation %s written (%d files, recording %s)",
                     consultation_id, len(data.files), data.recording.status)
+
+    async def adopt(self, consultation_id: str, policy: str,
+                    present: dict[str, str]) -> dict[str, Any]:
+        """A fleet: this process takes the recording over (the consultation's media now
+        reaches it: its relay is connected here). What the previous holder wrote is on disk
+        (the archive is shared); ``present`` (clinician -> site) is who is in the
+        consultation. A recording that was on resumes in new files as soon as the media is
+        there; one whose holder died mid-write is marked interrupted first, as ``restore``
+        would have."""
+        if consultation_id not in self._states:
+            directory = mf.consultation_dir(self.archive, consultation_id)
+            marker = directory / mf.RECORDING_MARKER
+            owner = await asyncio.to_thread(_marker_owner, marker)
+            if owner is not None and owner != self.instance \
+                    and await asyncio.to_thread(_interrupt_directory, directory):
+                logger.warning("recording of consultation %s was interrupted (the process "
+                               "writing it died); it resumes here", consultation_id)
+                await self.audit.append_async("system", "recording.interrupted",
+                                              consultation_id)
+        state = await self._state(consultation_id, policy)
+        async with state.lock:
+            await self._carry_out(state, state.machine.present_again(present), by="system")
+            await self._write(state)
+        return self.state(consultation_id)
+
+    async def media_here(self, consultation_id: str) -> None:
+        """A relay node says it carries the consultation (its ``relay:hello``). One process
+        holds every recording already (a restarted one resumes at the participants' joins):
+        nothing to take over. A fleet's ``FleetRecorder`` takes it over there."""
+
+    async def release(self, consultation_id: str, *, reason: mf.GapReason,
+                      at: float | None = None) -> None:
+        """A fleet: another process takes the recording over (the media moved to a relay
+        connected there, ``reason``). The files written here end; the manifest says the
+        recording goes on (an open gap and a ``handed_over`` event, when it was on) and this
+        process forgets the consultation, so that nothing here writes its manifest again."""
+        state = self._states.get(consultation_id)
+        if state is None:
+            return
+        async with state.lock:
+            session, state.session = state.session, None
+            relay, state.relay = state.relay, None
+            if session is not None:
+                if relay is not None:
+                    await _detach(relay, consultation_id, session)
+                await session.close()
+                state.machine.suspend()
+            if state.machine.suspended:
+                self._open_gap(state, (session.last_arrival if session else None)
+                               or (time.time() if at is None else at), reason)
+                self._event(state, "handed_over", "system")
+            await self._write(state)
+            directory = mf.consultation_dir(self.archive, consultation_id)
+            await asyncio.to_thread(_remove_marker, directory)
+            self._states.pop(consultation_id, None)
+        logger.info("recording %s handed over (%s)", consultation_id, reason)
 
     async def relay_changed(self, consultation_id: str, *, lost_at: float | None = None,
                             reason: mf.GapReason = "relay_lost") -> None:
@@ -398,7 +434,7 @@ class Recorder:
             request_keyframe=lambda pid: relay.request_keyframe(state.consultation_id, pid),
         )
         try:
-            await asyncio.to_thread(_make_marker, directory)
+            await asyncio.to_thread(_make_marker, directory, self.instance)
             if allow is not None:
                 # Before the relay's first packet: none of those allowed is lost.
                 session.allow(set(allow))
@@ -531,6 +567,10 @@ class Recorder:
                     "consent": [], "since": None, "error": None}
         return {"consultation_id": consultation_id, **state.machine.view()}
 
+    def consultations(self) -> list[str]:
+        """The consultations whose recording state this recorder holds."""
+        return list(self._states)
+
     def manifest_path(self, consultation_id: str) -> Path:
         return mf.consultation_dir(self.archive, consultation_id) / mf.MANIFEST
 
@@ -557,10 +597,49 @@ DETACH_TIMEOUT_S = 2.0
 """A relay that does not answer a detach (a node gone silent) does not hold the recording."""
 
 
-def _make_marker(directory: Path) -> None:
+def _make_marker(directory: Path, instance: str) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / mf.RECORDING_MARKER).touch()
+    (directory / mf.RECORDING_MARKER).write_text(instance, encoding="utf-8")
     mf.fsync_dir(directory)
+
+
+def _marker_owner(marker: Path) -> str | None:
+    """Who was writing (None: nobody, no marker; "": a lone process, or a marker of before
+    the fleet)."""
+    try:
+        return marker.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+
+
+def _interrupt_directory(directory: Path) -> bool:
+    """The process writing this consultation died: its files as they reached the disk
+    (described, ``interrupted``), the recording ``interrupted`` with a gap from where the last
+    file ends, the marker gone. False: the manifest is unreadable (left as it is)."""
+    path = directory / mf.MANIFEST
+    try:
+        data = mf.load(path) if path.exists() else mf.new_manifest(directory.name)
+    except (OSError, ValueError) as exc:
+        logger.error("archive %s: manifest unreadable (%s); left as it is", directory.name, exc)
+        return False
+    now = time.time()
+    for entry in data.files:
+        if entry.status == "recording":
+            _describe_file(directory / entry.name, entry)
+            entry.status = "interrupted"
+    if data.recording.open_gap() is None:
+        # What reached the disk ends where the last file ends; recording resumes once the
+        # participants are back (``joined``).
+        ends = [f.ended_at for f in data.files if f.ended_at is not None]
+        data.recording.gaps.append(mf.Gap.starting(
+            max(ends) if ends else (data.updated_at or now), "signaling_restart"))
+    data.recording.status = "interrupted"
+    data.recording.stopped_at = now
+    data.recording.events.append(mf.RecordingEvent(at=now, event="interrupted", by="system"))
+    data.updated_at = now
+    mf.write_atomic(path, data)
+    (directory / mf.RECORDING_MARKER).unlink(missing_ok=True)
+    return True
 
 
 def _remove_marker(directory: Path) -> None:

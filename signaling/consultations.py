@@ -12,7 +12,7 @@ from typing import Any, Protocol
 from relay.api import Relay
 from signaling import permissions
 from signaling.directory import Directory
-from signaling.errors import Forbidden, InvalidState, NotFound
+from signaling.errors import Forbidden, InvalidState, NotFound, SignalingError
 from signaling.live import LiveStore, Participant
 from signaling.media import Media
 from signaling.metrics import Metrics
@@ -52,6 +52,10 @@ class RecordingHooks(Protocol):
         signaling restart: the files of the old one end, new ones follow. ``lost_at``
         (Unix time) is when the old relay was lost, ``reason`` one of ``relay_lost``,
         ``relay_drained``, ``signaling_restart`` (the manifest's gap)."""
+
+    async def adopted(self, consultation_id: str) -> None:
+        """A relay node connected to this process carries the consultation
+        (``relay:hello``): in a fleet, its recording comes here."""
 
 
 class Consultations:
@@ -126,6 +130,11 @@ class Consultations:
                 await self._live.put_participant(participant)
             logger.info("consultation %s: %s taken back from its relay, reconnecting",
                         consultation_id, clinician_id)
+        try:
+            await self._recording.adopted(consultation_id)
+        except SignalingError as exc:
+            logger.warning("consultation %s: its recording did not follow its relay here "
+                           "(%s); it does at the next event", consultation_id, exc.code)
 
     async def _get(self, consultation_id: str) -> Consultation:
         consultation = await self._store.get_consultation(consultation_id)

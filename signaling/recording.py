@@ -8,13 +8,16 @@ admins; every access, allowed or refused, goes into the hash-chained audit log."
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from config.settings import RecordingSettings
+from recorder import manifest as mf
+from recorder.audit import AuditLog
 from recorder.consent import strictest
 from recorder.manifest import GAP_REASONS, Description, Recording
-from recorder.service import Notify, Recorder
+from recorder.service import Notify
 from signaling import permissions
 from signaling.directory import Directory
 from signaling.errors import Forbidden, InvalidState, NotFound, RecordingNotAllowed
@@ -79,10 +82,47 @@ def recording_state_notifier(notifier: Notifier) -> Notify:
     return notify
 
 
+class RecorderFace(Protocol):
+    """What ``RecordingControl`` asks of the recorder: ``recorder.service.Recorder`` in one
+    process; in a fleet ``signaling.recording_fleet.FleetRecorder``, which carries each
+    event out at the process the consultation's media reaches."""
+
+    audit: AuditLog
+
+    async def joined(self, consultation_id: str, policy: str, clinician_id: str,
+                     site_id: str) -> dict[str, Any]: ...
+
+    async def left(self, consultation_id: str, clinician_id: str) -> None: ...
+
+    async def consent(self, consultation_id: str, clinician_id: str,
+                      agree: bool) -> dict[str, Any]: ...
+
+    async def start(self, consultation_id: str, by: str) -> dict[str, Any]: ...
+
+    async def stop(self, consultation_id: str, by: str) -> dict[str, Any]: ...
+
+    async def ended(self, consultation_id: str) -> None: ...
+
+    async def relay_changed(self, consultation_id: str, *, lost_at: float | None = None,
+                            reason: mf.GapReason = "relay_lost") -> None: ...
+
+    async def media_here(self, consultation_id: str) -> None: ...
+
+    def manifest_of(self, consultation_id: str) -> mf.Manifest | None: ...
+
+    def manifest_path(self, consultation_id: str) -> Path: ...
+
+
+def policy_for(settings: RecordingSettings, site_ids: Iterable[str]) -> str:
+    """The strictest policy among the consultation's sites."""
+    return strictest([settings.site_policies.get(s, settings.policy) for s in site_ids]
+                     or [settings.policy])
+
+
 class RecordingControl:
     """The recorder as clients reach it: consent, start, stop, and reading recordings."""
 
-    def __init__(self, *, recorder: Recorder, store: RecordStore, live: LiveStore,
+    def __init__(self, *, recorder: RecorderFace, store: RecordStore, live: LiveStore,
                  settings: RecordingSettings) -> None:
         self.recorder = recorder
         self._store = store
@@ -91,8 +131,7 @@ class RecordingControl:
 
     def policy_for(self, consultation: Consultation) -> str:
         """The strictest policy among the consultation's sites."""
-        return strictest([self._settings.site_policies.get(s, self._settings.policy)
-                          for s in consultation.site_ids] or [self._settings.policy])
+        return policy_for(self._settings, consultation.site_ids)
 
     # -- from the consultation's lifecycle -------------------------------------------------
     async def joined(self, consultation: Consultation, principal: Principal) -> dict[str, Any]:
@@ -104,6 +143,11 @@ class RecordingControl:
 
     async def ended(self, consultation_id: str) -> None:
         await self.recorder.ended(consultation_id)
+
+    async def adopted(self, consultation_id: str) -> None:
+        """A relay node connected here says it carries the consultation (``relay:hello``): in
+        a fleet its recording comes to this process."""
+        await self.recorder.media_here(consultation_id)
 
     async def relay_changed(self, consultation_id: str, *, lost_at: float | None = None,
                             reason: str = "relay_lost") -> None:

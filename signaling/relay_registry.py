@@ -254,6 +254,12 @@ return 0
 """
 
 
+def client_name(prefix: str, instance_id: str) -> str:
+    """The Redis client name of a process's registry connections (no spaces allowed)."""
+    return "".join(c if c.isprintable() and not c.isspace() else "_"
+                   for c in f"{prefix}{instance_id}")
+
+
 def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -275,13 +281,55 @@ class RelayRegistry:
         self._forget = client.register_script(FORGET_ORPHAN)
 
     @classmethod
-    def from_url(cls, url: str, **kwargs: Any) -> RelayRegistry:
+    def from_url(cls, url: str, *, prefix: str, instance_id: str,
+                 **kwargs: Any) -> RelayRegistry:
+        """Its connections carry the process's name (``CLIENT SETNAME <prefix><instance>``):
+        Redis drops them the moment the process dies, which ``alive`` reads."""
         pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=POOL_SIZE, timeout=POOL_WAIT_S, decode_responses=True)
-        return cls(aioredis.Redis.from_pool(pool), **kwargs)
+            url, max_connections=POOL_SIZE, timeout=POOL_WAIT_S, decode_responses=True,
+            client_name=client_name(prefix, instance_id))
+        return cls(aioredis.Redis.from_pool(pool), prefix=prefix, instance_id=instance_id,
+                   **kwargs)
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+    @property
+    def client(self) -> aioredis.Redis:
+        """The registry's Redis client (the fleet's recording shares it)."""
+        return self._redis
+
+    @property
+    def prefix(self) -> str:
+        return self._prefix
+
+    async def media_owner(self, room_id: str) -> str | None:
+        """The process the consultation's media reaches: the instance the relay it is placed
+        on is connected to (or whose embedded relay carries it). None: waiting, or its relay
+        is not in the registry (gone)."""
+        record = await self.get(room_id)
+        if record is None or record.relay_id is None:
+            return None
+        if record.private is not None:
+            return record.private
+        raw = await self._redis.hget(self._prefix + "relays", record.relay_id)
+        if raw is None:
+            return None
+        return RelayEntry.model_validate_json(raw).owner
+
+    async def alive(self, instance_id: str) -> bool:
+        """The process heartbeats (``P instances``, the live store's) and its registry's
+        connections are open. The heartbeat alone would call a killed process alive for up
+        to ``signaling.live_redis.INSTANCE_TTL_S`` (15 s); its connections close when it
+        dies (a machine cut off keeps them until TCP gives up: the heartbeat ends first)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.time()
+            pipe.zscore(self._prefix + "instances", instance_id)
+            (seconds, micros), until = await pipe.execute()
+        if until is None or float(until) < int(seconds) + int(micros) / 1e6:
+            return False
+        name = client_name(self._prefix, instance_id)
+        return any(c.get("name") == name for c in await self._redis.client_list())
 
     # -- relays ----------------------------------------------------------------------------
     async def write_relays(self, entries: list[RelayEntry]) -> list[str]:
@@ -407,6 +455,10 @@ class FleetRelayDirectory(RelayDirectory):
         self._now = 0.0
         self._last_refresh = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def registry(self) -> RelayRegistry:
+        return self._registry
 
     # -- which relays ----------------------------------------------------------------------
     def _all(self) -> Iterable[Relay]:

@@ -87,9 +87,12 @@ from signaling.presence import Presence
 from signaling.queue import ConsultQueue
 from signaling.recording import (
     ArchiveDescription,
+    RecorderFace,
     RecordingControl,
+    policy_for,
     recording_state_notifier,
 )
+from signaling.recording_fleet import FleetRecorder
 from signaling.records import open_directory, record_store
 from signaling.relay_registry import FleetRelayDirectory, RelayRegistry
 from signaling.security import forwarded_from, same_origin, security_headers
@@ -317,18 +320,20 @@ def create_app(settings: Settings) -> web.Application:
         relays.register(embedded)
 
     # The recorder: a media sink of the rooms it records, told who is present by signaling.
+    fleet = fleet_for(settings, instance_id_for(settings.storage.data_dir))
     recorder = Recorder(
         settings.archive_dir(), relay_for=relays.for_room,
         describe=ArchiveDescription(store=store, directory=directory).describe,
         notify=recording_state_notifier(notifier),
         retention_years=settings.recording.retention_years, hold_s=settings.recording.hold_s,
         cluster_ms=settings.recording.cluster_ms,
-        fsync_interval_s=settings.recording.fsync_interval_s)
-    recording = RecordingControl(recorder=recorder, store=store, live=live,
-                                 settings=settings.recording)
+        fsync_interval_s=settings.recording.fsync_interval_s,
+        instance="" if isinstance(fleet, LocalFleet) else fleet.instance_id)
+    recording = RecordingControl(recorder=recording_face(settings, recorder, fleet, relays,
+                                                         store, live),
+                                 store=store, live=live, settings=settings.recording)
 
     # Signaling.
-    fleet = fleet_for(settings, instance_id_for(settings.storage.data_dir))
     pairing = Pairing(store=store, queue=ConsultQueue(), directory=directory, relays=relays,
                       notifier=notifier, metrics=metrics, settings=settings.queue, fleet=fleet)
     consultations = Consultations(store=store, live=live, directory=directory, relays=relays,
@@ -574,6 +579,27 @@ async def _accounts(app: web.Application) -> AsyncIterator[None]:
     await accounts.close()
 
 
+def recording_face(settings: Settings, recorder: Recorder, fleet: Fleet,
+                   relays: RelayDirectory, store: RecordStore, live: LiveStore) -> RecorderFace:
+    """The recorder itself; in a fleet, ``FleetRecorder``: each consultation's recording is
+    carried out where its media arrives, in an archive the processes share."""
+    if isinstance(fleet, LocalFleet) or not isinstance(relays, FleetRelayDirectory):
+        return recorder
+    if settings.recording.archive_dir is None:
+        logger.warning("a fleet without recording.archive_dir: each process archives in its "
+                       "own data directory, so a recording handed from one process to another "
+                       "starts a new manifest there (consent is asked again); share one "
+                       "archive directory (docs/fleet.md)")
+
+    async def policy_of(consultation_id: str) -> str:
+        consultation = await store.get_consultation(consultation_id)
+        return policy_for(settings.recording,
+                          consultation.site_ids if consultation is not None else [])
+
+    return FleetRecorder(recorder, fleet=fleet, registry=relays.registry, relays=relays,
+                         live=live, policy_of=policy_of)
+
+
 async def _recorder(app: web.Application) -> AsyncIterator[None]:
     """Mark what a dead process was recording as interrupted; finish every file at the end."""
     services = app[SERVICES]
@@ -587,7 +613,8 @@ async def _recorder(app: web.Application) -> AsyncIterator[None]:
         logger.warning("%d recordings were interrupted by the last stop", len(interrupted))
     yield
     app[STOPPING].step = "finishing recordings"
-    await recorder.close()
+    face = services.recording.recorder
+    await (face if isinstance(face, FleetRecorder) else recorder).close()
 
 
 async def _fleet(app: web.Application) -> AsyncIterator[None]:

@@ -41,15 +41,17 @@ PREFIXES = itertools.count()
 
 @asynccontextmanager
 async def node(tmp_path: Path, name: str, redis: RedisServer, dsn: str, prefix: str,
-               ) -> AsyncIterator[Server]:
-    """One `serve` app of a fleet, in this process, with its own data directory."""
+               recording: dict[str, Any] | None = None) -> AsyncIterator[Server]:
+    """One `serve` app of a fleet, in this process, with its own data directory (and the
+    ``recording`` settings given: a shared archive)."""
     home = tmp_path / name
     home.mkdir()
     config = write_config(home, live={"backend": "redis", "redis_url": redis.url,
                                       "key_prefix": prefix, "timers_lease_s": 2.0},
                           storage={"backend": "postgresql", "postgresql_dsn": dsn,
                                    "data_dir": str(home / "data")},
-                          relay={"embedded": False, "adopt_wait_s": 2.0})
+                          relay={"embedded": False, "adopt_wait_s": 2.0},
+                          **({"recording": recording} if recording else {}))
     async with run_server(config) as server:
         yield server
 
