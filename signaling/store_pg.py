@@ -80,6 +80,18 @@ def redacted(dsn: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
+async def keep_session(conn: Any) -> None:
+    """The pool's reset of a connection given back: nothing more than asyncpg's own (an
+    open transaction rolled back, listeners dropped). asyncpg's default also runs ``SELECT
+    pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`` each time, one more round
+    trip per store call, as much busy time on a fleet's node as all of the store's queries
+    (py-spy, ``bench/signaling_load.py --nodes 2``). Nothing here leaves such session state:
+    the server settings are the connection's startup parameters (``RESET ALL`` goes back to
+    them anyway), every advisory lock is ``pg_advisory_xact_lock`` (released at commit), and
+    there are no LISTEN, SET or cursors outside a transaction. A caller that adds session
+    state must undo it itself, or bring back the default reset."""
+
+
 async def open_pool(dsn: str, *, min_size: int, max_size: int, timeout_s: float,
                     migrate: Callable[[Any], Awaitable[object]],
                     version: Callable[[Any], Awaitable[int]]) -> tuple[Any, int]:
@@ -89,7 +101,7 @@ async def open_pool(dsn: str, *, min_size: int, max_size: int, timeout_s: float,
     try:
         pool = await asyncpg.create_pool(
             dsn, min_size=min_size, max_size=max_size, command_timeout=timeout_s,
-            timeout=timeout_s, server_settings=SERVER_SETTINGS)
+            timeout=timeout_s, server_settings=SERVER_SETTINGS, reset=keep_session)
     except OPEN_ERRORS as exc:
         raise cannot_open(dsn, exc) from exc
     try:
