@@ -14,11 +14,15 @@ only way in, whatever ``server.host``, ``server.port`` (0 is known only once `se
 and TLS are (a worker checks a https server's certificate against a host name; 127.0.0.1 is
 rarely one of them). It is the same application (the same middlewares, tokens and handlers),
 reachable from this machine only. Each worker presents a node token this `serve` signs itself
-for ``relay.id`` at each start; the workers' settings are this process's ``[relay]`` (the ICE
-host addresses as the in-process relay would use them: 127.0.0.1 on a loopback `serve`) and
-``[logging]``, handed over in their environment (``TELEHEALTH_RELAY``, ``TELEHEALTH_LOGGING``;
-nothing else of this process's ``TELEHEALTH_*``). The ports and the capacity are shared out as
-relay/workers.py does: the range split, ``udp_port + k`` each, ``capacity / N`` each.
+for ``relay.id``; the token and the workers' settings, this process's ``[relay]`` (the ICE host
+addresses as the in-process relay would use them: 127.0.0.1 on a loopback `serve`) and
+``[logging]``, are handed over in their environment (``TELEHEALTH_NODE_TOKEN``,
+``TELEHEALTH_RELAY``, ``TELEHEALTH_LOGGING``; nothing else of this process's ``TELEHEALTH_*``),
+which only their user can read, never on their command line, which every local user can. A
+worker runs this module (``python -m telehealth.relay_workers --worker k ...``, ``worker_main``:
+`telehealth relay --worker k` without the token in its arguments). The ports and the capacity
+are shared out as relay/workers.py does: the range split, ``udp_port + k`` each,
+``capacity / N`` each.
 
 Start: the listener opens and the workers start as `serve` starts, after the records are
 restored (consultations still open wait for a relay meanwhile, as after any restart: they are
@@ -37,20 +41,23 @@ restart."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 from aiohttp import web
 
-from config.settings import Settings
+from config.settings import ConfigError, Settings, load_settings
 from relay.config import MediaConfig
 from relay.errors import RelayCannotStart
-from relay.workers import Supervisor, worker_command, worker_settings
+from relay.node import serve_node
+from relay.workers import Supervisor, worker_settings
 from signaling.tokens import TokenAuthority
 
 logger = logging.getLogger(__name__)
@@ -63,10 +70,15 @@ STOP_SHARE = 0.4
 """Of ``server.drain_s``: the workers' stop; what still runs after it is killed."""
 KILLED_WAIT_S = 5.0
 TOKEN_TTL_S = 10 * 365 * 24 * 3600
-"""A worker's node token: signed again at each start, and it must outlast the worker (a worker
-whose link drops redials with the token it was started with)."""
+"""The workers' node token: it must outlast `serve` (a worker whose link drops redials with
+the token it was started with, and a worker started again gets the same)."""
 CLEARED_ENV = "TELEHEALTH_"
 """This process's settings variables are not the workers': theirs are set explicitly."""
+NODE_TOKEN_ENV = "TELEHEALTH_NODE_TOKEN"
+"""A worker's node token (not a setting: the settings ignore it)."""
+EXIT_CONFIG = 2
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+"""telehealth/cli.py's: a worker's lines go to `serve`'s stderr among its own."""
 
 
 class StopSteps(Protocol):
@@ -75,11 +87,13 @@ class StopSteps(Protocol):
     step: str
 
 
-def worker_environment(settings: Settings, media: MediaConfig) -> dict[str, str]:
+def worker_environment(settings: Settings, media: MediaConfig,
+                       node_token: str) -> dict[str, str]:
     """The workers' environment: this process's without its ``TELEHEALTH_*`` variables (a
     ``TELEHEALTH_CONFIG`` would make them read `serve`'s file instead), plus this process's
-    effective ``[relay]`` and ``[logging]`` as JSON."""
+    effective ``[relay]`` and ``[logging]`` as JSON, and the node token."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(CLEARED_ENV)}
+    env[NODE_TOKEN_ENV] = node_token
     relay = settings.relay.model_copy(update={
         "host_addresses": list(media.host_addresses),
         # A worker is a standalone node to itself: no relay of its own to embed.
@@ -101,8 +115,9 @@ class EmbeddedWorkers:
         for k in range(self.count):
             worker_settings(settings, k, self.count)  # a range too small stops start-up here
         self.settings = settings
-        self._tokens = tokens
-        self._env = worker_environment(settings, media)
+        # Signed once: a worker started again presents the same one (TOKEN_TTL_S).
+        self._env = worker_environment(
+            settings, media, tokens.issue_node(settings.relay.id, ttl_s=TOKEN_TTL_S))
         self.url = ""
         """The loopback listener the workers dial, once open."""
         self.supervisor: Supervisor | None = None
@@ -113,11 +128,10 @@ class EmbeddedWorkers:
         self._stopping = False
 
     def command(self, worker: int) -> list[str]:
-        """Worker ``worker``'s command line, with a node token signed now."""
-        relay = self.settings.relay
-        token = self._tokens.issue_node(relay.id, ttl_s=TOKEN_TTL_S)
-        return worker_command(["relay", "--signaling", self.url, "--node-token", token,
-                               "--region", relay.region, "--workers", str(self.count)], worker)
+        """Worker ``worker``'s command line (``worker_main``); the rest is in its
+        environment."""
+        return [sys.executable, "-m", "telehealth.relay_workers", "--signaling", self.url,
+                "--workers", str(self.count), "--worker", str(worker)]
 
     async def start(self, app: web.Application) -> None:
         """Open the loopback listener, start the workers and wait (``READY_S`` at most) for
@@ -223,3 +237,30 @@ def relay_workers(settings: Settings, tokens: TokenAuthority, media: MediaConfig
         await workers.stop(settings.server.drain_s * STOP_SHARE)
 
     return embedded_workers
+
+
+def worker_main(argv: list[str] | None = None) -> int:
+    """One worker, as `serve` starts it: `telehealth relay --worker k` (relay/node.py
+    ``serve_node``, stopped through its stdin) with its settings and node token read from its
+    environment. Exit 2 when it cannot serve (a port taken, its settings wrong, refused)."""
+    parser = argparse.ArgumentParser(prog="python -m telehealth.relay_workers",
+                                     description="one relay worker of `telehealth serve` "
+                                                 "(relay.embedded_workers); serve starts it")
+    parser.add_argument("--signaling", required=True, help="serve's loopback listener")
+    parser.add_argument("--workers", type=int, required=True)
+    parser.add_argument("--worker", type=int, required=True)
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(None)
+        logging.basicConfig(level=settings.logging.level, format=LOG_FORMAT)
+        mine = worker_settings(settings, args.worker, args.workers)
+        return asyncio.run(serve_node(mine, signaling_url=args.signaling,
+                                      node_token=os.environ.get(NODE_TOKEN_ENV, ""),
+                                      region=settings.relay.region, worker=args.worker))
+    except (ConfigError, RelayCannotStart) as exc:
+        print(f"telehealth: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())

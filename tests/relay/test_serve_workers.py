@@ -70,12 +70,13 @@ def test_the_workers_get_serve_s_relay_settings_and_nothing_else(
         "relay": {"embedded_workers": 3, "udp_port_range": [40000, 40299], "capacity": 90,
                   "region": "22", "ice_servers": [{"urls": "stun:stun.example.vn:3478"}]},
         "logging": {"level": "WARNING"}})
-    env = worker_environment(settings, MediaConfig(host_addresses=["127.0.0.1"]))
+    env = worker_environment(settings, MediaConfig(host_addresses=["127.0.0.1"]), "t0ken")
     assert sorted(k for k in env if k.startswith("TELEHEALTH_")) == [
-        "TELEHEALTH_LOGGING", "TELEHEALTH_RELAY"]
+        "TELEHEALTH_LOGGING", "TELEHEALTH_NODE_TOKEN", "TELEHEALTH_RELAY"]
+    assert env["TELEHEALTH_NODE_TOKEN"] == "t0ken"
     monkeypatch.delenv("TELEHEALTH_CONFIG")
     monkeypatch.delenv("TELEHEALTH_STORAGE__DATA_DIR")
-    for key in ("TELEHEALTH_LOGGING", "TELEHEALTH_RELAY"):
+    for key in ("TELEHEALTH_LOGGING", "TELEHEALTH_RELAY", "TELEHEALTH_NODE_TOKEN"):
         monkeypatch.setenv(key, env[key])
     worker = load_settings(None)  # what `telehealth relay --worker k` reads
     assert worker.relay.host_addresses == ["127.0.0.1"]
@@ -126,6 +127,11 @@ async def test_serve_runs_its_relay_as_two_workers(tmp_path: Path) -> None:
             pids = worker_pids(serve.process.pid)
             leftover += pids.values()
             assert sorted(pids) == list(range(WORKERS)), pids
+            # The node token is in their environment, not in the process list.
+            for pid in pids.values():
+                line = " ".join(psutil.Process(pid).cmdline())
+                assert "telehealth.relay_workers" in line and "token" not in line, line
+                assert psutil.Process(pid).environ().get("TELEHEALTH_NODE_TOKEN")
             print(f"serve READY with {WORKERS} workers {time.monotonic() - started:.1f} s after "
                   "the test started")
 
