@@ -3,7 +3,8 @@ standalone `telehealth relay` processes, with nginx in front (docs/nginx/fleet.c
 127.0.0.1 and ports picked free at the start. The tests of tests/signaling/test_fleet_nodes.py
 use it, and so does `make fleet` (``python -m tests.fleet_processes``).
 
-Every node has its own data directory (its instance id in Redis, its archive) and the
+Every node has its own data directory (its instance id in Redis), one archive shared by all
+(``recording.archive_dir``, as a network filesystem would be) and the
 same ``security.token_secret``, ``live.backend = "redis"``, ``storage.backend =
 "postgresql"`` and ``relay.embedded = false``: media only on the standalone relays, which
 outlive any node. The relays dial **nginx**, the fleet's one address, not a node: a relay
@@ -196,6 +197,11 @@ class Fleet:
     def token(self, clinician_id: str) -> str:
         return self.tokens.issue(clinician_id)
 
+    @property
+    def archive(self) -> Path:
+        """The archive every node shares."""
+        return self.tmp / "archive"
+
     def node_url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.node_ports[name]}"
 
@@ -214,6 +220,9 @@ class Fleet:
         merged.setdefault("live", {}).update(backend="redis", redis_url=self.redis.url,
                                              timers_lease_s=2.0)
         merged.setdefault("storage", {}).update(backend="postgresql", postgresql_dsn=self.dsn)
+        # One archive for the fleet (docs/fleet.md): a recording handed from one node to
+        # another goes on in the same manifest.
+        merged.setdefault("recording", {}).setdefault("archive_dir", str(self.archive))
         return write_config(folder, **merged)
 
     async def start_node(self, name: str) -> Member:

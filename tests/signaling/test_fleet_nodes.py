@@ -22,10 +22,13 @@ import aiohttp
 import pytest
 from playwright.async_api import expect
 
+from recorder import manifest as mf
+from recorder.archive import verify_archive
 from tests.consultation_media import open_consultation
 from tests.failover_client import Participant
 from tests.fleet_processes import Fleet
 from tests.media import wait_for
+from tests.recorder.media_check import decode
 from tests.support import RACERS, Client
 from tests.web.browser import FLAGS, chromium, open_page, page_url, wait_decoding
 
@@ -357,9 +360,10 @@ async def node_for(fleet: Fleet, source: str) -> str:
 async def test_a_killed_node_s_participants_reconnect_to_the_other_and_media_goes_on(
         fleet: Fleet) -> None:
     # The hard case: the node that dies holds both the participants (through nginx) and the
-    # relay of their consultation (ref2's site is in region 79: relay-2). The relay keeps
-    # forwarding and redials through nginx; the participants reconnect through nginx; the
-    # other node takes both up from the shared state.
+    # relay of their consultation (ref2's site is in region 79: relay-2), and records it.
+    # The relay keeps forwarding and redials through nginx; the participants reconnect
+    # through nginx; the other node takes both up from the shared state, and the recording
+    # from the shared archive.
     with logs_on_failure(fleet):
         relay = "relay-2"
         home = fleet.relay_home(relay)
@@ -374,6 +378,10 @@ async def test_a_killed_node_s_participants_reconnect_to_the_other_and_media_goe
             before = await parts["ref2"].ok("chat:send", {"consultation_id": cid,
                                                           "text": "sent before the kill"})
             assert {p.relay_id() for p in parts.values()} == {relay}
+            for part in parts.values():
+                await part.ok("recording:consent", {"consultation_id": cid, "agree": True})
+            await wait_for(lambda: len(cameras(fleet, cid)) == 2, 20, f"{home} recording")
+            await asyncio.sleep(1.5)
             print(f"participants on {home} through nginx from {source}, their relay {relay} "
                   f"registered with {home} too; killing {home}")
             failed_before = {n: len(p.failures) for n, p in parts.items()}
@@ -415,6 +423,35 @@ async def test_a_killed_node_s_participants_reconnect_to_the_other_and_media_goe
             got = await parts["ref2"].next_matching(
                 "chat:message", lambda m: m["message"]["id"] == after["message"]["id"])
             assert got["message"]["text"] == "sent after the kill"
+
+            # The recording went on at the other node, in new files of the same manifest.
+            await wait_for(lambda: len(cameras(fleet, cid)) == 4, 20, f"{other} recording")
+            await asyncio.sleep(1.5)
+            await parts["cardio2"].ok("consult:end", {"consultation_id": cid,
+                                                      "conclusion": "recorded through a kill"})
+        data = mf.load(fleet.archive / cid / mf.MANIFEST)
+        (break_,) = data.recording.gaps
+        print(f"recording: {home}'s files {[f.status for f in data.files[:2]]}, then "
+              f"{other}'s; gap {break_.reason} {(break_.to or 0) - break_.from_:.2f} s")
+        # What the killed node was writing stays as it reached the disk (interrupted).
+        assert data.recording.status == "interrupted"
+        assert [e.event for e in data.recording.events] == [
+            "started", "interrupted", "started", "stopped"]
+        assert break_.reason == "signaling_restart" and break_.to is not None
+        for name in parts:
+            before_kill, after_kill = (f for f in cameras(fleet, cid) if f.participant_id == name)
+            assert (before_kill.status, after_kill.status) == ("interrupted", "complete")
+            for entry in (before_kill, after_kill):
+                decoded = decode(fleet.archive / cid / entry.name)
+                assert decoded.errors == 0 and len(decoded.counters) >= FPS, entry.name
+        report = verify_archive(fleet.archive)
+        assert report.ok, report.problems
+
+
+def cameras(fleet: Fleet, cid: str) -> list[mf.FileEntry]:
+    """The camera files of the consultation's manifest in the fleet's shared archive."""
+    path = fleet.archive / cid / mf.MANIFEST
+    return [f for f in mf.load(path).files if f.source == "camera"] if path.exists() else []
 
 
 async def source_on(fleet: Fleet, node: str) -> str:
