@@ -7,7 +7,9 @@ consultations land one on each worker and every participant decodes the other, b
 recorded through the workers (relay.remote.RemoteRelay's stream); a worker killed with -9 is
 started again by `serve` while its consultation moves to the other worker (the time printed),
 and a consultation placed after that lands on the restarted worker; SIGTERM to `serve` stops
-everything, no worker left behind, and the recordings decode."""
+its workers, none left behind; `serve` started again (an upgrade) brings every consultation
+back on its new workers (the time printed); the recordings, in parts across the move and the
+restart, decode."""
 
 from __future__ import annotations
 
@@ -186,18 +188,38 @@ async def test_serve_runs_its_relay_as_two_workers(tmp_path: Path) -> None:
                 await _decoding(parts, (LATE,), 0, "the late consultation's media")
                 assert {parts[n].relay_id() for n in LATE} == {victim}
                 await asyncio.sleep(1.0)  # a second more of every recording
+
+                # SIGTERM: serve stops its workers (each closes its rooms) and exits; none is
+                # left. The participants stay and redial.
+                running = list(worker_pids(serve.process.pid).values())
+                leftover += running
+                await _stop(cluster, running)
+
+                # serve started again (an upgrade): new workers; every consultation comes
+                # back on them (its media rebuilt, as with the in-process relay).
+                t1 = time.monotonic()
+                serve = await cluster.start_serve()
+                leftover += worker_pids(serve.process.pid).values()
+                print(f"serve READY again {time.monotonic() - t1:.1f} s after its start")
+                every = (*CONSULTATIONS, LATE)
+                try:
+                    await wait_for(lambda: all(
+                        p.recovery(t1, [o for pair in every if p.name in pair for o in pair
+                                        if o != p.name]).media_back_s is not None
+                        for p in parts.values()), 40, "media back after serve's restart")
+                finally:
+                    print(describe([p.recovery(t1, [o for pair in every if p.name in pair
+                                                    for o in pair if o != p.name])
+                                    for p in parts.values()]))
+                assert {parts[n].relay_id() for n in names} <= set(IDS)
+                await asyncio.sleep(1.0)
             finally:
                 for part in parts.values():
                     await part.close()
 
-            # SIGTERM: serve stops its workers (each closes its rooms) and exits; none is left.
             running = list(worker_pids(serve.process.pid).values())
             leftover += running
-            code, took = await cluster.stop_serve(STOP_S)
-            print(f"SIGTERM: serve exited with {code} after {took:.1f} s")
-            assert code == 0, cluster.serve_log(".")[-40:]
-            assert cluster.serve_log(f"{WORKERS} embedded workers stopped in")
-            await wait_for(lambda: not _alive(running), 5, "no worker left")
+            await _stop(cluster, running)
         finally:
             kill_all(leftover)
 
@@ -218,6 +240,17 @@ async def test_serve_runs_its_relay_as_two_workers(tmp_path: Path) -> None:
     moved_cid = cids[CONSULTATIONS[0]]
     gaps = mf.load(archive / moved_cid / mf.MANIFEST).recording.gaps
     assert gaps, "the move of the killed worker's consultation is a recording gap"
+
+
+async def _stop(cluster: Cluster, workers: list[int]) -> None:
+    """SIGTERM to `serve`: it exits 0 having stopped its workers, none left running."""
+    assert len(workers) == WORKERS, workers
+    stopped = len(cluster.serve_log(f"{WORKERS} embedded workers stopped in"))
+    code, took = await cluster.stop_serve(STOP_S)
+    print(f"SIGTERM: serve exited with {code} after {took:.1f} s")
+    assert code == 0, cluster.serve_log(".")[-40:]
+    assert len(cluster.serve_log(f"{WORKERS} embedded workers stopped in")) == stopped + 1
+    await wait_for(lambda: not _alive(workers), 5, "no worker left")
 
 
 async def _media_back(parts: dict[str, Participant], t0: float) -> None:
