@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, Literal
 
@@ -170,9 +170,7 @@ class FleetRecorder:
         """A relay node connected here says it carries the consultation (``relay:hello``
         after its former process died): the recording comes here, in a task of its own (the
         hello is answered under placement's lock, which a hand-over must not hold up)."""
-        task = asyncio.ensure_future(self._here(consultation_id))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._here(consultation_id))
 
     async def _here(self, consultation_id: str) -> None:
         try:
@@ -331,7 +329,11 @@ class FleetRecorder:
             logger.warning("recording: a malformed call dropped (%s)", describe(exc))
             return
         # Its own task: the bus goes on delivering (replies to this process's own calls too).
-        task = asyncio.ensure_future(self._answer(call))
+        self._spawn(self._answer(call))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """A task of this recorder's, awaited (bounded) at ``close``."""
+        task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -33,11 +33,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from signaling.demo import DEMO_DIRECTORY
 from signaling.directory import Directory
@@ -51,6 +52,9 @@ from tests.postgres_server import (
 )
 from tests.redis_server import RedisServer, start_redis, stop_redis
 from tests.support import DIRECTORY, SECRET, write_config
+
+if TYPE_CHECKING:
+    import pytest
 
 NGINX = "/usr/sbin/nginx"
 TEMPLATE = Path(__file__).resolve().parent.parent / "docs" / "nginx" / "fleet.conf"
@@ -458,6 +462,16 @@ class Fleet:
             print(f"--- nginx error.log ---\n"
                   f"{error_log.read_text(errors='replace')[-tail:]}")
 
+    @contextlib.contextmanager
+    def logs_on_failure(self) -> Iterator[None]:
+        """The members' last output printed when the block fails."""
+        try:
+            yield
+        except BaseException:
+            self.print_logs()
+            raise
+
+
     def access_log(self) -> list[str]:
         """nginx's access log lines: ``address:port "request" status upstream=host:port``."""
         try:
@@ -472,6 +486,24 @@ class Fleet:
         if member is None:
             return []
         return [line for line in list(member.lines) if re.search(pattern, line)]
+
+
+
+def module_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    """The body of a test module's ``fleet`` fixture: a whole fleet started (its logs printed
+    if it does not start), stopped at the end."""
+    running = Fleet(tmp_path_factory.mktemp("fleet"))
+    started = time.monotonic()
+    try:
+        asyncio.run(running.start())
+        print(f"fleet started in {time.monotonic() - started:.1f} s: relays "
+              f"{ {r: running.relay_home(r) for r in running.relay_names} }")
+        yield running
+    except BaseException:
+        running.print_logs()
+        raise
+    finally:
+        running.stop_all()
 
 
 def _port(url: str) -> int:

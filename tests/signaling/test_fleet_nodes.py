@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from recorder import manifest as mf
 from recorder.archive import verify_archive
 from tests.consultation_media import open_consultation
 from tests.failover_client import Participant
-from tests.fleet_processes import Fleet
+from tests.fleet_processes import Fleet, module_fleet
 from tests.media import wait_for
 from tests.recorder.media_check import decode
 from tests.support import RACERS, Client
@@ -43,29 +43,7 @@ SMOOTH_GAP_S = 2.0
 jitter of the shared 2-core machine, not an outage)."""
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    running = Fleet(tmp_path_factory.mktemp("fleet"))
-    started = time.monotonic()
-    try:
-        asyncio.run(running.start())
-        print(f"fleet started in {time.monotonic() - started:.1f} s: relays "
-              f"{ {r: running.relay_home(r) for r in running.relay_names} }")
-        yield running
-    except BaseException:
-        running.print_logs()
-        raise
-    finally:
-        running.stop_all()
-
-
-@contextlib.contextmanager
-def logs_on_failure(fleet: Fleet) -> Iterator[None]:
-    try:
-        yield
-    except BaseException:
-        fleet.print_logs()
-        raise
+fleet = pytest.fixture(scope="module", name="fleet")(module_fleet)
 
 
 @asynccontextmanager
@@ -83,7 +61,7 @@ async def on_nodes(fleet: Fleet, placed: dict[str, str]) -> AsyncIterator[dict[s
 
 async def test_a_request_made_on_node_a_is_accepted_by_a_specialist_on_node_b(
         fleet: Fleet) -> None:
-    with logs_on_failure(fleet):
+    with fleet.logs_on_failure():
         async with on_nodes(fleet, {"ref1": "node-a", "cardio1": "node-b"}) as c:
             started = time.monotonic()
             asked = await c["ref1"].ok("consult:request", {
@@ -108,7 +86,7 @@ async def test_a_request_made_on_node_a_is_accepted_by_a_specialist_on_node_b(
 async def test_twenty_accepts_across_both_nodes_are_won_exactly_once(fleet: Fleet) -> None:
     placed = {"ref1": "node-a"} | {f"racer{i}": ("node-a", "node-b")[i % 2]
                                    for i in range(RACERS)}
-    with logs_on_failure(fleet):
+    with fleet.logs_on_failure():
         async with on_nodes(fleet, placed) as c:
             asked = await c["ref1"].ok("consult:request", {
                 "specialty": "cardiology", "priority": "stat", "reason": "fleet: race"})
@@ -149,7 +127,7 @@ async def wait_for_empty(client: Client, rid: str, timeout: float = 5.0) -> None
 
 
 async def test_chat_crosses_nodes(fleet: Fleet) -> None:
-    with logs_on_failure(fleet):
+    with fleet.logs_on_failure():
         async with on_nodes(fleet, {"ref1": "node-a", "cardio1": "node-b"}) as c:
             cid = await open_consultation(c)
             # The host joined first, on node B: it hears the guest join on node A.
@@ -203,7 +181,7 @@ async def consultation(parts: dict[str, Participant],
 
 async def test_participants_on_different_nodes_see_each_other_through_one_relay(
         fleet: Fleet) -> None:
-    with logs_on_failure(fleet):
+    with fleet.logs_on_failure():
         parts = {"cardio1": Participant(fleet.node_url("node-a"), fleet.token("cardio1"),
                                         "cardio1", fps=FPS, audio=False),
                  "ref1": Participant(fleet.node_url("node-b"), fleet.token("ref1"), "ref1",
@@ -221,7 +199,7 @@ async def test_participants_on_different_nodes_see_each_other_through_one_relay(
 
 async def test_nginx_serves_the_page_and_spreads_direct_websockets_over_both_nodes(
         fleet: Fleet) -> None:
-    with logs_on_failure(fleet):
+    with fleet.logs_on_failure():
         async with aiohttp.ClientSession() as session, session.get(fleet.url + "/") as page:
             assert page.status == 200 and page.content_type == "text/html"
         # The web client opens its WebSocket directly (no long-polling first): nginx hashes
@@ -248,7 +226,7 @@ async def test_nginx_serves_the_page_and_spreads_direct_websockets_over_both_nod
 async def test_two_browsers_through_nginx_see_each_other(fleet: Fleet) -> None:
     # The web client as `make fleet` serves it: Debian's Chromium signed in through nginx,
     # each page's WebSocket on whichever node nginx hashes it to.
-    with logs_on_failure(fleet):
+    with fleet.logs_on_failure():
         logged = len(fleet.access_log())
         async with chromium(FLAGS) as browser:
             district = await open_page(browser, page_url(fleet.url, fleet.token("ref3")))
@@ -364,7 +342,7 @@ async def test_a_killed_node_s_participants_reconnect_to_the_other_and_media_goe
     # The relay keeps forwarding and redials through nginx; the participants reconnect
     # through nginx; the other node takes both up from the shared state, and the recording
     # from the shared archive.
-    with logs_on_failure(fleet):
+    with fleet.logs_on_failure():
         relay = "relay-2"
         home = fleet.relay_home(relay)
         assert home is not None, f"{relay} registered with no running node"

@@ -20,10 +20,9 @@ module's fleet keeps one node after it)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -31,7 +30,7 @@ import pytest
 from playwright.async_api import Browser, Page, expect
 
 from tests.failover_client import Participant, describe
-from tests.fleet_processes import Fleet
+from tests.fleet_processes import Fleet, module_fleet
 from tests.media import wait_for
 from tests.web.browser import (
     MEDIA,
@@ -77,29 +76,7 @@ SAME_NODE_TRIES = 6
 on the address and port: each reload is a coin toss)."""
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    running = Fleet(tmp_path_factory.mktemp("fleet"))
-    started = time.monotonic()
-    try:
-        asyncio.run(running.start())
-        print(f"fleet started in {time.monotonic() - started:.1f} s: relays "
-              f"{ {r: running.relay_home(r) for r in running.relay_names} }")
-        yield running
-    except BaseException:
-        running.print_logs()
-        raise
-    finally:
-        running.stop_all()
-
-
-@contextlib.contextmanager
-def logs_on_failure(fleet: Fleet) -> Iterator[None]:
-    try:
-        yield
-    except BaseException:
-        fleet.print_logs()
-        raise
+fleet = pytest.fixture(scope="module", name="fleet")(module_fleet)
 
 
 @dataclass
@@ -175,7 +152,7 @@ async def test_the_relay_killed_the_pages_and_an_aiortc_participant_are_back_on_
     # The issue's "a consultation of aiortc participants and of two Chromium pages": a third
     # site (ref3, an aiortc participant through nginx) invited into the pages' consultation,
     # so one relay kill moves Chromium and aiortc peers at once, each decoding the others.
-    with logs_on_failure(fleet):
+    with fleet.logs_on_failure():
         async with pages(browser, fleet, "ref1", "cardio1") as pair:
             await in_consultation(pair)
             guest = Participant(fleet.url, fleet.token(GUEST), GUEST, fps=FPS, audio=False)
@@ -275,7 +252,7 @@ async def resumed(page: Page, resumes: int, since: float, timeout: float) -> flo
 
 async def test_the_pages_node_killed_they_reconnect_to_the_other_and_video_goes_on(
         fleet: Fleet, browser: Browser) -> None:
-    with logs_on_failure(fleet):
+    with fleet.logs_on_failure():
         async with pages(browser, fleet, "ref2", "cardio2") as pair:
             # The hard case: the node that dies holds both pages and the registration of the
             # relay that carries their room (the relay redials through nginx meanwhile).
