@@ -14,6 +14,9 @@ NODE_NAMESPACE = "/relay"
 MAX_WORKERS = 64
 """Relay processes of one machine at most (``relay.workers``, relay/workers.py): worker
 indexes 0-63."""
+NODE_TOKEN_ENV = "TELEHEALTH_NODE_TOKEN"
+"""A node's token in its environment (`telehealth relay` without ``--node-token``, and every
+worker process: kept out of the machine's process list). Not a setting."""
 
 
 def worker_relay_id(machine_id: str, worker: int) -> str:

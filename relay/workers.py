@@ -276,10 +276,11 @@ class Supervisor:
 
 
 async def supervise(relay_id: str, workers: int, command: Callable[[int], list[str]], *,
-                    signaling_url: str, drain_s: float) -> int:
+                    signaling_url: str, drain_s: float,
+                    env: dict[str, str] | None = None) -> int:
     """The supervisor of ``workers`` worker processes until a stop; its exit code."""
     supervisor = Supervisor(relay_id, workers, command, signaling_url=signaling_url,
-                            drain_s=drain_s)
+                            drain_s=drain_s, env=env)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, supervisor.on_signal, signum)

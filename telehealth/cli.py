@@ -20,6 +20,7 @@ from pathlib import Path
 from aiohttp import web
 
 from config.settings import ConfigError, Settings, load_settings
+from relay.api import NODE_TOKEN_ENV
 from relay.errors import RelayCannotStart
 from signaling.directory import Directory
 from signaling.errors import DirectoryError
@@ -48,8 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     node = commands.add_parser("relay", help="run a standalone relay node that dials out to "
                                              "signaling")
     node.add_argument("--signaling", required=True, help="signaling base URL")
-    node.add_argument("--node-token", required=True,
-                      help="node token from `telehealth node-token`")
+    node.add_argument("--node-token", default=None,
+                      help="node token from `telehealth node-token` (default: the "
+                           f"{NODE_TOKEN_ENV} environment variable, which keeps it out of "
+                           "the machine's process list)")
     node.add_argument("--region", default="", help="province code this relay serves")
     node.add_argument("--workers", type=int, default=None,
                       help="relay processes on this machine, each registered as "
@@ -152,30 +155,37 @@ def _relay(settings: Settings, args: argparse.Namespace) -> int:
     from relay.node import serve_node
     from relay.workers import supervise, worker_command, worker_count, worker_settings
 
+    node_token = args.node_token or os.environ.get(NODE_TOKEN_ENV, "")
+    if not node_token:
+        print(f"telehealth relay: a node token is needed: --node-token, or {NODE_TOKEN_ENV} "
+              "in the environment (`telehealth node-token <relay-id>` issues one)",
+              file=sys.stderr)
+        return 2
     workers = worker_count(settings.relay.workers if args.workers is None else args.workers)
     if args.worker is not None:
         return asyncio.run(serve_node(worker_settings(settings, args.worker, workers),
                                       signaling_url=args.signaling,
-                                      node_token=args.node_token, region=args.region,
+                                      node_token=node_token, region=args.region,
                                       worker=args.worker))
     if workers == 1:
         return asyncio.run(serve_node(settings, signaling_url=args.signaling,
-                                      node_token=args.node_token, region=args.region))
+                                      node_token=node_token, region=args.region))
     for k in range(workers):
         worker_settings(settings, k, workers)  # a port range too small stops us here
     import jwt
 
     try:  # the token names the machine; signaling verifies it, here it names the logs
-        machine = str(jwt.decode(args.node_token, options={"verify_signature": False})
+        machine = str(jwt.decode(node_token, options={"verify_signature": False})
                       .get("sub") or settings.relay.id)
     except jwt.InvalidTokenError:
         machine = settings.relay.id  # the workers are refused, and say why
+    # The workers get the token in their environment, never on their command lines.
     argv = [*(["--config", str(args.config)] if args.config is not None else []), "relay",
-            "--signaling", args.signaling, "--node-token", args.node_token,
-            "--region", args.region, "--workers", str(workers)]
+            "--signaling", args.signaling, "--region", args.region, "--workers", str(workers)]
     return asyncio.run(supervise(machine, workers, lambda k: worker_command(argv, k),
                                  signaling_url=args.signaling,
-                                 drain_s=settings.relay.drain_s))
+                                 drain_s=settings.relay.drain_s,
+                                 env={**os.environ, NODE_TOKEN_ENV: node_token}))
 
 
 def _authority(settings: Settings) -> tuple[Directory, TokenAuthority]:

@@ -54,6 +54,7 @@ from typing import Protocol
 from aiohttp import web
 
 from config.settings import ConfigError, Settings, load_settings
+from relay.api import NODE_TOKEN_ENV
 from relay.config import MediaConfig
 from relay.errors import RelayCannotStart
 from relay.node import serve_node
@@ -74,8 +75,6 @@ TOKEN_TTL_S = 10 * 365 * 24 * 3600
 the token it was started with, and a worker started again gets the same)."""
 CLEARED_ENV = "TELEHEALTH_"
 """This process's settings variables are not the workers': theirs are set explicitly."""
-NODE_TOKEN_ENV = "TELEHEALTH_NODE_TOKEN"
-"""A worker's node token (not a setting: the settings ignore it)."""
 EXIT_CONFIG = 2
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 """telehealth/cli.py's: a worker's lines go to `serve`'s stderr among its own."""

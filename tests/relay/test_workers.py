@@ -24,7 +24,7 @@ import psutil
 import pytest
 
 from config.settings import Settings
-from relay.api import MAX_WORKERS, worker_relay_id
+from relay.api import MAX_WORKERS, NODE_TOKEN_ENV, worker_relay_id
 from relay.errors import UdpPortsUnavailable
 from relay.workers import (
     RESTART_FIRST_S,
@@ -98,6 +98,18 @@ def test_a_range_too_small_for_the_workers_stops_the_relay_command_with_2(
         capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "relay.udp_port_range [40000, 40002] has 3 ports for 4 workers" in done.stderr
+
+
+def test_a_relay_without_a_node_token_stops_with_2_saying_where_to_put_it(
+        tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != NODE_TOKEN_ENV}
+    done = subprocess.run(
+        [sys.executable, "-m", "telehealth.cli", "--config", str(config), "relay",
+         "--signaling", "http://127.0.0.1:1"],
+        capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2
+    assert f"--node-token, or {NODE_TOKEN_ENV} in the environment" in done.stderr
 
 
 def test_zero_workers_means_one_per_core() -> None:
@@ -369,6 +381,8 @@ async def test_workers_whose_supervisor_is_killed_stop_by_themselves(tmp_path: P
         pids = list(worker_pids(node.process.pid).values())
         try:
             assert len(pids) == 2
+            for pid in pids:  # the token in their environment, out of the process list
+                assert not any("node-token" in a for a in psutil.Process(pid).cmdline())
             cluster.signal_node(MACHINE, signal.SIGKILL)
             # Their stdin closed: each drains (nothing to move) and exits.
             await wait_for(lambda: not any(_alive(pid) for pid in pids), 20,
