@@ -6,10 +6,14 @@ The same guarantees as SQLite:
 - a write is committed before its call returns. Every connection sets ``synchronous_commit =
   on`` (a server-wide ``off`` would otherwise let an acknowledged request vanish in a crash of
   the database server); with synchronous standbys configured, COMMIT also waits for them.
-- a claim is one transaction around a conditional UPDATE (``status = 'waiting'``): under READ
-  COMMITTED a second claimant's UPDATE waits on the first one's row lock, then finds the row no
-  longer waiting and changes nothing, so exactly one process wins; the others get AlreadyTaken.
-  ``finish_request``, ``mark_escalated`` and ``end_consultation`` are conditional the same way.
+- a claim is one statement (atomic as any statement, its own transaction): a conditional
+  UPDATE (``status = 'waiting'``) and, in a data-modifying WITH, the INSERT of the consultation
+  from the row it returned. Under READ COMMITTED a second claimant's UPDATE waits on the first
+  one's row lock, then re-reads the row, finds it no longer waiting and changes nothing, so its
+  INSERT inserts nothing: exactly one process wins; the others get AlreadyTaken.
+  ``finish_request``, ``mark_escalated`` and ``end_consultation`` (one statement too) are
+  conditional the same way. One statement is one round trip to the server, where BEGIN,
+  UPDATE, INSERT, COMMIT were four.
 - the schema is ``signaling.migrations``'s steps, applied at open under an advisory lock (nodes
   starting together apply each step once).
 
@@ -125,6 +129,42 @@ async def close_pool(pool: Any, timeout_s: float, what: str) -> None:
         pool.terminate()
 
 
+CLAIM = f"""
+WITH claimed AS (
+    UPDATE requests SET status = 'accepted', accepted_by = $1, accepted_at = $2,
+        consultation_id = $3
+    WHERE id = $4 AND status = 'waiting' RETURNING id
+), created AS (
+    INSERT INTO consultations ({CONSULTATION_COLUMNS})
+    SELECT $3, id, $5::text, $6::text, $7::text, $8::double precision,
+        $9::double precision, $10::double precision, $11::jsonb, $12::jsonb, $13::jsonb,
+        NULL, NULL, NULL
+    FROM claimed RETURNING 1
+)
+SELECT (SELECT count(*) FROM created), (SELECT status FROM requests WHERE id = $4)
+"""
+"""``claim`` in one statement: 1 and the request's status when it won, else 0 and its status
+as of the statement's start (``waiting`` when another claim committed while this one waited
+for the row's lock)."""
+
+END = """
+WITH ended AS (
+    UPDATE consultations SET state = 'ended', ended_at = $1, conclusion = $2, signed_by = $3,
+        signed_at = $1
+    WHERE id = $4 AND state != 'ended' RETURNING id
+), closed AS (
+    UPDATE requests SET status = 'closed', closed_at = $1
+    WHERE id = $5 AND EXISTS (SELECT 1 FROM ended)
+), departed AS (
+    UPDATE attendance SET left_at = $1
+    WHERE consultation_id = $4 AND left_at IS NULL AND EXISTS (SELECT 1 FROM ended)
+)
+SELECT count(*) FROM ended
+"""
+"""``end_consultation`` in one statement: the minutes, the request closed and the attendance
+ended only if this statement ended the consultation (1), else nothing is written (0)."""
+
+
 class PostgresRecordStore:
     """The records in the PostgreSQL database at ``dsn`` (``RecordStore``), through at most
     ``pool_size`` connections. Open with ``await open()``, close with ``await close()``
@@ -230,26 +270,26 @@ class PostgresRecordStore:
         Raises AlreadyTaken if someone else accepted it first, InvalidState if it is no longer
         waiting for another reason, NotFound if there is no such request.
         """
-        async with self._transaction() as conn:
-            result = await conn.execute(
-                "UPDATE requests SET status = 'accepted', accepted_by = $1, accepted_at = $2, "
-                "consultation_id = $3 WHERE id = $4 AND status = 'waiting'",
-                clinician_id, at, consultation.id, request_id)
-            if _count(result) != 1:
+        c = consultation
+        async with self._connection() as conn:
+            row = await conn.fetchrow(CLAIM, clinician_id, at, c.id, request_id, c.host_id,
+                                      c.relay_id, c.state, c.created_at, c.started_at,
+                                      c.ended_at, json.dumps(c.site_ids),
+                                      json.dumps(c.clinician_ids),
+                                      json.dumps(c.invited_site_ids))
+            if row[0] == 1:
+                return
+            status = row[1]
+            if status == "waiting":
+                # Claimed by another while this statement waited for the row: the statement's
+                # snapshot predates that claim; read it again.
                 status = await conn.fetchval(
                     "SELECT status FROM requests WHERE id = $1", request_id)
-                if status is None:
-                    raise NotFound(f"no consult request {request_id!r}")
-                if status in ("accepted", "closed"):
-                    raise AlreadyTaken(ALREADY_TAKEN.format(request_id))
-                raise InvalidState(f"consult request {request_id!r} is {status}")
-            c = consultation
-            await conn.execute(
-                f"INSERT INTO consultations ({CONSULTATION_COLUMNS}) VALUES "
-                "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, NULL, NULL, NULL)",
-                c.id, c.request_id, c.host_id, c.relay_id, c.state, c.created_at,
-                c.started_at, c.ended_at, json.dumps(c.site_ids), json.dumps(c.clinician_ids),
-                json.dumps(c.invited_site_ids))
+        if status is None:
+            raise NotFound(f"no consult request {request_id!r}")
+        if status in ("accepted", "closed"):
+            raise AlreadyTaken(ALREADY_TAKEN.format(request_id))
+        raise InvalidState(f"consult request {request_id!r} is {status}")
 
     # -- consultations ---------------------------------------------------------------------
     async def get_consultation(self, consultation_id: str) -> Consultation | None:
@@ -294,19 +334,12 @@ class PostgresRecordStore:
 
     async def end_consultation(self, consultation: Consultation, minutes: Minutes) -> None:
         """Store the minutes, end the consultation and close its request, in one transaction."""
-        async with self._transaction() as conn:
-            result = await conn.execute(
-                "UPDATE consultations SET state = 'ended', ended_at = $1, conclusion = $2, "
-                "signed_by = $3, signed_at = $1 WHERE id = $4 AND state != 'ended'",
-                minutes.signed_at, minutes.conclusion, minutes.signed_by, consultation.id)
-            if _count(result) != 1:
-                raise InvalidState(f"consultation {consultation.id!r} has already ended")
-            await conn.execute(
-                "UPDATE requests SET status = 'closed', closed_at = $1 WHERE id = $2",
-                minutes.signed_at, consultation.request_id)
-            await conn.execute(
-                "UPDATE attendance SET left_at = $1 WHERE consultation_id = $2 "
-                "AND left_at IS NULL", minutes.signed_at, consultation.id)
+        async with self._connection() as conn:
+            ended = await conn.fetchval(END, minutes.signed_at, minutes.conclusion,
+                                        minutes.signed_by, consultation.id,
+                                        consultation.request_id)
+        if ended != 1:
+            raise InvalidState(f"consultation {consultation.id!r} has already ended")
 
     # -- chat and attendance ---------------------------------------------------------------
     async def add_chat(self, message: ChatMessage) -> None:
