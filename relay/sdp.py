@@ -112,8 +112,61 @@ def leg_codecs(kind: str, codec: Codec) -> list[RTCRtpCodecCapability]:
     return (exact or same) + rtx
 
 
+OPUS_FMTP: dict[str, str] = {"useinbandfec": "1", "usedtx": "1"}
+"""Format parameters the relay writes on every Opus payload type of the SDP it sends (RFC 7587:
+each says what the side that wrote it wants to receive). ``useinbandfec=1``: a publisher's Opus
+encoder adds in-band FEC (a low-rate copy of the previous frame, used by the receiver's decoder
+when a packet is lost: on a 3 % bursty satellite link most single losses are concealed with
+real speech instead of a guess); ``usedtx=1``: silence is sent as a packet every 400 ms instead
+of every 20 ms, which leaves a thin link to video while nobody speaks. The relay never decodes,
+so FEC and DTX reach every subscriber untouched. aiortc's own Opus codec has no format
+parameters and its answer copies its own codec (not the offer's), so the relay writes them into
+its SDP text, as it writes the announced address."""
+
+
+def opus_fmtp(sdp: str) -> str:
+    """``sdp`` with ``OPUS_FMTP`` on each m-line's Opus payload type: merged into its
+    ``a=fmtp`` line (the other parameters kept), or a new line after its ``a=rtpmap``."""
+    newline = "\r\n" if "\r\n" in sdp else "\n"
+    lines = sdp.split(newline)
+    sections: list[list[str]] = [[]]
+    for line in lines:
+        if line.startswith("m="):
+            sections.append([])
+        sections[-1].append(line)
+    return newline.join(line for section in sections for line in _opus_section(section))
+
+
+def _opus_section(lines: list[str]) -> list[str]:
+    """One m-section (or the session part, which has no rtpmap) with ``OPUS_FMTP``."""
+    opus = {m.group(1) for line in lines
+            if (m := re.match(r"a=rtpmap:(\d+) opus/48000\b", line, re.IGNORECASE))}
+    if not opus:
+        return lines
+    with_fmtp = {m.group(1) for line in lines if (m := re.match(r"a=fmtp:(\d+) ", line))}
+    out: list[str] = []
+    for line in lines:
+        fmtp = re.match(r"a=fmtp:(\d+) (.*)$", line)
+        if fmtp and fmtp.group(1) in opus:
+            parameters = dict(p.strip().partition("=")[::2]
+                              for p in fmtp.group(2).split(";") if p.strip())
+            line = f"a=fmtp:{fmtp.group(1)} {_fmtp_text({**parameters, **OPUS_FMTP})}"
+        out.append(line)
+        rtpmap = re.match(r"a=rtpmap:(\d+) ", line)
+        if rtpmap and rtpmap.group(1) in opus and rtpmap.group(1) not in with_fmtp:
+            out.append(f"a=fmtp:{rtpmap.group(1)} {_fmtp_text(OPUS_FMTP)}")
+    return out
+
+
+def _fmtp_text(parameters: dict[str, str]) -> str:
+    return ";".join(f"{key}={value}" if value else key for key, value in parameters.items())
+
+
 def announce(sdp: str, config: MediaConfig) -> str:
-    """Write the announced (public) address into host candidates."""
+    """The relay's own SDP as a client gets it (a publish answer, a subscribe offer, a probe
+    answer): Opus asked for in-band FEC and DTX (``opus_fmtp``), and the announced (public)
+    address written into host candidates."""
+    sdp = opus_fmtp(sdp)
     if not config.announced_address:
         return sdp
     hosts = set(config.host_addresses)
