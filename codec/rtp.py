@@ -2,7 +2,8 @@
 the recorder and the benchmarks (as Galene's ``codecs/`` package does).
 
 - RTP packets: where the payload starts.
-- VP8 (RFC 7741 payload descriptor, RFC 6386 frame header): descriptor length, picture id,
+- VP8 (RFC 7741 payload descriptor, RFC 6386 frame header): descriptor fields (picture id,
+  TL0PICIDX, temporal layer, layer sync) and the picture id rewritten, descriptor length,
   first packet of a frame, first packet of a keyframe, keyframe dimensions.
 - H.264 (RFC 6184 payloads, Annex-B access units): keyframe start, IDR in an access unit.
 - Sequence-number arithmetic modulo 2^16 and RTP timestamp unwrapping modulo 2^32.
@@ -250,3 +251,107 @@ def seq_distance(newer: int, older: int) -> int:
 def ts_add(timestamp: int, delta: int) -> int:
     """``timestamp + delta`` modulo 2^32 (``delta`` may be negative)."""
     return (timestamp + delta) % TS_MOD
+
+
+# -- VP8 payload descriptor, field by field (temporal layers) ---------------------------------
+class Vp8Descriptor:
+    """The fields of a VP8 payload descriptor (RFC 7741 section 4.2) a layer-selecting
+    forwarder reads: which frame a packet belongs to, its temporal layer, and whether a
+    receiver may switch up to that layer here. Absent fields are -1 (``tid``: no T bit, the
+    publisher sends no temporal layers)."""
+
+    __slots__ = ("keyidx", "length", "picture_id", "picture_id_at", "picture_id_bits",
+                 "start", "sync", "tid", "tl0picidx")
+
+    def __init__(self, *, start: bool, picture_id: int = -1, picture_id_bits: int = 0,
+                 picture_id_at: int = 0, tl0picidx: int = -1, tid: int = -1,
+                 sync: bool = False, keyidx: int = -1, length: int = 1) -> None:
+        self.start = start
+        """S=1 and partition id 0: the first packet of a frame."""
+        self.picture_id = picture_id
+        self.picture_id_bits = picture_id_bits
+        """7 or 15 (the M bit), 0 without a picture id."""
+        self.picture_id_at = picture_id_at
+        """Where the picture id's first byte is in the payload."""
+        self.tl0picidx = tl0picidx
+        self.tid = tid
+        self.sync = sync
+        """Y: this frame depends only on the base layer (TL0) frames: a receiver that had
+        only the lower layers may start taking ``tid`` here."""
+        self.keyidx = keyidx
+        self.length = length
+
+    def __repr__(self) -> str:
+        return (f"Vp8Descriptor(start={self.start}, picture_id={self.picture_id}/"
+                f"{self.picture_id_bits}, tl0picidx={self.tl0picidx}, tid={self.tid}, "
+                f"sync={self.sync}, keyidx={self.keyidx}, length={self.length})")
+
+
+def vp8_descriptor(payload: bytes) -> Vp8Descriptor | None:
+    """Parse the VP8 payload descriptor at the start of an RTP payload; None if the payload
+    is empty (padding) or the descriptor is truncated. Reads only the descriptor's bytes."""
+    size = len(payload)
+    if not size:
+        return None
+    first = payload[0]
+    start = bool(first & 0x10) and not first & 0x0F
+    if not first & 0x80:  # X clear: no extension, no layers
+        return Vp8Descriptor(start=start)
+    if size < 2:
+        return None
+    ext = payload[1]
+    pos = 2
+    picture_id = -1
+    bits = 0
+    picture_id_at = 0
+    if ext & 0x80:  # I
+        if size <= pos:
+            return None
+        picture_id_at = pos
+        if payload[pos] & 0x80:  # M: 15 bits
+            if size <= pos + 1:
+                return None
+            picture_id = ((payload[pos] & 0x7F) << 8) | payload[pos + 1]
+            bits = 15
+            pos += 2
+        else:
+            picture_id = payload[pos]
+            bits = 7
+            pos += 1
+    tl0picidx = -1
+    if ext & 0x40:  # L
+        if size <= pos:
+            return None
+        tl0picidx = payload[pos]
+        pos += 1
+    tid = -1
+    sync = False
+    keyidx = -1
+    if ext & 0x30:  # T or K: one byte TID(2) Y(1) KEYIDX(5)
+        if size <= pos:
+            return None
+        byte = payload[pos]
+        if ext & 0x20:
+            tid = byte >> 6
+            sync = bool(byte & 0x20)
+        if ext & 0x10:
+            keyidx = byte & 0x1F
+        pos += 1
+    return Vp8Descriptor(start=start, picture_id=picture_id, picture_id_bits=bits,
+                         picture_id_at=picture_id_at, tl0picidx=tl0picidx, tid=tid, sync=sync,
+                         keyidx=keyidx, length=pos)
+
+
+def vp8_with_picture_id(payload: bytes, descriptor: Vp8Descriptor, picture_id: int) -> bytes:
+    """``payload`` with its descriptor's picture id replaced by ``picture_id`` (taken modulo
+    the field's width, which stays as the publisher chose it: the descriptor keeps its length
+    and nothing after it moves). Everything else is copied unchanged."""
+    at = descriptor.picture_id_at
+    if descriptor.picture_id_bits == 15:
+        value = picture_id & 0x7FFF
+        return b"".join((payload[:at], bytes((0x80 | value >> 8, value & 0xFF)),
+                         payload[at + 2:]))
+    if descriptor.picture_id_bits == 7:
+        return b"".join((payload[:at], bytes((picture_id & 0x7F,)), payload[at + 1:]))
+    return payload
+

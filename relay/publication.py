@@ -7,6 +7,7 @@ of who attached its forwarders: their owners attach and detach them."""
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from typing import Any, Protocol
@@ -14,7 +15,7 @@ from typing import Any, Protocol
 from aiortc import RTCRtpReceiver
 from aiortc.rtp import RtpPacket
 
-from codec.rtp import is_keyframe_start, vp8_keyframe_size
+from codec.rtp import Vp8Descriptor, is_keyframe_start, vp8_descriptor, vp8_keyframe_size
 from relay import hooks
 from relay.api import MediaSink
 from relay.sdp import Codec
@@ -24,14 +25,18 @@ from relay.timing import ntp_now
 logger = logging.getLogger(__name__)
 
 SOURCES = {"microphone": "audio", "camera": "video", "screen": "video"}
+FRAME_RATE_WINDOW_S = 2.0
+"""The input frame rate (per temporal layer) is measured over the last this many seconds."""
 
 
 class Forwarder(Protocol):
     """Sends a publication's packets on somewhere (a Subscription)."""
 
-    async def forward(self, packet: RtpPacket, keyframe: bool, ntp: int) -> None:
+    async def forward(self, packet: RtpPacket, keyframe: bool, ntp: int,
+                      descriptor: Vp8Descriptor | None = None) -> None:
         """``keyframe``: a receiver may start decoding at this packet; ``ntp``: its arrival
-        time (NTP format)."""
+        time (NTP format); ``descriptor``: its VP8 payload descriptor (VP8 only, None for a
+        padding packet)."""
 
 
 class Publication:
@@ -55,6 +60,12 @@ class Publication:
         self.keyframes = 0
         self.plis_sent = 0
         self.closed = False
+        self.temporal_layers = -1
+        """The highest VP8 temporal layer id seen (0: the T bit, one layer); -1: none, the
+        publisher sends no temporal layers (or the codec is not VP8)."""
+        self._vp8 = self.mime_type.lower() == "video/vp8"
+        self._frames: collections.deque[tuple[float, int]] = collections.deque(maxlen=512)
+        """(arrival, temporal layer) of the frames' first packets, for ``frame_rate``."""
         self._keyframe_interval_s = keyframe_interval_s
         self._last_pli = 0.0
         self._tasks = Tasks(f"Publication({publication_id})")
@@ -116,8 +127,39 @@ class Publication:
             if self.mime_type.lower() == "video/vp8":
                 self.size = vp8_keyframe_size(packet.payload) or self.size
         ntp = ntp_now()
+        if not self._vp8:
+            for subscription in tuple(self.subscriptions):
+                await subscription.forward(packet, keyframe, ntp)
+            return
+        descriptor = vp8_descriptor(packet.payload)
+        if descriptor is not None and descriptor.start:
+            tid = descriptor.tid
+            if tid > self.temporal_layers:
+                self.temporal_layers = tid
+            self._frames.append((time.monotonic(), tid if tid > 0 else 0))
         for subscription in tuple(self.subscriptions):
-            await subscription.forward(packet, keyframe, ntp)
+            await subscription.forward(packet, keyframe, ntp, descriptor)
+
+    def frame_rate(self, max_layer: int | None = None, now: float | None = None) -> float | None:
+        """Frames per second the publisher sent lately in the temporal layers up to
+        ``max_layer`` (None: all), measured on arrival (VP8 only); None until there is a
+        measure."""
+        frames = self._frames
+        if len(frames) < 2:
+            return None
+        now = time.monotonic() if now is None else now
+        window = min(FRAME_RATE_WINDOW_S, now - frames[0][0])
+        if window <= 0:
+            return None
+        since = now - window
+        top = 3 if max_layer is None else max_layer
+        counted = 0
+        for arrival, tid in reversed(frames):
+            if arrival < since:
+                break
+            if tid <= top:
+                counted += 1
+        return round(counted / window, 1)
 
     def request_keyframe(self) -> None:
         """Ask the publisher for a keyframe, at most once per ``keyframe_interval_s``."""

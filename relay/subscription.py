@@ -3,9 +3,13 @@ subscriber's peer connection.
 
 Forwarding rewrites only what differs between the two legs: SSRC, payload type, sequence
 number and timestamp offsets, the MID and abs-send-time header extensions. The payload is never
-touched. A subscription starts at a keyframe; when it must skip (paused, too slow, resumed) it
-waits for the next keyframe and continues the sequence numbers without a gap, so the
-subscriber never asks for packets the relay chose not to send."""
+touched, but for one field: a VP8 publication sent with temporal layers (``scalabilityMode``
+L1T2/L1T3) may reach a subscriber without its upper layers (a lower frame rate, no
+transcoding), and then the frames it does not get are taken out of its sequence numbers and
+of the VP8 picture ids (``LayerFilter``). A subscription starts at a keyframe; when it must
+skip (paused, too slow, resumed) it waits for the next keyframe and continues the sequence
+numbers without a gap, so the subscriber never asks for packets the relay chose not to
+send."""
 
 from __future__ import annotations
 
@@ -14,13 +18,168 @@ import random
 from aiortc import RTCRtpTransceiver
 from aiortc.rtp import RtpPacket
 
-from codec.rtp import SEQ_MOD, TS_MOD, seq_newer
+from codec.rtp import SEQ_MOD, TS_MOD, Vp8Descriptor, seq_newer, vp8_with_picture_id
 from relay import hooks
 from relay.publication import Publication
 from relay.track import ForwardTrack
 
 BACKLOG_CHECK_EVERY = 8
 """The send backlog is looked at every this many packets of a subscription."""
+ALL_LAYERS = 3
+"""The highest temporal layer id VP8 can name (TID is 2 bits): "every layer"."""
+MAX_MISSING = 256
+"""A gap in the publisher's sequence numbers up to this long keeps a place for each missing
+packet (its retransmission goes out in it); a longer jump is taken as it comes."""
+RECENT_FRAMES = 64
+"""How many frames' forward-or-drop decisions are remembered for late packets."""
+
+
+class LayerFilter:
+    """Which packets of a VP8 publication one subscriber gets, and under which sequence
+    number and picture id, when it takes only the temporal layers up to ``target``.
+
+    Whole frames are kept or dropped, so the marker of a kept frame's last packet stays right;
+    the frame is decided on its first packet seen. A dropped frame takes no sequence number and
+    no picture id, so the subscriber sees both run on without a gap; TL0PICIDX passes unchanged
+    (layer 0 is never dropped). Going down takes effect at the next frame; going up one layer
+    only at a frame of that layer with the layer-sync bit (Y: it references only layer 0) or at
+    a keyframe, since the frames of that layer before it reference ones the subscriber never
+    had.
+
+    Loss upstream: a packet missing from the publisher's sequence keeps its place in the
+    subscriber's, unless the frame it lies inside is dropped; if it comes later (aiortc's
+    NACK brought its retransmission) it goes out in that place, or as an empty packet (padding)
+    if its frame turned out to be dropped, so the subscriber never waits on a hole (a frame lost
+whole and found dropped only then leaves its picture id skipped, as a frame lost on the way
+would: the frames kept reference layer 0, which is whole). Publishers
+    without the T bit (``tid`` -1) have every frame forwarded: only the sequence numbers are
+    offset, as for any other codec.
+
+    Pure: no I/O, no clock. Pure also in cost: a few integer operations per packet, a dict
+    write per frame or per lost packet."""
+
+    __slots__ = ("_decided", "_frame_forwarded", "_frame_ts", "_highest", "_last_ts",
+                 "_missing", "current", "dropped_frames", "picture_offset", "seq_offset",
+                 "target")
+
+    def __init__(self) -> None:
+        self.target = ALL_LAYERS
+        """The highest layer wanted."""
+        self.current = ALL_LAYERS
+        """The highest layer forwarded now (catches up with ``target`` at sync points)."""
+        self.seq_offset = 0
+        self.picture_offset = 0
+        """Picture ids dropped since the last (re)start: subtracted from the publisher's."""
+        self.dropped_frames = 0
+        self._highest = 0
+        self._frame_ts: int | None = None
+        self._frame_forwarded = True
+        self._last_ts = 0
+        """RTP timestamp of the last packet forwarded in order (padding in a hole takes it:
+        it joins that frame, empty, rather than make a frame of its own)."""
+        self._missing: dict[int, tuple[int, int, int]] = {}
+        """Publisher sequence number -> (subscriber's sequence number, picture offset,
+        padding timestamp) of the packets a gap left out."""
+        self._decided: dict[int, bool] = {}
+        """RTP timestamp -> forwarded, for the recent frames."""
+
+    def restart(self, in_seq: int, out_seq: int) -> None:
+        """Start afresh at the keyframe ``in_seq``, sent as ``out_seq``: the subscriber's
+        decoder starts over, so the picture ids need not continue across."""
+        self.seq_offset = (out_seq - in_seq) % SEQ_MOD
+        self.picture_offset = 0
+        self.current = self.target
+        self._highest = (in_seq - 1) % SEQ_MOD
+        self._frame_ts = None
+        self._frame_forwarded = True
+        self._missing.clear()
+        self._decided.clear()
+
+    def take(self, seq: int, timestamp: int, payload: bytes, descriptor: Vp8Descriptor | None,
+             keyframe: bool) -> tuple[int, bytes, int] | None:
+        """The packet ``seq`` as the subscriber gets it: (sequence number, payload,
+        timestamp), or None if it gets nothing."""
+        diff = (seq - self._highest) % SEQ_MOD
+        if diff == 0 or diff >= SEQ_MOD // 2:
+            return self._late(seq, timestamp, payload, descriptor)
+        if descriptor is None:  # padding only: carries nothing a decoder needs
+            self._highest = seq
+            self.seq_offset = (self.seq_offset - 1) % SEQ_MOD
+            return None
+        lost = diff - 1
+        if timestamp != self._frame_ts:
+            if lost:  # whole frames, or the ends of this one and the last: places kept
+                self._keep_places(lost)
+            forwarded = self._choose(descriptor, keyframe)
+            self._frame_ts = timestamp
+            self._frame_forwarded = forwarded
+            self._decided[timestamp] = forwarded
+            if len(self._decided) > RECENT_FRAMES:
+                del self._decided[next(iter(self._decided))]
+            if not forwarded:
+                self.dropped_frames += 1
+                if descriptor.picture_id >= 0:
+                    self.picture_offset += 1
+        elif lost:
+            if self._frame_forwarded:
+                self._keep_places(lost)
+            else:  # lost from inside a dropped frame: they would have been dropped too
+                self.seq_offset = (self.seq_offset - lost) % SEQ_MOD
+        self._highest = seq
+        if not self._frame_forwarded:
+            self.seq_offset = (self.seq_offset - 1) % SEQ_MOD
+            return None
+        self._last_ts = timestamp
+        if self.picture_offset and descriptor.picture_id >= 0:
+            payload = vp8_with_picture_id(payload, descriptor,
+                                          descriptor.picture_id - self.picture_offset)
+        return (seq + self.seq_offset) % SEQ_MOD, payload, timestamp
+
+    def _choose(self, descriptor: Vp8Descriptor, keyframe: bool) -> bool:
+        tid = descriptor.tid
+        if keyframe:
+            self.current = self.target
+            return True
+        if tid < 0:
+            return True
+        if self.target < self.current:
+            self.current = self.target  # down: at this frame boundary
+        elif tid == self.current + 1 and tid <= self.target and descriptor.sync:
+            self.current = tid  # up one layer, at a frame that needs only layer 0
+        return tid <= self.current
+
+    def _keep_places(self, lost: int) -> None:
+        if lost > MAX_MISSING:
+            return
+        missing = self._missing
+        place = (self.seq_offset, self.picture_offset, self._last_ts)
+        first = self._highest + 1
+        for n in range(lost):
+            in_seq = (first + n) % SEQ_MOD
+            missing[in_seq] = ((in_seq + place[0]) % SEQ_MOD, place[1], place[2])
+        while len(missing) > MAX_MISSING:
+            del missing[next(iter(missing))]
+
+    def _late(self, seq: int, timestamp: int, payload: bytes,
+              descriptor: Vp8Descriptor | None) -> tuple[int, bytes, int] | None:
+        """A packet older than the newest: only one a gap kept a place for goes out (a
+        duplicate, or one from before the start, does not)."""
+        place = self._missing.pop(seq, None)
+        if place is None:
+            return None
+        out_seq, picture_offset, padding_ts = place
+        if descriptor is None:
+            return out_seq, b"", padding_ts
+        forwarded = self._decided.get(timestamp)
+        if forwarded is None:  # a frame lost whole until now
+            forwarded = descriptor.tid < 0 or descriptor.tid <= self.current
+            self._decided[timestamp] = forwarded
+        if not forwarded:
+            return out_seq, b"", padding_ts
+        if picture_offset and descriptor.picture_id >= 0:
+            payload = vp8_with_picture_id(payload, descriptor,
+                                          descriptor.picture_id - picture_offset)
+        return out_seq, payload, timestamp
 
 
 class Leg:
@@ -61,8 +220,23 @@ class Subscription:
         self._seq_offset = 0
         self._ts_offset = random.randrange(TS_MOD)
         self._start_seq: int | None = None
+        self.layers = LayerFilter() if publication.mime_type.lower() == "video/vp8" else None
+        """Temporal-layer selection (VP8 only; every layer until ``set_max_layer``)."""
         self.closed = False
         leg.subscription = self
+
+    @property
+    def max_layer(self) -> int | None:
+        """The highest temporal layer this subscriber takes of the publication; None: all."""
+        layers = self.layers
+        return None if layers is None or layers.target >= ALL_LAYERS else layers.target
+
+    def set_max_layer(self, layer: int | None) -> None:
+        """Take the temporal layers up to ``layer`` (0: the base layer only) from the next
+        frame down, or from the next sync point up; None: every layer. Nothing changes for a
+        publisher that sends no layers, nor for a codec other than VP8."""
+        if self.layers is not None:
+            self.layers.target = ALL_LAYERS if layer is None else max(0, min(layer, ALL_LAYERS))
 
     @property
     def paused(self) -> bool:
@@ -85,9 +259,11 @@ class Subscription:
         self.waiting_keyframe = True
         self.publication.request_keyframe()
 
-    async def forward(self, packet: RtpPacket, keyframe: bool, ntp: int) -> None:
+    async def forward(self, packet: RtpPacket, keyframe: bool, ntp: int,
+                      descriptor: Vp8Descriptor | None = None) -> None:
         """Send one packet of the publication on this leg. ``ntp`` is the arrival time (NTP
-        format), computed once per packet for every subscription."""
+        format), ``descriptor`` the VP8 payload descriptor (VP8 only), both computed once per
+        packet for every subscription."""
         if self.closed or self.paused or not self.ready:
             return
         leg = self.leg
@@ -100,6 +276,8 @@ class Subscription:
             self.waiting_keyframe = False
             self._seq_offset = (leg.next_seq - in_seq) % SEQ_MOD
             self._start_seq = in_seq
+            if self.layers is not None:
+                self.layers.restart(in_seq, leg.next_seq)
         elif self._start_seq is not None and seq_newer(self._start_seq, in_seq):
             return  # a retransmission from before this subscription (re)started
         if (self._max_backlog and not self.forwarded % BACKLOG_CHECK_EVERY
@@ -109,14 +287,25 @@ class Subscription:
             self.skipped += 1
             self._restart()
             return
-        out_seq = (in_seq + self._seq_offset) % SEQ_MOD
+        layers = self.layers
+        if layers is None:
+            out_seq = (in_seq + self._seq_offset) % SEQ_MOD
+            payload = packet.payload
+            timestamp = packet.timestamp
+            marker = packet.marker
+        else:
+            taken = layers.take(in_seq, packet.timestamp, packet.payload, descriptor, keyframe)
+            if taken is None:
+                return
+            out_seq, payload, timestamp = taken
+            marker = packet.marker if payload else 0  # padding in a hole ends no frame
         out = RtpPacket(
             payload_type=leg.payload_type or packet.payload_type,
-            marker=packet.marker,
+            marker=marker,
             sequence_number=out_seq,
-            timestamp=(packet.timestamp + self._ts_offset) % TS_MOD,
+            timestamp=(timestamp + self._ts_offset) % TS_MOD,
             ssrc=leg.sender.ssrc,
-            payload=packet.payload,
+            payload=payload,
         )
         out.extensions.mid = leg.mid
         out.extensions.abs_send_time = (ntp >> 14) & 0x00FFFFFF
@@ -131,7 +320,7 @@ class Subscription:
         if seq_newer(out_seq, (leg.next_seq - 1) % SEQ_MOD):
             leg.next_seq = (out_seq + 1) % SEQ_MOD
         self.forwarded += 1
-        self.forwarded_bytes += len(packet.payload)
+        self.forwarded_bytes += len(payload)
 
     def close(self) -> None:
         if self.closed:
