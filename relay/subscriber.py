@@ -106,6 +106,8 @@ class Subscriber:
         """By publication id."""
         self.paused: set[str] = set()
         """Reasons every video subscription is paused for (``audio_only``, ``bandwidth``)."""
+        self.max_layer: int | None = None
+        """The highest VP8 temporal layer every video subscription takes (None: all)."""
         self.negotiation = Negotiation()
         self.closed = False
         self._publications = publications
@@ -254,6 +256,7 @@ class Subscriber:
                                     max_backlog_bytes=self.config.max_backlog_bytes)
         for reason in self.paused:
             subscription.pause(reason)
+        subscription.set_max_layer(self.max_layer)
         self.subscriptions[publication.id] = subscription
         publication.attach(subscription)
         return True
@@ -317,6 +320,15 @@ class Subscriber:
         self.paused.discard(reason)
         for subscription in self.subscriptions.values():
             subscription.resume(reason)
+
+    def set_max_layer(self, layer: int | None) -> None:
+        """Give every video subscription (and those to come) the temporal layers up to
+        ``layer`` of publications sent in layers (0: the base layer, a quarter of the frame
+        rate in L1T3); None: every layer. The layer policy decides it (relay/bandwidth.py);
+        a test may set it directly."""
+        self.max_layer = layer
+        for subscription in self.subscriptions.values():
+            subscription.set_max_layer(layer)
 
     def sent_bytes(self, ssrcs: list[int]) -> int:
         """Payload bytes forwarded so far on the legs with these SSRCs."""

@@ -88,6 +88,23 @@ class Listeners {
  * @typedef {{publication: import("./protocol.js").Publication, track: MediaStreamTrack, mid: string}} RemoteTrack
  */
 
+/**
+ * A send-only transceiver for one track. The camera goes out in three VP8 temporal layers
+ * (L1T3: 7.5, 15 and 30 fps nested), so the relay can give a subscriber on a thin link a
+ * lower frame rate without transcoding; a browser that refuses the mode sends one layer.
+ */
+function addSender(pc, track, stream, source) {
+  const init = { direction: "sendonly", streams: [stream] };
+  if (source === "camera" && track.kind === "video") {
+    try {
+      return pc.addTransceiver(track, { ...init, sendEncodings: [{ scalabilityMode: "L1T3" }] });
+    } catch (error) {
+      // Not supported here (an older browser, no VP8 temporal layers): one layer as before.
+    }
+  }
+  return pc.addTransceiver(track, init);
+}
+
 export class MediaSession {
   /**
    * @param {import("./protocol.js").Signaling} signaling
@@ -490,7 +507,7 @@ export class MediaSession {
     const sourceOf = new Map();
     for (const track of stream.getTracks()) {
       if (!kinds[track.kind]) continue;
-      const transceiver = pc.addTransceiver(track, { direction: "sendonly", streams: [stream] });
+      const transceiver = addSender(pc, track, stream, kinds[track.kind]);
       sourceOf.set(transceiver, kinds[track.kind]);
     }
     let transportId = null;

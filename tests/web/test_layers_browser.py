@@ -1,0 +1,144 @@
+"""VP8 temporal layers end to end: a real Chromium publishes L1T3 (a canvas drawing a frame
+counter) to a relay, two aiortc subscribers decode it, one of them capped at layer 0. The
+capped one gets about a quarter of the frames, in order, without a decode error; the other
+the full rate; lifting the cap brings the full rate back at the next sync point."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from typing import Any
+
+import pytest
+from playwright.async_api import Browser, Page
+
+from relay.participant import Participant
+from tests.media import MediaPeer, Received, wait_for
+from tests.relay.peers import RelayRoom, relay_room
+
+PUBLISH_L1T3 = """async () => {
+  const canvas = document.createElement('canvas');
+  canvas.width = 320; canvas.height = 240;
+  document.body.appendChild(canvas);
+  const ctx = canvas.getContext('2d');
+  let n = 0;
+  // Frame n shows n as 16 blocks along the top, as tests/media.py counter_frame draws it.
+  const draw = () => {
+    ctx.fillStyle = 'rgb(32,32,32)'; ctx.fillRect(0, 0, 320, 240);
+    ctx.fillStyle = 'rgb(224,224,224)';
+    for (let bit = 0; bit < 16; bit++) if ((n >> bit) & 1) ctx.fillRect(bit * 20, 0, 20, 20);
+    n++;
+  };
+  draw();
+  window.drawn = () => n;
+  window.drawing = setInterval(draw, 1000 / 30);
+  const track = canvas.captureStream(30).getVideoTracks()[0];
+  const pc = new RTCPeerConnection({ iceServers: [] });
+  window.pc = pc;
+  const transceiver = pc.addTransceiver(track, {
+    direction: 'sendonly', sendEncodings: [{ scalabilityMode: 'L1T3' }] });
+  await pc.setLocalDescription(await pc.createOffer());
+  await new Promise((done) => {
+    if (pc.iceGatheringState === 'complete') done();
+    pc.addEventListener('icegatheringstatechange', () => {
+      if (pc.iceGatheringState === 'complete') done();
+    });
+    setTimeout(done, 3000);
+  });
+  const mode = transceiver.sender.getParameters().encodings[0].scalabilityMode;
+  return { sdp: pc.localDescription.sdp, mid: transceiver.mid, mode };
+}"""
+
+
+def subscriber_of(room: RelayRoom, participant_id: str) -> Participant:
+    return room.relay.rooms[room.id].participants[participant_id]
+
+
+def counted(received: Received) -> int:
+    return len(received.counters)
+
+
+async def fps(streams: dict[str, Received], seconds: float) -> dict[str, float]:
+    """Frames each stream decoded per second over the next ``seconds``."""
+    before = {name: counted(r) for name, r in streams.items()}
+    started = time.monotonic()
+    await asyncio.sleep(seconds)
+    elapsed = time.monotonic() - started
+    return {name: (counted(r) - before[name]) / elapsed for name, r in streams.items()}
+
+
+def strictly_increasing(counters: list[int]) -> bool:
+    return all(b > a for a, b in itertools.pairwise(counters))
+
+
+async def publish_from(page: Page, room: RelayRoom, participant_id: str) -> dict[str, Any]:
+    await room.relay.join(room.id, participant_id)
+    offer: dict[str, Any] = await page.evaluate(PUBLISH_L1T3)
+    assert offer["mode"] == "L1T3", offer["mode"]
+    answer = await room.relay.publish(room.id, participant_id, offer["sdp"],
+                                      {offer["mid"]: "camera"})
+    await page.evaluate("(sdp) => window.pc.setRemoteDescription({type: 'answer', sdp})",
+                        answer["sdp"])
+    return answer
+
+
+async def test_a_subscriber_capped_at_layer_0_decodes_a_quarter_of_chromiums_l1t3(
+        browser: Browser, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="aiortc")
+    async with relay_room() as room:
+        full: MediaPeer = await room.join("full", publish=False)
+        capped: MediaPeer = await room.join("capped", publish=False)
+        subscriber_of(room, "capped").subscriber.set_max_layer(0)
+        page = await browser.new_page()
+        try:
+            await publish_from(page, room, "chromium")
+            await wait_for(lambda: full.frames("chromium") >= 30
+                           and capped.frames("chromium") >= 5, 20, "both decoding")
+            publication = next(iter(subscriber_of(room, "chromium").publications.values()))
+            assert publication.temporal_layers == 2, "Chromium sent no L1T3"
+            streams = {"full": full.video_from("chromium"),
+                       "capped": capped.video_from("chromium")}
+            assert streams["full"] is not None and streams["capped"] is not None
+            got = {name: r for name, r in streams.items() if r is not None}
+            capped_rates = await fps(got, 4.0)
+            input_fps = publication.frame_rate()
+            base_fps = publication.frame_rate(0)
+            print(f"Chromium L1T3 in: {input_fps} fps (layer 0: {base_fps} fps); decoded: "
+                  f"full {capped_rates['full']:.1f} fps, capped at layer 0 "
+                  f"{capped_rates['capped']:.1f} fps "
+                  f"(ratio {capped_rates['capped'] / capped_rates['full']:.2f})")
+            assert capped_rates["full"] >= 10, capped_rates
+            assert 0.15 <= capped_rates["capped"] / capped_rates["full"] <= 0.4, capped_rates
+            steps = [b - a for a, b in itertools.pairwise(got["capped"].counters)]
+            print(f"capped counter steps: {sorted(set(steps))} "
+                  f"(median {sorted(steps)[len(steps) // 2]})")
+            # The full rate returns once the cap is lifted, at the next sync point.
+            lifted_at = time.monotonic()
+            seen = counted(got["capped"])
+            subscriber_of(room, "capped").subscriber.set_max_layer(None)
+
+            def full_rate_back() -> bool:
+                counters = got["capped"].counters[seen:]
+                return any(b - a == 1 for a, b in itertools.pairwise(counters))
+
+            await wait_for(full_rate_back, 5, "consecutive frames after the cap was lifted")
+            back_s = time.monotonic() - lifted_at
+            lifted_rates = await fps(got, 3.0)
+            print(f"cap lifted: consecutive frames again after {back_s * 1000:.0f} ms; "
+                  f"full {lifted_rates['full']:.1f} fps, formerly capped "
+                  f"{lifted_rates['capped']:.1f} fps")
+            assert lifted_rates["capped"] >= 0.75 * lifted_rates["full"], lifted_rates
+            for name, received in got.items():
+                assert strictly_increasing(received.counters), (name, received.counters)
+            subscription = subscriber_of(room, "capped").subscriptions[publication.id]
+            assert subscription.layers is not None
+            print(f"relay: capped subscription dropped {subscription.layers.dropped_frames} "
+                  f"frames, forwarded {subscription.forwarded} packets; full forwarded "
+                  f"{subscriber_of(room, 'full').subscriptions[publication.id].forwarded}")
+            failures = [r.getMessage() for r in caplog.records if "decode" in r.getMessage()]
+            assert failures == []
+        finally:
+            await page.evaluate("() => { clearInterval(window.drawing); window.pc.close(); }")
+            await page.close()
