@@ -57,8 +57,11 @@ EXPIRED_MESSAGE = (
 QUEUE_MESSAGE = "queue"
 """The fleet's message kind for changes of the waiting requests."""
 GONE_REMEMBERED = 4096
-"""Requests that left the queue remembered (newest last): a late ``added`` about one of them
-(sent by another member before it was accepted here) is ignored."""
+"""Requests that left the queue remembered (newest last), with the status they left in when
+known: a late ``added`` about one of them (sent by another member before it was accepted here)
+is ignored, and a late accept of one is answered without reading the store."""
+LEFT_FOR_GOOD = ("accepted", "closed", "cancelled", "expired")
+"""Statuses a request never leaves for ``waiting`` again (the store only moves it forward)."""
 
 
 def new_id(prefix: str) -> str:
@@ -132,8 +135,9 @@ class Pairing:
         """Specialties whose lane changed since the last tick: positions to tell."""
         self._told: dict[str, int] = {}
         """The position last told to each waiting request's requester."""
-        self._gone: OrderedDict[str, None] = OrderedDict()
-        """Requests that left the queue lately (``GONE_REMEMBERED`` at most)."""
+        self._gone: OrderedDict[str, str | None] = OrderedDict()
+        """Requests that left the queue lately (``GONE_REMEMBERED`` at most): the status
+        they left in, None when not known (the store said only "not waiting")."""
         self._touched: set[str] | None = None
         """While ``resync`` reads the store: the requests changed meanwhile (left alone)."""
         self._resyncing = asyncio.Lock()
@@ -188,11 +192,12 @@ class Pairing:
             self._touched.add(request.id)
         self._queue.add(request)
 
-    def _forget(self, request_id: str) -> ConsultRequest | None:
-        """``request_id`` left the queue (here or on another member)."""
+    def _forget(self, request_id: str, status: str | None = None) -> ConsultRequest | None:
+        """``request_id`` left the queue (here or on another member), in ``status`` when
+        known."""
         if self._touched is not None:
             self._touched.add(request_id)
-        self._gone[request_id] = None
+        self._gone[request_id] = status if status in LEFT_FOR_GOOD else None
         self._gone.move_to_end(request_id)
         while len(self._gone) > GONE_REMEMBERED:
             self._gone.popitem(last=False)
@@ -218,7 +223,7 @@ class Pairing:
             return
         request = change.to_request()
         if change.action == "removed":
-            self._forget(request.id)
+            self._forget(request.id, request.status)
         elif request.id in self._gone:
             pass  # It left here first (this member accepted it, or heard so before).
         elif change.action == "added":
@@ -342,6 +347,14 @@ class Pairing:
         request = self._queue.get(request_id)
         if request is not None:
             return request
+        # Left the queue in a known status (the accepts that lost a race here, those that
+        # heard of another member's accept): the answer the store would give, without its
+        # round trip (the bench's races: 3 losers a request on a fleet, 7 on one node).
+        left = self._gone.get(request_id)
+        if left is not None:
+            if left in ("accepted", "closed"):
+                raise AlreadyTaken(f"consult request {request_id!r} was already taken")
+            raise InvalidState(f"consult request {request_id!r} is {left}, not waiting")
         stored = await self._store.get_request(request_id)
         if stored is None:
             raise NotFound(f"no consult request {request_id!r}")
@@ -360,7 +373,7 @@ class Pairing:
             # Claimed or finished meanwhile (another member): the store decides.
             self._forget(request.id)
             raise InvalidState(f"consult request {request.id!r} is no longer waiting")
-        self._forget(request.id)
+        self._forget(request.id, status)
         self._lane_moved(request)
         request.status = status  # type: ignore[assignment]
         request.closed_at = now
@@ -405,7 +418,7 @@ class Pairing:
             if self._claims.get(request.id) is claim:
                 del self._claims[request.id]
             claim.set_result(None)
-        self._forget(request.id)
+        self._forget(request.id, "accepted")
         self._lane_moved(request)
         request.status = "accepted"
         request.accepted_by = principal.id
