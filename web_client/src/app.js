@@ -1,5 +1,5 @@
 // The user interface. It speaks to the server only through protocol.js and media.js.
-import { Signaling, ProtocolRefusal } from "./protocol.js";
+import { Signaling, ProtocolRefusal, LinkWatch } from "./protocol.js";
 import { MediaSession } from "./media.js";
 import { NetworkProbe } from "./netprobe.js";
 import { EXPLANATION, deviceProblem, openDevices, originProblem } from "./problems.js";
@@ -15,6 +15,7 @@ const state = {
   signaling: null, me: null, sites: {}, queue: [], mine: [], consultations: [],
   room: null, view: "dashboard", probe: null,
   session: null, // the password (or single sign-on) session: null for a `#token=` link
+  link: null,    // the LinkWatch of the signed-in page: the "Kết nối yếu" banner
 };
 
 /** An error whose message is already written for the doctor, in the interface language. */
@@ -216,6 +217,8 @@ async function start(token, session = null) {
   }
   state.signaling = signaling;
   state.session = session;
+  state.link = new LinkWatch(signaling, setWeakLink);
+  if (testHooks) testHooks.link = state.link;
   if (session) {
     session.onToken = (renewed) => {
       signaling.renew(renewed).catch((e) => console.warn("auth: auth:refresh refused:", e.code, e.message));
@@ -238,10 +241,12 @@ function endSession(message) {
     if (room.media) room.media.close();
     if (room.stream) for (const track of room.stream.getTracks()) track.stop();
   }
+  if (state.link) state.link.stop();
+  setWeakLink(false);
   if (state.signaling) state.signaling.close();
   if (state.session) state.session.stop();
   sessionStorage.removeItem("telehealth.token");
-  Object.assign(state, { signaling: null, session: null, me: null, sites: {}, queue: [], mine: [],
+  Object.assign(state, { signaling: null, session: null, link: null, me: null, sites: {}, queue: [], mine: [],
                          consultations: [], room: null, view: "dashboard" });
   document.getElementById("who").replaceChildren();
   renderSignIn(message);
@@ -337,6 +342,16 @@ function bindEvents(signaling) {
   });
   // socket.io reconnects by itself (also after `server:stopping`); the room says so meanwhile.
   signaling.socket.on("disconnect", () => setServerLink(false));
+}
+
+/** The banner under the header, while the link to the server is weak (the socket away, or its
+ * requests slow: LinkWatch): in words, and announced (the element is an aria-live region). */
+function setWeakLink(weak) {
+  const el = document.getElementById("weak-link");
+  if (!el) return;
+  const text = weak ? t("weakLink") : "";
+  if (el.textContent !== text) el.textContent = text;
+  el.dataset.weak = String(weak);
 }
 
 /** The room says while its link to the server is down: media may well go on (it never passes
@@ -618,6 +633,9 @@ async function enterRoom(consultationId, stream) {
   const room = {
     id: consultationId, consultation: joined.consultation, participants: {}, tiles: {},
     chat: [], media: null, stream, recording: joined.recording,
+    quality: {},          // publication id -> {quality, fps}: the relay's video_quality notices
+    videoPaused: false,   // video_paused .. video_resumed: every remote video paused for bandwidth
+    ownLink: null,        // the last own-link measure (measureOwnLink)
   };
   for (const p of joined.participants) room.participants[p.clinician_id] = p;
   state.room = room;
@@ -628,10 +646,7 @@ async function enterRoom(consultationId, stream) {
     onTrack: ({ publication, track }) => attachTrack(publication, track),
     onTrackGone: (publicationId) => detachTrack(publicationId),
     onState: (mediaState) => setRoomState(mediaState),
-    onNotice: (notice) => {
-      const text = { video_paused: t("videoPaused"), video_resumed: t("videoResumed") }[notice.code];
-      if (text) flash(text, "info"); else console.info("media notice", notice.code);
-    },
+    onNotice: (notice) => roomNotice(room, notice),
     onProblem: (problem) => setMediaProblem(problem),
     onRefusal: (error) => flash(describeError(error)),
   });
@@ -748,6 +763,7 @@ function renderRoom() {
         h("span", { id: "server-link", class: "server-link", role: "status",
                     hidden: state.signaling.connected }, t("serverReconnecting")),
         h("span", { id: "quality", class: "quality" }, ""),
+        h("span", { id: "own-link", class: "own-link", role: "status" }, ""),
         h("span", { id: "recording-box", class: "recording-box" })),
       h("div", { id: "screens", class: "screens" }),
       h("div", { id: "tiles", class: "tiles" }),
@@ -838,6 +854,119 @@ function updateQuality() {
     if (inbound.kind === "audio" && inbound.audioLevel > level) { level = inbound.audioLevel; loudest = inbound.participant; }
   }
   for (const [participant, tile] of Object.entries(room.tiles)) tile.classList.toggle("speaking", participant === loudest);
+  renderTileQualities();
+  room.ticks = (room.ticks || 0) + 1;
+  if (room.ticks % OWN_LINK_EVERY_S === 0 && !room.measuring) {
+    room.measuring = true;
+    measureOwnLink(room).catch((e) => console.warn("own link:", e && e.message))
+      .finally(() => { room.measuring = false; });
+  }
+}
+
+/** A media notice for this participant: a publication's received quality changed
+ * (`video_quality`), or every remote video was paused or resumed for bandwidth. */
+function roomNotice(room, notice) {
+  if (notice.code === "video_quality") {
+    room.quality[notice.publication_id] = { quality: notice.quality, fps: notice.fps ?? null };
+  } else if (notice.code === "video_paused" || notice.code === "video_resumed") {
+    room.videoPaused = notice.code === "video_paused";
+    flash(t(notice.code === "video_paused" ? "videoPaused" : "videoResumed"), "info");
+  } else {
+    console.info("media notice", notice.code);
+  }
+  if (state.room === room) renderTileQualities();
+}
+
+/** What this viewer receives of a remote tile now: audio only while its video is paused (the
+ * relay's video_paused, or the viewer's own audio-only choice) or it has none; else what the
+ * relay last said of its video publication (`video_quality`), full until it says otherwise. */
+function receivedQuality(room, tile) {
+  const publication = tile.video.dataset.publication;
+  if (room.videoPaused || (room.media && room.media.audioOnly) || !publication) {
+    return { quality: "audio_only", fps: null };
+  }
+  return room.quality[publication] || { quality: "full", fps: null };
+}
+
+/** Each remote tile says in words what the viewer receives of it (not by colour alone). */
+function renderTileQualities() {
+  const room = state.room;
+  if (!room) return;
+  for (const [participant, tile] of Object.entries(room.tiles)) {
+    if (participant === "self" || !tile.qualityLabel) continue;
+    const { quality, fps } = receivedQuality(room, tile);
+    let text = t({ full: "qualityFull", reduced: "qualityReduced", audio_only: "qualityAudioOnly" }[quality] || "qualityFull");
+    if (quality === "reduced" && fps) {
+      const shown = fps.toLocaleString(getLanguage() === "vi" ? "vi-VN" : "en-GB", { maximumFractionDigits: 1 });
+      text += ` (${tf("framesPerSecond", { fps: shown })})`;
+    }
+    const label = tile.qualityLabel;
+    if (label.textContent !== text) label.textContent = text;
+    label.dataset.quality = quality;
+  }
+}
+
+/** The own link is measured every this many seconds (getStats of up to three connections). */
+const OWN_LINK_EVERY_S = 2;
+
+/** The own link in three words, from what the browser measures of its own connections.
+ * Weak: a round trip over 1 s (past ITU-T G.114's 400 ms one way, talk turns awkward), over
+ * 5 % of packets lost (audio concealment becomes audible even with Opus FEC), or under
+ * 150 kbps to send (audio and the base video layer no longer fit). Fair: over 300 ms (a
+ * satellite hop is always at least this), over 1 % lost, or under 500 kbps (VGA video at full
+ * frame rate no longer fits). Good otherwise. */
+function linkLevel(rttMs, lossPct, outgoingBps) {
+  if ((rttMs !== null && rttMs > 1000) || lossPct > 5 || (outgoingBps !== null && outgoingBps < 150_000)) return "weak";
+  if ((rttMs !== null && rttMs > 300) || lossPct > 1 || (outgoingBps !== null && outgoingBps < 500_000)) return "fair";
+  return "good";
+}
+
+/** Read the participant's own connections' getStats(): the selected candidate pairs' round
+ * trip (the longest) and available outgoing bitrate (the publish connections'), the loss the
+ * relay reports of what this page sends (remote-inbound-rtp) and the loss of what it receives
+ * since the last measure; show the level in words, the figures in its title. */
+async function measureOwnLink(room) {
+  const media = room.media;
+  const el = document.getElementById("own-link");
+  if (!media || !el) return;
+  const sending = [media.publishPc, media.screenPc].filter(Boolean);
+  const pcs = [...sending, media.subscribePc].filter(Boolean);
+  if (!pcs.length) return;
+  let rtt = null;
+  let outgoing = null;
+  let upLoss = 0;
+  let lost = 0;
+  let received = 0;
+  for (const pc of pcs) {
+    const report = await pc.getStats();
+    report.forEach((s) => {
+      if (s.type === "transport" && s.selectedCandidatePairId) {
+        const pair = report.get(s.selectedCandidatePairId);
+        if (pair && pair.currentRoundTripTime !== undefined) rtt = Math.max(rtt ?? 0, pair.currentRoundTripTime * 1000);
+        if (pair && pair.availableOutgoingBitrate !== undefined && sending.includes(pc)) {
+          outgoing = Math.min(outgoing ?? Infinity, pair.availableOutgoingBitrate);
+        }
+      }
+      if (s.type === "remote-inbound-rtp" && s.fractionLost !== undefined) upLoss = Math.max(upLoss, 100 * s.fractionLost);
+      if (s.type === "inbound-rtp") { lost += Math.max(0, s.packetsLost || 0); received += s.packetsReceived || 0; }
+    });
+  }
+  if (state.room !== room) return;
+  const previous = room.ownLink || { lost: 0, received: 0 };
+  const dLost = Math.max(0, lost - previous.lost);
+  const dReceived = Math.max(0, received - previous.received);
+  const downLoss = dLost + dReceived > 0 ? (100 * dLost) / (dLost + dReceived) : 0;
+  const lossPct = Math.max(upLoss, downLoss);
+  const level = linkLevel(rtt, lossPct, outgoing);
+  room.ownLink = { lost, received, level, rttMs: rtt, lossPct, outgoingBps: outgoing };
+  const text = `${t("ownLink")}: ${t({ good: "linkGood", fair: "linkFair", weak: "linkWeak" }[level])}`;
+  if (el.textContent !== text) el.textContent = text;
+  el.title = tf("linkFigures", { rtt: rtt === null ? "–" : `${Math.round(rtt)} ms`, loss: `${lossPct.toFixed(1)} %`,
+                                 kbps: outgoing === null ? "–" : `${Math.round(outgoing / 1000)} kbps` });
+  el.dataset.level = level;
+  el.dataset.rttMs = rtt === null ? "" : String(Math.round(rtt));
+  el.dataset.lossPct = lossPct.toFixed(1);
+  el.dataset.outgoingKbps = outgoing === null ? "" : String(Math.round(outgoing / 1000));
 }
 
 function renderRoomSide() {
@@ -876,8 +1005,11 @@ function tileFor(participantId) {
   const video = h("video", { autoplay: true, playsinline: true });
   const audio = h("audio", { autoplay: true });
   const stream = new MediaStream();
+  const qualityLabel = h("span", { class: "tile-quality", title: t("receivedQuality") });
   const tile = h("figure", { class: "tile", "data-participant": participantId },
-    video, audio, h("figcaption", {}, `${p.name || participantId} · ${p.site_name || siteName(p.site_id)} · ${(p.roles || []).map(roleName).join(", ")}`));
+    video, audio, h("figcaption", {}, `${p.name || participantId} · ${p.site_name || siteName(p.site_id)} · ${(p.roles || []).map(roleName).join(", ")} `,
+                    qualityLabel));
+  tile.qualityLabel = qualityLabel;
   tile.stream = stream;
   tile.video = video;
   tile.audio = audio;
@@ -909,6 +1041,7 @@ function attachTrack(publication, track) {
     tile.audio.srcObject = new MediaStream([track]);
     tile.audio.dataset.publication = publication.id;
   }
+  renderTileQualities();
 }
 
 /** For the tests: remember (epoch ms) when a participant's video first showed a frame. */
@@ -934,7 +1067,7 @@ function detachTrack(publicationId) {
       tile.remove();
       delete room.tiles[participant];
     }
-  }
+  }  renderTileQualities();
 }
 
 function addLocalTile(stream) {

@@ -57,6 +57,11 @@ const STRINGS = {
     // No relay can carry the consultation's media now (docs/protocol.md, "When things fail").
     mediaWaiting: "Đang chờ máy chủ truyền thông…",
     serverReconnecting: "Mất kết nối tới máy chủ, đang kết nối lại…",
+    weakLink: "Kết nối yếu: đường truyền tới máy chủ đang chậm hoặc gián đoạn. Hội chẩn vẫn tiếp tục và tự phục hồi khi đường truyền tốt lại.",
+    receivedQuality: "Hình ảnh bạn nhận được", qualityFull: "Đầy đủ", qualityReduced: "Giảm khung hình",
+    qualityAudioOnly: "Chỉ âm thanh", framesPerSecond: "{fps} khung hình/giây",
+    ownLink: "Đường truyền của bạn", linkGood: "Tốt", linkFair: "Trung bình", linkWeak: "Yếu",
+    linkFigures: "Độ trễ khứ hồi {rtt} · mất gói {loss} · gửi được {kbps}",
     mediaWaitingNote: "Máy chủ truyền hình ảnh và âm thanh tạm thời chưa sẵn sàng. Hội chẩn vẫn tiếp tục: bạn vẫn trò chuyện và ghi biên bản được; hình ảnh và âm thanh sẽ tự kết nối lại ngay khi có máy chủ.",
     // Sign-in, activation (auth.js) and the directory administration (admin.js).
     clinicianId: "Mã đăng nhập (mã nhân viên)", password: "Mật khẩu",
@@ -160,6 +165,11 @@ const STRINGS = {
     relayUnreachable: "The media server cannot be reached. Retrying; if it lasts, please tell the hospital IT team.",
     mediaWaiting: "Waiting for a media server…",
     serverReconnecting: "Connection to the server lost, reconnecting…",
+    weakLink: "Weak connection: the link to the server is slow or interrupted. The consultation goes on and recovers by itself when the link is better.",
+    receivedQuality: "The video you receive", qualityFull: "Full", qualityReduced: "Reduced frame rate",
+    qualityAudioOnly: "Audio only", framesPerSecond: "{fps} fps",
+    ownLink: "Your connection", linkGood: "Good", linkFair: "Fair", linkWeak: "Weak",
+    linkFigures: "Round trip {rtt} · loss {loss} · can send {kbps}",
     mediaWaitingNote: "No media server can carry video and sound at the moment. The consultation goes on: chat and the minutes still work; video and sound come back by themselves as soon as a server is available.",
     clinicianId: "User id (clinician id)", password: "Password",
     totpCode: "6-digit code (from the authenticator app)",

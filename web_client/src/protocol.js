@@ -34,12 +34,45 @@ export class ProtocolRefusal extends Error {
 const TRY_AGAIN = "limits_unavailable";
 const TRY_AGAIN_MS = 2000;
 
+// A long link (issue #15): an island's satellite link has a ~700 ms round trip and outages of
+// 5-10 s. The numbers below fit it; docs/protocol.md ("A long link") says the same.
+/** A request's answer may take this long. A request sent as an outage starts waits for the
+ * outage (10 s), then for TCP's retransmission, whose timer doubles while nothing is
+ * acknowledged (after ~1, 3, 7, 15 s on a 700 ms round trip), then a round trip: ~16 s. */
+export const CALL_TIMEOUT_MS = 20_000;
+/** socket.io's reconnection: first attempt after 1 s, then doubling up to 3 s (each +-50 %,
+ * so that the clients of a restarted server spread out): during an outage the page tries
+ * again every few seconds, and is back within ~3 s of the link's return. */
+const RECONNECT_DELAY_MS = 1000;
+const RECONNECT_DELAY_MAX_MS = 3000;
+/** One connection attempt (TCP, TLS, the websocket upgrade, socket.io's connect: ~5 round
+ * trips, 3.5 s at 700 ms, plus a lost SYN sent again after 1 s and 3 s) is given up after
+ * this, so that an attempt caught in an outage does not hold the next one back (socket.io's
+ * default is 20 s). */
+const CONNECT_TIMEOUT_MS = 10_000;
+
+/** The link watch (below) asks `GET /healthz` this often while the page runs. */
+export const LINK_PROBE_EVERY_MS = 2000;
+/** A probe not answered within this is a weak link (shown at once, not at the probe's end):
+ * three round trips of the network's longest link (a satellite hop, ~700 ms: a fresh
+ * connection's TCP and TLS handshakes and the request) and a margin, so a satellite site is
+ * not "weak" for its distance alone, only when requests start to wait (a queue building up,
+ * retransmissions, an outage). */
+export const LINK_SLOW_MS = 2500;
+/** A probe still unanswered is abandoned after this (its connection too); the next starts. */
+const LINK_PROBE_ABORT_MS = 8000;
+/** Probes answered in time in a row before the link is said to be good again: a link that
+ * comes back for one request and goes again does not make the banner blink. */
+const LINK_GOOD_PROBES = 2;
+
 /** A signed-in signaling session. Events are delivered to handlers registered with `on`. */
 export class Signaling {
   /** @param {string} token */
   constructor(token) {
     this.token = token;
-    this.socket = io({ auth: { token }, transports: ["websocket"], reconnectionDelayMax: 3000 });
+    this.socket = io({ auth: { token }, transports: ["websocket"],
+                       reconnectionDelay: RECONNECT_DELAY_MS,
+                       reconnectionDelayMax: RECONNECT_DELAY_MAX_MS, timeout: CONNECT_TIMEOUT_MS });
     // A refusal with a code ends socket.io's own reconnection; `limits_unavailable` (the
     // fleet's Redis does not answer for a moment) is worth trying again by ourselves.
     this.socket.on("connect_error", (error) => {
@@ -80,7 +113,7 @@ export class Signaling {
   off(event, handler) { this.socket.off(event, handler); }
 
   /** Emit with an ack; resolves the result, rejects with ProtocolRefusal. */
-  async call(event, payload = {}, timeoutMs = 15000) {
+  async call(event, payload = {}, timeoutMs = CALL_TIMEOUT_MS) {
     const answer = await this.socket.timeout(timeoutMs).emitWithAck(event, payload);
     if (answer && answer.error) throw new ProtocolRefusal(event, answer.error);
     return answer;
@@ -204,4 +237,79 @@ export class Signaling {
   }
 
   close() { this.socket.disconnect(); }
+}
+
+/**
+ * Whether the page's link to the server is weak now: the socket is away (socket.io
+ * reconnecting), or a request waits longer than `LINK_SLOW_MS`. A `GET /healthz` every
+ * `LINK_PROBE_EVERY_MS` measures it: the same network path as the socket (a new TCP
+ * connection, or a kept-alive one, to the same server), a few hundred bytes each way; the
+ * socket itself says nothing of a stall until socket.io's ping timeout (30 s), far too late
+ * for a doctor who wonders why the chat does not go. `onChange(weak)` is called on each
+ * change; it clears by itself once the probes are answered in time again.
+ */
+export class LinkWatch {
+  /** @param {Signaling} signaling @param {(weak: boolean) => void} onChange */
+  constructor(signaling, onChange) {
+    this.signaling = signaling;
+    this.onChange = onChange;
+    this.weak = false;
+    /** The last probe's round trip (ms), null before one was answered. */
+    this.rttMs = null;
+    /** Probes sent, and those late or failed: for the tests and the console. */
+    this.probes = 0;
+    this.late = 0;
+    this._good = LINK_GOOD_PROBES;
+    this._inflight = null;
+    this._lastAt = -Infinity;
+    this._update = () => this._check();
+    signaling.socket.on("connect", this._update);
+    signaling.socket.on("disconnect", this._update);
+    this._timer = setInterval(() => this._tick(), 250);
+  }
+
+  _tick() {
+    const now = performance.now();
+    if (this._inflight !== null && now - this._inflight > LINK_SLOW_MS) this._good = 0;
+    if (this._inflight === null && now - this._lastAt >= LINK_PROBE_EVERY_MS) this._probe(now);
+    this._check();
+  }
+
+  async _probe(started) {
+    this._inflight = started;
+    this._lastAt = started;
+    this.probes += 1;
+    let inTime = false;
+    try {
+      const answer = await fetch("/healthz", { cache: "no-store",
+                                               signal: AbortSignal.timeout(LINK_PROBE_ABORT_MS) });
+      await answer.text();
+      const rtt = performance.now() - started;
+      if (answer.ok) this.rttMs = rtt;
+      inTime = answer.ok && rtt <= LINK_SLOW_MS;
+    } catch {
+      // No answer at all (an outage, the server restarting): weak, the next probe tells more.
+    }
+    if (this._timer === null) return;
+    this._inflight = null;
+    if (inTime) this._good = Math.min(this._good + 1, LINK_GOOD_PROBES);
+    else { this._good = 0; this.late += 1; }
+    this._check();
+  }
+
+  _check() {
+    const weak = !this.signaling.connected || this._good < LINK_GOOD_PROBES;
+    if (weak === this.weak) return;
+    this.weak = weak;
+    console.info(`link: ${weak ? "weak" : "good again"} (round trip ${this.rttMs === null ? "-" : Math.round(this.rttMs)} ms, `
+                 + `${this.signaling.connected ? "connected" : "socket away"})`);
+    this.onChange(weak);
+  }
+
+  stop() {
+    clearInterval(this._timer);
+    this._timer = null;
+    this.signaling.socket.off("connect", this._update);
+    this.signaling.socket.off("disconnect", this._update);
+  }
 }
