@@ -203,12 +203,27 @@ class QueueSettings(_Section):
 
 
 class PresenceSettings(_Section):
+    """Liveness of the clients' connections. The defaults fit the network's longest links (an
+    island's satellite hop: ~700 ms round trip, outages of 5-10 s; docs/protocol.md, "A long
+    link"): an outage of up to 10 s closes no connection, so the others see nothing of it;
+    a client gone for good is seen within 40 s, and is ``left`` 30 s later."""
+
     ping_interval_s: float = Field(default=20.0, ge=1)
-    """socket.io ping interval: how often the server checks each connection. Default 20 s."""
+    """socket.io ping interval: how often the server checks each connection. A dead one is
+    seen within ``ping_interval_s + ping_timeout_s``; the client closes its own side after the
+    same time without a ping. Default 20 s: shorter would find a dead client sooner, at the
+    price of the ping wave that costs a loaded server its tail latency (docs/benchmarks.md),
+    while the reconnect grace hides the difference from the other participants."""
     ping_timeout_s: float = Field(default=20.0, ge=1)
-    """A connection that does not answer a ping within this time is offline. Default 20 s."""
+    """A connection that does not answer a ping within this time is offline. It must outlast
+    an outage: a ping sent as a 10 s outage starts is sent again by TCP after ~1, 3, 7 and
+    15 s (the retransmission timer doubles), so its answer comes ~16 s after it left. Default
+    20 s; lower it only on a network without satellite or radio links."""
     reconnect_grace_s: float = Field(default=30.0, ge=0)
-    """A participant who reconnects within this time keeps their place. Default 30 s."""
+    """A participant whose connection closed (the server's ping timeout, or the client's own
+    reconnect) and who reconnects within this time keeps their place: others see them
+    ``reconnecting``, then ``returned``. Default 30 s: the web client retries every 1-3 s,
+    each attempt given up after 10 s, so the end of a 10 s outage is well within it."""
 
 
 class LiveSettings(_Section):
@@ -312,6 +327,14 @@ class RelaySettings(_Section):
     """Single-port mode: every participant's ICE and media share this one UDP port,
     demultiplexed by the STUN username, then by the remote address. A port in use stops
     start-up. Default: none (one socket per participant)."""
+    announced_port: int | None = Field(default=None, ge=1, le=65535)
+    """With ``udp_port``: the port written into the relay's host candidates instead of
+    ``udp_port``, when a NAT or port-forward maps another public port onto it (with
+    ``announced_address``, the public address). The relay still binds ``udp_port``. One relay
+    process only for now: `serve` refuses it with ``embedded_workers`` above 1, and
+    `telehealth relay` needs ``workers = 1`` (``--workers 1``) with it, since its workers,
+    which bind ``udp_port + k``, would all announce this one port. Default: none
+    (``udp_port`` is announced)."""
     signaling_ca_file: Path | None = None
     """A standalone node: PEM CA bundle that signs the signaling server's certificate (a
     hospital's private CA). Default: the system's trusted CAs."""
@@ -331,6 +354,17 @@ class RelaySettings(_Section):
         if self.udp_port is not None and self.udp_port_range is not None:
             raise ValueError("udp_port (one shared port) and udp_port_range exclude each "
                              "other: set one")
+        return self
+
+    @model_validator(mode="after")
+    def _announced_port(self) -> RelaySettings:
+        if self.announced_port is not None and self.udp_port is None:
+            raise ValueError(f"announced_port = {self.announced_port} is the public port of "
+                             "the single port: it needs udp_port")
+        if self.announced_port is not None and self.embedded_workers > 1:
+            raise ValueError(f"announced_port = {self.announced_port} names one port, but "
+                             f"embedded_workers = {self.embedded_workers} bind one port each: "
+                             "announce it with embedded_workers = 0 or 1")
         return self
 
     @model_validator(mode="after")

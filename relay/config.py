@@ -31,6 +31,9 @@ class MediaConfig:
     """``(min, max)``: every ICE host socket of the relay is bound to a port in it."""
     udp_port: int | None = None
     """Single-port mode: every participant's ICE and media on this one UDP port."""
+    announced_port: int | None = None
+    """With ``udp_port``: the port written into host candidates instead of it (a NAT or
+    port-forward maps this public port onto ``udp_port``)."""
 
 
 def from_settings(relay: RelaySettings) -> MediaConfig:
@@ -51,4 +54,5 @@ def from_settings(relay: RelaySettings) -> MediaConfig:
         bandwidth_retry_s=relay.bandwidth_retry_s,
         udp_port_range=relay.udp_port_range,
         udp_port=relay.udp_port,
+        announced_port=relay.announced_port,
     )

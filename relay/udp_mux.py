@@ -19,6 +19,13 @@ facade over the shared socket (its close only unregisters). Datagrams are sorted
 * anything else (DTLS, SRTP, SRTCP): to the connection the source address is bound to, handed
   straight to its ICE connection; from an address bound to nobody: dropped and counted.
 
+``relay.announced_port = M`` (with ``relay.udp_port``): the relay still binds ``udp_port``, but
+its host candidates say ``M``, the public port a NAT or port-forward maps onto it (as
+``announced_address`` is the public address; relay/sdp.py writes that one). Each connection's
+``SharedPort`` reports ``M`` as its socket's port, which is what aioice writes into the
+candidate; nothing else reads it. What arrives through the mapping comes from the clients'
+addresses as the NAT rewrote them, and is sorted the same way.
+
 A connection that closes (a participant leaving, new peer connections after a reconnect)
 removes only its own ufrag and addresses. Both modes are bound through relay/hooks.py, for the
 relay's connections only (``hooks.relay_gathering``)."""
@@ -148,7 +155,8 @@ class SharedPort(asyncio.DatagramTransport):
         self._mux = mux
         self._member = member
         self._protocol = protocol
-        self._sockname = (address, mux.port)
+        # The candidate's address: the announced port when a NAT maps another one onto ours.
+        self._sockname = (address, mux.announced_port)
         self._closed = False
 
     def sendto(self, data: Any, addr: Any = None) -> None:
@@ -201,10 +209,12 @@ class _Route:
 class UdpMux(asyncio.DatagramProtocol):
     """``hooks.HostSockets`` putting every connection of the relay on one UDP socket."""
 
-    def __init__(self, address: str, port: int) -> None:
+    def __init__(self, address: str, port: int, announced_port: int | None = None) -> None:
         self.address = address
         """The address the socket is bound to (``0.0.0.0``: every IPv4 address)."""
         self.port = port
+        self.announced_port = announced_port or port
+        """The port host candidates announce (``relay.announced_port``, else ``port``)."""
         self.transport: asyncio.DatagramTransport | None = None
         self.dropped = 0
         """Datagrams from addresses bound to no connection."""
@@ -215,9 +225,9 @@ class UdpMux(asyncio.DatagramProtocol):
         self._sendto: Callable[..., None] = lambda data, addr: None
 
     @classmethod
-    async def open(cls, address: str, port: int) -> UdpMux:
-        """The shared socket bound on ``address``:``port``; UdpPortsUnavailable if it cannot
-        be."""
+    async def open(cls, address: str, port: int, announced_port: int | None = None) -> UdpMux:
+        """The shared socket bound on ``address``:``port``, candidates announcing
+        ``announced_port`` if given; UdpPortsUnavailable if it cannot be bound."""
         try:
             sock = _bind(address, port)
         except OSError as exc:
@@ -229,10 +239,13 @@ class UdpMux(asyncio.DatagramProtocol):
             sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
         # Linux reports twice what it grants; less than asked means a low net.core.*mem_max.
         granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2
-        mux = cls(address, port)
+        mux = cls(address, port, announced_port)
         await asyncio.get_running_loop().create_datagram_endpoint(lambda: mux, sock=sock)
         logger.info("relay.udp_port: every participant's ICE and media on UDP %s:%d (receive "
                     "buffer %d KiB)", address, port, granted // 1024)
+        if mux.announced_port != port:
+            logger.info("relay.announced_port: host candidates announce port %d, mapped onto "
+                        "%d", mux.announced_port, port)
         if granted < SOCKET_BUFFER_BYTES:
             logger.warning("relay.udp_port: the kernel granted a %d KiB receive buffer of the "
                            "%d KiB asked; under load packets may drop: raise the sysctls "
@@ -401,6 +414,13 @@ async def open_ports(config: MediaConfig) -> UdpPorts | None:
     if config.udp_port is not None and config.udp_port_range is not None:
         raise UdpPortsUnavailable("relay.udp_port (one shared port) and relay.udp_port_range "
                                   "exclude each other: set one")
+    if config.announced_port is not None:
+        if config.udp_port is None:
+            raise UdpPortsUnavailable(f"relay.announced_port {config.announced_port} is the "
+                                      "public port of the single port: it needs relay.udp_port")
+        if not 1 <= config.announced_port <= 65535:
+            raise UdpPortsUnavailable("relay.announced_port must be 1-65535, got "
+                                      f"{config.announced_port}")
     ports: UdpPorts | None = None
     if config.udp_port_range is not None:
         low, high = config.udp_port_range
@@ -411,6 +431,7 @@ async def open_ports(config: MediaConfig) -> UdpPorts | None:
         if not 1 <= config.udp_port <= 65535:
             raise UdpPortsUnavailable(f"relay.udp_port must be 1-65535, got {config.udp_port}")
         hosts = config.host_addresses
-        ports = await UdpMux.open(hosts[0] if len(hosts) == 1 else "0.0.0.0", config.udp_port)
+        ports = await UdpMux.open(hosts[0] if len(hosts) == 1 else "0.0.0.0", config.udp_port,
+                                  config.announced_port)
     hooks.set_host_sockets(ports)
     return ports
