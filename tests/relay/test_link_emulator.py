@@ -29,10 +29,10 @@ from tests.link_emulator import (
     TcpLinkEmulator,
     UdpLinkEmulator,
     client_ufrag,
-    hide_candidates,
+    hide_client_addresses,
 )
 from tests.media import MediaPeer, wait_for
-from tests.relay.peers import RelayRoom, relay_room
+from tests.relay.peers import relay_room
 from tests.relay.test_ports import HOST, free_udp_ports, relay_candidate_ports
 
 VSAT_UP, VSAT_DOWN = PROFILES["vsat"]
@@ -400,41 +400,18 @@ def ufrags(sdp: str) -> set[str]:
     return set(re.findall(r"a=ice-ufrag:(\S+)", sdp))
 
 
-def hidden_peer(room: RelayRoom, participant_id: str) -> MediaPeer:
-    """A MediaPeer of ``participant_id`` that gives the relay no candidates of its own (see
-    ``hide_candidates``): the relay reaches it only through the emulator."""
-
-    async def call(command: str, payload: dict[str, Any]) -> dict[str, Any]:
-        if command == "publish":
-            return await room.relay.publish(room.id, participant_id,
-                                            hide_candidates(payload["sdp"]),
-                                            payload["sources"])
-        if command == "subscribe":
-            return await room.relay.subscribe(room.id, participant_id)
-        await room.relay.answer(room.id, participant_id, payload["transport_id"],
-                                hide_candidates(payload["sdp"]))
-        return {}
-
-    peer = MediaPeer(participant_id, call)
-    room.peers[participant_id] = peer
-    room.events.peers[(room.id, participant_id)] = peer
-    return peer
-
-
 async def test_an_aiortc_participant_reaches_the_relay_through_the_emulator_on_good_then_3g(
         ) -> None:
     (relay_port, _) = free_udp_ports(1)
     async with UdpLinkEmulator((HOST, relay_port), default="good", seed=8) as link, \
             relay_room(udp_port=relay_port, announced_port=link.port) as room:
         await room.relay.start()  # binds the single port
+        hide_client_addresses(room.relay)
         mux = room.relay.udp_ports
         assert isinstance(mux, UdpMux) and mux.port == relay_port
         peers: dict[str, MediaPeer] = {}
         for name in ("island", "hospital"):
-            await room.relay.join(room.id, name)
-            peers[name] = hidden_peer(room, name)
-            await peers[name].subscribe()
-            await peers[name].publish(fps=15)
+            peers[name] = await room.join(name, fps=15)
 
         async def decoding(frames: int, timeout: float) -> None:
             start = {(n, o): peers[n].frames(o) for n, o in (("island", "hospital"),
