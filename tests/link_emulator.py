@@ -387,6 +387,8 @@ class Flow:
         self.sock = sock
         self.ufrag: str | None = None
         """The client's ICE ufrag, from its latest Binding request."""
+        self.last_active = emulator.loop.time()
+        """When a datagram last came from either side."""
         self.profile_name = name
         loop, epoch, seed = emulator.loop, emulator.epoch, f"{emulator.seed}:{index}"
         listener = emulator.listener
@@ -405,7 +407,8 @@ class Flow:
         self.profile_name = name
 
     def stats(self) -> dict[str, Any]:
-        return {"client": f"{self.client[0]}:{self.client[1]}", "ufrag": self.ufrag,
+        return {"index": self.index, "client": f"{self.client[0]}:{self.client[1]}",
+                "ufrag": self.ufrag,
                 "profile": self.profile_name, "relay_side_port": self.local_port,
                 "up": self.up.stats.as_dict(), "down": self.down.stats.as_dict()}
 
@@ -423,12 +426,19 @@ class UdpLinkEmulator:
     """A UDP relay on ``host`` (an ephemeral ``port`` unless given) in front of ``target``."""
 
     def __init__(self, target: Address, *, default: ProfileChoice = "good", seed: int = 0,
-                 host: str = "127.0.0.1", port: int = 0) -> None:
+                 host: str = "127.0.0.1", port: int = 0, idle_s: float = 120.0) -> None:
+        """``idle_s``: a flow nothing came through for this long (a closed peer connection:
+        a live one's consent checks pass every few seconds, outages included) is closed,
+        its stats kept in ``stats()``."""
         self.target = target
+        self.idle_s = idle_s
         self.seed = seed
         self.host = host
         self.port = port
         self.flows: dict[Address, Flow] = {}
+        self._expired: list[dict[str, Any]] = []
+        self._next_index = 0
+        self._sweep: asyncio.TimerHandle | None = None
         self._default = profile_pair(default)
         self._default_name = _name(default)
         self._assigned: dict[str, tuple[tuple[Profile, Profile], str]] = {}
@@ -462,6 +472,7 @@ class UdpLinkEmulator:
         self._listener = sock
         self.port = sock.getsockname()[1]
         self._loop.add_reader(sock.fileno(), self._from_clients)
+        self._sweep = self._loop.call_later(self.idle_s / 4, self._close_idle)
         logger.info("link emulator: UDP %s:%d -> %s:%d, default %s", self.host, self.port,
                     self.target[0], self.target[1], self._default_name)
         return self
@@ -499,8 +510,21 @@ class UdpLinkEmulator:
         return [flow for flow in self.flows.values() if flow.ufrag == ufrag]
 
     def stats(self) -> list[dict[str, Any]]:
-        """Per flow, in order of arrival."""
-        return [flow.stats() for flow in sorted(self.flows.values(), key=lambda f: f.index)]
+        """Per flow, in order of arrival (idle flows closed since included)."""
+        live = [flow.stats() for flow in sorted(self.flows.values(), key=lambda f: f.index)]
+        return sorted(self._expired + live, key=lambda f: int(f["index"]))
+
+    def _close_idle(self) -> None:
+        now = self.loop.time()
+        for client, flow in list(self.flows.items()):
+            if now - flow.last_active > self.idle_s:
+                logger.debug("link emulator: flow %d from %s:%d idle, closed", flow.index,
+                             client[0], client[1])
+                self._expired.append(flow.stats())
+                del self.flows[client]
+                self.loop.remove_reader(flow.sock.fileno())
+                flow.close()
+        self._sweep = self.loop.call_later(self.idle_s / 4, self._close_idle)
 
     # -- the data path ----------------------------------------------------------------------
     def _flow(self, client: Address) -> Flow | None:
@@ -515,7 +539,8 @@ class UdpLinkEmulator:
             logger.warning("link emulator: no socket for %s:%d: %s", client[0], client[1], exc)
             return None
         sock.setblocking(False)
-        flow = Flow(self, len(self.flows), client, sock, self._default, self._default_name)
+        flow = Flow(self, self._next_index, client, sock, self._default, self._default_name)
+        self._next_index += 1
         self.flows[client] = flow
         self.loop.add_reader(sock.fileno(), self._from_relay, flow)
         logger.debug("link emulator: flow %d from %s:%d", flow.index, client[0], client[1])
@@ -536,6 +561,7 @@ class UdpLinkEmulator:
                 flow = self._flow(client)
                 if flow is None:
                     continue
+            flow.last_active = now
             if data and data[0] < 4:
                 ufrag = client_ufrag(data)
                 if ufrag is not None and ufrag != flow.ufrag:
@@ -545,6 +571,7 @@ class UdpLinkEmulator:
 
     def _from_relay(self, flow: Flow) -> None:
         sock, down, now = flow.sock, flow.down, self.loop.time()
+        flow.last_active = now
         for _ in range(_READ_BATCH):
             try:
                 data = sock.recv(65536)
@@ -557,6 +584,9 @@ class UdpLinkEmulator:
     def close(self) -> None:
         """Idempotent: every flow and the listening socket closed, queued packets dropped."""
         loop = self._loop
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         for flow in self.flows.values():
             if loop is not None and not loop.is_closed():
                 loop.remove_reader(flow.sock.fileno())

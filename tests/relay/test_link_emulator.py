@@ -260,6 +260,25 @@ async def test_nothing_passes_during_an_outage_and_traffic_resumes_after() -> No
         client.close()
 
 
+async def test_an_idle_flow_is_closed_and_its_stats_kept() -> None:
+    target, client = await endpoint(), await endpoint()
+    try:
+        async with UdpLinkEmulator((HOST, target.port), idle_s=0.4) as link:
+            client.sendto(numbered(0, 100), (HOST, link.port))
+            await wait_for(lambda: len(target.arrivals) == 1, 2, "the first datagram")
+            first = next(iter(link.flows.values()))
+            await wait_for(lambda: not link.flows, 2, "the idle flow closed")
+            assert first.sock.fileno() == -1
+            client.sendto(numbered(1, 100), (HOST, link.port))
+            await wait_for(lambda: len(target.arrivals) == 2, 2, "a new flow")
+            stats = link.stats()
+        assert [s["index"] for s in stats] == [0, 1]
+        assert [s["up"]["packets_out"] for s in stats] == [1, 1]
+    finally:
+        target.close()
+        client.close()
+
+
 def test_profiles_read_as_the_issue_says() -> None:
     up, down = PROFILES["vsat"]
     assert up.rate_bps == down.rate_bps == 512_000 and up.loss == down.loss == 0.01
