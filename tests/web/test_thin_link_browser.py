@@ -172,6 +172,11 @@ async def test_a_six_second_outage_on_a_long_link(tmp_path: Path, browser: Brows
 
                 # The room's words: the relay says what each viewer receives of each tile.
                 await quality_words(relay, consultation, district, specialist)
+                for name, page in (("district", district), ("specialist", specialist)):
+                    own = page.locator("#own-link")
+                    print(f"{name} at the end: {await own.inner_text()} "
+                          f"({await own.get_attribute('title')}, video held back by the "
+                          f"bandwidth estimate: {await own.get_attribute('data-limited')})")
             finally:
                 for page in (district, specialist):
                     await page.context.close()

@@ -911,13 +911,17 @@ const OWN_LINK_EVERY_S = 2;
 
 /** The own link in three words, from what the browser measures of its own connections.
  * Weak: a round trip over 1 s (past ITU-T G.114's 400 ms one way, talk turns awkward), over
- * 5 % of packets lost (audio concealment becomes audible even with Opus FEC), or under
- * 150 kbps to send (audio and the base video layer no longer fit). Fair: over 300 ms (a
- * satellite hop is always at least this), over 1 % lost, or under 500 kbps (VGA video at full
- * frame rate no longer fits). Good otherwise. */
-function linkLevel(rttMs, lossPct, outgoingBps) {
-  if ((rttMs !== null && rttMs > 1000) || lossPct > 5 || (outgoingBps !== null && outgoingBps < 150_000)) return "weak";
-  if ((rttMs !== null && rttMs > 300) || lossPct > 1 || (outgoingBps !== null && outgoingBps < 500_000)) return "fair";
+ * 5 % of packets lost (audio concealment becomes audible even with Opus FEC), or the camera's
+ * video held back by the bandwidth estimate (`limited`) under 150 kbps (audio and the base
+ * video layer no longer fit). Fair: over 300 ms (a satellite hop is always at least this),
+ * over 1 % lost, or the video held back by the estimate at all. The available outgoing bitrate
+ * alone says little: with the relay's REMB it follows what the encoder sends (an estimate
+ * grows only ~1.5 times past the rate it sees), so a still picture on a LAN "can send" 100 kbps;
+ * only when the encoder itself says the bandwidth holds it back is the figure a limit. */
+function linkLevel(rttMs, lossPct, outgoingBps, limited) {
+  const thin = limited && outgoingBps !== null && outgoingBps < 150_000;
+  if ((rttMs !== null && rttMs > 1000) || lossPct > 5 || thin) return "weak";
+  if ((rttMs !== null && rttMs > 300) || lossPct > 1 || limited) return "fair";
   return "good";
 }
 
@@ -935,6 +939,7 @@ async function measureOwnLink(room) {
   let rtt = null;
   let outgoing = null;
   let upLoss = 0;
+  let limited = false;
   let lost = 0;
   let received = 0;
   for (const pc of pcs) {
@@ -948,6 +953,7 @@ async function measureOwnLink(room) {
         }
       }
       if (s.type === "remote-inbound-rtp" && s.fractionLost !== undefined) upLoss = Math.max(upLoss, 100 * s.fractionLost);
+      if (s.type === "outbound-rtp" && s.kind === "video" && s.qualityLimitationReason === "bandwidth") limited = true;
       if (s.type === "inbound-rtp") { lost += Math.max(0, s.packetsLost || 0); received += s.packetsReceived || 0; }
     });
   }
@@ -957,8 +963,8 @@ async function measureOwnLink(room) {
   const dReceived = Math.max(0, received - previous.received);
   const downLoss = dLost + dReceived > 0 ? (100 * dLost) / (dLost + dReceived) : 0;
   const lossPct = Math.max(upLoss, downLoss);
-  const level = linkLevel(rtt, lossPct, outgoing);
-  room.ownLink = { lost, received, level, rttMs: rtt, lossPct, outgoingBps: outgoing };
+  const level = linkLevel(rtt, lossPct, outgoing, limited);
+  room.ownLink = { lost, received, level, rttMs: rtt, lossPct, outgoingBps: outgoing, limited };
   const text = `${t("ownLink")}: ${t({ good: "linkGood", fair: "linkFair", weak: "linkWeak" }[level])}`;
   if (el.textContent !== text) el.textContent = text;
   el.title = tf("linkFigures", { rtt: rtt === null ? "–" : `${Math.round(rtt)} ms`, loss: `${lossPct.toFixed(1)} %`,
@@ -967,6 +973,7 @@ async function measureOwnLink(room) {
   el.dataset.rttMs = rtt === null ? "" : String(Math.round(rtt));
   el.dataset.lossPct = lossPct.toFixed(1);
   el.dataset.outgoingKbps = outgoing === null ? "" : String(Math.round(outgoing / 1000));
+  el.dataset.limited = String(limited);
 }
 
 function renderRoomSide() {
