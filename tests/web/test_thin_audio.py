@@ -1,13 +1,16 @@
 """Audio first (issue #15): the SDP the relay sends asks Opus for in-band FEC and DTX, on every
 Opus payload type and nothing else; a real relay's publish answer to a real aiortc offer carries
 it. (Chromium's side, that its outbound audio codec then uses them, is in
-test_thin_link_browser.py.)"""
+test_thin_link_browser.py.) A congested subscriber's video is skipped before its audio."""
 
 from __future__ import annotations
 
+import pytest
 from aiortc import RTCPeerConnection, RTCSessionDescription
 
+from relay import hooks
 from relay.config import MediaConfig
+from relay.hooks import AUDIO_BACKLOG_FACTOR
 from relay.sdp import OPUS_FMTP, announce, opus_fmtp
 from tests.relay.peers import relay_room
 
@@ -81,3 +84,25 @@ async def test_relay_publish_answer_asks_for_fec_and_dtx() -> None:
             await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
         finally:
             await pc.close()
+
+
+async def test_backlog_skips_video_before_audio(monkeypatch: pytest.MonkeyPatch) -> None:
+    """hooks.backlog_exceeded on real aiortc senders, the queue's depth given: video is
+    skipped past the limit, audio only past AUDIO_BACKLOG_FACTOR times it."""
+    pc = RTCPeerConnection()
+    try:
+        audio = pc.addTransceiver("audio", direction="sendonly").sender
+        video = pc.addTransceiver("video", direction="sendonly").sender
+        limit = 512 * 1024
+        depth = {"bytes": 0}
+        monkeypatch.setattr(hooks, "backlog_bytes", lambda sender: depth["bytes"])
+        for queued, video_skipped, audio_skipped in (
+                (limit, False, False), (limit + 1, True, False),
+                (AUDIO_BACKLOG_FACTOR * limit, True, False),
+                (AUDIO_BACKLOG_FACTOR * limit + 1, True, True)):
+            depth["bytes"] = queued
+            assert hooks.backlog_exceeded(video, limit) is video_skipped, queued
+            assert hooks.backlog_exceeded(audio, limit) is audio_skipped, queued
+        assert not hooks.backlog_exceeded(video, 0)  # no limit configured
+    finally:
+        await pc.close()
