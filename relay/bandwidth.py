@@ -1,6 +1,7 @@
-"""Congestion policy toward one subscriber, without I/O: when to pause its video for
-bandwidth, and what the relay sends it. The caller passes the clock (``now``, monotonic
-seconds) and carries out the decisions (pausing, notices, the retry timer)."""
+"""Congestion policy toward one subscriber, without I/O: which temporal layers of its video it
+gets (``LayerPolicy``), when to pause its video for bandwidth below that (``BandwidthPolicy``),
+and what the relay sends it. The caller passes the clock (``now``, monotonic seconds) and
+carries out the decisions (the layer, pausing, notices, the retry timer)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,37 @@ CONGESTION_LOSS = 0.05
 """Reported loss (fraction) at or above which a low bandwidth estimate counts as congestion."""
 RATE_INTERVAL_S = 0.5
 """The send rate is measured over at least this long."""
+
+TOP_LAYER = 2
+"""The highest temporal layer the layer policy chooses: L1T3's, the web client's camera (30 fps;
+layer 1 15 fps, layer 0 7.5 fps)."""
+LAYER_LOSS = 0.05
+"""A receiver report with this much loss (fraction) or more steps the layer down."""
+LAYER_LOSS_WITH_LOW_ESTIMATE = 0.02
+"""Loss that counts when the estimate is low too."""
+BACKLOG_HIGH_BYTES = 64 * 1024
+"""Bytes waiting in the relay's send buffer toward the subscriber that step the layer down (the
+skip to a keyframe comes at ``max_backlog_bytes``, far above)."""
+RTT_RISE_S = 0.3
+"""Round trip over the lowest one of the last ``RTT_WINDOW_S`` by this much: a queue is
+building on the path; the layer steps down."""
+RTT_RISE_WITH_LOW_ESTIMATE_S = 0.1
+"""A rise that counts when the estimate is low too."""
+RTT_WINDOW_S = 30.0
+"""The lowest round trip is taken over this long (a new route may be longer for good)."""
+ESTIMATE_SHORTFALL = 0.5
+"""A receiver estimate (REMB) under this share of what the relay sends is low. Only a witness:
+aiortc's estimator starts near nothing and climbs ~1 kbps a report, so a low estimate alone
+says nothing; with loss or a rising round trip it is congestion."""
+STEP_DOWN_EVERY_S = 1.0
+"""At most one step down per this long: a step must have time to show (reports come ~1 s
+apart), and two bad reports take 30 fps to 7.5 fps in about a second."""
+QUIET_S = 6.0
+"""Without congestion for this long, the layer is probed up one step."""
+MAX_QUIET_S = 48.0
+"""The quiet period doubles after each probe that failed, up to this."""
+PROBE_FAILED_WITHIN_S = 4.0
+"""Congestion this soon after a probe up means the probe failed."""
 
 
 class BandwidthPolicy:
@@ -57,6 +89,12 @@ class BandwidthPolicy:
         self._low_since = None
         return True
 
+    def estimate_held(self, bitrate: int) -> None:
+        """Take an estimate while the pause is not an option (the layers step down first):
+        the window starts afresh once it is."""
+        self.estimate_bps = bitrate
+        self._low_since = None
+
     def resumed(self) -> None:
         """Video is being tried again."""
         self.paused = False
@@ -86,3 +124,80 @@ class SendRate:
     @property
     def total_bps(self) -> float | None:
         return sum(self._rates.values()) if self._rates else None
+
+
+class LayerPolicy:
+    """The highest temporal layer one subscriber takes of every video publication sent in
+    layers (per subscriber: the link is the subscriber's, whoever sends). Down one layer at
+    once on congestion (a receiver report with ``LAYER_LOSS``, a send backlog over
+    ``BACKLOG_HIGH_BYTES``, a round trip ``RTT_RISE_S`` over its recent lowest, or a low
+    estimate with some loss or some rise), at most one step per ``STEP_DOWN_EVERY_S``; up one
+    layer after ``quiet_s`` without congestion; a probe that brings congestion back within
+    ``PROBE_FAILED_WITHIN_S`` doubles the quiet period (up to ``MAX_QUIET_S``), one that holds
+    for a whole quiet period resets it. Never below layer 0: the video pause
+    (``BandwidthPolicy``) is the step below, taken only at layer 0."""
+
+    def __init__(self, top: int = TOP_LAYER, quiet_s: float = QUIET_S) -> None:
+        self.top = top
+        self.layer = top
+        self.quiet_s = quiet_s
+        self.reason = ""
+        """Why the layer last changed (``loss``, ``backlog``, ``rtt``, ``estimate``,
+        ``probe``), for the logs."""
+        self._base_quiet_s = quiet_s
+        self._last_down: float | None = None
+        self._calm_since: float | None = None
+        """Since when no congestion was seen and the layer did not change."""
+        self._probed_at: float | None = None
+        self._rtts: collections.deque[tuple[float, float]] = collections.deque(maxlen=64)
+
+    def congestion(self, now: float, *, loss: float, rtt_s: float | None, backlog_bytes: int,
+                   estimate_bps: int | None, send_bps: float | None) -> str | None:
+        """What says the path toward the subscriber is congested now, or None."""
+        rise = 0.0
+        if rtt_s is not None:
+            while self._rtts and now - self._rtts[0][0] > RTT_WINDOW_S:
+                self._rtts.popleft()
+            self._rtts.append((now, rtt_s))
+            rise = rtt_s - min(r for _, r in self._rtts)
+        if backlog_bytes >= BACKLOG_HIGH_BYTES:
+            return "backlog"
+        if loss >= LAYER_LOSS:
+            return "loss"
+        if rise >= RTT_RISE_S:
+            return "rtt"
+        low = (estimate_bps is not None and send_bps is not None
+               and estimate_bps < send_bps * ESTIMATE_SHORTFALL)
+        if low and (loss >= LAYER_LOSS_WITH_LOW_ESTIMATE or rise >= RTT_RISE_WITH_LOW_ESTIMATE_S):
+            return "estimate"
+        return None
+
+    def update(self, now: float, *, loss: float = 0.0, rtt_s: float | None = None,
+               backlog_bytes: int = 0, estimate_bps: int | None = None,
+               send_bps: float | None = None) -> int:
+        """Take one receiver report's worth of observations (``loss``: the report's fraction
+        lost); the layer to use from now."""
+        reason = self.congestion(now, loss=loss, rtt_s=rtt_s, backlog_bytes=backlog_bytes,
+                                 estimate_bps=estimate_bps, send_bps=send_bps)
+        if reason is not None:
+            self._calm_since = None
+            if self._probed_at is not None and now - self._probed_at <= PROBE_FAILED_WITHIN_S:
+                self.quiet_s = min(self.quiet_s * 2, MAX_QUIET_S)
+                self._probed_at = None
+            if self.layer > 0 and (self._last_down is None
+                                   or now - self._last_down >= STEP_DOWN_EVERY_S):
+                self.layer -= 1
+                self._last_down = now
+                self.reason = reason
+            return self.layer
+        if self._calm_since is None:
+            self._calm_since = now
+        if self._probed_at is not None and now - self._probed_at >= self.quiet_s:
+            self.quiet_s = self._base_quiet_s  # the last probe held a whole quiet period
+            self._probed_at = None
+        if self.layer < self.top and now - self._calm_since >= self.quiet_s:
+            self.layer += 1
+            self._probed_at = now
+            self._calm_since = now
+            self.reason = "probe"
+        return self.layer

@@ -15,7 +15,7 @@ from typing import Any
 from aiortc import RTCPeerConnection
 
 from relay.api import RelayEvents
-from relay.bandwidth import BandwidthPolicy, SendRate
+from relay.bandwidth import TOP_LAYER, BandwidthPolicy, LayerPolicy, SendRate
 from relay.config import MediaConfig
 from relay.errors import NotInRoom
 from relay.publication import Publication
@@ -43,6 +43,31 @@ class RoomLink:
     """Reports one of this participant's publications as ended."""
 
 
+def video_quality(subscription: Subscription) -> tuple[str, float | None]:
+    """What a subscriber receives of a video publication: ``full`` (every layer, or the
+    publisher sends none), ``reduced`` (only the lower temporal layers) or ``audio_only``
+    (paused), and the frame rate that carries, measured on the publisher's input (None when
+    unknown or paused)."""
+    if subscription.paused:
+        return "audio_only", None
+    publication = subscription.publication
+    layer = subscription.max_layer
+    if layer is None or layer >= publication.temporal_layers:
+        return "full", publication.frame_rate()
+    return "reduced", publication.frame_rate(layer)
+
+
+def rate_news(quality: str, told: float | None, now: float | None) -> bool:
+    """Whether a frame rate is worth a notice of its own, the quality being the same: it was
+    unknown and is known now, or (reduced) it moved by more than a quarter and 2 fps (the
+    publisher's encoder changed its rate)."""
+    if now is None:
+        return False
+    if told is None:
+        return True
+    return quality == "reduced" and abs(now - told) >= max(2.0, told / 4)
+
+
 class Participant:
     def __init__(self, participant_id: str, config: MediaConfig, room: RoomLink) -> None:
         self.id = participant_id
@@ -61,8 +86,15 @@ class Participant:
             publications=room.publications, send_offer=self._send_offer,
             spawn=self._tasks.spawn, on_remb=self._on_remb, on_loss=self._on_loss)
         self.bandwidth = BandwidthPolicy(config.bandwidth_floor_bps, config.bandwidth_window_s)
+        self.layers = LayerPolicy()
+        """Which temporal layers of layered video it gets (relay/bandwidth.py)."""
+        self.layer_cap: int | None = None
+        """An upper bound on the policy's layer, set through ``cap_layer``."""
         self._send_rate = SendRate()
         self._retry: asyncio.TimerHandle | None = None
+        self._qualities: dict[str, tuple[str, float | None]] = {}
+        """What it was last told it receives of each video publication, and at what frame
+        rate (absent: full)."""
 
     # -- what tests and tools look at ------------------------------------------------------
     @property
@@ -127,6 +159,7 @@ class Participant:
         else:
             self.subscriber.resume("audio_only")
         logger.info("%s audio only %s", self._label, "on" if audio_only else "off")
+        self._tell_quality()
 
     # -- what the room tells it -----------------------------------------------------------
     def publication_added(self, publication: Publication) -> None:
@@ -142,20 +175,52 @@ class Participant:
 
     # -- bandwidth ------------------------------------------------------------------------
     def _on_loss(self, fraction: float) -> None:
-        self.bandwidth.loss_reported(fraction, time.monotonic())
+        """A receiver report block for one of its legs: the layer policy's clock."""
+        now = time.monotonic()
+        self.bandwidth.loss_reported(fraction, now)
+        if not self.subscriber.layered():
+            return  # nothing to choose: video as before (all of it, or paused)
+        self.layers.update(now, loss=fraction, rtt_s=self.subscriber.rtt_s(),
+                           backlog_bytes=self.subscriber.backlog_bytes(),
+                           estimate_bps=self.bandwidth.estimate_bps,
+                           send_bps=self._send_rate.total_bps)
+        self._apply_layer()
+
+    def cap_layer(self, layer: int | None) -> None:
+        """Never more than the temporal layers up to ``layer`` (None: as the policy says),
+        whatever the policy says: an operator's or a test's hand on the layer."""
+        self.layer_cap = layer
+        self._apply_layer()
+
+    def _apply_layer(self) -> None:
+        layer = self.layers.layer
+        if self.layer_cap is not None:
+            layer = min(layer, self.layer_cap)
+        wanted = None if layer >= TOP_LAYER else layer
+        if wanted != self.subscriber.max_layer:
+            self.subscriber.set_max_layer(wanted)
+            logger.info("%s video layers up to %s (%s)", self._label,
+                        "all" if wanted is None else wanted,
+                        "cap" if self.layer_cap is not None and layer == self.layer_cap
+                        else self.layers.reason)
+        self._tell_quality()
 
     def _on_remb(self, bitrate: int, ssrcs: list[int]) -> None:
         now = time.monotonic()
         rate = self._send_rate.sample(ssrcs, self.subscriber.sent_bytes(ssrcs), now)
         logger.debug("%s REMB %d bps for %d legs sent %s bps", self._label, bitrate,
                      len(ssrcs), rate)
-        if self.bandwidth.estimate_reported(bitrate, now):
+        if self.subscriber.max_layer != 0 and self.subscriber.layered():
+            # Layers are the first steps down: the pause waits for layer 0.
+            self.bandwidth.estimate_held(bitrate)
+        elif self.bandwidth.estimate_reported(bitrate, now):
             self._pause_for_bandwidth(bitrate)
 
     def _pause_for_bandwidth(self, bitrate: int) -> None:
         self.subscriber.pause("bandwidth")
         logger.info("%s video paused: estimated %d bps below the floor", self._label, bitrate)
         self._notice({"code": "video_paused", "reason": "bandwidth", "estimate_bps": bitrate})
+        self._tell_quality()
         loop = asyncio.get_running_loop()
         self._retry = loop.call_later(self.config.bandwidth_retry_s, self._retry_video)
 
@@ -166,6 +231,28 @@ class Participant:
         self.bandwidth.resumed()
         self.subscriber.resume("bandwidth")
         self._notice({"code": "video_resumed", "reason": "bandwidth"})
+        self._tell_quality()
+
+    def _tell_quality(self) -> None:
+        """A ``video_quality`` notice for each video publication whose quality toward this
+        participant changed since it was last told (full unless told otherwise), or whose
+        frame rate is news (``rate_news``)."""
+        told = self._qualities
+        current = self.subscriber.subscriptions
+        for gone in [pid for pid in told if pid not in current]:
+            del told[gone]
+        for pid, subscription in current.items():
+            publication = subscription.publication
+            if publication.kind != "video":
+                continue
+            quality, fps = video_quality(subscription)
+            before, before_fps = told.get(pid, ("full", 0.0))
+            if before == quality and not rate_news(quality, before_fps, fps):
+                continue
+            told[pid] = (quality, fps)
+            self._notice({"code": "video_quality", "publication_id": pid,
+                          "participant_id": publication.participant_id, "quality": quality,
+                          "fps": fps})
 
     def _notice(self, notice: dict[str, Any]) -> None:
         self._tasks.spawn(self._events.notice(self.room_id, self.id, notice))
@@ -176,8 +263,12 @@ class Participant:
             "publications": {p.source: {"packets": p.packets, "keyframes": p.keyframes,
                                         "plis": p.plis_sent} for p in self.publications.values()},
             "subscriptions": {s.publication.id: {"forwarded": s.forwarded, "skipped": s.skipped,
-                                                 "paused": sorted(s.paused_reasons)}
+                                                 "paused": sorted(s.paused_reasons),
+                                                 "max_layer": s.max_layer,
+                                                 "dropped_frames": (s.layers.dropped_frames
+                                                                    if s.layers else 0)}
                               for s in self.subscriptions.values()},
+            "layer": self.subscriber.max_layer,
             "remb_bps": self.bandwidth.estimate_bps,
             "send_bps": self._send_rate.total_bps,
         }

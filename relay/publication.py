@@ -149,8 +149,8 @@ class Publication:
             return None
         now = time.monotonic() if now is None else now
         window = min(FRAME_RATE_WINDOW_S, now - frames[0][0])
-        if window <= 0:
-            return None
+        if window < FRAME_RATE_WINDOW_S / 2:
+            return None  # too early to tell
         since = now - window
         top = 3 if max_layer is None else max_layer
         counted = 0

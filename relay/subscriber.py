@@ -330,6 +330,24 @@ class Subscriber:
         for subscription in self.subscriptions.values():
             subscription.set_max_layer(layer)
 
+    def layered(self) -> bool:
+        """One of its video subscriptions carries a publication sent in temporal layers."""
+        return any(s.publication.temporal_layers > 0 for s in self.subscriptions.values())
+
+    def rtt_s(self) -> float | None:
+        """The round trip to the client, as aiortc measured it from the receiver reports of
+        the first leg that has one; None before (or if aiortc stops keeping it there)."""
+        for leg in self.legs:
+            if leg.subscription is not None:
+                rtt = getattr(leg.transceiver.sender, "_RTCRtpSender__rtt", None)
+                if isinstance(rtt, float):
+                    return rtt
+        return None
+
+    def backlog_bytes(self) -> int:
+        """Bytes waiting to be sent to the client (the legs share one transport)."""
+        return hooks.backlog_bytes(self.legs[0].transceiver.sender) if self.legs else 0
+
     def sent_bytes(self, ssrcs: list[int]) -> int:
         """Payload bytes forwarded so far on the legs with these SSRCs."""
         return sum(s.forwarded_bytes for s in self.subscriptions.values()

@@ -1,7 +1,9 @@
 """VP8 temporal layers end to end: a real Chromium publishes L1T3 (a canvas drawing a frame
 counter) to a relay, two aiortc subscribers decode it, one of them capped at layer 0. The
 capped one gets about a quarter of the frames, in order, without a decode error; the other
-the full rate; lifting the cap brings the full rate back at the next sync point."""
+the full rate; lifting the cap brings the full rate back at the next sync point. The capped
+one is told (``video_quality`` notices through RelayEvents) what it receives and at what frame
+rate."""
 
 from __future__ import annotations
 
@@ -73,6 +75,30 @@ def strictly_increasing(counters: list[int]) -> bool:
     return all(b > a for a, b in itertools.pairwise(counters))
 
 
+async def told(room: RelayRoom, participant_id: str, quality: str, low: float,
+               high: float = 100.0) -> dict[str, Any]:
+    """The first ``video_quality`` notice of ``quality`` at ``low``-``high`` fps the relay
+    sent the participant. One comes within a receiver report or two of the change; one
+    without a rate first if the publisher's rate was not measured yet, and another when the
+    rate moves (Chromium's encoder starts on fewer layers)."""
+
+    def found() -> dict[str, Any] | None:
+        return next((notice for _, who, notice in room.events.notices
+                     if who == participant_id and notice.get("code") == "video_quality"
+                     and notice.get("quality") == quality and notice["fps"] is not None
+                     and low <= notice["fps"] <= high), None)
+
+    await wait_for(lambda: found() is not None, 8, f"a {quality} notice to {participant_id}")
+    notice = found()
+    assert notice is not None
+    return notice
+
+
+def notices_to(room: RelayRoom, participant_id: str) -> list[tuple[str, float | None]]:
+    return [(n["quality"], n["fps"]) for _, who, n in room.events.notices
+            if who == participant_id and n.get("code") == "video_quality"]
+
+
 async def publish_from(page: Page, room: RelayRoom, participant_id: str) -> dict[str, Any]:
     await room.relay.join(room.id, participant_id)
     offer: dict[str, Any] = await page.evaluate(PUBLISH_L1T3)
@@ -90,12 +116,17 @@ async def test_a_subscriber_capped_at_layer_0_decodes_a_quarter_of_chromiums_l1t
     async with relay_room() as room:
         full: MediaPeer = await room.join("full", publish=False)
         capped: MediaPeer = await room.join("capped", publish=False)
-        subscriber_of(room, "capped").subscriber.set_max_layer(0)
+        subscriber_of(room, "capped").cap_layer(0)
         page = await browser.new_page()
         try:
             await publish_from(page, room, "chromium")
-            await wait_for(lambda: full.frames("chromium") >= 30
-                           and capped.frames("chromium") >= 5, 20, "both decoding")
+            try:
+                await wait_for(lambda: full.frames("chromium") >= 30
+                               and capped.frames("chromium") >= 5, 30, "both decoding")
+            except AssertionError as failure:
+                raise AssertionError(f"{failure}: full {full.frames('chromium')}, capped "
+                                     f"{capped.frames('chromium')} frames; relay "
+                                     f"{await room.relay.stats(room.id)}") from None
             publication = next(iter(subscriber_of(room, "chromium").publications.values()))
             assert publication.temporal_layers == 2, "Chromium sent no L1T3"
             streams = {"full": full.video_from("chromium"),
@@ -117,7 +148,10 @@ async def test_a_subscriber_capped_at_layer_0_decodes_a_quarter_of_chromiums_l1t
             # The full rate returns once the cap is lifted, at the next sync point.
             lifted_at = time.monotonic()
             seen = counted(got["capped"])
-            subscriber_of(room, "capped").subscriber.set_max_layer(None)
+            reduced = await told(room, "capped", "reduced", 4, 10)
+            assert reduced["publication_id"] == publication.id
+            assert reduced["participant_id"] == "chromium"
+            subscriber_of(room, "capped").cap_layer(None)
 
             def full_rate_back() -> bool:
                 counters = got["capped"].counters[seen:]
@@ -137,6 +171,9 @@ async def test_a_subscriber_capped_at_layer_0_decodes_a_quarter_of_chromiums_l1t
             print(f"relay: capped subscription dropped {subscription.layers.dropped_frames} "
                   f"frames, forwarded {subscription.forwarded} packets; full forwarded "
                   f"{subscriber_of(room, 'full').subscriptions[publication.id].forwarded}")
+            await told(room, "capped", "full", 15)
+            print(f"video_quality notices to the capped subscriber: {notices_to(room, 'capped')}")
+            assert not [n for _, who, n in room.events.notices if who == "full"]
             failures = [r.getMessage() for r in caplog.records if "decode" in r.getMessage()]
             assert failures == []
         finally:

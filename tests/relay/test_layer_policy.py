@@ -1,0 +1,125 @@
+"""relay.bandwidth.LayerPolicy: which temporal layers a subscriber gets, as a table of receiver
+reports on a clock the test drives, and the video pause held until layer 0."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from relay.bandwidth import (
+    BACKLOG_HIGH_BYTES,
+    MAX_QUIET_S,
+    QUIET_S,
+    STEP_DOWN_EVERY_S,
+    BandwidthPolicy,
+    LayerPolicy,
+)
+
+CALM: dict[str, Any] = {"loss": 0.0, "rtt_s": 0.6}
+"""A quiet report on a satellite link (600 ms round trip, no loss)."""
+
+
+def run(policy: LayerPolicy, reports: list[tuple[float, dict[str, Any]]]) -> list[int]:
+    return [policy.update(at, **report) for at, report in reports]
+
+
+@pytest.mark.parametrize(("name", "report", "reason"), [
+    ("12 % loss", {"loss": 0.12, "rtt_s": 0.6}, "loss"),
+    ("exactly 5 % loss", {"loss": 0.05, "rtt_s": 0.6}, "loss"),
+    ("a send backlog", {"backlog_bytes": BACKLOG_HIGH_BYTES, "rtt_s": 0.6}, "backlog"),
+    ("a queue on the path", {"rtt_s": 0.95}, "rtt"),
+    ("a low estimate with 3 % loss", {"loss": 0.03, "rtt_s": 0.6, "estimate_bps": 100_000,
+                                      "send_bps": 400_000}, "estimate"),
+    ("a low estimate with a rising round trip",
+     {"rtt_s": 0.75, "estimate_bps": 100_000, "send_bps": 400_000}, "estimate"),
+])
+def test_congestion_steps_down_one_layer_a_second_to_layer_0_and_no_further(
+        name: str, report: dict[str, Any], reason: str) -> None:
+    policy = LayerPolicy()
+    assert policy.update(0.0, **CALM) == 2
+    at = 1.0
+    layers = []
+    for _ in range(8):  # several report blocks a second (one per leg), for 4 s
+        layers.append(policy.update(at, **report))
+        at += STEP_DOWN_EVERY_S / 2
+    assert layers == [1, 1, 0, 0, 0, 0, 0, 0], name
+    assert policy.reason == reason
+
+
+@pytest.mark.parametrize(("name", "report"), [
+    ("random loss under 5 %", {"loss": 0.04, "rtt_s": 0.6}),
+    ("a low estimate alone (aiortc's, climbing from nothing)",
+     {"rtt_s": 0.6, "estimate_bps": 20_000, "send_bps": 900_000}),
+    ("a small backlog", {"backlog_bytes": BACKLOG_HIGH_BYTES - 1, "rtt_s": 0.6}),
+    ("a round trip slightly up", {"rtt_s": 0.85}),
+    ("a low estimate with 1 % loss", {"loss": 0.01, "rtt_s": 0.6, "estimate_bps": 20_000,
+                                      "send_bps": 900_000}),
+    ("nothing known", {}),
+])
+def test_what_is_no_congestion_keeps_every_layer(name: str, report: dict[str, Any]) -> None:
+    policy = LayerPolicy()
+    policy.update(0.0, **CALM)
+    assert set(run(policy, [(t / 2, report) for t in range(1, 40)])) == {2}, name
+
+
+def test_the_round_trip_rise_is_measured_from_the_lowest_of_the_last_30_s() -> None:
+    policy = LayerPolicy()
+    run(policy, [(t, {"rtt_s": 0.3}) for t in range(5)])
+    assert policy.update(5.0, rtt_s=0.65) == 1  # 350 ms of queue over 300
+    # A longer route for good: after 30 s of it, 650 ms is the new floor.
+    policy = LayerPolicy()
+    policy.update(0.0, rtt_s=0.3)
+    run(policy, [(t, {"rtt_s": 0.59}) for t in range(1, 40)])
+    assert policy.update(40.0, rtt_s=0.65) == 2
+
+
+def test_probing_up_one_layer_after_a_quiet_period() -> None:
+    policy = LayerPolicy()
+    run(policy, [(0.0, {"loss": 0.2}), (1.0, {"loss": 0.2})])
+    assert policy.layer == 0
+    quiet = [(1.0 + t / 2, CALM) for t in range(1, 40)]
+    layers = run(policy, quiet)
+    up_at = [quiet[i][0] for i in range(1, len(layers)) if layers[i] > layers[i - 1]]
+    assert [round(t - 1.5, 1) for t in up_at] == [QUIET_S, 2 * QUIET_S]
+    assert policy.layer == 2 and policy.reason == "probe"
+
+
+def test_a_probe_that_fails_doubles_the_quiet_period_and_one_that_holds_resets_it() -> None:
+    policy = LayerPolicy()
+    run(policy, [(0.0, {"loss": 0.2}), (1.0, {"loss": 0.2})])
+    at = 2.0
+    quiet = QUIET_S
+    for _ in range(5):  # every probe to layer 1 brings loss back at once
+        while policy.update(at, **CALM) == 0:
+            at += 0.5
+        at += 0.5
+        assert policy.update(at, loss=0.1) == 0  # a second after the last step down
+        quiet = min(quiet * 2, MAX_QUIET_S)
+        assert policy.quiet_s == quiet
+        at += 0.5
+    assert policy.quiet_s == MAX_QUIET_S
+    while policy.update(at, **CALM) == 0:
+        at += 0.5
+    probed = at
+    while at < probed + 2 * MAX_QUIET_S + 1:  # the probe holds
+        at += 0.5
+        policy.update(at, **CALM)
+    assert policy.quiet_s == QUIET_S and policy.layer == 2
+
+
+def test_a_top_layer_of_1_is_never_exceeded() -> None:
+    policy = LayerPolicy(top=1)
+    assert policy.layer == 1
+    assert set(run(policy, [(t, CALM) for t in range(30)])) == {1}
+
+
+def test_the_video_pause_window_starts_afresh_once_layer_0_is_reached() -> None:
+    bandwidth = BandwidthPolicy(floor_bps=150_000, window_s=2.0)
+    bandwidth.loss_reported(0.2, 0.0)
+    assert not bandwidth.estimate_reported(40_000, 0.0)  # low since 0
+    bandwidth.estimate_held(40_000)  # the layers stepped down meanwhile
+    bandwidth.loss_reported(0.2, 2.5)
+    assert not bandwidth.estimate_reported(40_000, 2.5)  # the window starts here
+    assert not bandwidth.estimate_reported(40_000, 4.0)
+    assert bandwidth.estimate_reported(40_000, 4.6)
