@@ -34,21 +34,30 @@ The data path creates no task per packet: the sockets are read with ``loop.add_r
 one timer, armed for the head's release time. 4 Mbps of 1200-byte datagrams cost it about 7 %
 of one core of the 2-core test machine (the command line, measured with psutil).
 
-What it does not emulate: reordering (see 4), duplication, corruption, MTU
-limits and fragmentation (datagrams pass whole whatever their size), a link shared by several
-flows (each client flow, so each peer connection, has its own up and down link), the relay's
-own packets sent straight to a client address the relay learns from signaling (all on
-loopback, they would go around the emulator: a client behind it must signal no candidates of
-its own, so that the relay learns its address from its checks, through the emulator,
-peer-reflexive, as behind a real NAT: ``hide_candidates`` for one SDP, ``hide_client_addresses``
-for a whole in-process relay), and TCP loss (a TCP link has the same delay,
-rate and outages, but loses nothing: real TCP turns loss into retransmission delay).
+What it does not emulate: reordering (see 4), duplication, corruption, MTU limits and
+fragmentation (datagrams pass whole whatever their size), a link shared by several flows (each
+client flow, so each peer connection, has its own up and down link; their outages coincide),
+and TCP loss (a TCP link has the same delay, rate and outages but loses nothing: real TCP turns
+loss into retransmission delay).
+
+Nor can it catch the relay's packets sent straight to a client's own address: on loopback the
+relay reaches any address a client signals, around the emulator (without care, aioice
+nominates that direct pair: it answers first). A client behind the emulator must therefore
+signal no candidates, so that the relay learns its address from its checks, through the
+emulator (peer-reflexive), as behind a real NAT: ``hide_candidates`` for one SDP,
+``hide_client_addresses`` for a whole in-process relay (the server of ``tests.support.
+run_server``: ``server.app[SERVICES].embedded``). Checked with aiortc clients (the test) and
+with Chromium pages, which send from each of their addresses (127.0.0.1 and the machine's
+other one): one flow each, the same ufrag, the same profile. A relay in another process (a
+`telehealth serve` subprocess) cannot be wrapped so.
 
 Use it from an async test::
 
     async with UdpLinkEmulator(("127.0.0.1", relay_udp_port), default="good", seed=7) as link:
         # the relay: MediaConfig(udp_port=relay_udp_port, announced_port=link.port)
-        link.assign(client_ufrag, "vsat")     # that client's flows on vsat from now on
+        hide_client_addresses(relay)           # an in-process LocalRelay (see below)
+        for ufrag in sdp_ufrags(pc.localDescription.sdp):
+            link.assign(ufrag, "vsat")         # that client's flows on vsat from now on
         link.stats()                           # per flow: bytes, packets, drops, delays
 
 or from a shell, in front of a relay (``--tcp`` for a TCP proxy)::
@@ -201,6 +210,11 @@ def hide_candidates(sdp: str) -> str:
     through the emulator (and keeps waiting for them), never a loopback address it could reach
     around the emulator."""
     return re.sub(r"^a=(candidate:|end-of-candidates).*\r?\n", "", sdp, flags=re.MULTILINE)
+
+
+def sdp_ufrags(sdp: str) -> set[str]:
+    """The ICE ufrags of a client's SDP (its ``localDescription``): what ``assign`` takes."""
+    return set(re.findall(r"^a=ice-ufrag:(\S+)", sdp, flags=re.MULTILINE))
 
 
 def hide_client_addresses(relay: Any) -> None:

@@ -30,6 +30,7 @@ from tests.link_emulator import (
     UdpLinkEmulator,
     client_ufrag,
     hide_client_addresses,
+    sdp_ufrags,
 )
 from tests.media import MediaPeer, wait_for
 from tests.relay.peers import relay_room
@@ -417,10 +418,6 @@ async def test_open_ports_refuses_an_announced_port_without_the_single_port() ->
         await open_ports(MediaConfig(host_addresses=[HOST], announced_port=40000))
 
 
-def ufrags(sdp: str) -> set[str]:
-    return set(re.findall(r"a=ice-ufrag:(\S+)", sdp))
-
-
 async def test_an_aiortc_participant_reaches_the_relay_through_the_emulator_on_good_then_3g(
         ) -> None:
     (relay_port, _) = free_udp_ports(1)
@@ -450,7 +447,7 @@ async def test_an_aiortc_participant_reaches_the_relay_through_the_emulator_on_g
         for pc in (island.publish_pc, island.subscribe_pc):
             assert pc is not None and pc.remoteDescription is not None
             assert set(relay_candidate_ports(pc.remoteDescription.sdp)) == {link.port}
-            mine |= ufrags(pc.localDescription.sdp)
+            mine |= sdp_ufrags(pc.localDescription.sdp)
         # Every client's media goes through the emulator: the relay knows the clients only by
         # the emulator's sockets, one per client flow.
         assert len(link.flows) == 4
