@@ -707,6 +707,7 @@ class _Pipe:
             pass
         finally:
             self.writer.close()
+            self.proxy.forget(self.writer)
 
 
 class TcpLinkEmulator:
@@ -731,6 +732,10 @@ class TcpLinkEmulator:
 
     def set_profile(self, profile: ProfileChoice) -> None:
         self.profiles = profile_pair(profile)
+
+    def forget(self, writer: asyncio.StreamWriter) -> None:
+        """A connection's side closed: nothing left to abort at ``close``."""
+        self._writers.discard(writer)
 
     @property
     def url(self) -> str:
