@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,9 @@ async def test_a_six_second_outage_on_a_long_link(tmp_path: Path, browser: Brows
                 await expect(district.locator("#weak-link")).to_contain_text(
                     "Kết nối yếu", timeout=OUTAGE_S * 1000)
                 shown_after = loop.time() - cut_at
+                shot = str(tmp_path / "weak-link.png")
+                await district.screenshot(path=shot)
+                print(f"the district's room during the outage: {shot}")
                 assert shown_after < OUTAGE_S
                 assert await district.get_attribute("#weak-link", "role") == "status"
                 assert await district.get_attribute("#weak-link", "aria-live") == "polite"
@@ -202,6 +206,9 @@ async def quality_words(relay: Any, consultation: str, district: Page,
                  participant_id="cardio1", quality="reduced", fps=7.5)
     await expect(cardio).to_have_text("Giảm khung hình (7,5 khung hình/giây)")
     await expect(cardio).to_have_attribute("data-quality", "reduced")
+    shot = str(Path(tempfile.gettempdir()) / "thin-link-reduced-tile.png")
+    await district.screenshot(path=shot)
+    print(f"the district's room with a reduced tile: {shot}")
     await expect(ref).to_have_text("Full")  # the notice was the district's, for cardio1's tile
     await notice("cardio1", code="video_quality", publication_id=other,
                  participant_id="ref1", quality="reduced", fps=15)
