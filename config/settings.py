@@ -330,11 +330,10 @@ class RelaySettings(_Section):
     announced_port: int | None = Field(default=None, ge=1, le=65535)
     """With ``udp_port``: the port written into the relay's host candidates instead of
     ``udp_port``, when a NAT or port-forward maps another public port onto it (with
-    ``announced_address``, the public address). The relay still binds ``udp_port``. One relay
-    process only for now: `serve` refuses it with ``embedded_workers`` above 1, and
-    `telehealth relay` needs ``workers = 1`` (``--workers 1``) with it, since its workers,
-    which bind ``udp_port + k``, would all announce this one port. Default: none
-    (``udp_port`` is announced)."""
+    ``announced_address``, the public address). The relay still binds ``udp_port``. With
+    `telehealth relay --workers N`, worker k binds ``udp_port + k`` and announces
+    ``announced_port + k`` (forward N public ports, in order); `serve` refuses it with
+    ``embedded_workers`` above 1. Default: none (``udp_port`` is announced)."""
     signaling_ca_file: Path | None = None
     """A standalone node: PEM CA bundle that signs the signaling server's certificate (a
     hospital's private CA). Default: the system's trusted CAs."""

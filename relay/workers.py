@@ -95,6 +95,13 @@ def worker_settings(settings: Settings, worker: int, workers: int) -> Settings:
             raise UdpPortsUnavailable(f"relay.udp_port {relay.udp_port} + {workers} workers "
                                       "passes 65535: one port per worker, from udp_port")
         update["udp_port"] = relay.udp_port + worker
+        if relay.announced_port is not None:
+            # A port-forward of N public ports onto the N workers' ports, in the same order.
+            if relay.announced_port + workers - 1 > 65535:
+                raise UdpPortsUnavailable(
+                    f"relay.announced_port {relay.announced_port} + {workers} workers passes "
+                    "65535: one public port per worker, from announced_port")
+            update["announced_port"] = relay.announced_port + worker
     return settings.model_copy(update={"relay": relay.model_copy(update=update)})
 
 

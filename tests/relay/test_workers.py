@@ -76,6 +76,12 @@ def test_single_port_mode_gives_each_worker_the_next_port() -> None:
     assert settings.relay.udp_port == 3479  # the machine's settings are untouched
     with pytest.raises(UdpPortsUnavailable, match="passes 65535"):
         worker_settings(Settings.model_validate({"relay": {"udp_port": 65534}}), 0, 4)
+    forwarded = Settings.model_validate({"relay": {"udp_port": 3479, "announced_port": 443}})
+    assert [worker_settings(forwarded, k, 3).relay.announced_port for k in range(3)] == \
+        [443, 444, 445]
+    with pytest.raises(UdpPortsUnavailable, match="announced_port 65534"):
+        worker_settings(Settings.model_validate(
+            {"relay": {"udp_port": 3479, "announced_port": 65534}}), 0, 4)
 
 
 def test_each_worker_takes_its_share_of_the_capacity_and_of_the_range() -> None:
