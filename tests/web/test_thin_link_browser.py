@@ -3,7 +3,9 @@ through a TCP link with an island's round trip (700 ms, tests/link_emulator.py's
 TcpLinkEmulator), the specialist's directly. The link goes out for 6 s: the page stays in its
 consultation on the same socket (the server's presence defaults outlast the outage), says
 "Kết nối yếu" while it lasts and not after, a chat sent during it arrives after it, and media
-(which never passes through the server) goes on. The relay's `video_quality` notices and the
+(which never passes through the server) goes on. Then the link drops its connections and is
+gone 3 s: the banner again, then the page is back in its place with its media resumed on the
+same peer connections. The relay's `video_quality` notices and the
 video pause put the right words on the right tile, in either language; each page shows its own
 link's quality; the publisher's Opus is asked for FEC and DTX by the relay's answer.
 
@@ -176,6 +178,32 @@ async def test_a_six_second_outage_on_a_long_link(tmp_path: Path, browser: Brows
 
                 # The room's words: the relay says what each viewer receives of each tile.
                 await quality_words(relay, consultation, district, specialist)
+
+                # The socket away: the link closes every connection and is gone for 3 s (a
+                # modem's restart). The banner says so; back, the page takes its place again
+                # (within the reconnect grace) and resumes its media on the same connections.
+                resumes = await district.evaluate(f"() => {MEDIA}.resumes")
+                await link.close()
+                dropped_at = loop.time()
+                await expect(district.locator("#weak-link")).to_contain_text(
+                    "Kết nối yếu", timeout=5_000)
+                await expect(district.locator("#server-link")).to_be_visible()
+                await district.wait_for_timeout(3000)
+                async with TcpLinkEmulator(("127.0.0.1", port), ISLAND, port=link.port):
+                    await expect(district.locator("#server-link")).to_be_hidden(timeout=20_000)
+                    await district.wait_for_function(
+                        f"(n) => {MEDIA}.resumes > n", arg=resumes, timeout=20_000)
+                    await expect(district.locator("#weak-link")).to_be_empty(timeout=20_000)
+                    print(f"socket away 3 s: back and resumed, banner gone "
+                          f"{loop.time() - dropped_at - 3:.1f} s after the link returned")
+                    assert await socket_id(district) != sid
+                    assert await district.evaluate(f"() => {MEDIA}.pcsCreated") == built
+                    await expect(specialist.locator(
+                        '#participants li[data-participant="ref1"]')).to_have_class(
+                        "participant present", timeout=10_000)
+                    after = await decoded_from(district, "cardio1")
+                    await district.wait_for_timeout(2000)
+                    assert await decoded_from(district, "cardio1") > after + 20
                 for name, page in (("district", district), ("specialist", specialist)):
                     own = page.locator("#own-link")
                     print(f"{name} at the end: {await own.inner_text()} "
