@@ -114,6 +114,8 @@ FLEET_START_TIMEOUT_S = 120.0
 """Redis, PostgreSQL, the nodes (each importing aiortc and PyAV), nginx and the relays, on a
 machine whose two cores the load generator's workers are starting on too."""
 ROOT = Path(__file__).resolve().parent.parent
+QUIET_BUSY = 0.2
+"""A machine busier than this before a configuration starts disturbs its figures."""
 
 CALL_TIMEOUT_S = 15.0
 SERVER_START_TIMEOUT_S = 30.0
@@ -966,6 +968,23 @@ def busy_fraction(seconds: float) -> float:
     return (busy1 - busy0) / (total1 - total0) if total1 > total0 else 0.0
 
 
+def busy_before_start(wait_s: float) -> float:
+    """The machine's busy share over 2 s before a configuration starts. With ``wait_s`` > 0
+    it is sampled again until it is at most ``QUIET_BUSY`` or ``wait_s`` have passed: on a
+    machine shared with other jobs (test runs come and go within minutes) a fleet measured
+    while another job holds a core is a figure about that job."""
+    started = time.monotonic()
+    busy = busy_fraction(2.0)
+    while busy > QUIET_BUSY and time.monotonic() - started < wait_s:
+        busy = busy_fraction(2.0)
+    if wait_s > 0:
+        waited = time.monotonic() - started
+        state = "quiet" if busy <= QUIET_BUSY else "still busy"
+        print(f"waited {waited:.0f} s for a quiet machine ({state}: {busy * 100:.0f}% busy)",
+              file=sys.stderr, flush=True)
+    return busy
+
+
 # -- orchestration --------------------------------------------------------------------------
 
 
@@ -1235,8 +1254,8 @@ def measure(args: argparse.Namespace, population: Population, clients: Sequence[
     profile_paths: list[Path] = []
     print(f"measuring {target.label}...", file=sys.stderr, flush=True)
     try:
-        res.busy_before = busy_fraction(2.0)
-        if res.busy_before > 0.2:
+        res.busy_before = busy_before_start(args.wait_quiet)
+        if res.busy_before > QUIET_BUSY:
             print(f"warning: the machine is already {res.busy_before * 100:.0f}% busy before "
                   "the benchmark starts; figures will be disturbed", file=sys.stderr)
         target.start()
@@ -1678,6 +1697,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                        help="experiment: relay.heartbeat_misses of the fleet's nodes (default: "
                             "the server's, 3 x 0.5 s); a node whose loop lags behind its "
                             "relays' heartbeats takes a live relay out")
+    parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
+                        help="before each configuration, wait up to S seconds for the machine "
+                             f"to be at most {QUIET_BUSY * 100:.0f}%% busy (a shared machine; "
+                             "default 0: start at once)")
     fleet.add_argument("--no-baseline", dest="baseline", action="store_false",
                        help="measure the fleet alone, without the embedded single node "
                             "first")
