@@ -266,7 +266,10 @@ class Participant:
                                                  "paused": sorted(s.paused_reasons),
                                                  "max_layer": s.max_layer,
                                                  "dropped_frames": (s.layers.dropped_frames
-                                                                    if s.layers else 0)}
+                                                                    if s.layers else 0),
+                                                 "places": ((s.layers.places_kept,
+                                                             s.layers.places_filled)
+                                                            if s.layers else None)}
                               for s in self.subscriptions.values()},
             "layer": self.subscriber.max_layer,
             "remb_bps": self.bandwidth.estimate_bps,

@@ -59,8 +59,8 @@ would: the frames kept reference layer 0, which is whole). Publishers
     write per frame or per lost packet."""
 
     __slots__ = ("_decided", "_frame_forwarded", "_frame_ts", "_highest", "_last_ts",
-                 "_missing", "current", "dropped_frames", "picture_offset", "seq_offset",
-                 "target")
+                 "_missing", "current", "dropped_frames", "picture_offset", "places_filled",
+                 "places_kept", "seq_offset", "target")
 
     def __init__(self) -> None:
         self.target = ALL_LAYERS
@@ -71,6 +71,10 @@ would: the frames kept reference layer 0, which is whole). Publishers
         self.picture_offset = 0
         """Picture ids dropped since the last (re)start: subtracted from the publisher's."""
         self.dropped_frames = 0
+        self.places_kept = 0
+        """Packets missing from the publisher's sequence given a place in the subscriber's."""
+        self.places_filled = 0
+        """Of those, how many came late and went out in their place (as padding or not)."""
         self._highest = 0
         self._frame_ts: int | None = None
         self._frame_forwarded = True
@@ -154,6 +158,7 @@ would: the frames kept reference layer 0, which is whole). Publishers
         missing = self._missing
         place = (self.seq_offset, self.picture_offset, self._last_ts)
         first = self._highest + 1
+        self.places_kept += lost
         for n in range(lost):
             in_seq = (first + n) % SEQ_MOD
             missing[in_seq] = ((in_seq + place[0]) % SEQ_MOD, place[1], place[2])
@@ -167,6 +172,7 @@ would: the frames kept reference layer 0, which is whole). Publishers
         place = self._missing.pop(seq, None)
         if place is None:
             return None
+        self.places_filled += 1
         out_seq, picture_offset, padding_ts = place
         if descriptor is None:
             return out_seq, b"", padding_ts
