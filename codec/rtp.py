@@ -263,7 +263,7 @@ class Vp8Descriptor:
     __slots__ = ("keyidx", "length", "picture_id", "picture_id_at", "picture_id_bits",
                  "start", "sync", "tid", "tl0picidx")
 
-    def __init__(self, *, start: bool, picture_id: int = -1, picture_id_bits: int = 0,
+    def __init__(self, start: bool, picture_id: int = -1, picture_id_bits: int = 0,
                  picture_id_at: int = 0, tl0picidx: int = -1, tid: int = -1,
                  sync: bool = False, keyidx: int = -1, length: int = 1) -> None:
         self.start = start
@@ -296,7 +296,7 @@ def vp8_descriptor(payload: bytes) -> Vp8Descriptor | None:
     first = payload[0]
     start = bool(first & 0x10) and not first & 0x0F
     if not first & 0x80:  # X clear: no extension, no layers
-        return Vp8Descriptor(start=start)
+        return Vp8Descriptor(start)
     if size < 2:
         return None
     ext = payload[1]
@@ -337,9 +337,9 @@ def vp8_descriptor(payload: bytes) -> Vp8Descriptor | None:
         if ext & 0x10:
             keyidx = byte & 0x1F
         pos += 1
-    return Vp8Descriptor(start=start, picture_id=picture_id, picture_id_bits=bits,
-                         picture_id_at=picture_id_at, tl0picidx=tl0picidx, tid=tid, sync=sync,
-                         keyidx=keyidx, length=pos)
+    # Positional: this runs once per packet of every VP8 publication.
+    return Vp8Descriptor(start, picture_id, bits, picture_id_at, tl0picidx, tid, sync, keyidx,
+                         pos)
 
 
 def vp8_with_picture_id(payload: bytes, descriptor: Vp8Descriptor, picture_id: int) -> bytes:
