@@ -27,6 +27,10 @@ from relay.tasks import Tasks
 
 logger = logging.getLogger(__name__)
 
+QUALITY_CHECK_S = 0.5
+"""Between layer changes, what each participant receives is looked at again at most this
+often (for a frame rate that became known or moved)."""
+
 
 @dataclass(frozen=True)
 class RoomLink:
@@ -43,18 +47,16 @@ class RoomLink:
     """Reports one of this participant's publications as ended."""
 
 
-def video_quality(subscription: Subscription) -> tuple[str, float | None]:
+def video_quality(subscription: Subscription) -> tuple[str, int | None]:
     """What a subscriber receives of a video publication: ``full`` (every layer, or the
     publisher sends none), ``reduced`` (only the lower temporal layers) or ``audio_only``
-    (paused), and the frame rate that carries, measured on the publisher's input (None when
-    unknown or paused)."""
+    (paused); and the highest layer it gets (None: all)."""
     if subscription.paused:
         return "audio_only", None
-    publication = subscription.publication
     layer = subscription.max_layer
-    if layer is None or layer >= publication.temporal_layers:
-        return "full", publication.frame_rate()
-    return "reduced", publication.frame_rate(layer)
+    if layer is None or layer >= subscription.publication.temporal_layers:
+        return "full", None
+    return "reduced", layer
 
 
 def rate_news(quality: str, told: float | None, now: float | None) -> bool:
@@ -92,6 +94,7 @@ class Participant:
         """An upper bound on the policy's layer, set through ``cap_layer``."""
         self._send_rate = SendRate()
         self._retry: asyncio.TimerHandle | None = None
+        self._told_at = 0.0
         self._qualities: dict[str, tuple[str, float | None]] = {}
         """What it was last told it receives of each video publication, and at what frame
         rate (absent: full)."""
@@ -203,6 +206,8 @@ class Participant:
                         "all" if wanted is None else wanted,
                         "cap" if self.layer_cap is not None and layer == self.layer_cap
                         else self.layers.reason)
+        elif time.monotonic() - self._told_at < QUALITY_CHECK_S:
+            return  # report blocks come one per leg: the rest of them change nothing
         self._tell_quality()
 
     def _on_remb(self, bitrate: int, ssrcs: list[int]) -> None:
@@ -237,6 +242,7 @@ class Participant:
         """A ``video_quality`` notice for each video publication whose quality toward this
         participant changed since it was last told (full unless told otherwise), or whose
         frame rate is news (``rate_news``)."""
+        self._told_at = time.monotonic()
         told = self._qualities
         current = self.subscriber.subscriptions
         for gone in [pid for pid in told if pid not in current]:
@@ -245,8 +251,12 @@ class Participant:
             publication = subscription.publication
             if publication.kind != "video":
                 continue
-            quality, fps = video_quality(subscription)
+            quality, layer = video_quality(subscription)
             before, before_fps = told.get(pid, ("full", 0.0))
+            if before == quality and before_fps is not None and quality != "reduced":
+                continue  # nothing new, and no rate to measure
+            # The rate the chosen layers carry, as the publisher sends it now.
+            fps = None if quality == "audio_only" else publication.frame_rate(layer)
             if before == quality and not rate_news(quality, before_fps, fps):
                 continue
             told[pid] = (quality, fps)

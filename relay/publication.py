@@ -15,7 +15,13 @@ from typing import Any, Protocol
 from aiortc import RTCRtpReceiver
 from aiortc.rtp import RtpPacket
 
-from codec.rtp import Vp8Descriptor, is_keyframe_start, vp8_descriptor, vp8_keyframe_size
+from codec.rtp import (
+    TS_MOD,
+    Vp8Descriptor,
+    is_keyframe_start,
+    vp8_descriptor,
+    vp8_keyframe_size,
+)
 from relay import hooks
 from relay.api import MediaSink
 from relay.sdp import Codec
@@ -64,8 +70,9 @@ class Publication:
         """The highest VP8 temporal layer id seen (0: the T bit, one layer); -1: none, the
         publisher sends no temporal layers (or the codec is not VP8)."""
         self._vp8 = self.mime_type.lower() == "video/vp8"
-        self._frames: collections.deque[tuple[float, int]] = collections.deque(maxlen=512)
-        """(arrival, temporal layer) of the frames' first packets, for ``frame_rate``."""
+        self._frames: collections.deque[tuple[float, int, int]] = collections.deque(maxlen=512)
+        """(arrival, temporal layer, RTP timestamp) of the frames' first packets, for
+        ``frame_rate``."""
         self._keyframe_interval_s = keyframe_interval_s
         self._last_pli = 0.0
         self._tasks = Tasks(f"Publication({publication_id})")
@@ -136,30 +143,36 @@ class Publication:
             tid = descriptor.tid
             if tid > self.temporal_layers:
                 self.temporal_layers = tid
-            self._frames.append((time.monotonic(), tid if tid > 0 else 0))
+            self._frames.append((time.monotonic(), tid if tid > 0 else 0, packet.timestamp))
         for subscription in tuple(self.subscriptions):
             await subscription.forward(packet, keyframe, ntp, descriptor)
 
     def frame_rate(self, max_layer: int | None = None, now: float | None = None) -> float | None:
-        """Frames per second the publisher sent lately in the temporal layers up to
-        ``max_layer`` (None: all), measured on arrival (VP8 only); None until there is a
-        measure."""
+        """Frames per second the publisher sends in the temporal layers up to ``max_layer``
+        (None: all), over the frames that arrived in the last ``FRAME_RATE_WINDOW_S`` (VP8
+        only). Timed by their RTP timestamps, not their arrival: frames that arrive in a burst
+        (after a stall, at the start) do not look faster. None until there is a measure."""
         frames = self._frames
-        if len(frames) < 2:
-            return None
         now = time.monotonic() if now is None else now
-        window = min(FRAME_RATE_WINDOW_S, now - frames[0][0])
-        if window < FRAME_RATE_WINDOW_S / 2:
-            return None  # too early to tell
-        since = now - window
+        since = now - FRAME_RATE_WINDOW_S
         top = 3 if max_layer is None else max_layer
-        counted = 0
-        for arrival, tid in reversed(frames):
+        total = counted = 0
+        newest = oldest = None
+        for arrival, tid, timestamp in reversed(frames):
             if arrival < since:
                 break
+            if newest is None:
+                newest = timestamp
+            oldest = timestamp
+            total += 1
             if tid <= top:
                 counted += 1
-        return round(counted / window, 1)
+        if total < 3 or newest is None or oldest is None:
+            return None if len(frames) < 3 else 0.0  # nothing lately: none sent
+        span = ((newest - oldest) % TS_MOD) / self.codec.clock_rate
+        if span <= 0:
+            return None
+        return round((total - 1) / span * counted / total, 1)
 
     def request_keyframe(self) -> None:
         """Ask the publisher for a keyframe, at most once per ``keyframe_interval_s``."""
