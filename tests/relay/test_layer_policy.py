@@ -15,6 +15,7 @@ from relay.bandwidth import (
     BandwidthPolicy,
     LayerPolicy,
 )
+from relay.participant import rate_news
 
 CALM: dict[str, Any] = {"loss": 0.0, "rtt_s": 0.6}
 """A quiet report on a satellite link (600 ms round trip, no loss)."""
@@ -123,3 +124,18 @@ def test_the_video_pause_window_starts_afresh_once_layer_0_is_reached() -> None:
     assert not bandwidth.estimate_reported(40_000, 2.5)  # the window starts here
     assert not bandwidth.estimate_reported(40_000, 4.0)
     assert bandwidth.estimate_reported(40_000, 4.6)
+
+
+@pytest.mark.parametrize(("quality", "told", "now", "news"), [
+    ("reduced", None, 7.5, True),  # the rate became known
+    ("full", None, 30.0, True),
+    ("reduced", 7.5, None, False),  # unknown again (paused meanwhile): nothing to say
+    ("reduced", 16.0, 7.5, True),  # the publisher's encoder moved to fewer layer-0 frames
+    ("reduced", 7.5, 9.0, False),  # under 2 fps
+    ("reduced", 15.0, 18.0, False),  # under a quarter
+    ("reduced", 15.0, 19.0, True),
+    ("full", 30.0, 20.0, False),  # the full rate is the publisher's business
+])
+def test_a_frame_rate_is_news_when_it_becomes_known_or_a_reduced_one_moves(
+        quality: str, told: float | None, now: float | None, news: bool) -> None:
+    assert rate_news(quality, told, now) is news
