@@ -287,9 +287,9 @@ class Subscription:
         elif self._start_seq is not None and seq_newer(self._start_seq, in_seq):
             return  # a retransmission from before this subscription (re)started
         if (self._max_backlog and not self.forwarded % BACKLOG_CHECK_EVERY
-                and hooks.backlog_bytes(leg.transceiver.sender) > self._max_backlog):
+                and hooks.backlog_exceeded(leg.transceiver.sender, self._max_backlog)):
             # The subscriber's path cannot take more: skip to the next keyframe rather than
-            # queue without bound or slow the others.
+            # queue without bound or slow the others. Audio first: its limit is higher.
             self.skipped += 1
             self._restart()
             return
