@@ -181,8 +181,10 @@ class Participant:
         """A receiver report block for one of its legs: the layer policy's clock."""
         now = time.monotonic()
         self.bandwidth.loss_reported(fraction, now)
-        if not self.subscriber.layered():
-            return  # nothing to choose: video as before (all of it, or paused)
+        if not self.subscriber.layered() or self.subscriber.paused:
+            # Nothing to choose (video as before), or no video to judge by: the pause is
+            # left at the layer it was taken (0) and tried again from there.
+            return
         self.layers.update(now, loss=fraction, rtt_s=self.subscriber.rtt_s(),
                            backlog_bytes=self.subscriber.backlog_bytes(),
                            estimate_bps=self.bandwidth.estimate_bps,
