@@ -278,6 +278,8 @@ async def test_the_policy_steps_a_lossy_subscriber_down_and_back_up_alone(
                   f"{notices_to(room, 'weak')}")
             assert rates["weak"] >= 0.75 * rates["good"], rates
             assert subscriber_of(room, "good").subscriber.max_layer is None
+            toward_good = subscriber_of(room, "good").subscriptions[publication.id].layers
+            assert toward_good is not None and toward_good.dropped_frames == 0
             assert not [n for _, who, n in room.events.notices if who == "good"]
             assert strictly_increasing(got["good"].counters), backwards(got["good"])
         finally:
