@@ -47,13 +47,14 @@ class LayerFilter:
     had.
 
     Loss upstream: a packet missing from the publisher's sequence keeps its place in the
-    subscriber's, unless the frame it lies inside is dropped; if it comes later (aiortc's
-    NACK brought its retransmission) it goes out in that place, or as an empty packet (padding)
-    if its frame turned out to be dropped, so the subscriber never waits on a hole (a frame lost
-whole and found dropped only then leaves its picture id skipped, as a frame lost on the way
-would: the frames kept reference layer 0, which is whole). Publishers
-    without the T bit (``tid`` -1) have every frame forwarded: only the sequence numbers are
-    offset, as for any other codec.
+    subscriber's, unless the frame it lies inside is dropped. If it comes later (aiortc's NACK
+    brought its retransmission) it goes out in that place, or as an empty packet (padding) if
+    its frame turned out to be dropped, so the subscriber is not left waiting on a hole the
+    relay could fill. A frame lost whole and found dropped only then leaves its picture id
+    skipped, as a frame lost on the way would (the frames kept reference layer 0, which is
+    whole). A retransmission that never comes leaves the hole, as it did before layers.
+    Publishers without the T bit (``tid`` -1) have every frame forwarded: only the sequence
+    numbers are offset, as for any other codec.
 
     Pure: no I/O, no clock. Pure also in cost: a few integer operations per packet, a dict
     write per frame or per lost packet."""
