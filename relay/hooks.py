@@ -62,7 +62,11 @@ SUPPORTED_AIOICE = "0.13."
 _RECEIVER_JITTER = "_RTCRtpReceiver__jitter_buffer"
 _SENDER_HISTORY = "_RTCRtpSender__rtp_history"
 _SENDER_EXTENSIONS = "_RTCRtpSender__rtp_header_extensions_map"
+SENDER_RTT = "_RTCRtpSender__rtt"
+"""The round trip aiortc measured from the subscriber's receiver reports (the layer policy's
+input, ``relay.subscriber.Subscriber``)."""
 _SENDER_COUNTERS = (
+    SENDER_RTT,
     "_RTCRtpSender__ntp_timestamp",
     "_RTCRtpSender__rtp_timestamp",
     "_RTCRtpSender__octet_count",
