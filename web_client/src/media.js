@@ -8,7 +8,22 @@
 import { icePolicy } from "./settings.js";
 
 const GATHER_WAIT_MS = 2000;
+/** A connection `disconnected` this long while the page's link to the server is fine (the
+ * path lost is media's alone: a firewall, the relay's address) is rebuilt. */
 const DISCONNECTED_GRACE_MS = 2500;
+/** While the page's whole link is out too (its socket away, or the server unanswered: a
+ * satellite's outage of 5-10 s), the connections are not rebuilt but left to recover by
+ * themselves: the relay keeps them ~30 s, and ICE's checks find the path again within a round
+ * trip or two of its return, where a rebuild costs several round trips of signaling and ICE
+ * (seconds at 700 ms). Once the server answers again they get `RECOVER_GRACE_MS`, and never
+ * more than `DISCONNECTED_MAX_MS` from the first `disconnected` in all. */
+const RECOVER_GRACE_MS = 4000;
+const DISCONNECTED_MAX_MS = 15_000;
+/** A `GET /healthz` answered within this says the link to the server is fine (LinkWatch's
+ * "slow" bound in protocol.js: three round trips of a satellite hop). */
+const SERVER_ANSWER_MS = 2500;
+/** Between two probes while the link is out. */
+const SERVER_RETRY_MS = 1000;
 /** While the consultation has no relay, `media:join` is tried again this often: the server
  * says `media:moved` as soon as a relay takes it, this is only the fallback. */
 const WAITING_RETRY_MS = 5000;
@@ -151,6 +166,7 @@ export class MediaSession {
     this.stats = { inbound: {}, outbound: {}, rttMs: null, lossPct: 0, bitrateKbps: 0, quality: "good" };
     this._lastBytes = null;
     this._watchdog = null;
+    this._watchId = 0;         // the disconnected watch under way (_watchDisconnected)
     this._connectDeadline = null;
     /** The next set-up wanted ({reason, resume, delayMs}), null when none; `_recover` sets it,
      * the loop `_recovering` serves it. */
@@ -422,13 +438,61 @@ export class MediaSession {
       }
       if (state === "disconnected") {
         if (!this.waiting) this._setState("reconnecting");
-        clearTimeout(this._watchdog);
-        this._watchdog = setTimeout(() => {
-          const ours = [this.publishPc, this.screenPc, this.subscribePc].includes(pc);
-          if (ours && pc.connectionState !== "connected") this._lost("connection lost");
-        }, DISCONNECTED_GRACE_MS);
+        this._watchDisconnected(pc);
       }
     });
+  }
+
+  /** `pc` went `disconnected`: rebuild after `DISCONNECTED_GRACE_MS` if the link to the server
+   * is fine meanwhile, else wait for that link, then `RECOVER_GRACE_MS` for the connections to
+   * recover by themselves, `DISCONNECTED_MAX_MS` in all (docs/protocol.md, rule 4). One watch
+   * at a time: a later `disconnected` starts it again. */
+  _watchDisconnected(pc) {
+    clearTimeout(this._watchdog);
+    const watch = ++this._watchId;
+    const since = performance.now();
+    const elapsed = () => performance.now() - since;
+    const lost = () => !this.closed && watch === this._watchId && !this._allConnected()
+      && [this.publishPc, this.screenPc, this.subscribePc].includes(pc);
+    this._watchdog = setTimeout(async () => {
+      if (!lost()) return;
+      if (await this._serverAnswers()) {
+        if (lost()) this._lost("connection lost");
+        return;
+      }
+      console.info("media: disconnected with the link to the server out too: waiting for the link");
+      let back = false;
+      while (lost() && elapsed() < DISCONNECTED_MAX_MS) {
+        await wait(SERVER_RETRY_MS, this._waits);
+        if (lost() && await this._serverAnswers()) { back = true; break; }
+      }
+      if (!lost()) return;
+      if (back) {
+        const left = Math.max(0, Math.min(RECOVER_GRACE_MS, DISCONNECTED_MAX_MS - elapsed()));
+        console.info(`media: the link to the server is back ${Math.round(elapsed())} ms after `
+                     + `the connection's loss: ${Math.round(left)} ms for it to recover`);
+        await wait(left, this._waits, (done) => {
+          const check = () => { if (!lost()) done(); };
+          const timer = setInterval(check, 100);
+          return () => clearInterval(timer);
+        });
+      }
+      if (lost()) this._lost("connection lost");
+    }, DISCONNECTED_GRACE_MS);
+  }
+
+  /** Whether the page's link to the server works now: the socket connected and a
+   * `GET /healthz` answered within `SERVER_ANSWER_MS` (the media path is another matter). */
+  async _serverAnswers() {
+    if (!this.signaling.connected) return false;
+    try {
+      const answer = await fetch("/healthz", { cache: "no-store",
+                                               signal: AbortSignal.timeout(SERVER_ANSWER_MS) });
+      await answer.text();
+      return answer.ok && this.signaling.connected;
+    } catch {
+      return false;
+    }
   }
 
   _problem(problem) {
@@ -594,6 +658,7 @@ export class MediaSession {
   _closePcs() {
     clearTimeout(this._connectDeadline);
     clearTimeout(this._watchdog);
+    this._watchId += 1;
     for (const pc of [this.publishPc, this.screenPc, this.subscribePc]) {
       if (!pc) continue;
       this._listeners.removeFrom(pc);
