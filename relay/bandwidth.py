@@ -45,6 +45,13 @@ MAX_QUIET_S = 48.0
 """The quiet period doubles after each probe that failed, up to this."""
 PROBE_FAILED_WITHIN_S = 4.0
 """Congestion this soon after a probe up means the probe failed."""
+THIN = -1
+"""The step below layer 0: the publication's thin rendition (relay/rendition.py), one
+re-encoding at about 320x180, 10 fps, 100 kbps shared by every subscriber at this step."""
+THIN_REASONS = frozenset({"backlog", "rtt", "estimate"})
+"""What takes a subscriber from layer 0 to the thin rendition: a witness that the link lacks
+the rate (a send backlog, a queue on the path, a low estimate with loss or a rise). Loss alone
+does not: a lossy but wide link is not helped by fewer bits, and it keeps layer 0."""
 
 
 class BandwidthPolicy:
@@ -134,11 +141,15 @@ class LayerPolicy:
     estimate with some loss or some rise), at most one step per ``STEP_DOWN_EVERY_S``; up one
     layer after ``quiet_s`` without congestion; a probe that brings congestion back within
     ``PROBE_FAILED_WITHIN_S`` doubles the quiet period (up to ``MAX_QUIET_S``), one that holds
-    for a whole quiet period resets it. Never below layer 0: the video pause
-    (``BandwidthPolicy``) is the step below, taken only at layer 0."""
+    for a whole quiet period resets it. Never below ``bottom``: layer 0 by default, or
+    ``THIN`` (the thin rendition, taken from layer 0 only for one of ``THIN_REASONS``); the
+    video pause (``BandwidthPolicy``) is the step below the bottom, taken only there, and
+    probing up from the thin rendition goes back to layer 0 the same way."""
 
-    def __init__(self, top: int = TOP_LAYER, quiet_s: float = QUIET_S) -> None:
+    def __init__(self, top: int = TOP_LAYER, quiet_s: float = QUIET_S,
+                 bottom: int = 0) -> None:
         self.top = top
+        self.bottom = bottom
         self.layer = top
         self.quiet_s = quiet_s
         self.reason = ""
@@ -184,8 +195,9 @@ class LayerPolicy:
             if self._probed_at is not None and now - self._probed_at <= PROBE_FAILED_WITHIN_S:
                 self.quiet_s = min(self.quiet_s * 2, MAX_QUIET_S)
                 self._probed_at = None
-            if self.layer > 0 and (self._last_down is None
-                                   or now - self._last_down >= STEP_DOWN_EVERY_S):
+            lowest = 0 if reason not in THIN_REASONS else self.bottom
+            if self.layer > lowest and (self._last_down is None
+                                        or now - self._last_down >= STEP_DOWN_EVERY_S):
                 self.layer -= 1
                 self._last_down = now
                 self.reason = reason

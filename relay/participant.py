@@ -15,7 +15,7 @@ from typing import Any
 from aiortc import RTCPeerConnection
 
 from relay.api import RelayEvents
-from relay.bandwidth import TOP_LAYER, BandwidthPolicy, LayerPolicy, SendRate
+from relay.bandwidth import THIN, TOP_LAYER, BandwidthPolicy, LayerPolicy, SendRate
 from relay.config import MediaConfig
 from relay.errors import NotInRoom
 from relay.publication import Publication
@@ -49,10 +49,13 @@ class RoomLink:
 
 def video_quality(subscription: Subscription) -> tuple[str, int | None]:
     """What a subscriber receives of a video publication: ``full`` (every layer, or the
-    publisher sends none), ``reduced`` (only the lower temporal layers) or ``audio_only``
-    (paused); and the highest layer it gets (None: all)."""
+    publisher sends none), ``reduced`` (only the lower temporal layers), ``thin`` (the
+    publication's thin rendition, or the move to it under way) or ``audio_only`` (paused);
+    and the highest layer it gets (None: all; ``THIN``)."""
     if subscription.paused:
         return "audio_only", None
+    if subscription.thin:
+        return "thin", THIN
     layer = subscription.max_layer
     if layer is None or layer >= subscription.publication.temporal_layers:
         return "full", None
@@ -88,8 +91,9 @@ class Participant:
             publications=room.publications, send_offer=self._send_offer,
             spawn=self._tasks.spawn, on_remb=self._on_remb, on_loss=self._on_loss)
         self.bandwidth = BandwidthPolicy(config.bandwidth_floor_bps, config.bandwidth_window_s)
-        self.layers = LayerPolicy()
-        """Which temporal layers of layered video it gets (relay/bandwidth.py)."""
+        self.layers = LayerPolicy(bottom=THIN)
+        """Which temporal layers of layered video it gets, or the thin rendition below them
+        (relay/bandwidth.py)."""
         self.layer_cap: int | None = None
         """An upper bound on the policy's layer, set through ``cap_layer``."""
         self._send_rate = SendRate()
@@ -192,8 +196,9 @@ class Participant:
         self._apply_layer()
 
     def cap_layer(self, layer: int | None) -> None:
-        """Never more than the temporal layers up to ``layer`` (None: as the policy says),
-        whatever the policy says: an operator's or a test's hand on the layer."""
+        """Never more than the temporal layers up to ``layer`` (None: as the policy says;
+        ``THIN``, -1: the thin rendition of every VP8 video, layered or not), whatever the
+        policy says: an operator's or a test's hand on the layer."""
         self.layer_cap = layer
         self._apply_layer()
 
@@ -217,8 +222,9 @@ class Participant:
         rate = self._send_rate.sample(ssrcs, self.subscriber.sent_bytes(ssrcs), now)
         logger.debug("%s REMB %d bps for %d legs sent %s bps", self._label, bitrate,
                      len(ssrcs), rate)
-        if self.subscriber.max_layer != 0 and self.subscriber.layered():
-            # Layers are the first steps down: the pause waits for layer 0.
+        if self.subscriber.max_layer != self.layers.bottom and self.subscriber.layered():
+            # Layers, then the thin rendition, are the first steps down: the pause waits
+            # for the bottom one.
             self.bandwidth.estimate_held(bitrate)
         elif self.bandwidth.estimate_reported(bitrate, now):
             self._pause_for_bandwidth(bitrate)
@@ -258,7 +264,11 @@ class Participant:
             if before == quality and before_fps is not None and quality != "reduced":
                 continue  # nothing new, and no rate to measure
             # The rate the chosen layers carry, as the publisher sends it now.
-            fps = None if quality == "audio_only" else publication.frame_rate(layer)
+            if quality == "thin":
+                rendition = publication.rendition
+                fps = rendition.frame_rate() if rendition is not None else None
+            else:
+                fps = None if quality == "audio_only" else publication.frame_rate(layer)
             if before == quality and not rate_news(quality, before_fps, fps):
                 continue
             told[pid] = (quality, fps)
@@ -284,6 +294,7 @@ class Participant:
                                                             if s.layers else None)}
                               for s in self.subscriptions.values()},
             "layer": self.subscriber.max_layer,
+            "thin": sorted(s.publication.id for s in self.subscriptions.values() if s.thin),
             "remb_bps": self.bandwidth.estimate_bps,
             "send_bps": self._send_rate.total_bps,
         }

@@ -24,6 +24,7 @@ from codec.rtp import (
 )
 from relay import hooks
 from relay.api import MediaSink
+from relay.rendition import Rendition
 from relay.sdp import Codec
 from relay.tasks import Tasks
 from relay.timing import ntp_now
@@ -75,6 +76,11 @@ class Publication:
         ``frame_rate``."""
         self._keyframe_interval_s = keyframe_interval_s
         self._last_pli = 0.0
+        self.rendition: Rendition | None = None
+        """The thin rendition, while a subscriber wants it (relay/rendition.py)."""
+        self.renditions_started = 0
+        self._thin: set[Any] = set()
+        """The subscriptions that want the thin rendition."""
         self._tasks = Tasks(f"Publication({publication_id})")
         hooks.tap_receiver(receiver, self._on_packet)
 
@@ -174,6 +180,48 @@ class Publication:
             return None
         return round((total - 1) / span * counted / total, 1)
 
+    # -- the thin rendition ----------------------------------------------------------------
+    def is_thin(self, subscription: Any) -> bool:
+        return subscription in self._thin
+
+    def want_thin(self, subscription: Any, thin: bool) -> None:
+        """Move ``subscription`` (a relay.subscription.Subscription) to the thin rendition,
+        started for the first such subscriber, or back to the publication itself; each move
+        at the new source's next keyframe. VP8 video only."""
+        if thin == (subscription in self._thin) or self.closed:
+            return
+        if thin:
+            if not self._vp8 or self.kind != "video":
+                return
+            self._thin.add(subscription)
+            if self.rendition is None:
+                self.rendition = Rendition(self)
+                self.renditions_started += 1
+                self.attach(self.rendition)
+            subscription.move_to(self.rendition, self._rendition_check)
+        else:
+            self._thin.discard(subscription)
+            subscription.move_to(self, self._rendition_check)
+            self._rendition_check()
+
+    def drop_thin(self, subscription: Any) -> None:
+        """A subscription closed: it no longer counts for the rendition."""
+        self._thin.discard(subscription)
+        self._rendition_check()
+
+    def _rendition_check(self) -> None:
+        """Stop the rendition once no subscription wants it or still takes it (one moving
+        back takes it until the publisher's keyframe)."""
+        rendition = self.rendition
+        if rendition is None or self._thin:
+            return
+        if any(forwarder is not rendition and getattr(forwarder, "source", None) is rendition
+               for forwarder in (*self.subscriptions, *rendition.subscriptions)):
+            return
+        self.rendition = None
+        self.detach(rendition)
+        self._tasks.spawn(rendition.close())
+
     def request_keyframe(self) -> None:
         """Ask the publisher for a keyframe, at most once per ``keyframe_interval_s``."""
         if self.kind != "video" or self.closed or self.media_ssrc is None:
@@ -192,6 +240,10 @@ class Publication:
             return
         self.closed = True
         self.subscriptions.clear()
+        self._thin.clear()
+        if self.rendition is not None:
+            self.rendition.stop()
+            self.rendition = None
         sinks, self.sinks = self.sinks, ()
         for sink in sinks:
             try:

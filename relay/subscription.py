@@ -14,13 +14,23 @@ send."""
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
+from typing import Protocol
 
 from aiortc import RTCRtpTransceiver
-from aiortc.rtp import RtpPacket
+from aiortc.rtp import RTP_HISTORY_SIZE, RtpPacket
 
-from codec.rtp import SEQ_MOD, TS_MOD, Vp8Descriptor, seq_newer, vp8_with_picture_id
+from codec.rtp import (
+    SEQ_MOD,
+    TS_MOD,
+    Vp8Descriptor,
+    seq_newer,
+    ts_delta,
+    vp8_descriptor,
+    vp8_with_picture_id,
+)
 from relay import hooks
-from relay.publication import Publication
+from relay.publication import Forwarder, Publication
 from relay.track import ForwardTrack
 
 BACKLOG_CHECK_EVERY = 8
@@ -31,6 +41,9 @@ MAX_MISSING = 256
 """A gap in the publisher's sequence numbers up to this long keeps a place for each missing
 packet (its retransmission goes out in it); a longer jump is taken as it comes."""
 RECENT_FRAMES = 64
+SWITCH_TS_STEP = 3000
+"""RTP ticks (33 ms at 90 kHz) between the last frame of the old source and the first of the
+new one when the new one's own timestamp would not come after it."""
 """How many frames' forward-or-drop decisions are remembered for late packets."""
 
 
@@ -189,6 +202,53 @@ class LayerFilter:
         return out_seq, payload, timestamp
 
 
+class Source(Protocol):
+    """What a subscription takes its packets from: the publication, or its thin rendition."""
+
+    def attach(self, forwarder: Forwarder) -> None: ...
+
+    def detach(self, forwarder: Forwarder) -> None: ...
+
+    def request_keyframe(self) -> None: ...
+
+
+class Handover:
+    """Moves a subscription from one source to another at the new one's next keyframe: until
+    then it keeps the old one, so the subscriber sees no gap. Attached to the new source as a
+    forwarder of its own, and only while the move waits: the forwarding path of a
+    publication without a rendition is untouched."""
+
+    def __init__(self, subscription: Subscription, old: Source, new: Source,
+                 done: Callable[[], None]) -> None:
+        self.subscription = subscription
+        self.old = old
+        self.new = new
+        self._done = done
+        self.finished = False
+        new.attach(self)
+        new.request_keyframe()
+
+    async def forward(self, packet: RtpPacket, keyframe: bool, ntp: int,
+                      descriptor: Vp8Descriptor | None = None) -> None:
+        if not keyframe or self.finished:
+            return
+        self.cancel()
+        subscription = self.subscription
+        subscription.handover = None
+        if subscription.closed:
+            return
+        self.old.detach(subscription)
+        self.new.attach(subscription)
+        subscription.source = self.new
+        subscription.restart_from_leg()
+        await subscription.forward(packet, keyframe, ntp, descriptor)
+        self._done()
+
+    def cancel(self) -> None:
+        self.finished = True
+        self.new.detach(self)
+
+
 class Leg:
     """A sender of the subscriber's peer connection. Legs are reused when publications come
     and go (aiortc cannot remove an m-line); the sequence numbers run on across reuse."""
@@ -205,6 +265,13 @@ class Leg:
         self.subscription: Subscription | None = None
         self.retired = False
         """Its subscription ended: the m-line stays inactive for good."""
+
+    def last_sent(self) -> RtpPacket | None:
+        """The last packet sent on the leg, read back from the retransmission history
+        (nothing is kept per packet for it); None if it is not there."""
+        seq = (self.next_seq - 1) % SEQ_MOD
+        packet = self.sender._history.get(seq % RTP_HISTORY_SIZE)
+        return packet if packet is not None and packet.sequence_number == seq else None
 
 
 class Subscription:
@@ -225,12 +292,39 @@ class Subscription:
         self.skipped = 0
         self._max_backlog = max_backlog_bytes
         self._seq_offset = 0
-        self._ts_offset = random.randrange(TS_MOD)
+        self._ts_offset = self._base_ts_offset = random.randrange(TS_MOD)
         self._start_seq: int | None = None
         self.layers = LayerFilter() if publication.mime_type.lower() == "video/vp8" else None
         """Temporal-layer selection (VP8 only; every layer until ``set_max_layer``)."""
         self.closed = False
+        self.source: Source = publication
+        """Where its packets come from now: the publication, or its thin rendition."""
+        self.handover: Handover | None = None
+        """A change of source waiting for the new source's keyframe."""
+        self._continue: RtpPacket | None = None
+        """The last packet the leg sent before a change of source (``restart_from_leg``)."""
         leg.subscription = self
+
+    @property
+    def thin(self) -> bool:
+        """The subscriber gets (or is moving to) the publication's thin rendition."""
+        return self.publication.is_thin(self)
+
+    def move_to(self, source: Source, done: Callable[[], None]) -> None:
+        """Take the packets of ``source`` from its next keyframe on (``done`` once moved); a
+        move still waiting is given up first."""
+        if self.handover is not None:
+            self.handover.cancel()
+            self.handover = None
+        if self.source is not source and not self.closed:
+            self.handover = Handover(self, self.source, source, done)
+
+    def restart_from_leg(self) -> None:
+        """Start again at the next keyframe, the timestamps and picture ids continuing from
+        the last packet sent on the leg (a change of source: the sequence numbers continue by
+        themselves)."""
+        self.waiting_keyframe = True
+        self._continue = self.leg.last_sent()
 
     @property
     def max_layer(self) -> int | None:
@@ -244,6 +338,9 @@ class Subscription:
         publisher that sends no layers, nor for a codec other than VP8."""
         if self.layers is not None:
             self.layers.target = ALL_LAYERS if layer is None else max(0, min(layer, ALL_LAYERS))
+            if self.publication.kind == "video":
+                # Below layer 0 (THIN, -1): the publication's thin rendition.
+                self.publication.want_thin(self, layer is not None and layer < 0)
 
     @property
     def paused(self) -> bool:
@@ -264,7 +361,7 @@ class Subscription:
     def _restart(self) -> None:
         """Wait for the next keyframe, and ask for one."""
         self.waiting_keyframe = True
-        self.publication.request_keyframe()
+        self.source.request_keyframe()
 
     async def forward(self, packet: RtpPacket, keyframe: bool, ntp: int,
                       descriptor: Vp8Descriptor | None = None) -> None:
@@ -278,13 +375,15 @@ class Subscription:
         if self.waiting_keyframe:
             if not keyframe:
                 self.skipped += 1
-                self.publication.request_keyframe()
+                self.source.request_keyframe()
                 return
             self.waiting_keyframe = False
             self._seq_offset = (leg.next_seq - in_seq) % SEQ_MOD
             self._start_seq = in_seq
             if self.layers is not None:
                 self.layers.restart(in_seq, leg.next_seq)
+            if self._continue is not None:
+                self._continue_from(packet.timestamp, descriptor)
         elif self._start_seq is not None and seq_newer(self._start_seq, in_seq):
             return  # a retransmission from before this subscription (re)started
         if (self._max_backlog and not self.forwarded % BACKLOG_CHECK_EVERY
@@ -329,9 +428,31 @@ class Subscription:
         self.forwarded += 1
         self.forwarded_bytes += len(payload)
 
+    def _continue_from(self, timestamp: int, descriptor: Vp8Descriptor | None) -> None:
+        """After a change of source, at its first keyframe (``timestamp``): the timestamps go
+        on from the last one sent (the rendition's frames come a few tens of milliseconds
+        after the original's: a receiver must never see time go back, aiortc's takes it for a
+        wrap), in the publisher's timeline again as soon as that is ahead; the new source's
+        picture ids are shifted to follow the last one the subscriber had."""
+        last, self._continue = self._continue, None
+        assert last is not None
+        if ts_delta((timestamp + self._base_ts_offset) % TS_MOD, last.timestamp) > 0:
+            self._ts_offset = self._base_ts_offset
+        else:
+            self._ts_offset = (last.timestamp + SWITCH_TS_STEP - timestamp) % TS_MOD
+        before = vp8_descriptor(last.payload) if self.layers is not None else None
+        if (before is not None and before.picture_id >= 0 and self.layers is not None
+                and descriptor is not None and descriptor.picture_id >= 0):
+            self.layers.picture_offset = descriptor.picture_id - (before.picture_id + 1)
+
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        if self.handover is not None:
+            self.handover.cancel()
+            self.handover = None
+        self.source.detach(self)
+        self.publication.drop_thin(self)
         if self.leg.subscription is self:
             self.leg.subscription = None

@@ -1,0 +1,194 @@
+"""The thin rendition (relay/rendition.py) with real aiortc peers: one publisher, three
+subscribers; two pushed below layer 0 (``Participant.cap_layer(THIN)``, the documented hand on
+the layer policy) share ONE re-encoding of the camera at 240x180 (320x240 fitted into 320x180),
+about 10 fps, while the third still gets the original untouched; lifting the cap moves them
+back at a keyframe and the rendition stops (no thread, no codec left).
+
+aiortc publishers send no temporal layers, so their layer 0 is the whole stream: the policy's
+own way down (layer 0 -> thin on a backlog, a queue or a low estimate) is tested as a table in
+test_rendition_policy.py. The frame counter drawn in the picture survives the re-encode (its
+blocks are 15 px wide at 240x180 and read after scaling back), so order is checked by it.
+
+Printed: the rendition's CPU (decode + scale + encode, per second of video) and the frame
+latency of the unaffected subscriber before and while the rendition runs."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import statistics
+import threading
+import time
+import types
+from typing import Any
+
+import av
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from relay.bandwidth import THIN
+from relay.participant import Participant
+from relay.publication import Publication
+from tests.media import MediaPeer, Received, read_counter, wait_for
+from tests.relay.peers import RelayRoom, relay_room
+
+FPS = 30
+FULL = (320, 240)
+THIN_SIZE = (240, 180)
+
+
+async def _read_sized(self: MediaPeer, track: MediaStreamTrack, received: Received) -> None:
+    """MediaPeer._read, also keeping each decoded frame's size (in ``self.sizes``)."""
+    sizes: dict[str, list[tuple[int, int]]] = self.sizes  # type: ignore[attr-defined]
+    sizes[received.mid] = []
+    try:
+        while True:
+            frame = await track.recv()
+            received.arrivals.append(time.monotonic())
+            if isinstance(frame, av.VideoFrame):
+                received.counters.append(read_counter(frame))
+                sizes[received.mid].append((frame.width, frame.height))
+            else:
+                received.audio_frames += 1
+    except (MediaStreamError, asyncio.CancelledError):
+        received.ended = True
+
+
+async def join_viewer(room: RelayRoom, name: str) -> MediaPeer:
+    await room.relay.join(room.id, name)
+    peer = room.peer(name)
+    peer.sizes = {}  # type: ignore[attr-defined]
+    peer._read = types.MethodType(_read_sized, peer)  # type: ignore[method-assign]
+    await peer.subscribe()
+    return peer
+
+
+def camera(peer: MediaPeer) -> tuple[Received, list[tuple[int, int]]]:
+    received = peer.video_from("pub")
+    assert received is not None
+    return received, peer.sizes[received.mid]  # type: ignore[attr-defined]
+
+
+def window(peer: MediaPeer, start: float, end: float) -> tuple[list[int], list[tuple[int, int]],
+                                                               list[float]]:
+    """Counters, sizes and arrival times of the frames decoded between ``start`` and ``end``."""
+    received, sizes = camera(peer)
+    picked = [i for i, at in enumerate(received.arrivals) if start <= at < end]
+    return ([received.counters[i] for i in picked], [sizes[i] for i in picked],
+            [received.arrivals[i] for i in picked])
+
+
+def latencies(pub: MediaPeer, peer: MediaPeer, start: float, end: float) -> list[float]:
+    """Camera frame to decoded frame, ms (all in this process: one clock)."""
+    assert pub.video is not None
+    sent = pub.video.sent_at
+    counters, _, arrivals = window(peer, start, end)
+    return [(at - sent[n]) * 1000 for n, at in zip(counters, arrivals, strict=True) if n in sent]
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def rendition_threads() -> int:
+    return sum(1 for t in threading.enumerate() if t.name.startswith("Rendition("))
+
+
+async def packets_lost(peer: MediaPeer) -> int:
+    assert peer.subscribe_pc is not None
+    stats = await peer.subscribe_pc.getStats()
+    return sum(getattr(s, "packetsLost", 0) for s in stats.values()
+               if getattr(s, "type", "") == "inbound-rtp" and getattr(s, "kind", "") == "video")
+
+
+def thin_notices(room: RelayRoom, name: str) -> list[dict[str, Any]]:
+    return [n for _, pid, n in room.events.notices
+            if pid == name and n.get("code") == "video_quality"]
+
+
+async def test_one_thin_rendition_for_two_weak_subscribers_and_none_after() -> None:
+    started = time.monotonic()
+    async with relay_room() as room:
+        viewers = {name: await join_viewer(room, name) for name in ("weak1", "weak2", "good")}
+        pub = await room.join("pub", subscribe=False, fps=FPS)
+        await wait_for(lambda: all(v.frames("pub") >= 45 for v in viewers.values()), 30,
+                       "every viewer decoding the camera")
+        members = room.relay.rooms[room.id].participants
+        publication: Publication = next(p for p in members["pub"].publications.values()
+                                        if p.kind == "video")
+
+        before_start = time.monotonic()
+        await asyncio.sleep(3.0)
+        before = (before_start, time.monotonic())
+
+        weak: list[Participant] = [members["weak1"], members["weak2"]]
+        for participant in weak:
+            participant.cap_layer(THIN)
+        rendition = publication.rendition
+        assert rendition is not None and publication.renditions_started == 1
+
+        def thin_frames(name: str) -> int:
+            return sum(1 for size in camera(viewers[name])[1] if size == THIN_SIZE)
+
+        await wait_for(lambda: all(thin_frames(n) >= 10 for n in ("weak1", "weak2")), 15,
+                       "both weak viewers decoding the thin rendition")
+        cpu_at, frames_at = rendition.cpu_s, rendition.frames_in
+        during_start = time.monotonic()
+        await asyncio.sleep(4.0)
+        during = (during_start, time.monotonic())
+        cpu_s = rendition.cpu_s - cpu_at
+        video_s = (rendition.frames_in - frames_at) / FPS
+
+        # Exactly one rendition, one worker, however many weak subscribers.
+        assert publication.renditions_started == 1 and rendition_threads() == 1
+        assert rendition.subscriptions == {s for p in weak
+                                           for s in p.subscriptions.values() if s.thin}
+        for name in ("weak1", "weak2"):
+            counters, sizes, arrivals = window(viewers[name], *during)
+            fps = (len(counters) - 1) / (arrivals[-1] - arrivals[0])
+            print(f"{name}: thin {len(counters)} frames {fps:.1f} fps sizes {set(sizes)}")
+            assert set(sizes) == {THIN_SIZE}
+            assert 7.0 <= fps <= 12.0, fps
+            assert counters == sorted(set(counters)), counters  # in order, none twice
+            steps = [b - a for a, b in itertools.pairwise(counters)]
+            assert statistics.median(steps) == FPS // 10, steps
+            notices = thin_notices(room, name)
+            assert notices and notices[-1]["quality"] == "thin" and notices[-1]["fps"] == 10.0
+        counters, sizes, arrivals = window(viewers["good"], *during)
+        good_fps = (len(counters) - 1) / (arrivals[-1] - arrivals[0])
+        print(f"good: {len(counters)} frames {good_fps:.1f} fps sizes {set(sizes)}")
+        assert set(sizes) == {FULL} and good_fps >= 20, good_fps
+        assert counters == list(range(counters[0], counters[0] + len(counters)))
+        assert not thin_notices(room, "good")
+
+        # Lifted: back to the original at a keyframe; the rendition, its thread and codecs go.
+        for participant in weak:
+            participant.cap_layer(None)
+        lifted = time.monotonic()
+        await wait_for(lambda: publication.rendition is None and rendition_threads() == 0,
+                       10, "the rendition stopped")
+        stopped_s = time.monotonic() - lifted
+        assert rendition.closed and not rendition.running
+        assert rendition._transcoder is None and not rendition.subscriptions
+        back = time.monotonic()
+        await wait_for(lambda: all(len(window(viewers[n], back, time.monotonic())[0]) >= 45
+                                   for n in ("weak1", "weak2")), 15, "weak viewers at full rate")
+        for name in ("weak1", "weak2"):
+            counters, sizes, _ = window(viewers[name], back, time.monotonic())
+            assert set(sizes) == {FULL}
+            assert counters == list(range(counters[0], counters[0] + len(counters)))
+            assert thin_notices(room, name)[-1]["quality"] == "full"
+            # The leg's sequence numbers ran on across both changes of source: nothing lost.
+            assert await packets_lost(viewers[name]) == 0, name
+        assert publication.renditions_started == 1
+
+        good_before = latencies(pub, viewers["good"], *before)
+        good_during = latencies(pub, viewers["good"], *during)
+        print(f"rendition CPU: {cpu_s * 1000 / video_s:.0f} ms per second of video "
+              f"({cpu_s:.2f} s over {video_s:.1f} s, 320x240 {FPS} fps in, "
+              f"{rendition.size} {rendition.fps} fps out); stopped {stopped_s:.2f} s after "
+              "the lift")
+        print(f"good viewer frame latency p50/p95 ms: before {pct(good_before, 0.5):.1f}/"
+              f"{pct(good_before, 0.95):.1f}, with the rendition {pct(good_during, 0.5):.1f}/"
+              f"{pct(good_during, 0.95):.1f}")
+    print(f"test took {time.monotonic() - started:.1f} s")
