@@ -895,8 +895,8 @@ function renderTileQualities() {
   for (const [participant, tile] of Object.entries(room.tiles)) {
     if (participant === "self" || !tile.qualityLabel) continue;
     const { quality, fps } = receivedQuality(room, tile);
-    let text = t({ full: "qualityFull", reduced: "qualityReduced", audio_only: "qualityAudioOnly" }[quality] || "qualityFull");
-    if (quality === "reduced" && fps) {
+    let text = t({ full: "qualityFull", reduced: "qualityReduced", thin: "qualityThin", audio_only: "qualityAudioOnly" }[quality] || "qualityFull");
+    if ((quality === "reduced" || quality === "thin") && fps) {
       const shown = fps.toLocaleString(getLanguage() === "vi" ? "vi-VN" : "en-GB", { maximumFractionDigits: 1 });
       text += ` (${tf("framesPerSecond", { fps: shown })})`;
     }
