@@ -41,10 +41,12 @@ MAX_MISSING = 256
 """A gap in the publisher's sequence numbers up to this long keeps a place for each missing
 packet (its retransmission goes out in it); a longer jump is taken as it comes."""
 RECENT_FRAMES = 64
-SWITCH_TS_STEP = 3000
-"""RTP ticks (33 ms at 90 kHz) between the last frame of the old source and the first of the
-new one when the new one's own timestamp would not come after it."""
 """How many frames' forward-or-drop decisions are remembered for late packets."""
+SWITCH_TS_STEP = 90
+"""RTP ticks (1 ms at 90 kHz) between the last frame of the old source and the first of the
+new one when the new one's own timestamp would not come after it: the smallest shift, so the
+video leaves the publisher's timeline (and the audio's) by no more than the rendition's
+delay, and finds it again at the next change of source."""
 
 
 class LayerFilter:

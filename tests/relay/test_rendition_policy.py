@@ -1,0 +1,205 @@
+"""The thin rendition's parts without media: the layer policy's step below layer 0 (a table on
+a clock the test drives), a leg's change of source (sequence numbers, timestamps and picture
+ids as the subscriber sees them, on a recording leg), and the transcoder on its own (the size,
+the rate, keyframes on demand, the frame counter still readable)."""
+
+from __future__ import annotations
+
+import fractions
+import itertools
+from typing import Any
+
+import pytest
+from aiortc.codecs.vpx import Vp8Encoder, vp8_depayload
+from aiortc.rtp import RTP_HISTORY_SIZE, RtpPacket
+
+from codec.rtp import TS_MOD, Vp8Descriptor, ts_delta, vp8_descriptor
+from relay.bandwidth import THIN, LayerPolicy
+from relay.rendition import Transcoder, fit, packetize
+from relay.subscription import Leg, Subscription
+from tests.media import counter_frame, read_counter
+
+CALM: dict[str, Any] = {"loss": 0.0, "rtt_s": 0.6}
+
+
+# -- the policy ---------------------------------------------------------------------------
+@pytest.mark.parametrize(("name", "report", "lowest"), [
+    ("a send backlog", {"backlog_bytes": 200_000, "rtt_s": 0.6}, THIN),
+    ("a queue on the path", {"rtt_s": 0.95}, THIN),
+    ("a low estimate with loss", {"loss": 0.03, "rtt_s": 0.6, "estimate_bps": 50_000,
+                                  "send_bps": 300_000}, THIN),
+    ("loss alone (a lossy but wide link)", {"loss": 0.15, "rtt_s": 0.6}, 0),
+])
+def test_below_layer_0_the_thin_rendition_only_for_a_lack_of_rate(
+        name: str, report: dict[str, Any], lowest: int) -> None:
+    policy = LayerPolicy(bottom=THIN)
+    policy.update(0.0, **CALM)
+    layers = [policy.update(1.0 + t, **report) for t in range(6)]
+    assert layers == [1, 0, lowest, lowest, lowest, lowest], name
+
+
+def test_the_default_bottom_stays_layer_0_and_thin_probes_back_up_after_the_quiet_period() -> None:
+    default = LayerPolicy()
+    assert [default.update(t, rtt_s=0.3 if t == 0 else 0.95) for t in range(5)] == \
+        [2, 1, 0, 0, 0]
+    policy = LayerPolicy(bottom=THIN)
+    for t in range(5):
+        policy.update(float(t), backlog_bytes=200_000)
+    assert policy.layer == THIN
+    assert policy.update(5.0, **CALM) == THIN
+    assert policy.update(10.9, **CALM) == THIN
+    assert policy.update(11.0, **CALM) == 0  # the same 6 s probe as between layers
+
+
+# -- a leg changing source ----------------------------------------------------------------
+class Recorder:
+    """A leg's sender that keeps what it sends (and the retransmission history, as
+    hooks.SenderLeg does)."""
+
+    ssrc = 1234
+
+    def __init__(self) -> None:
+        self.sent: list[RtpPacket] = []
+        self._history: dict[int, RtpPacket] = {}
+
+    async def send(self, packet: RtpPacket, ntp: int) -> None:
+        self._history[packet.sequence_number % RTP_HISTORY_SIZE] = packet
+        self.sent.append(packet)
+
+
+class Source:
+    """A publication or rendition as a subscription sees it."""
+
+    mime_type = "video/VP8"
+    kind = "video"
+
+    def __init__(self) -> None:
+        self.forwarders: set[Any] = set()
+        self.keyframes_asked = 0
+
+    def attach(self, forwarder: Any) -> None:
+        self.forwarders.add(forwarder)
+
+    def detach(self, forwarder: Any) -> None:
+        self.forwarders.discard(forwarder)
+
+    def request_keyframe(self) -> None:
+        self.keyframes_asked += 1
+
+    def is_thin(self, subscription: Any) -> bool:
+        return False
+
+    def drop_thin(self, subscription: Any) -> None:
+        pass
+
+    async def frame(self, seq: int, ts: int, picture_id: int, key: bool = False) -> None:
+        payload = packetize(b"\x00" * 10, picture_id)[0]
+        packet = RtpPacket(payload_type=96, marker=1, sequence_number=seq, timestamp=ts,
+                           payload=payload)
+        descriptor = vp8_descriptor(payload)
+        for forwarder in tuple(self.forwarders):
+            await forwarder.forward(packet, key, 0, descriptor)
+
+
+def recording_subscription(publication: Source) -> tuple[Subscription, Recorder]:
+    leg = Leg.__new__(Leg)
+    recorder = Recorder()
+    leg.sender = recorder  # type: ignore[assignment]
+    leg.next_seq, leg.payload_type, leg.mid, leg.subscription = 40000, 100, "1", None
+    subscription = Subscription(publication, "viewer", leg,  # type: ignore[arg-type]
+                                max_backlog_bytes=0)
+    subscription.ready = True
+    publication.attach(subscription)
+    return subscription, recorder
+
+
+def seen(recorder: Recorder) -> list[tuple[int, int, int]]:
+    """(sequence number, timestamp, picture id) of what the subscriber got."""
+    out = []
+    for packet in recorder.sent:
+        descriptor = vp8_descriptor(packet.payload)
+        assert isinstance(descriptor, Vp8Descriptor)
+        out.append((packet.sequence_number, packet.timestamp, descriptor.picture_id))
+    return out
+
+
+async def test_a_leg_changes_source_at_a_keyframe_with_no_gap_and_time_never_going_back() -> None:
+    original, thin = Source(), Source()
+    subscription, recorder = recording_subscription(original)
+    await original.frame(100, 90_000, 10, key=True)
+    await original.frame(101, 93_000, 11)
+    done: list[str] = []
+    subscription.move_to(thin, lambda: done.append("thin"))
+    assert thin.keyframes_asked == 1
+    await original.frame(102, 96_000, 12)  # still the original until the rendition's keyframe
+    await thin.frame(7, 87_000, 500)  # not a keyframe: nothing changes
+    await thin.frame(8, 93_000, 501, key=True)  # made from an older frame than the last sent
+    await original.frame(103, 99_000, 13)  # no longer forwarded
+    await thin.frame(9, 96_000, 502)
+    assert done == ["thin"] and subscription.source is thin
+    assert subscription not in original.forwarders and subscription in thin.forwarders
+    subscription.move_to(original, lambda: done.append("original"))
+    await thin.frame(10, 99_000, 503)  # the rendition until the publisher's keyframe
+    await original.frame(104, 102_000, 14)
+    await original.frame(105, 105_000, 15, key=True)
+    await thin.frame(11, 102_000, 504)  # no longer forwarded
+    await original.frame(106, 108_000, 16)
+    assert done == ["thin", "original"] and subscription.source is original
+
+    got = seen(recorder)
+    seqs = [s for s, _, _ in got]
+    assert seqs == list(range(40000, 40000 + len(got)))  # the sequence numbers run on
+    assert [p for _, _, p in got] == list(range(10, 10 + len(got)))  # so do picture ids
+    times = [t for _, t, _ in got]
+    assert all(ts_delta(b, a) > 0 for a, b in itertools.pairwise(times)), times
+    base = times[0] - 90_000
+    in_original_time = [(t - base) % TS_MOD for t in times]
+    # Before and after the rendition, the publisher's own timeline (lip sync kept); on the
+    # rendition 1 ms after the last frame sent (its frames come after the original's), then
+    # its own pace.
+    assert in_original_time == [90_000, 93_000, 96_000, 96_090, 99_090, 102_090, 105_000,
+                                108_000]
+
+
+def test_a_subscription_alone_on_a_leg_has_no_handover() -> None:
+    subscription, _ = recording_subscription(Source())
+    assert subscription.handover is None and subscription._continue is None
+
+
+# -- the transcoder -----------------------------------------------------------------------
+@pytest.mark.parametrize(("size", "fitted"), [
+    ((640, 480), (240, 180)), ((1280, 720), (320, 180)), ((320, 240), (240, 180)),
+    ((160, 120), (160, 120)), ((480, 640), (134, 180)),
+])
+def test_the_rendition_fits_the_box_keeping_the_aspect_ratio(
+        size: tuple[int, int], fitted: tuple[int, int]) -> None:
+    assert fit(*size) == fitted
+
+
+def test_the_transcoder_keeps_a_frame_in_three_of_30_fps_readable_and_keyframes_on_demand(
+        ) -> None:
+    encoder = Vp8Encoder()
+    transcoder = Transcoder()
+    out: list[tuple[int, bool, int]] = []
+    decoder = Transcoder()  # its decoder reads the rendition back
+    for n in range(60):
+        frame = counter_frame(n)
+        frame.pts, frame.time_base = n * 3000, fractions.Fraction(1, 90000)
+        payloads, ts = encoder.encode(frame, force_keyframe=n == 0)
+        data = b"".join(vp8_depayload(p) for p in payloads)
+        for encoded, key in transcoder.frame(data, ts, want_key=n in (0, 31)):
+            (picture,) = decoder.decoder.decode(_packet(encoded, ts))
+            assert (picture.width, picture.height) == (240, 180)
+            out.append((n, key, read_counter(picture)))
+    assert [n for n, _, _ in out] == list(range(0, 31, 3)) + list(range(31, 60, 3))
+    assert [n for n, key, _ in out if key] == [0, 31]  # the first, and the one asked for
+    assert all(n == counter for n, _, counter in out)
+    transcoder.close()
+    assert transcoder.encoder is None and transcoder.decoder is None
+
+
+def _packet(data: bytes, ts: int) -> Any:
+    import av
+    packet = av.Packet(data)
+    packet.pts = ts
+    return packet
