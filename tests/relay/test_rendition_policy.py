@@ -199,7 +199,35 @@ def test_the_transcoder_keeps_a_frame_in_three_of_30_fps_readable_and_keyframes_
 
 
 def _packet(data: bytes, ts: int) -> Any:
-    import av
     packet = av.Packet(data)
     packet.pts = ts
     return packet
+
+
+def test_the_transcoder_on_a_640x480_camera_prints_its_cpu() -> None:
+    """The cost the relay takes on per thin rendition, on what the web client's camera sends
+    (640x480 30 fps, ~1 Mbps; a moving picture with noise so the decoder has work): printed as
+    CPU milliseconds per second of video, for docs/benchmarks.md."""
+    width, height, seconds = 640, 480, 5
+    encoder = Vp8Encoder()
+    encoder.target_bitrate = 1_000_000
+    noise = np.random.default_rng(1)
+    ramp = np.fromfunction(lambda y, x: (x + y) % 256, (height, width)).astype(np.uint8)
+    frames = []
+    for n in range(30 * seconds):
+        luma = np.roll(ramp, 4 * n, axis=1) ^ noise.integers(0, 24, (height, width),
+                                                             dtype=np.uint8)
+        picture = av.VideoFrame.from_ndarray(
+            np.concatenate([luma, np.full((height // 2, width), 128, np.uint8)]),
+            format="yuv420p")
+        picture.pts, picture.time_base = n * 3000, fractions.Fraction(1, 90000)
+        payloads, ts = encoder.encode(picture, force_keyframe=n == 0)
+        frames.append((b"".join(vp8_depayload(p) for p in payloads), ts))
+    transcoder = Transcoder()
+    start = time.thread_time()
+    out = sum(len(transcoder.frame(data, ts, n == 0)) for n, (data, ts) in enumerate(frames))
+    cpu_ms = (time.thread_time() - start) * 1000 / seconds
+    kbps = sum(len(data) for data, _ in frames) * 8 / seconds / 1000
+    print(f"\nrendition of {width}x{height} 30 fps ({kbps:.0f} kbps) -> {transcoder.size} "
+          f"10 fps: {cpu_ms:.0f} ms CPU per second of video (decode + scale + encode)")
+    assert out == 10 * seconds and transcoder.size == (240, 180)
