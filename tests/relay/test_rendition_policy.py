@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import fractions
 import itertools
+import time
 from typing import Any
 
+import av
+import numpy as np
 import pytest
 from aiortc.codecs.vpx import Vp8Encoder, vp8_depayload
 from aiortc.rtp import RTP_HISTORY_SIZE, RtpPacket
