@@ -220,6 +220,7 @@ class Publication:
             return
         self.rendition = None
         self.detach(rendition)
+        rendition.stop()  # now: a task could be cancelled before it ran (the publication closing)
         self._tasks.spawn(rendition.close())
 
     def request_keyframe(self) -> None:

@@ -49,6 +49,8 @@ PACKET_MAX = 1200
 QUEUE_FRAMES = 30
 """Whole frames waiting for the worker at most; past that it is behind: the frames are dropped
 up to the publisher's next keyframe (asked for)."""
+KEYFRAME_INTERVAL_S = 0.3
+"""Keyframes of the rendition on request at most this often."""
 CLOCK = 90000
 TIME_BASE = fractions.Fraction(1, CLOCK)
 
@@ -159,6 +161,7 @@ class Rendition:
         self._out: asyncio.Queue[tuple[list[bytes], int, bool]] = asyncio.Queue()
         self._want_key = threading.Event()
         self._want_key.set()
+        self._last_key_asked = time.monotonic()
         self._last_key_request = 0.0
         # Frame assembly (event loop).
         self._frame_ts: int | None = None
@@ -193,8 +196,12 @@ class Rendition:
         self.subscriptions.discard(forwarder)
 
     def request_keyframe(self) -> None:
-        """The next frame encoded is a keyframe (a subscriber joins, or lost a picture)."""
-        self._want_key.set()
+        """The next frame encoded is a keyframe (a subscriber joins, or lost a picture), at
+        most one per ``KEYFRAME_INTERVAL_S`` (a keyframe is several frames' worth of bits)."""
+        now = time.monotonic()
+        if now - self._last_key_asked >= KEYFRAME_INTERVAL_S:
+            self._last_key_asked = now
+            self._want_key.set()
 
     def frame_rate(self) -> float:
         return float(self.fps)
@@ -268,15 +275,17 @@ class Rendition:
                     return
                 data, ts, _key = item
                 want_key = self._want_key.is_set()
+                if want_key:
+                    self._want_key.clear()  # a request while this frame is encoded stays
                 try:
                     encoded = transcoder.frame(data, ts, want_key)
                 except av.FFmpegError:
                     logger.warning("%s: a frame did not decode; waiting for a keyframe",
                                    self._label)
+                    encoded = []
                     self._loop.call_soon_threadsafe(self._lost)
-                    continue
-                if encoded and want_key:
-                    self._want_key.clear()
+                if want_key and not any(key for _, key in encoded):
+                    self._want_key.set()  # nothing came out of this one: the next
                 self.size = transcoder.size
                 for frame, is_key in encoded:
                     self._loop.call_soon_threadsafe(self._out.put_nowait,

@@ -286,7 +286,8 @@ class Subscriber:
     @staticmethod
     def _keyframe_wanted(leg: Leg) -> None:
         if leg.subscription is not None:
-            leg.subscription.publication.request_keyframe()
+            # The publisher, or the thin rendition the subscriber is on.
+            leg.subscription.source.request_keyframe()
 
     def publication_removed(self, publication: Publication) -> None:
         if publication in self._pending:
@@ -324,8 +325,9 @@ class Subscriber:
     def set_max_layer(self, layer: int | None) -> None:
         """Give every video subscription (and those to come) the temporal layers up to
         ``layer`` of publications sent in layers (0: the base layer, a quarter of the frame
-        rate in L1T3); None: every layer. The layer policy decides it (relay/bandwidth.py);
-        a test may set it directly."""
+        rate in L1T3); None: every layer; ``THIN`` (-1): the thin rendition of every VP8
+        video (relay/rendition.py), layered or not. The layer policy decides it
+        (relay/bandwidth.py); a test may set it directly."""
         self.max_layer = layer
         for subscription in self.subscriptions.values():
             subscription.set_max_layer(layer)

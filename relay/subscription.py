@@ -232,7 +232,10 @@ class Handover:
 
     async def forward(self, packet: RtpPacket, keyframe: bool, ntp: int,
                       descriptor: Vp8Descriptor | None = None) -> None:
-        if not keyframe or self.finished:
+        if self.finished:
+            return
+        if not keyframe:
+            self.new.request_keyframe()  # rate limited by the source
             return
         self.cancel()
         subscription = self.subscription
