@@ -5,13 +5,17 @@ goes away makes emits return (dropped, logged) instead of hanging them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+import socketio
+from aiohttp import web
 
 from signaling.fleet import BatchedRedisManager
 from tests.redis_server import RedisServer, start_redis, stop_redis
@@ -98,3 +102,66 @@ async def test_emits_return_while_redis_is_away_and_publish_again_when_it_is_bac
         if manager.redis is not None:
             await manager.redis.aclose()
         stop_redis(server)
+
+
+async def test_another_nodes_emits_arrive_in_order_and_before_the_room_it_closes_after(
+        redis_server: RedisServer) -> None:
+    """A socket.io server on ``BatchedRedisManager`` with one client in room ``r``; another
+    node (a write-only manager on the same channel) emits ``count`` messages to ``r`` and
+    closes ``r`` in one batch, then emits once more: the client gets the ``count`` in order
+    and not the last one (the close waited for the deliveries before it; without that wait
+    it overtakes them)."""
+    count = 300
+    channel = f"t{next(CHANNELS)}:socketio"
+    sio = socketio.AsyncServer(async_mode="aiohttp", client_manager=BatchedRedisManager(
+        redis_server.url, channel=channel, redis_options={"single_connection_client": True}))
+
+    async def connect(sid: str, _environ: dict[str, Any], _auth: Any = None) -> None:
+        await sio.enter_room(sid, "r")
+
+    sio.on("connect", connect)
+    app = web.Application()
+    sio.attach(app)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    got: list[int] = []
+    all_in = asyncio.Event()
+
+    def heard(data: dict[str, Any]) -> None:
+        got.append(int(data["n"]))
+        if len(got) >= count:
+            all_in.set()
+
+    client = socketio.AsyncClient(reconnection=False)
+    client.on("n", heard)
+    other = BatchedRedisManager(redis_server.url, channel=channel, write_only=True)
+    probe = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await client.connect(f"http://127.0.0.1:{port}", transports=["websocket"],
+                             wait_timeout=10)
+        for _ in range(100):  # the server's listener subscribes at its first connection
+            [(_, subscribers)] = await probe.pubsub_numsub(channel)
+            if subscribers:
+                break
+            await asyncio.sleep(0.05)
+        assert subscribers == 1
+        started = time.perf_counter()
+        # In one batch: the server's listener reads them in one go, the close right after.
+        await asyncio.gather(*(other.emit("n", {"n": n}, room="r") for n in range(count)),
+                             other.close_room("r", namespace="/"))
+        await other.emit("n", {"n": count}, room="r")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(all_in.wait(), 10)
+        print(f"{len(got)} emits of another node delivered in "
+              f"{(time.perf_counter() - started) * 1000:.0f} ms")
+        await asyncio.sleep(0.5)  # the one after the close would have come by now
+        assert got == list(range(count))
+    finally:
+        await client.disconnect()
+        await probe.aclose()
+        if other.redis is not None:
+            await other.redis.aclose()
+        await runner.cleanup()
