@@ -83,9 +83,13 @@ async def test_the_chat_allowance_refills_at_its_rate(redis_server: RedisServer)
     """600 a minute: 600 at once, then 10 a second (the bucket of ChatLimits)."""
     async with processes(redis_server.url, prefix(),
                          LimitsSettings(chat_per_minute=600)) as [(_, a), (_, b)]:
+        started = time.monotonic()
         answers = await asyncio.gather(*(a.admit_chat("ref1") for _ in range(601)))
-        assert answers.count(True) == 600
         emptied = time.monotonic()
+        # The bucket refills while the 601 calls run (10 a second): a loaded machine that
+        # takes 0.2 s over them admits 602.
+        assert 600 <= answers.count(True) <= 600 + (emptied - started) * 10 + 1, \
+            (answers.count(True), emptied - started)
         await asyncio.sleep(0.35)
         refilled = 0
         for _ in range(20):
