@@ -186,8 +186,10 @@ class Participant:
         now = time.monotonic()
         self.bandwidth.loss_reported(fraction, now)
         if not self.subscriber.layered() or self.subscriber.paused:
-            # Nothing to choose (video as before), or no video to judge by: the pause is
-            # left at the layer it was taken (0) and tried again from there.
+            # Nothing to choose (video as before: an unlayered camera's layer 0 is the whole
+            # stream, and taking it thin on this policy's evidence alone was found too eager:
+            # a loaded relay's own delay reads as a rising round trip), or no video to judge
+            # by: the pause is left at the step it was taken (thin) and tried again from there.
             return
         self.layers.update(now, loss=fraction, rtt_s=self.subscriber.rtt_s(),
                            backlog_bytes=self.subscriber.backlog_bytes(),
