@@ -71,7 +71,13 @@ from signaling.demo import ensure_demo_directory
 from signaling.directory import Directory
 from signaling.directory_admin import DirectoryAdmin
 from signaling.directory_api import add_directory_routes
-from signaling.fleet import Fleet, LocalFleet, fleet_for, raise_if_cancelled
+from signaling.fleet import (
+    BatchedRedisManager,
+    Fleet,
+    LocalFleet,
+    fleet_for,
+    raise_if_cancelled,
+)
 from signaling.handlers import SocketGateway, SocketIONotifier
 from signaling.http_api import add_routes, json_errors, make_auth_middleware
 from signaling.limits import ClinicianLimits, LocalClinicianLimits
@@ -470,14 +476,16 @@ def _limits(limits: ClinicianLimits) -> Callable[[web.Application], AsyncIterato
 
 
 def client_manager(settings: Settings) -> socketio.AsyncRedisManager | None:
-    """With ``live.backend = "redis"``: python-socketio's ``AsyncRedisManager``, so that an
-    emit published on Redis (by another process on the same prefix) reaches this process's
-    sockets too; None (its in-memory manager) by default. Every emit is then also one PUBLISH,
-    over one connection (``single_connection_client``): redis-py's default pool refuses its
-    101st concurrent command, and the manager gives up on a message after two refusals."""
+    """With ``live.backend = "redis"``: python-socketio's ``AsyncRedisManager`` (batched:
+    ``signaling.fleet.BatchedRedisManager``), so that an emit published on Redis (by another
+    process on the same prefix) reaches this process's sockets too; None (its in-memory
+    manager) by default. Every emit is then also a PUBLISH, over one connection
+    (``single_connection_client``: a node's emits reach the others in order; redis-py's
+    default pool refuses its 101st concurrent command, and the manager gives up on a message
+    after two refusals); what is published while a batch is on its way leaves in the next."""
     if settings.live.backend != "redis":
         return None
-    return socketio.AsyncRedisManager(settings.live.redis_url,
+    return BatchedRedisManager(settings.live.redis_url,
                                       channel=settings.live.key_prefix + "socketio",
                                       logger=logger,
                                       redis_options={"single_connection_client": True})
