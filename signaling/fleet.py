@@ -136,6 +136,10 @@ class Fleet(Protocol):
     def on_resync(self, hook: Hook) -> None:
         """Run ``hook`` every ``RESYNC_S`` and when the bus is back after a loss."""
 
+    def on_bus_back(self, hook: Hook) -> None:
+        """Run ``hook`` when the bus is back after a loss (after the resync hooks): what was
+        said meanwhile between the members, socket.io's emits included, is lost."""
+
 
 class LocalFleet:
     """One process: it leads the timers, and there is nobody to tell."""
@@ -161,6 +165,9 @@ class LocalFleet:
     def on_resync(self, hook: Hook) -> None:
         pass
 
+    def on_bus_back(self, hook: Hook) -> None:
+        pass
+
 
 class RedisFleet:
     """One member of a fleet on one Redis (see the module's docstring)."""
@@ -182,6 +189,7 @@ class RedisFleet:
         self._release = self._redis.register_script(RELEASE)
         self._handlers: dict[str, list[Handler]] = {}
         self._hooks: list[Hook] = []
+        self._back_hooks: list[Hook] = []
         self._outbox: asyncio.Queue[str] = asyncio.Queue(OUTBOX)
         self._tasks: list[asyncio.Task[None]] = []
         self._subscribed = asyncio.Event()
@@ -303,6 +311,9 @@ class RedisFleet:
     def on_resync(self, hook: Hook) -> None:
         self._hooks.append(hook)
 
+    def on_bus_back(self, hook: Hook) -> None:
+        self._back_hooks.append(hook)
+
     async def _listen(self) -> None:
         """Read the bus for ever. Each subscription Redis confirms after the first (redis-py
         may dial again and resubscribe by itself) and each one after a loss of Redis (retried
@@ -331,6 +342,7 @@ class RedisFleet:
                             logger.info("fleet: the bus is back (%.1f s away); "
                                         "resynchronising", away)
                             await self._resync()
+                            await self._run_hooks(self._back_hooks)
                         self._subscribed.set()
             except (RedisError, OSError) as exc:
                 if lost_at is None:
@@ -368,7 +380,10 @@ class RedisFleet:
                                  message.kind, message.sender)
 
     async def _resync(self) -> None:
-        for hook in self._hooks:
+        await self._run_hooks(self._hooks)
+
+    async def _run_hooks(self, hooks: list[Hook]) -> None:
+        for hook in hooks:
             try:
                 await hook()
             except Exception:

@@ -87,6 +87,10 @@ class SocketIONotifier:
     async def emit(self, event: str, payload: dict[str, Any], to: str | list[str]) -> None:
         await self._sio.emit(event, payload, to=to)
 
+    async def emit_here(self, event: str, payload: dict[str, Any],
+                        to: str | list[str]) -> None:
+        await self._sio.emit(event, payload, to=to, ignore_queue=True)
+
     async def enter(self, sid: str, audience: str) -> None:
         await self._sio.enter_room(sid, audience)
 

@@ -32,6 +32,11 @@ class Notifier(Protocol):
         """Send an event to every connection in the named audience(s), each connection
         once."""
 
+    async def emit_here(self, event: str, payload: dict[str, Any],
+                        to: str | list[str]) -> None:
+        """``emit`` to this process's connections only (a fleet: each process tells its
+        own)."""
+
     async def enter(self, sid: str, audience: str) -> None:
         """Add the connection to the audience."""
 

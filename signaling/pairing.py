@@ -62,6 +62,11 @@ known: a late ``added`` about one of them (sent by another member before it was 
 is ignored, and a late accept of one is answered without reading the store."""
 LEFT_FOR_GOOD = ("accepted", "closed", "cancelled", "expired")
 """Statuses a request never leaves for ``waiting`` again (the store only moves it forward)."""
+BUS_BACK_TELL_S = 5.0
+"""After the fleet's bus is back, clients are told to read the queue again this much later:
+python-socketio's Redis listener redials on its own back-off (1 s, then doubling), and emits
+of other members until it is back are lost too (about 2 s after a 1 s Redis restart in
+tests/signaling/test_fleet_nodes.py)."""
 
 
 def new_id(prefix: str) -> str:
@@ -146,6 +151,8 @@ class Pairing:
         self._fleet: Fleet = fleet if fleet is not None else LocalFleet()
         self._fleet.subscribe(QUEUE_MESSAGE, self._apply)
         self._fleet.on_resync(self.resync)
+        self._fleet.on_bus_back(self.bus_back)
+        self._bus_back: asyncio.Task[None] | None = None
 
     async def restore(self) -> int:
         """Rebuild the queue from the store after a start or restart."""
@@ -247,6 +254,26 @@ class Pairing:
         was read is left as it is now. Returns how many were corrected."""
         async with self._resyncing:
             return await self._resync_locked()
+
+    async def bus_back(self) -> None:
+        """The fleet's bus is back after a loss of Redis: socket.io's Redis manager lost the
+        other members' emits too (its listener dials again on its own back-off), so this
+        process's specialists and coordinators may have missed queue changes. Once that
+        listener is surely back (``BUS_BACK_TELL_S``), the queue is read again and they are
+        told to read theirs (``queue:update {action: "resync"}``, to this process's
+        connections only: every member tells its own)."""
+        if self._bus_back is None or self._bus_back.done():
+            self._bus_back = asyncio.ensure_future(self._tell_after_bus_back())
+
+    async def _tell_after_bus_back(self) -> None:
+        await asyncio.sleep(BUS_BACK_TELL_S)
+        try:
+            await self.resync()
+            audiences = [COORDINATORS, CENTRAL_SPECIALISTS,
+                         *(specialty_audience(s) for s in sorted(self._directory.specialties()))]
+            await self._notifier.emit_here("queue:update", {"action": "resync"}, audiences)
+        except Exception:
+            logger.exception("queue: telling clients after the bus came back failed")
 
     async def _resync_locked(self) -> int:
         """``resync``'s work, the lock held."""

@@ -46,6 +46,10 @@ class Told:
     async def emit(self, event: str, payload: dict[str, Any], to: str | list[str]) -> None:
         self.events.append((event, payload, to))
 
+    async def emit_here(self, event: str, payload: dict[str, Any],
+                        to: str | list[str]) -> None:
+        self.events.append((event, payload, to))
+
     async def enter(self, sid: str, audience: str) -> None:
         pass
 
@@ -451,6 +455,13 @@ async def test_after_redis_restarts_the_nodes_resync_the_queue(
                       f"{fleet_b.reconnects} time(s))")
                 queue = (await on_b["cardio1"].ok("queue:get", {}))["queue"]
                 assert [r["id"] for r in queue] == [rid]
+                # B's specialist missed the queue:update made while Redis was away: B tells
+                # it to read the queue again once socket.io's listener is surely back.
+                told = await on_b["cardio1"].next_matching(
+                    "queue:update", lambda e: e["action"] == "resync", 20)
+                print(f"B's specialist told to read the queue again "
+                      f"{time.monotonic() - killed:.2f} s after the kill")
+                assert told == {"action": "resync"}
     finally:
         stop_redis(redis)
         if again is not None:
