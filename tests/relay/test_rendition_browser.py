@@ -1,0 +1,110 @@
+"""The thin rendition toward a real browser: Chromium publishes its camera (640x480, L1T3), the
+relay puts the specialist's view of it on the thin rendition (Participant.cap_layer(THIN), the
+hand on the layer policy), and the specialist's Chromium decodes it at 240x180 and about
+10 fps, its tile saying "Low resolution (10 fps)"; the district's view of the specialist is
+untouched. Lifted: back to 640x480 at a keyframe, the rendition stopped. The whole product's
+way: real server, embedded relay, signaling, pages."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+from playwright.async_api import Page, expect
+
+from relay.bandwidth import THIN
+from telehealth.startup import SERVICES
+from tests.support import run_server, write_config
+from tests.web.browser import (
+    FLAGS,
+    MEDIA,
+    chromium,
+    decoded_from,
+    open_page,
+    page_url,
+    request_and_accept,
+    wait_decoding,
+)
+
+ENGLISH = "localStorage.setItem('telehealth.lang', 'en');"
+
+
+async def video_size(page: Page) -> list[list[int]]:
+    """[width, height] of every inbound video the page decodes now (getStats)."""
+    sizes: list[list[int]] = await page.evaluate(
+        f"""async () => {{
+          const pc = {MEDIA}.subscribePc;
+          if (!pc) return [];
+          const sizes = [];
+          (await pc.getStats()).forEach((s) => {{
+            if (s.type === 'inbound-rtp' && s.kind === 'video' && s.frameWidth)
+              sizes.push([s.frameWidth, s.frameHeight]);
+          }});
+          return sizes;
+        }}""")
+    return sizes
+
+
+async def wait_size(page: Page, size: list[int], timeout: float) -> float:
+    """Seconds until the page decodes video of ``size``."""
+    start = time.monotonic()
+    while size not in await video_size(page):
+        assert time.monotonic() - start < timeout, (size, await video_size(page))
+        await asyncio.sleep(0.2)
+    return time.monotonic() - start
+
+
+async def test_chromium_decodes_the_thin_rendition_and_returns_to_the_original(
+        tmp_path: Path) -> None:
+    async with chromium(FLAGS) as browser, run_server(write_config(tmp_path)) as server:
+        assert server.app is not None
+        relay = server.app[SERVICES].embedded
+        assert relay is not None
+        district = await open_page(browser, page_url(server.url, server.token("ref1")))
+        specialist = await open_page(browser, page_url(server.url, server.token("cardio1")),
+                                     init_script=ENGLISH)
+        try:
+            await expect(specialist.locator("#queue")).to_be_visible(timeout=15_000)
+            await request_and_accept(district, specialist)
+            await wait_decoding(district, "cardio1")
+            await wait_decoding(specialist, "ref1")
+            consultation = await district.get_attribute("#room", "data-consultation")
+            assert consultation is not None
+            members = relay.rooms[consultation].participants
+            publication: Any = next(p for p in members["ref1"].publications.values()
+                                    if p.source == "camera")
+            await wait_size(specialist, [640, 480], 15)
+            tile = specialist.locator('#tiles figure[data-participant="ref1"] .tile-quality')
+
+            members["cardio1"].cap_layer(THIN)
+            to_thin = await wait_size(specialist, [240, 180], 15)
+            await expect(tile).to_have_attribute("data-quality", "thin", timeout=10_000)
+            await expect(tile).to_have_text("Low resolution (10 fps)", timeout=10_000)
+            frames = await decoded_from(specialist, "ref1")
+            others = await decoded_from(district, "cardio1")
+            await asyncio.sleep(4.0)
+            fps = (await decoded_from(specialist, "ref1") - frames) / 4
+            other_fps = (await decoded_from(district, "cardio1") - others) / 4
+            rendition = publication.rendition
+            assert rendition is not None and publication.renditions_started == 1
+            print(f"specialist on the thin rendition after {to_thin:.1f} s: "
+                  f"{await video_size(specialist)} at {fps:.1f} fps, tile "
+                  f"{await tile.inner_text()!r}; district still {await video_size(district)} "
+                  f"at {other_fps:.1f} fps; rendition {rendition.stats()}")
+            assert 6.0 <= fps <= 12.0, fps
+            assert [640, 480] in await video_size(district) and other_fps >= 10
+
+            members["cardio1"].cap_layer(None)
+            back = await wait_size(specialist, [640, 480], 15)
+            await expect(tile).to_have_attribute("data-quality", "full", timeout=10_000)
+            assert publication.rendition is None and not rendition.running
+            frames = await decoded_from(specialist, "ref1")
+            await asyncio.sleep(2.0)
+            fps = (await decoded_from(specialist, "ref1") - frames) / 2
+            print(f"lifted: the original again after {back:.1f} s, {fps:.1f} fps")
+            assert fps >= 10
+        finally:
+            for page in (district, specialist):
+                await page.context.close()
