@@ -2,8 +2,9 @@
 relay puts the specialist's view of it on the thin rendition (Participant.cap_layer(THIN), the
 hand on the layer policy), and the specialist's Chromium decodes it at 240x180 and about
 10 fps, its tile saying "Low resolution (10 fps)"; the district's view of the specialist is
-untouched. Lifted: back to 640x480 at a keyframe, the rendition stopped. The whole product's
-way: real server, embedded relay, signaling, pages."""
+untouched. Lifted: back to 640x480 at a keyframe, the rendition stopped. Then the layer
+policy takes it there by itself on a rising round trip, and back after its quiet period. The
+whole product's way: real server, embedded relay, signaling, pages."""
 
 from __future__ import annotations
 
@@ -105,6 +106,23 @@ async def test_chromium_decodes_the_thin_rendition_and_returns_to_the_original(
             fps = (await decoded_from(specialist, "ref1") - frames) / 2
             print(f"lifted: the original again after {back:.1f} s, {fps:.1f} fps")
             assert fps >= 10
+
+            # The policy's own way: Chromium's receiver reports drive it; its round trip,
+            # the one input the test sets (Subscriber.rtt_s), rises by 500 ms (a queue on the
+            # path): down a layer a second, 15 and 7.5 fps, then the thin rendition.
+            subscriber = members["cardio1"].subscriber
+            rtt = [0.01]
+            subscriber.rtt_s = lambda: rtt[0]  # type: ignore[method-assign]
+            await asyncio.sleep(2.0)  # reports with the low round trip first
+            rtt[0] = 0.51
+            down = await wait_size(specialist, [240, 180], 20)
+            assert publication.renditions_started == 2
+            rtt[0] = 0.01
+            up = await wait_size(specialist, [640, 480], 20)  # the 6 s probe: layer 0
+            assert publication.rendition is None
+            print(f"policy: thin {down:.1f} s after the round trip rose, the original (layer 0)"
+                  f" {up:.1f} s after it fell")
+            assert up >= 5.0  # the quiet period, not at once
         finally:
             for page in (district, specialist):
                 await page.context.close()
