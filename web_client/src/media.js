@@ -437,6 +437,7 @@ export class MediaSession {
         this._lost("connection failed");
       }
       if (state === "disconnected") {
+        this._mark("pc disconnected");
         if (!this.waiting) this._setState("reconnecting");
         this._watchDisconnected(pc);
       }
@@ -457,9 +458,13 @@ export class MediaSession {
     this._watchdog = setTimeout(async () => {
       if (!lost()) return;
       if (await this._serverAnswers()) {
-        if (lost()) this._lost("connection lost");
+        if (lost()) {
+          this._mark("disconnected: the server answers, rebuild");
+          this._lost("connection lost");
+        }
         return;
       }
+      this._mark("disconnected: the link to the server is out too");
       console.info("media: disconnected with the link to the server out too: waiting for the link");
       let back = false;
       while (lost() && elapsed() < DISCONNECTED_MAX_MS) {
@@ -477,7 +482,10 @@ export class MediaSession {
           return () => clearInterval(timer);
         });
       }
-      if (lost()) this._lost("connection lost");
+      if (lost()) {
+        this._mark(`disconnected ${Math.round(elapsed())} ms: rebuild`);
+        this._lost("connection lost");
+      }
     }, DISCONNECTED_GRACE_MS);
   }
 
