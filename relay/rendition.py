@@ -169,6 +169,10 @@ class Rendition:
         self._first: int | None = None
         self._last: int | None = None
         self._newest_seq: int | None = None
+        self._next_seq: int | None = None
+        """The sequence number the frame after the last one decoded starts at."""
+        self._done_ts: int | None = None
+        self._frame_key = False
         self._need_keyframe = True
         self._ts_high = 0
         self._ts_wraps = 0
@@ -209,22 +213,31 @@ class Rendition:
     # -- in: the publisher's packets (a forwarder of the publication) ---------------------
     async def forward(self, packet: RtpPacket, keyframe: bool, ntp: int,
                       descriptor: Vp8Descriptor | None = None) -> None:
-        if self.closed or descriptor is None:
+        if self.closed:
             return
         seq = packet.sequence_number
+        if descriptor is None:  # padding: takes a sequence number, carries no frame
+            if seq == self._next_seq:
+                self._next_seq = (seq + 1) % SEQ_MOD
+            return
+        ts = packet.timestamp
+        if ts == self._done_ts:
+            return  # a late copy of a frame already decoded
         if self._newest_seq is not None and not seq_newer(seq, self._newest_seq):
-            if packet.timestamp != self._frame_ts or seq in self._parts:
+            if ts != self._frame_ts or seq in self._parts:
                 return  # late, of a frame already given up: the keyframe wait covers it
         else:
             self._newest_seq = seq
-        if packet.timestamp != self._frame_ts:
+        if ts != self._frame_ts:
             if self._frame_ts is not None and self._parts:
                 self._lost()  # the last frame never completed
-            self._frame_ts = packet.timestamp
+            self._frame_ts = ts
             self._parts = {}
             self._first = self._last = None
+            self._frame_key = False
         if keyframe:
             self._need_keyframe = False
+            self._frame_key = True
         if self._need_keyframe:
             return
         self._parts[seq] = packet.payload
@@ -241,18 +254,23 @@ class Rendition:
         except KeyError:
             return
         self._parts = {}
-        self._frame_ts = packet.timestamp
+        self._done_ts = ts
+        if not self._frame_key and self._next_seq is not None and first != self._next_seq:
+            self._lost()  # a whole frame went missing before this one: its reference
+            return
+        self._next_seq = (last + 1) % SEQ_MOD
         self.frames_in += 1
         if self._work.qsize() >= QUEUE_FRAMES:
             self._lost()
             return
-        self._work.put((data, self._unwrap(packet.timestamp), keyframe))
+        self._work.put((data, self._unwrap(ts), self._frame_key))
 
     def _lost(self) -> None:
         """A frame will not be decoded: the decoder waits for the publisher's next keyframe."""
         self.frames_dropped += 1
         self._parts = {}
         self._need_keyframe = True
+        self._next_seq = None
         now = time.monotonic()
         if now - self._last_key_request >= 0.3:
             self._last_key_request = now

@@ -18,7 +18,7 @@ from aiortc.rtp import RTP_HISTORY_SIZE, RtpPacket
 
 from codec.rtp import TS_MOD, Vp8Descriptor, ts_delta, vp8_descriptor
 from relay.bandwidth import THIN, LayerPolicy
-from relay.rendition import Transcoder, fit, packetize
+from relay.rendition import Rendition, Transcoder, fit, packetize
 from relay.subscription import Leg, Subscription
 from tests.media import counter_frame, read_counter
 
@@ -234,3 +234,48 @@ def test_the_transcoder_on_a_640x480_camera_prints_its_cpu() -> None:
     print(f"\nrendition of {width}x{height} 30 fps ({kbps:.0f} kbps) -> {transcoder.size} "
           f"10 fps: {cpu_ms:.0f} ms CPU per second of video (decode + scale + encode)")
     assert out == 10 * seconds and transcoder.size == (240, 180)
+
+
+# -- the rendition's frame assembly -------------------------------------------------------
+class Publisher:
+    """What a Rendition asks of its publication."""
+
+    id = "pubn_test"
+
+    def __init__(self) -> None:
+        self.keyframes_asked = 0
+
+    def request_keyframe(self) -> None:
+        self.keyframes_asked += 1
+
+
+async def test_a_frame_lost_whole_stops_decoding_until_the_publishers_keyframe() -> None:
+    encoder = Vp8Encoder()
+    packets: list[tuple[RtpPacket, bool]] = []
+    seq = 65530  # across the wrap
+    for n in range(12):
+        frame = counter_frame(n)
+        frame.pts, frame.time_base = n * 3000, fractions.Fraction(1, 90000)
+        payloads, ts = encoder.encode(frame, force_keyframe=n in (0, 8))
+        for i, payload in enumerate(payloads):
+            packets.append((RtpPacket(payload_type=96, marker=int(i == len(payloads) - 1),
+                                      sequence_number=seq % 65536, timestamp=ts,
+                                      payload=payload), n in (0, 8) and i == 0))
+            seq += 1
+    publisher = Publisher()
+    rendition = Rendition(publisher)  # type: ignore[arg-type]
+    try:
+        asked = publisher.keyframes_asked
+        lost_frame = packets[3][0].timestamp
+        for packet, key in packets:
+            if packet.timestamp == lost_frame:
+                continue  # the whole of frame 3
+            await rendition.forward(packet, key, 0, vp8_descriptor(packet.payload))
+            if packet.timestamp == packets[1][0].timestamp:  # a late copy: nothing changes
+                await rendition.forward(packet, False, 0, vp8_descriptor(packet.payload))
+        # Frames 0-2 decoded; 4-7 not (their reference is gone); from the keyframe 8 on, yes.
+        assert rendition.frames_in == 3 + 4 and rendition.frames_dropped == 1
+        assert publisher.keyframes_asked == asked + 1
+    finally:
+        await rendition.close()
+    assert not rendition.running
