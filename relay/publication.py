@@ -10,20 +10,20 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from typing import Any, Protocol
+from typing import Any
 
 from aiortc import RTCRtpReceiver
 from aiortc.rtp import RtpPacket
 
 from codec.rtp import (
     TS_MOD,
-    Vp8Descriptor,
     is_keyframe_start,
     vp8_descriptor,
     vp8_keyframe_size,
 )
 from relay import hooks
 from relay.api import MediaSink
+from relay.forwarding import Forwarder
 from relay.rendition import Rendition
 from relay.sdp import Codec
 from relay.tasks import Tasks
@@ -34,16 +34,6 @@ logger = logging.getLogger(__name__)
 SOURCES = {"microphone": "audio", "camera": "video", "screen": "video"}
 FRAME_RATE_WINDOW_S = 2.0
 """The input frame rate (per temporal layer) is measured over the last this many seconds."""
-
-
-class Forwarder(Protocol):
-    """Sends a publication's packets on somewhere (a Subscription)."""
-
-    async def forward(self, packet: RtpPacket, keyframe: bool, ntp: int,
-                      descriptor: Vp8Descriptor | None = None) -> None:
-        """``keyframe``: a receiver may start decoding at this packet; ``ntp``: its arrival
-        time (NTP format); ``descriptor``: its VP8 payload descriptor (VP8 only, None for a
-        padding packet)."""
 
 
 class Publication:

@@ -36,7 +36,7 @@ from relay.tasks import Tasks
 from relay.timing import ntp_now
 
 if TYPE_CHECKING:
-    from relay.publication import Forwarder, Publication
+    from relay.forwarding import Forwarder, KeyframeSource
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class Transcoder:
 class Rendition:
     """The thin rendition of one publication (see the module doc)."""
 
-    def __init__(self, publication: Publication, *, fps: int = FPS,
+    def __init__(self, publication: KeyframeSource, *, fps: int = FPS,
                  bitrate: int = BITRATE) -> None:
         self.publication = publication
         self.fps = fps

@@ -30,7 +30,8 @@ from codec.rtp import (
     vp8_with_picture_id,
 )
 from relay import hooks
-from relay.publication import Forwarder, Publication
+from relay.forwarding import Forwarder
+from relay.publication import Publication
 from relay.track import ForwardTrack
 
 BACKLOG_CHECK_EVERY = 8
