@@ -17,6 +17,7 @@ from aiortc.rtp import RtpPacket
 
 from codec.rtp import (
     TS_MOD,
+    SequenceUnwrapper,
     is_keyframe_start,
     vp8_descriptor,
     vp8_keyframe_size,
@@ -54,6 +55,9 @@ class Publication:
         self.media_ssrc: int | None = None
         self.size: tuple[int, int] | None = None
         self.packets = 0
+        self.sequence = SequenceUnwrapper()
+        """Its highest extended sequence number (``sequence.highest``): with ``packets``,
+        the loss on the publisher's own link, which no subscriber's link should answer for."""
         self.keyframes = 0
         self.plis_sent = 0
         self.closed = False
@@ -124,6 +128,7 @@ class Publication:
                     self.sinks = tuple(s for s in self.sinks if s is not sink)
         self.media_ssrc = packet.ssrc
         self.packets += 1
+        self.sequence.extend(packet.sequence_number)
         keyframe = is_keyframe_start(self.mime_type, packet.payload)
         if keyframe and self.kind == "video":
             self.keyframes += 1

@@ -115,6 +115,9 @@ class Subscriber:
         self._spawn = spawn
         self._on_remb = on_remb
         self._on_loss = on_loss
+        self._loss_marks: dict[int, tuple[str, int, int]] = {}
+        """Per leg: the publication it carried and that publication's packets and highest
+        sequence number at the leg's last receiver report."""
         self._offered: set[str] = set()
         self._pending: list[Publication] = []
         self._last_offer: dict[str, Any] | None = None
@@ -278,10 +281,32 @@ class Subscriber:
             transceiver.sender,
             on_keyframe_request=lambda: self._keyframe_wanted(leg),
             on_remb=self._on_remb,
-            on_loss=self._on_loss,
+            on_loss=lambda fraction: self._on_leg_loss(leg, fraction),
         )
         self.legs.append(leg)
         return leg
+
+    def _on_leg_loss(self, leg: Leg, fraction: float) -> None:
+        """A receiver report block for ``leg``: the loss of the subscriber's own link, which
+        is what the layer policy may answer. The relay forwards a publication's packets in
+        their places, so what the publisher's link lost shows in every subscriber's reports
+        too (a hospital on a good link would be stepped down for an island's uplink): the
+        publication's own loss since the leg's previous report is taken off."""
+        subscription = leg.subscription
+        publication = subscription.publication if subscription is not None else None
+        highest = publication.sequence.highest if publication is not None else None
+        if publication is None or highest is None:
+            self._on_loss(fraction)
+            return
+        mark = (publication.id, publication.packets, highest)
+        before = self._loss_marks.get(id(leg))
+        self._loss_marks[id(leg)] = mark
+        upstream = 0.0
+        if before is not None and before[0] == mark[0]:
+            expected = mark[2] - before[2]
+            if expected > 0:
+                upstream = max(0.0, (expected - (mark[1] - before[1])) / expected)
+        self._on_loss(max(0.0, fraction - upstream))
 
     @staticmethod
     def _keyframe_wanted(leg: Leg) -> None:

@@ -146,3 +146,41 @@ async def test_a_removed_publication_ends_its_subscription_and_detaches_it_once(
     assert subscription.closed and not north.subscriptions and subscription.leg.retired
     await wait_for(lambda: len(made.offers) == 1, 5, "the offer that turns the m-line off")
     assert made.offers[0]["tracks"] == {}
+
+
+async def test_the_publisher_s_own_loss_is_not_counted_against_the_subscriber() -> None:
+    """The relay forwards a publication's packets in their places: what the publisher's link
+    lost shows in the subscriber's receiver reports too. The layer policy hears only what the
+    subscriber's own link lost."""
+    heard: list[float] = []
+    with loopback():
+        made = Side()
+        subscriber = Subscriber("r", "viewer", "sub_1", MediaConfig(),
+                                publications=lambda: list(made.publications),
+                                send_offer=made.send_offer, spawn=made.tasks.spawn,
+                                on_remb=lambda bitrate, ssrcs: None, on_loss=heard.append)
+        try:
+            north = made.publish("north")
+            await made.answer(subscriber, await subscriber.subscribe())
+            leg = subscriber.subscriptions[north.id].leg
+
+            def arrive(first: int, last: int, lost_every: int = 0) -> None:
+                for seq in range(first, last + 1):
+                    if lost_every and seq % lost_every == 0:
+                        continue  # lost on the publisher's link
+                    north.packets += 1
+                    north.sequence.extend(seq % 65536)
+
+            arrive(65000, 65099)
+            subscriber._on_leg_loss(leg, 0.0)  # the first report: a mark, nothing to take off
+            arrive(65100, 65299, lost_every=10)  # 10 % lost upstream, across the wrap
+            subscriber._on_leg_loss(leg, 0.10)  # the subscriber saw exactly those holes
+            arrive(65300, 65499, lost_every=10)
+            subscriber._on_leg_loss(leg, 0.25)  # 10 % upstream, 15 % on its own link
+            arrive(65500, 65599)
+            subscriber._on_leg_loss(leg, 0.05)  # a clean upstream: all of it is its own
+        finally:
+            await subscriber.close()
+            await made.close()
+    assert heard[0] == 0.0 and heard[1] == pytest.approx(0.0, abs=1e-9)
+    assert heard[2] == pytest.approx(0.15, abs=1e-9) and heard[3] == pytest.approx(0.05)
