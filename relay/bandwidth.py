@@ -46,6 +46,10 @@ MAX_QUIET_S = 48.0
 PROBE_FAILED_WITHIN_S = 4.0
 """Congestion this soon after a probe up means the probe failed."""
 THIN = -1
+THIN_SHORTFALL = 0.8
+"""On the thin rendition, video pauses (with loss, for ``window_s``) only when the receiver's
+estimate is under this fraction of what the relay sends it: the rendition's own rate is below
+any sensible fixed floor."""
 """The step below layer 0: the publication's thin rendition (relay/rendition.py), one
 re-encoding at about 320x180, 10 fps, 100 kbps shared by every subscriber at this step."""
 THIN_REASONS = frozenset({"backlog", "rtt", "estimate"})
@@ -79,12 +83,15 @@ class BandwidthPolicy:
             self._losses.popleft()
         return max((f for _, f in self._losses), default=0.0)
 
-    def estimate_reported(self, bitrate: int, now: float) -> bool:
-        """Take a receiver estimate; True when video must pause now."""
+    def estimate_reported(self, bitrate: int, now: float, *,
+                          floor_bps: int | None = None) -> bool:
+        """Take a receiver estimate; True when video must pause now. ``floor_bps``: a lower
+        floor for this estimate (the thin rendition needs less than ``floor_bps``)."""
         self.estimate_bps = bitrate
-        if not self.floor_bps or self.paused:
+        floor = self.floor_bps if floor_bps is None else min(self.floor_bps, floor_bps)
+        if not floor or self.paused:
             return False
-        if bitrate >= self.floor_bps or self.recent_loss(now) < CONGESTION_LOSS:
+        if bitrate >= floor or self.recent_loss(now) < CONGESTION_LOSS:
             self._low_since = None
             return False
         if self._low_since is None:

@@ -15,7 +15,14 @@ from typing import Any
 from aiortc import RTCPeerConnection
 
 from relay.api import RelayEvents
-from relay.bandwidth import THIN, TOP_LAYER, BandwidthPolicy, LayerPolicy, SendRate
+from relay.bandwidth import (
+    THIN,
+    THIN_SHORTFALL,
+    TOP_LAYER,
+    BandwidthPolicy,
+    LayerPolicy,
+    SendRate,
+)
 from relay.config import MediaConfig
 from relay.errors import NotInRoom
 from relay.publication import Publication
@@ -228,8 +235,17 @@ class Participant:
             # Layers, then the thin rendition, are the first steps down: the pause waits
             # for the bottom one.
             self.bandwidth.estimate_held(bitrate)
-        elif self.bandwidth.estimate_reported(bitrate, now):
+        elif self.bandwidth.estimate_reported(bitrate, now, floor_bps=self._thin_floor(rate)):
             self._pause_for_bandwidth(bitrate)
+
+    def _thin_floor(self, send_bps: float | None) -> int | None:
+        """On the thin rendition the estimate follows what is sent (~100 kbps of video and the
+        audio), below ``relay.bandwidth_floor_bps`` on any link: there, video pauses only when
+        the estimate falls short of what is being sent (H7's end-to-end finding: the pause
+        followed every step to thin, on a 512 kbps link too). None: the configured floor."""
+        if self.subscriber.max_layer != THIN or not send_bps:
+            return None
+        return int(send_bps * THIN_SHORTFALL)
 
     def _pause_for_bandwidth(self, bitrate: int) -> None:
         self.subscriber.pause("bandwidth")

@@ -58,3 +58,20 @@ def test_the_send_rate_is_measured_per_group_of_legs_half_a_second_apart() -> No
     assert rate.sample([3], 0, 1.0) is None
     assert rate.sample([1, 2], 99_999, 1.1) == 100_000  # too soon: the last rate
     assert rate.total_bps == 100_000
+
+
+def test_on_the_thin_rendition_the_floor_is_what_is_being_sent() -> None:
+    """Thin sends ~130 kbps (video and audio): an estimate that follows it, under the 150 kbps
+    floor, is no reason to pause; one that falls short of it, with loss, is."""
+    policy = BandwidthPolicy(floor_bps=150_000, window_s=0.2)
+    policy.loss_reported(0.12, 0.0)
+    thin_floor = int(130_000 * 0.8)
+    assert not any(policy.estimate_reported(127_000, t / 10, floor_bps=thin_floor)
+                   for t in range(10))
+    assert not policy.estimate_reported(60_000, 1.0, floor_bps=thin_floor)
+    assert policy.estimate_reported(60_000, 1.3, floor_bps=thin_floor)
+    # The configured floor stays the upper bound: a higher one asked for is not taken.
+    other = BandwidthPolicy(floor_bps=150_000, window_s=0.2)
+    other.loss_reported(0.12, 0.0)
+    assert not other.estimate_reported(160_000, 0.0, floor_bps=400_000)
+    assert not other.estimate_reported(160_000, 0.5, floor_bps=400_000)
