@@ -61,7 +61,7 @@ from tests.link_emulator import (  # noqa: E402
     Profile,
     UdpLinkEmulator,
     hide_client_addresses,
-    sdp_ufrags,
+    peer_ufrags,
 )
 from tests.media import MediaPeer, Received, wait_for  # noqa: E402
 from tests.relay.peers import RelayRoom, relay_room  # noqa: E402
@@ -168,14 +168,6 @@ async def audio_counts(peer: MediaPeer) -> tuple[int, int]:
     return received, lost
 
 
-def ufrags_of(peer: MediaPeer) -> set[str]:
-    found: set[str] = set()
-    for pc in (peer.publish_pc, peer.subscribe_pc):
-        if pc is not None and pc.localDescription is not None:
-            found |= sdp_ufrags(pc.localDescription.sdp)
-    return found
-
-
 async def publish_chromium(browser: Browser, room: RelayRoom, name: str) -> Page:
     page = await browser.new_page()
     await page.route(PAGE_URL, lambda route: route.fulfill(
@@ -222,10 +214,10 @@ async def measure(room: RelayRoom, link: UdpLinkEmulator, good: MediaPeer, profi
         participant.subscriber.layered = lambda: False  # type: ignore[method-assign]
     peer = room.peer(name)
     await peer.subscribe()
-    for ufrag in ufrags_of(peer):
+    for ufrag in peer_ufrags(peer):
         link.assign(ufrag, scaled(profile, None))
     await peer.publish(fps=15)
-    for ufrag in ufrags_of(peer):
+    for ufrag in peer_ufrags(peer):
         link.assign(ufrag, scaled(profile, None))
     run = Run(profile, adaptation)
     try:
@@ -241,14 +233,14 @@ async def measure(room: RelayRoom, link: UdpLinkEmulator, good: MediaPeer, profi
         videos = {p: peer.video_from(p) for p in PUBLISHERS}
         good_videos = {p: good.video_from(p) for p in PUBLISHERS}
         audios = [r for r in peer.received.values() if r.kind == "audio"]
-        flows = [f for u in ufrags_of(peer) for f in link.flows_of(u)]
+        flows = [f for u in peer_ufrags(peer) for f in link.flows_of(u)]
         bytes_before = sum(f.down.stats.bytes_out for f in flows)
         audio_before = await audio_counts(peer)
         start = time.monotonic()
         ended = None
         if outage:
             at = loop.time() + OUTAGE_AT_S
-            for ufrag in ufrags_of(peer):
+            for ufrag in peer_ufrags(peer):
                 link.assign(ufrag, scaled(profile, at - link.epoch))
             ended = start + OUTAGE_AT_S + OUTAGE_S
         await asyncio.sleep(seconds)

@@ -217,6 +217,17 @@ def sdp_ufrags(sdp: str) -> set[str]:
     return set(re.findall(r"^a=ice-ufrag:(\S+)", sdp, flags=re.MULTILINE))
 
 
+def peer_ufrags(peer: Any) -> set[str]:
+    """The ICE ufrags of an aiortc test participant's peer connections (tests/media.py's
+    ``MediaPeer``: ``publish_pc``, ``subscribe_pc``): what ``assign`` takes to put it behind
+    a profile."""
+    found: set[str] = set()
+    for pc in (peer.publish_pc, peer.subscribe_pc):
+        if pc is not None and pc.localDescription is not None:
+            found |= sdp_ufrags(pc.localDescription.sdp)
+    return found
+
+
 def hide_client_addresses(relay: Any) -> None:
     """Make a LocalRelay (relay/embedded.py; the in-process one of a test's server is
     ``server.app[SERVICES].embedded``) read every client's SDP through ``hide_candidates`` and
