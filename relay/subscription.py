@@ -307,6 +307,11 @@ class Subscription:
         """Where its packets come from now: the publication, or its thin rendition."""
         self.handover: Handover | None = None
         """A change of source waiting for the new source's keyframe."""
+        self.budget_bps: float | None = None
+        """The video bitrate this subscription may take on the subscriber's link now: the
+        link's estimate less the audio, shared by the video subscriptions (set by the
+        Subscriber from its pacer's estimate; relay/pacer.py). None: unknown, no limit. The
+        thin rendition is sized to the lowest of its subscribers' (relay/rendition.py)."""
         self._continue: RtpPacket | None = None
         """The last packet the leg sent before a change of source (``restart_from_leg``)."""
         leg.subscription = self
