@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 LOSS_WINDOW_S = 3.0
 """Loss reports older than this no longer count."""
@@ -45,6 +46,22 @@ MAX_QUIET_S = 48.0
 """The quiet period doubles after each probe that failed, up to this."""
 PROBE_FAILED_WITHIN_S = 4.0
 """Congestion this soon after a probe up means the probe failed."""
+QUEUE_DELAY_S = 0.5
+"""Seconds of video waiting in the relay's own pacer toward the subscriber (at the rate it
+paces them) that step the layer down, as a send backlog does: the link lacks the rate."""
+CONFIRM_APART_S = 1.5
+"""From the top layer, a step down on loss or a round-trip rise alone needs a second congested
+report at least this long after the first: one burst of loss (a loaded machine's own UDP
+drops) or one slow round trip (a loaded relay's own delay) shows in every leg's next report,
+and receivers report each leg every 0.5-1.5 s (aiortc: 0.5 + random(); Chromium's video
+RTCP interval: 1 s x [0.5, 1.5]), so reports less than 1.5 s apart may tell of one moment."""
+CONFIRM_WITHIN_S = 3.0
+"""... and at most this long after it (two report intervals of a leg: a congestion that lasts
+is seen again within it); later, the first report is forgotten and the next one starts over."""
+CONFIRMED_REASONS = frozenset({"loss", "rtt"})
+"""The witnesses that need that second report. A send backlog, video queued in the relay's
+pacer and a low estimate (with loss or a rise) are the relay's own or the receiver's measure
+of a lack of rate: they step down at once."""
 THIN = -1
 THIN_SHORTFALL = 0.8
 """On the thin rendition, video pauses (with loss, for ``window_s``) only when the receiver's
@@ -56,6 +73,26 @@ THIN_REASONS = frozenset({"backlog", "rtt", "estimate"})
 """What takes a subscriber from layer 0 to the thin rendition: a witness that the link lacks
 the rate (a send backlog, a queue on the path, a low estimate with loss or a rise). Loss alone
 does not: a lossy but wide link is not helped by fewer bits, and it keeps layer 0."""
+
+
+@dataclass(frozen=True)
+class LayerSettings:
+    """What an operator may tune of the layer policy (``[relay]`` ``layer_*`` settings,
+    config/settings.py, validated there); the module constants are the defaults."""
+
+    quiet_s: float = QUIET_S
+    """Without congestion this long, one layer up (a probe)."""
+    max_quiet_s: float = MAX_QUIET_S
+    """The quiet period doubles after each failed probe, up to this."""
+    loss: float = LAYER_LOSS
+    """A receiver report with this much loss (fraction) or more is congestion."""
+    rtt_rise_s: float = RTT_RISE_S
+    """A round trip this much over its recent lowest is congestion."""
+    backlog_bytes: int = BACKLOG_HIGH_BYTES
+    """Bytes waiting in the relay's UDP send buffer toward the subscriber that are congestion."""
+    queue_delay_s: float = QUEUE_DELAY_S
+    """Seconds of video waiting in the relay's pacer toward the subscriber that are
+    congestion."""
 
 
 class BandwidthPolicy:
@@ -143,26 +180,28 @@ class SendRate:
 class LayerPolicy:
     """The highest temporal layer one subscriber takes of every video publication sent in
     layers (per subscriber: the link is the subscriber's, whoever sends). Down one layer at
-    once on congestion (a receiver report with ``LAYER_LOSS``, a send backlog over
-    ``BACKLOG_HIGH_BYTES``, a round trip ``RTT_RISE_S`` over its recent lowest, or a low
-    estimate with some loss or some rise), at most one step per ``STEP_DOWN_EVERY_S``; up one
-    layer after ``quiet_s`` without congestion; a probe that brings congestion back within
-    ``PROBE_FAILED_WITHIN_S`` doubles the quiet period (up to ``MAX_QUIET_S``), one that holds
-    for a whole quiet period resets it. Never below ``bottom``: layer 0 by default, or
-    ``THIN`` (the thin rendition, taken from layer 0 only for one of ``THIN_REASONS``); the
+    once on congestion (a receiver report with ``settings.loss``, a send backlog over
+    ``settings.backlog_bytes``, video queued in the relay's pacer for ``settings.queue_delay_s``,
+    a round trip ``settings.rtt_rise_s`` over its recent lowest, or a low estimate with some
+    loss or some rise), at most one step per ``STEP_DOWN_EVERY_S``; up one layer after
+    ``quiet_s`` without congestion; a probe that brings congestion back within
+    ``PROBE_FAILED_WITHIN_S`` doubles the quiet period (up to ``settings.max_quiet_s``), one
+    that holds for a whole quiet period resets it. Never below ``bottom``: layer 0 by default,
+    or ``THIN`` (the thin rendition, taken from layer 0 only for one of ``THIN_REASONS``); the
     video pause (``BandwidthPolicy``) is the step below the bottom, taken only there, and
     probing up from the thin rendition goes back to layer 0 the same way."""
 
-    def __init__(self, top: int = TOP_LAYER, quiet_s: float = QUIET_S,
+    def __init__(self, settings: LayerSettings | None = None, *, top: int = TOP_LAYER,
                  bottom: int = 0) -> None:
+        self.settings = settings or LayerSettings()
         self.top = top
         self.bottom = bottom
         self.layer = top
-        self.quiet_s = quiet_s
+        self.quiet_s = self.settings.quiet_s
+        """The quiet period now (doubled by failed probes)."""
         self.reason = ""
         """Why the layer last changed (``loss``, ``backlog``, ``rtt``, ``estimate``,
         ``probe``), for the logs."""
-        self._base_quiet_s = quiet_s
         self._last_down: float | None = None
         self._calm_since: float | None = None
         """Since when no congestion was seen and the layer did not change."""
@@ -170,19 +209,22 @@ class LayerPolicy:
         self._rtts: collections.deque[tuple[float, float]] = collections.deque(maxlen=64)
 
     def congestion(self, now: float, *, loss: float, rtt_s: float | None, backlog_bytes: int,
-                   estimate_bps: int | None, send_bps: float | None) -> str | None:
-        """What says the path toward the subscriber is congested now, or None."""
+                   estimate_bps: int | None, send_bps: float | None,
+                   queue_delay_s: float = 0.0) -> str | None:
+        """What says the path toward the subscriber is congested now, or None.
+        ``queue_delay_s``: seconds of video waiting in the relay's pacer toward it."""
+        settings = self.settings
         rise = 0.0
         if rtt_s is not None:
             while self._rtts and now - self._rtts[0][0] > RTT_WINDOW_S:
                 self._rtts.popleft()
             self._rtts.append((now, rtt_s))
             rise = rtt_s - min(r for _, r in self._rtts)
-        if backlog_bytes >= BACKLOG_HIGH_BYTES:
+        if backlog_bytes >= settings.backlog_bytes or queue_delay_s >= settings.queue_delay_s:
             return "backlog"
-        if loss >= LAYER_LOSS:
+        if loss >= settings.loss:
             return "loss"
-        if rise >= RTT_RISE_S:
+        if rise >= settings.rtt_rise_s:
             return "rtt"
         low = (estimate_bps is not None and send_bps is not None
                and estimate_bps < send_bps * ESTIMATE_SHORTFALL)
@@ -192,15 +234,17 @@ class LayerPolicy:
 
     def update(self, now: float, *, loss: float = 0.0, rtt_s: float | None = None,
                backlog_bytes: int = 0, estimate_bps: int | None = None,
-               send_bps: float | None = None) -> int:
+               send_bps: float | None = None, queue_delay_s: float = 0.0) -> int:
         """Take one receiver report's worth of observations (``loss``: the report's fraction
-        lost); the layer to use from now."""
+        lost; ``queue_delay_s``: the relay's own pacer queue toward the subscriber, in
+        seconds of video); the layer to use from now."""
         reason = self.congestion(now, loss=loss, rtt_s=rtt_s, backlog_bytes=backlog_bytes,
-                                 estimate_bps=estimate_bps, send_bps=send_bps)
+                                 estimate_bps=estimate_bps, send_bps=send_bps,
+                                 queue_delay_s=queue_delay_s)
         if reason is not None:
             self._calm_since = None
             if self._probed_at is not None and now - self._probed_at <= PROBE_FAILED_WITHIN_S:
-                self.quiet_s = min(self.quiet_s * 2, MAX_QUIET_S)
+                self.quiet_s = min(self.quiet_s * 2, self.settings.max_quiet_s)
                 self._probed_at = None
             lowest = 0 if reason not in THIN_REASONS else self.bottom
             if self.layer > lowest and (self._last_down is None
@@ -212,7 +256,7 @@ class LayerPolicy:
         if self._calm_since is None:
             self._calm_since = now
         if self._probed_at is not None and now - self._probed_at >= self.quiet_s:
-            self.quiet_s = self._base_quiet_s  # the last probe held a whole quiet period
+            self.quiet_s = self.settings.quiet_s  # the last probe held a whole quiet period
             self._probed_at = None
         if self.layer < self.top and now - self._calm_since >= self.quiet_s:
             self.layer += 1

@@ -1,5 +1,6 @@
 """relay.bandwidth.LayerPolicy: which temporal layers a subscriber gets, as a table of receiver
-reports on a clock the test drives, and the video pause held until layer 0."""
+reports on a clock the test drives, its settings (relay.layer_*), and the video pause held
+until layer 0."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ import pytest
 from relay.bandwidth import (
     BACKLOG_HIGH_BYTES,
     MAX_QUIET_S,
+    QUEUE_DELAY_S,
     QUIET_S,
     STEP_DOWN_EVERY_S,
+    THIN,
     BandwidthPolicy,
     LayerPolicy,
+    LayerSettings,
 )
 from relay.participant import rate_news
 
@@ -29,6 +33,8 @@ def run(policy: LayerPolicy, reports: list[tuple[float, dict[str, Any]]]) -> lis
     ("12 % loss", {"loss": 0.12, "rtt_s": 0.6}, "loss"),
     ("exactly 5 % loss", {"loss": 0.05, "rtt_s": 0.6}, "loss"),
     ("a send backlog", {"backlog_bytes": BACKLOG_HIGH_BYTES, "rtt_s": 0.6}, "backlog"),
+    ("video queued in the relay's pacer", {"queue_delay_s": QUEUE_DELAY_S, "rtt_s": 0.6},
+     "backlog"),
     ("a queue on the path", {"rtt_s": 0.95}, "rtt"),
     ("a low estimate with 3 % loss", {"loss": 0.03, "rtt_s": 0.6, "estimate_bps": 100_000,
                                       "send_bps": 400_000}, "estimate"),
@@ -53,6 +59,7 @@ def test_congestion_steps_down_one_layer_a_second_to_layer_0_and_no_further(
     ("a low estimate alone (aiortc's, climbing from nothing)",
      {"rtt_s": 0.6, "estimate_bps": 20_000, "send_bps": 900_000}),
     ("a small backlog", {"backlog_bytes": BACKLOG_HIGH_BYTES - 1, "rtt_s": 0.6}),
+    ("a short pacer queue", {"queue_delay_s": QUEUE_DELAY_S - 0.01, "rtt_s": 0.6}),
     ("a round trip slightly up", {"rtt_s": 0.85}),
     ("a low estimate with 1 % loss", {"loss": 0.01, "rtt_s": 0.6, "estimate_bps": 20_000,
                                       "send_bps": 900_000}),
@@ -113,6 +120,49 @@ def test_a_top_layer_of_1_is_never_exceeded() -> None:
     policy = LayerPolicy(top=1)
     assert policy.layer == 1
     assert set(run(policy, [(t, CALM) for t in range(30)])) == {1}
+
+
+def test_video_queued_in_the_pacer_takes_layer_0_to_the_thin_rendition() -> None:
+    """A queue in the relay's own pacer is a lack of rate, as a send backlog is: below layer 0
+    it takes the thin rendition (loss alone would stop at layer 0)."""
+    policy = LayerPolicy(bottom=THIN)
+    layers = [policy.update(float(t), rtt_s=0.6, queue_delay_s=0.8) for t in range(5)]
+    assert layers == [1, 0, THIN, THIN, THIN]
+    assert policy.reason == "backlog"
+
+
+def test_the_settings_move_every_threshold_and_the_quiet_periods() -> None:
+    settings = LayerSettings(quiet_s=2.0, max_quiet_s=4.0, loss=0.02, rtt_rise_s=0.1,
+                             backlog_bytes=10_000, queue_delay_s=0.2)
+    cases: list[tuple[dict[str, Any], str]] = [({"backlog_bytes": 10_000}, "backlog"),
+                                               ({"queue_delay_s": 0.2}, "backlog"),
+                                               ({"loss": 0.02}, "loss"),
+                                               ({"rtt_s": 0.75}, "rtt")]
+    for report, reason in cases:
+        quiet: dict[str, Any] = {"loss": 0.0, "rtt_s": 0.6, "backlog_bytes": 0,
+                                 "estimate_bps": None, "send_bps": None}
+        policy = LayerPolicy(settings)
+        assert policy.congestion(0.0, **quiet) is None
+        assert policy.congestion(1.0, **{**quiet, **report}) == reason, report
+        # Under each threshold of the defaults: no congestion with them.
+        assert LayerPolicy().congestion(0.0, **{**quiet, **report}) is None, report
+    # The quiet period (2 s) and its doubling up to 4 s.
+    policy = LayerPolicy(settings)
+    at = 0.0
+    for _ in range(4):
+        policy.update(at, loss=0.5)
+        at += 1.0
+    assert policy.layer == 0
+    ups = []
+    for _ in range(4):  # each probe fails at once
+        start = at
+        while policy.update(at, **CALM) == 0:
+            at += 0.5
+        ups.append(at - start)
+        at += 0.5
+        policy.update(at, loss=0.5)
+        at += 1.0
+    assert ups == [2.0, 4.0, 4.0, 4.0] and policy.quiet_s == 4.0
 
 
 def test_the_video_pause_window_starts_afresh_once_layer_0_is_reached() -> None:
