@@ -190,7 +190,7 @@ class Publication:
                 return
             self._thin.add(subscription)
             if self.rendition is None:
-                self.rendition = Rendition(self)
+                self.rendition = Rendition(self, budgets=self.thin_budgets)
                 self.renditions_started += 1
                 self.attach(self.rendition)
             subscription.move_to(self.rendition, self._rendition_check)
@@ -198,6 +198,13 @@ class Publication:
             self._thin.discard(subscription)
             subscription.move_to(self, self._rendition_check)
             self._rendition_check()
+
+    def thin_budgets(self) -> list[float | None]:
+        """The video budgets of the subscriptions that want the thin rendition (bits per
+        second; None: unknown), which size it: it runs at the best rung the weakest of them
+        carries (relay/rendition.py, ``choose_rung``). One moving back to the publication
+        no longer counts, though it takes the rendition until the publisher's keyframe."""
+        return [subscription.budget_bps for subscription in self._thin]
 
     def drop_thin(self, subscription: Any) -> None:
         """A subscription closed: it no longer counts for the rendition."""

@@ -1,7 +1,18 @@
-"""Rendition: one low-rate re-encoding of a VP8 publication (about 320x180, 10 fps, 100 kbps)
-for the subscribers whose link cannot carry even its base layer: the step between layer 0 and
-the video pause. One per publication whatever the number of such subscribers; the publication
-starts it for the first and closes it once the last has gone back (relay/publication.py).
+"""Rendition: one low-rate re-encoding of a VP8 publication (fitted into 320x180, 5 to 15 fps,
+40 to 150 kbps) for the subscribers whose link cannot carry even its base layer: the step
+between layer 0 and the video pause. One per publication whatever the number of such
+subscribers; the publication starts it for the first and closes it once the last has gone back
+(relay/publication.py).
+
+Its rate is a rung of a short ladder (``LADDER``), the best one the weakest of its subscribers
+can carry: each subscription's ``budget_bps`` (the video its subscriber's link may take now,
+set from the relay's pacer estimate) is read every ``RUNG_CHECK_S``; ``choose_rung`` steps down
+as soon as the weakest budget is under the rung's bitrate x ``DOWN_MARGIN`` and up only past
+the next rung's x ``UP_MARGIN``, and ``RungChooser`` moves at most once per ``RUNG_HOLD_S``: a
+move reopens the encoder, so each costs a keyframe (several frames' worth of bits on the very
+links that are short of them). One rendition serves all its subscribers, so a vsat site and an
+island watching the same camera both get the island's rung: a second rendition per publication
+would double the relay's CPU for the better of the two.
 
 It is a forwarder of the publication like any subscription: it assembles the publisher's
 frames from their packets on the event loop (a few dict operations a packet) and hands each
@@ -26,6 +37,8 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import av
@@ -42,8 +55,42 @@ logger = logging.getLogger(__name__)
 
 WIDTH, HEIGHT = 320, 180
 """The rendition fits in this box, keeping the publisher's aspect ratio (320x240 -> 240x180)."""
-FPS = 10
-BITRATE = 100_000
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One rate of the rendition: frames per second kept of the publisher's, libvpx's target
+    bitrate (bits per second), and the box the picture is fitted into."""
+
+    fps: int
+    bitrate: int
+    box: tuple[int, int] = (WIDTH, HEIGHT)
+
+    def __str__(self) -> str:
+        return f"{self.fps} fps {self.bitrate // 1000} kbps"
+
+
+LADDER: tuple[Rung, ...] = (Rung(15, 150_000), Rung(10, 100_000), Rung(8, 64_000),
+                            Rung(5, 40_000))
+"""Best first. About 0.2 bits per pixel a frame on each rung at 240x180 (a 4:3 camera), where
+libvpx keeps a readable picture; measured (tests/relay/test_rendition_rungs.py, figures in
+docs/benchmarks.md "#15 thin rendition"): each rung comes out at or under its bitrate, its
+keyframes 2-4 KB (well inside truong-sa's 16 KB queue). The same box on every rung: a smaller
+one (180x136) gave a worse picture at the same bitrate (PSNR 32 against 40 dB, scaled back)
+and keyframes no smaller, so the ladder trades frames, not pixels. vsat's budget (about 200
+kbps of video a camera with two cameras and their audio on 512 kbps) takes the first rung, 15
+fps; truong-sa's (about 90 of 256 kbps) the third, 8 fps."""
+DEFAULT_RUNG = 1
+"""Where a rendition starts when no subscriber's budget is known, and what an unknown budget
+(None) counts as: the rate the rendition had before the ladder, 10 fps at 100 kbps."""
+DOWN_MARGIN = 1.1
+"""Step down as soon as the weakest budget is under the current rung's bitrate times this."""
+UP_MARGIN = 1.3
+"""Step up only when the weakest budget is over the higher rung's bitrate times this."""
+RUNG_HOLD_S = 3.0
+"""At least this long between two changes of rung (each reopens the encoder: a keyframe)."""
+RUNG_CHECK_S = 1.0
+"""How often the subscribers' budgets are read."""
 PACKET_MAX = 1200
 """Largest payload of a rendition packet (descriptor included)."""
 QUEUE_FRAMES = 30
@@ -53,6 +100,58 @@ KEYFRAME_INTERVAL_S = 0.3
 """Keyframes of the rendition on request at most this often."""
 CLOCK = 90000
 TIME_BASE = fractions.Fraction(1, CLOCK)
+
+
+def choose_rung(budgets: Iterable[float | None], current: int | None,
+                ladder: tuple[Rung, ...] = LADDER, default: int = DEFAULT_RUNG) -> int:
+    """The rung (an index in ``ladder``, best first) for subscribers of these video budgets
+    (bits per second; None: unknown), being on ``current`` now (None: starting). The weakest
+    budget decides. An unknown budget counts as just enough for the ``default`` rung, up to it
+    and not past it; no subscriber at all keeps the current rung. Down at once to the best
+    rung under the budget (``DOWN_MARGIN``), the lowest if none is; up only to a rung whose
+    bitrate the budget passes by ``UP_MARGIN``, so a budget near a rung's bitrate does not make
+    it flap."""
+    unknown = round(ladder[default].bitrate * UP_MARGIN)
+    weakest = min((unknown if b is None else b for b in budgets), default=None)
+    if weakest is None:
+        return default if current is None else current
+    fits = [n for n, rung in enumerate(ladder) if round(rung.bitrate * DOWN_MARGIN) <= weakest]
+    if current is None:
+        return fits[0] if fits else len(ladder) - 1
+    if current not in fits:
+        below = [n for n in fits if n > current]
+        return below[0] if below else len(ladder) - 1
+    above = [n for n, rung in enumerate(ladder[:current])
+             if round(rung.bitrate * UP_MARGIN) <= weakest]
+    return above[0] if above else current
+
+
+class RungChooser:
+    """``choose_rung`` on a clock: a change at most once per ``hold_s``."""
+
+    def __init__(self, budgets: Iterable[float | None], ladder: tuple[Rung, ...] = LADDER,
+                 hold_s: float = RUNG_HOLD_S, now: float | None = None) -> None:
+        self.ladder = ladder
+        self.hold_s = hold_s
+        self.index = choose_rung(budgets, None, ladder)
+        self.changed_at = time.monotonic() if now is None else now
+        self.changes = 0
+
+    @property
+    def rung(self) -> Rung:
+        return self.ladder[self.index]
+
+    def update(self, now: float, budgets: Iterable[float | None]) -> Rung | None:
+        """The new rung if it changes now, else None."""
+        if now - self.changed_at < self.hold_s:
+            return None
+        index = choose_rung(budgets, self.index, self.ladder)
+        if index == self.index:
+            return None
+        self.index = index
+        self.changed_at = now
+        self.changes += 1
+        return self.ladder[index]
 
 
 def fit(width: int, height: int, box: tuple[int, int] = (WIDTH, HEIGHT)) -> tuple[int, int]:
@@ -73,19 +172,34 @@ def packetize(frame: bytes, picture_id: int) -> list[bytes]:
 
 
 class Transcoder:
-    """The codec work, in the worker thread: VP8 frames in, fewer smaller VP8 frames out."""
+    """The codec work, in the worker thread: VP8 frames in, fewer smaller VP8 frames out, at
+    the rate of its rung (``set_rung``)."""
 
-    def __init__(self, fps: int = FPS, bitrate: int = BITRATE) -> None:
+    def __init__(self, rung: Rung = LADDER[DEFAULT_RUNG]) -> None:
         self.decoder: Any = av.CodecContext.create("vp8", "r")
         self.encoder: Any = None
-        self.interval = CLOCK // fps
-        self.fps = fps
-        self.bitrate = bitrate
+        self.rung = rung
         self.size: tuple[int, int] | None = None
-        self.last_ts: int | None = None
-        """Unwrapped RTP timestamp of the last frame encoded."""
+        self.due: int | None = None
+        """Unwrapped RTP timestamp from which the next frame is kept."""
         self.decoded = 0
         self.encoded = 0
+
+    @property
+    def fps(self) -> int:
+        return self.rung.fps
+
+    @property
+    def bitrate(self) -> int:
+        return self.rung.bitrate
+
+    def set_rung(self, rung: Rung) -> None:
+        """Encode at ``rung`` from the next frame kept: libvpx is reopened (its rate control
+        is set when it opens), so that frame is a keyframe."""
+        if rung != self.rung:
+            self.rung = rung
+            self.encoder = None
+            self.due = None
 
     def _open_encoder(self, width: int, height: int) -> None:
         encoder: Any = av.CodecContext.create("libvpx", "w")
@@ -104,6 +218,21 @@ class Transcoder:
         self.encoder = encoder
         self.size = (width, height)
 
+    def _keep(self, ts: int, want_key: bool) -> bool:
+        """Whether the frame at ``ts`` is one of the rung's: one each ``1/fps`` on average.
+        The next one is due a frame interval after the last one was due, not after it came,
+        so a rate that does not divide the publisher's still comes out whole (15 of 20 fps:
+        three frames in four; "one at least 1/15 s after the last" would keep one in two).
+        After a gap, or a frame forced (a keyframe), it counts from that frame."""
+        interval = CLOCK // self.fps
+        due = self.due
+        if not want_key and due is not None and ts < due:
+            return False
+        if want_key or due is None or ts - due >= interval:
+            due = ts
+        self.due = due + interval
+        return True
+
     def frame(self, data: bytes, ts: int, want_key: bool) -> list[tuple[bytes, bool]]:
         """Decode one frame of the publisher (``ts``: its unwrapped RTP timestamp); the
         encoded frames due, with whether each is a keyframe."""
@@ -113,9 +242,9 @@ class Transcoder:
         out: list[tuple[bytes, bool]] = []
         for picture in self.decoder.decode(packet):
             self.decoded += 1
-            if not want_key and self.last_ts is not None and ts - self.last_ts < self.interval:
+            if not self._keep(ts, want_key or self.encoder is None):
                 continue
-            width, height = fit(picture.width, picture.height)
+            width, height = fit(picture.width, picture.height, self.rung.box)
             if self.encoder is None or self.size != (width, height):
                 self._open_encoder(width, height)
                 want_key = True
@@ -126,7 +255,6 @@ class Transcoder:
                 av.video.frame.PictureType.NONE
             for encoded in self.encoder.encode(small):
                 out.append((bytes(encoded), bool(encoded.is_keyframe)))
-            self.last_ts = ts
             self.encoded += 1
             want_key = False
         return out
@@ -139,10 +267,16 @@ class Transcoder:
 class Rendition:
     """The thin rendition of one publication (see the module doc)."""
 
-    def __init__(self, publication: KeyframeSource, *, fps: int = FPS,
-                 bitrate: int = BITRATE) -> None:
+    def __init__(self, publication: KeyframeSource, *,
+                 budgets: Callable[[], Iterable[float | None]] = tuple,
+                 ladder: tuple[Rung, ...] = LADDER) -> None:
+        """``budgets``: the video budgets (bits per second, None: unknown) of the subscribers
+        it is for, read now and every ``RUNG_CHECK_S`` to choose its rung."""
         self.publication = publication
-        self.fps = fps
+        self._budgets = budgets
+        self._chooser = RungChooser(budgets(), ladder)
+        self.rung = self._chooser.rung
+        """The rung chosen; the worker encodes at it from its next frame."""
         self.subscriptions: set[Forwarder] = set()
         """What receives its packets (subscriptions on it, handovers waiting for its
         keyframe)."""
@@ -155,7 +289,7 @@ class Rendition:
         self.cpu_s = 0.0
         """CPU time the worker thread spent (decode, scale, encode)."""
         self.size: tuple[int, int] | None = None
-        self._transcoder: Transcoder | None = Transcoder(fps, bitrate)
+        self._transcoder: Transcoder | None = Transcoder(self.rung)
         self._loop = asyncio.get_running_loop()
         self._work: queue.Queue[tuple[bytes, int, bool] | None] = queue.Queue()
         self._out: asyncio.Queue[tuple[list[bytes], int, bool]] = asyncio.Queue()
@@ -184,8 +318,9 @@ class Rendition:
         self._thread = threading.Thread(target=self._run, name=self._label, daemon=True)
         self._thread.start()
         self._tasks.spawn(self._send_loop())
+        self._tasks.spawn(self._rung_loop())
         publication.request_keyframe()
-        logger.info("%s started (%d fps, %d bps)", self._label, fps, bitrate)
+        logger.info("%s started at %s", self._label, self.rung)
 
     @property
     def running(self) -> bool:
@@ -207,8 +342,37 @@ class Rendition:
             self._last_key_asked = now
             self._want_key.set()
 
+    @property
+    def fps(self) -> int:
+        return self.rung.fps
+
+    @property
+    def rung_changes(self) -> int:
+        return self._chooser.changes
+
     def frame_rate(self) -> float:
-        return float(self.fps)
+        """The frames per second its rung keeps (fewer if the publisher sends fewer)."""
+        return float(self.rung.fps)
+
+    # -- its rung -------------------------------------------------------------------------
+    def check_rung(self, now: float | None = None) -> Rung | None:
+        """Read the subscribers' budgets and move to the rung they call for, if it is time
+        (``RungChooser``); the new rung, or None."""
+        budgets = list(self._budgets())
+        rung = self._chooser.update(time.monotonic() if now is None else now, budgets)
+        if rung is None or self.closed:
+            return None
+        before, self.rung = self.rung, rung
+        known = [b for b in budgets if b is not None]
+        logger.info("%s rung %s -> %s (weakest budget %s of %d subscribers)", self._label,
+                    before, rung, f"{min(known) / 1000:.0f} kbps" if known else "unknown",
+                    len(budgets))
+        return rung
+
+    async def _rung_loop(self) -> None:
+        while not self.closed:
+            await asyncio.sleep(RUNG_CHECK_S)
+            self.check_rung()
 
     # -- in: the publisher's packets (a forwarder of the publication) ---------------------
     async def forward(self, packet: RtpPacket, keyframe: bool, ntp: int,
@@ -292,6 +456,7 @@ class Rendition:
                 if item is None or transcoder is None:
                     return
                 data, ts, _key = item
+                transcoder.set_rung(self.rung)  # a new rung: libvpx reopened, a keyframe
                 want_key = self._want_key.is_set()
                 if want_key:
                     self._want_key.clear()  # a request while this frame is encoded stays
@@ -341,7 +506,8 @@ class Rendition:
     def stats(self) -> dict[str, Any]:
         return {"frames_in": self.frames_in, "frames_out": self.frames_out,
                 "keyframes_out": self.keyframes_out, "frames_dropped": self.frames_dropped,
-                "cpu_s": round(self.cpu_s, 3), "size": self.size,
+                "cpu_s": round(self.cpu_s, 3), "size": self.size, "rung": str(self.rung),
+                "rung_changes": self.rung_changes,
                 "subscriptions": len(self.subscriptions), "running": self.running}
 
     def stop(self) -> None:
