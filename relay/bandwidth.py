@@ -206,6 +206,8 @@ class LayerPolicy:
         self._calm_since: float | None = None
         """Since when no congestion was seen and the layer did not change."""
         self._probed_at: float | None = None
+        self._suspected_at: float | None = None
+        """When a first report of loss or a rise was seen at the top layer, unconfirmed."""
         self._rtts: collections.deque[tuple[float, float]] = collections.deque(maxlen=64)
 
     def congestion(self, now: float, *, loss: float, rtt_s: float | None, backlog_bytes: int,
@@ -243,7 +245,17 @@ class LayerPolicy:
                                  queue_delay_s=queue_delay_s)
         if reason is not None:
             self._calm_since = None
-            if self._probed_at is not None and now - self._probed_at <= PROBE_FAILED_WITHIN_S:
+            seen = now
+            if self.layer == self.top and reason in CONFIRMED_REASONS:
+                first = self._suspected_at
+                if first is None or now - first > CONFIRM_WITHIN_S:
+                    self._suspected_at = now
+                    return self.layer
+                if now - first < CONFIRM_APART_S:
+                    return self.layer  # the same moment, seen in another leg's report
+                seen = first
+            self._suspected_at = None
+            if self._probed_at is not None and seen - self._probed_at <= PROBE_FAILED_WITHIN_S:
                 self.quiet_s = min(self.quiet_s * 2, self.settings.max_quiet_s)
                 self._probed_at = None
             lowest = 0 if reason not in THIN_REASONS else self.bottom

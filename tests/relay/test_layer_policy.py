@@ -10,6 +10,8 @@ import pytest
 
 from relay.bandwidth import (
     BACKLOG_HIGH_BYTES,
+    CONFIRM_APART_S,
+    CONFIRM_WITHIN_S,
     MAX_QUIET_S,
     QUEUE_DELAY_S,
     QUIET_S,
@@ -29,20 +31,34 @@ def run(policy: LayerPolicy, reports: list[tuple[float, dict[str, Any]]]) -> lis
     return [policy.update(at, **report) for at, report in reports]
 
 
-@pytest.mark.parametrize(("name", "report", "reason"), [
-    ("12 % loss", {"loss": 0.12, "rtt_s": 0.6}, "loss"),
-    ("exactly 5 % loss", {"loss": 0.05, "rtt_s": 0.6}, "loss"),
-    ("a send backlog", {"backlog_bytes": BACKLOG_HIGH_BYTES, "rtt_s": 0.6}, "backlog"),
+def down_to_0(policy: LayerPolicy) -> float:
+    """Loss that lasts: confirmed at 1.5 s (layer 1), layer 0 at 2.5 s; the time of the last
+    report."""
+    assert run(policy, [(0.0, {"loss": 0.2}), (1.5, {"loss": 0.2}), (2.5, {"loss": 0.2})]) == \
+        [2, 1, 0]
+    return 2.5
+
+
+AT_ONCE = [1, 1, 0, 0, 0, 0, 0, 0]
+CONFIRMED = [2, 2, 2, 1, 1, 0, 0, 0]
+"""Loss or a rise alone, from the top: the first step waits for a report 1.5 s after the first
+one (the 4th, at 2.5 s), then one step a second."""
+
+
+@pytest.mark.parametrize(("name", "report", "reason", "expected"), [
+    ("12 % loss", {"loss": 0.12, "rtt_s": 0.6}, "loss", CONFIRMED),
+    ("exactly 5 % loss", {"loss": 0.05, "rtt_s": 0.6}, "loss", CONFIRMED),
+    ("a send backlog", {"backlog_bytes": BACKLOG_HIGH_BYTES, "rtt_s": 0.6}, "backlog", AT_ONCE),
     ("video queued in the relay's pacer", {"queue_delay_s": QUEUE_DELAY_S, "rtt_s": 0.6},
-     "backlog"),
-    ("a queue on the path", {"rtt_s": 0.95}, "rtt"),
+     "backlog", AT_ONCE),
+    ("a queue on the path", {"rtt_s": 0.95}, "rtt", CONFIRMED),
     ("a low estimate with 3 % loss", {"loss": 0.03, "rtt_s": 0.6, "estimate_bps": 100_000,
-                                      "send_bps": 400_000}, "estimate"),
+                                      "send_bps": 400_000}, "estimate", AT_ONCE),
     ("a low estimate with a rising round trip",
-     {"rtt_s": 0.75, "estimate_bps": 100_000, "send_bps": 400_000}, "estimate"),
+     {"rtt_s": 0.75, "estimate_bps": 100_000, "send_bps": 400_000}, "estimate", AT_ONCE),
 ])
 def test_congestion_steps_down_one_layer_a_second_to_layer_0_and_no_further(
-        name: str, report: dict[str, Any], reason: str) -> None:
+        name: str, report: dict[str, Any], reason: str, expected: list[int]) -> None:
     policy = LayerPolicy()
     assert policy.update(0.0, **CALM) == 2
     at = 1.0
@@ -50,8 +66,43 @@ def test_congestion_steps_down_one_layer_a_second_to_layer_0_and_no_further(
     for _ in range(8):  # several report blocks a second (one per leg), for 4 s
         layers.append(policy.update(at, **report))
         at += STEP_DOWN_EVERY_S / 2
-    assert layers == [1, 1, 0, 0, 0, 0, 0, 0], name
+    assert layers == expected, name
     assert policy.reason == reason
+
+
+@pytest.mark.parametrize(("name", "report"), [
+    ("one burst of loss (the machine's own UDP drops)", {"loss": 0.3, "rtt_s": 0.6}),
+    ("one slow round trip (the relay's own delay)", {"rtt_s": 1.2}),
+])
+def test_one_moment_of_loss_or_delay_seen_in_every_legs_report_keeps_the_top_layer(
+        name: str, report: dict[str, Any]) -> None:
+    """A good link's subscriber was stepped down for one burst: every leg's next report (they
+    come 0.5-1.5 s apart per leg) tells of it, all within 1.5 s of the first."""
+    policy = LayerPolicy()
+    policy.update(0.0, **CALM)
+    legs = [10.0 + t for t in (0.0, 0.3, 0.7, 1.1, CONFIRM_APART_S - 0.01)]
+    assert run(policy, [(t, report) for t in legs]) == [2] * len(legs), name
+    assert set(run(policy, [(12.0 + t / 2, CALM) for t in range(20)])) == {2}, name
+
+
+def test_a_second_congested_report_more_than_3_s_later_starts_over() -> None:
+    policy = LayerPolicy()
+    policy.update(0.0, **CALM)
+    lossy: dict[str, Any] = {"loss": 0.1, "rtt_s": 0.6}
+    assert policy.update(10.0, **lossy) == 2
+    assert policy.update(10.0 + CONFIRM_WITHIN_S + 0.1, **lossy) == 2  # forgotten: a first again
+    assert policy.update(10.0 + CONFIRM_WITHIN_S + 0.1 + CONFIRM_APART_S, **lossy) == 1
+    # Below the top, loss steps down at once (one step a second), as before.
+    assert policy.update(10.0 + CONFIRM_WITHIN_S + 1.1 + CONFIRM_APART_S, **lossy) == 0
+    assert policy.reason == "loss"
+
+
+def test_a_rise_confirmed_by_a_loss_report_steps_down() -> None:
+    """Two congested reports, whatever their witness (a queue shows as a rise, then loss)."""
+    policy = LayerPolicy()
+    policy.update(0.0, rtt_s=0.6)
+    assert policy.update(1.0, rtt_s=0.95) == 2
+    assert policy.update(1.0 + CONFIRM_APART_S, loss=0.08, rtt_s=0.7) == 1
 
 
 @pytest.mark.parametrize(("name", "report"), [
@@ -74,7 +125,8 @@ def test_what_is_no_congestion_keeps_every_layer(name: str, report: dict[str, An
 def test_the_round_trip_rise_is_measured_from_the_lowest_of_the_last_30_s() -> None:
     policy = LayerPolicy()
     run(policy, [(t, {"rtt_s": 0.3}) for t in range(5)])
-    assert policy.update(5.0, rtt_s=0.65) == 1  # 350 ms of queue over 300
+    assert policy.update(5.0, rtt_s=0.65) == 2  # 350 ms of queue over 300: a first report
+    assert policy.update(6.5, rtt_s=0.66) == 1
     # A longer route for good: after 30 s of it, 650 ms is the new floor.
     policy = LayerPolicy()
     policy.update(0.0, rtt_s=0.3)
@@ -84,19 +136,17 @@ def test_the_round_trip_rise_is_measured_from_the_lowest_of_the_last_30_s() -> N
 
 def test_probing_up_one_layer_after_a_quiet_period() -> None:
     policy = LayerPolicy()
-    run(policy, [(0.0, {"loss": 0.2}), (1.0, {"loss": 0.2})])
-    assert policy.layer == 0
-    quiet = [(1.0 + t / 2, CALM) for t in range(1, 40)]
+    last = down_to_0(policy)
+    quiet = [(last + t / 2, CALM) for t in range(1, 40)]
     layers = run(policy, quiet)
     up_at = [quiet[i][0] for i in range(1, len(layers)) if layers[i] > layers[i - 1]]
-    assert [round(t - 1.5, 1) for t in up_at] == [QUIET_S, 2 * QUIET_S]
+    assert [round(t - last - 0.5, 1) for t in up_at] == [QUIET_S, 2 * QUIET_S]
     assert policy.layer == 2 and policy.reason == "probe"
 
 
 def test_a_probe_that_fails_doubles_the_quiet_period_and_one_that_holds_resets_it() -> None:
     policy = LayerPolicy()
-    run(policy, [(0.0, {"loss": 0.2}), (1.0, {"loss": 0.2})])
-    at = 2.0
+    at = down_to_0(policy) + 1.0
     quiet = QUIET_S
     for _ in range(5):  # every probe to layer 1 brings loss back at once
         while policy.update(at, **CALM) == 0:
@@ -114,6 +164,20 @@ def test_a_probe_that_fails_doubles_the_quiet_period_and_one_that_holds_resets_i
         at += 0.5
         policy.update(at, **CALM)
     assert policy.quiet_s == QUIET_S and policy.layer == 2
+
+
+def test_a_probe_to_the_top_that_fails_is_confirmed_and_doubles_the_quiet_period() -> None:
+    """Back at the top, loss needs its second report again; the probe counts as failed from
+    the first one."""
+    policy = LayerPolicy()
+    at = down_to_0(policy)
+    while policy.layer < 2:
+        at += 0.5
+        policy.update(at, **CALM)
+    probed = at
+    assert policy.update(probed + 0.5, loss=0.1) == 2
+    assert policy.update(probed + 0.5 + CONFIRM_APART_S, loss=0.1) == 1
+    assert policy.quiet_s == 2 * QUIET_S
 
 
 def test_a_top_layer_of_1_is_never_exceeded() -> None:

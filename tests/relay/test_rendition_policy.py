@@ -26,25 +26,27 @@ CALM: dict[str, Any] = {"loss": 0.0, "rtt_s": 0.6}
 
 
 # -- the policy ---------------------------------------------------------------------------
-@pytest.mark.parametrize(("name", "report", "lowest"), [
-    ("a send backlog", {"backlog_bytes": 200_000, "rtt_s": 0.6}, THIN),
-    ("a queue on the path", {"rtt_s": 0.95}, THIN),
+@pytest.mark.parametrize(("name", "report", "lowest", "wait"), [
+    ("a send backlog", {"backlog_bytes": 200_000, "rtt_s": 0.6}, THIN, 0),
+    ("a queue on the path", {"rtt_s": 0.95}, THIN, 2),
     ("a low estimate with loss", {"loss": 0.03, "rtt_s": 0.6, "estimate_bps": 50_000,
-                                  "send_bps": 300_000}, THIN),
-    ("loss alone (a lossy but wide link)", {"loss": 0.15, "rtt_s": 0.6}, 0),
+                                  "send_bps": 300_000}, THIN, 0),
+    ("loss alone (a lossy but wide link)", {"loss": 0.15, "rtt_s": 0.6}, 0, 2),
 ])
 def test_below_layer_0_the_thin_rendition_only_for_a_lack_of_rate(
-        name: str, report: dict[str, Any], lowest: int) -> None:
+        name: str, report: dict[str, Any], lowest: int, wait: int) -> None:
+    """``wait``: reports a second apart before the first step (a rise or loss alone needs a
+    second report 1.5 s after the first, relay.bandwidth.CONFIRM_APART_S)."""
     policy = LayerPolicy(bottom=THIN)
     policy.update(0.0, **CALM)
-    layers = [policy.update(1.0 + t, **report) for t in range(6)]
-    assert layers == [1, 0, lowest, lowest, lowest, lowest], name
+    layers = [policy.update(1.0 + t, **report) for t in range(6 + wait)]
+    assert layers == [2] * wait + [1, 0, lowest, lowest, lowest, lowest], name
 
 
 def test_the_default_bottom_stays_layer_0_and_thin_probes_back_up_after_the_quiet_period() -> None:
     default = LayerPolicy()
-    assert [default.update(t, rtt_s=0.3 if t == 0 else 0.95) for t in range(5)] == \
-        [2, 1, 0, 0, 0]
+    assert [default.update(t, rtt_s=0.3 if t == 0 else 0.95) for t in range(6)] == \
+        [2, 2, 2, 1, 0, 0]
     policy = LayerPolicy(bottom=THIN)
     for t in range(5):
         policy.update(float(t), backlog_bytes=200_000)
