@@ -10,7 +10,11 @@ test_rendition_policy.py. The frame counter drawn in the picture survives the re
 blocks are 15 px wide at 240x180 and read after scaling back), so order is checked by it.
 
 Printed: the rendition's CPU (decode + scale + encode, per second of video) and the frame
-latency of the unaffected subscriber before and while the rendition runs."""
+latency of the unaffected subscriber before and while the rendition runs.
+
+Then its rung (``test_the_rendition_runs_at_the_weakest_subscribers_rung``): two weak
+subscribers of different video budgets share one rendition at the weaker's rung, which follows
+their budgets up and down, each change a keyframe, the frames decoded at the new rate."""
 
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from relay.bandwidth import THIN
 from relay.participant import Participant
 from relay.publication import Publication
+from relay.rendition import LADDER, RUNG_CHECK_S, RUNG_HOLD_S, Rendition, Rung
+from relay.subscription import Subscription
 from tests.media import MediaPeer, Received, read_counter, wait_for
 from tests.relay.peers import RelayRoom, relay_room
 
@@ -206,4 +212,100 @@ async def test_one_thin_rendition_for_two_weak_subscribers_and_none_after() -> N
         print(f"event loop lag p50/p99 ms: before {pct(lag_before, 0.5):.2f}/"
               f"{pct(lag_before, 0.99):.2f}, with the rendition {pct(lag_during, 0.5):.2f}/"
               f"{pct(lag_during, 0.99):.2f}")
+    print(f"test took {time.monotonic() - started:.1f} s")
+
+
+class PinnedBudget(Subscription):
+    """A relay subscription whose video budget the test sets (``pinned``) and nothing else:
+    the relay's own writes (its pacer's estimate of a loopback link) are ignored, so the rung
+    follows the budgets the test gives, read the product's way (``Publication.thin_budgets``).
+    """
+
+    pinned: float | None = None
+
+    @property  # type: ignore[override]
+    def budget_bps(self) -> float | None:
+        return self.pinned
+
+    @budget_bps.setter
+    def budget_bps(self, _value: float | None) -> None:
+        pass
+
+
+def pin_budget(participant: Participant, budget: float | None) -> None:
+    (subscription,) = [s for s in participant.subscriptions.values()
+                       if s.publication.kind == "video"]
+    subscription.__class__ = PinnedBudget
+    assert isinstance(subscription, PinnedBudget)
+    subscription.pinned = budget
+
+
+async def test_the_rendition_runs_at_the_weakest_subscribers_rung() -> None:
+    started = time.monotonic()
+    async with relay_room() as room:
+        viewers = {name: await join_viewer(room, name) for name in ("island", "vsat")}
+        await room.join("pub", subscribe=False, fps=FPS)
+        await wait_for(lambda: all(v.frames("pub") >= 30 for v in viewers.values()), 30,
+                       "both viewers decoding the camera")
+        members = room.relay.rooms[room.id].participants
+        publication: Publication = next(p for p in members["pub"].publications.values()
+                                        if p.kind == "video")
+        pin_budget(members["island"], 80_000)  # truong-sa's share: the 8 fps rung
+        pin_budget(members["vsat"], 400_000)
+        for name in viewers:
+            members[name].cap_layer(THIN)
+        rendition = publication.rendition
+        assert rendition is not None and rendition.rung == LADDER[2], rendition
+        figures: list[str] = []
+
+        async def at_rung(rung: Rung, since: float | None) -> None:
+            """Both viewers on ``rung``'s rate from its keyframe on: 240x180, in order, one
+            frame each ``30 / fps`` of the camera's, for 3 s."""
+            assert rendition is not None
+            await wait_for(lambda: rendition.rung == rung, RUNG_HOLD_S + RUNG_CHECK_S + 5,
+                           f"the rendition at {rung}")
+            moved = "at the start" if since is None else \
+                f"{time.monotonic() - since:.1f} s after the budget changed"
+            await asyncio.sleep(1.0)  # its keyframe out, the first frames of the new rate
+            cpu_at, frames_at, start = rendition.cpu_s, rendition.frames_in, time.monotonic()
+            await asyncio.sleep(3.0)
+            cpu_ms = (rendition.cpu_s - cpu_at) * 1000 / ((rendition.frames_in - frames_at) / FPS)
+            line = [f"{rung}: chosen {moved}, {cpu_ms:.0f} ms CPU per second of video;"]
+            for name in viewers:
+                counters, sizes, arrivals = window(viewers[name], start, time.monotonic())
+                fps = (len(counters) - 1) / (arrivals[-1] - arrivals[0])
+                steps = [b - a for a, b in itertools.pairwise(counters)]
+                line.append(f"{name} {fps:.1f} fps (steps {statistics.median(steps)})")
+                assert set(sizes) == {THIN_SIZE}, (name, sizes)
+                assert counters == sorted(set(counters)), (name, counters)
+                assert rung.fps * 0.8 <= fps <= rung.fps * 1.15, (name, rung, fps)
+                assert statistics.median(steps) <= FPS / rung.fps + 1, (name, steps)
+            figures.append(" ".join(line))
+            print(figures[-1])
+
+        # One rendition for both, at the island's rung (8 fps), not vsat's (15).
+        await wait_for(lambda: all(sum(1 for s in camera(viewers[n])[1] if s == THIN_SIZE) >= 8
+                                   for n in viewers), 15, "both viewers decoding the rendition")
+        await at_rung(LADDER[2], None)
+        assert publication.renditions_started == 1 and rendition_threads() == 1
+        assert rendition.subscriptions == {s for n in viewers
+                                           for s in members[n].subscriptions.values() if s.thin}
+        keys_before = rendition.keyframes_out
+
+        # The island's link is better now: both up to the best rung vsat's budget carries.
+        pin_budget(members["island"], 250_000)
+        await at_rung(LADDER[0], time.monotonic())
+        assert rendition.keyframes_out > keys_before  # the new rung started at a keyframe
+
+        # Now vsat's is the weakest, under every rung's bitrate but the last: down to 5 fps.
+        pin_budget(members["vsat"], 50_000)
+        await at_rung(LADDER[3], time.monotonic())
+        assert rendition.rung_changes == 2 and publication.renditions_started == 1
+        print("what the viewers were told (video_quality):",
+              {n: [(x["quality"], x["fps"]) for x in thin_notices(room, n)] for n in viewers})
+        for name in viewers:
+            members[name].cap_layer(None)
+        await wait_for(lambda: publication.rendition is None and rendition_threads() == 0, 10,
+                       "the rendition stopped")
+    assert isinstance(rendition, Rendition) and not rendition.running
     print(f"test took {time.monotonic() - started:.1f} s")
