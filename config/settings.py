@@ -286,6 +286,36 @@ class RelaySettings(_Section):
     """Pause video toward a subscriber whose estimate stays below this. 0: never."""
     bandwidth_window_s: float = Field(default=4.0, gt=0)
     bandwidth_retry_s: float = Field(default=20.0, gt=0)
+    adaptation: bool = True
+    """Adapt each subscriber's video to its link (issue #15): the temporal layers of a camera
+    sent in layers (the web client's) dropped for a subscriber whose link is congested, then
+    the publication's thin rendition (about 320x180, re-encoded once for every such
+    subscriber), then the video pause. False: every subscriber gets every layer and only the
+    video pause (``bandwidth_*``) acts, as before #15; Opus FEC and DTX, and audio sent before
+    video under a backlog, stay on. Default true."""
+    layer_quiet_s: float = Field(default=6.0, gt=0, le=600)
+    """A subscriber stepped down is tried one layer up (a probe) after this long without
+    congestion. Default 6."""
+    layer_max_quiet_s: float = Field(default=48.0, gt=0, le=3600)
+    """Each probe that brings congestion back within 4 s doubles that quiet period, up to this;
+    one that holds a whole quiet period resets it. At least ``layer_quiet_s``. Default 48."""
+    layer_loss: float = Field(default=0.05, gt=0, le=1)
+    """A receiver report losing this fraction or more of the subscriber's own packets (the
+    publisher's upstream loss taken off) is congestion. From the top layer it takes a second
+    such report 1.5 to 3 s after the first (a busy machine drops a burst of UDP now and
+    then); below it, one a second. Loss alone never takes a subscriber below the base layer
+    to the thin rendition: a lossy but wide link is not helped by fewer bits. Default 0.05."""
+    layer_rtt_rise_s: float = Field(default=0.3, gt=0, le=10)
+    """A round trip this many seconds over its lowest of the last 30 s (a queue building on
+    the path) is congestion, confirmed as ``layer_loss`` is from the top layer. Default 0.3."""
+    layer_backlog_bytes: int = Field(default=64 * 1024, gt=0)
+    """Bytes waiting in the relay's UDP send buffer toward a subscriber that are congestion,
+    at once. Below ``max_backlog_bytes`` (where the subscriber skips to the next keyframe).
+    Default 65536."""
+    layer_queue_delay_s: float = Field(default=0.5, gt=0, le=10)
+    """Seconds of video waiting in the relay's own pacer toward a subscriber (at the rate the
+    relay paces it to that subscriber's link) that are congestion, at once, as a send backlog
+    is. Default 0.5."""
     workers: int = Field(default=0, ge=0, le=64)
     """`telehealth relay`: relay processes on this machine, each a node of its own
     (``<id>.w<k>``) sharing the machine's UDP ports (the range split between them, or one
@@ -364,6 +394,19 @@ class RelaySettings(_Section):
             raise ValueError(f"announced_port = {self.announced_port} names one port, but "
                              f"embedded_workers = {self.embedded_workers} bind one port each: "
                              "announce it with embedded_workers = 0 or 1")
+        return self
+
+    @model_validator(mode="after")
+    def _layer_settings(self) -> RelaySettings:
+        if self.layer_max_quiet_s < self.layer_quiet_s:
+            raise ValueError(f"layer_max_quiet_s = {self.layer_max_quiet_s} is the longest "
+                             f"quiet period, below layer_quiet_s = {self.layer_quiet_s}: "
+                             "raise it or lower layer_quiet_s")
+        if self.max_backlog_bytes and self.layer_backlog_bytes >= self.max_backlog_bytes:
+            raise ValueError(f"layer_backlog_bytes = {self.layer_backlog_bytes} steps a "
+                             "subscriber's video down before its backlog reaches "
+                             f"max_backlog_bytes = {self.max_backlog_bytes} (the skip to a "
+                             "keyframe): keep it below")
         return self
 
     @model_validator(mode="after")

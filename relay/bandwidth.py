@@ -20,15 +20,17 @@ TOP_LAYER = 2
 """The highest temporal layer the layer policy chooses: L1T3's, the web client's camera (30 fps;
 layer 1 15 fps, layer 0 7.5 fps)."""
 LAYER_LOSS = 0.05
-"""A receiver report with this much loss (fraction) or more steps the layer down."""
+"""A receiver report with this much loss (fraction) or more steps the layer down (default of
+``relay.layer_loss``)."""
 LAYER_LOSS_WITH_LOW_ESTIMATE = 0.02
 """Loss that counts when the estimate is low too."""
 BACKLOG_HIGH_BYTES = 64 * 1024
 """Bytes waiting in the relay's send buffer toward the subscriber that step the layer down (the
-skip to a keyframe comes at ``max_backlog_bytes``, far above)."""
+skip to a keyframe comes at ``max_backlog_bytes``, far above; default of
+``relay.layer_backlog_bytes``)."""
 RTT_RISE_S = 0.3
 """Round trip over the lowest one of the last ``RTT_WINDOW_S`` by this much: a queue is
-building on the path; the layer steps down."""
+building on the path; the layer steps down (default of ``relay.layer_rtt_rise_s``)."""
 RTT_RISE_WITH_LOW_ESTIMATE_S = 0.1
 """A rise that counts when the estimate is low too."""
 RTT_WINDOW_S = 30.0
@@ -41,14 +43,17 @@ STEP_DOWN_EVERY_S = 1.0
 """At most one step down per this long: a step must have time to show (reports come ~1 s
 apart), and two bad reports take 30 fps to 7.5 fps in about a second."""
 QUIET_S = 6.0
-"""Without congestion for this long, the layer is probed up one step."""
+"""Without congestion for this long, the layer is probed up one step (default of
+``relay.layer_quiet_s``)."""
 MAX_QUIET_S = 48.0
-"""The quiet period doubles after each probe that failed, up to this."""
+"""The quiet period doubles after each probe that failed, up to this (default of
+``relay.layer_max_quiet_s``)."""
 PROBE_FAILED_WITHIN_S = 4.0
 """Congestion this soon after a probe up means the probe failed."""
 QUEUE_DELAY_S = 0.5
 """Seconds of video waiting in the relay's own pacer toward the subscriber (at the rate it
-paces them) that step the layer down, as a send backlog does: the link lacks the rate."""
+paces them) that step the layer down, as a send backlog does: the link lacks the rate (default
+of ``relay.layer_queue_delay_s``)."""
 CONFIRM_APART_S = 1.5
 """From the top layer, a step down on loss or a round-trip rise alone needs a second congested
 report at least this long after the first: one burst of loss (a loaded machine's own UDP

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from config.settings import IceServer, RelaySettings
+from relay.bandwidth import LayerSettings
 
 
 @dataclass
@@ -27,6 +28,11 @@ class MediaConfig:
     """How long the estimate must stay below the floor before video is paused."""
     bandwidth_retry_s: float = 20.0
     """After this long paused for bandwidth, video is tried again."""
+    adaptation: bool = True
+    """Each subscriber's video adapted to its link: temporal layers, then the thin rendition,
+    then the pause (``layers``). False: every layer to everyone, only the pause acts."""
+    layers: LayerSettings = field(default_factory=LayerSettings)
+    """The layer policy's thresholds and quiet periods (relay/bandwidth.py)."""
     udp_port_range: tuple[int, int] | None = None
     """``(min, max)``: every ICE host socket of the relay is bound to a port in it."""
     udp_port: int | None = None
@@ -52,6 +58,11 @@ def from_settings(relay: RelaySettings) -> MediaConfig:
         bandwidth_floor_bps=relay.bandwidth_floor_bps,
         bandwidth_window_s=relay.bandwidth_window_s,
         bandwidth_retry_s=relay.bandwidth_retry_s,
+        adaptation=relay.adaptation,
+        layers=LayerSettings(quiet_s=relay.layer_quiet_s, max_quiet_s=relay.layer_max_quiet_s,
+                             loss=relay.layer_loss, rtt_rise_s=relay.layer_rtt_rise_s,
+                             backlog_bytes=relay.layer_backlog_bytes,
+                             queue_delay_s=relay.layer_queue_delay_s),
         udp_port_range=relay.udp_port_range,
         udp_port=relay.udp_port,
         announced_port=relay.announced_port,
