@@ -150,7 +150,12 @@ class MediaPeer:
 
     async def publish(self, video: bool = True, audio: bool = True, fps: int = 15,
                       source: str = "camera", video_codec: str | None = None,
-                      audio_hz: float = 440.0) -> dict[str, Any]:
+                      audio_hz: float = 440.0, video_track: CounterTrack | None = None,
+                      prepare: Callable[[RTCPeerConnection], None] | None = None
+                      ) -> dict[str, Any]:
+        """``video_track``: the camera (a new ``CounterTrack(fps)`` by default);
+        ``prepare``: called with the connection once its transceivers exist, before the offer
+        (a sender's encoder, as tests/layered_vp8.py gives)."""
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.publish_pc = pc
         sources: dict[str, str] = {}
@@ -159,7 +164,7 @@ class MediaPeer:
             transceivers.append((pc.addTransceiver(ToneTrack(audio_hz), direction="sendonly"),
                                  "microphone"))
         if video:
-            self.video = CounterTrack(fps)
+            self.video = video_track or CounterTrack(fps)
             transceiver = pc.addTransceiver(self.video, direction="sendonly")
             if video_codec is not None:
                 capabilities = RTCRtpSender.getCapabilities("video")
@@ -168,6 +173,8 @@ class MediaPeer:
                     c for c in capabilities.codecs
                     if c.mimeType.lower() in (f"video/{video_codec.lower()}", "video/rtx")])
             transceivers.append((transceiver, source))
+        if prepare is not None:
+            prepare(pc)
         offer = await pc.createOffer()
         await pc.setLocalDescription(offer)
         for transceiver, name in transceivers:
