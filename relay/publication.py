@@ -203,8 +203,11 @@ class Publication:
         """The video budgets of the subscriptions that want the thin rendition (bits per
         second; None: unknown), which size it: it runs at the best rung the weakest of them
         carries (relay/rendition.py, ``choose_rung``). One moving back to the publication
-        no longer counts, though it takes the rendition until the publisher's keyframe."""
-        return [subscription.budget_bps for subscription in self._thin]
+        no longer counts, though it takes the rendition until the publisher's keyframe; nor
+        does one paused (audio only): it receives none of it, and its budget is no longer
+        kept up to date."""
+        return [subscription.budget_bps for subscription in self._thin
+                if not subscription.paused]
 
     def drop_thin(self, subscription: Any) -> None:
         """A subscription closed: it no longer counts for the rendition."""

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from aiortc.codecs.vpx import Vp8Encoder, vp8_depayload
 
+from relay.publication import Publication
 from relay.rendition import (
     DEFAULT_RUNG,
     LADDER,
@@ -214,3 +215,20 @@ def test_what_libvpx_gives_on_each_rung_of_a_640x480_camera() -> None:
     # The lower rungs are what the weakest links carry: fewer bits, and not more CPU.
     bitrates = [results[rung]["kbps"] for rung in LADDER]
     assert bitrates == sorted(bitrates, reverse=True), bitrates
+
+
+class Thin:
+    """A subscription as the publication sees it for the rendition's budgets."""
+
+    def __init__(self, budget_bps: float | None, paused: bool = False) -> None:
+        self.budget_bps = budget_bps
+        self.paused = paused
+
+
+def test_the_publication_sizes_its_rendition_by_the_thin_subscriptions_not_paused() -> None:
+    publication = Publication.__new__(Publication)  # no receiver: only its thin set is read
+    publication._thin = {Thin(300 * K), Thin(None), Thin(20 * K, paused=True)}
+    assert sorted(publication.thin_budgets(), key=str) == [300 * K, None]
+    assert choose_rung(publication.thin_budgets(), None) == DEFAULT_RUNG
+    publication._thin = {Thin(20 * K, paused=True)}
+    assert publication.thin_budgets() == []
