@@ -74,12 +74,12 @@ LADDER: tuple[Rung, ...] = (Rung(15, 150_000), Rung(10, 100_000), Rung(8, 64_000
                             Rung(5, 40_000))
 """Best first. About 0.2 bits per pixel a frame on each rung at 240x180 (a 4:3 camera), where
 libvpx keeps a readable picture; measured (tests/relay/test_rendition_rungs.py, figures in
-docs/benchmarks.md "#15 thin rendition"): each rung comes out at or under its bitrate, its
-keyframes 2-4 KB (well inside truong-sa's 16 KB queue). The same box on every rung: a smaller
-one (180x136) gave a worse picture at the same bitrate (PSNR 32 against 40 dB, scaled back)
-and keyframes no smaller, so the ladder trades frames, not pixels. vsat's budget (about 200
-kbps of video a camera with two cameras and their audio on 512 kbps) takes the first rung, 15
-fps; truong-sa's (about 90 of 256 kbps) the third, 8 fps."""
+docs/benchmarks.md "#15 thin rendition"): each rung comes out within 5 % of its bitrate with
+a keyframe every 2 s, its keyframes 1-4 KB (well inside truong-sa's 16 KB queue). The same
+box on every rung: a smaller one (180x136) gave a worse picture at the same bitrate (PSNR 32
+against 40 dB, scaled back) and keyframes no smaller, so the ladder trades frames, not pixels.
+vsat's budget (about 200 kbps of video a camera with two cameras and their audio on 512
+kbps) takes the first rung, 15 fps; truong-sa's (about 90 of 256 kbps) the third, 8 fps."""
 DEFAULT_RUNG = 1
 """Where a rendition starts when no subscriber's budget is known, and what an unknown budget
 (None) counts as: the rate the rendition had before the ladder, 10 fps at 100 kbps."""
