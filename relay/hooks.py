@@ -32,7 +32,7 @@ import functools
 import ipaddress
 import secrets
 import string
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from types import CodeType
 from typing import Any, Protocol
 
@@ -73,7 +73,7 @@ _SENDER_COUNTERS = (
     "_RTCRtpSender__packet_count",
 )
 _RECEIVER_METHODS = ("_handle_rtp_packet", "_send_rtcp_pli")
-_SENDER_METHODS = ("_handle_rtcp_packet", "_send_keyframe", "_ssrc")
+_SENDER_METHODS = ("_handle_rtcp_packet", "_send_keyframe", "_retransmit", "_ssrc")
 
 _original_host_addresses = aioice.ice.get_host_addresses
 _original_component_candidates = aioice.ice.Connection.get_component_candidates
@@ -255,9 +255,12 @@ class SenderLeg:
 
 def intercept_feedback(sender: RTCRtpSender, *, on_keyframe_request: Callable[[], None],
                        on_remb: Callable[[int, list[int]], None],
-                       on_loss: Callable[[float], None]) -> None:
-    """Route a subscriber's PLI/FIR, REMB and reported loss for this sender to the relay.
-    NACKs and receiver reports still reach aiortc's own handling (retransmission, RTT)."""
+                       on_loss: Callable[[float], None],
+                       on_receipt: Callable[[int, int], None] | None = None) -> None:
+    """Route a subscriber's PLI/FIR, REMB and reported loss for this sender to the relay;
+    ``on_receipt(highest, lost)``, before ``on_loss``: the report's extended highest sequence
+    number and cumulative packets lost (what arrived, for the pacer's estimate). NACKs and
+    receiver reports still reach aiortc's own handling (retransmission, RTT)."""
     original = sender._handle_rtcp_packet
     ssrc = sender._ssrc
 
@@ -265,6 +268,8 @@ def intercept_feedback(sender: RTCRtpSender, *, on_keyframe_request: Callable[[]
         if isinstance(packet, (RtcpRrPacket, RtcpSrPacket)):
             for report in packet.reports:
                 if report.ssrc == ssrc:
+                    if on_receipt is not None:
+                        on_receipt(report.highest_sequence, report.packets_lost)
                     on_loss(report.fraction_lost / 256)
         if isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
             try:
@@ -278,6 +283,29 @@ def intercept_feedback(sender: RTCRtpSender, *, on_keyframe_request: Callable[[]
 
     sender._handle_rtcp_packet = handle  # type: ignore[method-assign]
     sender._send_keyframe = on_keyframe_request  # type: ignore[method-assign]
+
+
+Resend = Callable[[int], Awaitable[None]]
+
+
+def intercept_retransmit(
+        sender: RTCRtpSender,
+        on_retransmit: Callable[[Resend, int, int, int], Awaitable[None]]) -> None:
+    """Route the sender's retransmissions (a subscriber's NACK) through
+    ``on_retransmit(resend, ssrc, seq, payload_bytes)`` (the subscriber's pacer, which decides
+    whether and when; ``resend(seq)`` is aiortc's own, from its history, RTX-wrapped if
+    negotiated). A packet no longer in the history is not asked about."""
+    original: Resend = sender._retransmit
+    history: dict[int, RtpPacket] = getattr(sender, _SENDER_HISTORY)
+    ssrc = sender._ssrc
+
+    async def retransmit(sequence_number: int) -> None:
+        packet = history.get(sequence_number % RTP_HISTORY_SIZE)
+        if packet is None or packet.sequence_number != sequence_number:
+            return
+        await on_retransmit(original, ssrc, sequence_number, len(packet.payload))
+
+    sender._retransmit = retransmit  # type: ignore[method-assign]
 
 
 async def send_bye(sender: RTCRtpSender) -> None:

@@ -98,7 +98,7 @@ class Participant:
             publications=room.publications, send_offer=self._send_offer,
             spawn=self._tasks.spawn, on_remb=self._on_remb, on_loss=self._on_loss)
         self.bandwidth = BandwidthPolicy(config.bandwidth_floor_bps, config.bandwidth_window_s)
-        self.layers = LayerPolicy(bottom=THIN)
+        self.layers = LayerPolicy(config.layers, bottom=THIN)
         """Which temporal layers of layered video it gets, or the thin rendition below them
         (relay/bandwidth.py)."""
         self.layer_cap: int | None = None
@@ -192,7 +192,7 @@ class Participant:
         """A receiver report block for one of its legs: the layer policy's clock."""
         now = time.monotonic()
         self.bandwidth.loss_reported(fraction, now)
-        if not self.subscriber.layered() or self.subscriber.paused:
+        if not self._adapting() or self.subscriber.paused:
             # Nothing to choose (video as before: an unlayered camera's layer 0 is the whole
             # stream, and taking it thin on this policy's evidence alone was found too eager:
             # a loaded relay's own delay reads as a rising round trip), or no video to judge
@@ -201,8 +201,15 @@ class Participant:
         self.layers.update(now, loss=fraction, rtt_s=self.subscriber.rtt_s(),
                            backlog_bytes=self.subscriber.backlog_bytes(),
                            estimate_bps=self.bandwidth.estimate_bps,
-                           send_bps=self._send_rate.total_bps)
+                           send_bps=self._send_rate.total_bps,
+                           queue_delay_s=self.subscriber.queue_delay_s())
         self._apply_layer()
+
+    def _adapting(self) -> bool:
+        """Whether the layer policy chooses what it receives: ``relay.adaptation`` is on and
+        it receives video sent in layers. Else video as before #15: every layer, and only the
+        pause for bandwidth acts."""
+        return self.config.adaptation and self.subscriber.layered()
 
     def cap_layer(self, layer: int | None) -> None:
         """Never more than the temporal layers up to ``layer`` (None: as the policy says;
@@ -231,7 +238,7 @@ class Participant:
         rate = self._send_rate.sample(ssrcs, self.subscriber.sent_bytes(ssrcs), now)
         logger.debug("%s REMB %d bps for %d legs sent %s bps", self._label, bitrate,
                      len(ssrcs), rate)
-        if self.subscriber.max_layer != self.layers.bottom and self.subscriber.layered():
+        if self.subscriber.max_layer != self.layers.bottom and self._adapting():
             # Layers, then the thin rendition, are the first steps down: the pause waits
             # for the bottom one.
             self.bandwidth.estimate_held(bitrate)
@@ -315,6 +322,7 @@ class Participant:
             "thin": sorted(s.publication.id for s in self.subscriptions.values() if s.thin),
             "remb_bps": self.bandwidth.estimate_bps,
             "send_bps": self._send_rate.total_bps,
+            "pacer": self.subscriber.pacer.stats(),
         }
 
     async def close(self) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -27,6 +28,7 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from relay import hooks
 from relay.config import MediaConfig
 from relay.errors import BadSdp, MediaPortsExhausted, NegotiationPending, NotInRoom
+from relay.pacer import PACKET_OVERHEAD, Pacer
 from relay.publication import Publication
 from relay.sdp import announce, leg_codecs, parse_sdp, payload_types, peer_connection
 from relay.subscription import Leg, Subscription
@@ -115,6 +117,9 @@ class Subscriber:
         self._spawn = spawn
         self._on_remb = on_remb
         self._on_loss = on_loss
+        self._receipts: dict[int, tuple[float, int, int, float]] = {}
+        """Per leg: its last receiver report (when, highest sequence number, packets lost)
+        and the rate received between it and the one before."""
         self._loss_marks: dict[int, tuple[str, int, int]] = {}
         """Per leg: the publication it carried and that publication's packets and highest
         sequence number at the leg's last receiver report."""
@@ -124,6 +129,8 @@ class Subscriber:
         """The offer in flight, sent again by ``resend_offer`` (the client's signaling
         connection changed while it was on its way)."""
         self._label = f"Subscriber({room_id}/{participant_id})"
+        self.pacer = self._new_pacer()
+        """What leaves toward the client, and when (relay/pacer.py)."""
 
     # -- offers ---------------------------------------------------------------------------
     async def subscribe(self) -> dict[str, Any]:
@@ -256,7 +263,8 @@ class Subscriber:
                 return False
             leg = self._free_leg(publication.kind)
         subscription = Subscription(publication, self.participant_id, leg,
-                                    max_backlog_bytes=self.config.max_backlog_bytes)
+                                    max_backlog_bytes=self.config.max_backlog_bytes,
+                                    pacer=self.pacer)
         for reason in self.paused:
             subscription.pause(reason)
         subscription.set_max_layer(self.max_layer)
@@ -282,7 +290,12 @@ class Subscriber:
             on_keyframe_request=lambda: self._keyframe_wanted(leg),
             on_remb=self._on_remb,
             on_loss=lambda fraction: self._on_leg_loss(leg, fraction),
+            on_receipt=lambda highest, lost: self._on_receipt(leg, highest, lost),
         )
+        # Looked up at each call: a connection started afresh has a pacer of its own.
+        hooks.intercept_retransmit(
+            transceiver.sender,
+            lambda resend, ssrc, seq, size: self.pacer.retransmit(resend, ssrc, seq, size))
         self.legs.append(leg)
         return leg
 
@@ -296,7 +309,7 @@ class Subscriber:
         publication = subscription.publication if subscription is not None else None
         highest = publication.sequence.highest if publication is not None else None
         if publication is None or highest is None:
-            self._on_loss(fraction)
+            self._link_report(leg, fraction)
             return
         mark = (publication.id, publication.packets, highest)
         before = self._loss_marks.get(id(leg))
@@ -306,7 +319,55 @@ class Subscriber:
             expected = mark[2] - before[2]
             if expected > 0:
                 upstream = max(0.0, (expected - (mark[1] - before[1])) / expected)
-        self._on_loss(max(0.0, fraction - upstream))
+        self._link_report(leg, max(0.0, fraction - upstream))
+
+    def _on_receipt(self, leg: Leg, highest: int, lost: int) -> None:
+        """A receiver report of ``leg``: what reached the client since the leg's previous one
+        (packets received, at the leg's mean packet size), as a rate: the link's delivered
+        rate is the sum of the legs' latest (``delivered_bps``)."""
+        now = time.monotonic()
+        counters = leg.transceiver.sender
+        packets = getattr(counters, "_RTCRtpSender__packet_count", 0)
+        octets = getattr(counters, "_RTCRtpSender__octet_count", 0)
+        size = (octets / packets if packets else 0.0) + PACKET_OVERHEAD
+        before = self._receipts.get(id(leg))
+        self._receipts[id(leg)] = (now, highest, lost, before[3] if before else 0.0)
+        if before is None or now - before[0] < 0.2:
+            return
+        received = (highest - before[1]) - (lost - before[2])
+        if 0 <= received < 1 << 15:
+            rate = received * size * 8 / (now - before[0])
+            self._receipts[id(leg)] = (now, highest, lost, rate)
+
+    def delivered_bps(self) -> float | None:
+        """The rate that reached the client lately, over every leg; None before reports."""
+        now = time.monotonic()
+        rates = [r[3] for r in self._receipts.values() if now - r[0] <= 3.0]
+        return sum(rates) if rates else None
+
+    def _link_report(self, leg: Leg, fraction: float) -> None:
+        """The subscriber's own link lost ``fraction`` (one report block of ``leg``): its
+        pacer's estimate follows (from the video legs' reports while there is video: an audio
+        leg's ~50 packets a second make a noisy witness), then the video budgets, then the
+        layer policy."""
+        if leg.kind == "video" or not any(
+                s.publication.kind == "video" and not s.paused
+                for s in self.subscriptions.values()):
+            self.pacer.report(fraction, self.rtt_s(), self.delivered_bps())
+            self._set_budgets()
+        self._on_loss(fraction)
+
+    def _set_budgets(self) -> None:
+        """Each video subscription's share of the link (``Subscription.budget_bps``): the
+        pacer's estimate less the audio, shared evenly; None while there is no estimate."""
+        rate = self.pacer.rate_bps
+        videos = [s for s in self.subscriptions.values()
+                  if s.publication.kind == "video" and not s.paused]
+        budget = None
+        if rate is not None and videos:
+            budget = max(0.0, rate - (self.pacer.audio_bps() or 0.0)) / len(videos)
+        for subscription in videos:
+            subscription.budget_bps = budget
 
     @staticmethod
     def _keyframe_wanted(leg: Leg) -> None:
@@ -371,6 +432,13 @@ class Subscriber:
                     return rtt
         return None
 
+    def queue_delay_s(self) -> float:
+        """How long the video waiting in the pacer takes to leave (0: nothing waits)."""
+        return self.pacer.queue_delay_s()
+
+    def _new_pacer(self) -> Pacer:
+        return Pacer(f"{self._label} {self.transport_id}", rtt=self.rtt_s)
+
     def backlog_bytes(self) -> int:
         """Bytes waiting to be sent to the client (the legs share one transport)."""
         return hooks.backlog_bytes(self.legs[0].transceiver.sender) if self.legs else 0
@@ -398,6 +466,9 @@ class Subscriber:
             leg.track.stop()
         self.legs = []
         self.negotiation = Negotiation()
+        self.pacer.close()
+        if not self.closed:
+            self.pacer = self._new_pacer()
         pc, self.pc = self.pc, None
         if pc is not None:
             await asyncio.gather(pc.close(), return_exceptions=True)

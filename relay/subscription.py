@@ -31,6 +31,7 @@ from codec.rtp import (
 )
 from relay import hooks
 from relay.forwarding import Forwarder
+from relay.pacer import Pacer
 from relay.publication import Publication
 from relay.track import ForwardTrack
 
@@ -285,7 +286,8 @@ class Subscription:
     publication and detaches it when it closes it."""
 
     def __init__(self, publication: Publication, subscriber_id: str, leg: Leg, *,
-                 max_backlog_bytes: int = 512 * 1024) -> None:
+                 max_backlog_bytes: int = 512 * 1024, pacer: Pacer | None = None) -> None:
+        """``pacer``: the subscriber's (relay/pacer.py); None: every packet goes out at once."""
         self.publication = publication
         self.subscriber_id = subscriber_id
         self.leg = leg
@@ -297,6 +299,8 @@ class Subscription:
         self.forwarded_bytes = 0
         self.skipped = 0
         self._max_backlog = max_backlog_bytes
+        self._pacer = pacer
+        self._audio = publication.kind == "audio"
         self._seq_offset = 0
         self._ts_offset = self._base_ts_offset = random.randrange(TS_MOD)
         self._start_seq: int | None = None
@@ -369,6 +373,15 @@ class Subscription:
         if not self.paused_reasons:
             self._restart()
 
+    def restart_after_drop(self, first_seq: int | None) -> None:
+        """The subscriber's pacer gave up this subscription's queued packets from
+        ``first_seq`` on, never sent: the leg's sequence numbers go back there (the subscriber
+        sees no gap) and the subscription starts again at a keyframe."""
+        if first_seq is not None and self.leg.subscription is self:
+            self.leg.next_seq = first_seq
+        self.skipped += 1
+        self._restart()
+
     def _restart(self) -> None:
         """Wait for the next keyframe, and ask for one."""
         self.waiting_keyframe = True
@@ -427,14 +440,21 @@ class Subscription:
         out.extensions.mid = leg.mid
         out.extensions.abs_send_time = (ntp >> 14) & 0x00FFFFFF
         out.extensions.audio_level = packet.extensions.audio_level
+        in_order = seq_newer(out_seq, (leg.next_seq - 1) % SEQ_MOD)
         try:
             # Not yet (or no longer) connected: the transport refuses, and the subscription
             # starts again at a keyframe once it is.
-            await leg.sender.send(out, ntp)
+            if self._pacer is None or not in_order:
+                # A late packet goes into its place at once (rare: a publisher's packet
+                # recovered upstream); the pacer queues only in order (relay/pacer.py).
+                await leg.sender.send(out, ntp)
+            else:
+                await self._pacer.send(leg.sender, out, ntp, audio=self._audio,
+                                       subscription=self)
         except ConnectionError:
             self.waiting_keyframe = True
             return
-        if seq_newer(out_seq, (leg.next_seq - 1) % SEQ_MOD):
+        if in_order:
             leg.next_seq = (out_seq + 1) % SEQ_MOD
         self.forwarded += 1
         self.forwarded_bytes += len(payload)
