@@ -63,10 +63,11 @@ RTCP interval: 1 s x [0.5, 1.5]), so reports less than 1.5 s apart may tell of o
 CONFIRM_WITHIN_S = 3.0
 """... and at most this long after it (two report intervals of a leg: a congestion that lasts
 is seen again within it); later, the first report is forgotten and the next one starts over."""
-CONFIRMED_REASONS = frozenset({"loss", "rtt"})
-"""The witnesses that need that second report. A send backlog, video queued in the relay's
-pacer and a low estimate (with loss or a rise) are the relay's own or the receiver's measure
-of a lack of rate: they step down at once."""
+CONFIRMED_REASONS = frozenset({"loss", "rtt", "estimate"})
+"""The witnesses that need that second report: loss, a rise, and a low estimate (which counts
+only with some loss or some rise, and aiortc's estimate is low on any link: the good viewer
+of the #15 bench was stepped down for it). A send backlog and video queued in the relay's
+pacer are the relay's own measure of a lack of rate: they step down at once."""
 THIN = -1
 THIN_SHORTFALL = 0.8
 """On the thin rendition, video pauses (with loss, for ``window_s``) only when the receiver's

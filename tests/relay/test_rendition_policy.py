@@ -30,7 +30,7 @@ CALM: dict[str, Any] = {"loss": 0.0, "rtt_s": 0.6}
     ("a send backlog", {"backlog_bytes": 200_000, "rtt_s": 0.6}, THIN, 0),
     ("a queue on the path", {"rtt_s": 0.95}, THIN, 2),
     ("a low estimate with loss", {"loss": 0.03, "rtt_s": 0.6, "estimate_bps": 50_000,
-                                  "send_bps": 300_000}, THIN, 0),
+                                  "send_bps": 300_000}, THIN, 2),
     ("loss alone (a lossy but wide link)", {"loss": 0.15, "rtt_s": 0.6}, 0, 2),
 ])
 def test_below_layer_0_the_thin_rendition_only_for_a_lack_of_rate(
