@@ -1,0 +1,172 @@
+"""The pacer toward one subscriber (relay/pacer.py): its link estimate, pure; and its queue,
+on the event loop with a leg that records what leaves and when (the wire itself is exercised
+end to end by tests/relay/test_thin_three_peers.py and bench/thin_link.py)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from aiortc.rtp import RtpPacket
+
+from relay.pacer import (
+    APP_LIMITED,
+    HIGH_LOSS,
+    MIN_BPS,
+    PACKET_OVERHEAD,
+    RTX_MAX,
+    LinkEstimate,
+    Pacer,
+)
+from tests.media import wait_for
+
+
+class RecordingLeg:
+    """A leg's sending side that records each packet's sequence number and when it left."""
+
+    def __init__(self, ssrc: int = 1) -> None:
+        self.ssrc = ssrc
+        self.sent: list[tuple[float, int]] = []
+        self.refuse = False
+
+    async def send(self, packet: RtpPacket, ntp: int) -> None:
+        if self.refuse:
+            raise ConnectionError("not connected")
+        self.sent.append((time.monotonic(), packet.sequence_number))
+
+
+class Sub:
+    def __init__(self) -> None:
+        self.restarts: list[int | None] = []
+
+    def restart_after_drop(self, first_seq: int | None) -> None:
+        self.restarts.append(first_seq)
+
+
+def packet(seq: int, size: int = 1150) -> RtpPacket:
+    return RtpPacket(payload_type=96, sequence_number=seq, timestamp=0, payload=b"x" * size)
+
+
+def paced(rate_bps: float, *, limit_s: float = 1.5) -> Pacer:
+    pacer = Pacer("test", queue_limit_s=limit_s)
+    pacer.estimate.bps = rate_bps
+    return pacer
+
+
+# -- the estimate ------------------------------------------------------------------------------
+
+def test_no_estimate_until_a_report_loses_over_the_threshold() -> None:
+    estimate = LinkEstimate()
+    for t in range(5):
+        assert estimate.report(float(t), 0.05, 2_000_000, 0.05) is None
+    assert estimate.report(5.0, HIGH_LOSS + 0.2, 2_000_000, 0.05, 500_000) == 500_000
+
+
+def test_a_decrease_follows_what_arrived_held_for_the_legs_of_one_moment() -> None:
+    estimate = LinkEstimate()
+    estimate.report(0.0, 0.8, 3_000_000, 0.6, 510_000)
+    assert estimate.bps == 510_000
+    # The other legs' reports of the same moment (and a stale one) change nothing.
+    estimate.report(0.2, 0.9, 3_000_000, 0.6, 100_000)
+    assert estimate.bps == 510_000
+    # Later: never more than 40 % off at once, whatever one report counted.
+    estimate.report(1.0, 0.5, 500_000, 0.6, 50_000)
+    assert estimate.bps == pytest.approx(510_000 * 0.6)
+    for t in range(2, 40):
+        estimate.report(float(t), 0.9, 100_000, 0.6, 1_000)
+    assert estimate.bps == MIN_BPS
+
+
+def test_growth_without_loss_bounded_by_what_is_sent_and_held_by_a_rising_round_trip() -> None:
+    estimate = LinkEstimate()
+    estimate.report(0.0, 0.5, 800_000, 0.6, 400_000)
+    estimate.report(1.0, 0.0, 380_000, 0.6)
+    assert estimate.bps == pytest.approx(400_000 * 1.08, rel=0.01)
+    estimate.report(2.0, 0.0, 380_000, 0.9)  # a queue building on the path: held
+    assert estimate.bps == pytest.approx(400_000 * 1.08, rel=0.01)
+    for t in range(3, 60):
+        estimate.report(float(t), 0.0, 150_000, 0.6)
+    # App-limited: 150 kbps sent says nothing of a top beyond twice that (it stops growing).
+    assert estimate.bps == pytest.approx(400_000 * 1.08, rel=0.01)
+    assert 400_000 * 1.08 > 150_000 * APP_LIMITED
+
+
+# -- the queue ---------------------------------------------------------------------------------
+
+async def test_unpaced_everything_leaves_at_once() -> None:
+    pacer, leg, sub = Pacer("test"), RecordingLeg(), Sub()
+    for seq in range(40):
+        await pacer.send(leg, packet(seq), 0, audio=False, subscription=sub)  # type: ignore[arg-type]
+    assert [s for _, s in leg.sent] == list(range(40))
+    assert pacer.queued_bytes == 0
+
+
+async def test_a_keyframe_burst_leaves_at_the_link_rate_with_audio_first() -> None:
+    rate = 256_000
+    pacer, video, audio, sub = paced(rate), RecordingLeg(1), RecordingLeg(2), Sub()
+    start = time.monotonic()
+    for seq in range(30):  # a ~36 KB keyframe, as a camera sends it: at once
+        await pacer.send(video, packet(seq), 0, audio=False, subscription=sub)  # type: ignore[arg-type]
+    await pacer.send(audio, packet(0, 100), 0, audio=True, subscription=sub)  # type: ignore[arg-type]
+    assert len(audio.sent) == 1 and audio.sent[0][0] - start < 0.05  # never waits
+    assert pacer.queue_delay_s() > 0.9
+    await wait_for(lambda: len(video.sent) >= 30, timeout=5.0)
+    assert [s for _, s in video.sent] == list(range(30))
+    took = video.sent[-1][0] - start
+    expected = 30 * (1150 + PACKET_OVERHEAD) * 8 / rate
+    print(f"36 KB at 256 kbps left over {took:.2f} s (the link's rate: {expected:.2f} s)")
+    assert expected * 0.8 < took < expected * 1.6
+    assert not sub.restarts
+
+
+async def test_video_queued_past_the_limit_is_given_up_with_no_gap() -> None:
+    pacer, leg, sub = paced(100_000, limit_s=1.0), RecordingLeg(), Sub()
+    seq = 100
+    while not sub.restarts and seq < 140:  # ~12 KB is 1 s at 100 kbps
+        await pacer.send(leg, packet(seq), 0, audio=False, subscription=sub)  # type: ignore[arg-type]
+        seq += 1
+    sent = [s for _, s in leg.sent]
+    assert pacer.drops == 1 and pacer.queued_bytes == 0
+    # The subscription is told where its sequence numbers go back to: the first packet given
+    # up follows the last one that left, so the subscriber sees no gap.
+    assert sub.restarts == [sent[-1] + 1 if sent else 100]
+    assert pacer.dropped_packets == seq - 100 - len(sent)
+    print(f"given up after {seq - 100} packets: {len(sent)} left, "
+          f"{pacer.dropped_packets} given up")
+    pacer.close()
+
+
+async def test_a_queued_packet_that_meets_a_closed_transport_restarts_its_subscription() -> None:
+    pacer, leg, sub = paced(200_000), RecordingLeg(), Sub()
+    for seq in range(10):
+        await pacer.send(leg, packet(seq), 0, audio=False, subscription=sub)  # type: ignore[arg-type]
+    leg.refuse = True
+    await wait_for(lambda: bool(sub.restarts), timeout=3.0)
+    assert sub.restarts and pacer.queued_bytes == 0
+
+
+async def test_retransmissions_bounded_and_refused_on_a_full_queue() -> None:
+    pacer = Pacer("test", rtt=lambda: 0.2)
+    resent: list[int] = []
+
+    async def resend(seq: int) -> None:
+        resent.append(seq)
+
+    await pacer.retransmit(resend, 1, 7, 1000)
+    await pacer.retransmit(resend, 1, 7, 1000)  # again within the round trip: refused
+    assert resent == [7]
+    # Asked again and again, a round trip apart: at most RTX_MAX times.
+    for _ in range(RTX_MAX + 3):
+        await pacer.retransmit(resend, 1, 8, 1000)
+        key = (1, 8)
+        when, count = pacer._rtx_seen[key]
+        pacer._rtx_seen[key] = (when - 1.0, count)  # as if a round trip had passed
+    assert resent.count(8) == RTX_MAX
+    # A full video queue: no retransmission takes newer video's place.
+    full, leg, sub = paced(100_000), RecordingLeg(), Sub()
+    for seq in range(8):
+        await full.send(leg, packet(seq), 0, audio=False, subscription=sub)  # type: ignore[arg-type]
+    await full.retransmit(resend, 1, 9, 1000)
+    assert 9 not in resent and full.retransmissions_refused == 1
+    full.close()
+    assert pacer.retransmitted == len(resent)
