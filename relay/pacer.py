@@ -76,8 +76,11 @@ MIN_BPS = 48_000
 QUEUE_LIMIT_S = 1.5
 """Video waiting longer than this at the paced rate is given up (a 640x480 keyframe is about a
 second of a 256 kbps link: the limit lets one pass)."""
-RTX_QUEUE_S = 0.3
-"""No retransmission while the video queue holds more than this."""
+RTX_QUEUE_S = 1.0
+"""No retransmission while the video queue holds more than this. Only then: a packet the
+receiver never gets stalls its decoder until the next keyframe (aiortc's jitter buffer waits
+128 packets, seconds at a thin link's rate), so a retransmission is worth more than the newer
+video it delays; bounded per packet (``RTX_MAX``), it no longer floods the link."""
 RTX_MAX = 2
 """A sequence number is retransmitted at most this many times."""
 RTX_MIN_INTERVAL_S = 0.1

@@ -441,6 +441,10 @@ class Subscription:
         out.extensions.abs_send_time = (ntp >> 14) & 0x00FFFFFF
         out.extensions.audio_level = packet.extensions.audio_level
         in_order = seq_newer(out_seq, (leg.next_seq - 1) % SEQ_MOD)
+        if in_order:
+            # Taken before the send: the pacer may give this very packet up (and take the
+            # sequence numbers back to it) before ``send`` returns.
+            leg.next_seq = (out_seq + 1) % SEQ_MOD
         try:
             # Not yet (or no longer) connected: the transport refuses, and the subscription
             # starts again at a keyframe once it is.
@@ -452,10 +456,10 @@ class Subscription:
                 await self._pacer.send(leg.sender, out, ntp, audio=self._audio,
                                        subscription=self)
         except ConnectionError:
+            if in_order and leg.next_seq == (out_seq + 1) % SEQ_MOD:
+                leg.next_seq = out_seq  # never sent: no gap
             self.waiting_keyframe = True
             return
-        if in_order:
-            leg.next_seq = (out_seq + 1) % SEQ_MOD
         self.forwarded += 1
         self.forwarded_bytes += len(payload)
 

@@ -164,7 +164,7 @@ async def test_retransmissions_bounded_and_refused_on_a_full_queue() -> None:
     assert resent.count(8) == RTX_MAX
     # A full video queue: no retransmission takes newer video's place.
     full, leg, sub = paced(100_000), RecordingLeg(), Sub()
-    for seq in range(8):
+    for seq in range(13):
         await full.send(leg, packet(seq), 0, audio=False, subscription=sub)  # type: ignore[arg-type]
     await full.retransmit(resend, 1, 9, 1000)
     assert 9 not in resent and full.retransmissions_refused == 1
