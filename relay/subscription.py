@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from aiortc import RTCRtpTransceiver
-from aiortc.rtp import RTP_HISTORY_SIZE, RtpPacket
+from aiortc.rtp import RtpPacket
 
 from codec.rtp import (
     SEQ_MOD,
@@ -272,13 +272,16 @@ class Leg:
         self.subscription: Subscription | None = None
         self.retired = False
         """Its subscription ended: the m-line stays inactive for good."""
+        self.last_out: RtpPacket | None = None
+        """The last packet given to the send path (``last_sent``)."""
 
     def last_sent(self) -> RtpPacket | None:
-        """The last packet sent on the leg, read back from the retransmission history
-        (nothing is kept per packet for it); None if it is not there."""
-        seq = (self.next_seq - 1) % SEQ_MOD
-        packet = self.sender._history.get(seq % RTP_HISTORY_SIZE)
-        return packet if packet is not None and packet.sequence_number == seq else None
+        """The last packet given to the leg's send path (sent, or waiting in the subscriber's
+        pacer): what a change of source continues from (``Subscription.restart_from_leg``).
+        Not read back from the retransmission history: a packet still queued is not there
+        yet, and the new source's timestamps must follow the newest the subscriber may see
+        (aiortc's receiver takes time going back for a wrap)."""
+        return self.last_out
 
 
 class Subscription:
@@ -440,7 +443,8 @@ class Subscription:
         out.extensions.mid = leg.mid
         out.extensions.abs_send_time = (ntp >> 14) & 0x00FFFFFF
         out.extensions.audio_level = packet.extensions.audio_level
-        in_order = seq_newer(out_seq, (leg.next_seq - 1) % SEQ_MOD)
+        if in_order := seq_newer(out_seq, (leg.next_seq - 1) % SEQ_MOD):
+            leg.last_out = out
         if in_order:
             # Taken before the send: the pacer may give this very packet up (and take the
             # sequence numbers back to it) before ``send`` returns.
