@@ -25,8 +25,9 @@ What it does:
   layers down long before that.
 
 ``LinkEstimate`` is loss-based AIMD, as the loss-based half of Google Congestion Control
-(draft-ietf-rmcat-gcc, 6) is: a report with over ``HIGH_LOSS`` lost sets the estimate to
-what went through (the rate sent, less what was lost); one under ``LOW_LOSS`` raises it by
+(draft-ietf-rmcat-gcc, 6) is: a report with over ``HIGH_LOSS`` lost while the round trip
+rose (or over ``RANDOM_LOSS`` whatever it did) sets the estimate to what went through (what
+the receiver counted, or the rate sent less what was lost); one under ``LOW_LOSS`` raises it by
 ``GROWTH`` a second, not past ``APP_LIMITED`` times what was really sent (a link never filled
 tells nothing of its top), and not while the round trip is risen (a queue is building on the
 path). Why not the receiver's estimate (REMB): aiortc's starts near nothing and climbs ~1 kbps
@@ -56,7 +57,14 @@ PACKET_OVERHEAD = 50
 """Bytes each packet takes on the link beyond its payload: RTP header with extensions, SRTP
 tag, UDP and IPv4 headers."""
 HIGH_LOSS = 0.10
-"""A report with more loss than this brings the estimate down to what went through."""
+"""A report with more loss than this, while the round trip has risen (a queue filled on the
+path before it dropped), brings the estimate down to what went through."""
+RANDOM_LOSS = 0.25
+"""Without a risen round trip, loss is taken for the link's own (radio, satellite weather:
+fewer bits do not help it, and the layer policy keeps layer 0 for it) up to this much; past
+it, the estimate comes down all the same (a policer drops without queueing)."""
+QUEUE_RISE_S = 0.05
+"""A round trip this much over its lowest: a queue is building on the path."""
 LOW_LOSS = 0.02
 """A report with less loss than this lets the estimate grow."""
 GROWTH = 1.08
@@ -130,7 +138,7 @@ class LinkEstimate:
         if now < self._held_until:
             self._grown_at = now
             return self.bps
-        if loss > HIGH_LOSS:
+        if loss > RANDOM_LOSS or (loss > HIGH_LOSS and rise >= QUEUE_RISE_S):
             # What went through: of the rate sent, or of the paced rate (the rate sent may be
             # low for a moment, the video waiting for a keyframe, and says nothing of the
             # link then).

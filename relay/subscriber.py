@@ -350,7 +350,9 @@ class Subscriber:
         pacer's estimate follows (from the video legs' reports while there is video: an audio
         leg's ~50 packets a second make a noisy witness), then the video budgets, then the
         layer policy."""
-        if leg.kind == "video" or not any(
+        if not self.config.adaptation:
+            pass  # relay.adaptation off: nothing paced, as before #15
+        elif leg.kind == "video" or not any(
                 s.publication.kind == "video" and not s.paused
                 for s in self.subscriptions.values()):
             self.pacer.report(fraction, self.rtt_s(), self.delivered_bps())

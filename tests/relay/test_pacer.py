@@ -14,6 +14,7 @@ from relay.pacer import (
     HIGH_LOSS,
     MIN_BPS,
     PACKET_OVERHEAD,
+    RANDOM_LOSS,
     RTX_MAX,
     LinkEstimate,
     Pacer,
@@ -60,6 +61,20 @@ def test_no_estimate_until_a_report_loses_over_the_threshold() -> None:
     for t in range(5):
         assert estimate.report(float(t), 0.05, 2_000_000, 0.05) is None
     assert estimate.report(5.0, HIGH_LOSS + 0.2, 2_000_000, 0.05, 500_000) == 500_000
+
+
+def test_loss_without_a_queue_on_the_path_is_the_links_own() -> None:
+    """15 % random loss (radio, weather) with a flat round trip: no estimate, nothing paced
+    (fewer bits would not help, and the layer policy keeps layer 0 for loss alone); the same
+    loss while the round trip rises is a queue overflowing: paced; past RANDOM_LOSS paced
+    whatever the round trip (a policer drops without queueing)."""
+    flat = LinkEstimate()
+    for t in range(10):
+        assert flat.report(float(t), 0.15, 1_000_000, 0.6, 850_000) is None
+    assert flat.report(10.0, RANDOM_LOSS + 0.05, 1_000_000, 0.6, 700_000) == 700_000
+    rising = LinkEstimate()
+    rising.report(0.0, 0.0, 1_000_000, 0.6)
+    assert rising.report(1.0, 0.15, 1_000_000, 0.9, 850_000) == 850_000
 
 
 def test_a_decrease_follows_what_arrived_held_for_the_legs_of_one_moment() -> None:
