@@ -29,21 +29,24 @@ move). Nothing here reaches the relay's code: codec/rtp.py reads what this write
 
 from __future__ import annotations
 
+import asyncio
 import fractions
+import math
 import random
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import av
-from aiortc import RTCPeerConnection, RTCRtpSender
+from aiortc import MediaStreamTrack, RTCPeerConnection, RTCRtpSender
 from aiortc.codecs.base import Encoder
 from aiortc.codecs.opus import OpusEncoder
 from aiortc.mediastreams import VIDEO_TIME_BASE, convert_timebase
 from av.frame import Frame
 from av.packet import Packet
 
-from tests.media import BLOCK, HEIGHT, WIDTH, CounterTrack, counter_frame
+from tests.media import BLOCK, HEIGHT, VIDEO_CLOCK, WIDTH, CounterTrack
 
 PACKET_MAX = 1300
 """Payload bytes per RTP packet, descriptor included (aiortc's own VP8 packetizer's)."""
@@ -63,6 +66,11 @@ NOISE_BLOCKS = 60
 """Blocks of random grey a ``BusyCounterTrack`` frame carries: a camera's worth of change, so
 that the encoder spends its bitrate (the bare counter costs ~30 kbps)."""
 NOISE_SIZE = 16
+NOISE_PLANES = 31
+"""Noise planes a ``BusyCounterTrack`` takes in turn (prime: never in step with the 4-frame
+layer pattern)."""
+TONE_SAMPLE_RATE = 48000
+TONE_FRAME = 960
 
 
 def vp8_descriptor_bytes(*, start: bool, picture_id: int, tl0picidx: int, tid: int,
@@ -230,8 +238,8 @@ def layered_senders(bitrate: int = DEFAULT_BITRATE, fps: int = DEFAULT_FPS,
                     encoders: list[LayeredVp8Encoder] | None = None
                     ) -> Callable[[RTCPeerConnection], None]:
     """A ``prepare`` for ``MediaPeer.publish`` (tests/media.py): the video sender in L1T3 at
-    ``bitrate``, the microphone at Chromium's Opus rate; each video encoder is appended to
-    ``encoders`` (its figures)."""
+    ``bitrate``, the microphone a ``TableToneTrack`` at Chromium's Opus rate; each video
+    encoder is appended to ``encoders`` (its figures)."""
 
     def prepare(pc: RTCPeerConnection) -> None:
         for transceiver in pc.getTransceivers():
@@ -241,36 +249,103 @@ def layered_senders(bitrate: int = DEFAULT_BITRATE, fps: int = DEFAULT_FPS,
                 if encoders is not None:
                     encoders.append(encoder)
             elif sender.kind == "audio":
+                sender.replaceTrack(TableToneTrack())
                 use_opus_bitrate(sender)
 
     return prepare
 
 
-def busy_counter_frame(n: int, rng: random.Random) -> av.VideoFrame:
-    """``counter_frame(n)`` with ``NOISE_BLOCKS`` random grey squares below the counter's row
-    (which stays readable: nothing is drawn in its two block heights)."""
-    frame = counter_frame(n)
-    luma = bytearray(bytes(frame.planes[0]))
+def noise_plane(rng: random.Random) -> bytes:
+    """A luma plane of ``NOISE_BLOCKS`` random grey squares on the counter's background, none
+    in the counter's two block heights (it stays readable)."""
+    luma = bytearray(b"\x20" * (WIDTH * HEIGHT))
     for _ in range(NOISE_BLOCKS):
         x = rng.randrange(WIDTH - NOISE_SIZE)
         y = rng.randrange(2 * BLOCK, HEIGHT - NOISE_SIZE)
         square = bytes((rng.randrange(256),)) * NOISE_SIZE
         for row in range(y, y + NOISE_SIZE):
             luma[row * WIDTH + x:row * WIDTH + x + NOISE_SIZE] = square
+    return bytes(luma)
+
+
+_CHROMA = b"\x80" * (WIDTH * HEIGHT // 4)
+_LIT = b"\xe0" * BLOCK
+
+
+def with_counter(plane: bytes, n: int) -> av.VideoFrame:
+    """A frame of ``plane`` with ``n`` drawn as ``counter_frame`` draws it."""
+    luma = bytearray(plane)
+    for bit in range(16):
+        if n >> bit & 1:
+            for y in range(BLOCK):
+                start = y * WIDTH + bit * BLOCK
+                luma[start:start + BLOCK] = _LIT
+    frame = av.VideoFrame(WIDTH, HEIGHT, "yuv420p")
     frame.planes[0].update(bytes(luma))
+    frame.planes[1].update(_CHROMA)
+    frame.planes[2].update(_CHROMA)
     return frame
 
 
+def busy_counter_frame(n: int, rng: random.Random) -> av.VideoFrame:
+    """``counter_frame(n)`` with fresh random squares (``noise_plane``)."""
+    return with_counter(noise_plane(rng), n)
+
+
 class BusyCounterTrack(CounterTrack):
-    """A ``CounterTrack`` whose frames are ``busy_counter_frame``s (seeded: the same pictures
-    each run)."""
+    """A ``CounterTrack`` whose pictures carry random squares: ``NOISE_PLANES`` planes made
+    once (seeded) and taken in turn, so that a frame costs the process no more than the bare
+    counter (the relay, the peers and the emulator share one event loop, on a shared machine);
+    the turn is longer than any reference the encoder keeps, so every frame is news to it."""
 
     def __init__(self, fps: int = DEFAULT_FPS, seed: int = 0) -> None:
         super().__init__(fps)
-        self._rng = random.Random(seed)
+        rng = random.Random(seed)
+        self._planes = [noise_plane(rng) for _ in range(NOISE_PLANES)]
 
     async def recv(self) -> av.VideoFrame:
-        frame = await super().recv()
-        busy = busy_counter_frame(self.count - 1, self._rng)
-        busy.pts, busy.time_base = frame.pts, frame.time_base
-        return busy
+        if self._start is None:
+            self._start = time.monotonic()
+        due = self._start + self.count / self.fps
+        delay = due - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        frame = with_counter(self._planes[self.count % NOISE_PLANES], self.count)
+        frame.pts = int(self.count * VIDEO_CLOCK / self.fps)
+        frame.time_base = fractions.Fraction(1, VIDEO_CLOCK)
+        self.sent_at[self.count] = time.monotonic()
+        self.count += 1
+        return frame
+
+
+class TableToneTrack(MediaStreamTrack):
+    """tests/media.py's ``ToneTrack`` (a sine, 20 ms frames of 48 kHz mono) from a table made
+    once: the original computes each sample in Python, ~1.5 ms a frame, 50 frames a second
+    per microphone on the shared event loop."""
+
+    kind = "audio"
+
+    def __init__(self, hz: float = 440.0) -> None:
+        super().__init__()
+        pcm = bytearray()
+        for i in range(TONE_SAMPLE_RATE):  # one second: a whole number of 20 ms frames
+            pcm += int(8000 * math.sin(2 * math.pi * hz * i / TONE_SAMPLE_RATE)).to_bytes(
+                2, "little", signed=True)
+        self._pcm = bytes(pcm)
+        self.samples = 0
+        self._start: float | None = None
+
+    async def recv(self) -> av.AudioFrame:
+        if self._start is None:
+            self._start = time.monotonic()
+        delay = self._start + self.samples / TONE_SAMPLE_RATE - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        at = 2 * (self.samples % TONE_SAMPLE_RATE)
+        frame = av.AudioFrame(format="s16", layout="mono", samples=TONE_FRAME)
+        frame.planes[0].update(self._pcm[at:at + 2 * TONE_FRAME])
+        frame.sample_rate = TONE_SAMPLE_RATE
+        frame.pts = self.samples
+        frame.time_base = fractions.Fraction(1, TONE_SAMPLE_RATE)
+        self.samples += TONE_FRAME
+        return frame
