@@ -290,20 +290,38 @@ Resend = Callable[[int], Awaitable[None]]
 
 def intercept_retransmit(
         sender: RTCRtpSender,
-        on_retransmit: Callable[[Resend, int, int, int], Awaitable[None]]) -> None:
+        on_retransmit: Callable[[Resend, Resend, int, int, int], Awaitable[None]],
+        filler: Callable[[], bytes | None] = lambda: None) -> None:
     """Route the sender's retransmissions (a subscriber's NACK) through
-    ``on_retransmit(resend, ssrc, seq, payload_bytes)`` (the subscriber's pacer, which decides
-    whether and when; ``resend(seq)`` is aiortc's own, from its history, RTX-wrapped if
-    negotiated). A packet no longer in the history is not asked about."""
+    ``on_retransmit(resend, pad, ssrc, seq, payload_bytes)`` (the subscriber's pacer, which
+    decides whether and when). ``resend(seq)`` is aiortc's own, from its history, RTX-wrapped
+    if negotiated; ``pad(seq)`` sends in its place a packet of the same sequence number and
+    timestamp carrying ``filler()`` (nothing is sent if it gives None): the hole is closed and
+    the frame fails to decode, so the receiver asks for a keyframe rather than wait on a hole
+    that will never be filled (aiortc's jitter buffer waits 512 packets). Not an empty packet:
+    a frame made of empty packets only reaches aiortc's decoder as an empty packet, which
+    FFmpeg takes for the end of the stream, and that decoder never decodes again. A packet no
+    longer in the history is not asked about."""
     original: Resend = sender._retransmit
     history: dict[int, RtpPacket] = getattr(sender, _SENDER_HISTORY)
+    extensions = getattr(sender, _SENDER_EXTENSIONS)
     ssrc = sender._ssrc
+
+    async def pad(sequence_number: int) -> None:
+        packet = history.get(sequence_number % RTP_HISTORY_SIZE)
+        payload = filler()
+        if packet is None or packet.sequence_number != sequence_number or payload is None:
+            return
+        empty = RtpPacket(payload_type=packet.payload_type, sequence_number=sequence_number,
+                          timestamp=packet.timestamp, ssrc=packet.ssrc, payload=payload)
+        empty.extensions.mid = packet.extensions.mid
+        await sender.transport._send_rtp(empty.serialize(extensions))
 
     async def retransmit(sequence_number: int) -> None:
         packet = history.get(sequence_number % RTP_HISTORY_SIZE)
         if packet is None or packet.sequence_number != sequence_number:
             return
-        await on_retransmit(original, ssrc, sequence_number, len(packet.payload))
+        await on_retransmit(original, pad, ssrc, sequence_number, len(packet.payload))
 
     sender._retransmit = retransmit  # type: ignore[method-assign]
 

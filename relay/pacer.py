@@ -17,7 +17,10 @@ What it does:
   video waits for it.
 - **Retransmissions** go ahead of video, each sequence number at most ``RTX_MAX`` times and
   not again within a round trip, and none while the video queue is past ``RTX_QUEUE_S``: on
-  a full link a retransmission only takes the place of newer video.
+  a full link a retransmission only takes the place of newer video. A packet asked for once
+  more after that is answered with an empty packet in its place and its subscription
+  restarted at a keyframe: the hole closed, the receiver does not wait on it (aiortc's jitter
+  buffer waits 512 packets; Chromium gives up after its retries and asks for a keyframe).
 - The **video queue is bounded** in time (``queue_limit_s`` of the rate): past it the queued
   video is given up, each leg's sequence numbers rewound to the first packet given up (the
   viewer sees no gap: nothing it never got was numbered), and its subscriptions start again
@@ -205,8 +208,10 @@ Retransmit = Callable[[int], Awaitable[None]]
 
 class Pacer:
     def __init__(self, label: str, *, queue_limit_s: float = QUEUE_LIMIT_S,
-                 rtt: Callable[[], float | None] = lambda: None) -> None:
-        """``rtt``: the round trip to the subscriber now (None: unknown)."""
+                 rtt: Callable[[], float | None] = lambda: None,
+                 on_hole: Callable[[int], None] = lambda ssrc: None) -> None:
+        """``rtt``: the round trip to the subscriber now (None: unknown); ``on_hole(ssrc)``:
+        a packet of that leg will never reach the subscriber (``retransmit``)."""
         self.estimate = LinkEstimate()
         self.queue_limit_s = queue_limit_s
         self.dropped_packets = 0
@@ -215,7 +220,10 @@ class Pacer:
         """Times the queue was given up."""
         self.retransmitted = 0
         self.retransmissions_refused = 0
+        self.holes_padded = 0
+        """Packets never to be sent again, padded in their place."""
         self.queue_max_bytes = 0
+        self._on_hole = on_hole
         self._label = label
         self._rtt = rtt
         self._video: collections.deque[_Queued] = collections.deque()
@@ -255,7 +263,8 @@ class Pacer:
                 "queued_bytes": self._video_bytes, "queue_max_bytes": self.queue_max_bytes,
                 "drops": self.drops, "dropped_packets": self.dropped_packets,
                 "retransmitted": self.retransmitted,
-                "retransmissions_refused": self.retransmissions_refused}
+                "retransmissions_refused": self.retransmissions_refused,
+                "holes_padded": self.holes_padded}
 
     # -- reports -----------------------------------------------------------------------------
     def report(self, loss: float, rtt_s: float | None, delivered_bps: float | None = None,
@@ -302,19 +311,35 @@ class Pacer:
             self._give_up()
         self._wake()
 
-    async def retransmit(self, resend: Retransmit, ssrc: int, seq: int, size: int) -> None:
+    async def retransmit(self, resend: Retransmit, pad: Retransmit, ssrc: int, seq: int,
+                         size: int) -> None:
         """The subscriber asked again for packet ``seq`` of the leg ``ssrc`` (NACK);
-        ``resend`` sends it from the leg's history (aiortc's own retransmission)."""
+        ``resend`` sends it from the leg's history (aiortc's own retransmission), ``pad`` an
+        empty packet in its place. A packet that will not be sent again (its retransmissions
+        spent a round trip ago, or the queue too full for it) is padded, once, and the leg's
+        subscription starts again at a keyframe (``on_hole``): the frame it belonged to is
+        lost, and the receiver is not left waiting for it."""
         now = time.monotonic()
         key = (ssrc, seq)
         seen = self._rtx_seen.get(key)
         rtt = self._rtt() or 0.0
-        if seen is not None and (seen[1] >= RTX_MAX
-                                 or now - seen[0] < max(RTX_MIN_INTERVAL_S, rtt)):
+        wait = max(RTX_MIN_INTERVAL_S, rtt)
+        if seen is not None and seen[1] > RTX_MAX:
+            return  # padded already
+        if seen is not None and now - seen[0] < wait:
             self.retransmissions_refused += 1
             return
-        if self.estimate.bps is not None and self.queue_delay_s() > RTX_QUEUE_S:
+        if ((seen is not None and seen[1] >= RTX_MAX)
+                or (self.estimate.bps is not None and self.queue_delay_s() > RTX_QUEUE_S)):
             self.retransmissions_refused += 1
+            self._rtx_seen[key] = (now, RTX_MAX + 1)
+            self.holes_padded += 1
+            try:
+                await pad(seq)
+            except ConnectionError:
+                return
+            self._sent.total += PACKET_OVERHEAD
+            self._on_hole(ssrc)
             return
         self._rtx_seen[key] = (now, 1 if seen is None else seen[1] + 1)
         if len(self._rtx_seen) > 4096:

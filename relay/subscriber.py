@@ -35,6 +35,8 @@ from relay.subscription import Leg, Subscription
 
 logger = logging.getLogger(__name__)
 
+VP8_FILLER = b"\x00\x00"
+"""A VP8 payload descriptor byte (X, N, S and PID clear) and one byte of data."""
 PRIMARY_KIND = "audio"
 """The kind of the first leg, created with the connection: it keeps the first offer from being
 empty (browsers refuse an empty BUNDLE group) and is the bundle's primary m-line."""
@@ -295,7 +297,9 @@ class Subscriber:
         # Looked up at each call: a connection started afresh has a pacer of its own.
         hooks.intercept_retransmit(
             transceiver.sender,
-            lambda resend, ssrc, seq, size: self.pacer.retransmit(resend, ssrc, seq, size))
+            lambda resend, pad, ssrc, seq, size: self.pacer.retransmit(resend, pad, ssrc, seq,
+                                                                       size),
+            filler=lambda: self._filler(leg))
         self.legs.append(leg)
         return leg
 
@@ -439,7 +443,28 @@ class Subscriber:
         return self.pacer.queue_delay_s()
 
     def _new_pacer(self) -> Pacer:
-        return Pacer(f"{self._label} {self.transport_id}", rtt=self.rtt_s)
+        return Pacer(f"{self._label} {self.transport_id}", rtt=self.rtt_s,
+                     on_hole=self._hole)
+
+    @staticmethod
+    def _filler(leg: Leg) -> bytes | None:
+        """What a hole of ``leg`` is padded with (``hooks.intercept_retransmit``): for VP8, a
+        payload descriptor (not a partition start) and one byte, which no decoder takes for a
+        frame; None (not padded) for other codecs."""
+        subscription = leg.subscription
+        if subscription is None or subscription.publication.mime_type.lower() != "video/vp8":
+            return None
+        return VP8_FILLER
+
+    def _hole(self, ssrc: int) -> None:
+        """A packet of the leg ``ssrc`` will never reach the client: its subscription starts
+        again at the next keyframe (unless it waits for one already)."""
+        for leg in self.legs:
+            subscription = leg.subscription
+            if leg.sender.ssrc == ssrc and subscription is not None:
+                if not subscription.waiting_keyframe and subscription.publication.kind == "video":
+                    subscription.restart_after_drop(None)
+                return
 
     def backlog_bytes(self) -> int:
         """Bytes waiting to be sent to the client (the legs share one transport)."""

@@ -160,28 +160,35 @@ async def test_a_queued_packet_that_meets_a_closed_transport_restarts_its_subscr
     assert sub.restarts and pacer.queued_bytes == 0
 
 
-async def test_retransmissions_bounded_and_refused_on_a_full_queue() -> None:
-    pacer = Pacer("test", rtt=lambda: 0.2)
+async def test_retransmissions_bounded_then_the_hole_padded() -> None:
+    holes: list[int] = []
+    pacer = Pacer("test", rtt=lambda: 0.2, on_hole=holes.append)
     resent: list[int] = []
+    padded: list[int] = []
 
     async def resend(seq: int) -> None:
         resent.append(seq)
 
-    await pacer.retransmit(resend, 1, 7, 1000)
-    await pacer.retransmit(resend, 1, 7, 1000)  # again within the round trip: refused
-    assert resent == [7]
-    # Asked again and again, a round trip apart: at most RTX_MAX times.
+    async def pad(seq: int) -> None:
+        padded.append(seq)
+
+    await pacer.retransmit(resend, pad, 1, 7, 1000)
+    await pacer.retransmit(resend, pad, 1, 7, 1000)  # again within the round trip: refused
+    assert resent == [7] and not padded
+    # Asked again and again, a round trip apart: RTX_MAX times, then an empty packet in its
+    # place, once, and the leg's subscription told (it restarts at a keyframe).
     for _ in range(RTX_MAX + 3):
-        await pacer.retransmit(resend, 1, 8, 1000)
+        await pacer.retransmit(resend, pad, 1, 8, 1000)
         key = (1, 8)
         when, count = pacer._rtx_seen[key]
         pacer._rtx_seen[key] = (when - 1.0, count)  # as if a round trip had passed
-    assert resent.count(8) == RTX_MAX
-    # A full video queue: no retransmission takes newer video's place.
+    assert resent.count(8) == RTX_MAX and padded == [8] and holes == [1]
+    # A full video queue: no retransmission takes newer video's place; the hole is padded.
     full, leg, sub = paced(100_000), RecordingLeg(), Sub()
+    full._on_hole = holes.append
     for seq in range(13):
         await full.send(leg, packet(seq), 0, audio=False, subscription=sub)  # type: ignore[arg-type]
-    await full.retransmit(resend, 1, 9, 1000)
-    assert 9 not in resent and full.retransmissions_refused == 1
+    await full.retransmit(resend, pad, 2, 9, 1000)
+    assert 9 not in resent and padded == [8, 9] and holes == [1, 2]
     full.close()
     assert pacer.retransmitted == len(resent)
