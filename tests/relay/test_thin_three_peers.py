@@ -316,6 +316,8 @@ STALLED = ("aiortc's jitter buffer holds a frame missing a packet until 128 pack
            "it, tens of seconds at a thin rate, and then lets out what it held (1c45ab0)")
 SLOW_RECOVERY = ("after the link recovers the pacer's loss-based estimate grows 8 %/s, and the "
                  "video it queues meanwhile reads as a backlog that holds the policy")
+RTT_AFTER = ("the round trip aiortc reports is smoothed (0.85 a report) and falls slowly from "
+             "the one vsat's full queue gave: 'rtt' holds the policy")
 LOW_ESTIMATE_AFTER = ("aiortc's REMB stays under half of what is sent while the round trip "
                       "aiortc reports still falls from vsat's (smoothed 0.85 a report): "
                       "'estimate' holds the policy")
@@ -484,7 +486,8 @@ async def run(room: RelayRoom, link: UdpLinkEmulator, timeline: Timeline,
             held = collections.Counter(reason for at, reason in timeline.judged[WEAK]
                                        if switched <= at < switched + first_climb and reason)
             print(f"what held the island's policy after the return: {dict(held)}")
-            known = {"backlog": SLOW_RECOVERY, "estimate": LOW_ESTIMATE_AFTER}
+            known = {"backlog": SLOW_RECOVERY, "estimate": LOW_ESTIMATE_AFTER,
+                     "rtt": RTT_AFTER}
             verdict.miss(f"the island's first step up {first_climb:.1f} s after its link was "
                          f"good, past the quiet period ({quiet_s:.0f} s), held by "
                          f"{dict(held)}",
