@@ -52,6 +52,7 @@ class LocalRelay:
         serving."""
         await hooks.check()
         hooks.set_host_addresses(self.config.host_addresses)
+        hooks.patient_consent()
         self.udp_ports = await udp_mux.open_ports(self.config)
 
     def _room(self, room_id: str) -> Room:

@@ -30,6 +30,8 @@ import contextlib
 import contextvars
 import functools
 import ipaddress
+import logging
+import random
 import secrets
 import string
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -56,6 +58,8 @@ from aiortc.rtp import (
 
 from relay.errors import HookMissing
 
+logger = logging.getLogger(__name__)
+
 SUPPORTED_AIORTC = "1.16."
 SUPPORTED_AIOICE = "0.13."
 
@@ -76,8 +80,11 @@ _RECEIVER_METHODS = ("_handle_rtp_packet", "_send_rtcp_pli")
 _SENDER_METHODS = ("_handle_rtcp_packet", "_send_keyframe", "_retransmit", "_ssrc")
 
 _original_host_addresses = aioice.ice.get_host_addresses
+_original_query_consent = aioice.ice.Connection.query_consent
 _original_component_candidates = aioice.ice.Connection.get_component_candidates
 _CONNECTION_ATTRIBUTES = ("_protocols", "_local_username", "stun_server", "turn_server",
+                          "_nominated", "_query_consent_task", "remote_password",
+                          "build_request",
                           "data_received", "request_received", "local_password")
 _PROTOCOL_ATTRIBUTES = ("transactions", "receiver", "connection_made", "connection_lost",
                         "datagram_received")
@@ -132,6 +139,10 @@ def _check_aioice() -> None:
         missing.append("host sockets bound in Connection.get_component_candidates")
     if "get_component_candidates" not in _names(aioice.ice.Connection.gather_candidates.__code__):
         missing.append("Connection.gather_candidates calling get_component_candidates")
+    if "query_consent" not in _names(aioice.ice.Connection.connect.__code__):
+        missing.append("Connection.connect starting query_consent")
+    missing += [f"aioice.ice.{name}" for name in ("CONSENT_INTERVAL", "CONSENT_FAILURES")
+                if not hasattr(aioice.ice, name)]
     connection = aioice.ice.Connection(ice_controlling=False)
     missing += [f"Connection.{name}" for name in _CONNECTION_ATTRIBUTES
                 if not hasattr(connection, name)]
@@ -365,6 +376,52 @@ def backlog_exceeded(sender: RTCRtpSender, limit_bytes: int) -> bool:
         return False
     limit = limit_bytes * (AUDIO_BACKLOG_FACTOR if sender.kind == "audio" else 1)
     return backlog_bytes(sender) > limit
+
+
+# -- ICE consent on long links (RFC 7675) ---------------------------------------------------
+
+CONSENT_RETRANSMISSIONS = 2
+"""Each consent check is sent again twice (after 0.5 and 1 s more: a check waits up to 3.5 s),
+within the 4-6 s between checks."""
+
+
+async def _query_consent(self: IceConnection) -> None:
+    """aioice's consent freshness (RFC 7675), but each check retransmitted
+    (``CONSENT_RETRANSMISSIONS``), and consent lost after 30 s without an answer rather than
+    after six checks unanswered. aioice sends each check once and gives it 0.5 s: on a link
+    whose round trip is longer (a VSAT station's is ~600 ms, Trường Sa's ~700 ms) every check
+    fails, and the connection closes after six of them, ~30 s into every consultation (H11's
+    finding, #15). RFC 7675 asks for retransmissions within the check interval and a 30 s
+    expiry."""
+    assert self.remote_password is not None
+    loop = asyncio.get_running_loop()
+    answered = loop.time()
+    expiry = aioice.ice.CONSENT_FAILURES * aioice.ice.CONSENT_INTERVAL
+    while True:
+        await asyncio.sleep(aioice.ice.CONSENT_INTERVAL * (0.8 + 0.4 * random.random()))
+        for pair in self._nominated.values():
+            request = self.build_request(pair, nominate=False)
+            try:
+                await pair.protocol.request(
+                    request, pair.remote_addr,
+                    integrity_key=self.remote_password.encode("utf8"),
+                    retransmissions=CONSENT_RETRANSMISSIONS)
+                answered = loop.time()
+            except aioice.stun.TransactionError:
+                pass
+            if loop.time() - answered >= expiry:
+                logger.info("ICE consent expired: no answer to %.0f s of checks", expiry)
+                self._query_consent_task = None
+                await self.close()
+                return
+
+
+def patient_consent(on: bool = True) -> None:
+    """Consent checks that outlive a long round trip (``_query_consent``) for every ICE
+    connection of the process from now: the relay's, and aiortc clients in the same process
+    (tests, tools), which meet the same links. ``on=False``: aioice's own."""
+    aioice.ice.Connection.query_consent = (  # type: ignore[method-assign]
+        _query_consent if on else _original_query_consent)
 
 
 # -- ICE host sockets (relay.udp_port_range, relay.udp_port) ----------------------------------
