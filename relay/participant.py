@@ -77,6 +77,8 @@ def rate_news(quality: str, told: float | None, now: float | None) -> bool:
         return False
     if told is None:
         return True
+    if quality == "thin":
+        return now != told  # the rendition moved to another rung (relay/rendition.py)
     return quality == "reduced" and abs(now - told) >= max(2.0, told / 4)
 
 
@@ -192,6 +194,9 @@ class Participant:
         """A receiver report block for one of its legs: the layer policy's clock."""
         now = time.monotonic()
         self.bandwidth.loss_reported(fraction, now)
+        if (self.subscriber.max_layer == THIN
+                and now - self._told_at >= QUALITY_CHECK_S):
+            self._tell_quality()  # the rendition's rung may have moved
         if not self._adapting() or self.subscriber.paused:
             # Nothing to choose (video as before: an unlayered camera's layer 0 is the whole
             # stream, and taking it thin on this policy's evidence alone was found too eager:
@@ -286,7 +291,8 @@ class Participant:
                 continue
             quality, layer = video_quality(subscription)
             before, before_fps = told.get(pid, ("full", 0.0))
-            if before == quality and before_fps is not None and quality != "reduced":
+            if (before == quality and before_fps is not None
+                    and quality not in ("reduced", "thin")):
                 continue  # nothing new, and no rate to measure
             # The rate the chosen layers carry, as the publisher sends it now.
             if quality == "thin":

@@ -301,8 +301,18 @@ async def test_the_rendition_runs_at_the_weakest_subscribers_rung() -> None:
         pin_budget(members["vsat"], 50_000)
         await at_rung(LADDER[3], time.monotonic())
         assert rendition.rung_changes == 2 and publication.renditions_started == 1
-        print("what the viewers were told (video_quality):",
-              {n: [(x["quality"], x["fps"]) for x in thin_notices(room, n)] for n in viewers})
+        # Each rung told to every viewer of it, in order (the room's words: "Hình ảnh chất
+        # lượng thấp" at the rate it now has).
+        told = {n: [(x["quality"], x["fps"]) for x in thin_notices(room, n)] for n in viewers}
+        print("what the viewers were told (video_quality):", told)
+        await wait_for(lambda: all(
+            [(x["quality"], x["fps"]) for x in thin_notices(room, n)][-1:] == [("thin", 5.0)]
+            for n in viewers), 3, "the 5 fps rung told to both viewers")
+        for name in viewers:
+            rates = [fps for quality, fps in
+                     [(x["quality"], x["fps"]) for x in thin_notices(room, name)]
+                     if quality == "thin"]
+            assert rates[-3:] == [8.0, 15.0, 5.0], rates
         for name in viewers:
             members[name].cap_layer(None)
         await wait_for(lambda: publication.rendition is None and rendition_threads() == 0, 10,
