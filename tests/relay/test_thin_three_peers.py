@@ -312,8 +312,9 @@ the machine is loaded, and a round trip or a loss on a loopback link is its doin
 FALSE_CONGESTION = ("false congestion on a good link: the loaded machine's own delay and UDP "
                     "drops read as a round-trip rise or loss, aiortc's REMB as a low estimate "
                     "(note_s4_15, 'Left of #15')")
-STALLED = ("aiortc's jitter buffer holds a frame missing a packet until 128 packets came after "
-           "it, tens of seconds at a thin rate, and then lets out what it held (1c45ab0)")
+STALLED = ("aiortc's video jitter buffer (1.16: 512 packets) lets out no frame past a packet "
+           "missing for good until 512 came after it, tens of seconds at a thin rate, and then "
+           "what it held, stale")
 SLOW_RECOVERY = ("after the link recovers the pacer's loss-based estimate grows 8 %/s, and the "
                  "video it queues meanwhile reads as a backlog that holds the policy")
 RTT_AFTER = ("the round trip aiortc reports is smoothed (0.85 a report) and falls slowly from "
