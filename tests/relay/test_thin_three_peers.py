@@ -85,8 +85,8 @@ MIN_WEAK_FPS = 3.0
 
 @dataclass
 class Timeline:
-    """The island's layer as the relay set it, polled every 50 ms, and the relay's decisions
-    about it from its log."""
+    """The island's layer as the relay set it (polled every 50 ms), every participant's layer
+    decisions with what its policy heard, and the relay's pacer and rendition log lines."""
 
     began: float = field(default_factory=time.monotonic)
     layers: list[tuple[float, int | None, int]] = field(default_factory=list)
