@@ -95,7 +95,13 @@ video it delays; bounded per packet (``RTX_MAX``), it no longer floods the link.
 RTX_MAX = 2
 """A sequence number is retransmitted at most this many times."""
 RTX_MIN_INTERVAL_S = 0.1
-"""Nor twice within this, or within the round trip if longer."""
+"""Nor twice within this, or within the round trip if longer (up to ``RTX_MAX_INTERVAL_S``)."""
+RTX_MAX_INTERVAL_S = 0.5
+"""The wait between two retransmissions of a packet is never longer than this, whatever the
+round trip reads: a receiver may not ask again (aiortc's asks again only when a new gap
+opens), and a smoothed round trip lags a link that got shorter."""
+PAD_MAX = 3
+"""An empty packet in a hole's place is sent at most this many times (it may be lost too)."""
 BURST_S = 0.01
 """Tokens kept at most: this long of the rate, and at least two packets' worth."""
 SLEEP_MIN_S = 0.004
@@ -323,16 +329,14 @@ class Pacer:
         key = (ssrc, seq)
         seen = self._rtx_seen.get(key)
         rtt = self._rtt() or 0.0
-        wait = max(RTX_MIN_INTERVAL_S, rtt)
-        if seen is not None and seen[1] > RTX_MAX:
-            return  # padded already
-        if seen is not None and now - seen[0] < wait:
+        wait = min(RTX_MAX_INTERVAL_S, max(RTX_MIN_INTERVAL_S, rtt))
+        if seen is not None and (now - seen[0] < wait or seen[1] >= RTX_MAX + PAD_MAX):
             self.retransmissions_refused += 1
             return
         if ((seen is not None and seen[1] >= RTX_MAX)
                 or (self.estimate.bps is not None and self.queue_delay_s() > RTX_QUEUE_S)):
             self.retransmissions_refused += 1
-            self._rtx_seen[key] = (now, RTX_MAX + 1)
+            self._rtx_seen[key] = (now, max(RTX_MAX, seen[1] if seen else 0) + 1)
             self.holes_padded += 1
             try:
                 await pad(seq)

@@ -14,6 +14,7 @@ from relay.pacer import (
     HIGH_LOSS,
     MIN_BPS,
     PACKET_OVERHEAD,
+    PAD_MAX,
     RANDOM_LOSS,
     RTX_MAX,
     LinkEstimate,
@@ -182,13 +183,19 @@ async def test_retransmissions_bounded_then_the_hole_padded() -> None:
         key = (1, 8)
         when, count = pacer._rtx_seen[key]
         pacer._rtx_seen[key] = (when - 1.0, count)  # as if a round trip had passed
-    assert resent.count(8) == RTX_MAX and padded == [8] and holes == [1]
+    assert resent.count(8) == RTX_MAX and padded == [8] * 3 and holes == [1] * 3
+    # The empty packet may be lost too: padded again, at most PAD_MAX times in all.
+    for _ in range(3):
+        await pacer.retransmit(resend, pad, 1, 8, 1000)
+        when, count = pacer._rtx_seen[key]
+        pacer._rtx_seen[key] = (when - 1.0, count)
+    assert padded.count(8) == PAD_MAX
     # A full video queue: no retransmission takes newer video's place; the hole is padded.
     full, leg, sub = paced(100_000), RecordingLeg(), Sub()
     full._on_hole = holes.append
     for seq in range(13):
         await full.send(leg, packet(seq), 0, audio=False, subscription=sub)  # type: ignore[arg-type]
     await full.retransmit(resend, pad, 2, 9, 1000)
-    assert 9 not in resent and padded == [8, 9] and holes == [1, 2]
+    assert 9 not in resent and padded[-1] == 9 and holes[-1] == 2
     full.close()
     assert pacer.retransmitted == len(resent)
