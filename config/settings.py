@@ -293,9 +293,10 @@ class RelaySettings(_Section):
     subscriber), then the video pause. False: every subscriber gets every layer and only the
     video pause (``bandwidth_*``) acts, as before #15; Opus FEC and DTX, and audio sent before
     video under a backlog, stay on. Default true."""
-    layer_quiet_s: float = Field(default=6.0, gt=0, le=600)
+    layer_quiet_s: float = Field(default=4.0, gt=0, le=600)
     """A subscriber stepped down is tried one layer up (a probe) after this long without
-    congestion. Default 6."""
+    congestion; once a probe held 2 s, the next comes 2 s later (a link back to good climbs
+    from the thin rendition to every layer in about 8 s). Default 4."""
     layer_max_quiet_s: float = Field(default=48.0, gt=0, le=3600)
     """Each probe that brings congestion back within 4 s doubles that quiet period, up to this;
     one that holds a whole quiet period resets it. At least ``layer_quiet_s``. Default 48."""

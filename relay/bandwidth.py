@@ -42,13 +42,18 @@ says nothing; with loss or a rising round trip it is congestion."""
 STEP_DOWN_EVERY_S = 1.0
 """At most one step down per this long: a step must have time to show (reports come ~1 s
 apart), and two bad reports take 30 fps to 7.5 fps in about a second."""
-QUIET_S = 6.0
+QUIET_S = 4.0
 """Without congestion for this long, the layer is probed up one step (default of
 ``relay.layer_quiet_s``)."""
 MAX_QUIET_S = 48.0
 """The quiet period doubles after each probe that failed, up to this (default of
 ``relay.layer_max_quiet_s``)."""
 PROBE_FAILED_WITHIN_S = 4.0
+CLIMB_S = 2.0
+"""A probe that held this long without congestion is followed by the next one after as long,
+not after a whole quiet period: a link back to good climbs from the thin rendition to every
+layer in the quiet period and two of these (the issue's 10 s), while a link that is still thin
+fails its first probe and backs off as before."""
 """Congestion this soon after a probe up means the probe failed."""
 QUEUE_DELAY_S = 0.5
 """Seconds of video waiting in the relay's own pacer toward the subscriber (at the rate it
@@ -212,6 +217,8 @@ class LayerPolicy:
         self._calm_since: float | None = None
         """Since when no congestion was seen and the layer did not change."""
         self._probed_at: float | None = None
+        self._climbing = False
+        """The last probe held ``CLIMB_S``: the next comes as soon."""
         self._suspected_at: float | None = None
         """When a first report of loss or a rise was seen at the top layer, unconfirmed."""
         self._rtts: collections.deque[tuple[float, float]] = collections.deque(maxlen=64)
@@ -251,6 +258,7 @@ class LayerPolicy:
                                  queue_delay_s=queue_delay_s)
         if reason is not None:
             self._calm_since = None
+            self._climbing = False
             seen = now
             if self.layer == self.top and reason in CONFIRMED_REASONS:
                 first = self._suspected_at
@@ -276,7 +284,10 @@ class LayerPolicy:
         if self._probed_at is not None and now - self._probed_at >= self.quiet_s:
             self.quiet_s = self.settings.quiet_s  # the last probe held a whole quiet period
             self._probed_at = None
-        if self.layer < self.top and now - self._calm_since >= self.quiet_s:
+        if self._probed_at is not None and now - self._probed_at >= CLIMB_S:
+            self._climbing = True
+        wait = CLIMB_S if self._climbing else self.quiet_s
+        if self.layer < self.top and now - self._calm_since >= wait:
             self.layer += 1
             self._probed_at = now
             self._calm_since = now

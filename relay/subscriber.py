@@ -434,7 +434,13 @@ class Subscriber:
         for leg in self.legs:
             if leg.subscription is not None:
                 rtt = getattr(leg.transceiver.sender, "_RTCRtpSender__rtt", None)
-                if isinstance(rtt, float):
+                # Not a leg's that reads 0 or less: aiortc matches a receiver report to the
+                # last sender report by its NTP time alone, and a leg that forwarded nothing
+                # between two sender reports (a video waiting for a keyframe, paused, or at a
+                # thin rate) sends two with the same one; the report on the first then
+                # reads the second's send time, and the round trip comes out short or below
+                # zero (-0.66 s was seen: every later real round trip read as a rise).
+                if isinstance(rtt, float) and rtt > 0:
                     return rtt
         return None
 

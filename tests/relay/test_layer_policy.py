@@ -10,6 +10,7 @@ import pytest
 
 from relay.bandwidth import (
     BACKLOG_HIGH_BYTES,
+    CLIMB_S,
     CONFIRM_APART_S,
     CONFIRM_WITHIN_S,
     MAX_QUIET_S,
@@ -136,14 +137,50 @@ def test_the_round_trip_rise_is_measured_from_the_lowest_of_the_last_30_s() -> N
     assert policy.update(40.0, rtt_s=0.65) == 2
 
 
-def test_probing_up_one_layer_after_a_quiet_period() -> None:
+def test_probing_up_one_layer_after_a_quiet_period_then_climbing() -> None:
+    """The first probe after a quiet period; once it held CLIMB_S, the next after as long."""
     policy = LayerPolicy()
     last = down_to_0(policy)
     quiet = [(last + t / 2, CALM) for t in range(1, 40)]
     layers = run(policy, quiet)
     up_at = [quiet[i][0] for i in range(1, len(layers)) if layers[i] > layers[i - 1]]
-    assert [round(t - last - 0.5, 1) for t in up_at] == [QUIET_S, 2 * QUIET_S]
+    assert [round(t - last - 0.5, 1) for t in up_at] == [QUIET_S, QUIET_S + CLIMB_S]
     assert policy.layer == 2 and policy.reason == "probe"
+
+
+def test_from_the_thin_rendition_a_good_link_has_every_layer_within_10_s() -> None:
+    """The issue's return: the weak one back at full rate within 10 s of its link's return."""
+    policy = LayerPolicy(bottom=THIN)
+    at = 0.0
+    for _ in range(8):  # a queue in the relay's pacer: down a step a second, to thin
+        at += 1.0
+        policy.update(at, queue_delay_s=1.0, rtt_s=0.6)
+    assert policy.layer == THIN
+    returned = at
+    while policy.layer < 2 and at < returned + 30:
+        at += 0.5
+        policy.update(at, rtt_s=0.05)
+    print(f"every layer {at - returned:.1f} s after the link's return")
+    assert at - returned <= 10.0
+
+
+def test_a_climb_stops_at_the_first_probe_that_fails() -> None:
+    policy = LayerPolicy(bottom=THIN)
+    for t in range(1, 9):
+        policy.update(float(t), queue_delay_s=1.0, rtt_s=0.6)
+    at = 8.0
+    while policy.layer < 1:
+        at += 0.5
+        policy.update(at, rtt_s=0.6)
+    # Layer 1 is too much: its queue comes back.
+    at += 0.5
+    policy.update(at, queue_delay_s=1.0, rtt_s=0.6)
+    assert policy.layer == 0 and policy.quiet_s == 2 * QUIET_S
+    downed = at
+    while policy.layer == 0 and at < downed + 30:
+        at += 0.5
+        policy.update(at, rtt_s=0.6)
+    assert at - downed >= 2 * QUIET_S  # backed off, not climbing
 
 
 def test_a_probe_that_fails_doubles_the_quiet_period_and_one_that_holds_resets_it() -> None:

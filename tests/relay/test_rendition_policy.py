@@ -17,7 +17,7 @@ from aiortc.codecs.vpx import Vp8Encoder, vp8_depayload
 from aiortc.rtp import RTP_HISTORY_SIZE, RtpPacket
 
 from codec.rtp import TS_MOD, Vp8Descriptor, ts_delta, vp8_descriptor
-from relay.bandwidth import THIN, LayerPolicy
+from relay.bandwidth import QUIET_S, THIN, LayerPolicy
 from relay.rendition import Rendition, Transcoder, fit, packetize
 from relay.subscription import Leg, Subscription
 from tests.media import counter_frame, read_counter
@@ -52,8 +52,8 @@ def test_the_default_bottom_stays_layer_0_and_thin_probes_back_up_after_the_quie
         policy.update(float(t), backlog_bytes=200_000)
     assert policy.layer == THIN
     assert policy.update(5.0, **CALM) == THIN
-    assert policy.update(10.9, **CALM) == THIN
-    assert policy.update(11.0, **CALM) == 0  # the same 6 s probe as between layers
+    assert policy.update(5.0 + QUIET_S - 0.1, **CALM) == THIN
+    assert policy.update(5.0 + QUIET_S, **CALM) == 0  # the same probe as between layers
 
 
 # -- a leg changing source ----------------------------------------------------------------
