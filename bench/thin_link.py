@@ -2,7 +2,7 @@
 consultation with well-connected ones, with the relay's adaptation on and, in the same run,
 off (``relay.adaptation = false``, the baseline: no temporal layer dropped, as before #15).
 
-    python bench/thin_link.py            # good, 4g, 3g, vsat, truong-sa; 30 s each way, ~9 min
+    python bench/thin_link.py            # good, 4g, 3g, vsat, truong-sa; 30 s each way, ~8 min
     python bench/thin_link.py --quick    # vsat and truong-sa, 10 s each way, ~2 min
     python bench/thin_link.py --bandwidth-floor 0   # no video pause: the layers alone
 
@@ -38,13 +38,14 @@ What runs (all on 127.0.0.1, in this process but for Chromium; everything stoppe
 
 Printed per profile and mode, from the weak page's getStats(): video fps (framesDecoded over
 the window, mean over the two cameras), freeze seconds per minute (totalFreezesDuration, plus
-the freeze still going at the window's end, which Chromium counts only once a frame comes;
-mean over the cameras), the audio concealment ratio (concealedSamples / totalSamplesReceived
-over both microphones), recovery after the outage, kbps received (bytesReceived of every
-inbound stream), the weak one's layer at the end (the relay's), the seconds to its first
-frames, the good viewer's fps of each camera and of the weak one's camera. The last line:
-``RESULT vsat_fps=.. vsat_freeze_s_per_min=.. truong_sa_fps=.. truong_sa_audio_concealed=..
-good_fps_min=..`` (adaptation on; good_fps_min over every run with adaptation on).
+the freeze still going at the window's end, which Chromium counts only once a frame comes; or
+the stretches of ``STILL_S`` without a frame if more; mean over the cameras), the audio
+concealment ratio (concealedSamples / totalSamplesReceived over both microphones), recovery
+after the outage, kbps received (bytesReceived of every inbound stream), the weak one's layer
+at the end (the relay's), the seconds to its first frames, the good viewer's fps of each camera
+and of the weak one's camera. The last line: ``RESULT vsat_fps=.. vsat_freeze_s_per_min=..
+truong_sa_fps=.. truong_sa_audio_concealed=.. good_fps_min=..`` (adaptation on; good_fps_min
+over every run with adaptation on).
 """
 
 from __future__ import annotations
@@ -93,6 +94,9 @@ RECOVERY_WAIT_S = 20.0
 AFTER_S = 4.0
 """Sampled on this long once media is back after the outage (printed with --verbose)."""
 AUDIO_BACK_CONCEALED = 0.1
+"""Audio is back when an interval between samples has at most this share concealed."""
+STILL_S = 1.0
+"""A stretch this long without a decoded frame is frozen, whatever the mean rate."""
 """Audio is back when an interval between samples has at most this share concealed."""
 
 
@@ -167,10 +171,12 @@ class Window:
         return self.delta(track, "framesDecoded") / self.seconds
 
     def freeze_s(self, track: str) -> float:
-        """Chromium's freeze seconds over the window (``totalFreezesDuration``: a frame
-        interval over max(3 x the mean, the mean + 150 ms), counted when the freeze ends),
+        """Freeze seconds over the window: Chromium's (``totalFreezesDuration``: a frame
+        interval over max(3 x the mean, the mean + 150 ms), counted when the freeze ends)
         plus the one still going at the window's end, which Chromium counts only once a frame
-        comes (the whole window when no frame came)."""
+        comes; or, if more, the stretches of ``STILL_S`` or longer between samples in which
+        no frame was decoded (Chromium's rule is relative to the mean: at 0.1 fps nothing
+        is a freeze). The whole window when no frame came."""
         moved = [b.at for a, b in itertools.pairwise(self.samples)
                  if b.value(track, "framesDecoded") > a.value(track, "framesDecoded")]
         fps = self.fps(track)
@@ -181,7 +187,9 @@ class Window:
         going = self.samples[-1].at - moved[-1]
         if going > max(3 * mean, mean + 0.15):
             frozen += going
-        return min(frozen, self.seconds)
+        edges = [self.samples[0].at, *moved, self.samples[-1].at]
+        still = sum(g for g in (b - a for a, b in itertools.pairwise(edges)) if g >= STILL_S)
+        return min(max(frozen, still), self.seconds)
 
     def concealed(self, tracks: list[str]) -> float:
         """Chromium's audio concealment ratio (concealedSamples / totalSamplesReceived) over
