@@ -34,6 +34,7 @@ import logging
 import random
 import secrets
 import string
+import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from types import CodeType
 from typing import Any, Protocol
@@ -71,6 +72,8 @@ SENDER_RTT = "_RTCRtpSender__rtt"
 input, ``relay.subscriber.Subscriber``)."""
 _SENDER_COUNTERS = (
     SENDER_RTT,
+    "_RTCRtpSender__lsr",
+    "_RTCRtpSender__lsr_time",
     "_RTCRtpSender__ntp_timestamp",
     "_RTCRtpSender__rtp_timestamp",
     "_RTCRtpSender__octet_count",
@@ -267,11 +270,15 @@ class SenderLeg:
 def intercept_feedback(sender: RTCRtpSender, *, on_keyframe_request: Callable[[], None],
                        on_remb: Callable[[int, list[int]], None],
                        on_loss: Callable[[float], None],
-                       on_receipt: Callable[[int, int], None] | None = None) -> None:
+                       on_receipt: Callable[[int, int], None] | None = None,
+                       on_rtt: Callable[[float], None] | None = None) -> None:
     """Route a subscriber's PLI/FIR, REMB and reported loss for this sender to the relay;
     ``on_receipt(highest, lost)``, before ``on_loss``: the report's extended highest sequence
     number and cumulative packets lost (what arrived, for the pacer's estimate). NACKs and
-    receiver reports still reach aiortc's own handling (retransmission, RTT)."""
+    receiver reports still reach aiortc's own handling (retransmission, RTT). ``on_rtt``: the
+    round trip of each report that answers the sender's last sender report, unsmoothed
+    (aiortc keeps only a smoothed one, and no longer moves it when no report matches its last
+    sender report, so it can stay where a satellite link left it)."""
     original = sender._handle_rtcp_packet
     ssrc = sender._ssrc
 
@@ -281,6 +288,10 @@ def intercept_feedback(sender: RTCRtpSender, *, on_keyframe_request: Callable[[]
                 if report.ssrc == ssrc:
                     if on_receipt is not None:
                         on_receipt(report.highest_sequence, report.packets_lost)
+                    lsr_time = getattr(sender, "_RTCRtpSender__lsr_time", None)
+                    if (on_rtt is not None and report.dlsr and lsr_time is not None
+                            and report.lsr == getattr(sender, "_RTCRtpSender__lsr", None)):
+                        on_rtt(time.time() - lsr_time - report.dlsr / 65536)
                     on_loss(report.fraction_lost / 256)
         if isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
             try:

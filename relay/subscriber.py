@@ -37,6 +37,10 @@ logger = logging.getLogger(__name__)
 
 VP8_FILLER = b"\x00\x00"
 """A VP8 payload descriptor byte (X, N, S and PID clear) and one byte of data."""
+RTT_MIN_PACKETS = 2
+"""A leg's round trip counts if it sent this many packets since its previous one."""
+RTT_STALE_S = 5.0
+"""A round trip older than this is no longer the link's."""
 PRIMARY_KIND = "audio"
 """The kind of the first leg, created with the connection: it keeps the first offer from being
 empty (browsers refuse an empty BUNDLE group) and is the bundle's primary m-line."""
@@ -119,6 +123,9 @@ class Subscriber:
         self._spawn = spawn
         self._on_remb = on_remb
         self._on_loss = on_loss
+        self._rtt: tuple[float, float] | None = None
+        """When the last round trip was measured, and what it was."""
+        self._rtt_packets: dict[int, int] = {}
         self._receipts: dict[int, tuple[float, int, int, float]] = {}
         """Per leg: its last receiver report (when, highest sequence number, packets lost)
         and the rate received between it and the one before."""
@@ -293,6 +300,7 @@ class Subscriber:
             on_remb=self._on_remb,
             on_loss=lambda fraction: self._on_leg_loss(leg, fraction),
             on_receipt=lambda highest, lost: self._on_receipt(leg, highest, lost),
+            on_rtt=lambda rtt: self._on_rtt(leg, rtt),
         )
         # Looked up at each call: a connection started afresh has a pacer of its own.
         hooks.intercept_retransmit(
@@ -428,21 +436,25 @@ class Subscriber:
         """One of its video subscriptions carries a publication sent in temporal layers."""
         return any(s.publication.temporal_layers > 0 for s in self.subscriptions.values())
 
+    def _on_rtt(self, leg: Leg, rtt: float) -> None:
+        """A round trip measured on ``leg``'s receiver report, kept if the leg forwarded
+        packets since its last one: aiortc matches a report to the last sender report by its
+        NTP time alone, and a leg that sent nothing between two sender reports gives both the
+        same, so the report on the first reads the second's send time (short, or below zero:
+        -0.66 s was seen, and every real round trip after it read as a rise)."""
+        packets = getattr(leg.transceiver.sender, "_RTCRtpSender__packet_count", 0)
+        before = self._rtt_packets.get(id(leg))
+        self._rtt_packets[id(leg)] = packets
+        if before is not None and packets - before >= RTT_MIN_PACKETS and rtt > 0:
+            self._rtt = (time.monotonic(), rtt)
+
     def rtt_s(self) -> float | None:
-        """The round trip to the client, as aiortc measured it from the receiver reports of
-        the first leg that has one; None before (or if aiortc stops keeping it there)."""
-        for leg in self.legs:
-            if leg.subscription is not None:
-                rtt = getattr(leg.transceiver.sender, "_RTCRtpSender__rtt", None)
-                # Not a leg's that reads 0 or less: aiortc matches a receiver report to the
-                # last sender report by its NTP time alone, and a leg that forwarded nothing
-                # between two sender reports (a video waiting for a keyframe, paused, or at a
-                # thin rate) sends two with the same one; the report on the first then
-                # reads the second's send time, and the round trip comes out short or below
-                # zero (-0.66 s was seen: every later real round trip read as a rise).
-                if isinstance(rtt, float) and rtt > 0:
-                    return rtt
-        return None
+        """The round trip to the client, from its latest receiver report that measured one on
+        a leg that was sending (``_on_rtt``); None before, or if none came for
+        ``RTT_STALE_S`` (the link's state is then unknown, not what it was)."""
+        if self._rtt is None or time.monotonic() - self._rtt[0] > RTT_STALE_S:
+            return None
+        return self._rtt[1]
 
     def queue_delay_s(self) -> float:
         """How long the video waiting in the pacer takes to leave (0: nothing waits)."""
