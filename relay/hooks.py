@@ -70,17 +70,18 @@ _SENDER_EXTENSIONS = "_RTCRtpSender__rtp_header_extensions_map"
 SENDER_RTT = "_RTCRtpSender__rtt"
 """The round trip aiortc measured from the subscriber's receiver reports (the layer policy's
 input, ``relay.subscriber.Subscriber``)."""
+SENDER_REPORTS_KEPT = 8
+"""Sender reports remembered per leg for the round trip (one every 0.5-1.5 s)."""
 _SENDER_COUNTERS = (
     SENDER_RTT,
-    "_RTCRtpSender__lsr",
-    "_RTCRtpSender__lsr_time",
     "_RTCRtpSender__ntp_timestamp",
     "_RTCRtpSender__rtp_timestamp",
     "_RTCRtpSender__octet_count",
     "_RTCRtpSender__packet_count",
 )
 _RECEIVER_METHODS = ("_handle_rtp_packet", "_send_rtcp_pli")
-_SENDER_METHODS = ("_handle_rtcp_packet", "_send_keyframe", "_retransmit", "_ssrc")
+_SENDER_METHODS = ("_handle_rtcp_packet", "_send_keyframe", "_retransmit", "_send_rtcp",
+                   "_ssrc")
 
 _original_host_addresses = aioice.ice.get_host_addresses
 _original_query_consent = aioice.ice.Connection.query_consent
@@ -276,11 +277,29 @@ def intercept_feedback(sender: RTCRtpSender, *, on_keyframe_request: Callable[[]
     ``on_receipt(highest, lost)``, before ``on_loss``: the report's extended highest sequence
     number and cumulative packets lost (what arrived, for the pacer's estimate). NACKs and
     receiver reports still reach aiortc's own handling (retransmission, RTT). ``on_rtt``: the
-    round trip of each report that answers the sender's last sender report, unsmoothed
-    (aiortc keeps only a smoothed one, and no longer moves it when no report matches its last
-    sender report, so it can stay where a satellite link left it)."""
+    round trip of each report that answers one of the sender's recent sender reports,
+    unsmoothed. aiortc keeps only a smoothed one, from reports answering its last sender
+    report alone: over a satellite link's round trip another has often gone out by then, so it
+    stops moving and stays where the link left it. A sender report whose NTP time an earlier
+    one had (the leg forwarded nothing between them) is ambiguous and not used."""
     original = sender._handle_rtcp_packet
     ssrc = sender._ssrc
+    sent_reports: collections.OrderedDict[int, float | None] = collections.OrderedDict()
+    """The NTP middle 32 bits of the recent sender reports -> when each was sent (None: two
+    carried them)."""
+    send_rtcp = sender._send_rtcp
+
+    async def send_rtcp_noted(packets: list[Any]) -> None:
+        for packet in packets:
+            if isinstance(packet, RtcpSrPacket):
+                lsr = (packet.sender_info.ntp_timestamp >> 16) & 0xFFFFFFFF
+                sent_reports[lsr] = None if lsr in sent_reports else time.time()
+                while len(sent_reports) > SENDER_REPORTS_KEPT:
+                    sent_reports.popitem(last=False)
+        await send_rtcp(packets)
+
+    if on_rtt is not None:
+        sender._send_rtcp = send_rtcp_noted  # type: ignore[method-assign]
 
     async def handle(packet: Any) -> None:
         if isinstance(packet, (RtcpRrPacket, RtcpSrPacket)):
@@ -288,10 +307,9 @@ def intercept_feedback(sender: RTCRtpSender, *, on_keyframe_request: Callable[[]
                 if report.ssrc == ssrc:
                     if on_receipt is not None:
                         on_receipt(report.highest_sequence, report.packets_lost)
-                    lsr_time = getattr(sender, "_RTCRtpSender__lsr_time", None)
-                    if (on_rtt is not None and report.dlsr and lsr_time is not None
-                            and report.lsr == getattr(sender, "_RTCRtpSender__lsr", None)):
-                        on_rtt(time.time() - lsr_time - report.dlsr / 65536)
+                    sent_at = sent_reports.get(report.lsr) if report.lsr else None
+                    if on_rtt is not None and sent_at is not None:
+                        on_rtt(time.time() - sent_at - report.dlsr / 65536)
                     on_loss(report.fraction_lost / 256)
         if isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
             try:

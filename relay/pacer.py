@@ -30,7 +30,7 @@ What it does:
 ``LinkEstimate`` is loss-based AIMD, as the loss-based half of Google Congestion Control
 (draft-ietf-rmcat-gcc, 6) is: a report with over ``HIGH_LOSS`` lost while the round trip
 rose (or over ``RANDOM_LOSS`` whatever it did) sets the estimate to what went through (what
-the receiver counted, or the rate sent less what was lost); one under ``LOW_LOSS`` raises it by
+the receiver counted, or the rate sent less what was lost); one under ``HIGH_LOSS`` raises it by
 ``GROWTH`` a second, not past ``APP_LIMITED`` times what was really sent (a link never filled
 tells nothing of its top), and not while the round trip is risen (a queue is building on the
 path). Why not the receiver's estimate (REMB): aiortc's starts near nothing and climbs ~1 kbps
@@ -66,10 +66,12 @@ RANDOM_LOSS = 0.25
 """Without a risen round trip, loss is taken for the link's own (radio, satellite weather:
 fewer bits do not help it, and the layer policy keeps layer 0 for it) up to this much; past
 it, the estimate comes down all the same (a policer drops without queueing)."""
-QUEUE_RISE_S = 0.05
-"""A round trip this much over its lowest: a queue is building on the path."""
-LOW_LOSS = 0.02
-"""A report with less loss than this lets the estimate grow."""
+QUEUE_RISE_S = 0.1
+"""A round trip this much over its lowest: a queue is building on the path (a satellite
+link's own jitter moves it by tens of milliseconds)."""
+# Growth: GCC grows its estimate only under 2 % loss. Here it grows under HIGH_LOSS while the
+# round trip does not rise: an island's link loses 3 % in bursts whatever is sent, and an
+# estimate that waited for 2 % would never leave where a bad moment put it.
 GROWTH = 1.08
 """The estimate's growth per second of reports without loss."""
 APP_LIMITED = 2.0
@@ -168,7 +170,7 @@ class LinkEstimate:
             return None
         if self._grown_at is None:
             self._grown_at = now
-        if loss < LOW_LOSS and rise < RTT_RISE_S:
+        if loss < HIGH_LOSS and rise < RTT_RISE_S:
             elapsed = min(now - self._grown_at, 2.0)
             top = max(self.bps, sent_bps * APP_LIMITED)
             self.bps = min(top, self.bps * GROWTH ** elapsed)
@@ -284,6 +286,17 @@ class Pacer:
         if after is not None and (before is None or abs(after - before) > 0.25 * before):
             logger.info("%s paced at %d kbps (%s)", self._label, after / 1000,
                         self.estimate.reason)
+
+    def seed(self, bps: float) -> bool:
+        """Start pacing at ``bps`` (what reaches the subscriber now) if nothing is paced yet;
+        whether it started. The thin rendition's subscribers are paced from their step down
+        (relay/subscriber.py ``set_max_layer``)."""
+        if self.estimate.bps is not None:
+            return False
+        self.estimate.bps = max(MIN_BPS, bps)
+        self.estimate.reason = "thin"
+        logger.info("%s paced at %d kbps (thin)", self._label, self.estimate.bps / 1000)
+        return True
 
     # -- sending -------------------------------------------------------------------------------
     async def send(self, leg: SenderLeg, packet: RtpPacket, ntp: int, *, audio: bool,

@@ -199,3 +199,22 @@ async def test_retransmissions_bounded_then_the_hole_padded() -> None:
     assert 9 not in resent and padded[-1] == 9 and holes[-1] == 2
     full.close()
     assert pacer.retransmitted == len(resent)
+
+
+def test_an_islands_bursty_loss_does_not_hold_the_estimate_down() -> None:
+    """3 % lost in bursts whatever is sent, the round trip flat: the estimate grows from where
+    a bad moment put it (GCC's 2 % would have held it there)."""
+    estimate = LinkEstimate()
+    estimate.report(0.0, 0.5, 400_000, 0.7, 100_000)
+    for t in range(1, 9):
+        estimate.report(float(t), 0.03, 190_000, 0.7)
+    assert estimate.bps is not None and estimate.bps > 100_000 * 1.08 ** 7
+
+
+async def test_a_thin_subscriber_is_paced_from_what_reaches_it() -> None:
+    pacer = Pacer("test")
+    assert pacer.seed(300_000) and pacer.rate_bps == 300_000
+    assert not pacer.seed(900_000) and pacer.rate_bps == 300_000  # an estimate stays
+    low = Pacer("test")
+    low.seed(1_000)
+    assert low.rate_bps == MIN_BPS
