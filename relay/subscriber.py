@@ -449,18 +449,19 @@ class Subscriber:
         ``layer`` of publications sent in layers (0: the base layer, a quarter of the frame
         rate in L1T3); None: every layer; ``THIN`` (-1): the thin rendition of every VP8
         video (relay/rendition.py), layered or not. The layer policy decides it
-        (relay/bandwidth.py); a test may set it directly.
-
-        Below layer 0 the link is paced from then on, from what reaches the client now if it
-        was not yet (``Pacer.seed``): the rendition's rung follows the budget the estimate
-        gives (``Subscription.budget_bps``), and an estimate that grows while nothing is lost
-        is how the rendition finds the link can carry its next rung."""
+        (relay/bandwidth.py); a test may set it directly."""
         self.max_layer = layer
         for subscription in self.subscriptions.values():
             subscription.set_max_layer(layer)
+
+    def pace_from_now(self) -> None:
+        """The layer policy took the client below layer 0 for its link: the link is paced
+        from then on, from what reaches the client now if it was not yet (``Pacer.seed``).
+        The rendition's rung follows the budget the estimate gives
+        (``Subscription.budget_bps``), and an estimate that grows while nothing is lost is how
+        the rendition finds the link can carry its next rung."""
         delivered = self.delivered_bps()
-        if (layer is not None and layer < 0 and self.config.adaptation and delivered
-                and self.pacer.seed(delivered)):
+        if self.config.adaptation and delivered and self.pacer.seed(delivered):
             self._set_budgets()
 
     def layered(self) -> bool:

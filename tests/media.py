@@ -47,12 +47,16 @@ class CounterTrack(MediaStreamTrack):
         delay = due - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        frame = counter_frame(self.count)
+        frame = self.picture(self.count)
         frame.pts = int(self.count * VIDEO_CLOCK / self.fps)
         frame.time_base = fractions.Fraction(1, VIDEO_CLOCK)
         self.sent_at[self.count] = time.monotonic()
         self.count += 1
         return frame
+
+    def picture(self, n: int) -> av.VideoFrame:
+        """Frame ``n``'s picture (a subclass may draw more around the counter)."""
+        return counter_frame(n)
 
 
 def counter_frame(n: int) -> av.VideoFrame:
