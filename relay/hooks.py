@@ -331,12 +331,12 @@ Resend = Callable[[int], Awaitable[None]]
 def intercept_retransmit(
         sender: RTCRtpSender,
         on_retransmit: Callable[[Resend, Resend, int, int, int], Awaitable[None]],
-        filler: Callable[[], bytes | None] = lambda: None) -> None:
+        filler: Callable[[int], bytes | None] = lambda seq: None) -> None:
     """Route the sender's retransmissions (a subscriber's NACK) through
     ``on_retransmit(resend, pad, ssrc, seq, payload_bytes)`` (the subscriber's pacer, which
     decides whether and when). ``resend(seq)`` is aiortc's own, from its history, RTX-wrapped
     if negotiated; ``pad(seq)`` sends in its place a packet of the same sequence number and
-    timestamp carrying ``filler()`` (nothing is sent if it gives None): the hole is closed and
+    timestamp carrying ``filler(seq)`` (nothing is sent if it gives None): the hole is closed and
     the frame fails to decode, so the receiver asks for a keyframe rather than wait on a hole
     that will never be filled (aiortc's jitter buffer waits 512 packets). Not an empty packet:
     a frame made of empty packets only reaches aiortc's decoder as an empty packet, which
@@ -349,7 +349,7 @@ def intercept_retransmit(
 
     async def pad(sequence_number: int) -> None:
         packet = history.get(sequence_number % RTP_HISTORY_SIZE)
-        payload = filler()
+        payload = filler(sequence_number)
         if packet is None or packet.sequence_number != sequence_number or payload is None:
             return
         empty = RtpPacket(payload_type=packet.payload_type, sequence_number=sequence_number,

@@ -18,6 +18,7 @@ every offer (the primary, an audio leg) is on that transport from the start."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -25,6 +26,7 @@ from typing import Any
 
 from aiortc import RTCPeerConnection, RTCSessionDescription
 
+from codec.rtp import SEQ_MOD
 from relay import hooks
 from relay.config import MediaConfig
 from relay.errors import BadSdp, MediaPortsExhausted, NegotiationPending, NotInRoom
@@ -35,8 +37,12 @@ from relay.subscription import Leg, Subscription
 
 logger = logging.getLogger(__name__)
 
+FILL_WITHIN = 48
+"""A hole further behind the leg's newest packet than this is not padded."""
 VP8_FILLER = b"\x00\x00"
 """A VP8 payload descriptor byte (X, N, S and PID clear) and one byte of data."""
+REPORT_GAP_S = 3.0
+"""Receiver reports come about once a second per leg: none for this long is an outage."""
 LOSS_RECENT_S = 2.0
 """A leg's report counts toward the link's loss this long."""
 LOSS_MIN_PACKETS = 40
@@ -127,11 +133,12 @@ class Subscriber:
         self._spawn = spawn
         self._on_remb = on_remb
         self._on_loss = on_loss
-        self._rtt: tuple[float, float] | None = None
-        """When the last round trip was measured, and what it was."""
         self._rtt_packets: dict[int, int] = {}
         self._receipts: dict[int, tuple[float, int, int, float]] = {}
         self._expected: dict[int, int] = {}
+        self._gaps: set[int] = set()
+        """Legs whose latest receiver report came after none for ``REPORT_GAP_S``."""
+        self._rtts: collections.deque[tuple[float, float]] = collections.deque(maxlen=5)
         """Per leg: the packets its latest receiver report covers."""
         self._leg_loss: dict[int, tuple[float, int, float]] = {}
         """Per leg: when its latest report came, the packets it covers and the share of them
@@ -316,7 +323,7 @@ class Subscriber:
             transceiver.sender,
             lambda resend, pad, ssrc, seq, size: self.pacer.retransmit(resend, pad, ssrc, seq,
                                                                        size),
-            filler=lambda: self._filler(leg))
+            filler=lambda seq: self._filler(leg, seq))
         self.legs.append(leg)
         return leg
 
@@ -353,6 +360,9 @@ class Subscriber:
         size = (octets / packets if packets else 0.0) + PACKET_OVERHEAD
         before = self._receipts.get(id(leg))
         self._receipts[id(leg)] = (now, highest, lost, before[3] if before else 0.0)
+        if before is not None and now - before[0] > REPORT_GAP_S:
+            self._gaps.add(id(leg))  # an outage, not congestion: see _link_report
+            return
         if before is None or now - before[0] < 0.2:
             return
         expected = highest - before[1]
@@ -373,6 +383,12 @@ class Subscriber:
         layer policy hears it, and the pacer's estimate follows the link's loss (``link_loss``)
         with the video budgets after it."""
         now = time.monotonic()
+        if id(leg) in self._gaps:
+            # The first report after none for seconds covers an outage: everything sent into
+            # it counts lost, which is no news of the link's rate (an island's 5 s outage took
+            # the pacer to its floor and its viewer to 5 fps after every one).
+            self._gaps.discard(id(leg))
+            fraction = 0.0
         self._leg_loss[id(leg)] = (now, self._expected.pop(id(leg), 0), fraction)
         loss = self.link_loss(now)
         if self.config.adaptation and loss is not None:  # off: nothing paced, as before #15
@@ -482,15 +498,17 @@ class Subscriber:
         before = self._rtt_packets.get(id(leg))
         self._rtt_packets[id(leg)] = packets
         if before is not None and packets - before >= RTT_MIN_PACKETS and rtt > 0:
-            self._rtt = (time.monotonic(), rtt)
+            self._rtts.append((time.monotonic(), rtt))
 
     def rtt_s(self) -> float | None:
-        """The round trip to the client, from its latest receiver report that measured one on
-        a leg that was sending (``_on_rtt``); None before, or if none came for
-        ``RTT_STALE_S`` (the link's state is then unknown, not what it was)."""
-        if self._rtt is None or time.monotonic() - self._rtt[0] > RTT_STALE_S:
-            return None
-        return self._rtt[1]
+        """The round trip to the client: the median of the last five measured on receiver
+        reports of legs that were sending (``_on_rtt``) within ``RTT_STALE_S``; None before,
+        or if none came for that long (the link's state is then unknown, not what it was)."""
+        now = time.monotonic()
+        recent = sorted(r for at, r in self._rtts if now - at <= RTT_STALE_S)
+        # The median of the last few: one report held up by a busy machine (a few hundred
+        # milliseconds on a loaded one) is not a queue on the path.
+        return recent[len(recent) // 2] if recent else None
 
     def queue_delay_s(self) -> float:
         """How long the video waiting in the pacer takes to leave (0: nothing waits)."""
@@ -501,12 +519,16 @@ class Subscriber:
                      on_hole=self._hole)
 
     @staticmethod
-    def _filler(leg: Leg) -> bytes | None:
-        """What a hole of ``leg`` is padded with (``hooks.intercept_retransmit``): for VP8, a
-        payload descriptor (not a partition start) and one byte, which no decoder takes for a
-        frame; None (not padded) for other codecs."""
+    def _filler(leg: Leg, seq: int) -> bytes | None:
+        """What the hole ``seq`` of ``leg`` is padded with (``hooks.intercept_retransmit``):
+        for VP8, a payload descriptor (not a partition start) and one byte, which no decoder
+        takes for a frame; None (not padded) for other codecs, and for a hole more than
+        ``FILL_WITHIN`` packets behind the newest (aiortc's jitter buffer takes a packet 100
+        behind its start for a restart of the stream and lets out the old frames it held)."""
         subscription = leg.subscription
         if subscription is None or subscription.publication.mime_type.lower() != "video/vp8":
+            return None
+        if (leg.next_seq - seq) % SEQ_MOD > FILL_WITHIN:
             return None
         return VP8_FILLER
 

@@ -435,7 +435,8 @@ async def run(room: RelayRoom, link: UdpLinkEmulator, timeline: Timeline,
             if any(b <= a for a, b in itertools.pairwise(counters)):
                 verdict.miss(f"{viewer}'s frames of {publisher} out of order ({counters[:12]}"
                              f"..., p95 {late[(viewer, publisher)]:.1f} s late)",
-                             STALLED if late[(viewer, publisher)] >= STALL_S else None)
+                             STALLED if late[(viewer, publisher)] >= STALL_S
+                             else machine if behind else None)
             fps = len(counters) / WINDOW_S
             if viewer == WEAK:
                 # Reduced (a layer or the thin rendition), decoded.
