@@ -41,6 +41,7 @@ import asyncio
 import collections
 import itertools
 import logging
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -411,8 +412,15 @@ async def run(room: RelayRoom, link: UdpLinkEmulator, timeline: Timeline,
               f"{[await video_counts(peers[name]) for name in GOOD]}")
         print("fps per pair: " + ", ".join(f"{v} <- {p} {len(c) / WINDOW_S:.1f}"
                                            for (v, p), c in seen.items()))
-        hospitals_down = {name: participants[name].layers.reason for name in GOOD
-                          if any(f" {name}: layer" in d for d in timeline.decisions)}
+        # Why each good link was stepped down (its steps down only: a probe back up since
+        # would hide the reason).
+        hospitals_down: dict[str, str] = {}
+        for name in GOOD:
+            reasons = sorted({m.group(3) for d in timeline.decisions
+                              if (m := re.search(rf" {name}: layer (\d+) -> (-?\d+) \((\w+)\)",
+                                                 d)) and int(m.group(2)) < int(m.group(1))})
+            if reasons:
+                hospitals_down[name] = "+".join(reasons)
         for name, reason in hospitals_down.items():
             # Loss, a round-trip rise or a low estimate on a loopback link are this process's
             # own (the relay, three aiortc peers and the emulator share one event loop on a
@@ -420,7 +428,8 @@ async def run(room: RelayRoom, link: UdpLinkEmulator, timeline: Timeline,
             # the pacer's queue toward a good link would be the relay's, and fails.
             verdict.miss(f"{name} (good link) stepped down ({reason}; now layer "
                          f"{participants[name].subscriber.max_layer})",
-                         FALSE_CONGESTION if reason in ("estimate", "loss", "rtt") else None)
+                         FALSE_CONGESTION if set(reason.split("+")) <= {"estimate", "loss",
+                                                                          "rtt"} else None)
         late = {pair: latency_p95_s(peers, *pair, start, end) for pair in seen}
         good_late = max(late[(v, p)] for v, p in seen if v != WEAK)
         behind = good_late >= BEHIND_S
