@@ -22,6 +22,7 @@ from playwright.async_api import Browser, Page
 
 from tests.link_emulator import sdp_ufrags
 from tests.relay.peers import RelayRoom
+from tests.web.browser import GATHERED
 
 logger = logging.getLogger(__name__)
 
@@ -39,13 +40,7 @@ PUBLISH = """async () => {
   const video = pc.addTransceiver(media.getVideoTracks()[0], {
     direction: 'sendonly', sendEncodings: [{ scalabilityMode: 'L1T3' }] });
   await pc.setLocalDescription(await pc.createOffer());
-  await new Promise((done) => {
-    if (pc.iceGatheringState === 'complete') done();
-    pc.addEventListener('icegatheringstatechange', () => {
-      if (pc.iceGatheringState === 'complete') done();
-    });
-    setTimeout(done, 3000);
-  });
+  """ + GATHERED + """
   return { sdp: pc.localDescription.sdp, sources: { [audio.mid]: 'microphone',
                                                     [video.mid]: 'camera' },
            mode: video.sender.getParameters().encodings[0].scalabilityMode };

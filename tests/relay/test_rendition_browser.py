@@ -23,13 +23,8 @@ from tests.web.browser import (
     MEDIA,
     chromium,
     decoded_from,
-    open_page,
-    page_url,
-    request_and_accept,
-    wait_decoding,
+    open_consultation,
 )
-
-ENGLISH = "localStorage.setItem('telehealth.lang', 'en');"
 
 
 async def video_size(page: Page) -> list[list[int]]:
@@ -63,16 +58,9 @@ async def test_chromium_decodes_the_thin_rendition_and_returns_to_the_original(
         assert server.app is not None
         relay = server.app[SERVICES].embedded
         assert relay is not None
-        district = await open_page(browser, page_url(server.url, server.token("ref1")))
-        specialist = await open_page(browser, page_url(server.url, server.token("cardio1")),
-                                     init_script=ENGLISH)
+        district, specialist, consultation = await open_consultation(
+            browser, server.url, server.token)
         try:
-            await expect(specialist.locator("#queue")).to_be_visible(timeout=15_000)
-            await request_and_accept(district, specialist)
-            await wait_decoding(district, "cardio1")
-            await wait_decoding(specialist, "ref1")
-            consultation = await district.get_attribute("#room", "data-consultation")
-            assert consultation is not None
             members = relay.rooms[consultation].participants
             publication: Any = next(p for p in members["ref1"].publications.values()
                                     if p.source == "camera")

@@ -38,6 +38,17 @@ RAW_ERROR_WORDS = ("Cannot read", "undefined", "getUserMedia", "TypeError", "Not
                    "NotFoundError", "Permission denied", "DOMException", "null")
 """Words of a browser's own error text: none may reach the page a doctor reads."""
 
+ENGLISH = "localStorage.setItem('telehealth.lang', 'en');"
+"""An init script: the page in English (the room's words are asserted in it)."""
+GATHERED = """await new Promise((done) => {
+    if (pc.iceGatheringState === 'complete') done();
+    pc.addEventListener('icegatheringstatechange', () => {
+      if (pc.iceGatheringState === 'complete') done();
+    });
+    setTimeout(done, 3000);
+  });"""
+"""JS, inside a page script whose connection is ``pc``: wait for its ICE candidates (3 s at
+most), so its local description carries them."""
 MEDIA = "((window.telehealthTest || {}).media || {})"
 """JS: the page's latest MediaSession ({} before there is one)."""
 STATS = f"({MEDIA}.stats || {{}})"
@@ -266,6 +277,26 @@ async def request_and_accept(district: Page, specialist: Page) -> float:
 
     await asyncio.gather(specialist_joins(), district_joins())
     return accepted_at
+
+
+async def open_consultation(browser: Browser, url: str, token: Any) -> tuple[Page, Page, str]:
+    """A district page (ref1) asks, a specialist page (cardio1, in English) accepts, each
+    decoding the other: the two pages and the consultation's id. ``url``, ``token``: the
+    server's (``tests.support.Server``). Both pages are closed if the set-up fails."""
+    district = await open_page(browser, page_url(url, token("ref1")))
+    specialist = await open_page(browser, page_url(url, token("cardio1")), init_script=ENGLISH)
+    try:
+        await expect(specialist.locator("#queue")).to_be_visible(timeout=15_000)
+        await request_and_accept(district, specialist)
+        await wait_decoding(district, "cardio1")
+        await wait_decoding(specialist, "ref1")
+        consultation = await district.get_attribute("#room", "data-consultation")
+        assert consultation is not None
+    except BaseException:
+        for page in (district, specialist):
+            await page.context.close()
+        raise
+    return district, specialist, consultation
 
 
 def screenshot_is_not_blank(path: str) -> tuple[float, float]:

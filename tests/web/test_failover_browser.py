@@ -22,6 +22,7 @@ from playwright.async_api import Browser, Page, expect
 
 from tests.failover_processes import Cluster
 from tests.web.browser import (
+    ENGLISH,
     MEDIA,
     api_call,
     open_page,
@@ -37,7 +38,6 @@ BACK_WITHIN_S = 20.0
 """Video back on a page after a relay died. The goal (<= 5 s) is measured by bench/failover.py
 on a quiet machine; here the bound only says "by itself", on a loaded 2-core machine."""
 WAITING_TEXT = {"vi": "Đang chờ máy chủ truyền thông…", "en": "Waiting for a media server…"}
-ENGLISH = "localStorage.setItem('telehealth.lang', 'en');"
 """An init script: the page speaks English (the language switch, kept in localStorage)."""
 
 DECODED = f"""async (who) => {{

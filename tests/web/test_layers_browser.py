@@ -20,6 +20,7 @@ from playwright.async_api import Browser, Page
 from relay.participant import Participant
 from tests.media import MediaPeer, Received, wait_for
 from tests.relay.peers import RelayRoom, relay_room
+from tests.web.browser import GATHERED
 
 PUBLISH_L1T3 = """async () => {
   // Camera access granted (the fake one) lets Chromium show its real host address in ICE
@@ -47,13 +48,7 @@ PUBLISH_L1T3 = """async () => {
   const transceiver = pc.addTransceiver(track, {
     direction: 'sendonly', sendEncodings: [{ scalabilityMode: 'L1T3' }] });
   await pc.setLocalDescription(await pc.createOffer());
-  await new Promise((done) => {
-    if (pc.iceGatheringState === 'complete') done();
-    pc.addEventListener('icegatheringstatechange', () => {
-      if (pc.iceGatheringState === 'complete') done();
-    });
-    setTimeout(done, 3000);
-  });
+  """ + GATHERED + """
   const mode = transceiver.sender.getParameters().encodings[0].scalabilityMode;
   return { sdp: pc.localDescription.sdp, mid: transceiver.mid, mode };
 }"""

@@ -28,6 +28,7 @@ from telehealth.startup import SERVICES
 from tests.link_emulator import Profile, TcpLinkEmulator
 from tests.support import run_server, write_config
 from tests.web.browser import (
+    ENGLISH,
     MEDIA,
     decoded_from,
     open_page,
@@ -40,7 +41,6 @@ ISLAND = Profile(delay_ms=350, jitter_ms=15)
 """Trường Sa's round trip (700 ms) each way's half, without its rate limit: the page loads in
 seconds, and the rate's effect is measured by bench/thin_link.py, not here."""
 OUTAGE_S = 6.0
-ENGLISH = "localStorage.setItem('telehealth.lang', 'en');"
 LINK = "((window.telehealthTest || {}).link || {})"
 """JS: the page's LinkWatch."""
 

@@ -14,9 +14,10 @@ from playwright.async_api import Browser, expect
 
 from telehealth.startup import SERVICES
 from tests.support import run_server, write_config
-from tests.web.browser import decoded_from, open_page, page_url, request_and_accept, wait_decoding
-
-ENGLISH = "localStorage.setItem('telehealth.lang', 'en');"
+from tests.web.browser import (
+    decoded_from,
+    open_consultation,
+)
 
 
 async def test_a_capped_viewer_reads_reduced_frame_rate_on_the_tile(
@@ -25,16 +26,9 @@ async def test_a_capped_viewer_reads_reduced_frame_rate_on_the_tile(
         assert server.app is not None
         relay = server.app[SERVICES].embedded
         assert relay is not None
-        district = await open_page(browser, page_url(server.url, server.token("ref1")))
-        specialist = await open_page(browser, page_url(server.url, server.token("cardio1")),
-                                     init_script=ENGLISH)
+        district, specialist, consultation = await open_consultation(
+            browser, server.url, server.token)
         try:
-            await expect(specialist.locator("#queue")).to_be_visible(timeout=15_000)
-            await request_and_accept(district, specialist)
-            await wait_decoding(district, "cardio1")
-            await wait_decoding(specialist, "ref1")
-            consultation = await district.get_attribute("#room", "data-consultation")
-            assert consultation is not None
             cardio = district.locator('#tiles figure[data-participant="cardio1"] .tile-quality')
             ref = specialist.locator('#tiles figure[data-participant="ref1"] .tile-quality')
             await expect(cardio).to_have_text("Đầy đủ")
