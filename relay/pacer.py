@@ -245,6 +245,8 @@ class Pacer:
         self._audio = _Rate()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._seeded = False
+        """The estimate is ``seed``'s, no loss having brought it down since."""
 
     # -- what the rest of the relay reads --------------------------------------------------
     @property
@@ -282,6 +284,8 @@ class Pacer:
         now = time.monotonic() if now is None else now
         before = self.estimate.bps
         after = self.estimate.report(now, loss, self._sent.sample(now), rtt_s, delivered_bps)
+        if after is not None and after != before and self.estimate.reason == "loss":
+            self._seeded = False
         self._audio.sample(now)
         if after is not None and (before is None or abs(after - before) > 0.25 * before):
             logger.info("%s paced at %d kbps (%s)", self._label, after / 1000,
@@ -295,7 +299,20 @@ class Pacer:
             return False
         self.estimate.bps = max(MIN_BPS, bps)
         self.estimate.reason = "thin"
+        self._seeded = True
         logger.info("%s paced at %d kbps (thin)", self._label, self.estimate.bps / 1000)
+        return True
+
+    def unseed(self) -> bool:
+        """Stop pacing if the estimate is still the one ``seed`` gave (no loss has
+        brought it down since): the subscriber leaves the thin rendition on a probe, and a seed
+        taken from the rendition's rate must not hold back the layer it probes (it grows only to
+        twice what is sent). Whether it stopped."""
+        if not self._seeded:
+            return False
+        self._seeded = False
+        self.estimate.bps = None
+        logger.info("%s no longer paced (left the thin rendition)", self._label)
         return True
 
     # -- sending -------------------------------------------------------------------------------

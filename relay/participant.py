@@ -229,10 +229,13 @@ class Participant:
             layer = min(layer, self.layer_cap)
         wanted = None if layer >= TOP_LAYER else layer
         if wanted != self.subscriber.max_layer:
+            was_thin = self.subscriber.max_layer == THIN
             self.subscriber.set_max_layer(wanted)
             if wanted == THIN and self.layers.layer == THIN:
                 # The policy's own step for the link (not an operator's cap): paced.
                 self.subscriber.pace_from_now()
+            elif was_thin:
+                self.subscriber.pace_released()
             logger.info("%s video layers up to %s (%s)", self._label,
                         "all" if wanted is None else wanted,
                         "cap" if self.layer_cap is not None and layer == self.layer_cap

@@ -474,6 +474,12 @@ class Subscriber:
         for subscription in self.subscriptions.values():
             subscription.set_max_layer(layer)
 
+    def pace_released(self) -> None:
+        """The client left the thin rendition on a probe: pacing that only its step down
+        started stops (``Pacer.unseed``)."""
+        if self.pacer.unseed():
+            self._set_budgets()
+
     def pace_from_now(self) -> None:
         """The layer policy took the client below layer 0 for its link: the link is paced
         from then on, from what reaches the client now if it was not yet (``Pacer.seed``).

@@ -218,3 +218,18 @@ async def test_a_thin_subscriber_is_paced_from_what_reaches_it() -> None:
     low = Pacer("test")
     low.seed(1_000)
     assert low.rate_bps == MIN_BPS
+
+
+async def test_leaving_the_thin_rendition_stops_the_pacing_its_step_started() -> None:
+    seeded = Pacer("test")
+    seeded.seed(120_000)
+    assert seeded.unseed() and seeded.rate_bps is None
+    assert not seeded.unseed()
+    # A link that lost since keeps its estimate: its rate was measured.
+    measured = Pacer("test")
+    measured.seed(400_000)
+    measured.report(0.0, 0.6, None, now=10.0)
+    measured._sent.total += 100_000  # 800 kbps sent over the next second
+    measured.report(0.5, 0.6, 150_000, now=11.0)
+    assert measured.estimate.reason == "loss" and measured.rate_bps == 0.6 * 400_000
+    assert not measured.unseed() and measured.rate_bps is not None
