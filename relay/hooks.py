@@ -270,12 +270,13 @@ class SenderLeg:
 
 def intercept_feedback(sender: RTCRtpSender, *, on_keyframe_request: Callable[[], None],
                        on_remb: Callable[[int, list[int]], None],
-                       on_loss: Callable[[float], None],
-                       on_receipt: Callable[[int, int], None] | None = None,
+                       on_receipt: Callable[[int, int], None],
                        on_rtt: Callable[[float], None] | None = None) -> None:
-    """Route a subscriber's PLI/FIR, REMB and reported loss for this sender to the relay;
-    ``on_receipt(highest, lost)``, before ``on_loss``: the report's extended highest sequence
-    number and cumulative packets lost (what arrived, for the pacer's estimate). NACKs and
+    """Route a subscriber's PLI/FIR, REMB and receiver reports for this sender to the relay:
+    ``on_receipt(highest, lost)``, each report's extended highest sequence number and
+    cumulative packets lost (relay/link.py measures the loss and the rate over intervals of
+    its own: the report's own fraction covers the time since the receiver's last report,
+    which may be a few packets; a browser sends one with each NACK). NACKs and
     receiver reports still reach aiortc's own handling (retransmission, RTT). ``on_rtt``: the
     round trip of each report that answers one of the sender's recent sender reports,
     unsmoothed. aiortc keeps only a smoothed one, from reports answering its last sender
@@ -305,12 +306,10 @@ def intercept_feedback(sender: RTCRtpSender, *, on_keyframe_request: Callable[[]
         if isinstance(packet, (RtcpRrPacket, RtcpSrPacket)):
             for report in packet.reports:
                 if report.ssrc == ssrc:
-                    if on_receipt is not None:
-                        on_receipt(report.highest_sequence, report.packets_lost)
                     sent_at = sent_reports.get(report.lsr) if report.lsr else None
                     if on_rtt is not None and sent_at is not None:
                         on_rtt(time.time() - sent_at - report.dlsr / 65536)
-                    on_loss(report.fraction_lost / 256)
+                    on_receipt(report.highest_sequence, report.packets_lost)
         if isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
             try:
                 bitrate, ssrcs = unpack_remb_fci(packet.fci)

@@ -30,6 +30,7 @@ from codec.rtp import SEQ_MOD
 from relay import hooks
 from relay.config import MediaConfig
 from relay.errors import BadSdp, MediaPortsExhausted, NegotiationPending, NotInRoom
+from relay.link import AUDIO_GAP_S, REPORT_GAP_S, LinkReports
 from relay.pacer import PACKET_OVERHEAD, Pacer
 from relay.publication import Publication
 from relay.sdp import announce, leg_codecs, parse_sdp, payload_types, peer_connection
@@ -41,12 +42,6 @@ FILL_WITHIN = 48
 """A hole further behind the leg's newest packet than this is not padded."""
 VP8_FILLER = b"\x00\x00"
 """A VP8 payload descriptor byte (X, N, S and PID clear) and one byte of data."""
-REPORT_GAP_S = 3.0
-"""Receiver reports come about once a second per leg: none for this long is an outage."""
-LOSS_RECENT_S = 2.0
-"""A leg's report counts toward the link's loss this long."""
-LOSS_MIN_PACKETS = 40
-"""Fewer packets than this say nothing of the link's loss."""
 RTT_MIN_PACKETS = 2
 """A leg's round trip counts if it sent this many packets since its previous one."""
 RTT_STALE_S = 5.0
@@ -134,26 +129,16 @@ class Subscriber:
         self._on_remb = on_remb
         self._on_loss = on_loss
         self._rtt_packets: dict[int, int] = {}
-        self._receipts: dict[int, tuple[float, int, int, float]] = {}
-        self._expected: dict[int, int] = {}
-        self._gaps: set[int] = set()
-        """Legs whose latest receiver report came after none for ``REPORT_GAP_S``."""
         self._rtts: collections.deque[tuple[float, float]] = collections.deque(maxlen=5)
-        """Per leg: the packets its latest receiver report covers."""
-        self._leg_loss: dict[int, tuple[float, int, float]] = {}
-        """Per leg: when its latest report came, the packets it covers and the share of them
-        the client's own link lost (the publisher's taken off)."""
-        """Per leg: its last receiver report (when, highest sequence number, packets lost)
-        and the rate received between it and the one before."""
-        self._loss_marks: dict[int, tuple[str, int, int]] = {}
-        """Per leg: the publication it carried and that publication's packets and highest
-        sequence number at the leg's last receiver report."""
+        self.reports = LinkReports()
+        """What the client's receiver reports say of its link (relay/link.py)."""
         self._offered: set[str] = set()
         self._pending: list[Publication] = []
         self._last_offer: dict[str, Any] | None = None
         """The offer in flight, sent again by ``resend_offer`` (the client's signaling
         connection changed while it was on its way)."""
         self._label = f"Subscriber({room_id}/{participant_id})"
+        self._traced_at = 0.0
         self.pacer = self._new_pacer()
         """What leaves toward the client, and when (relay/pacer.py)."""
 
@@ -314,7 +299,6 @@ class Subscriber:
             transceiver.sender,
             on_keyframe_request=lambda: self._keyframe_wanted(leg),
             on_remb=self._on_remb,
-            on_loss=lambda fraction: self._on_leg_loss(leg, fraction),
             on_receipt=lambda highest, lost: self._on_receipt(leg, highest, lost),
             on_rtt=lambda rtt: self._on_rtt(leg, rtt),
         )
@@ -327,91 +311,61 @@ class Subscriber:
         self.legs.append(leg)
         return leg
 
-    def _on_leg_loss(self, leg: Leg, fraction: float) -> None:
-        """A receiver report block for ``leg``: the loss of the subscriber's own link, which
-        is what the layer policy may answer. The relay forwards a publication's packets in
-        their places, so what the publisher's link lost shows in every subscriber's reports
-        too (a hospital on a good link would be stepped down for an island's uplink): the
-        publication's own loss since the leg's previous report is taken off."""
-        subscription = leg.subscription
-        publication = subscription.publication if subscription is not None else None
-        highest = publication.sequence.highest if publication is not None else None
-        if publication is None or highest is None:
-            self._link_report(leg, fraction)
-            return
-        mark = (publication.id, publication.packets, highest)
-        before = self._loss_marks.get(id(leg))
-        self._loss_marks[id(leg)] = mark
-        upstream = 0.0
-        if before is not None and before[0] == mark[0]:
-            expected = mark[2] - before[2]
-            if expected > 0:
-                upstream = max(0.0, (expected - (mark[1] - before[1])) / expected)
-        self._link_report(leg, max(0.0, fraction - upstream))
+    def _on_receipt(self, leg: Leg, highest: int, lost: int, now: float | None = None) -> None:
+        """A receiver report of ``leg``: its extended highest sequence number and cumulative
+        packets lost. Over an interval of the leg's (relay/link.py), the share its own link
+        lost and the rate that reached the client: the pacer's estimate follows the link's
+        loss, the video budgets after it, and the layer policy hears it.
 
-    def _on_receipt(self, leg: Leg, highest: int, lost: int) -> None:
-        """A receiver report of ``leg``: what reached the client since the leg's previous one
-        (packets received, at the leg's mean packet size), as a rate: the link's delivered
-        rate is the sum of the legs' latest (``delivered_bps``)."""
-        now = time.monotonic()
+        The relay forwards a publication's packets in their places, so what the publisher's
+        link lost shows in every subscriber's reports too (a hospital on a good link would be
+        stepped down for an island's uplink): the publication's own loss over the interval is
+        taken off."""
+        now = time.monotonic() if now is None else now
         counters = leg.transceiver.sender
         packets = getattr(counters, "_RTCRtpSender__packet_count", 0)
         octets = getattr(counters, "_RTCRtpSender__octet_count", 0)
         size = (octets / packets if packets else 0.0) + PACKET_OVERHEAD
-        before = self._receipts.get(id(leg))
-        self._receipts[id(leg)] = (now, highest, lost, before[3] if before else 0.0)
-        if before is not None and now - before[0] > REPORT_GAP_S:
-            self._gaps.add(id(leg))  # an outage, not congestion: see _link_report
+        subscription = leg.subscription
+        publication = subscription.publication if subscription is not None else None
+        upstream = None
+        if publication is not None and publication.sequence.highest is not None:
+            upstream = (publication.id, publication.packets, publication.sequence.highest)
+        video = any(s.publication.kind == "video" and not s.paused
+                    for s in self.subscriptions.values())
+        interval = self.reports.receipt(id(leg), now, highest, lost, size=size,
+                                        upstream=upstream,
+                                        gap_s=REPORT_GAP_S if video else AUDIO_GAP_S)
+        if interval is None:
             return
-        if before is None or now - before[0] < 0.2:
-            return
-        expected = highest - before[1]
-        received = expected - (lost - before[2])
-        if 0 <= received <= expected < 1 << 15:
-            rate = received * size * 8 / (now - before[0])
-            self._receipts[id(leg)] = (now, highest, lost, rate)
-            self._expected[id(leg)] = expected
-
-    def delivered_bps(self) -> float | None:
-        """The rate that reached the client lately, over every leg; None before reports."""
-        now = time.monotonic()
-        rates = [r[3] for r in self._receipts.values() if now - r[0] <= 3.0]
-        return sum(rates) if rates else None
-
-    def _link_report(self, leg: Leg, fraction: float) -> None:
-        """The subscriber's own link lost ``fraction`` (one report block of ``leg``): the
-        layer policy hears it, and the pacer's estimate follows the link's loss (``link_loss``)
-        with the video budgets after it."""
-        now = time.monotonic()
-        if id(leg) in self._gaps:
-            # The first report after none for seconds covers an outage: everything sent into
-            # it counts lost, which is no news of the link's rate (an island's 5 s outage took
-            # the pacer to its floor and its viewer to 5 fps after every one).
-            self._gaps.discard(id(leg))
-            fraction = 0.0
-        self._leg_loss[id(leg)] = (now, self._expected.pop(id(leg), 0), fraction)
-        loss = self.link_loss(now)
+        loss = self.reports.loss(now)
         if self.config.adaptation and loss is not None:  # off: nothing paced, as before #15
-            self.pacer.report(loss, self.rtt_s(), self.delivered_bps())
+            self.pacer.report(loss, self.rtt_s(), self.delivered_bps(now), now)
             self._set_budgets()
-        # The layer policy hears the link's loss too, once there are packets enough to judge
+        if logger.isEnabledFor(logging.DEBUG) and now - self._traced_at >= 1.0:
+            self._traced_at = now
+            self._trace(now, loss)
+        # The layer policy hears the link's loss, once there are packets enough to judge
         # by: one leg at a thin rate that lost one of its ten packets is not a 10 % link (a
         # 3G link's 1 % stepped its subscriber down to 5 fps that way, against 18 fps left
         # alone: bench/thin_link.py).
-        self._on_loss(fraction if loss is None else loss)
+        self._on_loss(interval.lost if loss is None else loss)
 
-    def link_loss(self, now: float) -> float | None:
-        """The share of the packets sent to the client that its link lost lately: every
-        leg's last report, weighted by the packets it covers (a leg at a thin rate counts
-        ten packets a report, where one lost reads as 10 %: the pacer once took vsat's
-        512 kbps down to 112 that way, H12's bench); None with fewer than
-        ``LOSS_MIN_PACKETS`` to judge by."""
-        expected = lost = 0.0
-        for at, packets, fraction in self._leg_loss.values():
-            if now - at <= LOSS_RECENT_S:
-                expected += packets
-                lost += packets * fraction
-        return lost / expected if expected >= LOSS_MIN_PACKETS else None
+    def _trace(self, now: float, loss: float | None) -> None:
+        rtt, delivered = self.rtt_s(), self.delivered_bps(now)
+        paced, sent = self.pacer.rate_bps, self.pacer.sent_bps
+        logger.debug("%s link: loss %s, rtt %s s, delivered %s kbps, paced %s kbps, sent %s "
+                     "kbps, queued %d B, layer %s", self._label,
+                     "-" if loss is None else f"{loss:.3f}",
+                     "-" if rtt is None else f"{rtt:.3f}",
+                     "-" if delivered is None else int(delivered / 1000),
+                     "-" if paced is None else int(paced / 1000),
+                     "-" if sent is None else int(sent / 1000),
+                     self.pacer.queued_bytes, self.max_layer)
+
+    def delivered_bps(self, now: float | None = None) -> float | None:
+        """The rate that reached the client lately, over every leg; None before reports."""
+        return self.reports.delivered_bps(time.monotonic() if now is None else now)
 
     def _set_budgets(self) -> None:
         """Each video subscription's share of the link (``Subscription.budget_bps``): the
