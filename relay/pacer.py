@@ -78,12 +78,21 @@ APP_LIMITED = 2.0
 """The estimate never grows past this many times the rate really sent (room enough for the
 thin rendition to find its next rung, relay/rendition.py)."""
 DECREASE_HOLD_S = 0.5
-"""After a decrease, loss reports do not decrease again for this long (the legs' reports of
-one moment come together)."""
+"""After a decrease, loss reports do not decrease again for this long, or for the round trip
+and a report interval if longer (the legs' reports of one moment come together, and those of
+the next round trip tell of the rate before the decrease: three decreases in one second took
+an island's estimate from 210 to 82 kbps, below its audio)."""
 DECREASE_MAX = 0.6
 """A decrease takes the estimate to no less than this share of what it was."""
 RTT_RISE_S = 0.1
 """A round trip this much over its lowest holds the estimate where it is."""
+DELAY_RISE_S = 0.25
+"""A round trip this much over its lowest: the link's queue is full (a satellite link's own
+jitter is tens of milliseconds; an island's full 0.5 s modem queue reads +0.45 s). Then any
+loss over ``QUEUE_LOSS`` is the queue's, and the estimate comes down to what went through: an
+island's link was paced at 614 kbps for its 256 while its queue stayed full and its loss
+(3-6 %: the modem drops a few packets of each burst) stayed under ``HIGH_LOSS``."""
+QUEUE_LOSS = 0.02
 MIN_BPS = 48_000
 """The estimate never goes below this: audio (~40 kbps with FEC) and a trickle of video."""
 QUEUE_LIMIT_S = 1.5
@@ -149,7 +158,8 @@ class LinkEstimate:
         if now < self._held_until:
             self._grown_at = now
             return self.bps
-        if loss > RANDOM_LOSS or (loss > HIGH_LOSS and rise >= QUEUE_RISE_S):
+        if (loss > RANDOM_LOSS or (loss > HIGH_LOSS and rise >= QUEUE_RISE_S)
+                or (loss > QUEUE_LOSS and rise >= DELAY_RISE_S)):
             # What went through: of the rate sent, or of the paced rate (the rate sent may be
             # low for a moment, the video waiting for a keyframe, and says nothing of the
             # link then).
@@ -163,7 +173,8 @@ class LinkEstimate:
                 through = max(through, self.bps * DECREASE_MAX)
             self.bps = max(MIN_BPS, min(base, through))
             self.reason = "loss"
-            self._held_until = now + DECREASE_HOLD_S
+            # The reports of the next round trip still tell of the rate before this one.
+            self._held_until = now + max(DECREASE_HOLD_S, (rtt_s or 0.0) + 0.5)
             self._grown_at = now
             return self.bps
         if self.bps is None:
@@ -253,6 +264,11 @@ class Pacer:
     def rate_bps(self) -> float | None:
         """The rate video is paced at; None: not paced."""
         return self.estimate.bps
+
+    @property
+    def sent_bps(self) -> float | None:
+        """The rate sent lately, audio and video (None before it is measured)."""
+        return self._sent.bps
 
     def queue_delay_s(self) -> float:
         """How long the video queued now takes to leave at the paced rate."""

@@ -82,11 +82,13 @@ def test_a_decrease_follows_what_arrived_held_for_the_legs_of_one_moment() -> No
     estimate = LinkEstimate()
     estimate.report(0.0, 0.8, 3_000_000, 0.6, 510_000)
     assert estimate.bps == 510_000
-    # The other legs' reports of the same moment (and a stale one) change nothing.
+    # The other legs' reports of the same moment, and those of the next round trip (0.6 s)
+    # and report interval (0.5 s), which tell of the rate before the decrease, change nothing.
     estimate.report(0.2, 0.9, 3_000_000, 0.6, 100_000)
+    estimate.report(1.0, 0.9, 3_000_000, 0.6, 100_000)
     assert estimate.bps == 510_000
     # Later: never more than 40 % off at once, whatever one report counted.
-    estimate.report(1.0, 0.5, 500_000, 0.6, 50_000)
+    estimate.report(1.2, 0.5, 500_000, 0.6, 50_000)
     assert estimate.bps == pytest.approx(510_000 * 0.6)
     for t in range(2, 40):
         estimate.report(float(t), 0.9, 100_000, 0.6, 1_000)
@@ -95,13 +97,13 @@ def test_a_decrease_follows_what_arrived_held_for_the_legs_of_one_moment() -> No
 
 def test_growth_without_loss_bounded_by_what_is_sent_and_held_by_a_rising_round_trip() -> None:
     estimate = LinkEstimate()
-    estimate.report(0.0, 0.5, 800_000, 0.6, 400_000)
-    estimate.report(1.0, 0.0, 380_000, 0.6)
+    estimate.report(0.0, 0.5, 800_000, 0.5, 400_000)  # held for the round trip and 0.5 s
+    estimate.report(1.0, 0.0, 380_000, 0.5)
     assert estimate.bps == pytest.approx(400_000 * 1.08, rel=0.01)
-    estimate.report(2.0, 0.0, 380_000, 0.9)  # a queue building on the path: held
+    estimate.report(2.0, 0.0, 380_000, 0.8)  # a queue building on the path: held
     assert estimate.bps == pytest.approx(400_000 * 1.08, rel=0.01)
     for t in range(3, 60):
-        estimate.report(float(t), 0.0, 150_000, 0.6)
+        estimate.report(float(t), 0.0, 150_000, 0.5)
     # App-limited: 150 kbps sent says nothing of a top beyond twice that (it stops growing).
     assert estimate.bps == pytest.approx(400_000 * 1.08, rel=0.01)
     assert 400_000 * 1.08 > 150_000 * APP_LIMITED
@@ -206,7 +208,7 @@ def test_an_islands_bursty_loss_does_not_hold_the_estimate_down() -> None:
     a bad moment put it (GCC's 2 % would have held it there)."""
     estimate = LinkEstimate()
     estimate.report(0.0, 0.5, 400_000, 0.7, 100_000)
-    for t in range(1, 9):
+    for t in range(1, 10):  # the first within the decrease's hold (1.2 s)
         estimate.report(float(t), 0.03, 190_000, 0.7)
     assert estimate.bps is not None and estimate.bps > 100_000 * 1.08 ** 7
 
