@@ -6,7 +6,7 @@ carries out the decisions (the layer, pausing, notices, the retry timer)."""
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 LOSS_WINDOW_S = 3.0
@@ -84,6 +84,28 @@ THIN_REASONS = frozenset({"backlog", "rtt", "estimate"})
 """What takes a subscriber from layer 0 to the thin rendition: a witness that the link lacks
 the rate (a send backlog, a queue on the path, a low estimate with loss or a rise). Loss alone
 does not: a lossy but wide link is not helped by fewer bits, and it keeps layer 0."""
+
+THIN_OVER_BASE = True
+"""Whether a subscriber whose link cannot carry layer 1 of a camera's temporal layers takes
+the thin rendition rather than layer 0 (the relay's choice: ``Participant``). The rendition's
+top rung (15 fps at 150 kbps, relay/rendition.py) carries twice the motion of an L1T3
+camera's base layer (7.5 fps; 5 fps of a 20 fps camera) at a fraction of its rate (a 640x480
+camera's base layer is ~200 kbps), and a doctor reads movement (gait, breathing, a tremor)
+more than pixels at that size: bench/thin_link.py's vsat viewer got 5 fps at layer 0 where the
+rendition gave it 15. Loss alone still steps to layer 0 (a lossy but wide link keeps the
+original's pixels), and layer 0 stays the step between for a thin rendition that is off."""
+
+CEILING_S = 30.0
+"""The link's rate seen when it was last full (``LayerPolicy``) holds back probes to a layer
+that needs more for this long; then a probe tries again (a satellite link's weather passes)."""
+CEILING_SPELL_S = 5.0
+"""Steps down this close together are one congested spell: the ceiling is the highest rate
+delivered in it."""
+CEILING_RTT_FALL_S = 0.1
+"""A round trip this much, and half, below the lowest seen when the ceiling was taken: another
+path (the link changed), and the ceiling is forgotten. Half: the lowest may have been read
+with the link's queue already full (a satellite link full from the first report reads 0.9 s
+for its 0.6 s)."""
 
 
 @dataclass(frozen=True)
@@ -203,10 +225,13 @@ class LayerPolicy:
     probing up from the thin rendition goes back to layer 0 the same way."""
 
     def __init__(self, settings: LayerSettings | None = None, *, top: int = TOP_LAYER,
-                 bottom: int = 0) -> None:
+                 bottom: int = 0, thin_over_base: bool = False) -> None:
+        """``thin_over_base`` (with ``bottom=THIN``): a lack of rate below layer 1 goes to
+        the thin rendition straight, and a probe up from it to layer 1 (``THIN_OVER_BASE``)."""
         self.settings = settings or LayerSettings()
         self.top = top
         self.bottom = bottom
+        self.thin_over_base = thin_over_base and bottom == THIN and top >= 1
         self.layer = top
         self.quiet_s = self.settings.quiet_s
         """The quiet period now (doubled by failed probes)."""
@@ -222,6 +247,25 @@ class LayerPolicy:
         self._suspected_at: float | None = None
         """When a first report of loss or a rise was seen at the top layer, unconfirmed."""
         self._rtts: collections.deque[tuple[float, float]] = collections.deque(maxlen=64)
+        self.ceiling: tuple[float, float, float | None] | None = None
+        """(when, rate, the lowest round trip then) the link delivered when a lack of rate
+        last stepped the layer down: a probe to a layer that needs more waits ``CEILING_S``."""
+        self.probes_spared = 0
+        """Probes not made: the layer needs more than the link's ceiling."""
+
+    def _ceiling_holds(self, now: float, rtt_s: float | None, delivered_bps: float | None,
+                       need_bps: float | None) -> bool:
+        """Whether the link's ceiling says the layer that needs ``need_bps`` will not fit."""
+        ceiling = self.ceiling
+        if ceiling is None or need_bps is None:
+            return False
+        at, rate, lowest = ceiling
+        if (now - at > CEILING_S
+                or (rtt_s is not None and lowest is not None
+                    and rtt_s < min(lowest - CEILING_RTT_FALL_S, lowest / 2))):
+            self.ceiling = None
+            return False
+        return need_bps > rate
 
     def congestion(self, now: float, *, loss: float, rtt_s: float | None, backlog_bytes: int,
                    estimate_bps: int | None, send_bps: float | None,
@@ -249,10 +293,19 @@ class LayerPolicy:
 
     def update(self, now: float, *, loss: float = 0.0, rtt_s: float | None = None,
                backlog_bytes: int = 0, estimate_bps: int | None = None,
-               send_bps: float | None = None, queue_delay_s: float = 0.0) -> int:
+               send_bps: float | None = None, queue_delay_s: float = 0.0,
+               delivered_bps: float | None = None,
+               need_bps: Callable[[int], float | None] | None = None) -> int:
         """Take one receiver report's worth of observations (``loss``: the report's fraction
         lost; ``queue_delay_s``: the relay's own pacer queue toward the subscriber, in
-        seconds of video); the layer to use from now."""
+        seconds of video; ``delivered_bps``: the rate that reached the subscriber lately;
+        ``need_bps(layer)``: what the subscriber would receive at that layer, None if
+        unknown); the layer to use from now.
+
+        A step down for a lack of rate notes the rate delivered then as the link's
+        ceiling; a probe to a layer that needs more than the ceiling is not made (it would
+        only fill the link's queue and freeze the picture for seconds) until the ceiling is
+        ``CEILING_S`` old, the link delivered more, or the round trip fell (another link)."""
         reason = self.congestion(now, loss=loss, rtt_s=rtt_s, backlog_bytes=backlog_bytes,
                                  estimate_bps=estimate_bps, send_bps=send_bps,
                                  queue_delay_s=queue_delay_s)
@@ -276,8 +329,18 @@ class LayerPolicy:
             if self.layer > lowest and (self._last_down is None
                                         or now - self._last_down >= STEP_DOWN_EVERY_S):
                 self.layer -= 1
+                if self.layer == 0 and lowest == THIN and self.thin_over_base:
+                    self.layer = THIN
                 self._last_down = now
                 self.reason = reason
+                if reason in THIN_REASONS and delivered_bps:
+                    # The highest of one congested spell's readings: the queue dropped at the
+                    # link and the pacer gave its own up, so some read low.
+                    rate = delivered_bps
+                    if self.ceiling is not None and now - self.ceiling[0] <= CEILING_SPELL_S:
+                        rate = max(rate, self.ceiling[1])
+                    lowest_rtt = min((r for _, r in self._rtts), default=None)
+                    self.ceiling = (now, rate, lowest_rtt)
             return self.layer
         if self._calm_since is None:
             self._calm_since = now
@@ -288,7 +351,13 @@ class LayerPolicy:
             self._climbing = True
         wait = CLIMB_S if self._climbing else self.quiet_s
         if self.layer < self.top and now - self._calm_since >= wait:
-            self.layer += 1
+            target = 1 if self.layer == THIN and self.thin_over_base else self.layer + 1
+            if self._ceiling_holds(now, rtt_s, delivered_bps,
+                                   need_bps(target) if need_bps is not None else None):
+                self.probes_spared += 1
+                self._calm_since = now
+                return self.layer
+            self.layer = target
             self._probed_at = now
             self._calm_since = now
             self.reason = "probe"

@@ -17,6 +17,7 @@ from aiortc import RTCPeerConnection
 from relay.api import RelayEvents
 from relay.bandwidth import (
     THIN,
+    THIN_OVER_BASE,
     THIN_SHORTFALL,
     TOP_LAYER,
     BandwidthPolicy,
@@ -100,7 +101,7 @@ class Participant:
             publications=room.publications, send_offer=self._send_offer,
             spawn=self._tasks.spawn, on_remb=self._on_remb, on_loss=self._on_loss)
         self.bandwidth = BandwidthPolicy(config.bandwidth_floor_bps, config.bandwidth_window_s)
-        self.layers = LayerPolicy(config.layers, bottom=THIN)
+        self.layers = LayerPolicy(config.layers, bottom=THIN, thin_over_base=THIN_OVER_BASE)
         """Which temporal layers of layered video it gets, or the thin rendition below them
         (relay/bandwidth.py)."""
         self.layer_cap: int | None = None
@@ -203,12 +204,32 @@ class Participant:
             # a loaded relay's own delay reads as a rising round trip), or no video to judge
             # by: the pause is left at the step it was taken (thin) and tried again from there.
             return
+        spared = self.layers.probes_spared
         self.layers.update(now, loss=fraction, rtt_s=self.subscriber.rtt_s(),
                            backlog_bytes=self.subscriber.backlog_bytes(),
                            estimate_bps=self.bandwidth.estimate_bps,
                            send_bps=self._send_rate.total_bps,
-                           queue_delay_s=self.subscriber.queue_delay_s())
+                           queue_delay_s=self.subscriber.queue_delay_s(),
+                           delivered_bps=self.subscriber.delivered_bps(now),
+                           need_bps=self._need_bps)
+        if self.layers.probes_spared != spared and self.layers.ceiling is not None:
+            logger.info("%s no probe up: the link carried %d kbps when it was full, the next "
+                        "layer needs more", self._label, self.layers.ceiling[1] / 1000)
         self._apply_layer()
+
+    def _need_bps(self, layer: int) -> float | None:
+        """What it would receive with every layered video at ``layer`` (the others whole)
+        and its audio, as the publishers send now; None if a rate is not measured yet."""
+        total = self.subscriber.pacer.audio_bps() or 0.0
+        for subscription in self.subscriber.subscriptions.values():
+            publication = subscription.publication
+            if publication.kind != "video" or subscription.paused:
+                continue
+            rate = publication.layer_bps(layer if publication.temporal_layers > 0 else None)
+            if rate is None:
+                return None
+            total += rate
+        return total
 
     def _adapting(self) -> bool:
         """Whether the layer policy chooses what it receives: ``relay.adaptation`` is on and
@@ -230,11 +251,12 @@ class Participant:
         wanted = None if layer >= TOP_LAYER else layer
         if wanted != self.subscriber.max_layer:
             was_thin = self.subscriber.max_layer == THIN
-            self.subscriber.set_max_layer(wanted)
             if wanted == THIN and self.layers.layer == THIN:
-                # The policy's own step for the link (not an operator's cap): paced.
+                # The policy's own step for the link (not an operator's cap): paced, before
+                # the rendition starts, so that it starts at the rung the budget carries.
                 self.subscriber.pace_from_now()
-            elif was_thin:
+            self.subscriber.set_max_layer(wanted)
+            if was_thin and wanted != THIN:
                 self.subscriber.pace_released()
             logger.info("%s video layers up to %s (%s)", self._label,
                         "all" if wanted is None else wanted,

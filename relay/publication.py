@@ -25,6 +25,7 @@ from codec.rtp import (
 from relay import hooks
 from relay.api import MediaSink
 from relay.forwarding import Forwarder
+from relay.pacer import PACKET_OVERHEAD
 from relay.rendition import Rendition
 from relay.sdp import Codec
 from relay.tasks import Tasks
@@ -35,6 +36,8 @@ logger = logging.getLogger(__name__)
 SOURCES = {"microphone": "audio", "camera": "video", "screen": "video"}
 FRAME_RATE_WINDOW_S = 2.0
 """The input frame rate (per temporal layer) is measured over the last this many seconds."""
+LAYER_MARK_S = 0.5
+"""The bytes per temporal layer are noted this often, for ``layer_bps``."""
 
 
 class Publication:
@@ -68,6 +71,11 @@ class Publication:
         self._frames: collections.deque[tuple[float, int, int]] = collections.deque(maxlen=512)
         """(arrival, temporal layer, RTP timestamp) of the frames' first packets, for
         ``frame_rate``."""
+        self._layer_bytes = [0, 0, 0, 0]
+        """Bytes received per temporal layer (VP8; 0 without layers), with the link's
+        per-packet overhead, for ``layer_bps``."""
+        self._byte_marks: collections.deque[tuple[float, tuple[int, ...]]] = collections.deque(
+            [(time.monotonic(), (0, 0, 0, 0))], maxlen=int(FRAME_RATE_WINDOW_S / LAYER_MARK_S) + 2)
         self._keyframe_interval_s = keyframe_interval_s
         self._last_pli = 0.0
         self.rendition: Rendition | None = None
@@ -140,11 +148,16 @@ class Publication:
                 await subscription.forward(packet, keyframe, ntp)
             return
         descriptor = vp8_descriptor(packet.payload)
-        if descriptor is not None and descriptor.start:
-            tid = descriptor.tid
-            if tid > self.temporal_layers:
-                self.temporal_layers = tid
-            self._frames.append((time.monotonic(), tid if tid > 0 else 0, packet.timestamp))
+        if descriptor is not None:
+            tid = descriptor.tid if descriptor.tid > 0 else 0
+            self._layer_bytes[min(tid, 3)] += len(packet.payload) + PACKET_OVERHEAD
+            if descriptor.start:
+                if descriptor.tid > self.temporal_layers:
+                    self.temporal_layers = descriptor.tid
+                now = time.monotonic()
+                self._frames.append((now, tid, packet.timestamp))
+                if now - self._byte_marks[-1][0] >= LAYER_MARK_S:
+                    self._byte_marks.append((now, tuple(self._layer_bytes)))
         for subscription in tuple(self.subscriptions):
             await subscription.forward(packet, keyframe, ntp, descriptor)
 
@@ -174,6 +187,18 @@ class Publication:
         if span <= 0:
             return None
         return round((total - 1) / span * counted / total, 1)
+
+    def layer_bps(self, max_layer: int | None = None, now: float | None = None) -> float | None:
+        """The rate (bits per second, on the link) of the temporal layers up to ``max_layer``
+        (None: all) over about the last ``FRAME_RATE_WINDOW_S`` (VP8 only): what a subscriber
+        at that layer needs. None until measured."""
+        now = time.monotonic() if now is None else now
+        top = 3 if max_layer is None else max(0, min(max_layer, 3))
+        for at, counts in self._byte_marks:
+            if now - at <= FRAME_RATE_WINDOW_S + LAYER_MARK_S and now - at >= LAYER_MARK_S:
+                sent = sum(self._layer_bytes[:top + 1]) - sum(counts[:top + 1])
+                return sent * 8 / (now - at)
+        return None
 
     # -- the thin rendition ----------------------------------------------------------------
     def is_thin(self, subscription: Any) -> bool:

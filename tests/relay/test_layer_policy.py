@@ -292,3 +292,58 @@ def test_the_video_pause_window_starts_afresh_once_layer_0_is_reached() -> None:
 def test_a_frame_rate_is_news_when_it_becomes_known_or_a_reduced_one_moves(
         quality: str, told: float | None, now: float | None, news: bool) -> None:
     assert rate_news(quality, told, now) is news
+
+
+def test_thin_over_base_a_lack_of_rate_below_layer_1_takes_the_rendition_and_returns_to_1(
+) -> None:
+    """The relay's own policy (``thin_over_base``): layer 0 (a quarter of the camera's frame
+    rate) is skipped both ways for a lack of rate; loss alone still stops at layer 0."""
+    policy = LayerPolicy(bottom=THIN, thin_over_base=True)
+    assert run(policy, [(1.0, {"queue_delay_s": 1.0, "rtt_s": 0.6}),
+                        (2.0, {"queue_delay_s": 1.0, "rtt_s": 0.6})]) == [1, THIN]
+    at = 2.0
+    while policy.layer == THIN and at < 20:
+        at += 0.5
+        policy.update(at, **CALM)
+    assert policy.layer == 1 and policy.reason == "probe"
+    lossy = LayerPolicy(bottom=THIN, thin_over_base=True)
+    assert down_to_0(lossy) == 2.5 and lossy.layer == 0
+    assert lossy.update(4.0, loss=0.2) == 0  # loss alone: no further
+
+
+def test_no_probe_to_a_layer_that_needs_more_than_the_link_carried_when_full() -> None:
+    """A step down for a lack of rate notes what the link delivered then; a probe to a layer
+    that needs more is spared until the ceiling is 30 s old or the round trip falls to
+    another link's."""
+    needs = {1: 700_000.0, 2: 1_100_000.0}
+    policy = LayerPolicy(bottom=THIN, thin_over_base=True)
+    full = {"queue_delay_s": 1.0, "rtt_s": 0.6, "delivered_bps": 450_000.0}
+    run(policy, [(1.0, full), (2.0, {**full, "delivered_bps": 180_000.0})])
+    assert policy.layer == THIN and policy.ceiling is not None
+    assert policy.ceiling[1] == 450_000.0  # the spell's highest reading, not its last
+    at = 2.0
+    while at < 31.0:
+        at += 0.5
+        policy.update(at, rtt_s=0.6, delivered_bps=300_000.0, need_bps=needs.get)
+        assert policy.layer == THIN, at
+    assert policy.probes_spared >= 5
+    while policy.layer == THIN and at < 40.0:  # the ceiling is stale: a real probe
+        at += 0.5
+        policy.update(at, rtt_s=0.6, delivered_bps=300_000.0, need_bps=needs.get)
+    assert policy.layer == 1 and 32.0 <= at <= 37.0
+    # A layer that fits under the ceiling is probed as before.
+    fits = LayerPolicy(bottom=THIN, thin_over_base=True)
+    run(fits, [(1.0, full), (2.0, full)])
+    at = 2.0
+    while fits.layer == THIN and at < 10.0:
+        at += 0.5
+        fits.update(at, rtt_s=0.6, need_bps=lambda layer: 400_000.0)
+    assert fits.layer == 1 and fits.probes_spared == 0
+    # Another link (the round trip fell to a tenth): the ceiling is forgotten at once.
+    moved = LayerPolicy(bottom=THIN, thin_over_base=True)
+    run(moved, [(1.0, full), (2.0, full)])
+    at = 2.0
+    while moved.layer == THIN and at < 10.0:
+        at += 0.5
+        moved.update(at, rtt_s=0.05, need_bps=needs.get)
+    assert moved.layer == 1 and moved.ceiling is None
