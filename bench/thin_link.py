@@ -372,12 +372,15 @@ async def main_async(args: argparse.Namespace) -> list[Run]:
     relay_logger = logging.getLogger("relay")
     relay_logger.setLevel(logging.INFO)
     relay_logger.addHandler(relay_log)
+    if args.trace:
+        relay_log.setLevel(logging.DEBUG)
+        logging.getLogger("relay.subscriber").setLevel(logging.DEBUG)
     profiles = args.profiles or (["vsat", "truong-sa"] if args.quick else
                                  ["good", "4g", "3g", "vsat", "truong-sa"])
     runs: list[Run] = []
     began = time.monotonic()
     async with chromium(FLAGS) as browser:
-        for adaptation in (True, False):
+        for adaptation in (True,) if args.on_only else (True, False):
             runs += await run_mode(args, browser, profiles, adaptation, relay_log)
     print(f"\nrun took {time.monotonic() - began:.0f} s\n")
     order = {profile: n for n, profile in enumerate(profiles)}
@@ -456,6 +459,12 @@ def main(argv: list[str] | None = None) -> None:
                              "default's, 150000; 0: never paused)")
     parser.add_argument("--verbose", action="store_true",
                         help="after each run, the relay's view of the measured participant")
+    parser.add_argument("--trace", action="store_true",
+                        help="with --verbose: the relay's view of the weak one's link each "
+                             "second (loss, round trip, delivered, paced and sent rates)")
+    parser.add_argument("--on-only", action="store_true",
+                        help="adaptation on only, no baseline (for tuning; a published figure "
+                             "comes with its baseline)")
     args = parser.parse_args(argv)
     if args.seconds is None:
         args.seconds = 10.0 if args.quick else 30.0
