@@ -89,6 +89,10 @@ UP_MARGIN = 1.3
 """Step up only when the weakest budget is over the higher rung's bitrate times this."""
 RUNG_HOLD_S = 3.0
 """At least this long between two changes of rung (each reopens the encoder: a keyframe)."""
+UP_FAILED_S = 10.0
+"""A step down this soon after a step up means the step up failed."""
+UP_HOLD_MAX_S = 48.0
+"""The wait before a step up doubles after each one that failed, up to this."""
 RUNG_CHECK_S = 1.0
 """How often the subscribers' budgets are read."""
 PACKET_MAX = 1200
@@ -127,7 +131,12 @@ def choose_rung(budgets: Iterable[float | None], current: int | None,
 
 
 class RungChooser:
-    """``choose_rung`` on a clock: a change at most once per ``hold_s``."""
+    """``choose_rung`` on a clock: a change at most once per ``hold_s``; a step up that a step
+    down follows within ``UP_FAILED_S`` doubles the wait before the next step up (up to
+    ``UP_HOLD_MAX_S``), and one that holds that long resets it. Why: the budget comes from the
+    pacer's estimate, which grows while nothing is lost up to twice what is sent, so on a
+    link whose every rung is near its rate it climbs past it; each step costs a keyframe, and
+    an island's rendition went 8, 10, 15, 10, 5 fps in 20 s (bench/thin_link.py)."""
 
     def __init__(self, budgets: Iterable[float | None], ladder: tuple[Rung, ...] = LADDER,
                  hold_s: float = RUNG_HOLD_S, now: float | None = None) -> None:
@@ -136,6 +145,9 @@ class RungChooser:
         self.index = choose_rung(budgets, None, ladder)
         self.changed_at = time.monotonic() if now is None else now
         self.changes = 0
+        self.up_hold_s = hold_s
+        """The wait before a step up now (doubled by each one that failed)."""
+        self._up_at: float | None = None
 
     @property
     def rung(self) -> Rung:
@@ -143,11 +155,21 @@ class RungChooser:
 
     def update(self, now: float, budgets: Iterable[float | None]) -> Rung | None:
         """The new rung if it changes now, else None."""
+        if self._up_at is not None and now - self._up_at > UP_FAILED_S:
+            self._up_at = None  # the last step up held
+            self.up_hold_s = self.hold_s
         if now - self.changed_at < self.hold_s:
             return None
         index = choose_rung(budgets, self.index, self.ladder)
         if index == self.index:
             return None
+        if index < self.index:  # up
+            if now - self.changed_at < self.up_hold_s:
+                return None
+            self._up_at = now
+        elif self._up_at is not None:  # down soon after a step up: it failed
+            self._up_at = None
+            self.up_hold_s = min(self.up_hold_s * 2, UP_HOLD_MAX_S)
         self.index = index
         self.changed_at = now
         self.changes += 1

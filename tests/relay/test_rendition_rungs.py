@@ -21,6 +21,7 @@ from relay.rendition import (
     DEFAULT_RUNG,
     LADDER,
     RUNG_HOLD_S,
+    UP_FAILED_S,
     Rung,
     RungChooser,
     Transcoder,
@@ -98,6 +99,23 @@ def test_the_chooser_changes_rung_at_most_once_per_hold() -> None:
     assert chooser.update(10 * RUNG_HOLD_S, [300 * K]) is None  # nothing to change
     assert chooser.update(10 * RUNG_HOLD_S + 0.1, [60 * K]) == LADDER[3]  # down at once
     assert chooser.changes == 3
+
+
+def test_a_step_up_that_fails_doubles_the_wait_for_the_next_one() -> None:
+    """An estimate that climbs past the link (it grows while nothing is lost) takes the rung
+    up, the loss that follows takes it down: the next step up waits twice as long, and a step
+    up that holds ``UP_FAILED_S`` resets the wait."""
+    chooser = RungChooser([70 * K], now=0.0)
+    assert chooser.rung == LADDER[3]  # 5 fps: 70 kbps is under the 8 fps rung x 1.1
+    assert chooser.update(RUNG_HOLD_S, [90 * K]) == LADDER[2]  # up to 8 fps
+    assert chooser.update(2 * RUNG_HOLD_S, [60 * K]) == LADDER[3]  # down 3 s later: failed
+    assert chooser.up_hold_s == 2 * RUNG_HOLD_S
+    assert chooser.update(3 * RUNG_HOLD_S, [90 * K]) is None  # 3 s: not yet
+    assert chooser.update(4 * RUNG_HOLD_S, [90 * K]) == LADDER[2]  # 6 s after the step down
+    at = 4 * RUNG_HOLD_S + UP_FAILED_S + 0.5
+    assert chooser.update(at, [90 * K]) is None and chooser.up_hold_s == RUNG_HOLD_S  # held
+    assert chooser.update(at + RUNG_HOLD_S, [140 * K]) == LADDER[1]
+    assert chooser.changes == 4
 
 
 # -- the transcoder on each rung ------------------------------------------------------------
