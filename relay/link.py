@@ -83,10 +83,15 @@ class LinkReports:
         if seen is not None and now - seen > gap_s:
             # The first report after an outage: everything sent into it counts lost, which
             # is no news of the link's rate (an island's 5 s outage took the pacer to its
-            # floor and its viewer to 5 fps after every one). Every leg is measured afresh.
+            # floor and its viewer to 5 fps after every one). Every leg is measured afresh,
+            # from the first report that shows packets again: the first ones after the
+            # outage may still tell of the time before it.
+            for leg in self._marks:
+                self._idle_since.setdefault(leg, seen)
+            if mark is not None and highest > mark.highest:
+                self._idle_since.pop(key, None)  # packets again already: measured from here
             self._marks.clear()
             self._intervals.clear()
-            self._idle_since.clear()
             self._marks[key] = here
             self.outages += 1
             return None

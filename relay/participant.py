@@ -28,6 +28,7 @@ from relay.config import MediaConfig
 from relay.errors import NotInRoom
 from relay.publication import Publication
 from relay.publisher import Publisher
+from relay.rendition import LADDER
 from relay.sdp import parse_candidate
 from relay.subscriber import Subscriber
 from relay.subscription import Leg, Subscription
@@ -275,8 +276,25 @@ class Participant:
             # Layers, then the thin rendition, are the first steps down: the pause waits
             # for the bottom one.
             self.bandwidth.estimate_held(bitrate)
-        elif self.bandwidth.estimate_reported(bitrate, now, floor_bps=self._thin_floor(rate)):
+            return
+        floor = self._thin_floor(rate)
+        paced = self.subscriber.pacer.rate_bps
+        if self.subscriber.max_layer == THIN and paced is not None:
+            # On the thin rendition and paced, the relay's own estimate of the link decides,
+            # against what the rendition's lowest rung needs: Chromium's REMB reads a
+            # satellite link's jitter as congestion (71 kbps on an island carrying 250,
+            # where the pause then took its video for 20 s: bench/thin_link.py).
+            bitrate, floor = int(paced), self._lowest_rung_floor()
+        if self.bandwidth.estimate_reported(bitrate, now, floor_bps=floor):
             self._pause_for_bandwidth(bitrate)
+
+    def _lowest_rung_floor(self) -> int:
+        """What the link must carry for every video of it at the rendition's lowest rung
+        (with a quarter to spare) and its audio: under it, video pauses."""
+        videos = sum(1 for s in self.subscriber.subscriptions.values()
+                     if s.publication.kind == "video" and not s.paused)
+        audio = self.subscriber.pacer.audio_bps() or 0.0
+        return int(audio + videos * LADDER[-1].bitrate * 0.75)
 
     def _thin_floor(self, send_bps: float | None) -> int | None:
         """On the thin rendition the estimate follows what is sent (~100 kbps of video and the

@@ -45,6 +45,7 @@ import av
 from aiortc.rtp import RtpPacket
 
 from codec.rtp import SEQ_MOD, TS_MOD, Vp8Descriptor, seq_newer, vp8_descriptor_length
+from relay.pacer import PACKET_OVERHEAD
 from relay.tasks import Tasks
 from relay.timing import ntp_now
 
@@ -91,8 +92,10 @@ RUNG_HOLD_S = 3.0
 """At least this long between two changes of rung (each reopens the encoder: a keyframe)."""
 UP_FAILED_S = 10.0
 """A step down this soon after a step up means the step up failed."""
-UP_HOLD_MAX_S = 48.0
-"""The wait before a step up doubles after each one that failed, up to this."""
+UP_BLOCK_S = 12.0
+"""A rung whose step up failed is not stepped up to again for this long ..."""
+UP_BLOCK_MAX_S = 48.0
+"""... doubled by each step up that fails after it, up to this."""
 RUNG_CHECK_S = 1.0
 """How often the subscribers' budgets are read."""
 PACKET_MAX = 1200
@@ -100,6 +103,11 @@ PACKET_MAX = 1200
 QUEUE_FRAMES = 30
 """Whole frames waiting for the worker at most; past that it is behind: the frames are dropped
 up to the publisher's next keyframe (asked for)."""
+RATE_MEASURE_S = 2.0
+"""A rung's output rate is measured over at least this long since it began."""
+RATIO_MIN = 0.25
+"""The picture is taken to fill at least this share of a rung's bitrate (a still picture's
+first seconds say little of the next movement)."""
 KEYFRAME_INTERVAL_S = 0.3
 """Keyframes of the rendition on request at most this often."""
 CLOCK = 90000
@@ -132,8 +140,9 @@ def choose_rung(budgets: Iterable[float | None], current: int | None,
 
 class RungChooser:
     """``choose_rung`` on a clock: a change at most once per ``hold_s``; a step up that a step
-    down follows within ``UP_FAILED_S`` doubles the wait before the next step up (up to
-    ``UP_HOLD_MAX_S``), and one that holds that long resets it. Why: the budget comes from the
+    down follows within ``UP_FAILED_S`` failed, and its rung is not stepped up to again for
+    ``UP_BLOCK_S``, doubled by each failure after it (up to ``UP_BLOCK_MAX_S``); a step up
+    that holds resets it. Why: the budget comes from the
     pacer's estimate, which grows while nothing is lost up to twice what is sent, so on a
     link whose every rung is near its rate it climbs past it; each step costs a keyframe, and
     an island's rendition went 8, 10, 15, 10, 5 fps in 20 s (bench/thin_link.py)."""
@@ -145,8 +154,10 @@ class RungChooser:
         self.index = choose_rung(budgets, None, ladder)
         self.changed_at = time.monotonic() if now is None else now
         self.changes = 0
-        self.up_hold_s = hold_s
-        """The wait before a step up now (doubled by each one that failed)."""
+        self.block_s = UP_BLOCK_S
+        """How long a rung that failed is not stepped up to (doubled by each failure)."""
+        self.blocked: tuple[int, float] | None = None
+        """(the rung that failed, until when): no step up to it or past it before then."""
         self._up_at: float | None = None
 
     @property
@@ -157,19 +168,20 @@ class RungChooser:
         """The new rung if it changes now, else None."""
         if self._up_at is not None and now - self._up_at > UP_FAILED_S:
             self._up_at = None  # the last step up held
-            self.up_hold_s = self.hold_s
+            self.block_s = UP_BLOCK_S
         if now - self.changed_at < self.hold_s:
             return None
         index = choose_rung(budgets, self.index, self.ladder)
+        if index < self.index and self.blocked is not None and now < self.blocked[1]:
+            index = max(index, self.blocked[0] + 1)  # not up to the rung that failed
         if index == self.index:
             return None
         if index < self.index:  # up
-            if now - self.changed_at < self.up_hold_s:
-                return None
             self._up_at = now
         elif self._up_at is not None:  # down soon after a step up: it failed
             self._up_at = None
-            self.up_hold_s = min(self.up_hold_s * 2, UP_HOLD_MAX_S)
+            self.blocked = (self.index, now + self.block_s)
+            self.block_s = min(self.block_s * 2, UP_BLOCK_MAX_S)
         self.index = index
         self.changed_at = now
         self.changes += 1
@@ -308,6 +320,12 @@ class Rendition:
         self.frames_dropped = 0
         """Publisher's frames not decoded: incomplete, or the worker was behind."""
         self.keyframes_out = 0
+        self.bytes_out = 0
+        """Bytes of its packets on the link (with ``PACKET_OVERHEAD``)."""
+        self.fill = 1.0
+        """The share of its rung's bitrate the picture filled lately (``check_rung``)."""
+        self._rung_mark = (time.monotonic(), 0)
+        """When the rung began, and ``bytes_out`` then."""
         self.cpu_s = 0.0
         """CPU time the worker thread spent (decode, scale, encode)."""
         self.size: tuple[int, int] | None = None
@@ -380,15 +398,29 @@ class Rendition:
     def check_rung(self, now: float | None = None) -> Rung | None:
         """Read the subscribers' budgets and move to the rung they call for, if it is time
         (``RungChooser``); the new rung, or None."""
+        now = time.monotonic() if now is None else now
         budgets = list(self._budgets())
-        rung = self._chooser.update(time.monotonic() if now is None else now, budgets)
+        # What the rung really gives: libvpx reaches its target on a noisy camera, far less
+        # on a still one (Chromium's fake camera: 60 of 100 kbps at 10 fps). A budget is
+        # compared with the rungs as this picture fills them, so a link that carries the
+        # next rung as it would come out gets it.
+        at, sent = self._rung_mark
+        ratio = 1.0
+        if now - at >= RATE_MEASURE_S and self.rung.bitrate:
+            ratio = min(1.0, max(RATIO_MIN, (self.bytes_out - sent) * 8 / (now - at)
+                                 / self.rung.bitrate))
+        self.fill = ratio
+        scaled = [None if b is None else b / ratio for b in budgets]
+        rung = self._chooser.update(now, scaled)
         if rung is None or self.closed:
             return None
+        self._rung_mark = (now, self.bytes_out)
         before, self.rung = self.rung, rung
         known = [b for b in budgets if b is not None]
-        logger.info("%s rung %s -> %s (weakest budget %s of %d subscribers)", self._label,
-                    before, rung, f"{min(known) / 1000:.0f} kbps" if known else "unknown",
-                    len(budgets))
+        logger.info("%s rung %s -> %s (weakest budget %s of %d subscribers; the picture "
+                    "fills %.0f %% of a rung's bitrate)", self._label, before, rung,
+                    f"{min(known) / 1000:.0f} kbps" if known else "unknown", len(budgets),
+                    ratio * 100)
         return rung
 
     async def _rung_loop(self) -> None:
@@ -513,6 +545,7 @@ class Rendition:
             self._picture_id = (picture_id + 1) & 0x7FFF
             payloads = packetize(frames[0], picture_id)
             self.frames_out += 1
+            self.bytes_out += sum(len(p) + PACKET_OVERHEAD for p in payloads)
             self.keyframes_out += is_key
             ntp = ntp_now()
             last = len(payloads) - 1

@@ -52,9 +52,24 @@ def test_an_outage_is_no_measure_of_the_link_whichever_way_it_came() -> None:
     silent = LinkReports()
     silent.receipt("v", 0.0, 0, 0, size=SIZE)
     silent.receipt("v", 1.0, 100, 0, size=SIZE)
+    silent.receipt("a", 1.0, 50, 0, size=SIZE)
     assert silent.receipt("v", 1.0 + REPORT_GAP_S + 3, 700, 400, size=SIZE) is None
     assert silent.outages == 1
     after = silent.receipt("v", 1.0 + REPORT_GAP_S + 4, 800, 401, size=SIZE)
+    assert after is not None and after.lost == pytest.approx(0.01)
+    # The first report after it may still tell of the time before: the next one, with the
+    # outage's packets counted lost, is not measured either.
+    late = LinkReports()
+    late.receipt("v", 0.0, 0, 0, size=SIZE)
+    late.receipt("v", 1.0, 100, 0, size=SIZE)
+    late.receipt("a", 1.0, 50, 0, size=SIZE)
+    at = 1.0 + REPORT_GAP_S + 3
+    assert late.receipt("v", at, 100, 0, size=SIZE) is None  # nothing new yet
+    assert late.receipt("a", at, 50, 0, size=SIZE) is None
+    assert late.receipt("v", at + 1, 700, 450, size=SIZE) is None  # the outage's holes
+    assert late.receipt("a", at + 1, 300, 200, size=SIZE) is None
+    assert late.loss(at + 1) is None
+    after = late.receipt("v", at + 2, 800, 451, size=SIZE)
     assert after is not None and after.lost == pytest.approx(0.01)
 
     idle = LinkReports()

@@ -18,7 +18,7 @@ from aiortc.rtp import RTP_HISTORY_SIZE, RtpPacket
 
 from codec.rtp import TS_MOD, Vp8Descriptor, ts_delta, vp8_descriptor
 from relay.bandwidth import QUIET_S, THIN, LayerPolicy
-from relay.rendition import Rendition, Transcoder, fit, packetize
+from relay.rendition import LADDER, Rendition, Transcoder, fit, packetize
 from relay.subscription import Leg, Subscription
 from tests.media import counter_frame, read_counter
 
@@ -281,3 +281,25 @@ async def test_a_frame_lost_whole_stops_decoding_until_the_publishers_keyframe()
     finally:
         await rendition.close()
     assert not rendition.running
+
+
+async def test_a_still_picture_takes_the_rung_it_fills() -> None:
+    """A budget is compared with the rungs as the picture fills them: a still picture that
+    fills half of the 10 fps rung's 100 kbps lets a 110 kbps budget take the 15 fps rung
+    (it would come out near 75 kbps); a picture that fills them whole keeps the nominal
+    ladder; a rung not measured for 2 s yet counts as full."""
+    budgets = [110_000.0]
+    publisher = Publisher()
+    rendition = Rendition(publisher, budgets=lambda: budgets)  # type: ignore[arg-type]
+    try:
+        assert rendition.rung == LADDER[1]
+        start = rendition._rung_mark[0]
+        assert rendition.check_rung(start + 1.0) is None  # not measured yet: nominal
+        rendition.bytes_out = 50_000 * 4 // 8  # 50 kbps over 4 s
+        assert rendition.check_rung(start + 4.0) == LADDER[0]
+        assert rendition.fill == pytest.approx(0.5)
+        rendition.bytes_out += 150_000 * 4 // 8  # the 15 fps rung filled whole
+        assert rendition.check_rung(start + 8.0) == LADDER[1]  # 110 kbps: back to 10 fps
+        assert rendition.fill == pytest.approx(1.0)
+    finally:
+        await rendition.close()

@@ -21,6 +21,7 @@ from relay.rendition import (
     DEFAULT_RUNG,
     LADDER,
     RUNG_HOLD_S,
+    UP_BLOCK_S,
     UP_FAILED_S,
     Rung,
     RungChooser,
@@ -101,21 +102,26 @@ def test_the_chooser_changes_rung_at_most_once_per_hold() -> None:
     assert chooser.changes == 3
 
 
-def test_a_step_up_that_fails_doubles_the_wait_for_the_next_one() -> None:
+def test_a_rung_whose_step_up_failed_waits_before_it_is_tried_again() -> None:
     """An estimate that climbs past the link (it grows while nothing is lost) takes the rung
-    up, the loss that follows takes it down: the next step up waits twice as long, and a step
-    up that holds ``UP_FAILED_S`` resets the wait."""
-    chooser = RungChooser([70 * K], now=0.0)
-    assert chooser.rung == LADDER[3]  # 5 fps: 70 kbps is under the 8 fps rung x 1.1
-    assert chooser.update(RUNG_HOLD_S, [90 * K]) == LADDER[2]  # up to 8 fps
-    assert chooser.update(2 * RUNG_HOLD_S, [60 * K]) == LADDER[3]  # down 3 s later: failed
-    assert chooser.up_hold_s == 2 * RUNG_HOLD_S
-    assert chooser.update(3 * RUNG_HOLD_S, [90 * K]) is None  # 3 s: not yet
-    assert chooser.update(4 * RUNG_HOLD_S, [90 * K]) == LADDER[2]  # 6 s after the step down
-    at = 4 * RUNG_HOLD_S + UP_FAILED_S + 0.5
-    assert chooser.update(at, [90 * K]) is None and chooser.up_hold_s == RUNG_HOLD_S  # held
-    assert chooser.update(at + RUNG_HOLD_S, [140 * K]) == LADDER[1]
-    assert chooser.changes == 4
+    up, the loss that follows takes it down: that rung (and those above it) waits
+    ``UP_BLOCK_S`` before it is tried again, twice as long after the next failure; the
+    rungs below it are not held back, and a step up that holds resets the wait."""
+    chooser = RungChooser([90 * K], now=0.0)
+    assert chooser.rung == LADDER[2]  # 8 fps
+    assert chooser.update(RUNG_HOLD_S, [140 * K]) == LADDER[1]  # up to 10 fps
+    assert chooser.update(2 * RUNG_HOLD_S, [80 * K]) == LADDER[2]  # down 3 s later: failed
+    assert chooser.blocked == (1, 2 * RUNG_HOLD_S + UP_BLOCK_S)
+    at = 3 * RUNG_HOLD_S
+    assert chooser.update(at, [300 * K]) is None  # 10 and 15 fps wait
+    assert chooser.update(2 * RUNG_HOLD_S + UP_BLOCK_S, [300 * K]) == LADDER[0]
+    assert chooser.update(2 * RUNG_HOLD_S + UP_BLOCK_S + 4, [80 * K]) == LADDER[2]
+    assert chooser.blocked is not None and chooser.blocked[0] == 0
+    assert chooser.block_s == 4 * UP_BLOCK_S  # the third failure would wait 48 s
+    at = 2 * RUNG_HOLD_S + UP_BLOCK_S + 8
+    assert chooser.update(at, [140 * K]) == LADDER[1]  # 10 fps is not held back
+    assert chooser.update(at + UP_FAILED_S + 1, [140 * K]) is None  # it held
+    assert chooser.block_s == UP_BLOCK_S
 
 
 # -- the transcoder on each rung ------------------------------------------------------------
