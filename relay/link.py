@@ -141,6 +141,11 @@ class LinkReports:
                 lost += interval.expected * interval.lost
         return lost / expected if expected >= MIN_PACKETS else None
 
+    def measured(self, key: object, now: float) -> bool:
+        """Whether leg ``key`` has an interval that counts toward the link now."""
+        interval = self._intervals.get(key)
+        return interval is not None and now - interval.at <= RECENT_S
+
     def delivered_bps(self, now: float) -> float | None:
         """The rate that reached the subscriber lately, over every leg; None before any
         interval."""

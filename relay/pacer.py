@@ -93,6 +93,13 @@ loss over ``QUEUE_LOSS`` is the queue's, and the estimate comes down to what wen
 island's link was paced at 614 kbps for its 256 while its queue stayed full and its loss
 (3-6 %: the modem drops a few packets of each burst) stayed under ``HIGH_LOSS``."""
 QUEUE_LOSS = 0.02
+SATURATED = 0.8
+"""What reached the receiver, over the last ``SATURATED_REPORTS`` reports' median, under this
+share of what was sent, with loss over ``QUEUE_LOSS``: the link is full. The estimate comes
+down to ``SATURATED_DECREASE`` of what got through (a random 15 % loss on a wide link reads 0.85,
+and is left alone)."""
+SATURATED_REPORTS = 5
+SATURATED_DECREASE = 0.95
 MIN_BPS = 48_000
 """The estimate never goes below this: audio (~40 kbps with FEC) and a trickle of video."""
 QUEUE_LIMIT_S = 1.5
@@ -141,6 +148,9 @@ class LinkEstimate:
         self._grown_at: float | None = None
         self._held_until = 0.0
         self._rtts: collections.deque[tuple[float, float]] = collections.deque(maxlen=64)
+        self._ratios: collections.deque[tuple[float, float]] = collections.deque(
+            maxlen=SATURATED_REPORTS)
+        """(delivered / sent, delivered) of the last reports."""
 
     def report(self, now: float, loss: float, sent_bps: float | None,
                rtt_s: float | None = None, delivered_bps: float | None = None) -> float | None:
@@ -173,12 +183,29 @@ class LinkEstimate:
                 through = max(through, self.bps * DECREASE_MAX)
             self.bps = max(MIN_BPS, min(base, through))
             self.reason = "loss"
+            self._ratios.clear()
             # The reports of the next round trip still tell of the rate before this one.
             self._held_until = now + max(DECREASE_HOLD_S, (rtt_s or 0.0) + 0.5)
             self._grown_at = now
             return self.bps
+        if delivered_bps and sent_bps:
+            self._ratios.append((delivered_bps / sent_bps, delivered_bps))
         if self.bps is None:
             return None
+        if len(self._ratios) >= SATURATED_REPORTS and loss > QUEUE_LOSS:
+            ratios = sorted(self._ratios)
+            ratio, through = ratios[len(ratios) // 2]
+            if ratio < SATURATED:
+                # The link carries persistently less than is sent, and loses: it is full,
+                # whatever the round trip says (read with its queue already full from the
+                # first report, it never rises: an island's estimate grew to 1.2 Mbps for
+                # its 256 kbps so).
+                self.bps = max(MIN_BPS, min(self.bps, through * SATURATED_DECREASE))
+                self.reason = "saturated"
+                self._ratios.clear()
+                self._held_until = now + max(DECREASE_HOLD_S, (rtt_s or 0.0) + 0.5)
+                self._grown_at = now
+                return self.bps
         if self._grown_at is None:
             self._grown_at = now
         if loss < HIGH_LOSS and rise < RTT_RISE_S:

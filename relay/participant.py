@@ -211,12 +211,23 @@ class Participant:
                            estimate_bps=self.bandwidth.estimate_bps,
                            send_bps=self._send_rate.total_bps,
                            queue_delay_s=self.subscriber.queue_delay_s(),
-                           delivered_bps=self.subscriber.delivered_bps(now),
+                           delivered_bps=self._link_rate(now),
                            need_bps=self._need_bps)
         if self.layers.probes_spared != spared and self.layers.ceiling is not None:
             logger.info("%s no probe up: the link carried %d kbps when it was full, the next "
                         "layer needs more", self._label, self.layers.ceiling[1] / 1000)
         self._apply_layer()
+
+    def _link_rate(self, now: float) -> float | None:
+        """What the link carries, for the layer policy's ceiling: the rate delivered, no
+        more than the pacer's estimate (one reading of the rate delivered, summed over legs
+        reported at different times, read 737 kbps on a 512 kbps link, and the probe it let
+        through froze the picture)."""
+        delivered = self.subscriber.delivered_bps(now)
+        paced = self.subscriber.pacer.rate_bps
+        if delivered is None or paced is None:
+            return delivered
+        return min(delivered, paced)
 
     def _need_bps(self, layer: int) -> float | None:
         """What it would receive with every layered video at ``layer`` (the others whole)

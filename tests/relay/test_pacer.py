@@ -235,3 +235,21 @@ async def test_leaving_the_thin_rendition_stops_the_pacing_its_step_started() ->
     measured.report(0.5, 0.6, 150_000, now=11.0)
     assert measured.estimate.reason == "loss" and measured.rate_bps == 0.6 * 400_000
     assert not measured.unseed() and measured.rate_bps is not None
+
+
+def test_a_link_that_carries_less_than_is_sent_is_full_whatever_the_round_trip() -> None:
+    """Read with its queue already full from the first report, the round trip never rises:
+    the estimate grew to 1.2 Mbps on a 256 kbps island so. Five reports whose median says
+    under 80 % of what is sent got through, with some loss, bring it down to 95 % of that;
+    a wide link's random 15 % (85 % through) is left alone."""
+    full = LinkEstimate()
+    full.report(0.0, 0.5, 1_400_000, 1.2, 300_000)
+    for t in range(1, 20):  # the same round trip throughout: no rise
+        full.report(float(t), 0.04, 450_000, 1.2, 250_000 + (t % 3) * 10_000)
+    assert full.reason == "saturated" and full.bps is not None
+    assert full.bps <= 260_000 * 0.95 + 1
+    lossy = LinkEstimate()
+    lossy.report(0.0, 0.5, 1_000_000, 0.1, 600_000)
+    for t in range(1, 20):
+        lossy.report(float(t), 0.15, 600_000, 0.1, 510_000)
+    assert lossy.reason == "loss" and lossy.bps == 600_000  # held, not brought down
