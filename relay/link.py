@@ -62,6 +62,9 @@ class LinkReports:
         self._intervals: dict[object, Interval] = {}
         self._seen: float | None = None
         """When the link's latest report (of any leg) came."""
+        self._outage_end: float | None = None
+        """When the last outage (no report for the gap, or reports of nothing new) ended:
+        intervals begun before it are not measured."""
         self._idle_since: dict[object, float] = {}
         """Per leg: since when its reports say nothing new reached the client."""
         self.outages = 0
@@ -75,38 +78,31 @@ class LinkReports:
         ``upstream``: (publication id, packets it received, its highest extended sequence
         number) now; ``gap_s``: no report of any leg for this long is an outage (longer where
         only audio is reported: Chromium's come 5 s apart). The interval it completes, or
-        None (too soon after the last counted one,
-        the first, the first after an outage, or a sequence that jumped)."""
+        None (too soon after the last counted one, the first, begun before an outage ended,
+        or a sequence that jumped)."""
         seen, self._seen = self._seen, now
         here = _Mark(now, highest, lost, upstream)
         mark = self._marks.get(key)
         if seen is not None and now - seen > gap_s:
-            # The first report after an outage: everything sent into it counts lost, which
-            # is no news of the link's rate (an island's 5 s outage took the pacer to its
-            # floor and its viewer to 5 fps after every one). Every leg is measured afresh,
-            # from the first report that shows packets again: the first ones after the
-            # outage may still tell of the time before it.
-            for leg in self._marks:
-                self._idle_since.setdefault(leg, seen)
-            if mark is not None and highest > mark.highest:
-                self._idle_since.pop(key, None)  # packets again already: measured from here
-            self._marks.clear()
+            # No report of any leg for the gap: an outage both ways, ending now.
+            self._outage_ended(now)
             self._intervals.clear()
-            self._marks[key] = here
-            self.outages += 1
-            return None
         if mark is None:
             self._marks[key] = here
             return None
         if highest == mark.highest:
             # Nothing new reached the client on this leg (an outage of the downlink alone
-            # lets the reports through): when packets come again, the interval that spans
-            # the wait is no measure either.
+            # lets the reports through).
             self._idle_since.setdefault(key, mark.at)
         elif now - self._idle_since.pop(key, now) > gap_s:
+            self._outage_ended(now)
+        if self._outage_end is not None and mark.at < self._outage_end:
+            # The interval spans (part of) an outage: everything sent into it counts lost,
+            # which is no news of the link's rate (an island's 5 s outage took the pacer to
+            # its floor and its viewer to 5 fps after every one; an audio leg, reported
+            # every 5 s, spans one whole). Every leg is measured afresh from after it.
             self._marks[key] = here
             self._intervals.pop(key, None)
-            self.outages += 1
             return None
         if now - mark.at < INTERVAL_S:
             return None
@@ -124,6 +120,12 @@ class LinkReports:
         interval = Interval(now, expected, fraction, received * size * 8 / (now - mark.at))
         self._intervals[key] = interval
         return interval
+
+    def _outage_ended(self, now: float) -> None:
+        if self._outage_end != now:
+            self.outages += 1
+        self._outage_end = now
+        self._idle_since.clear()
 
     def forget(self, key: object) -> None:
         self._idle_since.pop(key, None)

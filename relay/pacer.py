@@ -93,11 +93,12 @@ loss over ``QUEUE_LOSS`` is the queue's, and the estimate comes down to what wen
 island's link was paced at 614 kbps for its 256 while its queue stayed full and its loss
 (3-6 %: the modem drops a few packets of each burst) stayed under ``HIGH_LOSS``."""
 QUEUE_LOSS = 0.02
-SATURATED = 0.8
+SATURATED = 0.7
 """What reached the receiver, over the last ``SATURATED_REPORTS`` reports' median, under this
 share of what was sent, with loss over ``QUEUE_LOSS``: the link is full. The estimate comes
-down to ``SATURATED_DECREASE`` of what got through (a random 15 % loss on a wide link reads 0.85,
-and is left alone)."""
+down to ``SATURATED_DECREASE`` of what got through, no more than ``DECREASE_MAX`` of what was
+sent at once (a random 15 % loss on a wide link reads 0.85, and is left alone; the readings
+of what got through vary by a third around the link's rate)."""
 SATURATED_REPORTS = 5
 SATURATED_DECREASE = 0.95
 MIN_BPS = 48_000
@@ -200,7 +201,11 @@ class LinkEstimate:
                 # whatever the round trip says (read with its queue already full from the
                 # first report, it never rises: an island's estimate grew to 1.2 Mbps for
                 # its 256 kbps so).
-                self.bps = max(MIN_BPS, min(self.bps, through * SATURATED_DECREASE))
+                # Never more than 40 % off what is sent at once: one median of readings
+                # summed over legs reported at different times is no exact rate.
+                base = min(self.bps, sent_bps)
+                self.bps = max(MIN_BPS, min(base, max(through * SATURATED_DECREASE,
+                                                      base * DECREASE_MAX)))
                 self.reason = "saturated"
                 self._ratios.clear()
                 self._held_until = now + max(DECREASE_HOLD_S, (rtt_s or 0.0) + 0.5)

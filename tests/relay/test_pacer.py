@@ -240,14 +240,16 @@ async def test_leaving_the_thin_rendition_stops_the_pacing_its_step_started() ->
 def test_a_link_that_carries_less_than_is_sent_is_full_whatever_the_round_trip() -> None:
     """Read with its queue already full from the first report, the round trip never rises:
     the estimate grew to 1.2 Mbps on a 256 kbps island so. Five reports whose median says
-    under 80 % of what is sent got through, with some loss, bring it down to 95 % of that;
-    a wide link's random 15 % (85 % through) is left alone."""
+    under 70 % of what is sent got through, with some loss, bring it down to 95 % of that,
+    or 60 % of what is sent if more; a wide link's random 15 % (85 % through) is left
+    alone."""
     full = LinkEstimate()
     full.report(0.0, 0.5, 1_400_000, 1.2, 300_000)
     for t in range(1, 20):  # the same round trip throughout: no rise
         full.report(float(t), 0.04, 450_000, 1.2, 250_000 + (t % 3) * 10_000)
     assert full.reason == "saturated" and full.bps is not None
-    assert full.bps <= 260_000 * 0.95 + 1
+    # Down to the link (95 % of ~260 kbps), no more than 40 % off at once.
+    assert 240_000 <= full.bps <= 450_000 * 0.6
     lossy = LinkEstimate()
     lossy.report(0.0, 0.5, 1_000_000, 0.1, 600_000)
     for t in range(1, 20):
