@@ -253,8 +253,7 @@ class LayerPolicy:
         self.probes_spared = 0
         """Probes not made: the layer needs more than the link's ceiling."""
 
-    def _ceiling_holds(self, now: float, rtt_s: float | None, delivered_bps: float | None,
-                       need_bps: float | None) -> bool:
+    def _ceiling_holds(self, now: float, rtt_s: float | None, need_bps: float | None) -> bool:
         """Whether the link's ceiling says the layer that needs ``need_bps`` will not fit."""
         ceiling = self.ceiling
         if ceiling is None or need_bps is None:
@@ -305,7 +304,9 @@ class LayerPolicy:
         A step down for a lack of rate notes the rate delivered then as the link's
         ceiling; a probe to a layer that needs more than the ceiling is not made (it would
         only fill the link's queue and freeze the picture for seconds) until the ceiling is
-        ``CEILING_S`` old, the link delivered more, or the round trip fell (another link)."""
+        ``CEILING_S`` old or the round trip fell (another link). Not when the link delivers
+        more than the ceiling: the rate delivered is read from reports of legs at different
+        times, and one reading low at the step down would forget the ceiling at the next."""
         reason = self.congestion(now, loss=loss, rtt_s=rtt_s, backlog_bytes=backlog_bytes,
                                  estimate_bps=estimate_bps, send_bps=send_bps,
                                  queue_delay_s=queue_delay_s)
@@ -352,7 +353,7 @@ class LayerPolicy:
         wait = CLIMB_S if self._climbing else self.quiet_s
         if self.layer < self.top and now - self._calm_since >= wait:
             target = 1 if self.layer == THIN and self.thin_over_base else self.layer + 1
-            if self._ceiling_holds(now, rtt_s, delivered_bps,
+            if self._ceiling_holds(now, rtt_s,
                                    need_bps(target) if need_bps is not None else None):
                 self.probes_spared += 1
                 self._calm_since = now

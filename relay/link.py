@@ -127,11 +127,6 @@ class LinkReports:
         self._outage_end = now
         self._idle_since.clear()
 
-    def forget(self, key: object) -> None:
-        self._idle_since.pop(key, None)
-        self._marks.pop(key, None)
-        self._intervals.pop(key, None)
-
     def loss(self, now: float) -> float | None:
         """The share of the packets sent that the link lost lately: every leg's latest
         interval, weighted by its packets (a leg at a thin rate counts ten packets a second,

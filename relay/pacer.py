@@ -311,9 +311,10 @@ class Pacer:
     def queued_bytes(self) -> int:
         return self._video_bytes
 
-    def audio_bps(self) -> float | None:
-        """The rate of audio sent lately (None before it is measured)."""
-        return self._audio.bps
+    def audio_bps(self, now: float | None = None) -> float | None:
+        """The rate of audio sent lately (None before it is measured); ``now``: measure it
+        now if its window has passed (the receiver reports do, from the first on)."""
+        return self._audio.bps if now is None else self._audio.sample(now)
 
     def stats(self) -> dict[str, object]:
         return {"rate_bps": None if self.estimate.bps is None else int(self.estimate.bps),

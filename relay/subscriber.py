@@ -139,9 +139,6 @@ class Subscriber:
         connection changed while it was on its way)."""
         self._label = f"Subscriber({room_id}/{participant_id})"
         self._traced_at = 0.0
-        self._audio_mark: tuple[float, int, float] | None = None
-        """When the audio sent was last counted, how much, and the rate since the one
-        before."""
         self.pacer = self._new_pacer()
         """What leaves toward the client, and when (relay/pacer.py)."""
 
@@ -336,7 +333,7 @@ class Subscriber:
             upstream = (publication.id, publication.packets, publication.sequence.highest)
         video = any(s.publication.kind == "video" and not s.paused
                     for s in self.subscriptions.values())
-        self._audio_sent_bps(now)  # measured from the first report on
+        self.pacer.audio_bps(now)  # measured from the first report on (delivered_bps)
         interval = self.reports.receipt(id(leg), now, highest, lost, size=size,
                                         upstream=upstream,
                                         gap_s=REPORT_GAP_S if video else AUDIO_GAP_S)
@@ -380,19 +377,8 @@ class Subscriber:
         audio = [s for s in self.subscriptions.values() if s.publication.kind == "audio"]
         unmeasured = [s for s in audio if not self.reports.measured(id(s.leg), now)]
         if unmeasured:
-            delivered += self._audio_sent_bps(now) * len(unmeasured) / len(audio)
+            delivered += (self.pacer.audio_bps() or 0.0) * len(unmeasured) / len(audio)
         return delivered
-
-    def _audio_sent_bps(self, now: float) -> float:
-        """The rate of audio sent lately (forwarded, with the link's per-packet overhead)."""
-        sent = sum(s.forwarded_bytes + s.forwarded * PACKET_OVERHEAD
-                   for s in self.subscriptions.values() if s.publication.kind == "audio")
-        mark = self._audio_mark
-        if mark is None or sent < mark[1]:
-            self._audio_mark = (now, sent, 0.0)
-        elif now - mark[0] >= 0.5:
-            self._audio_mark = (now, sent, (sent - mark[1]) * 8 / (now - mark[0]))
-        return self._audio_mark[2] if self._audio_mark else 0.0
 
     def _set_budgets(self) -> None:
         """Each video subscription's share of the link (``Subscription.budget_bps``): the
