@@ -92,9 +92,12 @@ class RoomRecording:
         self.allowed: set[str] = set()
         self.failed: str | None = None
         self.closed = False
-        self.last_arrival: float | None = None
-        """Arrival wall-clock of the last frame written (a gap after this session starts
-        there)."""
+        self.last_written: float | None = None
+        """Wall-clock of the last frame written: its arrival, or where its file's timeline put
+        it when that is later (a file's ``ended_at`` is on its timeline, which keeps the RTP
+        spacing from the first frame's arrival: a first frame that came late puts the later
+        ones after their arrival). A gap after this session starts there, never inside a
+        file."""
         self._hold_s = hold_s
         self._cluster_ms = cluster_ms
         self._fsync_interval_s = fsync_interval_s
@@ -269,8 +272,9 @@ class RoomRecording:
         except RecordingError as exc:
             self._fail(exc)
             return
-        if self.last_arrival is None or frame.arrival > self.last_arrival:
-            self.last_arrival = frame.arrival
+        written = max(frame.arrival, pub.timeline.origin + ms / 1000)
+        if self.last_written is None or written > self.last_written:
+            self.last_written = written
 
     def _close_group_file(self, group: _Group, status: FileStatus = "complete") -> None:
         media, entry = group.file, group.entry
