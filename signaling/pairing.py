@@ -237,8 +237,11 @@ class Pairing:
             if request.id not in self._queue:
                 self._index(request)
                 self._lane_moved(request)
-                if change.position is not None:
-                    self._told[request.id] = change.position
+            if change.position is not None:
+                # What its writer told in the ack, even when a resync here read the request
+                # from the store before this message came (else the leader's next tick tells
+                # the requester the same place again). A place this member told since stays.
+                self._told.setdefault(request.id, change.position)
         else:  # escalated
             known = self._queue.get(request.id)
             if known is None:

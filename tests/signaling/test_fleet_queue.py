@@ -236,6 +236,30 @@ async def test_resync_heals_what_the_bus_lost(tmp_path: Path,
         assert await b.pairing.tell_positions() >= 1
 
 
+async def test_a_request_resynced_before_its_message_is_not_told_its_place_again(
+        tmp_path: Path, redis_server: RedisServer) -> None:
+    """B's periodic resync reads A's new requests from the store before A's ``added``
+    messages come (a loaded machine): the messages still tell B the places A gave in its
+    acks, and B, leading the timers, tells nobody their place again (CI saw a second
+    ``request:update`` with the ack's place)."""
+    async with cluster(tmp_path, redis_server, silent=(0,)) as made:
+        a, b = made.members
+        first = await ask(made, a)
+        second = await ask(made, a, "ref2", reason="second")
+        ids = [first["request"]["id"], second["request"]["id"]]
+        assert await b.pairing.resync() == 2 and b.waiting() == ids
+        for answer in (first, second):
+            wire = a.queue.get(answer["request"]["id"])
+            assert wire is not None
+            await b.pairing._apply({"action": "added", "request": wire.to_wire(),
+                                    "escalated_at": None, "position": answer["position"]})
+        assert await b.pairing.tell_positions() == 0
+        await a.pairing.cancel(made.principal("ref1"), ids[0])
+        await b.pairing.resync()
+        assert await b.pairing.tell_positions() == 1
+        assert b.told.of("request:update")[-1]["position"] == 1
+
+
 async def test_a_late_or_malformed_queue_message_changes_nothing(
         tmp_path: Path, redis_server: RedisServer) -> None:
     """An ``added`` arriving after the request left (sent by one member before another
