@@ -195,6 +195,11 @@ async def test_one_thin_rendition_for_two_weak_subscribers_and_none_after() -> N
                                    for n in ("weak1", "weak2")), 15, "weak viewers at full rate")
         for name in ("weak1", "weak2"):
             counters, sizes, _ = window(viewers[name], back, time.monotonic())
+            # A thin frame sent before the switch may still come out of a loaded machine's
+            # decoder after it (CI saw one); once the original is back, only the original.
+            first_full = sizes.index(FULL)
+            assert set(sizes[:first_full]) <= {THIN_SIZE} and first_full <= 3, sizes[:8]
+            counters, sizes = counters[first_full:], sizes[first_full:]
             assert set(sizes) == {FULL}
             assert counters == list(range(counters[0], counters[0] + len(counters)))
             assert thin_notices(room, name)[-1]["quality"] == "full"
