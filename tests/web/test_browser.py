@@ -50,12 +50,15 @@ async def test_a_district_doctor_and_a_specialist_see_and_hear_each_other(
         timeline = await page.evaluate("() => window.telehealthTest.media.timeline")
         start = timeline[0][1]
         print(f"  {name}: " + ", ".join(f"{label} +{at - start} ms" for label, at in timeline))
-    # Both keep decoding, and both hear audio.
+    # Both keep decoding, and both hear audio: over 3 s, more than 10 frames (the layer
+    # policy may take a loaded machine's own delay for congestion and send layer 0 alone,
+    # 5 fps: CI saw fewer than 10 frames in 1.5 s so) and the sound all along.
     for page, other in ((district, "cardio1"), (specialist, "ref1")):
         frames, sound = await decoded_from(page, other), await audio_bytes_from(page, other)
-        await page.wait_for_timeout(1500)
-        assert await decoded_from(page, other) > frames + 10
-        assert await audio_bytes_from(page, other) > sound + 2000
+        await page.wait_for_timeout(3000)
+        decoded = await decoded_from(page, other) - frames
+        assert decoded > 10, decoded
+        assert await audio_bytes_from(page, other) > sound + 4000
     await expect(district.locator("#room-state")).to_have_attribute("data-state", "connected")
 
 
