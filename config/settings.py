@@ -293,6 +293,13 @@ class RelaySettings(_Section):
     subscriber), then the video pause. False: every subscriber gets every layer and only the
     video pause (``bandwidth_*``) acts, as before #15; Opus FEC and DTX, and audio sent before
     video under a backlog, stay on. Default true."""
+    fec: Literal["auto", "on", "off"] = "auto"
+    """Video FEC toward subscribers on long, lossy links (issue #15): ULPFEC in RED, as
+    Chromium receives it, offered on every subscribe connection. ``auto``: on for a
+    subscriber whose round trip is 250 ms or more and whose link loses 0.5 % or more (a
+    satellite site: a lost packet is rebuilt at once instead of a round trip later), off
+    again 30 s after; ``on``: for every subscriber whose browser accepted it (about a
+    quarter more video packets); ``off``: never, and not offered. Default ``auto``."""
     layer_quiet_s: float = Field(default=4.0, gt=0, le=600)
     """A subscriber stepped down is tried one layer up (a probe) after this long without
     congestion; once a probe held 2 s, the next comes 2 s later (a link back to good climbs

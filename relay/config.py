@@ -31,6 +31,9 @@ class MediaConfig:
     adaptation: bool = True
     """Each subscriber's video adapted to its link: temporal layers, then the thin rendition,
     then the pause (``layers``). False: every layer to everyone, only the pause acts."""
+    fec: str = "auto"
+    """Video FEC toward subscribers (ULPFEC in RED, relay/fec.py): ``auto`` on a long and
+    lossy link, ``on`` always, ``off`` never (nor offered)."""
     layers: LayerSettings = field(default_factory=LayerSettings)
     """The layer policy's thresholds and quiet periods (relay/bandwidth.py)."""
     udp_port_range: tuple[int, int] | None = None
@@ -59,6 +62,7 @@ def from_settings(relay: RelaySettings) -> MediaConfig:
         bandwidth_window_s=relay.bandwidth_window_s,
         bandwidth_retry_s=relay.bandwidth_retry_s,
         adaptation=relay.adaptation,
+        fec=relay.fec,
         layers=LayerSettings(quiet_s=relay.layer_quiet_s, max_quiet_s=relay.layer_max_quiet_s,
                              loss=relay.layer_loss, rtt_rise_s=relay.layer_rtt_rise_s,
                              backlog_bytes=relay.layer_backlog_bytes,

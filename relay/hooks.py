@@ -58,6 +58,7 @@ from aiortc.rtp import (
 )
 
 from relay.errors import HookMissing
+from relay.fec import red_wrap
 
 logger = logging.getLogger(__name__)
 
@@ -246,7 +247,7 @@ async def send_pli(receiver: RTCRtpReceiver, media_ssrc: int) -> None:
 class SenderLeg:
     """Direct access to a sender's transport, history and counters for forwarded packets."""
 
-    __slots__ = ("_counters", "_extensions", "_history", "sender", "ssrc")
+    __slots__ = ("_counters", "_extensions", "_history", "fec_on", "red_pt", "sender", "ssrc")
 
     def __init__(self, sender: RTCRtpSender) -> None:
         self.sender = sender
@@ -254,13 +255,29 @@ class SenderLeg:
         self._history: dict[int, RtpPacket] = getattr(sender, _SENDER_HISTORY)
         self._extensions = getattr(sender, _SENDER_EXTENSIONS)
         self._counters = sender
+        self.red_pt: int | None = None
+        """RED's payload type, when the subscriber's answer kept RED and ULPFEC on this leg
+        (relay/fec.py): a packet of this payload type is a FEC packet."""
+        self.fec_on = False
+        """Media packets go out in RED (``red_pt``): FEC is on for this leg."""
+
+    def serialize(self, packet: RtpPacket) -> bytes:
+        """``packet`` as this leg sends it (its header extensions)."""
+        return bytes(packet.serialize(self._extensions))
 
     async def send(self, packet: RtpPacket, ntp_time: int) -> None:
         """Send ``packet`` (already carrying this leg's ssrc, payload type, sequence number and
-        timestamp), keep it for retransmission and count it for sender reports."""
-        self._history[packet.sequence_number % RTP_HISTORY_SIZE] = packet
+        timestamp), keep it for retransmission and count it for sender reports. While FEC is
+        on, a media packet goes out in RED (kept plain for retransmission, which a receiver
+        takes as it is), and a FEC packet (RED's payload type) is not kept."""
+        data = packet.serialize(self._extensions)
+        red_pt = self.red_pt
+        if red_pt is None or packet.payload_type != red_pt:
+            self._history[packet.sequence_number % RTP_HISTORY_SIZE] = packet
+            if self.fec_on and red_pt is not None:
+                data = red_wrap(data, red_pt)
         # The transport is looked up each time: BUNDLE replaces it after negotiation.
-        await self.sender.transport._send_rtp(packet.serialize(self._extensions))
+        await self.sender.transport._send_rtp(data)
         sender = self._counters
         sender._RTCRtpSender__ntp_timestamp = ntp_time  # type: ignore[attr-defined]
         sender._RTCRtpSender__rtp_timestamp = packet.timestamp  # type: ignore[attr-defined]

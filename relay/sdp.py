@@ -23,6 +23,7 @@ from aiortc.sdp import MediaDescription, SessionDescription, candidate_from_sdp
 
 from relay.config import MediaConfig
 from relay.errors import BadSdp
+from relay.fec import RED_PT, ULPFEC_PT
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +157,58 @@ def _opus_section(lines: list[str]) -> list[str]:
         if rtpmap and rtpmap.group(1) in opus and rtpmap.group(1) not in with_fmtp:
             out.append(f"a=fmtp:{rtpmap.group(1)} {_fmtp_text(OPUS_FMTP)}")
     return out
+
+
+def _sections(sdp: str) -> tuple[str, list[list[str]]]:
+    """``sdp``'s newline and its lines cut into the session part and the m-sections."""
+    newline = "\r\n" if "\r\n" in sdp else "\n"
+    sections: list[list[str]] = [[]]
+    for line in sdp.split(newline):
+        if line.startswith("m="):
+            sections.append([])
+        sections[-1].append(line)
+    return newline, sections
+
+
+def offer_fec(sdp: str) -> str:
+    """The relay's subscribe offer with RED and ULPFEC (relay/fec.py) on each video m-line
+    it sends on: the receiver may then be sent FEC when its link needs it. aiortc knows
+    neither (its own description stays without them, and it ignores them in the answer): the
+    relay writes them into the text the client gets, as it writes Opus's parameters."""
+    newline, sections = _sections(sdp)
+    out: list[str] = []
+    for section in sections:
+        head = section[0] if section else ""
+        if not head.startswith("m=video ") or "a=inactive" in section or any(
+                re.match(r"a=rtpmap:\d+ (red|ulpfec)/", line) for line in section):
+            out += section
+            continue
+        out.append(f"{head} {RED_PT} {ULPFEC_PT}")
+        maps = [i for i, line in enumerate(section) if line.startswith(("a=rtpmap:", "a=fmtp:",
+                                                                       "a=rtcp-fb:"))]
+        last = maps[-1] if maps else len(section) - 1
+        out += section[1:last + 1]
+        out += [f"a=rtpmap:{RED_PT} red/90000", f"a=rtpmap:{ULPFEC_PT} ulpfec/90000"]
+        out += section[last + 1:]
+    return newline.join(out)
+
+
+def fec_accepted(sdp: str) -> dict[str, tuple[int, int]]:
+    """The mids of the video m-lines whose answer kept RED and ULPFEC: mid -> (RED payload
+    type, ULPFEC payload type)."""
+    _, sections = _sections(sdp)
+    accepted: dict[str, tuple[int, int]] = {}
+    for section in sections[1:]:
+        if not section[0].startswith("m=video "):
+            continue
+        mid = next((line[6:].strip() for line in section if line.startswith("a=mid:")), None)
+        types = {m.group(2).lower(): int(m.group(1)) for line in section
+                 if (m := re.match(r"a=rtpmap:(\d+) (red|ulpfec)/90000", line, re.IGNORECASE))}
+        formats = section[0].split()[3:]
+        if (mid is not None and {"red", "ulpfec"} <= types.keys()
+                and str(types["red"]) in formats and str(types["ulpfec"]) in formats):
+            accepted[mid] = (types["red"], types["ulpfec"])
+    return accepted
 
 
 def _fmtp_text(parameters: dict[str, str]) -> str:

@@ -30,10 +30,19 @@ from codec.rtp import SEQ_MOD
 from relay import hooks
 from relay.config import MediaConfig
 from relay.errors import BadSdp, MediaPortsExhausted, NegotiationPending, NotInRoom
+from relay.fec import FecPolicy
 from relay.link import AUDIO_GAP_S, REPORT_GAP_S, LinkReports
 from relay.pacer import PACKET_OVERHEAD, Pacer
 from relay.publication import Publication
-from relay.sdp import announce, leg_codecs, parse_sdp, payload_types, peer_connection
+from relay.sdp import (
+    announce,
+    fec_accepted,
+    leg_codecs,
+    offer_fec,
+    parse_sdp,
+    payload_types,
+    peer_connection,
+)
 from relay.subscription import Leg, Subscription
 
 logger = logging.getLogger(__name__)
@@ -139,6 +148,8 @@ class Subscriber:
         connection changed while it was on its way)."""
         self._label = f"Subscriber({room_id}/{participant_id})"
         self._traced_at = 0.0
+        self.fec = FecPolicy(config.fec)
+        """Whether its video goes out with FEC (relay/fec.py)."""
         self.pacer = self._new_pacer()
         """What leaves toward the client, and when (relay/pacer.py)."""
 
@@ -209,6 +220,8 @@ class Subscriber:
                 leg.payload_type = types.get(leg.mid)
                 tracks[leg.mid] = leg.subscription.publication.to_wire()
                 self._offered.add(leg.subscription.publication.id)
+        if self.config.fec != "off":
+            sdp = offer_fec(sdp)
         self._last_offer = {"transport_id": self.transport_id, "type": "offer",
                             "sdp": announce(sdp, self.config), "tracks": tracks}
         return self._last_offer
@@ -234,6 +247,10 @@ class Subscriber:
             raise BadSdp(f"the answer cannot be applied: {exc}") from None
         finally:
             again = self.negotiation.answered(applied)
+        fec = fec_accepted(str(sdp)) if self.config.fec != "off" else {}
+        for leg in self.legs:
+            leg.sender.red_pt, leg.ulpfec_pt = fec.get(leg.mid or "", (None, None))
+            leg.set_fec(self.fec.on)
         pending, self._pending = self._pending, []
         for publication in pending:
             self._add(publication)
@@ -340,6 +357,7 @@ class Subscriber:
         if interval is None:
             return
         loss = self.reports.loss(now)
+        self._update_fec(now, loss)
         if self.config.adaptation and loss is not None:  # off: nothing paced, as before #15
             self.pacer.report(loss, self.rtt_s(), self.delivered_bps(now), now)
             self._set_budgets()
@@ -379,6 +397,18 @@ class Subscriber:
         if unmeasured:
             delivered += (self.pacer.audio_bps() or 0.0) * len(unmeasured) / len(audio)
         return delivered
+
+    def _update_fec(self, now: float, loss: float | None) -> None:
+        """FEC on or off for its video legs, as ``FecPolicy`` says of its link."""
+        was = self.fec.on
+        on = self.fec.update(now, loss=loss, rtt_s=self.rtt_s())
+        changed = [leg for leg in self.legs if leg.kind == "video" and leg.set_fec(on)]
+        if changed or on != was:
+            logger.info("%s %s: FEC %s on %d video legs (loss %s, round trip %s)", self._label,
+                        self.transport_id, "on" if on else "off",
+                        sum(1 for leg in self.legs if leg.fec is not None),
+                        "?" if loss is None else f"{loss:.1%}",
+                        "?" if self.rtt_s() is None else f"{self.rtt_s():.2f} s")
 
     def _set_budgets(self) -> None:
         """Each video subscription's share of the link (``Subscription.budget_bps``): the

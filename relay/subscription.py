@@ -30,6 +30,7 @@ from codec.rtp import (
     vp8_with_picture_id,
 )
 from relay import hooks
+from relay.fec import UlpfecEncoder
 from relay.forwarding import Forwarder
 from relay.pacer import Pacer
 from relay.publication import Publication
@@ -274,6 +275,20 @@ class Leg:
         """Its subscription ended: the m-line stays inactive for good."""
         self.last_out: RtpPacket | None = None
         """The last packet given to the send path (``last_sent``)."""
+        self.fec: UlpfecEncoder | None = None
+        """While FEC is on for this leg (relay/fec.py; the subscriber turns it on and off)."""
+        self.ulpfec_pt: int | None = None
+        """ULPFEC's payload type in the subscriber's answer (RED's is ``sender.red_pt``)."""
+
+    def set_fec(self, on: bool) -> bool:
+        """FEC on or off for this leg (on only if the answer kept RED and ULPFEC); whether it
+        changed."""
+        on = on and self.sender.red_pt is not None and self.ulpfec_pt is not None
+        if on == (self.fec is not None):
+            return False
+        self.fec = UlpfecEncoder() if on else None
+        self.sender.fec_on = on
+        return True
 
     def last_sent(self) -> RtpPacket | None:
         """The last packet given to the leg's send path (sent, or waiting in the subscriber's
@@ -382,6 +397,8 @@ class Subscription:
         sees no gap) and the subscription starts again at a keyframe."""
         if first_seq is not None and self.leg.subscription is self:
             self.leg.next_seq = first_seq
+        if self.leg.fec is not None:
+            self.leg.fec.reset()
         self.skipped += 1
         self._restart()
 
@@ -405,6 +422,8 @@ class Subscription:
                 self.source.request_keyframe()
                 return
             self.waiting_keyframe = False
+            if leg.fec is not None:
+                leg.fec.reset()
             self._seq_offset = (leg.next_seq - in_seq) % SEQ_MOD
             self._start_seq = in_seq
             if self.layers is not None:
@@ -449,9 +468,22 @@ class Subscription:
             # Taken before the send: the pacer may give this very packet up (and take the
             # sequence numbers back to it) before ``send`` returns.
             leg.next_seq = (out_seq + 1) % SEQ_MOD
+        fec = leg.fec
+        parity = (fec.add(out_seq, leg.sender.serialize(out), bool(marker))
+                  if fec is not None and in_order else None)
+        if not await self._send(out, ntp, in_order):
+            return
+        self.forwarded += 1
+        self.forwarded_bytes += len(payload)
+        if parity is not None and leg.next_seq == (out_seq + 1) % SEQ_MOD:
+            await self._send_fec(out, parity, ntp)
+
+    async def _send(self, out: RtpPacket, ntp: int, in_order: bool) -> bool:
+        """``out`` to the leg: through the subscriber's pacer, or at once; False if the
+        transport refused it (not yet, or no longer, connected: the subscription starts again
+        at a keyframe once it is)."""
+        leg = self.leg
         try:
-            # Not yet (or no longer) connected: the transport refuses, and the subscription
-            # starts again at a keyframe once it is.
             if self._pacer is None or not in_order:
                 # A late packet goes into its place at once (rare: a publisher's packet
                 # recovered upstream); the pacer queues only in order (relay/pacer.py).
@@ -460,12 +492,30 @@ class Subscription:
                 await self._pacer.send(leg.sender, out, ntp, audio=self._audio,
                                        subscription=self)
         except ConnectionError:
-            if in_order and leg.next_seq == (out_seq + 1) % SEQ_MOD:
-                leg.next_seq = out_seq  # never sent: no gap
+            if in_order and leg.next_seq == (out.sequence_number + 1) % SEQ_MOD:
+                leg.next_seq = out.sequence_number  # never sent: no gap
             self.waiting_keyframe = True
+            return False
+        return True
+
+    async def _send_fec(self, after: RtpPacket, parity: bytes, ntp: int) -> None:
+        """The FEC packet of the group that ``after`` closed, in the next sequence number:
+        the publisher's packets that follow move one place on."""
+        leg = self.leg
+        red_pt, ulpfec_pt = leg.sender.red_pt, leg.ulpfec_pt
+        if red_pt is None or ulpfec_pt is None:
             return
-        self.forwarded += 1
-        self.forwarded_bytes += len(payload)
+        seq = leg.next_seq
+        leg.next_seq = (seq + 1) % SEQ_MOD
+        if self.layers is not None:
+            self.layers.seq_offset = (self.layers.seq_offset + 1) % SEQ_MOD
+        else:
+            self._seq_offset = (self._seq_offset + 1) % SEQ_MOD
+        packet = RtpPacket(payload_type=red_pt, sequence_number=seq, timestamp=after.timestamp,
+                           ssrc=after.ssrc, payload=bytes((ulpfec_pt,)) + parity)
+        packet.extensions.mid = after.extensions.mid
+        packet.extensions.abs_send_time = after.extensions.abs_send_time
+        await self._send(packet, ntp, True)
 
     def _continue_from(self, timestamp: int, descriptor: Vp8Descriptor | None) -> None:
         """After a change of source, at its first keyframe (``timestamp``): the timestamps go
