@@ -25,7 +25,8 @@ What runs (all on 127.0.0.1, in this process but for Chromium; everything stoppe
   ``SAMPLE_S``), and leaves. Every profile with adaptation on, then every profile with it
   off; the table lists them by profile.
 - Adaptation off: a second relay (and emulator, seeded alike) with ``relay.adaptation =
-  false`` (MediaConfig.adaptation): no layer policy and no thin rendition for any subscriber,
+  false`` (MediaConfig.adaptation) and ``relay.fec = "off"``: no layer policy, no thin
+  rendition and no video FEC for any subscriber,
   every layer to everyone, only the video pause, as before #15. The setting is the relay's, so
   the cameras and the good viewer join that relay afresh (the good viewer without adaptation
   too: good_fps_min is taken from the runs with it on).
@@ -396,7 +397,8 @@ async def run_mode(args: argparse.Namespace, browser: Browser, profiles: list[st
     async with UdpLinkEmulator((HOST, relay_port), default="good", seed=args.seed) as link, \
             relay_room(udp_port=relay_port, announced_port=link.port,
                        bandwidth_floor_bps=args.bandwidth_floor,
-                       adaptation=adaptation) as room:
+                       adaptation=adaptation,
+                       fec=args.fec if adaptation else "off") as room:
         await room.relay.start()
         hide_client_addresses(room.relay)
         good = await room.join("good", publish=False)
@@ -408,7 +410,8 @@ async def run_mode(args: argparse.Namespace, browser: Browser, profiles: list[st
                 await cameras[-1].publish()
             await wait_for(lambda: all(good.frames(p) >= 30 for p in PUBLISHERS), 40,
                            "the good viewer decoding both cameras")
-            print(f"relay.adaptation = {str(adaptation).lower()}: two Chromium cameras (L1T3) "
+            print(f"relay.adaptation = {str(adaptation).lower()}, relay.fec = "
+                  f"{args.fec if adaptation else 'off'}: two Chromium cameras (L1T3) "
                   f"decoded by the good viewer after {time.monotonic() - began:.1f} s",
                   flush=True)
             for profile in profiles:
@@ -462,6 +465,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trace", action="store_true",
                         help="with --verbose: the relay's view of the weak one's link each "
                              "second (loss, round trip, delivered, paced and sent rates)")
+    parser.add_argument("--fec", choices=("auto", "on", "off"), default="auto",
+                        help="relay.fec with adaptation on (default auto; the baseline, "
+                             "adaptation off, has none, as before #15)")
     parser.add_argument("--on-only", action="store_true",
                         help="adaptation on only, no baseline (for tuning; a published figure "
                              "comes with its baseline)")

@@ -111,6 +111,7 @@ def recording_subscription(publication: Source) -> tuple[Subscription, Recorder]
     recorder = Recorder()
     leg.sender = recorder  # type: ignore[assignment]
     leg.next_seq, leg.payload_type, leg.mid, leg.subscription = 40000, 100, "1", None
+    leg.fec, leg.last_out = None, None
     subscription = Subscription(publication, "viewer", leg,  # type: ignore[arg-type]
                                 max_backlog_bytes=0)
     subscription.ready = True

@@ -46,9 +46,20 @@ async def test_the_web_client_sends_its_camera_in_l1t3_and_the_other_side_decode
         assert sender["asked"] == ["L1T3"], sender
         assert sender["codec"] == "video/VP8", sender
         assert sender["encoding"] == "L1T3", sender
-    frames = await decoded_from(specialist, "ref1")
-    await specialist.wait_for_timeout(3000)
-    rate = (await decoded_from(specialist, "ref1") - frames) / 3
-    print(f"specialist decodes the district doctor's camera at {rate:.1f} fps "
-          "(Chromium's fake camera: 20 fps)")
-    assert rate >= 12, rate
+    # The full rate over 3 s, at most three tries: the relay's layer policy may take a loaded
+    # machine's own delay on loopback for congestion and send fewer layers for a while (the
+    # tile then says so: data-quality "reduced"); a window it spent so does not count.
+    quality = specialist.locator('#tiles figure[data-participant="ref1"] .tile-quality')
+    rates = []
+    for _ in range(3):
+        before = await quality.get_attribute("data-quality")
+        frames = await decoded_from(specialist, "ref1")
+        await specialist.wait_for_timeout(3000)
+        rate = (await decoded_from(specialist, "ref1") - frames) / 3
+        after = await quality.get_attribute("data-quality")
+        rates.append((rate, before, after))
+        if before in (None, "full") and after in (None, "full"):
+            break
+    print(f"specialist decodes the district doctor's camera at {rates} (fps, the tile's "
+          "quality before and after; Chromium's fake camera: 20 fps)")
+    assert rate >= 12, rates
