@@ -93,6 +93,10 @@ loss over ``QUEUE_LOSS`` is the queue's, and the estimate comes down to what wen
 island's link was paced at 614 kbps for its 256 while its queue stayed full and its loss
 (3-6 %: the modem drops a few packets of each burst) stayed under ``HIGH_LOSS``."""
 QUEUE_LOSS = 0.02
+PATH_RTT_FALL_S = 0.1
+"""A round trip this much, and half, below the lowest of the link the estimate measured:
+another path, and the estimate is forgotten (as the layer policy forgets its ceiling,
+relay/bandwidth.py ``CEILING_RTT_FALL_S``)."""
 SATURATED = 0.7
 """What reached the receiver, over the last ``SATURATED_REPORTS`` reports' median, under this
 share of what was sent, with loss over ``QUEUE_LOSS``: the link is full. The estimate comes
@@ -152,6 +156,14 @@ class LinkEstimate:
         self._ratios: collections.deque[tuple[float, float]] = collections.deque(
             maxlen=SATURATED_REPORTS)
         """(delivered / sent, delivered) of the last reports."""
+        self._path_rtt: float | None = None
+        """The lowest round trip when the estimate last came down: the path it measured."""
+
+    def seed(self, bps: float) -> None:
+        """Start at ``bps`` (``Pacer.seed``), on the path the round trips measured lately."""
+        self.bps = bps
+        self.reason = "thin"
+        self._path_rtt = min((r for _, r in self._rtts), default=None)
 
     def report(self, now: float, loss: float, sent_bps: float | None,
                rtt_s: float | None = None, delivered_bps: float | None = None) -> float | None:
@@ -159,6 +171,20 @@ class LinkEstimate:
         round trip and the rate that reached the receiver lately (its reports' packet counts:
         on a full link, the link's rate): the estimate from now (bits per second, or None)."""
         rise = 0.0
+        path = self._path_rtt
+        if (rtt_s is not None and path is not None and self.bps is not None
+                and rtt_s < min(path - PATH_RTT_FALL_S, path / 2)):
+            # Another path (a satellite site back on its fibre, a 3G phone on Wi-Fi): what
+            # was measured of the old one says nothing of it. Unpaced until it loses (kept,
+            # the old estimate held a link back to good at the satellite's rate, the video it
+            # queued read as a backlog, and the layer policy stepped down again on it).
+            self.bps = None
+            self.reason = "path"
+            self._path_rtt = None
+            self._rtts.clear()
+            self._ratios.clear()
+            self._held_until = 0.0
+            self._grown_at = None
         if rtt_s is not None:
             while self._rtts and now - self._rtts[0][0] > 30.0:
                 self._rtts.popleft()
@@ -184,6 +210,7 @@ class LinkEstimate:
                 through = max(through, self.bps * DECREASE_MAX)
             self.bps = max(MIN_BPS, min(base, through))
             self.reason = "loss"
+            self._path_rtt = min((r for _, r in self._rtts), default=None)
             self._ratios.clear()
             # The reports of the next round trip still tell of the rate before this one.
             self._held_until = now + max(DECREASE_HOLD_S, (rtt_s or 0.0) + 0.5)
@@ -207,6 +234,7 @@ class LinkEstimate:
                 self.bps = max(MIN_BPS, min(base, max(through * SATURATED_DECREASE,
                                                       base * DECREASE_MAX)))
                 self.reason = "saturated"
+                self._path_rtt = min((r for _, r in self._rtts), default=None)
                 self._ratios.clear()
                 self._held_until = now + max(DECREASE_HOLD_S, (rtt_s or 0.0) + 0.5)
                 self._grown_at = now
@@ -339,6 +367,10 @@ class Pacer:
         if after is not None and (before is None or abs(after - before) > 0.25 * before):
             logger.info("%s paced at %d kbps (%s)", self._label, after / 1000,
                         self.estimate.reason)
+        elif after is None and before is not None:
+            self._seeded = False
+            logger.info("%s no longer paced: another path (round trip %.2f s)", self._label,
+                        rtt_s or 0.0)
 
     def seed(self, bps: float) -> bool:
         """Start pacing at ``bps`` (what reaches the subscriber now) if nothing is paced yet;
@@ -346,10 +378,10 @@ class Pacer:
         (relay/subscriber.py ``set_max_layer``)."""
         if self.estimate.bps is not None:
             return False
-        self.estimate.bps = max(MIN_BPS, bps)
-        self.estimate.reason = "thin"
+        bps = max(MIN_BPS, bps)
+        self.estimate.seed(bps)
         self._seeded = True
-        logger.info("%s paced at %d kbps (thin)", self._label, self.estimate.bps / 1000)
+        logger.info("%s paced at %d kbps (thin)", self._label, bps / 1000)
         return True
 
     def unseed(self) -> bool:

@@ -400,10 +400,9 @@ class Subscriber:
 
     def _update_fec(self, now: float, loss: float | None) -> None:
         """FEC on or off for its video legs, as ``FecPolicy`` says of its link."""
-        was = self.fec.on
         on = self.fec.update(now, loss=loss, rtt_s=self.rtt_s())
         changed = [leg for leg in self.legs if leg.kind == "video" and leg.set_fec(on)]
-        if changed or on != was:
+        if changed:  # (a client that did not accept FEC, aiortc's, has no leg to change)
             logger.info("%s %s: FEC %s on %d video legs (loss %s, round trip %s)", self._label,
                         self.transport_id, "on" if on else "off",
                         sum(1 for leg in self.legs if leg.fec is not None),

@@ -34,6 +34,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from signaling.accounts import FORGET_LOCKOUTS_AFTER_S, UNKNOWN, AccountsUnavailable, Strikes
+from signaling.fleet import retry_once
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ class RedisStrikes:
     def from_url(cls, url: str, **kwargs: Any) -> RedisStrikes:
         pool = aioredis.BlockingConnectionPool.from_url(
             url, max_connections=POOL_SIZE, timeout=POOL_WAIT_S, decode_responses=True,
+            retry=retry_once(),
             socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S)
         return cls(aioredis.Redis.from_pool(pool), **kwargs)
 

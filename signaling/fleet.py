@@ -60,6 +60,14 @@ BACKOFF_S = (0.1, 5.0)
 """The listener's first and longest wait before it dials Redis again after a loss."""
 RETRIES = 1
 """A command failing on a dead connection is tried once more, on a new one."""
+
+
+def retry_once() -> Retry:
+    """For every Redis client of the process: a command that fails on a connection that died
+    (Redis restarted; each pooled connection is such a one once) is tried once more on a new
+    one. redis-py 8 retries none by default: a chat sent just after Redis came back was
+    refused ``internal`` so."""
+    return Retry(ExponentialBackoff(cap=0.5, base=0.05), RETRIES)
 START_TIMEOUT_S = 10.0
 """``start`` waits this long at most for the bus's subscription."""
 STOP_FLUSH_S = 1.0
@@ -184,7 +192,7 @@ class RedisFleet:
         # on a new one: redis-py 8 retries none by default.
         self._redis = aioredis.Redis.from_url(
             url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=COMMAND_TIMEOUT_S,
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), RETRIES))
+            retry=retry_once())
         self._renew = self._redis.register_script(RENEW)
         self._release = self._redis.register_script(RELEASE)
         self._handlers: dict[str, list[Handler]] = {}

@@ -29,6 +29,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from config.settings import LimitsSettings
+from signaling.fleet import retry_once
 from signaling.limits import LimitsUnavailable
 from signaling.live_redis import RedisLiveStore
 
@@ -87,6 +88,7 @@ class RedisClinicianLimits:
     def from_url(cls, url: str, **kwargs: Any) -> RedisClinicianLimits:
         pool = aioredis.BlockingConnectionPool.from_url(
             url, max_connections=POOL_SIZE, timeout=POOL_WAIT_S, decode_responses=True,
+            retry=retry_once(),
             socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S)
         return cls(aioredis.Redis.from_pool(pool), **kwargs)
 

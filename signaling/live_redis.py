@@ -45,7 +45,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from signaling.fleet import raise_if_cancelled
+from signaling.fleet import raise_if_cancelled, retry_once
 from signaling.live import ClinicianLocks, Connection, Participant
 
 logger = logging.getLogger(__name__)
@@ -404,7 +404,8 @@ class RedisLiveStore:
         ``POOL_SIZE`` are busy: redis-py's default pool raises at its 101st concurrent command,
         which a burst of reconnecting clients reaches."""
         pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=POOL_SIZE, timeout=POOL_WAIT_S, decode_responses=True)
+            url, max_connections=POOL_SIZE, timeout=POOL_WAIT_S, decode_responses=True,
+            retry=retry_once())
         return cls(aioredis.Redis.from_pool(pool), **kwargs)
 
     def _args(self, *values: object) -> list[str]:

@@ -46,6 +46,7 @@ from redis.exceptions import RedisError
 
 from relay.api import Relay, RelayInfo
 from relay.errors import RelayError
+from signaling.fleet import retry_once
 from signaling.placement import (
     MoveReason,
     NodeRelay,
@@ -287,6 +288,7 @@ class RelayRegistry:
         Redis drops them the moment the process dies, which ``alive`` reads."""
         pool = aioredis.BlockingConnectionPool.from_url(
             url, max_connections=POOL_SIZE, timeout=POOL_WAIT_S, decode_responses=True,
+            retry=retry_once(),
             client_name=client_name(prefix, instance_id))
         return cls(aioredis.Redis.from_pool(pool), prefix=prefix, instance_id=instance_id,
                    **kwargs)

@@ -95,6 +95,31 @@ def test_a_decrease_follows_what_arrived_held_for_the_legs_of_one_moment() -> No
     assert estimate.bps == MIN_BPS
 
 
+def test_a_round_trip_far_below_the_measured_links_is_another_path_and_unpaced() -> None:
+    """A satellite link (0.6 s) measured at 250 kbps; then its round trip falls to 0.05 s
+    (the site is back on its fibre): the estimate is forgotten, nothing paced until the new
+    path loses. A satellite's own jitter (0.55 s) is the same path."""
+    estimate = LinkEstimate()
+    estimate.report(0.0, 0.0, 1_000_000, 0.6)
+    assert estimate.report(1.0, 0.5, 1_000_000, 0.9, 250_000) == 250_000
+    for t in range(2, 6):
+        assert estimate.report(float(t), 0.0, 250_000, 0.55) is not None
+    assert estimate.report(6.0, 0.0, 250_000, 0.05) is None
+    assert estimate.reason == "path"
+    assert estimate.report(7.0, 0.0, 2_000_000, 0.05) is None
+    # The new path measured afresh: its own losses pace it, its own round trip is its path.
+    assert estimate.report(8.0, 0.5, 2_000_000, 0.3, 900_000) == 900_000
+    assert estimate.report(20.0, 0.0, 900_000, 0.05) is not None
+
+
+async def test_a_seeded_estimate_is_forgotten_on_another_path_too() -> None:
+    pacer = Pacer("test")
+    pacer.report(0.0, 0.6, now=0.0)
+    assert pacer.seed(200_000) and pacer.rate_bps == 200_000
+    pacer.report(0.0, 0.02, now=1.0)
+    assert pacer.rate_bps is None
+
+
 def test_growth_without_loss_bounded_by_what_is_sent_and_held_by_a_rising_round_trip() -> None:
     estimate = LinkEstimate()
     estimate.report(0.0, 0.5, 800_000, 0.5, 400_000)  # held for the round trip and 0.5 s
