@@ -35,10 +35,6 @@ one packet on a thin link does not cost a FEC packet of its own: at most 25 % mo
 GROUP_MAX = 8
 """A group closes at this many packets, mid-frame (a keyframe of 30 packets gets four FEC
 packets, each able to rebuild one loss of its eight)."""
-OVERHEAD = 0.3
-"""What FEC adds to a leg's video bytes until measured (bench/thin_link.py, vsat: a quarter
-to a third: small frames of a thin rate close a group of four with a parity as long as the
-longest)."""
 MASK_SPAN = 16
 """The 16-bit packet mask (L = 0) covers this many sequence numbers from its base."""
 SEQ_MOD = 1 << 16
@@ -95,14 +91,10 @@ class UlpfecEncoder:
         self.protected = 0
         """Media packets protected."""
         self.media_bytes = 0
+        """Bytes of the media packets it protected, and of the FEC packets it made: what FEC
+        adds (a quarter to a third at a thin rendition's rates; the pacer sends it only with
+        room to spare, relay/pacer.py)."""
         self.fec_bytes = 0
-
-    def overhead(self) -> float:
-        """What the FEC adds to the video's bytes (``OVERHEAD`` until 20 KB were sent): a
-        subscriber's video budget leaves room for it."""
-        if self.media_bytes < 20_000:
-            return OVERHEAD
-        return self.fec_bytes / self.media_bytes
 
     def reset(self) -> None:
         self._group = []

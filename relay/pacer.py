@@ -93,6 +93,10 @@ loss over ``QUEUE_LOSS`` is the queue's, and the estimate comes down to what wen
 island's link was paced at 614 kbps for its 256 while its queue stayed full and its loss
 (3-6 %: the modem drops a few packets of each burst) stayed under ``HIGH_LOSS``."""
 QUEUE_LOSS = 0.02
+SPARE_QUEUE_S = 0.1
+"""A FEC packet is sent only while the video queued ahead of it leaves within this: FEC takes
+the room the link has over the video, never the video's (taking it from the video's budget
+kept vsat on the thin rendition, where it froze more: bench/thin_link.py --fec)."""
 PATH_RTT_FALL_S = 0.1
 """A round trip this much, and half, below the lowest of the link the estimate measured:
 another path, and the estimate is forgotten (as the layer policy forgets its ceiling,
@@ -301,6 +305,8 @@ class Pacer:
         self.retransmissions_refused = 0
         self.holes_padded = 0
         """Packets never to be sent again, padded in their place."""
+        self.spare_dropped = 0
+        """FEC packets not sent: video was waiting."""
         self.queue_max_bytes = 0
         self._on_hole = on_hole
         self._label = label
@@ -351,7 +357,7 @@ class Pacer:
                 "drops": self.drops, "dropped_packets": self.dropped_packets,
                 "retransmitted": self.retransmitted,
                 "retransmissions_refused": self.retransmissions_refused,
-                "holes_padded": self.holes_padded}
+                "holes_padded": self.holes_padded, "spare_dropped": self.spare_dropped}
 
     # -- reports -----------------------------------------------------------------------------
     def report(self, loss: float, rtt_s: float | None, delivered_bps: float | None = None,
@@ -398,11 +404,17 @@ class Pacer:
 
     # -- sending -------------------------------------------------------------------------------
     async def send(self, leg: SenderLeg, packet: RtpPacket, ntp: int, *, audio: bool,
-                   subscription: Restartable) -> None:
+                   subscription: Restartable, spare: bool = False) -> None:
         """Send ``packet`` on ``leg`` now, or queue it (video, paced). ConnectionError (not yet
         or no longer connected) is raised only for a packet sent at once; a queued one meets it
-        later and restarts its subscription."""
+        later and restarts its subscription. ``spare`` (a FEC packet, relay/fec.py): only on
+        a link with room, never in place of video: paced, it is dropped when video already
+        waits over ``SPARE_QUEUE_S`` (its sequence number stays a hole, which a receiver
+        takes for a lost FEC packet: frames are told apart by their own headers)."""
         size = len(packet.payload) + PACKET_OVERHEAD
+        if spare and self.estimate.bps is not None and self.queue_delay_s() > SPARE_QUEUE_S:
+            self.spare_dropped += 1
+            return
         if self.estimate.bps is None:
             await leg.send(packet, ntp)
             self._sent.total += size

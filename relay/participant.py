@@ -230,8 +230,8 @@ class Participant:
         return min(delivered, paced)
 
     def _need_bps(self, layer: int) -> float | None:
-        """What it would receive with every layered video at ``layer`` (the others whole,
-        each with its FEC when that is on) and its audio, as the publishers send now; None if
+        """What it would receive with every layered video at ``layer`` (the others whole)
+        and its audio, as the publishers send now (FEC takes only what is left over); None if
         a rate is not measured yet."""
         total = self.subscriber.pacer.audio_bps() or 0.0
         for subscription in self.subscriber.subscriptions.values():
@@ -241,8 +241,7 @@ class Participant:
             rate = publication.layer_bps(layer if publication.temporal_layers > 0 else None)
             if rate is None:
                 return None
-            fec = subscription.leg.fec
-            total += rate * (1 + fec.overhead()) if fec is not None else rate
+            total += rate
         return total
 
     def _adapting(self) -> bool:

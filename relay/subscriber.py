@@ -411,8 +411,8 @@ class Subscriber:
 
     def _set_budgets(self) -> None:
         """Each video subscription's share of the link (``Subscription.budget_bps``): the
-        pacer's estimate less the audio, shared evenly, less its FEC's part when FEC is on;
-        None while there is no estimate."""
+        pacer's estimate less the audio, shared evenly (FEC takes only what is left over:
+        ``Pacer.send``'s ``spare``); None while there is no estimate."""
         rate = self.pacer.rate_bps
         videos = [s for s in self.subscriptions.values()
                   if s.publication.kind == "video" and not s.paused]
@@ -420,9 +420,7 @@ class Subscriber:
         if rate is not None and videos:
             budget = max(0.0, rate - (self.pacer.audio_bps() or 0.0)) / len(videos)
         for subscription in videos:
-            fec = subscription.leg.fec
-            subscription.budget_bps = (budget / (1 + fec.overhead())
-                                       if budget is not None and fec is not None else budget)
+            subscription.budget_bps = budget
 
     @staticmethod
     def _keyframe_wanted(leg: Leg) -> None:

@@ -478,7 +478,8 @@ class Subscription:
         if parity is not None and leg.next_seq == (out_seq + 1) % SEQ_MOD:
             await self._send_fec(out, parity, ntp)
 
-    async def _send(self, out: RtpPacket, ntp: int, in_order: bool) -> bool:
+    async def _send(self, out: RtpPacket, ntp: int, in_order: bool, *,
+                    spare: bool = False) -> bool:
         """``out`` to the leg: through the subscriber's pacer, or at once; False if the
         transport refused it (not yet, or no longer, connected: the subscription starts again
         at a keyframe once it is)."""
@@ -490,7 +491,7 @@ class Subscription:
                 await leg.sender.send(out, ntp)
             else:
                 await self._pacer.send(leg.sender, out, ntp, audio=self._audio,
-                                       subscription=self)
+                                       subscription=self, spare=spare)
         except ConnectionError:
             if in_order and leg.next_seq == (out.sequence_number + 1) % SEQ_MOD:
                 leg.next_seq = out.sequence_number  # never sent: no gap
@@ -515,7 +516,7 @@ class Subscription:
                            ssrc=after.ssrc, payload=bytes((ulpfec_pt,)) + parity)
         packet.extensions.mid = after.extensions.mid
         packet.extensions.abs_send_time = after.extensions.abs_send_time
-        await self._send(packet, ntp, True)
+        await self._send(packet, ntp, True, spare=True)
 
     def _continue_from(self, timestamp: int, descriptor: Vp8Descriptor | None) -> None:
         """After a change of source, at its first keyframe (``timestamp``): the timestamps go

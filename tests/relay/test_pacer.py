@@ -17,6 +17,7 @@ from relay.pacer import (
     PAD_MAX,
     RANDOM_LOSS,
     RTX_MAX,
+    SPARE_QUEUE_S,
     LinkEstimate,
     Pacer,
 )
@@ -142,6 +143,28 @@ async def test_unpaced_everything_leaves_at_once() -> None:
         await pacer.send(leg, packet(seq), 0, audio=False, subscription=sub)  # type: ignore[arg-type]
     assert [s for _, s in leg.sent] == list(range(40))
     assert pacer.queued_bytes == 0
+
+
+async def test_fec_goes_only_into_room_the_video_leaves() -> None:
+    """A FEC packet (``spare``) goes out, or is queued, while the video ahead of it leaves
+    within SPARE_QUEUE_S; behind a keyframe's burst it is not sent at all (nor is it on a
+    link never paced: there, room is not known to lack)."""
+    pacer, leg, sub = paced(256_000), RecordingLeg(), Sub()
+    await pacer.send(leg, packet(0, 200), 0, audio=False, subscription=sub,  # type: ignore[arg-type]
+                     spare=True)
+    await wait_for(lambda: [s for _, s in leg.sent] == [0], timeout=2.0)  # queued, sent
+    for seq in range(1, 30):
+        await pacer.send(leg, packet(seq), 0, audio=False, subscription=sub)  # type: ignore[arg-type]
+    assert pacer.queue_delay_s() > SPARE_QUEUE_S
+    await pacer.send(leg, packet(30, 1000), 0, audio=False, subscription=sub,  # type: ignore[arg-type]
+                     spare=True)
+    assert pacer.spare_dropped == 1
+    await wait_for(lambda: len(leg.sent) >= 30, timeout=5.0)
+    assert 30 not in [s for _, s in leg.sent]
+    unpaced, open_leg = Pacer("test"), RecordingLeg()
+    await unpaced.send(open_leg, packet(5), 0, audio=False, subscription=sub,  # type: ignore[arg-type]
+                       spare=True)
+    assert [s for _, s in open_leg.sent] == [5] and unpaced.spare_dropped == 0
 
 
 async def test_a_keyframe_burst_leaves_at_the_link_rate_with_audio_first() -> None:
