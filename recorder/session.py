@@ -73,6 +73,8 @@ class _Group:
     held: list[tuple[_Publication, Frame]] = field(default_factory=list)
     held_since: float | None = None
     parts: int = 0
+    last_arrival: float | None = None
+    """Arrival of the last frame written into its current file."""
 
 
 FileEvent = Callable[[FileEntry], Awaitable[None]]
@@ -93,11 +95,11 @@ class RoomRecording:
         self.failed: str | None = None
         self.closed = False
         self.last_written: float | None = None
-        """Wall-clock of the last frame written: its arrival, or where its file's timeline put
-        it when that is later (a file's ``ended_at`` is on its timeline, which keeps the RTP
-        spacing from the first frame's arrival: a first frame that came late puts the later
-        ones after their arrival). A gap after this session starts there, never inside a
-        file."""
+        """Arrival wall-clock of the last frame written. A gap after this session starts
+        there; a file's ``ended_at`` is never after its own last frame's arrival (its
+        timeline keeps the RTP spacing from the first frame's arrival, so a first frame that
+        came late puts the later ones after their arrival: a file ended 33-68 ms inside a
+        fleet's hand-over gap so)."""
         self._hold_s = hold_s
         self._cluster_ms = cluster_ms
         self._fsync_interval_s = fsync_interval_s
@@ -272,14 +274,16 @@ class RoomRecording:
         except RecordingError as exc:
             self._fail(exc)
             return
-        written = max(frame.arrival, pub.timeline.origin + ms / 1000)
-        if self.last_written is None or written > self.last_written:
-            self.last_written = written
+        if self.last_written is None or frame.arrival > self.last_written:
+            self.last_written = frame.arrival
+        if group.last_arrival is None or frame.arrival > group.last_arrival:
+            group.last_arrival = frame.arrival
 
     def _close_group_file(self, group: _Group, status: FileStatus = "complete") -> None:
-        media, entry = group.file, group.entry
+        media, entry, last_arrival = group.file, group.entry, group.last_arrival
         group.file = None
         group.entry = None
+        group.last_arrival = None
         for pub in group.publications.values():
             pub.index = None
             pub.timeline = None
@@ -288,9 +292,10 @@ class RoomRecording:
                 pub.depacketizer.waiting_keyframe = True
         if media is None or entry is None:
             return
-        self._spawn(self._finish(media, entry, status))
+        self._spawn(self._finish(media, entry, status, last_arrival))
 
-    async def _finish(self, media: MediaFile, entry: FileEntry, status: FileStatus) -> None:
+    async def _finish(self, media: MediaFile, entry: FileEntry, status: FileStatus,
+                      last_arrival: float | None = None) -> None:
         try:
             await asyncio.to_thread(media.close)
         except RecordingError as exc:
@@ -299,6 +304,8 @@ class RoomRecording:
                            media.path.name, exc)
         entry.status = status
         entry.ended_at = entry.started_at + media.last_ms / 1000
+        if last_arrival is not None and last_arrival < entry.ended_at:
+            entry.ended_at = max(entry.started_at, last_arrival)
         entry.duration_s = round(media.last_ms / 1000, 3)
         entry.frames = list(media.frames)
         logger.info("recording %s: %s %s, %.1f s, %d bytes", self.consultation_id,

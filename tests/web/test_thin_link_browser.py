@@ -201,9 +201,12 @@ async def test_a_six_second_outage_on_a_long_link(tmp_path: Path, browser: Brows
                     await expect(specialist.locator(
                         '#participants li[data-participant="ref1"]')).to_have_class(
                         "participant present", timeout=10_000)
+                    # Decoding on: over 20 frames in 3 s (a loaded machine's false congestion
+                    # on loopback may leave fewer layers a while: 18 in 2 s was seen in CI).
                     after = await decoded_from(district, "cardio1")
-                    await district.wait_for_timeout(2000)
-                    assert await decoded_from(district, "cardio1") > after + 20
+                    await district.wait_for_timeout(3000)
+                    decoded = await decoded_from(district, "cardio1") - after
+                    assert decoded > 20, decoded
                 for name, page in (("district", district), ("specialist", specialist)):
                     own = page.locator("#own-link")
                     print(f"{name} at the end: {await own.inner_text()} "
