@@ -439,6 +439,16 @@ async def write_directory(conn: Any, sites: list[Site], clinicians: list[Clinici
 
 
 async def read_directory(conn: Any) -> Directory:
+    """The directory's three tables from one snapshot: read statement by statement, a node
+    starting while another seeded the directory read no sites and then its clinicians, and
+    exited ("clinician 'admin' names site 'c1', which is not in the directory")."""
+    if conn.is_in_transaction():
+        return await _read_directory(conn)
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        return await _read_directory(conn)
+
+
+async def _read_directory(conn: Any) -> Directory:
     # COLLATE "C": the same order as SQLite's, whatever the database's locale.
     sites = [Site(r[0], r[1], r[2], r[3], r[4], r[5]) for r in await conn.fetch(
         'SELECT id, name, tier, region, active, updated_at FROM sites ORDER BY id COLLATE "C"')]
