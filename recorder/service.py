@@ -264,7 +264,7 @@ class Recorder:
                 await session.close()
                 state.machine.suspend()
             if state.machine.suspended:
-                self._open_gap(state, (session.last_written if session else None)
+                self._open_gap(state, (session.last_arrival if session else None)
                                or (time.time() if at is None else at), reason)
                 self._event(state, "handed_over", "system")
             await self._write(state)
@@ -297,7 +297,7 @@ class Recorder:
                 await session.close()
                 state.machine.suspend()
                 self._event(state, "relay_changed", "system")
-                self._open_gap(state, session.last_written or noticed, reason)
+                self._open_gap(state, session.last_arrival or noticed, reason)
                 logger.info("recording %s: relay changed (%s); the gap starts at %.3f",
                             consultation_id, reason, state.gap.from_ if state.gap else noticed)
             await self._carry_out(state, state.machine.decide(), by="system")
@@ -324,7 +324,7 @@ class Recorder:
                 await _detach(relay, state.consultation_id, session)
             await session.close()
             state.machine.suspend()
-        self._open_gap(state, (session.last_written if session else None) or now,
+        self._open_gap(state, (session.last_arrival if session else None) or now,
                        "signaling_restart")
         recording = state.manifest.recording
         recording.stopped_at = now

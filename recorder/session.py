@@ -94,7 +94,7 @@ class RoomRecording:
         self.allowed: set[str] = set()
         self.failed: str | None = None
         self.closed = False
-        self.last_written: float | None = None
+        self.last_arrival: float | None = None
         """Arrival wall-clock of the last frame written. A gap after this session starts
         there; a file's ``ended_at`` is never after its own last frame's arrival (its
         timeline keeps the RTP spacing from the first frame's arrival, so a first frame that
@@ -274,8 +274,8 @@ class RoomRecording:
         except RecordingError as exc:
             self._fail(exc)
             return
-        if self.last_written is None or frame.arrival > self.last_written:
-            self.last_written = frame.arrival
+        if self.last_arrival is None or frame.arrival > self.last_arrival:
+            self.last_arrival = frame.arrival
         if group.last_arrival is None or frame.arrival > group.last_arrival:
             group.last_arrival = frame.arrival
 

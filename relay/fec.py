@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import struct
 
+from codec.rtp import SEQ_MOD, rtp_payload_offset
+
 RED_PT = 120
 """The payload types the relay offers for RED and ULPFEC on a subscriber's video m-lines
 (outside aiortc's own, 96-102)."""
@@ -37,22 +39,12 @@ GROUP_MAX = 8
 packets, each able to rebuild one loss of its eight)."""
 MASK_SPAN = 16
 """The 16-bit packet mask (L = 0) covers this many sequence numbers from its base."""
-SEQ_MOD = 1 << 16
-
-
-def header_length(packet: bytes) -> int:
-    """The length of an RTP packet's header: the fixed 12 bytes, the CSRCs and the header
-    extension."""
-    length = 12 + 4 * (packet[0] & 0x0F)
-    if packet[0] & 0x10:
-        length += 4 + 4 * int.from_bytes(packet[length + 2:length + 4], "big")
-    return length
 
 
 def red_wrap(packet: bytes, red_pt: int) -> bytes:
     """``packet`` in RED: its header with the RED payload type (marker kept), then one
     primary block header (F = 0, the media payload type) and the media payload."""
-    length = header_length(packet)
+    length = rtp_payload_offset(packet)
     return b"".join((packet[:1], bytes(((packet[1] & 0x80) | red_pt,)), packet[2:length],
                      bytes((packet[1] & 0x7F,)), packet[length:]))
 

@@ -128,13 +128,7 @@ its SDP text, as it writes the announced address."""
 def opus_fmtp(sdp: str) -> str:
     """``sdp`` with ``OPUS_FMTP`` on each m-line's Opus payload type: merged into its
     ``a=fmtp`` line (the other parameters kept), or a new line after its ``a=rtpmap``."""
-    newline = "\r\n" if "\r\n" in sdp else "\n"
-    lines = sdp.split(newline)
-    sections: list[list[str]] = [[]]
-    for line in lines:
-        if line.startswith("m="):
-            sections.append([])
-        sections[-1].append(line)
+    newline, sections = _sections(sdp)
     return newline.join(line for section in sections for line in _opus_section(section))
 
 

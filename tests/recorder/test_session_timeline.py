@@ -19,7 +19,7 @@ async def test_a_file_ends_at_its_last_arrival_when_its_first_frame_came_late(
     """The first packet comes 60 ms late, the next 49 on time: the file's timeline keeps the
     RTP spacing from that late first arrival, so its last frame sits 60 ms after it arrived.
     The file's ``ended_at`` is that arrival, where a gap after it starts (the session's
-    ``last_written``): a gap never begins inside a file, nor does the next node's file (a
+    ``last_arrival``): a gap never begins inside a file, nor does the next node's file (a
     fleet's hand-over gap of 0.2 s was seen so in CI), whose start is its first arrival."""
     closed: list[mf.FileEntry] = []
 
@@ -43,7 +43,7 @@ async def test_a_file_ends_at_its_last_arrival_when_its_first_frame_came_late(
     (entry,) = closed
     last_arrival = start + 49 * 0.02
     assert entry.started_at == start + 0.06
-    assert entry.ended_at == recording.last_written == last_arrival
+    assert entry.ended_at == recording.last_arrival == last_arrival
     assert entry.duration_s == 0.98  # the media itself: 49 packets of 20 ms after the first
     with av.open(str(tmp_path / entry.name)) as container:
         packets = [p for p in container.demux() if p.size]

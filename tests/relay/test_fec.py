@@ -11,6 +11,7 @@ import struct
 from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters
 from aiortc.rtp import HeaderExtensionsMap, RtpPacket
 
+from codec.rtp import rtp_payload_offset
 from relay.fec import (
     FEC_OFF_S,
     GROUP_MAX,
@@ -20,7 +21,6 @@ from relay.fec import (
     FecPolicy,
     UlpfecEncoder,
     fec_payload,
-    header_length,
     red_wrap,
 )
 from relay.sdp import fec_accepted, offer_fec
@@ -69,7 +69,7 @@ def recover(fec: bytes, received: dict[int, bytes], ssrc: bytes) -> tuple[int, b
 def test_red_wraps_the_payload_behind_one_primary_block_header_and_keeps_the_header() -> None:
     data = media(7, 100, True, random.Random(1))
     red = red_wrap(data, RED_PT)
-    length = header_length(data)
+    length = rtp_payload_offset(data)
     assert length == 12 + 4 + 8  # the one-byte extension block: mid and abs-send-time
     assert red[1] == 0x80 | RED_PT  # marker kept
     assert red[0] == data[0] and red[2:length] == data[2:length]

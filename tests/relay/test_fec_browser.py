@@ -15,6 +15,7 @@ from typing import Any
 
 from playwright.async_api import Page
 
+from codec.rtp import rtp_payload_offset
 from relay.fec import RED_PT, FecPolicy
 from telehealth.startup import SERVICES
 from tests.support import run_server, write_config
@@ -66,9 +67,7 @@ async def test_chromium_rebuilds_the_packets_a_link_lost_from_the_relays_fec(
             async def lossy(data: bytes) -> None:
                 payload_type = data[1] & 0x7F
                 if data[8:12] == ssrc and payload_type in (RED_PT, leg.payload_type):
-                    header = 12 + 4 * (data[0] & 0x0F)
-                    if data[0] & 0x10:
-                        header += 4 + 4 * int.from_bytes(data[header + 2:header + 4], "big")
+                    header = rtp_payload_offset(data)
                     if payload_type == RED_PT and data[header] & 0x7F == leg.ulpfec_pt:
                         counts["fec"] += 1
                     else:
